@@ -1,0 +1,60 @@
+"""Floating-point storage dtypes and the conversions the engine needs.
+
+Tensors travel as their raw storage (bf16 as uint16, since neither zarr nor older numpy know
+bfloat16) and are computed in float32. float32 -> bf16/fp16 rounds to nearest even.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import ml_dtypes
+import numpy as np
+
+
+@dataclass(frozen=True)
+class FloatType:
+    name: str  # canonical name, as in torch and HF config.json: "bfloat16", "float16", "float32"
+    st: str  # safetensors header name
+    logical: np.dtype  # numpy dtype with the value semantics (ml_dtypes.bfloat16 for bf16)
+    storage: np.dtype  # numpy dtype used on disk and in zarr (uint16 for bf16)
+
+    @property
+    def itemsize(self) -> int:
+        return self.storage.itemsize
+
+
+BF16 = FloatType("bfloat16", "BF16", np.dtype(ml_dtypes.bfloat16), np.dtype(np.uint16))
+F16 = FloatType("float16", "F16", np.dtype(np.float16), np.dtype(np.float16))
+F32 = FloatType("float32", "F32", np.dtype(np.float32), np.dtype(np.float32))
+
+FLOAT_TYPES = {t.name: t for t in (BF16, F16, F32)}
+_BY_ST = {t.st: t for t in (BF16, F16, F32)}
+_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+
+
+def float_type(name: str) -> FloatType:
+    """Look up by canonical name, alias ("bf16") or safetensors name ("BF16")."""
+    if name in _BY_ST:
+        return _BY_ST[name]
+    key = _ALIASES.get(name.lower(), name.lower())
+    if key not in FLOAT_TYPES:
+        raise KeyError(name)
+    return FLOAT_TYPES[key]
+
+
+def is_float_st(st: str) -> bool:
+    return st in _BY_ST
+
+
+def to_float32(raw: np.ndarray, ftype: FloatType, out: np.ndarray) -> np.ndarray:
+    """Convert raw storage values into the float32 array `out` (same shape), without allocating."""
+    np.copyto(out, raw.view(ftype.logical), casting="unsafe")
+    return out
+
+
+def from_float32(values: np.ndarray, ftype: FloatType) -> np.ndarray:
+    """float32 -> raw storage of `ftype`, rounding to nearest even."""
+    if ftype is F32:
+        return values
+    return values.astype(ftype.logical).view(ftype.storage)

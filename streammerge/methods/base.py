@@ -1,0 +1,148 @@
+"""What a merge method is, to the engine.
+
+A method is pure math on float32 numpy arrays: no I/O, no dask, no knowledge of files or
+stores. The engine hands it one row block of one tensor at a time (a `Block`) with the
+tensor's resolved parameters, and writes what it returns.
+
+Methods that need tensor-wide quantities (top-k thresholds, norms, dot products) declare
+`passes`: each pass maps every block of the tensor to a small partial result, then reduces the
+partials (in block order) into `stats`, a dict of numbers and small numpy arrays that later
+passes and `merge` receive. The engine runs pass 1 over all blocks, reduces, runs pass 2, ...,
+then `merge` over all blocks. Stats are persisted in the store, so a resumed job does not redo
+finished passes. Results must not depend on how the tensor is cut into blocks: use
+`Block.start` (the flat index of the block's first element) for anything positional, such as
+random masks or tie-breaking.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, Mapping, Sequence
+
+import numpy as np
+
+Stats = Mapping[str, Any]  # values: int, float, bool, or small numeric numpy arrays
+
+REQUIRED = object()  # sentinel default: the recipe must give a value
+
+
+@dataclass(frozen=True)
+class Param:
+    """One recipe parameter a method accepts.
+
+    scope "global": set under the recipe's top-level `parameters:` (or a slice's).
+    scope "model":  set per input model under `models[].parameters:`, falling back to global.
+    """
+
+    name: str
+    kind: type  # float, int, bool or str
+    default: Any = REQUIRED
+    scope: Literal["global", "model"] = "global"
+    min: float | None = None
+    max: float | None = None
+    choices: tuple[str, ...] | None = None
+    help: str = ""
+
+    def validate(self, value: Any) -> Any:
+        """Coerce `value` to this parameter's kind; raise ValueError with a readable reason."""
+        if self.kind is bool:
+            if isinstance(value, bool):
+                return value
+            raise ValueError(f"expected true or false, got {value!r}")
+        if self.kind in (int, float):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"expected a number, got {value!r}")
+            if self.kind is int:
+                if float(value) != int(value):
+                    raise ValueError(f"expected an integer, got {value!r}")
+                value = int(value)
+            else:
+                value = float(value)
+            if self.min is not None and value < self.min:
+                raise ValueError(f"must be >= {self.min}, got {value}")
+            if self.max is not None and value > self.max:
+                raise ValueError(f"must be <= {self.max}, got {value}")
+            return value
+        if self.kind is str:
+            if not isinstance(value, str):
+                raise ValueError(f"expected a string, got {value!r}")
+            if self.choices is not None and value not in self.choices:
+                raise ValueError(f"must be one of {', '.join(self.choices)}, got {value!r}")
+            return value
+        raise TypeError(f"unsupported parameter kind {self.kind}")
+
+
+@dataclass(frozen=True)
+class Block:
+    """One row block of one tensor, as float32 arrays of shape (rows, *shape[1:])."""
+
+    tensor: str  # output tensor name
+    shape: tuple[int, ...]  # full tensor shape
+    start: int  # flat (row-major) index of the block's first element within the tensor
+    base: np.ndarray | None  # the base model's block, when the method uses a base
+    models: tuple[np.ndarray, ...]  # one block per input model (recipe order, base excluded)
+
+
+@dataclass(frozen=True)
+class TensorParams:
+    """Parameters resolved for one tensor (gradients and filters already applied)."""
+
+    globals: Mapping[str, Any]
+    per_model: tuple[Mapping[str, Any], ...]  # aligned with Block.models
+    seed: int = 0
+
+    def model_values(self, name: str) -> list:
+        return [p[name] for p in self.per_model]
+
+
+@dataclass(frozen=True)
+class Pass:
+    """A tensor-wide reduction: `map` each block to a small partial, `reduce` the partials."""
+
+    name: str
+    map: Callable[[Block, TensorParams, Stats], Any]
+    reduce: Callable[[Sequence[Any], TensorParams, Stats], Stats]
+
+
+BasePolicy = Literal["required", "optional", "unused"]
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    name: str
+    merge: Callable[[Block, TensorParams, Stats], np.ndarray]
+    params: tuple[Param, ...] = ()
+    base: BasePolicy = "required"
+    passes: tuple[Pass, ...] = ()
+    summary: str = ""
+
+    def param(self, name: str) -> Param | None:
+        for p in self.params:
+            if p.name == name:
+                return p
+        return None
+
+
+_REGISTRY: dict[str, MergeMethod] = {}
+
+
+def register(method: MergeMethod) -> MergeMethod:
+    if method.name in _REGISTRY:
+        raise ValueError(f"merge method {method.name!r} registered twice")
+    _REGISTRY[method.name] = method
+    return method
+
+
+def get_method(name: str) -> MergeMethod:
+    from . import _load_all  # noqa: F401  (importing the package registers every method)
+
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(name) from None
+
+
+def method_names() -> list[str]:
+    from . import _load_all  # noqa: F401
+
+    return sorted(_REGISTRY)

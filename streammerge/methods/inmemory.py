@@ -1,0 +1,52 @@
+"""Run a method over one whole tensor held in memory, cut into row blocks.
+
+This is the engine's semantics without the engine: passes over every block, reduce, then merge
+each block. Tests use it as the reference the streamed engine must match bit for bit, and to
+check that results do not depend on the block size.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .base import Block, MergeMethod, TensorParams
+
+
+def row_blocks(rows: int, block_rows: int):
+    for r0 in range(0, max(rows, 1), block_rows):
+        yield r0, min(rows, r0 + block_rows)
+
+
+def merge_tensor(
+    method: MergeMethod,
+    name: str,
+    base: np.ndarray | None,
+    models: list[np.ndarray],
+    params: TensorParams,
+    block_rows: int | None = None,
+) -> np.ndarray:
+    """Merge float32 arrays (all of one shape) block by block; returns the float32 result."""
+    shape = models[0].shape
+    as2d = lambda a: a.reshape(1, -1) if a.ndim == 0 else a  # noqa: E731  scalars are one row
+    base2 = None if base is None else as2d(np.asarray(base, np.float32))
+    models2 = [as2d(np.asarray(m, np.float32)) for m in models]
+    rows = models2[0].shape[0]
+    row_elems = int(np.prod(models2[0].shape[1:], dtype=np.int64))
+    block_rows = block_rows or rows
+
+    def blocks():
+        for r0, r1 in row_blocks(rows, block_rows):
+            yield Block(
+                tensor=name,
+                shape=tuple(shape),
+                start=r0 * row_elems,
+                base=None if base2 is None else base2[r0:r1],
+                models=tuple(m[r0:r1] for m in models2),
+            )
+
+    stats: dict = {}
+    for p in method.passes:
+        partials = [p.map(b, params, stats) for b in blocks()]
+        stats = {**stats, **p.reduce(partials, params, stats)}
+    out = np.concatenate([method.merge(b, params, stats) for b in blocks()], axis=0)
+    return out.reshape(shape)
