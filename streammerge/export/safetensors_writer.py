@@ -1,0 +1,109 @@
+"""A safetensors writer that never holds the model: plan, pre-size, then write blocks anywhere.
+
+Every tensor's offset is fixed up front, the header (JSON padded with spaces to a multiple of 8)
+is written first, the file is truncated to its full size, and blocks are `pwrite`n at their
+offsets by any thread in any order. `finish` fsyncs. Sharding follows Hugging Face:
+`model-00001-of-0000N.safetensors` plus `model.safetensors.index.json`, or a single
+`model.safetensors` when everything fits in one shard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+INDEX_NAME = "model.safetensors.index.json"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # safetensors dtype name
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+def shard_tensors(tensors: list[TensorSpec], shard_size: int) -> list[list[TensorSpec]]:
+    """Greedy, in order: a shard closes when the next tensor would push it over `shard_size`."""
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for t in tensors:
+        if shards[-1] and size + t.nbytes > shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    return shards
+
+
+def shard_names(n: int) -> list[str]:
+    if n == 1:
+        return ["model.safetensors"]
+    return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+
+def _header(tensors: list[TensorSpec], metadata: dict[str, str]) -> tuple[bytes, dict[str, int]]:
+    header: dict = {"__metadata__": metadata}
+    offsets = {}
+    pos = 0
+    for t in tensors:
+        header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [pos, pos + t.nbytes]}
+        offsets[t.name] = pos
+        pos += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw, offsets
+
+
+class ShardedWriter:
+    """Pre-sized shard files in `directory`; `write` is thread-safe (pwrite at distinct offsets)."""
+
+    def __init__(self, directory: Path, tensors: list[TensorSpec], shard_size: int, metadata=None):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        metadata = metadata or {"format": "pt"}
+        groups = shard_tensors(tensors, shard_size)
+        self.files = shard_names(len(groups))
+        self._fds: list[int] = []
+        self._where: dict[str, tuple[int, int]] = {}  # name -> (fd, absolute offset)
+        self.weight_map: dict[str, str] = {}
+        self.total_size = sum(t.nbytes for t in tensors)
+        try:
+            for fname, group in zip(self.files, groups):
+                head, offsets = _header(group, metadata)
+                fd = os.open(self.directory / fname, os.O_CREAT | os.O_TRUNC | os.O_RDWR, 0o644)
+                self._fds.append(fd)
+                os.pwrite(fd, head, 0)
+                os.ftruncate(fd, len(head) + sum(t.nbytes for t in group))
+                for t in group:
+                    self._where[t.name] = (fd, len(head) + offsets[t.name])
+                    self.weight_map[t.name] = fname
+        except BaseException:
+            self.close()
+            raise
+
+    def write(self, name: str, byte_offset: int, data: np.ndarray) -> None:
+        fd, start = self._where[name]
+        view = memoryview(np.ascontiguousarray(data)).cast("B")
+        pos = start + byte_offset
+        while view:
+            n = os.pwrite(fd, view, pos)
+            view = view[n:]
+            pos += n
+
+    def finish(self) -> None:
+        for fd in self._fds:
+            os.fsync(fd)
+        self.close()
+        if len(self.files) > 1:
+            index = {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map}
+            (self.directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+    def close(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []

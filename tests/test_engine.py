@@ -1,0 +1,210 @@
+"""End to end: recipe -> build -> store -> export, against an in-memory torch reference."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import synth_checkpoints as synth
+from helpers import (
+    TORCH_DTYPES,
+    file_digest,
+    gradient,
+    layer_t,
+    load_model_tensors,
+    torch_linear,
+    torch_task_arithmetic,
+    write_recipe,
+)
+from streammerge.cli import main as cli
+from streammerge.engine.job import build
+from streammerge.export.hf import export_store
+from streammerge.store.store import Store
+
+
+def run_cli(*args, expect=0):
+    res = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    assert res.exit_code == expect, res.output
+    return res.output
+
+
+def ta_recipe(base, fts, weights, **extra):
+    r = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(base),
+        "models": [{"model": str(f), "parameters": {"weight": w}} for f, w in zip(fts, weights)],
+    }
+    r.update(extra)
+    return r
+
+
+def reference_task_arithmetic(base_dir, ft_dirs, weights, out_dtype, num_layers, lam=1.0, normalize=False):
+    base = load_model_tensors(base_dir)
+    fts = [load_model_tensors(d) for d in ft_dirs]
+    out = {}
+    for name, b in base.items():
+        t = layer_t(name, num_layers)
+        ws = [gradient(w, t) for w in weights]
+        out[name] = torch_task_arithmetic(b, [f[name] for f in fts], ws, lam, normalize).to(TORCH_DTYPES[out_dtype])
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_task_arithmetic_bit_identical_to_torch(synth_family, tmp_path, dtype):
+    base, fts = synth_family("ta", dtype=dtype, shard_size=40_000 if dtype == "float32" else None)
+    weights = [0.5, [0.2, 0.9], 0.3]  # a layer gradient on the second model
+    recipe = write_recipe(tmp_path / "r.yaml", ta_recipe(base, fts, weights, parameters={"lambda": 0.7}))
+    build(recipe, tmp_path / "job.zarr", workers=2, progress=False)
+    export_store(Store.open(tmp_path / "job.zarr"), tmp_path / "out")
+    got = load_model_tensors(tmp_path / "out")
+    want = reference_task_arithmetic(base, fts, weights, dtype, num_layers=2, lam=0.7)
+    for name in want:
+        assert got[name].dtype == TORCH_DTYPES[dtype]
+        assert torch.equal(got[name], want[name]), name
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["torch_dtype"] == dtype
+
+
+@pytest.mark.parametrize("out_dtype", ["bfloat16", "float16", "float32"])
+def test_linear_with_out_dtype(synth_family, tmp_path, out_dtype):
+    base, fts = synth_family("lin", dtype="float32", shape=synth.ModelShape(tied_embeddings=True, qkv_bias=True))
+    weights = [1.0, 2.0, 0.5]
+    r = {
+        "merge_method": "linear",
+        "models": [{"model": str(f), "parameters": {"weight": w}} for f, w in zip([base, *fts[:2]], weights)],
+        "out_dtype": out_dtype,
+    }
+    recipe = write_recipe(tmp_path / "r.yaml", r)
+    run_cli("build", recipe, "--store", tmp_path / "job.zarr", "--export", tmp_path / "out")
+    got = load_model_tensors(tmp_path / "out")
+    models = [load_model_tensors(d) for d in (base, *fts[:2])]
+    assert "lm_head.weight" not in got  # tied embeddings stay tied
+    assert any(n.endswith("q_proj.bias") for n in got)
+    for name in models[0]:
+        want = torch_linear([m[name] for m in models], weights).to(TORCH_DTYPES[out_dtype])
+        assert torch.equal(got[name], want), name
+
+
+def test_block_size_and_workers_do_not_change_output(synth_family, tmp_path):
+    base, fts = synth_family("ta", dtype="bfloat16")
+    recipe = write_recipe(tmp_path / "r.yaml", ta_recipe(base, fts, [0.4, 0.4, 0.2]))
+    digests = []
+    for i, (workers, block_elems) in enumerate([(1, None), (2, 64), (3, 1000)]):
+        store = tmp_path / f"job{i}.zarr"
+        build(recipe, store, workers=workers, block_elems=block_elems, progress=False)
+        run_cli("export", store, tmp_path / f"out{i}", "--workers", workers)
+        digests.append(file_digest(tmp_path / f"out{i}"))
+    assert digests[0] == digests[1] == digests[2]
+
+
+def test_sharded_export_loads_in_transformers_with_reference_logits(synth_family, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    base, fts = synth_family("ta", dtype="bfloat16")
+    weights = [0.5, 0.3, 0.2]
+    recipe = write_recipe(tmp_path / "r.yaml", ta_recipe(base, fts, weights, dtype="float32"))
+    run_cli("build", recipe, "--store", tmp_path / "job.zarr", "--export", tmp_path / "out", "--shard-size", "50KB")
+    out = tmp_path / "out"
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and all((out / s).is_file() for s in shards)
+    assert (out / "tokenizer.json").is_file() and (out / "generation_config.json").is_file()
+
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    reference = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    ref_tensors = reference_task_arithmetic(base, fts, weights, "float32", num_layers=2)  # dtype: float32, no out_dtype
+    reference.load_state_dict({k: v.float() for k, v in ref_tensors.items()}, strict=False)
+    ids = torch.tensor([[1, 5, 9, 42, 7, 100]])
+    with torch.no_grad():
+        assert torch.equal(merged(ids).logits, reference(ids).logits)
+
+
+def test_changed_inputs_and_recipe_are_refused(synth_family, tmp_path):
+    base, fts = synth_family("ta", dtype="bfloat16")
+    recipe = write_recipe(tmp_path / "r.yaml", ta_recipe(base, fts, [0.5, 0.3, 0.2]))
+    store = tmp_path / "job.zarr"
+    run_cli("build", recipe, "--store", store)
+    out = run_cli("build", recipe, "--store", store)  # nothing to do: resumes with everything done
+    assert "0 block(s) computed" in out
+
+    write_recipe(tmp_path / "r.yaml", ta_recipe(base, fts, [0.5, 0.3, 0.25]))
+    out = run_cli("build", recipe, "--store", store, expect=1)
+    assert "recipe changed" in out and "models" in out and "--restart" in out
+
+    write_recipe(tmp_path / "r.yaml", ta_recipe(base, fts, [0.5, 0.3, 0.2]))
+    f = next(Path(fts[1]).glob("*.safetensors"))
+    st = f.stat()
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    try:
+        out = run_cli("build", recipe, "--store", store, expect=1)
+        assert "changed since the store was started" in out and f.name in out
+        out = run_cli("build", recipe, "--store", store, "--restart")
+        assert "built" in out
+    finally:
+        os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_status_and_plan(synth_family, tmp_path):
+    base, fts = synth_family("ta", dtype="bfloat16")
+    recipe = write_recipe(tmp_path / "r.yaml", ta_recipe(base, fts, [0.5, 0.3, 0.2]))
+    plan = json.loads(run_cli("plan", recipe, "--json"))
+    n_tensors = len(load_model_tensors(base))
+    assert plan["tensors"] == n_tensors and plan["method"] == "task_arithmetic"
+    assert plan["input_bytes"] == sum(f.stat().st_size for d in (base, *fts) for f in Path(d).glob("*.safetensors")) - sum(
+        8 + int.from_bytes(open(f, "rb").read(8), "little") for d in (base, *fts) for f in Path(d).glob("*.safetensors")
+    )
+    run_cli("build", recipe, "--store", tmp_path / "job.zarr")
+    status = json.loads(run_cli("status", tmp_path / "job.zarr", "--json"))
+    assert status["complete"] and status["stages"]["merge"]["done"] == plan["blocks"]
+
+
+def test_export_refuses_incomplete_store_and_keeps_existing_output(synth_family, tmp_path):
+    base, fts = synth_family("ta", dtype="bfloat16")
+    recipe = write_recipe(tmp_path / "r.yaml", ta_recipe(base, fts, [0.5, 0.3, 0.2]))
+    store = tmp_path / "job.zarr"
+    run_cli("build", recipe, "--store", store, "--export", tmp_path / "out")
+    before = file_digest(tmp_path / "out")
+    run_cli("export", store, tmp_path / "out", expect=1)  # exists: refused without --overwrite
+    marker = next((store / "done" / "merge").rglob("0"))
+    marker.unlink()
+    out = run_cli("export", store, tmp_path / "out", "--overwrite", expect=1)
+    assert "not finished" in out
+    assert file_digest(tmp_path / "out") == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_killed_build_resumes_to_identical_export(tmp_path):
+    """SIGKILL a real build process mid-way, run it again, compare with an uninterrupted run."""
+    shape = synth.ModelShape(hidden=128, intermediate=256, layers=4, heads=4, kv_heads=2, vocab=1024)
+    base, fts = synth.make_family(tmp_path / "m", shape, n_finetunes=3, dtype="bfloat16")
+    recipe = write_recipe(tmp_path / "r.yaml", ta_recipe(base, fts, [0.5, 0.3, 0.2]))
+    cmd = [sys.executable, "-m", "streammerge", "build", str(recipe), "--workers", "1", "--block-elements", "128", "--no-progress"]
+
+    subprocess.run(cmd + ["--store", str(tmp_path / "ref.zarr"), "--export", str(tmp_path / "ref")], check=True)
+    store = tmp_path / "job.zarr"
+    total = json.loads(subprocess.run([sys.executable, "-m", "streammerge", "status", str(tmp_path / "ref.zarr"), "--json"],
+                                      capture_output=True, text=True, check=True).stdout)["stages"]["merge"]["total"]
+    proc = subprocess.Popen(cmd + ["--store", str(store)])
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        done_dir = store / "done" / "merge"
+        n = sum(len(os.listdir(d)) for d in done_dir.iterdir()) if done_dir.is_dir() else 0
+        if n >= total // 3:
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    status = json.loads(subprocess.run([sys.executable, "-m", "streammerge", "status", str(store), "--json"],
+                                       capture_output=True, text=True, check=True).stdout)
+    assert 0 < status["stages"]["merge"]["done"] < total, "the kill should land mid-build"
+    subprocess.run(cmd + ["--store", str(store), "--export", str(tmp_path / "out")], check=True)
+    assert file_digest(tmp_path / "out") == file_digest(tmp_path / "ref")

@@ -1,0 +1,146 @@
+#!/usr/bin/env python
+"""Benchmark streammerge against mergekit on the same recipe and checkpoints.
+
+    python tools/bench_merge.py --preset 0.5b --methods task_arithmetic [--memcap 800] [--skip-mergekit]
+
+Generates (once, cached under --data) a base and three fine-tunes, then for each method runs
+`streammerge build --export` and `mergekit-yaml` under `/usr/bin/time -v`, reporting wall time
+and peak RSS of the whole process; with --memcap, also runs each under a memory cgroup cap of
+that many MB (../shared/tools/memcap.sh) and reports whether it completed. Prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+
+RECIPES = {
+    "task_arithmetic": "parameters: {{weight: {w}}}",
+    "ties": "parameters: {{weight: {w}, density: 0.5}}",
+    "dare_ties": "parameters: {{weight: {w}, density: 0.5}}",
+    "linear": "parameters: {{weight: {w}}}",
+}
+
+
+def write_recipe(path: Path, method: str, data: Path) -> None:
+    weights = [0.5, 0.3, 0.2]
+    lines = [f"merge_method: {method}"]
+    if method != "linear":
+        lines.append(f"base_model: {data / 'base'}")
+    lines.append("models:")
+    for i, w in enumerate(weights, 1):
+        lines.append(f"  - model: {data / f'ft{i}'}")
+        lines.append("    " + RECIPES[method].format(w=w))
+    lines.append("dtype: bfloat16")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def timed(cmd: list[str], env=None) -> dict:
+    """Run under /usr/bin/time -v: wall seconds, peak RSS (MB), exit code."""
+    t0 = time.perf_counter()
+    p = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - t0
+    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr)
+    return {
+        "rc": p.returncode,
+        "wall_s": wall,
+        "peak_rss_mb": int(rss.group(1)) / 1024 if rss else float("nan"),
+        "tail": (p.stdout + p.stderr)[-800:],
+    }
+
+
+def capped(cmd: list[str], mb: int) -> dict:
+    memcap = ROOT.parent / "shared" / "tools" / "memcap.sh"
+    if not memcap.exists():
+        return {"ok": None, "note": "memcap.sh not found"}
+    p = subprocess.run(["bash", str(memcap), str(mb), *cmd], capture_output=True, text=True)
+    last = (p.stdout.strip().splitlines() or [""])[-1]
+    m = re.search(r"rc=(\d+) maxusage_mb=(\d+)", last)
+    return {"ok": bool(m and m.group(1) == "0"), "maxusage_mb": int(m.group(2)) if m else None, "line": last}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="0.5b", help="synthetic model shape (tiny, 0.5b, 70b)")
+    ap.add_argument("--layers", type=int, default=None, help="override the preset's layer count")
+    ap.add_argument("--methods", default="task_arithmetic", help="comma-separated merge methods")
+    ap.add_argument("--data", type=Path, default=ROOT / "bench-out" / "data", help="checkpoint cache directory")
+    ap.add_argument("--work", type=Path, default=ROOT / "bench-out", help="scratch directory for outputs")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--memory-limit", default="700MB", help="streammerge --memory-limit")
+    ap.add_argument("--memcap", type=int, default=0, help="also run each tool under this memory cap (MB)")
+    ap.add_argument("--skip-mergekit", action="store_true")
+    args = ap.parse_args()
+
+    data = args.data / (args.preset + (f"-{args.layers}l" if args.layers else ""))
+    if not (data / "base" / "config.json").exists():
+        import synth_checkpoints as synth
+
+        shape = synth.PRESETS[args.preset]
+        if args.layers:
+            from dataclasses import replace
+
+            shape = replace(shape, layers=args.layers)
+        t0 = time.perf_counter()
+        synth.make_family(data, shape, n_finetunes=3, dtype="bfloat16", seed=0)
+        print(f"generated {data} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    size = sum(f.stat().st_size for f in data.rglob("*.safetensors"))
+    bin_dir = Path(sys.executable).parent
+    rows = []
+    for method in args.methods.split(","):
+        work = args.work / method
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        recipe = work / "recipe.yaml"
+        write_recipe(recipe, method, data)
+        sm = [
+            str(bin_dir / "streammerge"), "build", str(recipe), "--store", str(work / "job.zarr"),
+            "--export", str(work / "sm-out"), "--workers", str(args.workers),
+            "--memory-limit", args.memory_limit, "--no-progress", "--restart", "--overwrite",
+        ]
+        subprocess.run(["cat", *map(str, data.rglob("*.safetensors"))], stdout=subprocess.DEVNULL)  # warm the page cache
+        r = timed(sm)
+        if r["rc"] != 0:
+            print(r["tail"], file=sys.stderr)
+        row = {"method": method, "tool": "streammerge", **r}
+        if args.memcap:
+            row["cap"] = capped(sm, args.memcap)
+        rows.append(row)
+        mk = bin_dir / "mergekit-yaml"
+        if not args.skip_mergekit and mk.exists():
+            mk_cmd = [str(mk), str(recipe), str(work / "mk-out"), "--quiet", "-j", str(args.workers)]
+            r = timed(mk_cmd)
+            if r["rc"] != 0:
+                print(r["tail"], file=sys.stderr)
+            row = {"method": method, "tool": "mergekit", **r}
+            if args.memcap:
+                shutil.rmtree(work / "mk-out", ignore_errors=True)
+                row["cap"] = capped(mk_cmd, args.memcap)
+            rows.append(row)
+
+    print(f"\ninput: {data} ({size / 1e9:.2f} GB, base + 3 fine-tunes), {os.cpu_count()} cores\n")
+    cap_col = f" | under {args.memcap} MB cap" if args.memcap else ""
+    print(f"| method | tool | wall (s) | peak RSS (MB) | speed-up{cap_col} |")
+    print("|---|---|---:|---:|---:|" + ("---|" if args.memcap else ""))
+    for row in rows:
+        peer = next((r for r in rows if r["method"] == row["method"] and r["tool"] == "mergekit"), None)
+        speed = f"{peer['wall_s'] / row['wall_s']:.1f}x" if peer and row["tool"] == "streammerge" and peer["rc"] == 0 else ""
+        status = "" if row["rc"] == 0 else f" (exit {row['rc']})"
+        cap = ""
+        if args.memcap:
+            c = row["cap"]
+            cap = " | " + ("completed" if c.get("ok") else "killed/failed") + f" (max {c.get('maxusage_mb')} MB)"
+        print(f"| {row['method']} | {row['tool']}{status} | {row['wall_s']:.1f} | {row['peak_rss_mb']:.0f} | {speed}{cap} |")
+
+
+if __name__ == "__main__":
+    main()

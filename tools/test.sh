@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Set up ./.venv with the test dependencies (CPU torch, transformers, mergekit oracle) and run the suite.
+# Extra arguments go to pytest, e.g. `bash tools/test.sh -k recipe -x`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+STREAMMERGE_EXTRAS=test . tools/env.sh
+python -m pytest -q -p no:cacheprovider "$@"
