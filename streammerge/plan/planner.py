@@ -146,37 +146,30 @@ def make_plan(
     if recipe.slices:
         raise RecipeError("recipes with `slices` are not supported yet: use `models`")
 
-    base_spec = recipe.base_model
-    if method.base == "required" and not base_spec:
-        raise RecipeError(f"merge_method {method.name} needs a base_model")
-    listed = [m.model for m in recipe.models]
-    if method.base == "unused":
-        model_specs = listed
-        base_spec_used = None
-    else:
-        model_specs = [s for s in listed if s != base_spec]
-        base_spec_used = base_spec
+    if recipe.modules:
+        raise RecipeError("recipes with `modules` are not supported yet: use `models`")
+    base_spec_used = recipe.base_for()
+    model_specs = recipe.input_models()
     if not model_specs:
         raise RecipeError("the recipe lists no models to merge (besides the base)")
 
-    checkpoints: dict[str, ModelCheckpoint] = {}
-    for spec in ([base_spec] if base_spec else []) + listed:
-        if spec not in checkpoints:
-            checkpoints[spec] = _open(spec, recipe_dir)
-
+    checkpoints: dict[str, ModelCheckpoint] = {spec: _open(spec, recipe_dir) for spec in recipe.model_specs()}
     reference = checkpoints[base_spec_used or model_specs[0]]
-    hf_source = reference
-    tok = recipe.tokenizer_source
-    if tok and tok not in ("base", "union"):
-        if tok not in checkpoints:
-            checkpoints[tok] = _open(tok, recipe_dir)
-        hf_source = checkpoints[tok]
+    hf_source = checkpoints.get(recipe.base_model) or reference
+    tok = recipe.tokenizer_settings()
+    if tok.source == "union" or tok.tokens:
+        raise RecipeError("building a union tokenizer or custom token embeddings is not supported yet; "
+                          "use tokenizer_source: base or a model")
+    if tok.source and tok.source != "base":
+        if tok.source not in checkpoints:
+            checkpoints[tok.source] = _open(tok.source, recipe_dir)
+        hf_source = checkpoints[tok.source]
 
     n_layers = _num_layers(reference)
     n_inputs = len(model_specs) + (1 if base_spec_used else 0)
     block_elems = block_elems or block_elems_for(memory_limit, workers, n_inputs)
     out_dtype_name = recipe.out_dtype or recipe.dtype
-    warnings: list[str] = []
+    warnings: list[str] = list(recipe.warnings)
 
     jobs = []
     for name, ref in reference.tensors.items():
