@@ -63,8 +63,7 @@ def _merge_task(method: MergeMethod, store: Store, job: TensorJob, i: int, stats
         stats = store.load_stats(MERGE_STAGE, job.name)
     block = _read_block(job, i)
     merged = method.merge(block, job.params, stats or {})
-    r0, r1 = job.block_range(i)
-    store.write_block(job.name, r0, r1, from_float32(merged, float_type(job.dtype)))
+    store.write_block(job.name, i, from_float32(merged, float_type(job.dtype)))
     store.mark_done(MERGE_STAGE, job.name, i)
 
 

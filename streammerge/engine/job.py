@@ -119,7 +119,7 @@ def build(
             litter = store.clean_litter()
         else:
             _clear(store_path, restart)
-            copy_hf_files(plan.hf_source.directory, store_path / "hf")
+            copy_hf_files(plan.hf_source.directory, store_path / "hf", plan.config_overrides)
             store = Store.create(store_path, manifest)
             litter = 0
         report = run_build(plan, store, workers=workers, progress=progress)

@@ -37,8 +37,12 @@ HF_FILES = (
 )
 
 
-def copy_hf_files(source_dir: Path, dest_dir: Path) -> list[str]:
-    """Copy the HF side files that exist in `source_dir` (following HF-cache symlinks)."""
+def copy_hf_files(source_dir: Path, dest_dir: Path, config_overrides: dict | None = None) -> list[str]:
+    """Copy the HF side files that exist in `source_dir` (following HF-cache symlinks).
+
+    `config_overrides` are config.json keys the merge changed (layer count of a layer-stacking
+    merge, vocabulary size when embeddings were cut to their common rows).
+    """
     dest_dir.mkdir(parents=True, exist_ok=True)
     copied = []
     for name in HF_FILES:
@@ -46,6 +50,11 @@ def copy_hf_files(source_dir: Path, dest_dir: Path) -> list[str]:
         if src.is_file():
             shutil.copyfile(src, dest_dir / name)
             copied.append(name)
+    cfg_path = dest_dir / "config.json"
+    if config_overrides and cfg_path.is_file():
+        cfg = json.loads(cfg_path.read_text())
+        cfg.update(config_overrides)
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return copied
 
 

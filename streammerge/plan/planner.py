@@ -77,14 +77,15 @@ class Plan:
     recipe: Recipe
     method: MergeMethod
     checkpoints: dict[str, ModelCheckpoint]  # by recipe spec
-    base_spec: str | None
-    model_specs: list[str]  # the models the method sees, in recipe order
+    base_spec: str | None  # of the first slice (the whole recipe with `models:`)
+    model_specs: list[str]  # the models the method sees, in recipe order (first slice)
     jobs: list[TensorJob]
     block_elems: int
     workers: int
     seed: int
     hf_source: ModelCheckpoint  # where config.json and tokenizer files come from
     warnings: list[str] = field(default_factory=list)
+    config_overrides: dict = field(default_factory=dict)  # config.json keys the output changes
 
     @property
     def input_bytes(self) -> int:
@@ -143,86 +144,196 @@ def make_plan(
         method = get_method(recipe.merge_method)
     except KeyError:
         raise RecipeError(f"unknown merge_method {recipe.merge_method!r}") from None
-    if recipe.slices:
-        raise RecipeError("recipes with `slices` are not supported yet: use `models`")
-
     if recipe.modules:
-        raise RecipeError("recipes with `modules` are not supported yet: use `models`")
-    base_spec_used = recipe.base_for()
-    model_specs = recipe.input_models()
-    if not model_specs:
-        raise RecipeError("the recipe lists no models to merge (besides the base)")
+        raise RecipeError("recipes with `modules` are not supported yet: use `models` or `slices`")
 
     checkpoints: dict[str, ModelCheckpoint] = {spec: _open(spec, recipe_dir) for spec in recipe.model_specs()}
-    reference = checkpoints[base_spec_used or model_specs[0]]
-    hf_source = checkpoints.get(recipe.base_model) or reference
+    hf_source = checkpoints.get(recipe.base_model) or checkpoints[recipe.model_specs()[0]]
     tok = recipe.tokenizer_settings()
     if tok.source == "union" or tok.tokens:
-        raise RecipeError("building a union tokenizer or custom token embeddings is not supported yet; "
-                          "use tokenizer_source: base or a model")
+        raise RecipeError(
+            "building a union tokenizer or custom token embeddings is not supported yet; "
+            "use tokenizer_source: base or a model"
+        )
     if tok.source and tok.source != "base":
         if tok.source not in checkpoints:
             checkpoints[tok.source] = _open(tok.source, recipe_dir)
         hf_source = checkpoints[tok.source]
 
-    n_layers = _num_layers(reference)
-    n_inputs = len(model_specs) + (1 if base_spec_used else 0)
+    groups = _groups(recipe, checkpoints)
+    n_inputs = max(len(g.models) + (g.base is not None) for g in groups)
     block_elems = block_elems or block_elems_for(memory_limit, workers, n_inputs)
     out_dtype_name = recipe.out_dtype or recipe.dtype
     warnings: list[str] = list(recipe.warnings)
+    config_overrides: dict = {}
+    if recipe.slices:
+        config_overrides["num_hidden_layers"] = sum(len(g.layers) for g in groups)
+        # Per-layer config lists (e.g. sliding vs full attention) follow the layers they came from.
+        types = (hf_source.config or {}).get("layer_types")
+        if isinstance(types, list):
+            config_overrides["layer_types"] = [
+                types[min(len(types) - 1, g.layer_start[g.base or g.models[0]] + i)] for g in groups for i in range(len(g.layers))
+            ]
 
     jobs = []
-    for name, ref in reference.tensors.items():
-        if not is_float_st(ref.dtype):
-            raise StreammergeError(f"{ref.path}: tensor {name} has dtype {ref.dtype}; only BF16, F16 and F32 can be merged")
-        handles = {}
-        for spec in ([base_spec_used] if base_spec_used else []) + model_specs:
-            h = checkpoints[spec].tensors.get(name)
+    for out_name, group, layer_offset, t in _output_tensors(groups, checkpoints):
+        specs = ([group.base] if group.base else []) + group.models
+        names = [_input_name(out_name, group, spec, layer_offset) for spec in specs]
+        handles = []
+        for spec, in_name in zip(specs, names):
+            h = checkpoints[spec].tensors.get(in_name)
             if h is None:
-                raise StreammergeError(f"{checkpoints[spec].directory}: tensor {name} is missing (present in {reference.directory})")
-            if h.shape != ref.shape:
-                raise StreammergeError(
-                    f"{checkpoints[spec].directory}: tensor {name} has shape {list(h.shape)}, "
-                    f"but {list(ref.shape)} in {reference.directory}"
-                )
+                raise StreammergeError(f"{checkpoints[spec].directory}: tensor {in_name} is missing")
             if not is_float_st(h.dtype):
-                raise StreammergeError(f"{h.path}: tensor {name} has dtype {h.dtype}; only BF16, F16 and F32 can be merged")
-            handles[spec] = h
-        m = LAYER_RE.search(name)
-        t = layer_position(int(m.group(1)) if m else None, n_layers)
-        params = resolve_tensor_params(recipe, method, name, t, model_specs, seed=seed)
+                raise StreammergeError(f"{h.path}: tensor {in_name} has dtype {h.dtype}; only BF16, F16 and F32 can be merged")
+            handles.append(h)
+        shape = _common_shape(out_name, handles, checkpoints, specs, warnings, config_overrides)
+        params = resolve_tensor_params(
+            recipe,
+            method,
+            out_name,
+            t,
+            group.models,
+            seed=seed,
+            slice_index=group.slice_index,
+            input_names=names[len(names) - len(group.models):],
+        )
+        ref = handles[0]
         dtype = float_type(out_dtype_name).name if out_dtype_name else float_type(ref.dtype).name
-        rows = num_rows(ref.shape)
-        block_rows = max(1, min(rows, block_elems // max(1, row_elems(ref.shape))))
+        rows = num_rows(shape)
+        block_rows = max(1, min(rows, block_elems // max(1, row_elems(shape))))
         jobs.append(
             TensorJob(
-                name=name,
-                shape=tuple(ref.shape),
+                name=out_name,
+                shape=shape,
                 dtype=dtype,
-                base=handles.get(base_spec_used) if base_spec_used else None,
-                models=tuple(handles[s] for s in model_specs),
+                base=handles[0] if group.base else None,
+                models=tuple(handles[1:] if group.base else handles),
                 params=params,
                 block_rows=block_rows,
             )
         )
-    for spec in model_specs:
-        extra = sorted(set(checkpoints[spec].tensors) - set(reference.tensors))
-        if extra:
-            warnings.append(f"{spec}: {len(extra)} tensor(s) not in {base_spec_used or model_specs[0]} are ignored, e.g. {extra[0]}")
+    if not recipe.slices:
+        g = groups[0]
+        reference = checkpoints[g.base or g.models[0]]
+        for spec in g.models:
+            extra = sorted(set(checkpoints[spec].tensors) - set(reference.tensors))
+            if extra:
+                warnings.append(f"{spec}: {len(extra)} tensor(s) not in {g.base or g.models[0]} are ignored, e.g. {extra[0]}")
 
     return Plan(
         recipe=recipe,
         method=method,
         checkpoints=checkpoints,
-        base_spec=base_spec_used,
-        model_specs=model_specs,
+        base_spec=groups[0].base,
+        model_specs=groups[0].models,
         jobs=jobs,
         block_elems=block_elems,
         workers=workers,
         seed=seed,
         hf_source=hf_source,
         warnings=warnings,
+        config_overrides=config_overrides,
     )
+
+
+@dataclass(frozen=True)
+class _Group:
+    """The inputs of one `slices:` entry (or of the whole `models:` recipe)."""
+
+    slice_index: int | None
+    base: str | None
+    models: list[str]
+    layer_start: dict[str, int]  # spec -> first input layer (slices only)
+    layers: range  # output layer indices this group produces (slices only)
+
+
+def _groups(recipe: Recipe, checkpoints: dict[str, ModelCheckpoint]) -> list[_Group]:
+    if not recipe.slices:
+        base, models = recipe.base_for(), recipe.input_models()
+        if not models:
+            raise RecipeError("the recipe lists no models to merge (besides the base)")
+        return [_Group(None, base, models, {}, range(0))]
+    groups, out_layer = [], 0
+    for k, sl in enumerate(recipe.slices):
+        n = sl.sources[0].layer_range[1] - sl.sources[0].layer_range[0]
+        starts = {src.model: src.layer_range[0] for src in sl.sources}
+        for src in sl.sources:
+            have = _num_layers(checkpoints[src.model])
+            if src.layer_range[1] > have:
+                raise RecipeError(f"slices[{k}]: layer_range {list(src.layer_range)} of {src.model} exceeds its {have} layers")
+        groups.append(_Group(k, recipe.base_for(k), recipe.input_models(k), starts, range(out_layer, out_layer + n)))
+        out_layer += n
+    return groups
+
+
+def _output_tensors(groups: list[_Group], checkpoints: dict[str, ModelCheckpoint]):
+    """(output name, group, offset within the group's layers, gradient position t), in output order.
+
+    With slices, tensors outside the layers follow mergekit: embeddings come from the first
+    slice's models, everything after the layers (final norm, lm_head) from the last slice's.
+    """
+    first = groups[0]
+    reference = checkpoints[first.base or first.models[0]]
+    if first.slice_index is None:
+        n_layers = _num_layers(reference)
+        for name in reference.tensors:
+            m = LAYER_RE.search(name)
+            yield name, first, None, layer_position(int(m.group(1)) if m else None, n_layers)
+        return
+    outside = [n for n in reference.tensors if not LAYER_RE.search(n)]
+    pre = [n for n in outside if "embed" in n]
+    post = [n for n in outside if "embed" not in n]
+    for name in pre:
+        yield name, first, None, 0.0
+    for g in groups:
+        ref_spec = g.base or g.models[0]
+        ref_model = checkpoints[ref_spec]
+        for offset in range(len(g.layers)):
+            layer_in = g.layer_start[ref_spec] + offset
+            t = offset / (len(g.layers) - 1) if len(g.layers) > 1 else 1.0
+            for name in ref_model.tensors:
+                m = LAYER_RE.search(name)
+                if m and int(m.group(1)) == layer_in:
+                    yield _with_layer(name, g.layers[offset]), g, offset, t
+    for name in post:
+        yield name, groups[-1], None, 0.0
+
+
+def _with_layer(name: str, layer: int) -> str:
+    m = LAYER_RE.search(name)
+    return name[: m.start(1)] + str(layer) + name[m.end(1):]
+
+
+def _input_name(out_name: str, group: _Group, spec: str, layer_offset: int | None) -> str:
+    if layer_offset is None:
+        return out_name
+    return _with_layer(out_name, group.layer_start[spec] + layer_offset)
+
+
+def _common_shape(out_name, handles, checkpoints, specs, warnings, config_overrides) -> tuple[int, ...]:
+    """The shape all inputs share; embeddings whose vocabularies differ keep their common rows."""
+    shapes = {h.shape for h in handles}
+    if len(shapes) == 1:
+        return tuple(handles[0].shape)
+    ref = handles[0]
+    vocab_like = ("embed_tokens" in out_name or "lm_head" in out_name) and all(
+        len(h.shape) == len(ref.shape) and h.shape[1:] == ref.shape[1:] for h in handles
+    )
+    if not vocab_like:
+        i = next(i for i, h in enumerate(handles) if h.shape != ref.shape)
+        raise StreammergeError(
+            f"{checkpoints[specs[i]].directory}: tensor {handles[i].name} has shape {list(handles[i].shape)}, "
+            f"but {list(ref.shape)} in {checkpoints[specs[0]].directory}"
+        )
+    rows = min(h.shape[0] for h in handles)
+    sizes = ", ".join(f"{s}: {h.shape[0]}" for s, h in zip(specs, handles))
+    warnings.append(
+        f"{out_name}: vocabulary sizes differ ({sizes}); keeping the {rows} rows they share "
+        "(tokens past that are dropped; use the same tokenizer for all models)"
+    )
+    config_overrides["vocab_size"] = rows
+    return (rows, *ref.shape[1:])
 
 
 def _num_layers(model: ModelCheckpoint) -> int:
