@@ -44,12 +44,17 @@ def _block_bytes(job: TensorJob, i: int) -> int:
 
 
 def _map_task(method: MergeMethod, job: TensorJob, pass_index: int, i: int, stats):
-    return method.passes[pass_index].map(_read_block(job, i), job.params, stats or {})
+    p = method.passes[pass_index]
+    if not p.needed(job.params, stats or {}):
+        return None  # nothing to read: the reduce passes the stats through
+    return p.map(_read_block(job, i), job.params, stats or {})
 
 
 def _reduce_task(method: MergeMethod, job: TensorJob, pass_index: int, partials, stats):
     stats = dict(stats or {})
-    stats.update(method.passes[pass_index].reduce(partials, job.params, stats))
+    p = method.passes[pass_index]
+    if p.needed(job.params, stats):
+        stats.update(p.reduce(partials, job.params, stats))
     return stats
 
 

@@ -95,13 +95,23 @@ class TensorParams:
         return [p[name] for p in self.per_model]
 
 
+def _always(params: "TensorParams", stats: Stats) -> bool:
+    return True
+
+
 @dataclass(frozen=True)
 class Pass:
-    """A tensor-wide reduction: `map` each block to a small partial, `reduce` the partials."""
+    """A tensor-wide reduction: `map` each block to a small partial, `reduce` the partials.
+
+    `needed(params, stats)` says whether the pass has work for this tensor given the stats so
+    far (e.g. a top-k refinement after the bracket already resolved the threshold); when it is
+    false the engine reads no block for it and the stats pass through unchanged.
+    """
 
     name: str
     map: Callable[[Block, TensorParams, Stats], Any]
     reduce: Callable[[Sequence[Any], TensorParams, Stats], Stats]
+    needed: Callable[[TensorParams, Stats], bool] = _always
 
 
 BasePolicy = Literal["required", "optional", "unused"]

@@ -46,6 +46,8 @@ def merge_tensor(
 
     stats: dict = {}
     for p in method.passes:
+        if not p.needed(params, stats):
+            continue
         partials = [p.map(b, params, stats) for b in blocks()]
         stats = {**stats, **p.reduce(partials, params, stats)}
     out = np.concatenate([method.merge(b, params, stats) for b in blocks()], axis=0)

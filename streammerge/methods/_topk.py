@@ -1,0 +1,564 @@
+"""Exact streamed top-k selection by magnitude, without sorting or holding a tensor.
+
+A *selection* asks for the k largest entries of one *source* (a non-negative float32 quantity
+defined elementwise on a tensor, e.g. |theta_i - theta_0| for model i) in the total order
+
+    (value descending, flat index ascending)
+
+so exactly k entries are selected and ties at the threshold are broken by flat index, lowest
+first, whatever the block size. The result is a threshold T and a cut index C: an entry is
+selected iff  value > T  or  (value == T and flat index <= C).
+
+Values are compared as their IEEE bit patterns (uint32), which order non-negative floats
+exactly; NaN patterns sort above +inf (torch's descending sort also puts NaN first).
+
+Passes (static list; each later pass is a no-op once every selection is resolved):
+
+  sample   map: the source at flat positions p = 0 mod S, S = max(1, n // 2**18) (chosen by
+           flat index, so independent of blocking): 2**18..2**19 samples per tensor.
+           reduce: a bracket [A, B] around the k-th largest, at +-(5 sigma + 16) sample ranks of
+           the target rank; split points P = the sample values in the bracket that occur more
+           than once (values shared by many entries, as bf16-derived deltas are) plus A and B;
+           heavy values H = the (at most 6) split points holding >= 1/512 of the sample.
+           A tensor with n < 2**19 is sampled whole and resolved exactly right here.
+  select0  ("collect") map, per block: the count of entries > B, the count of entries equal to
+           each heavy value, and the other entries of [A, B] as (value, flat index) pairs if at
+           most cap = max(4096, block/32) of them, else counts per *level* (each split point,
+           each open interval between them) plus the pairs of the open-interval entries if
+           those are at most cap.
+           reduce: finds the level holding the k-th entry. An exact level (one value) gives T
+           at once; the tie cut is exact from the pairs or, when a block only sent counts,
+           deferred to `merge` (the "boundary block", where the cumulative tie count crosses m,
+           scans itself for its r-th tie: one block per selection). An open level whose pairs
+           are all known gives T and C by selection among them (np.partition). Otherwise the
+           selection stays pending with the narrower interval.
+  select1..3  ("refine") the same map/reduce over the pending interval, with P a uniform grid
+           of 2048 bit patterns. Each refinement shrinks an open interval 2048-fold, so from any
+           interval of 2**32 patterns three refinements end on an exact level: the result is
+           exact in all cases (a bracket miss, adversarial data, massive ties). On ordinary
+           data (continuous or bf16-derived deltas) sample + collect resolve everything and the
+           refinements do nothing.
+
+Partials: counts plus at most `cap` pairs (12 bytes each); on ordinary data the bracket holds
+about 1% of the entries minus the heavy values (0.2% of a block on bf16-derived deltas).
+
+Merge keeps u > T, plus the ties u == T with flat index <= C. A deferred cut needs the merge
+to use the same row blocks as the passes (the engine does; a mismatch is reported).
+
+Using it (e.g. for the sparse top-rho encodings):
+
+    tk = TopK("enc.topk", values, plan)     # values(block, params, stats, src, sl, out)
+    passes = (*tk.passes, ...)              # plan(params, stats, n) -> [(src, k), ...]
+    # in merge (or a later pass), for selection j:
+    keep = tk.keeper(block, params, stats, j).mask(u_uint32, block.start + c0)
+
+Every pass is an `OptionalPass`: `needed(params, stats)` says whether it has work; an engine
+may skip a pass that is not needed (its map returns None for every block anyway and its
+reduce changes nothing).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ..errors import StreammergeError
+from .base import Block, Pass, Stats, TensorParams
+
+SAMPLE_TARGET = 1 << 18  # samples per tensor: n // SAMPLE_TARGET is the sampling stride
+GRID = 2048  # split points per refinement
+MAX_SPLITS = 256  # split points taken from the sample
+MAX_HEAVY = 6  # split points counted by equality in the map (values shared by >= 1/HEAVY_DIV)
+HEAVY_DIV = 512
+CAP_MIN = 4096  # candidate pairs a block may always return
+CAP_DIV = 32  # ... or block / CAP_DIV if larger
+N_SELECT = 4  # collect + 3 refinements
+CHUNK = 65536  # elements per cache-sized chunk when scanning a block
+
+U32MAX = 0xFFFFFFFF
+PENDING, DONE = 0, 1
+
+# values(block, params, stats, source, sl, out) -> float32 magnitudes (>= 0) of `source` at the
+# flattened-block positions `sl` (a slice, possibly strided). `out` is None or a float32 scratch
+# array of the right size to write them into. The result may be overwritten by the caller.
+ValuesFn = Callable[[Block, TensorParams, Stats, int, slice, "np.ndarray | None"], np.ndarray]
+# plan(params, stats, n) -> [(source, k), ...]: the selections for a tensor of n elements.
+PlanFn = Callable[[TensorParams, Stats, int], Sequence[tuple[int, int]]]
+
+
+# Every Pass has `needed`; the name stays for readability where a pass is often skipped.
+OptionalPass = Pass
+
+
+_tls = threading.local()
+
+
+def scratch(name: str, size: int, dtype=np.float32) -> np.ndarray:
+    """A per-thread reusable buffer (first touch of fresh memory is slow: reuse it)."""
+    pool = getattr(_tls, "pool", None)
+    if pool is None:
+        pool = _tls.pool = {}
+    key = (name, np.dtype(dtype).str)
+    a = pool.get(key)
+    if a is None or a.size < size:
+        a = np.empty(max(size, CHUNK), dtype=dtype)
+        pool[key] = a
+    return a[:size]
+
+
+def numel(shape: Sequence[int]) -> int:
+    return int(np.prod(shape, dtype=np.int64)) if len(shape) else 1
+
+
+def block_size(block: Block) -> int:
+    a = block.base if block.base is not None else block.models[0]
+    return int(a.size)
+
+
+def flat(a: np.ndarray) -> np.ndarray:
+    return a.reshape(-1)
+
+
+def chunks(nelem: int, size: int = CHUNK):
+    for c0 in range(0, nelem, size):
+        yield c0, min(nelem, c0 + size)
+
+
+def as_u32(values: np.ndarray) -> np.ndarray:
+    v = np.ascontiguousarray(values, dtype=np.float32)
+    return v.view(np.uint32)
+
+
+# ---------------------------------------------------------------------------------------------
+# the selection result, as merge uses it
+
+
+@dataclass(frozen=True)
+class Keeper:
+    """Selected iff u > T or (u == T and flat index <= cut); u = float32 bit pattern."""
+
+    T: int
+    cut: int
+    n: int
+
+    @property
+    def keeps_all(self) -> bool:
+        return self.T == 0 and self.cut >= self.n - 1
+
+    @property
+    def keeps_none(self) -> bool:
+        return self.T >= U32MAX and self.cut < 0
+
+    def mask(self, u: np.ndarray, p0: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Selection mask for the bit patterns `u` of flat positions p0, p0+1, ..."""
+        T = np.uint32(self.T)
+        if self.cut < p0:
+            return np.greater(u, T, out=out)
+        if self.cut >= p0 + u.size - 1:
+            return np.greater_equal(u, T, out=out)
+        m = np.greater(u, T, out=out)
+        head = u[: self.cut - p0 + 1]
+        m[np.flatnonzero(head == T)] = True
+        return m
+
+
+def keep_all(n: int) -> Keeper:
+    return Keeper(0, n, n)
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def _exact(cu: np.ndarray, cidx: np.ndarray, need: int) -> tuple[int, int]:
+    """T and cut selecting the `need` largest of candidates (cu, cidx) (ties: lowest index)."""
+    c = cu.size
+    assert 1 <= need <= c
+    pos = c - need
+    T = int(np.partition(cu, pos)[pos])
+    m = need - int(np.count_nonzero(cu > np.uint32(T)))
+    ties = cidx[cu == np.uint32(T)]
+    cut = int(np.partition(ties, m - 1)[m - 1])
+    return T, cut
+
+
+def _grid(A: int, B: int) -> np.ndarray:
+    W = B - A + 1
+    step = -(-W // GRID)
+    count = -(-W // step)
+    return (A + step * np.arange(count, dtype=np.int64)).astype(np.uint32)
+
+
+def _codes(cu: np.ndarray, P: np.ndarray) -> np.ndarray:
+    """Level code of each value: 2j+1 for value == P[j], 2j for P[j-1] < value < P[j]."""
+    pos = np.searchsorted(P, cu, side="left")
+    L = P.size
+    eq = P[np.minimum(pos, L - 1)] == cu
+    eq &= pos < L
+    return 2 * pos + eq
+
+
+class _Acc:
+    """Per block, per selection: the entries of [A, B] that are not heavy values, bounded."""
+
+    def __init__(self, P: np.ndarray, nheavy: int, cap: int):
+        self.P = P
+        self.cap = cap
+        self.gt = 0
+        self.cin = 0  # all entries in [A, B], heavy ones included
+        self.hc = np.zeros(nheavy, dtype=np.int64)
+        self.npairs = 0
+        self.cu: list[np.ndarray] = []
+        self.ci: list[np.ndarray] = []
+        self.counts: np.ndarray | None = None  # level counts of the non-heavy entries, once over cap
+        self.overflow = False  # open-level pairs dropped too
+
+    def add(self, cu: np.ndarray, ci: np.ndarray) -> None:
+        if self.counts is None:
+            self.cu.append(cu)
+            self.ci.append(ci)
+            self.npairs += cu.size
+            if self.npairs > self.cap:
+                cu = np.concatenate(self.cu)
+                ci = np.concatenate(self.ci)
+                self.cu, self.ci, self.npairs = [], [], 0
+                self.counts = np.zeros(2 * self.P.size + 1, dtype=np.int64)
+                self._add_levels(cu, ci)
+            return
+        self._add_levels(cu, ci)
+
+    def _add_levels(self, cu, ci) -> None:
+        codes = _codes(cu, self.P)
+        self.counts += np.bincount(codes, minlength=self.counts.size)
+        if self.overflow:
+            return
+        keep = (codes & 1) == 0
+        if np.any(keep):
+            self.cu.append(cu[keep])
+            self.ci.append(ci[keep])
+            self.npairs += self.cu[-1].size
+            if self.npairs > self.cap:
+                self.cu, self.ci, self.npairs = [], [], 0
+                self.overflow = True
+
+    def partial(self, start: int, nelem: int):
+        cu = np.concatenate(self.cu) if self.cu else np.zeros(0, np.uint32)
+        ci = np.concatenate(self.ci) if self.ci else np.zeros(0, np.int64)
+        counts = None
+        if self.counts is not None:
+            nz = np.flatnonzero(self.counts)
+            counts = (nz.astype(np.int32), self.counts[nz])
+        pairs = None if self.overflow else (cu, ci)
+        return (start, nelem, self.gt, self.cin, self.hc, counts, pairs)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class TopK:
+    """Exact top-k selections over sources of a tensor; see the module docstring.
+
+    `name` prefixes the stats keys, so several TopK may serve one method.
+    """
+
+    def __init__(self, name: str, values: ValuesFn, plan: PlanFn):
+        self.name = name
+        self.values = values
+        self.plan = plan
+
+    # stats keys -------------------------------------------------------------------------
+    def _k(self, j: int, what: str) -> str:
+        return f"{self.name}.{j}.{what}"
+
+    def nsel(self, stats: Stats) -> int:
+        return int(stats.get(f"{self.name}.nsel", 0))
+
+    def source(self, stats: Stats, j: int) -> int:
+        return int(stats[self._k(j, "src")])
+
+    def _pending(self, stats: Stats) -> list[int]:
+        return [j for j in range(self.nsel(stats)) if stats.get(self._k(j, "state")) == PENDING]
+
+    def _done(self, j: int, T: int, cut: int, bstart: int = -1, bend: int = -1, brank: int = 0):
+        return {
+            self._k(j, "state"): DONE,
+            self._k(j, "T"): int(T),
+            self._k(j, "cut"): int(cut),
+            self._k(j, "bstart"): int(bstart),
+            self._k(j, "bend"): int(bend),
+            self._k(j, "brank"): int(brank),
+        }
+
+    def _pend(self, j: int, A: int, B: int, P: np.ndarray, H: np.ndarray | None = None):
+        return {
+            self._k(j, "state"): PENDING,
+            self._k(j, "A"): int(A),
+            self._k(j, "B"): int(B),
+            self._k(j, "P"): np.asarray(P, dtype=np.uint32),
+            self._k(j, "H"): np.asarray(H if H is not None else [], dtype=np.uint32),
+        }
+
+    # passes -------------------------------------------------------------------------------
+    @property
+    def passes(self) -> tuple[Pass, ...]:
+        out: list[Pass] = [
+            OptionalPass(f"{self.name}.sample", self._sample_map, self._sample_reduce, needed=self._sample_needed),
+        ]
+        for i in range(N_SELECT):
+            out.append(
+                OptionalPass(
+                    f"{self.name}.select{i}",
+                    self._select_map,
+                    (lambda partials, params, stats, i=i: self._select_reduce(partials, params, stats, i)),
+                    needed=lambda params, stats: bool(self._pending(stats)),
+                )
+            )
+        return tuple(out)
+
+    def _sample_needed(self, params: TensorParams, stats: Stats) -> bool:
+        """False when there is no selection at all (then nothing downstream reads its stats)."""
+        return bool(self.plan(params, stats, 1 << 62))
+
+    def _sample_map(self, block: Block, params: TensorParams, stats: Stats):
+        n = numel(block.shape)
+        sel = self.plan(params, stats, n)
+        sources = sorted({src for src, k in sel if 0 < k < n})
+        nb = block_size(block)
+        S = max(1, n // SAMPLE_TARGET)
+        off = (-block.start) % S
+        samples = {}
+        for src in sources:
+            if off < nb:
+                v = self.values(block, params, stats, src, slice(off, None, S), None)
+                samples[src] = as_u32(v).copy()
+            else:
+                samples[src] = np.zeros(0, np.uint32)
+        return (n, samples)
+
+    def _sample_reduce(self, partials: Sequence[Any], params: TensorParams, stats: Stats):
+        partials = [p for p in partials if p is not None]
+        if not partials:
+            return {f"{self.name}.nsel": 0, f"{self.name}.n": 0}
+        n = partials[0][0]
+        sel = list(self.plan(params, stats, n))
+        out: dict = {f"{self.name}.nsel": len(sel), f"{self.name}.n": n}
+        S = max(1, n // SAMPLE_TARGET)
+        cache: dict[int, np.ndarray] = {}
+        for j, (src, k) in enumerate(sel):
+            out[self._k(j, "src")] = int(src)
+            out[self._k(j, "k")] = int(k)
+            if k <= 0:
+                out.update(self._done(j, U32MAX, -1))
+                continue
+            if k >= n:
+                out.update(self._done(j, 0, n))
+                continue
+            if src not in cache:
+                cache[src] = np.concatenate([p[1][src] for p in partials])
+            samp = cache[src]
+            if S == 1:  # the whole tensor: exact now
+                T, cut = _exact(samp, np.arange(samp.size, dtype=np.int64), k)
+                out.update(self._done(j, T, cut))
+                continue
+            out.update(self._pend(j, *self._bracket(samp, n, k)))
+        return out
+
+    @staticmethod
+    def _bracket(samp: np.ndarray, n: int, k: int):
+        """[A, B] around the k-th largest, split points P, heavy values H (subset of P)."""
+        s = samp.size
+        p = k / n
+        r = k * s / n  # expected count of samples >= the k-th largest
+        margin = int(5.0 * math.sqrt(s * p * (1.0 - p))) + 16
+        hi_pos = int(math.floor(r)) - 1 - margin  # descending 0-based ranks
+        lo_pos = int(math.ceil(r)) - 1 + margin
+        # two single-kth partitions: numpy's SIMD quickselect is ~10x faster than one with 2 kth
+        B = int(np.partition(samp, s - 1 - hi_pos)[s - 1 - hi_pos]) if hi_pos >= 0 else U32MAX
+        A = int(np.partition(samp, s - 1 - lo_pos)[s - 1 - lo_pos]) if lo_pos < s else 0
+        window = samp[(samp >= np.uint32(A)) & (samp <= np.uint32(B))]
+        vals, cnt = np.unique(window, return_counts=True)
+        rep = cnt > 1
+        heavy, hcnt = vals[rep], cnt[rep]
+        if heavy.size > MAX_SPLITS - 2:
+            order = np.sort(np.argsort(-hcnt, kind="stable")[: MAX_SPLITS - 2])
+            heavy, hcnt = heavy[order], hcnt[order]
+        P = np.unique(np.concatenate([heavy, np.array([A, B], dtype=np.uint32)]))
+        big = np.argsort(-hcnt, kind="stable")[:MAX_HEAVY]
+        big = big[hcnt[big] * HEAVY_DIV >= s]
+        H = np.sort(heavy[big])
+        return A, B, P, H
+
+    def _select_map(self, block: Block, params: TensorParams, stats: Stats):
+        pending = self._pending(stats)
+        if not pending:
+            return None
+        nb = block_size(block)
+        cap = max(CAP_MIN, nb // CAP_DIV)
+        by_src: dict[int, list[int]] = {}
+        for j in pending:
+            by_src.setdefault(self.source(stats, j), []).append(j)
+        sel = {}
+        for j in pending:
+            P = np.asarray(stats[self._k(j, "P")], np.uint32)
+            H = np.asarray(stats.get(self._k(j, "H"), ()), np.uint32)
+            sel[j] = (
+                np.uint32(stats[self._k(j, "A")]),
+                int(stats[self._k(j, "B")]),
+                [np.uint32(h) for h in H],
+                _Acc(P, H.size, cap),
+            )
+        for src, js in by_src.items():
+            for c0, c1 in chunks(nb):
+                L = c1 - c0
+                u = as_u32(self.values(block, params, stats, src, slice(c0, c1), scratch("tk.v", L)))
+                g = scratch("tk.g", L, bool)
+                m = scratch("tk.m", L, bool)
+                e = scratch("tk.e", L, bool)
+                for j in js:
+                    A, B, H, acc = sel[j]
+                    np.greater_equal(u, A, out=m)
+                    if B < U32MAX:
+                        np.greater(u, np.uint32(B), out=g)
+                        acc.gt += int(np.count_nonzero(g))
+                        np.logical_xor(m, g, out=m)  # A <= u <= B  (u > B implies u >= A)
+                    cin = int(np.count_nonzero(m))
+                    if not cin:
+                        continue
+                    acc.cin += cin
+                    for h, hv in enumerate(H):
+                        np.equal(u, hv, out=e)
+                        ch = int(np.count_nonzero(e))
+                        if ch:
+                            acc.hc[h] += ch
+                            cin -= ch
+                            np.logical_xor(m, e, out=m)  # e implies m
+                    if cin:
+                        idx = np.flatnonzero(m)
+                        acc.add(u[idx], idx + (block.start + c0))
+        return {j: sel[j][3].partial(block.start, nb) for j in pending}
+
+    def _select_reduce(self, partials: Sequence[Any], params: TensorParams, stats: Stats, i: int):
+        pending = self._pending(stats)
+        out: dict = {}
+        partials = [p for p in partials if p is not None]
+        n = int(stats[f"{self.name}.n"])
+        for j in pending:
+            parts = [p[j] for p in partials]
+            k = int(stats[self._k(j, "k")])
+            A = int(stats[self._k(j, "A")])
+            B = int(stats[self._k(j, "B")])
+            P = np.asarray(stats[self._k(j, "P")], np.uint32)
+            H = np.asarray(stats.get(self._k(j, "H"), ()), np.uint32)
+            res = self._resolve(parts, k, n, A, B, P, H)
+            if res[0] == DONE:
+                out.update(self._done(j, *res[1:]))
+            elif i == N_SELECT - 1:
+                raise RuntimeError(f"top-k selection {self.name}.{j} did not converge")  # cannot happen
+            else:
+                out.update(self._pend(j, res[1], res[2], _grid(res[1], res[2])))
+        return out
+
+    @staticmethod
+    def _resolve(parts, k: int, n: int, A: int, B: int, P: np.ndarray, H: np.ndarray):
+        G = sum(p[2] for p in parts)
+        C = sum(p[3] for p in parts)
+        need = k - G
+        if need <= 0:  # the k-th is above B
+            return (PENDING, B + 1, U32MAX)
+        if need > C:  # below A
+            return (PENDING, 0, A - 1)
+        nlev = 2 * P.size + 1
+        hcodes = 2 * np.searchsorted(P, H) + 1
+        heavy = np.zeros(nlev, dtype=bool)
+        heavy[hcodes] = True
+        # per block: level counts, pair codes, and which levels its pairs list completely
+        blocks = []
+        total = np.zeros(nlev, dtype=np.int64)
+        for start, nelem, gt, cin, hc, counts, pairs in parts:
+            codes = _codes(pairs[0], P) if pairs is not None else None
+            if counts is None:
+                c = np.bincount(codes, minlength=nlev)
+                complete = ~heavy
+            else:
+                c = np.zeros(nlev, dtype=np.int64)
+                c[counts[0]] = counts[1]
+                complete = np.zeros(nlev, dtype=bool)
+                if pairs is not None:
+                    complete[0::2] = True
+            c[hcodes] += hc
+            total += c
+            blocks.append((start, nelem, c, codes, pairs, complete))
+        cum = np.cumsum(total[::-1])  # cum[t] = entries in the top t+1 levels
+        t = int(np.searchsorted(cum, need, side="left"))
+        lam = nlev - 1 - t
+        above = G + (int(cum[t - 1]) if t > 0 else 0)
+        need_l = k - above
+        if lam & 1:  # an exact level: value P[(lam-1)//2]
+            T = int(P[(lam - 1) // 2])
+            if need_l == int(total[lam]):
+                return (DONE, T, n)
+            before = 0
+            for start, nelem, c, codes, pairs, complete in blocks:
+                cb = int(c[lam])
+                if before + cb >= need_l:
+                    r = need_l - before
+                    if complete[lam]:
+                        idx = pairs[1][codes == lam]
+                        return (DONE, T, int(np.partition(idx, r - 1)[r - 1]))
+                    return (DONE, T, -1, start, start + nelem, r)  # resolved by the block itself
+                before += cb
+            raise AssertionError("tie count mismatch")
+        # an open level: entries strictly between two split points
+        h = lam // 2
+        lo = int(P[h - 1]) + 1 if h >= 1 else A
+        hi = int(P[h]) - 1 if h < P.size else B
+        cu_l, ci_l = [], []
+        for start, nelem, c, codes, pairs, complete in blocks:
+            if c[lam] == 0:
+                continue
+            if not complete[lam]:  # this block could not list them: refine
+                return (PENDING, lo, hi)
+            sel = codes == lam
+            cu_l.append(pairs[0][sel])
+            ci_l.append(pairs[1][sel])
+        T, cut = _exact(np.concatenate(cu_l), np.concatenate(ci_l), need_l)
+        return (DONE, T, cut)
+
+    # merge side ---------------------------------------------------------------------------
+    def keeper(self, block: Block, params: TensorParams, stats: Stats, j: int) -> Keeper:
+        """Selection j as it applies to `block` (resolves a deferred tie cut if it lies here)."""
+        n = int(stats[f"{self.name}.n"])
+        T = int(stats[self._k(j, "T")])
+        cut = int(stats[self._k(j, "cut")])
+        bstart = int(stats[self._k(j, "bstart")])
+        if bstart < 0:
+            return Keeper(T, cut, n)
+        bend = int(stats[self._k(j, "bend")])
+        nb = block_size(block)
+        b0, b1 = block.start, block.start + nb
+        if b1 <= bstart:
+            return Keeper(T, n, n)  # before the boundary block: all its ties are kept
+        if b0 >= bend:
+            return Keeper(T, -1, n)
+        if (b0, b1) != (bstart, bend):
+            raise StreammergeError(
+                f"{block.tensor}: the row blocks changed between the selection passes and the merge "
+                f"(block {b0}:{b1} overlaps {bstart}:{bend}); rerun the tensor from its first pass"
+            )
+        r = int(stats[self._k(j, "brank")])
+        src = self.source(stats, j)
+        seen = 0
+        for c0, c1 in chunks(nb):
+            v = self.values(block, params, stats, src, slice(c0, c1), scratch("tk.v", c1 - c0))
+            eq = np.flatnonzero(as_u32(v) == np.uint32(T))
+            if seen + eq.size >= r:
+                return Keeper(T, b0 + c0 + int(eq[r - seen - 1]), n)
+            seen += eq.size
+        raise AssertionError("boundary block has fewer ties than recorded")
+
+    def keepers(self, block: Block, params: TensorParams, stats: Stats) -> list[Keeper]:
+        return [self.keeper(block, params, stats, j) for j in range(self.nsel(stats))]
