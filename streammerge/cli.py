@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import json
 import re
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import click
@@ -54,17 +58,99 @@ def user_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            with _sigterm_as_interrupt():
+                return fn(*args, **kwargs)
         except StreammergeError as e:
             if click.get_current_context().find_root().params.get("debug"):
                 raise
             click.echo(f"error: {e}", err=True)
             sys.exit(1)
-        except KeyboardInterrupt:
+        except OSError as e:  # a full disk is the user's to fix, and resumable: one line, exit 1
+            if e.errno not in _DISK_FULL or click.get_current_context().find_root().params.get("debug"):
+                raise
+            ctx = click.get_current_context()
+            where = e.filename or ctx.meta.get(_WRITING) or kwargs.get("store_path") or kwargs.get("out") or "disk"
+            click.echo(f"error: {where}: no space left on device; free some space and run the same command "
+                       "again to resume", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt as e:
             click.echo("interrupted: run the same command again to resume where it stopped", err=True)
-            sys.exit(130)
+            sys.exit(getattr(e, "exit_code", 130))
 
     return wrapper
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+_WRITING = "streammerge.writing"  # ctx.meta key: the output being written (names a full disk)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C so that the same clean-up runs; exit 143."""
+
+    exit_code = 128 + signal.SIGTERM
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """While a command runs, SIGTERM stops it like SIGINT (locks released, temporaries removed).
+
+    The first SIGTERM raises `Terminated`; the handler then reverts to the default, so a second
+    one ends the process at once (the store stays valid either way)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+_SAFETY = "streammerge.safety"  # ctx.meta key: the --allow-* flags of this command
+
+
+def _safety_options(*names):
+    """Add the --allow-* flags `names` to a command; they reach the engine through `_safety()`."""
+    helps = {
+        "allow_nonfinite": "Merge inputs that hold NaN or Inf (refused by default, naming the tensor and index).",
+        "allow_pickle": "Load pickle checkpoints (.bin, .pt) with torch.load(weights_only=True), converted once to "
+        "safetensors (in the store). Only for files you trust.",
+        "allow_crimes": "Merge models whose config.json names different architectures or model types.",
+    }
+
+    def deco(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            click.get_current_context().meta[_SAFETY] = {n: bool(kwargs.pop(n)) for n in names}
+            return fn(*args, **kwargs)
+
+        for n in reversed(names):
+            wrapper = click.option(f"--{n.replace('_', '-')}", n, is_flag=True, help=helps[n])(wrapper)
+        return wrapper
+
+    return deco
+
+
+def _safety() -> dict:
+    return dict(click.get_current_context().meta.get(_SAFETY, {}))
+
+
+def _plan_safety() -> dict:
+    """make_plan's keywords for `plan`: pickles are converted into a temporary directory."""
+    flags = _safety()
+    cache = None
+    if flags.get("allow_pickle"):
+        import tempfile
+
+        tmp = tempfile.TemporaryDirectory(prefix="streammerge-plan-")
+        click.get_current_context().call_on_close(tmp.cleanup)
+        cache = Path(tmp.name)
+    return {"allow_crimes": flags.get("allow_crimes", False), "pickle_cache": cache}
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -102,6 +188,35 @@ _build_options = [
     ),
 ]
 
+# Where the dask graph runs (default: threads in this process). Needs `streammerge[distributed]`.
+_dask_options = [
+    click.option(
+        "--scheduler",
+        metavar="ADDRESS",
+        default=None,
+        help="Run on an existing dask.distributed cluster (e.g. tcp://host:8786); inputs and store must be at the "
+        "same paths on every worker. See docs/distributed.md.",
+    ),
+    click.option(
+        "--cluster",
+        metavar="local:N",
+        default=None,
+        callback=lambda ctx, param, value: _check_cluster(value),
+        help="Start a dask LocalCluster of N worker processes (1 thread each) for this command.",
+    ),
+]
+
+
+def _check_cluster(value):
+    if value is not None:
+        from .engine.scheduler import parse_cluster
+
+        try:
+            parse_cluster(value)
+        except StreammergeError as e:
+            raise click.BadParameter(str(e).split(": ", 1)[-1]) from None
+    return value
+
 
 def _apply(options):
     def deco(fn):
@@ -116,6 +231,7 @@ def _apply(options):
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
 @_apply(_build_options)
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@_safety_options("allow_pickle", "allow_crimes")
 @user_errors
 def plan(recipe: Path, workers: int, memory_limit: int, seed: int, block_elements, as_json: bool) -> None:
     """Dry run: list tensors, bytes, blocks and the memory estimate; reads only headers."""
@@ -129,6 +245,7 @@ def plan(recipe: Path, workers: int, memory_limit: int, seed: int, block_element
         seed=seed,
         recipe_dir=recipe.parent,
         block_elems=block_elements,
+        **_plan_safety(),
     )
     info = {
         "method": p.method.name,
@@ -173,13 +290,27 @@ def plan(recipe: Path, workers: int, memory_limit: int, seed: int, block_element
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), help="With --export: output dtype.")
 @click.option("--overwrite", is_flag=True, help="With --export: replace an existing output directory.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
+@_apply(_dask_options)
+@_safety_options("allow_nonfinite", "allow_pickle", "allow_crimes")
 @user_errors
-def build(recipe, store_path, export_dir, workers, memory_limit, seed, block_elements, restart, shard_size, dtype, overwrite, progress):
+def build(
+    recipe, store_path, export_dir, workers, memory_limit, seed, block_elements, restart, shard_size, dtype, overwrite, progress,
+    scheduler, cluster,
+):
     """Run (or resume) the merge described by RECIPE into a job store.
 
     Running it again on the same store resumes where it stopped. A store whose recipe or
     inputs changed is refused; --restart discards it.
     """
+    from .engine.scheduler import dask_client
+
+    with dask_client(scheduler, cluster) as client:  # None: the threaded scheduler
+        _build(recipe, store_path, export_dir, workers, memory_limit, seed, block_elements, restart, shard_size, dtype,
+               overwrite, progress, client)
+
+
+def _build(recipe, store_path, export_dir, workers, memory_limit, seed, block_elements, restart, shard_size, dtype,
+           overwrite, progress, client):
     from .engine.job import build as run
 
     result = run(
@@ -191,6 +322,8 @@ def build(recipe, store_path, export_dir, workers, memory_limit, seed, block_ele
         restart=restart,
         progress=progress,
         block_elems=block_elements,
+        scheduler=client,
+        **_safety(),
     )
     for w in result.warnings:
         click.echo(f"warning: {w}", err=True)
@@ -202,7 +335,7 @@ def build(recipe, store_path, export_dir, workers, memory_limit, seed, block_ele
         f"{human(r.input_bytes)} read in {result.seconds:.1f}s ({human(rate)}/s)"
     )
     if export_dir is not None:
-        _export(result.store, export_dir, shard_size, dtype, workers, overwrite, progress)
+        _export(result.store, export_dir, shard_size, dtype, workers, overwrite, progress, client)
 
 
 @main.command()
@@ -211,25 +344,24 @@ def build(recipe, store_path, export_dir, workers, memory_limit, seed, block_ele
 @user_errors
 def status(store: Path, as_json: bool) -> None:
     """Blocks done / total, per stage, for a job store."""
-    from .store.store import MERGE_STAGE, Store
+    from .store.store import Store
 
     s = Store.open(store)
-    done, total = s.progress(MERGE_STAGE)
-    info = {
-        "store": str(store),
-        "method": s.manifest["method"],
-        "stages": {MERGE_STAGE: {"done": done, "total": total}},
-        "complete": done == total,
-        "tensors_complete": sum(len(s.done_blocks(MERGE_STAGE, t["name"])) == t["nblocks"] for t in s.tensors),
-        "tensors": len(s.tensors),
-    }
+    stages = {}
+    for stage in s.stages():
+        done, total = s.progress(stage)
+        jobs = [j for j in s.jobs if j["stage"] == stage]
+        stages[stage] = {"done": done, "total": total, "jobs": len(jobs), "jobs_complete": sum(map(s.job_done, jobs))}
+    complete = s.is_complete()
+    info = {"store": str(store), "method": s.manifest["method"], "stages": stages, "complete": complete}
     if as_json:
         click.echo(json.dumps(info, indent=1))
         return
     click.echo(f"store    {store}  ({info['method']})")
-    pct = 100.0 * done / total if total else 100.0
-    click.echo(f"{MERGE_STAGE:<8} {done}/{total} blocks ({pct:.1f}%), {info['tensors_complete']}/{info['tensors']} tensors")
-    click.echo("complete" if done == total else "incomplete: run `streammerge build` again to resume")
+    for stage, st in stages.items():
+        pct = 100.0 * st["done"] / st["total"] if st["total"] else 100.0
+        click.echo(f"{stage:<8} {st['done']}/{st['total']} blocks ({pct:.1f}%), {st['jobs_complete']}/{st['jobs']} tensors")
+    click.echo("complete" if complete else "incomplete: run `streammerge build` again to resume")
 
 
 @main.command()
@@ -240,21 +372,29 @@ def status(store: Path, as_json: bool) -> None:
 @click.option("--workers", "-j", type=click.IntRange(1), default=2, show_default=True, help="Worker threads.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (only once the new export is complete).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
+@_apply(_dask_options)
 @user_errors
-def export(store, out, shard_size, dtype, workers, overwrite, progress):
+def export(store, out, shard_size, dtype, workers, overwrite, progress, scheduler, cluster):
     """Write a finished store as a Hugging Face model directory (sharded safetensors)."""
+    from .engine.scheduler import dask_client
     from .store.store import Store
 
-    _export(Store.open(store), out, shard_size, dtype, workers, overwrite, progress)
+    st = Store.open(store)
+    with dask_client(scheduler, cluster) as client:  # None: the threaded scheduler
+        _export(st, out, shard_size, dtype, workers, overwrite, progress, client)
 
 
-def _export(store, out, shard_size, dtype, workers, overwrite, progress):
+def _export(store, out, shard_size, dtype, workers, overwrite, progress, client=None):
     import time
 
     from .export.hf import export_store
 
     t0 = time.perf_counter()
-    info = export_store(store, out, shard_size=shard_size, dtype=dtype, workers=workers, overwrite=overwrite, progress=progress)
+    click.get_current_context().meta[_WRITING] = out  # a full disk from here on is out's
+    info = export_store(
+        store, out, shard_size=shard_size, dtype=dtype, workers=workers, overwrite=overwrite, progress=progress,
+        scheduler=client,
+    )
     click.echo(f"exported {out}: {len(info['files'])} shard(s), {human(info['total_size'])} in {time.perf_counter() - t0:.1f}s")
 
 

@@ -197,7 +197,7 @@ def test_killed_build_resumes_to_identical_export(tmp_path):
     deadline = time.time() + 60
     while time.time() < deadline:
         done_dir = store / "done" / "merge"
-        n = sum(len(os.listdir(d)) for d in done_dir.iterdir()) if done_dir.is_dir() else 0
+        n = sum(1 for p in done_dir.rglob("*") if p.is_file()) if done_dir.is_dir() else 0
         if n >= total // 3:
             break
         time.sleep(0.005)

@@ -12,14 +12,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import dask
-
 from ..checkpoints.blocks import read_rows
 from ..dtypes import float_type, from_float32
 from ..methods import Block, MergeMethod
 from ..plan.planner import Plan, TensorJob
-from ..store.store import MERGE_STAGE, Store
-from .progress import BytesProgress
+from ..store.store import Store
+from .scheduler import run_graph
 from .workspace import buffer
 
 
@@ -43,6 +41,10 @@ def _block_bytes(job: TensorJob, i: int) -> int:
     return sum((r1 - r0) * job.row_elems * float_type(h.dtype).itemsize for h in job.inputs)
 
 
+def _method(plan: Plan, job: TensorJob) -> MergeMethod:
+    return job.method or plan.method
+
+
 def _map_task(method: MergeMethod, job: TensorJob, pass_index: int, i: int, stats):
     p = method.passes[pass_index]
     if not p.needed(job.params, stats or {}):
@@ -59,58 +61,91 @@ def _reduce_task(method: MergeMethod, job: TensorJob, pass_index: int, partials,
 
 
 def _save_stats_task(store: Store, job: TensorJob, stats):
-    store.save_stats(MERGE_STAGE, job.name, stats)
+    store.save_stats(job.stage, job.store_key, stats)
     return stats
+
+
+def _write_outputs(store: Store, job: TensorJob, i: int, result) -> None:
+    outputs = job.output_list
+    if not isinstance(result, dict):
+        result = {outputs[0].name: result}
+    for out in outputs:
+        value = result[out.name]
+        path = job.store_key if not out.name else f"{job.store_key}/{out.name}"
+        if out.blob:
+            store.write_blob(path, i, value)
+            continue
+        try:
+            raw = from_float32(value, float_type(out.dtype))
+        except KeyError:  # not a float type: stored as returned
+            raw = value.astype(out.dtype, copy=False)
+        store.write_block(path, i, raw)
 
 
 def _merge_task(method: MergeMethod, store: Store, job: TensorJob, i: int, stats) -> None:
     if stats is None and method.passes:
-        stats = store.load_stats(MERGE_STAGE, job.name)
+        stats = store.load_stats(job.stage, job.store_key)
     block = _read_block(job, i)
-    merged = method.merge(block, job.params, stats or {})
-    store.write_block(job.name, i, from_float32(merged, float_type(job.dtype)))
-    store.mark_done(MERGE_STAGE, job.name, i)
+    _write_outputs(store, job, i, method.merge(block, job.params, stats or {}))
+    store.mark_done(job.stage, job.store_key, i)
 
 
 def build_graph(plan: Plan, store: Store) -> tuple[dict, list, dict, int]:
     """The dask graph of all unfinished work: graph, target keys, input bytes per task, skipped blocks."""
-    method = plan.method
     dsk: dict = {}
     targets: list = []
     task_bytes: dict = {}
     skipped = 0
     for job in plan.jobs:
-        done = store.done_blocks(MERGE_STAGE, job.name)
+        method = _method(plan, job)
+        key = job.store_key
+        has_outputs = bool(job.output_list) and method.merge is not None
+        done = store.done_blocks(job.stage, key) if has_outputs else set()
         todo = [i for i in range(job.nblocks) if i not in done]
-        skipped += job.nblocks - len(todo)
-        if not todo:
+        stats_saved = not method.passes or store.load_stats(job.stage, key) is not None
+        if not has_outputs:
+            todo = []
+        skipped += job.nblocks - len(todo) if has_outputs else 0
+        if (has_outputs and not todo) or stats_saved and not todo:
             continue
         stats_key = None
-        if method.passes and store.load_stats(MERGE_STAGE, job.name) is None:
+        if not stats_saved:
             prev = None
             for p in range(len(method.passes)):
                 maps = []
                 for i in range(job.nblocks):
-                    key = ("pass", job.name, p, i)
-                    dsk[key] = (_map_task, method, job, p, i, prev)
-                    maps.append(key)
-                    task_bytes[key] = _block_bytes(job, i)
-                red = ("reduce", job.name, p)
+                    k = ("pass", job.stage, key, p, i)
+                    dsk[k] = (_map_task, method, job, p, i, prev)
+                    maps.append(k)
+                    task_bytes[k] = _block_bytes(job, i)
+                red = ("reduce", job.stage, key, p)
                 dsk[red] = (_reduce_task, method, job, p, maps, prev)
                 prev = red
-            stats_key = ("stats", job.name)
+            stats_key = ("stats", job.stage, key)
             dsk[stats_key] = (_save_stats_task, store, job, prev)
+            if not has_outputs:
+                targets.append(stats_key)
         for i in todo:
-            key = ("merge", job.name, i)
-            dsk[key] = (_merge_task, method, store, job, i, stats_key)
-            targets.append(key)
-            task_bytes[key] = _block_bytes(job, i)
+            k = ("merge", job.stage, key, i)
+            dsk[k] = (_merge_task, method, store, job, i, stats_key)
+            targets.append(k)
+            task_bytes[k] = _block_bytes(job, i)
     return dsk, targets, task_bytes, skipped
 
 
-def run_build(plan: Plan, store: Store, *, workers: int, progress: bool | None = None) -> BuildReport:
+def run_build(
+    plan: Plan,
+    store: Store,
+    *,
+    workers: int,
+    progress: bool | None = None,
+    desc: str = "merge",
+    scheduler=None,
+    cluster: str | None = None,
+) -> BuildReport:
     dsk, targets, task_bytes, skipped = build_graph(plan, store)
     if targets:
-        with BytesProgress(task_bytes, "merge", enabled=progress):
-            dask.threaded.get(dsk, targets, num_workers=workers)
+        run_graph(
+            dsk, targets, task_bytes, workers=workers, scheduler=scheduler, cluster=cluster, desc=desc, progress=progress
+        )
     return BuildReport(blocks_run=len(targets), blocks_skipped=skipped, input_bytes=sum(task_bytes.values()))

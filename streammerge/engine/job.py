@@ -12,12 +12,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import __version__
+from ..checkpoints.blocks import finite_check
 from ..errors import StoreError
-from ..export.hf import copy_hf_files
+from ..export.hf import HF_FILES, copy_hf_files
 from ..plan.planner import Plan, make_plan
 from ..recipe import Recipe, load_recipe
 from ..store.store import FORMAT, Store, StoreLock
 from .build import BuildReport, run_build
+
+CONVERTED_DIR = "converted"  # <store>/converted/<key>/: pickle checkpoints as safetensors (--allow-pickle)
 
 
 @dataclass
@@ -42,11 +45,36 @@ def manifest_for(plan: Plan, recipe_text: str) -> dict:
             spec: {"directory": str(ck.directory), "files": ck.fingerprint()} for spec, ck in plan.checkpoints.items()
         },
         "hf_source": str(plan.hf_source.directory),
-        "tensors": [
-            {"name": j.name, "shape": list(j.shape), "dtype": j.dtype, "block_rows": j.block_rows, "nblocks": j.nblocks}
-            for j in plan.jobs
-        ],
+        "tensors": tensors_manifest(plan.jobs),
+        "jobs": jobs_manifest(plan.jobs),
     }
+
+
+def jobs_manifest(jobs) -> list[dict]:
+    return [
+        {
+            "stage": j.stage,
+            "key": j.store_key,
+            "name": j.name,
+            "shape": list(j.shape),
+            "block_rows": j.block_rows,
+            "nblocks": j.nblocks,
+            "outputs": [
+                {"name": o.name, "dtype": o.dtype, "trailing": None if o.trailing is None else list(o.trailing), "blob": o.blob}
+                for o in (j.output_list if (j.method is None or j.method.merge is not None) else ())
+            ],
+        }
+        for j in jobs
+    ]
+
+
+def tensors_manifest(jobs) -> list[dict]:
+    """The model tensors export writes: the main output of merge-stage jobs at tensors/<name>."""
+    return [
+        {"name": j.name, "shape": list(j.shape), "dtype": j.dtype, "block_rows": j.block_rows, "nblocks": j.nblocks}
+        for j in jobs
+        if j.stage == "merge" and j.store_key == f"tensors/{j.name}"
+    ]
 
 
 def what_changed(old: dict, new: dict) -> str | None:
@@ -89,11 +117,19 @@ def build(
     progress: bool | None = None,
     recipe: Recipe | None = None,
     block_elems: int | None = None,
+    scheduler=None,
+    cluster: str | None = None,
+    allow_nonfinite: bool = False,
+    allow_pickle: bool = False,
+    allow_crimes: bool = False,
 ) -> JobResult:
+    """allow_nonfinite: merge inputs holding NaN/Inf (refused by default); allow_pickle: load
+    pickle checkpoints with torch.load(weights_only=True), converted once into <store>/converted;
+    allow_crimes: merge models whose config.json names different architectures."""
     recipe_path = Path(recipe_path)
     store_path = Path(store_path)
+    recipe = recipe or load_recipe(recipe_path)  # first: a missing recipe is a one-line error
     recipe_text = recipe_path.read_text()
-    recipe = recipe or load_recipe(recipe_path)
     plan = make_plan(
         recipe,
         memory_limit=memory_limit,
@@ -101,6 +137,8 @@ def build(
         seed=seed,
         recipe_dir=recipe_path.parent,
         block_elems=block_elems,
+        allow_crimes=allow_crimes,
+        pickle_cache=store_path / CONVERTED_DIR if allow_pickle else None,
     )
     manifest = manifest_for(plan, recipe_text)
 
@@ -115,28 +153,39 @@ def build(
             change = what_changed(store.manifest, manifest)
             if change:
                 raise StoreError(f"{store_path}: {change}; use --restart to discard the store and start over")
-            plan = plan.with_block_rows({t["name"]: t["block_rows"] for t in store.tensors})
+            plan = plan.with_block_rows({j["key"]: j["block_rows"] for j in store.jobs})
             litter = store.clean_litter()
         else:
             _clear(store_path, restart)
             copy_hf_files(plan.hf_source.directory, store_path / "hf", plan.config_overrides)
             store = Store.create(store_path, manifest)
             litter = 0
-        report = run_build(plan, store, workers=workers, progress=progress)
+        with finite_check(not allow_nonfinite):
+            report = run_build(plan, store, workers=workers, progress=progress, scheduler=scheduler, cluster=cluster)
     return JobResult(store, report, time.perf_counter() - t0, resumed, litter, plan.warnings)
 
 
 def _clear(store_path: Path, restart: bool) -> None:
     """Empty the directory for a new store; only ever deletes what a streammerge store contains."""
-    entries = [p for p in store_path.iterdir() if p.name != "lock"]
+    # the lock is ours to keep; converted/ is a cache of pickle conversions the plan already uses
+    entries = [p for p in store_path.iterdir() if p.name not in ("lock", CONVERTED_DIR)]
     if not entries:
         return
     zarr_json = store_path / "zarr.json"
     ours = Store.exists(store_path) or (zarr_json.is_file() and "streammerge" in zarr_json.read_text())
+    # A creation killed (or out of space) while copying hf/, before zarr.json: only hf/ files.
+    hf = store_path / "hf"
+    ours = ours or all(
+        (p == hf and p.is_dir() and not p.is_symlink() and all(f.name in HF_FILES for f in p.iterdir()))
+        or (p.name.startswith(".lock.") and p.name.endswith(".partial"))
+        for p in entries
+    )
     if not ours:
         raise StoreError(f"{store_path}: exists and is not a streammerge store; choose another path")
     if Store.exists(store_path) and not restart:
         raise StoreError(f"{store_path}: already holds a job")  # unreachable from build(); kept as a guard
+    # manifest.json first: killed midway, what is left is an unfinished creation, never a job
+    entries.sort(key=lambda p: p.name != "manifest.json")
     for p in entries:
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p)

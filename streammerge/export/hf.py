@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -16,7 +17,7 @@ import dask
 import numpy as np
 
 from ..dtypes import FloatType, float_type, from_float32, to_float32
-from ..engine.progress import BytesProgress
+from ..engine.scheduler import run_graph
 from ..errors import StreammergeError
 from ..store.store import Store
 from .safetensors_writer import ShardedWriter, TensorSpec
@@ -77,12 +78,14 @@ def export_store(
     workers: int = 2,
     overwrite: bool = False,
     progress: bool | None = None,
+    scheduler=None,
+    cluster: str | None = None,
 ) -> dict:
     out_dir = Path(out_dir)
-    done, total = store.progress()
-    if done != total:
+    if not store.is_complete():
+        done, total = store.progress()
         raise StreammergeError(
-            f"{store.path}: build is not finished ({done}/{total} blocks); run `streammerge build` again to complete it"
+            f"{store.path}: build is not finished ({done}/{total} merge blocks); run `streammerge build` again to complete it"
         )
     if out_dir.exists() and not overwrite:
         raise StreammergeError(f"{out_dir}: already exists (use --overwrite to replace it)")
@@ -97,7 +100,8 @@ def export_store(
         specs.append(TensorSpec(t["name"], ftype.st, tuple(t["shape"]), n * ftype.itemsize))
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
+    remove_stale_temps(out_dir)
+    tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         writer = ShardedWriter(tmp, specs, shard_size)
         dsk, task_bytes = {}, {}
@@ -112,8 +116,9 @@ def export_store(
                 for d in t["shape"][1:]:
                     row_elems *= d
                 task_bytes[key] = (r1 - r0) * row_elems * ftype.itemsize
-        with BytesProgress(task_bytes, "export", enabled=progress):
-            dask.threaded.get(dsk, list(dsk), num_workers=workers)
+        run_graph(
+            dsk, list(dsk), task_bytes, workers=workers, scheduler=scheduler, cluster=cluster, desc="export", progress=progress
+        )
         writer.finish()
         _write_side_files(store, tmp, out_type)
         _fsync_dir(tmp)
@@ -157,9 +162,33 @@ def _fsync_dir(path: Path) -> None:
 
 def _replace_dir(tmp: Path, out_dir: Path) -> None:
     if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         os.rename(out_dir, old)
         os.rename(tmp, out_dir)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, out_dir)
+    remove_stale_temps(out_dir)
+
+
+def remove_stale_temps(out_dir: Path) -> int:
+    """Remove what killed exports left beside OUT: `.OUT.partial-<pid>-<id>` directories, and,
+    once OUT exists, `.OUT.old-<pid>-<id>` (a replaced export), whose process <pid> is gone."""
+    from ..store.store import _pid_alive
+
+    pattern = re.compile(rf"\.{re.escape(out_dir.name)}\.(partial|old)-(\d+)-[0-9a-f]{{8}}")
+    removed = 0
+    try:
+        entries = list(out_dir.parent.iterdir())
+    except OSError:
+        return 0
+    for p in entries:
+        m = pattern.fullmatch(p.name)
+        if not m or p.is_symlink() or not p.is_dir():
+            continue
+        pid = int(m.group(2))
+        if pid == os.getpid() or _pid_alive(pid) or (m.group(1) == "old" and not out_dir.exists()):
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        removed += 1
+    return removed

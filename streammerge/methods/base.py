@@ -118,9 +118,29 @@ BasePolicy = Literal["required", "optional", "unused"]
 
 
 @dataclass(frozen=True)
+class Output:
+    """One array a job writes, chunked by the tensor's row blocks.
+
+    `name` "" is the tensor itself (what static merges produce); other names sit beside it
+    (e.g. "bits", "scale" of a 1-bit encoding). Float dtypes ("bfloat16", "float16", "float32")
+    are rounded to nearest even from the float32 result; other numpy dtypes ("uint8", "int32")
+    are stored as returned. `trailing` is the shape after the row axis (None: the tensor's).
+    A `blob` output stores one variable-length byte string per row block (e.g. sparse entries).
+    """
+
+    name: str = ""
+    dtype: str = "float32"
+    trailing: tuple[int, ...] | None = None
+    blob: bool = False
+
+
+@dataclass(frozen=True)
 class MergeMethod:
+    """`merge` returns the float32 merged block, or a dict {output name: array or bytes} for
+    jobs with several outputs; `merge` may be None for stats-only jobs (analyses)."""
+
     name: str
-    merge: Callable[[Block, TensorParams, Stats], np.ndarray]
+    merge: Callable[[Block, TensorParams, Stats], np.ndarray | dict] | None
     params: tuple[Param, ...] = ()
     base: BasePolicy = "required"
     passes: tuple[Pass, ...] = ()
@@ -131,6 +151,13 @@ class MergeMethod:
             if p.name == name:
                 return p
         return None
+
+    def __reduce_ex__(self, protocol):
+        # A registered method pickles as its name (dask.distributed workers look it up in their
+        # own registry): its functions and closures never travel. Others pickle by value.
+        if _REGISTRY.get(self.name) is self:
+            return (get_method, (self.name,))
+        return super().__reduce_ex__(protocol)
 
 
 _REGISTRY: dict[str, MergeMethod] = {}

@@ -8,7 +8,7 @@ memory limit). It reads only headers: no tensor data.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..checkpoints import ModelCheckpoint, TensorHandle, open_model
@@ -16,6 +16,7 @@ from ..checkpoints.blocks import num_rows, row_elems
 from ..dtypes import float_type, is_float_st
 from ..errors import RecipeError, StreammergeError
 from ..methods import MergeMethod, TensorParams, get_method
+from ..methods.base import Output
 from ..recipe import Recipe, layer_position, resolve_tensor_params
 
 LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -31,13 +32,32 @@ WORK_ARRAYS = 3
 
 @dataclass(frozen=True)
 class TensorJob:
+    """One tensor's work in one stage: read its inputs block by block, run `method`, write `outputs`.
+
+    Static merges have one job per output tensor (stage "merge", key "tensors/<name>", one
+    output: the merged tensor). Other stages (analyses, encodings, experts) use their own keys
+    and outputs; a job with no outputs only computes stats.
+    """
+
     name: str
     shape: tuple[int, ...]
-    dtype: str  # output float type name
+    dtype: str  # dtype of the main output (the tensor itself for static merges)
     base: TensorHandle | None
     models: tuple[TensorHandle, ...]
     params: TensorParams
     block_rows: int
+    method: MergeMethod | None = None  # None: the plan's method
+    stage: str = "merge"
+    key: str = ""  # store path of the job's arrays, markers and stats; "" means tensors/<name>
+    outputs: tuple[Output, ...] | None = None  # None: one output, the tensor itself in `dtype`
+
+    @property
+    def store_key(self) -> str:
+        return self.key or f"tensors/{self.name}"
+
+    @property
+    def output_list(self) -> tuple[Output, ...]:
+        return self.outputs if self.outputs is not None else (Output("", self.dtype),)
 
     @property
     def rows(self) -> int:
@@ -107,21 +127,39 @@ class Plan:
 
     def with_block_rows(self, block_rows: dict[str, int]) -> "Plan":
         """The same plan cut as an existing store was (resuming keeps the store's chunking)."""
-        jobs = [
-            TensorJob(j.name, j.shape, j.dtype, j.base, j.models, j.params, block_rows.get(j.name, j.block_rows))
-            for j in self.jobs
-        ]
+        jobs = [replace(j, block_rows=block_rows.get(j.store_key, j.block_rows)) for j in self.jobs]
         return Plan(**{**self.__dict__, "jobs": jobs})
 
 
-def _open(spec: str, recipe_dir: Path | None) -> ModelCheckpoint:
+def _open(spec: str, recipe_dir: Path | None, pickle_cache: Path | None = None) -> ModelCheckpoint:
     # mergekit resolves model paths against the working directory; we also accept paths
     # relative to the recipe file so recipes can travel with their models.
     if recipe_dir is not None and not Path(spec).is_absolute() and not Path(spec).exists():
         candidate = recipe_dir / spec
         if candidate.exists():
-            return open_model(str(candidate))
-    return open_model(spec)
+            return open_model(str(candidate), pickle_cache=pickle_cache)
+    return open_model(spec, pickle_cache=pickle_cache)
+
+
+def _check_architectures(checkpoints: dict[str, ModelCheckpoint]) -> None:
+    """Models whose config.json names a different architecture or model_type cannot be merged
+    (mergekit's "crimes"); `--allow-crimes` skips this check. Models without config are not compared."""
+    ref = None
+    for spec, ck in checkpoints.items():
+        cfg = ck.config or {}
+        ident = {k: cfg.get(k) for k in ("architectures", "model_type") if cfg.get(k) is not None}
+        if not ident:
+            continue
+        if ref is None:
+            ref = (spec, ck, ident)
+            continue
+        for k in ident:
+            if k in ref[2] and ident[k] != ref[2][k]:
+                raise StreammergeError(
+                    f"{ck.directory / 'config.json'}: {k} {ident[k]!r} of model {spec} differs from {ref[2][k]!r} of "
+                    f"model {ref[0]} ({ref[1].directory}); merging different architectures is refused "
+                    "(pass --allow-crimes to merge anyway)"
+                )
 
 
 def block_elems_for(memory_limit: int, workers: int, n_inputs: int) -> int:
@@ -138,8 +176,14 @@ def make_plan(
     seed: int = 0,
     recipe_dir: Path | None = None,
     block_elems: int | None = None,
+    allow_crimes: bool = False,
+    pickle_cache: Path | None = None,
 ) -> Plan:
-    """Plan the job. `block_elems` overrides the block size derived from `memory_limit`."""
+    """Plan the job. `block_elems` overrides the block size derived from `memory_limit`.
+
+    `allow_crimes` skips the same-architecture check; `pickle_cache` (--allow-pickle) is where
+    pickle checkpoints are converted to safetensors (None: they are refused).
+    """
     try:
         method = get_method(recipe.merge_method)
     except KeyError:
@@ -147,7 +191,11 @@ def make_plan(
     if recipe.modules:
         raise RecipeError("recipes with `modules` are not supported yet: use `models` or `slices`")
 
-    checkpoints: dict[str, ModelCheckpoint] = {spec: _open(spec, recipe_dir) for spec in recipe.model_specs()}
+    checkpoints: dict[str, ModelCheckpoint] = {
+        spec: _open(spec, recipe_dir, pickle_cache) for spec in recipe.model_specs()
+    }
+    if not allow_crimes:
+        _check_architectures(checkpoints)
     hf_source = checkpoints.get(recipe.base_model) or checkpoints[recipe.model_specs()[0]]
     tok = recipe.tokenizer_settings()
     if tok.source == "union" or tok.tokens:
@@ -157,7 +205,7 @@ def make_plan(
         )
     if tok.source and tok.source != "base":
         if tok.source not in checkpoints:
-            checkpoints[tok.source] = _open(tok.source, recipe_dir)
+            checkpoints[tok.source] = _open(tok.source, recipe_dir, pickle_cache)
         hf_source = checkpoints[tok.source]
 
     groups = _groups(recipe, checkpoints)

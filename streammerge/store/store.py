@@ -9,8 +9,12 @@ Layout of `job.zarr/`:
                                one task writes exactly one chunk. bf16 is stored as uint16
                                with attribute "dtype": "bfloat16". No compression: merged
                                weights barely compress and the codec would cost more than disk.
-    stats/<stage>/<name>.npz   tensor-wide statistics a method's passes reduced (resume skips them)
-    done/<stage>/<name>/<i>    empty file: block i of that tensor and stage is complete
+    stats/<stage>/<key>.npz    tensor-wide statistics a method's passes reduced (resume skips them)
+    done/<stage>/<key>/<i>     empty file: block i of that job (stage, key) is complete
+    blobs/<key>/<name>/<i>     variable-length payload of row block i (e.g. sparse entries),
+                               written atomically; zarr v3 has no stable variable-length type
+    <key>/...                  arrays of other stages (encodings, experts): one zarr array per
+                               output, chunked by the tensor's row blocks
     hf/                        config.json, tokenizer and generation files copied from the base
     lock                       pid and host of the process writing the store
 
@@ -21,10 +25,12 @@ litter and chunks without markers, which are cleaned and recomputed on resume.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
 import socket
+import threading
 import uuid
 from pathlib import Path
 from typing import Any
@@ -39,6 +45,18 @@ from ..errors import StoreError
 
 FORMAT = 1
 MERGE_STAGE = "merge"
+
+
+def manifest_digest(manifest: dict) -> str:
+    """sha256 of the manifest's canonical JSON (the same for the in-memory dict and its file)."""
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+# Stores reopened in this process from a pickle (dask.distributed workers), by (path, manifest
+# digest): every task unpickled here shares one manifest and one cache of open zarr arrays.
+_REOPENED: dict[tuple[str, str], "Store"] = {}
+_REOPENED_MAX = 16
+_reopened_lock = threading.Lock()
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -61,31 +79,63 @@ class Store:
         self._zarr_store = LocalStore(self.path)
         self._tensors = {t["name"]: t for t in manifest["tensors"]}
 
+    # ---- pickling (dask.distributed) --------------------------------------------------------
+    # A store pickles as its path and manifest digest (~150 bytes, not the manifest nor open
+    # zarr arrays): a worker process reopens it lazily from the (shared) filesystem, once per
+    # process, and refuses a store whose manifest is not the one the graph was planned with.
+    @property
+    def digest(self) -> str:
+        d = self.__dict__.get("_digest")
+        if d is None:
+            d = self._digest = manifest_digest(self.manifest)
+        return d
+
+    def __getstate__(self) -> dict:
+        return {"path": os.path.abspath(self.path), "digest": self.digest}  # workers have another cwd
+
+    def __setstate__(self, state: dict) -> None:
+        key = (state["path"], state["digest"])
+        with _reopened_lock:
+            src = _REOPENED.get(key)
+            if src is None:
+                src = Store.open(Path(state["path"]))
+                if src.digest != state["digest"]:
+                    raise StoreError(
+                        f"{state['path']}: the store's manifest on this machine is not the one the job was planned "
+                        "with (is the same store at the same path on every machine?)"
+                    )
+                if len(_REOPENED) >= _REOPENED_MAX:
+                    _REOPENED.pop(next(iter(_REOPENED)))
+                _REOPENED[key] = src
+        self.__dict__.update(src.__dict__)  # shares that process-wide instance's array cache
+
     # ---- creation and opening -------------------------------------------------------------
     @classmethod
     def create(cls, path: Path, manifest: dict) -> "Store":
         """Create the store's arrays in `path` (empty but for `hf/` and the lock: the caller's job)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        root = zarr.create_group(LocalStore(path), zarr_format=3)
-        root.attrs["streammerge"] = {"format": FORMAT}
-        for t in manifest["tensors"]:
-            ftype = float_type(t["dtype"])
-            shape = tuple(t["shape"]) or (1,)
-            root.create_array(
-                f"tensors/{t['name']}",
-                shape=shape,
-                chunks=(t["block_rows"], *shape[1:]),
-                dtype=ftype.storage,
-                compressors=None,
-                fill_value=0,
-                attributes={"dtype": ftype.name, "shape": list(t["shape"])},
-            )
+        # attributes in the first write of zarr.json: a creation killed at any point is recognisable
+        root = zarr.create_group(LocalStore(path), zarr_format=3, attributes={"streammerge": {"format": FORMAT}})
+        _create_arrays(root, manifest["jobs"])
         (path / "done").mkdir()
         (path / "stats").mkdir()
         # The manifest goes last: a store without one is an unfinished creation, not a job.
         atomic_write(path / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True).encode())
         return cls(path, manifest)
+
+    def add_jobs(self, jobs: list[dict], tensors: list[dict] = ()) -> None:
+        """Register jobs planned after creation (a later phase); idempotent on resume."""
+        known = {j["key"] for j in self.manifest["jobs"]}
+        new = [j for j in jobs if j["key"] not in known]
+        if not new:
+            return
+        _create_arrays(zarr.open_group(LocalStore(self.path), mode="r+"), new)
+        self.manifest["jobs"] = self.manifest["jobs"] + new
+        names = {t["name"] for t in self.manifest["tensors"]}
+        self.manifest["tensors"] = self.manifest["tensors"] + [t for t in tensors if t["name"] not in names]
+        self._tensors = {t["name"]: t for t in self.manifest["tensors"]}
+        atomic_write(self.path / "manifest.json", json.dumps(self.manifest, indent=1, sort_keys=True).encode())
 
     @classmethod
     def open(cls, path: Path) -> "Store":
@@ -119,14 +169,29 @@ class Store:
         return float_type(self._tensors[name]["dtype"])
 
     def array(self, name: str) -> zarr.Array:
-        a = self._arrays.get(name)
+        """The merged tensor `name` (what export writes)."""
+        return self.array_at(f"tensors/{name}")
+
+    def array_at(self, path: str) -> zarr.Array:
+        a = self._arrays.get(path)
         if a is None:
-            a = zarr.open_array(LocalStore(self.path / "tensors" / name), mode="r+")
-            self._arrays[name] = a
+            a = zarr.open_array(LocalStore(self.path / path), mode="r+")
+            self._arrays[path] = a
         return a
 
-    def write_block(self, name: str, block: int, raw: np.ndarray) -> None:
-        """Store row block `block` of tensor `name` (raw storage values, any shape of that size).
+    def write_blob(self, path: str, block: int, data: bytes) -> None:
+        d = self.path / "blobs" / path
+        d.mkdir(parents=True, exist_ok=True)
+        tmp = d / f".{block}.{uuid.uuid4().hex}.partial"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, d / str(block))
+
+    def read_blob(self, path: str, block: int) -> bytes:
+        return (self.path / "blobs" / path / str(block)).read_bytes()
+
+    def write_block(self, path: str, block: int, raw: np.ndarray) -> None:
+        """Store row block `block` of the array at `path` (raw storage values, any shape of that size).
 
         The chunk is handed to the zarr store as bytes: our arrays have no compressor and only
         zarr's `bytes` codec (little-endian, C order), so a chunk's encoding is its raw bytes at
@@ -134,13 +199,13 @@ class Store:
         skips zarr's codec pipeline, which copies the data several times (~5x slower here); the
         store still writes `<key>.<uuid>.partial` and renames it into place.
         """
-        arr = self.array(name)
+        arr = self.array_at(path)
         chunk_rows = arr.chunks[0]
         raw = np.ascontiguousarray(raw, dtype=arr.dtype.newbyteorder("<")).reshape(-1)
         full = chunk_rows * int(np.prod(arr.chunks[1:], dtype=np.int64))
         if raw.size < full:
             raw = np.concatenate([raw, np.zeros(full - raw.size, dtype=raw.dtype)])
-        key = f"tensors/{name}/" + arr.metadata.encode_chunk_key((block,) + (0,) * (len(arr.chunks) - 1))
+        key = f"{path}/" + arr.metadata.encode_chunk_key((block,) + (0,) * (len(arr.chunks) - 1))
         self._zarr_store.set_sync(key, default_buffer_prototype().buffer.from_bytes(memoryview(raw).cast("B")))
 
     def read_block(self, name: str, r0: int, r1: int) -> np.ndarray:
@@ -150,34 +215,34 @@ class Store:
         return data.reshape(shape) if not shape else data
 
     # ---- completion markers ---------------------------------------------------------------
-    def _marker_dir(self, stage: str, name: str) -> Path:
-        return self.path / "done" / stage / name
+    def _marker_dir(self, stage: str, key: str) -> Path:
+        return self.path / "done" / stage / key
 
-    def mark_done(self, stage: str, name: str, block: int) -> None:
-        d = self._marker_dir(stage, name)
+    def mark_done(self, stage: str, key: str, block: int) -> None:
+        d = self._marker_dir(stage, key)
         d.mkdir(parents=True, exist_ok=True)
         # Creating an empty file is atomic: it exists completely or not at all.
         os.close(os.open(d / str(block), os.O_CREAT | os.O_WRONLY, 0o644))
 
-    def done_blocks(self, stage: str, name: str) -> set[int]:
-        d = self._marker_dir(stage, name)
+    def done_blocks(self, stage: str, key: str) -> set[int]:
+        d = self._marker_dir(stage, key)
         if not d.is_dir():
             return set()
         return {int(p) for p in os.listdir(d) if p.isdigit()}
 
     # ---- tensor-wide statistics -------------------------------------------------------------
-    def _stats_path(self, stage: str, name: str) -> Path:
-        return self.path / "stats" / stage / f"{name}.npz"
+    def _stats_path(self, stage: str, key: str) -> Path:
+        return self.path / "stats" / stage / f"{key}.npz"
 
-    def save_stats(self, stage: str, name: str, stats: dict[str, Any]) -> None:
-        p = self._stats_path(stage, name)
+    def save_stats(self, stage: str, key: str, stats: dict[str, Any]) -> None:
+        p = self._stats_path(stage, key)
         p.parent.mkdir(parents=True, exist_ok=True)
         buf = io.BytesIO()
         np.savez(buf, **{k: np.asarray(v) for k, v in stats.items()})
         atomic_write(p, buf.getvalue())
 
-    def load_stats(self, stage: str, name: str) -> dict[str, Any] | None:
-        p = self._stats_path(stage, name)
+    def load_stats(self, stage: str, key: str) -> dict[str, Any] | None:
+        p = self._stats_path(stage, key)
         if not p.is_file():
             return None
         with np.load(p, allow_pickle=False) as z:
@@ -194,14 +259,58 @@ class Store:
                     n += 1
         return n
 
+    @property
+    def jobs(self) -> list[dict]:
+        return self.manifest["jobs"]
+
+    def stages(self) -> list[str]:
+        return list(dict.fromkeys(j["stage"] for j in self.jobs))
+
+    def job_done(self, job: dict) -> bool:
+        if not job["outputs"]:  # stats-only job: done when its stats are saved
+            return self._stats_path(job["stage"], job["key"]).is_file()
+        return len(self.done_blocks(job["stage"], job["key"])) == job["nblocks"]
+
     def progress(self, stage: str = MERGE_STAGE) -> tuple[int, int]:
-        total = sum(t["nblocks"] for t in self.tensors)
-        done = sum(len(self.done_blocks(stage, t["name"])) for t in self.tensors)
+        """(blocks done, blocks total) over the jobs of `stage` (a stats-only job counts as one)."""
+        done = total = 0
+        for j in self.jobs:
+            if j["stage"] != stage:
+                continue
+            if j["outputs"]:
+                total += j["nblocks"]
+                done += len(self.done_blocks(stage, j["key"]))
+            else:
+                total += 1
+                done += self.job_done(j)
         return done, total
 
     def is_complete(self) -> bool:
-        done, total = self.progress()
-        return done == total
+        return all(self.job_done(j) for j in self.jobs)
+
+
+def _create_arrays(root: zarr.Group, jobs: list[dict]) -> None:
+    for j in jobs:
+        shape = tuple(j["shape"]) or (1,)
+        for out in j["outputs"]:
+            if out.get("blob"):
+                continue
+            path = j["key"] if not out["name"] else f"{j['key']}/{out['name']}"
+            trailing = tuple(out["trailing"]) if out.get("trailing") is not None else shape[1:]
+            dtype = out["dtype"]
+            try:
+                logical, storage = float_type(dtype).name, float_type(dtype).storage
+            except KeyError:
+                logical, storage = dtype, np.dtype(dtype)
+            root.create_array(
+                path,
+                shape=(shape[0], *trailing),
+                chunks=(j["block_rows"], *trailing),
+                dtype=storage,
+                compressors=None,
+                fill_value=0,
+                attributes={"dtype": logical, "tensor": j["name"], "tensor_shape": list(j["shape"])},
+            )
 
 
 class StoreLock:
@@ -213,24 +322,46 @@ class StoreLock:
 
     def __enter__(self) -> "StoreLock":
         me = {"pid": os.getpid(), "host": socket.gethostname()}
+        # The lock appears complete or not at all: its content is written to a temporary file
+        # first, then hard-linked as `lock` (fails if it exists). A kill or a full disk can never
+        # leave an empty lock that nobody could take over.
+        tmp = self.file.with_name(f".lock.{me['pid']}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            with open(tmp, "w") as f:
+                json.dump(me, f)
+            return self._take(me, tmp)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _take(self, me: dict, tmp: Path) -> "StoreLock":
+        for stale in self.file.parent.glob(".lock.*.tmp"):  # left by processes killed right here
+            pid = stale.name.split(".")[2]
+            if pid.isdigit() and int(pid) != me["pid"] and not _pid_alive(int(pid)):
+                stale.unlink(missing_ok=True)
         for _ in range(2):
             try:
-                fd = os.open(self.file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                try:
+                    os.link(tmp, self.file)
+                except FileExistsError:
+                    raise
+                except OSError:  # no hard links on this filesystem: exclusive create, then write
+                    fd = os.open(self.file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                    with os.fdopen(fd, "w") as f:
+                        json.dump(me, f)
             except FileExistsError:
                 try:
                     owner = json.loads(self.file.read_text())
                 except (OSError, ValueError):
                     owner = {}
-                if owner.get("host") == me["host"] and not _pid_alive(owner.get("pid")):
+                if owner.get("host") == me["host"] and _lock_is_stale(owner, str(self.file)):
                     self.file.unlink(missing_ok=True)  # stale: its process is gone
                     continue
                 raise StoreError(
                     f"{self.file.parent}: in use by process {owner.get('pid', '?')} on {owner.get('host', '?')}"
                     f" (if that process is gone, delete {self.file})"
                 ) from None
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
             self.owned = True
+            _HELD.add(str(self.file))
             return self
         raise StoreError(f"{self.file.parent}: could not take the store lock")
 
@@ -238,6 +369,19 @@ class StoreLock:
         if self.owned:
             self.file.unlink(missing_ok=True)
             self.owned = False
+            _HELD.discard(str(self.file))
+
+
+_HELD: set[str] = set()  # lock files this process holds
+
+
+def _lock_is_stale(owner: dict, file: str) -> bool:
+    """A same-host lock whose process is gone. A lock naming this very process but not held by
+    it is stale too (pid reused, e.g. the same low pid in a restarted container)."""
+    pid = owner.get("pid")
+    if pid == os.getpid():
+        return file not in _HELD
+    return not _pid_alive(pid)
 
 
 def _pid_alive(pid) -> bool:
