@@ -69,7 +69,8 @@ def user_errors(fn):
             if e.errno not in _DISK_FULL or click.get_current_context().find_root().params.get("debug"):
                 raise
             ctx = click.get_current_context()
-            where = e.filename or ctx.meta.get(_WRITING) or kwargs.get("store_path") or kwargs.get("out") or "disk"
+            # filename2: the destination of a copy (shutil names the source first)
+            where = e.filename2 or e.filename or ctx.meta.get(_WRITING) or kwargs.get("store_path") or kwargs.get("out")
             click.echo(f"error: {where}: no space left on device; free some space and run the same command "
                        "again to resume", err=True)
             sys.exit(1)
@@ -334,8 +335,24 @@ def _build(recipe, store_path, export_dir, workers, memory_limit, seed, block_el
         f"{verb} {store_path}: {r.blocks_run} block(s) computed, {r.blocks_skipped} already done, "
         f"{human(r.input_bytes)} read in {result.seconds:.1f}s ({human(rate)}/s)"
     )
+    _print_storage(result.store)
     if export_dir is not None:
         _export(result.store, export_dir, shard_size, dtype, workers, overwrite, progress, client)
+
+
+def _print_storage(store) -> None:
+    """Routing methods: bytes per component and the share of full routing (N fine-tuned models)."""
+    p = store.path / "storage.json"
+    if not p.is_file():
+        return
+    info = json.loads(p.read_text())
+    click.echo("storage:")
+    for c in info["components"]:
+        click.echo(f"  {c['name']:<40} {human(c['bytes']):>12}")
+    click.echo(
+        f"  {'total':<40} {human(info['total_bytes']):>12}  = {100 * info['share_of_full_routing']:.1f}% of full routing "
+        f"({info['n_tasks']} models, {human(info['full_routing_bytes'])})"
+    )
 
 
 @main.command()
@@ -371,31 +388,74 @@ def status(store: Path, as_json: bool) -> None:
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), help="Output dtype (default: the store's).")
 @click.option("--workers", "-j", type=click.IntRange(1), default=2, show_default=True, help="Worker threads.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (only once the new export is complete).")
+@click.option(
+    "--variant",
+    default="merged",
+    show_default=True,
+    help="Routing stores (mediator, 1bit): merged (the static model), task:NAME (the model routed to task NAME), "
+    "or routed (model shards + experts/encodings + routing.json for a runtime).",
+)
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 @_apply(_dask_options)
 @user_errors
-def export(store, out, shard_size, dtype, workers, overwrite, progress, scheduler, cluster):
+def export(store, out, shard_size, dtype, workers, overwrite, variant, progress, scheduler, cluster):
     """Write a finished store as a Hugging Face model directory (sharded safetensors)."""
     from .engine.scheduler import dask_client
     from .store.store import Store
 
     st = Store.open(store)
     with dask_client(scheduler, cluster) as client:  # None: the threaded scheduler
-        _export(st, out, shard_size, dtype, workers, overwrite, progress, client)
+        _export(st, out, shard_size, dtype, workers, overwrite, progress, client, variant=variant)
 
 
-def _export(store, out, shard_size, dtype, workers, overwrite, progress, client=None):
+def _export(store, out, shard_size, dtype, workers, overwrite, progress, client=None, variant="merged"):
     import time
 
-    from .export.hf import export_store
+    from .export.variants import export_variant
 
     t0 = time.perf_counter()
     click.get_current_context().meta[_WRITING] = out  # a full disk from here on is out's
-    info = export_store(
-        store, out, shard_size=shard_size, dtype=dtype, workers=workers, overwrite=overwrite, progress=progress,
+    info = export_variant(
+        store, out, variant, shard_size=shard_size, dtype=dtype, workers=workers, overwrite=overwrite, progress=progress,
         scheduler=client,
     )
     click.echo(f"exported {out}: {len(info['files'])} shard(s), {human(info['total_size'])} in {time.perf_counter() - t0:.1f}s")
+
+
+@main.command()
+@click.argument("store", type=click.Path(path_type=Path))
+@click.option("--out", "-o", "out", type=click.Path(path_type=Path), metavar="OUTDIR",
+              help="Write index.html and the PNG figures here (created; our files in it are replaced).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON document (analysis, method, storage, derived summary, figures written) to stdout; "
+              "with -o it also writes OUTDIR, without -o it writes nothing.")
+@user_errors
+def report(store: Path, out, as_json: bool) -> None:
+    """Report on a mediator or 1bit build: conflict per layer, routing, norm shares, storage.
+
+    \b
+      streammerge report job.zarr -o report/          # open report/index.html in a browser
+      streammerge report job.zarr --json              # the numbers only, on stdout
+      streammerge report job.zarr -o report/ --json   # both
+    """
+    from .report import load_report, write_report
+
+    if out is None and not as_json:
+        raise click.UsageError("give -o OUTDIR (HTML report), --json (stdout), or both")
+    rep = load_report(store)
+    written = None
+    if out is not None:
+        click.get_current_context().meta[_WRITING] = out  # a full disk from here on is out's
+        written = write_report(rep, out)
+    if as_json:
+        doc = {k: rep[k] for k in ("store", "built_with", "method", "analysis", "storage", "summary")}
+        doc["html"] = written["html"] if written else None
+        doc["figures"] = written["figures"] if written else []
+        click.echo(json.dumps(doc, indent=1))
+        return
+    for w in rep["summary"]["warnings"]:
+        click.echo(f"warning: {w}", err=True)
+    click.echo(f"wrote {written['html']} and {len(written['figures'])} figure(s)")
 
 
 @main.command()

@@ -53,6 +53,9 @@ class TensorHandle:
     offset: int  # absolute byte offset of the tensor's first byte in that file
     dtype: str  # safetensors dtype string, e.g. "BF16"
     shape: tuple[int, ...]
+    # read_rows refuses NaN/Inf in this tensor; False under `build --allow-nonfinite` (travels
+    # with the task to any worker, thread or process)
+    check_finite: bool = True
 
     @property
     def numel(self) -> int:
@@ -250,7 +253,8 @@ def _pickle_refusal(directory: Path, names: list[str]) -> CheckpointError:
     return CheckpointError(
         f"{directory}: only pickle checkpoints found ({shown}); streammerge reads only "
         "safetensors because loading a pickle can execute arbitrary code. If you trust the "
-        "files, convert them once with: python -c \"from transformers import "
+        "files, pass --allow-pickle (torch.load(weights_only=True), converted once to safetensors "
+        "in the store), or convert them yourself with: python -c \"from transformers import "
         f"AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained('{directory}')"
         ".save_pretrained('OUT', safe_serialization=True)\" and use OUT"
     )
@@ -261,6 +265,12 @@ def _list_dir(directory: Path) -> list[str]:
         return sorted(os.listdir(directory))
     except OSError as e:
         raise CheckpointError(f"{directory}: cannot list the model directory: {e.strerror or e}") from None
+
+
+def _has_safetensors(directory: Path) -> bool:
+    return any((directory / n).exists() or (directory / n).is_symlink() for n in (INDEX_NAME, SINGLE_NAME)) or any(
+        n.endswith(".safetensors") for n in _list_dir(directory)
+    )
 
 
 def _find_weights(directory: Path) -> tuple[list[str], dict[str, str] | None]:
@@ -301,10 +311,18 @@ def _open_shard(path: Path) -> tuple[SafetensorsHeader, Path, os.stat_result]:
     return header, real, st
 
 
-def open_model(spec: str) -> ModelCheckpoint:
-    """Resolve `spec`, validate every shard's header and index, and return the tensor handles."""
+def open_model(spec: str, *, pickle_cache: Path | None = None) -> ModelCheckpoint:
+    """Resolve `spec`, validate every shard's header and index, and return the tensor handles.
+
+    With `pickle_cache` (`--allow-pickle`), a directory whose only weights are pickles is
+    converted once to safetensors under that cache (see pickles.py) and opened from there.
+    """
     directory = resolve_model_dir(spec)
     try:
+        if pickle_cache is not None and not _has_safetensors(directory):
+            from streammerge.checkpoints.pickles import converted_dir
+
+            directory = converted_dir(directory, Path(pickle_cache), PICKLE_SUFFIXES) or directory
         return _open_model(spec, directory)
     except OSError as e:
         raise _os_error(e, directory) from None

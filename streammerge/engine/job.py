@@ -8,11 +8,10 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .. import __version__
-from ..checkpoints.blocks import finite_check
 from ..errors import StoreError
 from ..export.hf import HF_FILES, copy_hf_files
 from ..plan.planner import Plan, make_plan
@@ -99,10 +98,11 @@ def what_changed(old: dict, new: dict) -> str | None:
         gone = set(before["files"]) - set(info["files"])
         if gone:
             return f"input {spec}: {sorted(gone)[0]} is gone since the store was started"
-    shapes_old = [(t["name"], t["shape"], t["dtype"]) for t in old["tensors"]]
-    shapes_new = [(t["name"], t["shape"], t["dtype"]) for t in new["tensors"]]
-    if shapes_old != shapes_new:
-        return "the planned output tensors differ from the store's"
+    # Later phases add jobs to the store's manifest: the new plan's jobs must all be there, alike.
+    before_jobs = {j["key"]: (j["shape"], j["outputs"]) for j in old["jobs"]}
+    for j in new["jobs"]:
+        if before_jobs.get(j["key"]) != (j["shape"], j["outputs"]):
+            return f"the planned output {j['key']} differs from the store's"
     return None
 
 
@@ -140,6 +140,13 @@ def build(
         allow_crimes=allow_crimes,
         pickle_cache=store_path / CONVERTED_DIR if allow_pickle else None,
     )
+    if allow_nonfinite:
+        plan = _nonfinite_allowed(plan)
+    full_plan = plan
+    if plan.method.pipeline:  # routing methods: phase A (analysis) now, phase B once it is done
+        from ..plan.routed import analysis_jobs
+
+        plan = replace(plan, jobs=analysis_jobs(plan))
     manifest = manifest_for(plan, recipe_text)
 
     t0 = time.perf_counter()
@@ -160,9 +167,51 @@ def build(
             copy_hf_files(plan.hf_source.directory, store_path / "hf", plan.config_overrides)
             store = Store.create(store_path, manifest)
             litter = 0
-        with finite_check(not allow_nonfinite):
-            report = run_build(plan, store, workers=workers, progress=progress, scheduler=scheduler, cluster=cluster)
+        run = dict(workers=workers, progress=progress, scheduler=scheduler, cluster=cluster)
+        report = run_build(plan, store, **run)
+        if full_plan.method.pipeline:
+            report = _routed_phase_b(full_plan, plan, store, report, run)
     return JobResult(store, report, time.perf_counter() - t0, resumed, litter, plan.warnings)
+
+
+def _routed_phase_b(full_plan: Plan, analysis_plan: Plan, store: Store, report: BuildReport, run: dict) -> BuildReport:
+    """Summarize the analysis, decide (routed layers / precision plan), build the rest."""
+    from ..analysis.summary import layer_index, summarize
+    from ..plan.routed import decide, phase_b_jobs, storage, task_names
+    from ..store.store import atomic_write
+
+    per_tensor = {j.name: store.load_stats(j.stage, j.store_key) for j in analysis_plan.jobs}
+    layers = [i for j in full_plan.jobs if (i := layer_index(j.name)) is not None]
+    denoised = float(full_plan.jobs[0].params.globals.get("denoise_q", 1.0)) < 1.0
+    summary = summarize(per_tensor, task_names(full_plan), max(layers) + 1 if layers else 0, denoised)
+    atomic_write(store.path / "analysis.json", json.dumps(summary, indent=1).encode())
+    decision = decide(full_plan, summary)
+    atomic_write(store.path / "method.json", json.dumps(decision, indent=1).encode())
+    jobs = phase_b_jobs(full_plan, decision)
+    known = {j["key"]: j["block_rows"] for j in store.jobs}
+    jobs = [replace(j, block_rows=known.get(j.store_key, j.block_rows)) for j in jobs]
+    store.add_jobs(jobs_manifest(jobs), tensors_manifest(jobs))
+    second = run_build(replace(full_plan, jobs=jobs), store, **run)
+    atomic_write(store.path / "storage.json", json.dumps(storage(store, full_plan, decision), indent=1).encode())
+    return BuildReport(
+        blocks_run=report.blocks_run + second.blocks_run,
+        blocks_skipped=report.blocks_skipped + second.blocks_skipped,
+        input_bytes=report.input_bytes + second.input_bytes,
+    )
+
+
+def _nonfinite_allowed(plan: Plan) -> Plan:
+    """--allow-nonfinite: every input handle lets NaN/Inf through. The flag is on the handles, so
+    it reaches every task wherever it runs (threads here, or dask.distributed workers)."""
+
+    def off(h):
+        return h if h is None else replace(h, check_finite=False)
+
+    checkpoints = {
+        spec: replace(ck, tensors={n: off(h) for n, h in ck.tensors.items()}) for spec, ck in plan.checkpoints.items()
+    }
+    jobs = [replace(j, base=off(j.base), models=tuple(off(h) for h in j.models)) for j in plan.jobs]
+    return replace(plan, checkpoints=checkpoints, jobs=jobs)
 
 
 def _clear(store_path: Path, restart: bool) -> None:

@@ -59,12 +59,15 @@ def copy_hf_files(source_dir: Path, dest_dir: Path, config_overrides: dict | Non
     return copied
 
 
-def _export_block(store: Store, writer: ShardedWriter, name: str, r0: int, r1: int, out: FloatType) -> None:
-    raw = store.read_block(name, r0, r1)
-    src = store.dtype(name)
-    if src is not out:
-        values = to_float32(raw, src, np.empty(raw.shape, dtype=np.float32))
-        raw = from_float32(values, out)
+def _export_block(store: Store, writer: ShardedWriter, name: str, r0: int, r1: int, out: FloatType, block_fn=None, i=0) -> None:
+    if block_fn is not None:  # a variant computes the block (float32) from the store
+        raw = from_float32(block_fn(name, i, r0, r1), out)
+    else:
+        raw = store.read_block(name, r0, r1)
+        src = store.dtype(name)
+        if src is not out:
+            values = to_float32(raw, src, np.empty(raw.shape, dtype=np.float32))
+            raw = from_float32(values, out)
     row_bytes = raw[0:1].nbytes if raw.ndim else raw.nbytes
     writer.write(name, r0 * row_bytes, raw)
 
@@ -80,7 +83,14 @@ def export_store(
     progress: bool | None = None,
     scheduler=None,
     cluster: str | None = None,
+    block_fn=None,
+    extra=None,
 ) -> dict:
+    """Write the store's model (tensors/) as a HF directory.
+
+    `block_fn(name, block, r0, r1) -> float32 rows` replaces the stored values (export variants);
+    `extra(tmp_dir)` writes additional files into the output before it is renamed into place.
+    """
     out_dir = Path(out_dir)
     if not store.is_complete():
         done, total = store.progress()
@@ -111,7 +121,7 @@ def export_store(
             for i in range(t["nblocks"]):
                 r0, r1 = i * t["block_rows"], min(rows, (i + 1) * t["block_rows"])
                 key = ("export", t["name"], i)
-                dsk[key] = (_export_block, store, writer, t["name"], r0, r1, ftype)
+                dsk[key] = (_export_block, store, writer, t["name"], r0, r1, ftype, block_fn, i)
                 row_elems = 1
                 for d in t["shape"][1:]:
                     row_elems *= d
@@ -121,6 +131,8 @@ def export_store(
         )
         writer.finish()
         _write_side_files(store, tmp, out_type)
+        if extra is not None:
+            extra(tmp)
         _fsync_dir(tmp)
         _replace_dir(tmp, out_dir)
     except BaseException:

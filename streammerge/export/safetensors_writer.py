@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,10 +41,10 @@ def shard_tensors(tensors: list[TensorSpec], shard_size: int) -> list[list[Tenso
     return shards
 
 
-def shard_names(n: int) -> list[str]:
+def shard_names(n: int, prefix: str = "model") -> list[str]:
     if n == 1:
-        return ["model.safetensors"]
-    return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        return [f"{prefix}.safetensors"]
+    return [f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
 
 
 def _header(tensors: list[TensorSpec], metadata: dict[str, str]) -> tuple[bytes, dict[str, int]]:
@@ -62,12 +63,13 @@ def _header(tensors: list[TensorSpec], metadata: dict[str, str]) -> tuple[bytes,
 class ShardedWriter:
     """Pre-sized shard files in `directory`; `write` is thread-safe (pwrite at distinct offsets)."""
 
-    def __init__(self, directory: Path, tensors: list[TensorSpec], shard_size: int, metadata=None):
+    def __init__(self, directory: Path, tensors: list[TensorSpec], shard_size: int, metadata=None, prefix: str = "model"):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         metadata = metadata or {"format": "pt"}
         groups = shard_tensors(tensors, shard_size)
-        self.files = shard_names(len(groups))
+        self.prefix = prefix
+        self.files = shard_names(len(groups), prefix)
         self._fds: list[int] = []
         self._where: dict[str, tuple[int, int]] = {}  # name -> (fd, absolute offset)
         self.weight_map: dict[str, str] = {}
@@ -86,7 +88,38 @@ class ShardedWriter:
             self.close()
             raise
 
+    # ---- pickling (dask.distributed) --------------------------------------------------------
+    # A writer pickles as its directory and file names; the copy in a worker process finds each
+    # tensor's offset in the shard headers (already on disk) and opens the file by path for each
+    # write: pwrite at fixed, distinct offsets from several processes is safe, and closing after
+    # each write flushes it on network filesystems (close-to-open). `finish` stays with the
+    # original, whose fsync covers every process's writes to these files.
+    def __getstate__(self) -> dict:
+        if self._fds and not getattr(self, "_headers_synced", False):
+            for fd in self._fds:  # make the headers visible to other machines before they read them
+                os.fsync(fd)
+            self._headers_synced = True
+        return {"directory": os.path.abspath(self.directory), "files": list(self.files)}
+
+    def __setstate__(self, state: dict) -> None:
+        self.directory = Path(state["directory"])
+        self.files = list(state["files"])
+        self._fds = []
+        self._where = None  # a copy: offsets from the headers, files opened per write
+        self.weight_map = {}
+        self.total_size = None
+
+    def _write_copy(self, name: str, byte_offset: int, data: np.ndarray) -> None:
+        path, start = _shard_layout(self.directory, tuple(self.files))[name]
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            _pwrite_all(fd, data, start + byte_offset)
+        finally:
+            os.close(fd)
+
     def write(self, name: str, byte_offset: int, data: np.ndarray) -> None:
+        if self._where is None:
+            return self._write_copy(name, byte_offset, data)
         fd, start = self._where[name]
         view = memoryview(np.ascontiguousarray(data)).cast("B")
         pos = start + byte_offset
@@ -101,9 +134,47 @@ class ShardedWriter:
         self.close()
         if len(self.files) > 1:
             index = {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map}
-            (self.directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+            (self.directory / f"{self.prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
     def close(self) -> None:
         for fd in self._fds:
             os.close(fd)
         self._fds = []
+
+
+def _pwrite_all(fd: int, data: np.ndarray, pos: int) -> None:
+    view = memoryview(np.ascontiguousarray(data)).cast("B")
+    while view:
+        n = os.pwrite(fd, view, pos)
+        view = view[n:]
+        pos += n
+
+
+# Shard layouts read back from the headers in this process (writer copies in dask.distributed
+# workers), by (directory, file names); an export's directory is unique (a temporary name).
+_LAYOUTS: dict[tuple[str, tuple[str, ...]], dict[str, tuple[str, int]]] = {}
+_LAYOUTS_MAX = 8
+_layouts_lock = threading.Lock()
+
+
+def _shard_layout(directory: Path, files: tuple[str, ...]) -> dict[str, tuple[str, int]]:
+    """name -> (shard path, absolute offset of its data), from the headers written up front."""
+    key = (str(directory), files)
+    layout = _LAYOUTS.get(key)
+    if layout is None:
+        with _layouts_lock:
+            layout = _LAYOUTS.get(key)
+            if layout is None:
+                layout = {}
+                for fname in files:
+                    path = str(Path(directory) / fname)
+                    with open(path, "rb") as f:
+                        n = int.from_bytes(f.read(8), "little")
+                        header = json.loads(f.read(n))
+                    header.pop("__metadata__", None)
+                    for name, info in header.items():
+                        layout[name] = (path, 8 + n + info["data_offsets"][0])
+                if len(_LAYOUTS) >= _LAYOUTS_MAX:
+                    _LAYOUTS.pop(next(iter(_LAYOUTS)))
+                _LAYOUTS[key] = layout
+    return layout

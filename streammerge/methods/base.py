@@ -145,6 +145,9 @@ class MergeMethod:
     base: BasePolicy = "required"
     passes: tuple[Pass, ...] = ()
     summary: str = ""
+    # Routing methods (mediator, 1bit) are not one function per tensor but a multi-stage build
+    # (analysis, then merged model and encodings): the name of their planner in plan/routed.py.
+    pipeline: str | None = None
 
     def param(self, name: str) -> Param | None:
         for p in self.params:

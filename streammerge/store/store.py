@@ -136,6 +136,7 @@ class Store:
         self.manifest["tensors"] = self.manifest["tensors"] + [t for t in tensors if t["name"] not in names]
         self._tensors = {t["name"]: t for t in self.manifest["tensors"]}
         atomic_write(self.path / "manifest.json", json.dumps(self.manifest, indent=1, sort_keys=True).encode())
+        self.__dict__.pop("_digest", None)  # pickles (dask.distributed) now name the new manifest
 
     @classmethod
     def open(cls, path: Path) -> "Store":

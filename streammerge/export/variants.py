@@ -1,0 +1,219 @@
+"""Export variants of routing-method stores (Mediator, 1bit-Merging).
+
+    merged     the static model in tensors/ (Mediator: averaged layers and dense experts;
+               1bit-Merging: the fallback theta_0 + lambda * TIES(all))
+    task:NAME  the model a router would run for task NAME (METHODS.md sections 3.5 and 4.4):
+               Mediator: D + S_NAME on routed layers, the averaged layers elsewhere;
+               1bit-Merging: theta_0 + tau_NAME + lambda * TIES({tau_j : j != NAME}) with every
+               tau reconstructed from its encoding
+    routed     what a runtime needs to route: the model shards (Mediator: the averaged model;
+               1bit-Merging: the base model), the experts or encodings in routing*.safetensors
+               and routing.json describing them (docs in README "Routed export")
+
+Every variant streams block by block like the plain export.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ..analysis.summary import layer_index, module_kind
+from ..checkpoints import open_model
+from ..checkpoints.blocks import read_rows, row_elems
+from ..dtypes import float_type, to_float32
+from ..encodings.onebit import dynamic_merge_block, reconstruct_task
+from ..encodings.sparse import apply_sparse, decode_sparse
+from ..errors import StreammergeError
+from ..store.store import Store
+from .hf import export_store
+from .safetensors_writer import ShardedWriter, TensorSpec
+
+ROUTING_FORMAT = 1
+
+
+def load_decision(store: Store) -> dict:
+    p = store.path / "method.json"
+    if not p.is_file():
+        raise StreammergeError(
+            f"{store.path}: export variants other than 'merged' need a mediator or 1bit store "
+            f"(this one was built with {store.manifest['method']})"
+        )
+    return json.loads(p.read_text())
+
+
+def _f32(store: Store, name: str, r0: int, r1: int) -> np.ndarray:
+    raw = store.read_block(name, r0, r1)
+    return to_float32(raw, store.dtype(name), np.empty(raw.shape, np.float32))
+
+
+def base_checkpoint(store: Store):
+    """The base model of a 1bit store, checked against the fingerprint taken at build time."""
+    base_spec = store.manifest["recipe"]["canonical"].get("base_model")
+    info = store.manifest["inputs"][base_spec]
+    ck = open_model(info["directory"])
+    if ck.fingerprint() != info["files"]:
+        raise StreammergeError(f"{info['directory']}: the base model changed since the store was built; rebuild with --restart")
+    return ck
+
+
+class TaskBlocks:
+    """block_fn of the task:NAME variant (picklable: holds paths and small metadata only)."""
+
+    def __init__(self, store: Store, decision: dict, task: str):
+        self.store, self.decision, self.task = store, decision, task
+        self.routed = set(decision.get("routed_layers", ()))
+        self._base = None
+
+    def _base_handles(self):
+        if self._base is None:
+            self._base = base_checkpoint(self.store).tensors
+        return self._base
+
+    def __call__(self, name: str, i: int, r0: int, r1: int) -> np.ndarray:
+        if self.decision["method"] == "mediator":
+            block = _f32(self.store, name, r0, r1)
+            if layer_index(name) in self.routed:
+                apply_sparse(block.reshape(r1 - r0, -1), self.store.read_blob(f"experts/{name}/{self.task}", i))
+            return block
+        return self._onebit(name, i, r0, r1)
+
+    def _onebit(self, name: str, i: int, r0: int, r1: int) -> np.ndarray:
+        base = read_base_rows(self._base_handles()[name], r0, r1)
+        kind = module_kind(name)
+        taus = {}
+        for t in self.decision["tasks"]:
+            taus[t] = task_tau(self.store, self.decision, name, t, kind, i, r0, r1, base.shape)
+        return dynamic_merge_block(base, taus, self.task, self.decision["lambda"])
+
+
+def task_tau(store: Store, decision: dict, name: str, task: str, kind: str, i: int, r0: int, r1: int, shape) -> np.ndarray | None:
+    """The reconstructed task vector of one block (None where the task's precision is drop)."""
+    precision = decision["precision"][task][kind]
+    if precision == "drop":
+        return None
+    key = f"encodings/{name}"
+    stats = store.load_stats("encode", key) or {}
+    pieces = {"precision": precision, "shape": tuple(shape)}
+    if precision in ("1bit", "1bit-row"):
+        pieces["bits"] = store.array_at(f"{key}/{task}.bits")[r0:r1]
+        if f"{task}.alpha" in stats:
+            pieces["alpha"] = float(stats[f"{task}.alpha"])
+        else:
+            pieces["scale"] = store.array_at(f"{key}/{task}.scale")[r0:r1]
+    elif precision == "sparse":
+        pieces["blob"] = store.read_blob(f"{key}/{task}.sparse", i)
+    elif precision == "dense":
+        a = store.array_at(f"{key}/{task}.dense")
+        pieces["dense"] = to_float32(a[r0:r1], float_type("bfloat16"), np.empty((r1 - r0, *a.shape[1:]), np.float32))
+    return reconstruct_task(**pieces)
+
+
+class BaseBlocks:
+    """block_fn writing the base model itself (the 1bit routed variant's model shards)."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self._handles = None
+
+    def __call__(self, name: str, i: int, r0: int, r1: int) -> np.ndarray:
+        if self._handles is None:
+            self._handles = base_checkpoint(self.store).tensors
+        return read_base_rows(self._handles[name], r0, r1)
+
+
+def read_base_rows(handle, r0: int, r1: int) -> np.ndarray:
+    """Rows [r0, r1) of a base-model tensor as a fresh float32 array."""
+    return read_rows(handle, r0, r1, np.empty((r1 - r0) * row_elems(handle.shape), np.float32))
+
+
+def _routing_tensors(store: Store) -> list[tuple[TensorSpec, callable]]:
+    """(spec, write(writer)) for every expert / encoding piece, in job order."""
+    items = []
+    for job in store.jobs:
+        if job["stage"] not in ("experts", "encode"):
+            continue
+        stats = store.load_stats(job["stage"], job["key"]) or {}
+        for out in job["outputs"]:
+            path = f"{job['key']}/{out['name']}"
+            base_name = f"{job['name']}::{out['name']}"
+            if out.get("blob"):
+                counts = [len(decode_sparse(store.read_blob(path, b))[0]) for b in range(job["nblocks"])]
+                k = sum(counts)
+                per_row = row_elems(tuple(job["shape"]))
+
+                def write_sparse(w, path=path, base_name=base_name, nblocks=job["nblocks"], br=job["block_rows"], re_=per_row, counts=counts):
+                    pos = 0
+                    for b in range(nblocks):
+                        off, val = decode_sparse(store.read_blob(path, b))
+                        w.write(f"{base_name}.index", pos * 8, off.astype(np.int64) + b * br * re_)
+                        w.write(f"{base_name}.value", pos * 2, val.astype(float_type("bfloat16").logical).view(np.uint16))
+                        pos += counts[b]
+
+                items.append((TensorSpec(f"{base_name}.index", "I64", (k,), 8 * k), write_sparse))
+                items.append((TensorSpec(f"{base_name}.value", "BF16", (k,), 2 * k), None))
+            else:
+                a = store.array_at(path)
+                logical = a.attrs.get("dtype", str(a.dtype))
+                try:
+                    st, itemsize = float_type(logical).st, float_type(logical).itemsize
+                except KeyError:
+                    st, itemsize = {"uint8": "U8", "int32": "I32", "int64": "I64"}[logical], a.dtype.itemsize
+                shape = tuple(a.shape)
+
+                def write_dense(w, path=path, name=f"{base_name}", br=job["block_rows"], n=shape[0]):
+                    arr = store.array_at(path)
+                    for r0 in range(0, n, br):
+                        block = np.ascontiguousarray(arr[r0:min(n, r0 + br)])
+                        w.write(name, r0 * (block[0:1].nbytes if block.ndim else block.nbytes), block)
+
+                items.append((TensorSpec(base_name, st, shape, int(np.prod(shape, dtype=np.int64)) * itemsize), write_dense))
+        for key, value in stats.items():
+            if key.endswith(".alpha"):
+                arr = np.asarray(value, dtype=np.float32).reshape(())
+                items.append((TensorSpec(f"{job['name']}::{key}", "F32", (), 4), lambda w, n=f"{job['name']}::{key}", a=arr: w.write(n, 0, a)))
+    return items
+
+
+def export_variant(store: Store, out_dir: Path, variant: str, **kw) -> dict:
+    if variant == "merged":
+        return export_store(store, out_dir, **kw)
+    decision = load_decision(store)
+    if variant.startswith("task:"):
+        task = variant[5:]
+        if task not in decision["tasks"]:
+            raise StreammergeError(f"{store.path}: no task {task!r} (tasks: {', '.join(decision['tasks'])})")
+        return export_store(store, out_dir, block_fn=TaskBlocks(store, decision, task), **kw)
+    if variant != "routed":
+        raise StreammergeError(f"unknown export variant {variant!r}: use merged, task:NAME or routed")
+
+    def extra(tmp: Path) -> None:
+        items = _routing_tensors(store)
+        w = ShardedWriter(tmp, [spec for spec, _ in items], kw.get("shard_size", 5 * 10**9), prefix="routing")
+        try:
+            for _spec, write in items:
+                if write is not None:
+                    write(w)
+        finally:
+            w.finish()
+        meta = {
+            "format": ROUTING_FORMAT,
+            "method": decision["method"],
+            "decision": decision,
+            "model_shards": "model*.safetensors: " + ("the averaged model (dense experts in routed layers)" if decision["method"] == "mediator" else "the base model theta_0"),
+            "files": w.files,
+            "naming": {
+                "<tensor>::<task>": "Mediator sparse expert S_task of <tensor>: .index (I64 flat indices into the tensor, sorted) and .value (BF16)",
+                "<tensor>::<task>.bits": "1bit: packed sign bits, uint8 [rows, ceil(cols/8)], numpy packbits bitorder little along each row; bit 1 = positive",
+                "<tensor>::<task>.alpha": "1bit: per-tensor scale (F32 scalar); tau ~ alpha * sign",
+                "<tensor>::<task>.scale": "1bit-row: per-row scale, F32 [rows]",
+                "<tensor>::<task>.sparse": "sparse precision: .index / .value as above, of tau itself",
+                "<tensor>::<task>.dense": "dense precision: tau in BF16",
+            },
+        }
+        (tmp / "routing.json").write_text(json.dumps(meta, indent=1) + "\n")
+
+    block_fn = BaseBlocks(store) if decision["method"] == "1bit" else None
+    return export_store(store, out_dir, block_fn=block_fn, extra=extra, **kw)

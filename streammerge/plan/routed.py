@@ -1,0 +1,242 @@
+"""Build pipelines of the routing methods (Mediator, 1bit-Merging).
+
+A static method is one function per tensor. A routing method is planned in two phases:
+
+  A. "analysis": every tensor's task vectors are scored (conflict counts, norms, dot products,
+     analysis/conflict.py); the engine saves the stats and `summarize` turns them into a
+     per-layer / per-module-kind summary (analysis.json).
+  B. from that summary, a decision (which layers Mediator routes; 1bit-Merging's precision per
+     task and module kind; method.json), then the jobs that write the merged (static fallback)
+     model under tensors/ and the per-task experts or encodings beside it.
+
+Both phases are ordinary engine jobs (one dask task per tensor x row block), so they stream,
+resume and run anywhere the static methods do. The decision is a pure function of the saved
+stats, so a resumed build re-derives the same phase-B jobs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from ..analysis.conflict import conflict_method
+from ..analysis.summary import layer_index, module_kind
+from ..encodings.onebit import onebit_encode_method, onebit_fallback_method, onebit_outputs
+from ..encodings.sparse import expert_outputs, mediator_expert_method
+from ..errors import RecipeError
+from ..methods import Block, MergeMethod, TensorParams, get_method
+from .planner import Plan, TensorJob
+
+KINDS = ("attention", "mlp", "norm", "embedding", "other")
+
+
+def task_names(plan: Plan) -> list[str]:
+    """Task names from each model's `task` parameter, else its directory name; must be unique."""
+    first = plan.jobs[0].params
+    names = []
+    for spec, p in zip(plan.model_specs, first.per_model):
+        names.append(p.get("task") or Path(spec.rstrip("/")).name)
+    if len(set(names)) != len(names):
+        raise RecipeError(f"task names must be unique, got {names}: set models[].parameters.task")
+    return names
+
+
+def analysis_jobs(plan: Plan) -> list[TensorJob]:
+    g = plan.jobs[0].params.globals
+    method = conflict_method(len(plan.model_specs), denoise_q=float(g.get("denoise_q", 1.0)))
+    return [replace(j, method=method, stage="analysis", key=f"analysis/{j.name}", outputs=()) for j in plan.jobs]
+
+
+# ---- Mediator -----------------------------------------------------------------------------
+
+
+def _mean(block: Block, params: TensorParams, stats) -> np.ndarray:
+    """The dense expert D = mean_t theta_t: summed in task order, divided by N, in float32."""
+    acc = block.models[0].copy()
+    for m in block.models[1:]:
+        acc += m
+    acc /= np.float32(len(block.models))
+    return acc
+
+
+MEAN = MergeMethod(name="mean", merge=_mean, base="optional", summary="mean of the fine-tunes")
+
+
+def mediator_decision(summary: dict, g: dict, tasks: list[str]) -> dict:
+    score_key = "pairwise" if g["conflict"] == "pairwise" else "d"
+    scores = [layer[score_key] for layer in summary["layers"]]
+    order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+    if g["route_threshold"] >= 0:
+        routed = [i for i in order if scores[i] > g["route_threshold"]]
+        selection = {"mode": "threshold", "k": len(routed), "threshold": g["route_threshold"]}
+    else:
+        r = g["route"]
+        k = int(r) if r >= 1 else int(round(r * len(scores)))
+        if r > 0:
+            k = max(1, k)
+        routed = order[: min(k, len(scores))]
+        selection = {"mode": "top_k", "k": len(routed), "threshold": None}
+    return {
+        "method": "mediator",
+        "tasks": tasks,
+        "routed_layers": routed,
+        "selection": selection,
+        "score": score_key,
+        "scores": scores,
+        "rho": g["rho"],
+        "eta": g["eta"],
+        "top_m": g["top_m"],
+        "average": g["average"],
+    }
+
+
+def _average_method(g: dict, n: int) -> tuple[MergeMethod, TensorParams]:
+    if g["average"] == "mean":
+        return MEAN, TensorParams({}, tuple({} for _ in range(n)))
+    m = get_method(g["average"])
+    defaults = {p.name: p.default for p in m.params if p.scope == "global"}
+    if g["average"] == "ties":
+        per = tuple({"weight": 1.0, "density": g["density"]} for _ in range(n))
+        return m, TensorParams({**defaults, "normalize": True}, per)
+    per = tuple({"weight": 1.0 / n} for _ in range(n))  # task arithmetic at weight 1/N: theta_0 + mean tau
+    return m, TensorParams(defaults, per)
+
+
+def mediator_jobs(plan: Plan, decision: dict) -> list[TensorJob]:
+    g = plan.jobs[0].params.globals
+    tasks = decision["tasks"]
+    routed = set(decision["routed_layers"])
+    avg_method, avg_params = _average_method(g, len(tasks))
+    experts = mediator_expert_method(tasks, g["rho"])
+    jobs = []
+    for j in plan.jobs:
+        is_routed = layer_index(j.name) in routed
+        if is_routed:  # the merged model holds the dense expert; the experts stage adds S_t beside it
+            jobs.append(replace(j, method=MEAN, base=None, stage="merge", key="", outputs=None))
+            jobs.append(
+                replace(j, method=experts, base=None, stage="experts", key=f"experts/{j.name}", outputs=expert_outputs(tasks))
+            )
+        else:
+            jobs.append(replace(j, method=avg_method, params=replace(avg_params, seed=j.params.seed), stage="merge", key="", outputs=None))
+    return jobs
+
+
+# ---- 1bit-Merging ---------------------------------------------------------------------------
+
+
+def _guess_type(task: str) -> str:
+    t = task.lower()
+    for kind in ("chat", "math", "code"):
+        if kind in t:
+            return kind
+    return "general"
+
+
+def onebit_decision(summary: dict, g: dict, tasks: list[str], task_types: list[str | None]) -> dict:
+    precision: dict[str, dict[str, str]] = {}
+    why: dict[str, str] = {}
+    for task, ttype in zip(tasks, task_types):
+        if g["preset"] == "uniform":
+            precision[task] = {k: "1bit" for k in KINDS}
+            why[task] = "uniform: 1-bit everywhere"
+        elif g["preset"] == "paper":
+            ttype = ttype or _guess_type(task)
+            keep = "attention" if ttype in ("chat", "general") else "mlp"
+            precision[task] = {k: ("1bit" if k == keep else "drop") for k in KINDS}
+            why[task] = f"paper: a {ttype} task keeps {keep}"
+        else:  # auto: the module kinds that hold `coverage` of the task's squared task-vector norm
+            shares = summary["norm_share"][task]
+            kept, total = [], 0.0
+            for kind in sorted(shares, key=lambda k: -shares[k]):
+                if total >= g["coverage"] or shares[kind] <= 0:
+                    break
+                kept.append(kind)
+                total += shares[kind]
+            # Norm weights are tiny and a 1-bit sign loses their scale structure: keep them dense.
+            precision[task] = {k: (("dense" if k == "norm" else "1bit") if k in kept else "drop") for k in KINDS}
+            why[task] = "auto: keeps " + ", ".join(f"{k} ({100 * shares[k]:.0f}%)" for k in kept) + " of its squared norm"
+    return {
+        "method": "1bit",
+        "tasks": tasks,
+        "preset": g["preset"],
+        "precision": precision,
+        "why": why,
+        "scale": g["scale"],
+        "granularity": g["granularity"],
+        "lambda": g["lambda"],
+        "rho": g["rho"],
+    }
+
+
+def onebit_jobs(plan: Plan, decision: dict) -> list[TensorJob]:
+    g = plan.jobs[0].params.globals
+    tasks = decision["tasks"]
+    jobs = []
+    for j in plan.jobs:
+        kind = module_kind(j.name)
+        precisions = {t: decision["precision"][t][kind] for t in tasks}
+        fallback = onebit_fallback_method(tasks, precisions, g["scale"], g["granularity"], g["lambda"])
+        jobs.append(replace(j, method=fallback, stage="merge", key="", outputs=None))
+        if any(p != "drop" for p in precisions.values()):
+            enc = onebit_encode_method(tasks, precisions, g["scale"], g["granularity"], g["rho"])
+            outs = onebit_outputs(tasks, precisions, j.shape)
+            jobs.append(replace(j, method=enc, stage="encode", key=f"encodings/{j.name}", outputs=outs))
+    return jobs
+
+
+def decide(plan: Plan, summary: dict) -> dict:
+    g = dict(plan.jobs[0].params.globals)
+    tasks = task_names(plan)
+    if plan.method.pipeline == "mediator":
+        return mediator_decision(summary, g, tasks)
+    types = [p.get("task_type") for p in plan.jobs[0].params.per_model]
+    return onebit_decision(summary, g, tasks, types)
+
+
+def phase_b_jobs(plan: Plan, decision: dict) -> list[TensorJob]:
+    return mediator_jobs(plan, decision) if plan.method.pipeline == "mediator" else onebit_jobs(plan, decision)
+
+
+def storage(store, plan: Plan, decision: dict) -> dict:
+    """Bytes per component, and the share of full routing (N fine-tuned models)."""
+    from ..dtypes import float_type
+
+    model_bytes = sum(int(np.prod(t["shape"], dtype=np.int64)) * float_type(t["dtype"]).itemsize for t in store.tensors)
+    tasks = decision["tasks"]
+    per_task = {t: 0 for t in tasks}
+    for job in store.jobs:
+        if job["stage"] not in ("experts", "encode"):
+            continue
+        for out in job["outputs"]:
+            task = out["name"].split(".")[0]
+            path = job["key"] if not out["name"] else f"{job['key']}/{out['name']}"
+            if out.get("blob"):
+                d = store.path / "blobs" / path
+                per_task[task] += sum(f.stat().st_size for f in d.iterdir() if f.is_file()) if d.is_dir() else 0
+            else:
+                a = store.array_at(path)
+                per_task[task] += int(np.prod(a.shape[:1], dtype=np.int64)) * int(np.prod(a.shape[1:], dtype=np.int64)) * a.dtype.itemsize
+        if job["stage"] == "encode":
+            stats = store.load_stats("encode", job["key"]) or {}
+            for t in tasks:
+                if f"{t}.alpha" in stats:
+                    per_task[t] += 4  # one float32 scale per tensor
+    if decision["method"] == "mediator":
+        components = [{"name": "averaged model (with dense experts)", "bytes": model_bytes}]
+        components += [{"name": f"sparse expert ({t})", "bytes": per_task[t]} for t in tasks]
+    else:
+        base_bytes = sum(j.base.nbytes for j in plan.jobs if j.base is not None)
+        components = [{"name": "base model", "bytes": base_bytes}]
+        components += [{"name": f"1-bit task vector ({t})", "bytes": per_task[t]} for t in tasks]
+    total = sum(c["bytes"] for c in components)
+    full = len(tasks) * model_bytes
+    return {
+        "components": components,
+        "total_bytes": total,
+        "model_bytes": model_bytes,
+        "n_tasks": len(tasks),
+        "full_routing_bytes": full,
+        "share_of_full_routing": total / full if full else 0.0,
+    }

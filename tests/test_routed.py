@@ -1,0 +1,169 @@
+"""Mediator and 1bit-Merging builds end to end: analysis, decisions, exports, report, storage.
+
+References are independent in-memory torch computations of ../shared/METHODS.md's formulas on
+the same checkpoints (loaded with the safetensors library).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import synth_checkpoints as synth
+from helpers import load_model_tensors, write_recipe
+from streammerge.cli import main as cli
+
+SHAPE = synth.ModelShape(hidden=64, intermediate=128, layers=4, heads=4, kv_heads=2, vocab=96)
+TASKS = ["chat", "math", "code"]
+LAYER = re.compile(r"\.layers\.(\d+)\.")
+
+
+def run(*args, expect=0):
+    res = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    assert res.exit_code == expect, res.output
+    return res.output
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    root = tmp_path_factory.mktemp("routed")
+    base, fts = synth.make_family(root, SHAPE, n_finetunes=3, dtype="bfloat16", delta_scale=0.004)
+    return base, fts, load_model_tensors(base), [load_model_tensors(f) for f in fts]
+
+
+def recipe(method, base, fts, **params):
+    return {
+        "merge_method": method,
+        "base_model": str(base),
+        "models": [{"model": str(f), "parameters": {"task": t}} for f, t in zip(fts, TASKS)],
+        "parameters": params,
+    }
+
+
+def taus(b, fs, name):
+    return [f[name].float() - b[name].float() for f in fs]
+
+
+def brute_layer_conflict(b, fs):
+    """d_l: elected-sign conflict per layer (sign elected + where the sum is >= 0)."""
+    count, size = {}, {}
+    for name in b:
+        m = LAYER.search(name)
+        if not m:
+            continue
+        ts = torch.stack(taus(b, fs, name)).double()
+        elected = torch.where(ts.sum(0) >= 0, 1.0, -1.0)
+        conflicts = ((ts != 0) & (torch.sign(ts) != elected)).sum().item()
+        layer = int(m.group(1))
+        count[layer] = count.get(layer, 0) + conflicts
+        size[layer] = size.get(layer, 0) + ts[0].numel()
+    return [count[i] / (len(fs) * size[i]) for i in sorted(count)]
+
+
+def topk_by_magnitude(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Mask of the k largest |x|, ties broken by the lowest flat index."""
+    flat = x.flatten().abs().double()
+    idx = torch.arange(flat.numel(), dtype=torch.float64)
+    order = sorted(range(flat.numel()), key=lambda i: (-flat[i].item(), i)) if flat.numel() < 5000 else None
+    if order is None:  # stable sort on (-|x|, index)
+        _, order_t = torch.sort(-flat, stable=True)
+        order = order_t.tolist()
+    mask = torch.zeros(flat.numel(), dtype=torch.bool)
+    mask[order[:k]] = True
+    del idx
+    return mask.reshape(x.shape)
+
+
+def test_mediator_build_exports_and_report(family, tmp_path):
+    base, fts, b, fs = family
+    r = write_recipe(tmp_path / "r.yaml", recipe("mediator", base, fts, route=2, rho=0.1))
+    store = tmp_path / "med.zarr"
+    out = run("build", r, "--store", store, "--block-elements", "1000")
+    assert "storage:" in out and "% of full routing" in out
+
+    analysis = json.loads((store / "analysis.json").read_text())
+    want = brute_layer_conflict(b, fs)
+    assert [round(layer["d"], 12) for layer in analysis["layers"]] == [round(d, 12) for d in want]
+    decision = json.loads((store / "method.json").read_text())
+    top2 = sorted(range(len(want)), key=lambda i: (-want[i], i))[:2]
+    assert decision["routed_layers"] == top2
+
+    run("export", store, tmp_path / "merged", "--variant", "merged")
+    run("export", store, tmp_path / "math", "--variant", "task:math")
+    merged = load_model_tensors(tmp_path / "merged")
+    math = load_model_tensors(tmp_path / "math")
+    for name in b:
+        mean = (fs[0][name].float() + fs[1][name].float() + fs[2][name].float()) / 3  # dense expert / average
+        assert torch.equal(merged[name], mean.to(torch.bfloat16)), name
+        m = LAYER.search(name)
+        if m and int(m.group(1)) in top2:
+            delta = fs[1][name].float() - mean
+            keep = topk_by_magnitude(delta, int(0.1 * delta.numel()))
+            sparse = torch.where(keep, delta, torch.zeros_like(delta)).to(torch.bfloat16).float()
+            want_t = (mean.to(torch.bfloat16).float() + sparse).to(torch.bfloat16)
+            assert torch.equal(math[name], want_t), name
+        else:
+            assert torch.equal(math[name], merged[name]), name
+
+    storage = json.loads((store / "storage.json").read_text())
+    assert storage["n_tasks"] == 3 and 0 < storage["share_of_full_routing"] < 1
+
+    run("report", store, "-o", tmp_path / "report")
+    html = (tmp_path / "report" / "index.html").read_text()
+    for layer in top2:
+        assert str(layer) in html
+    assert (tmp_path / "report" / "conflict_heatmap.png").stat().st_size > 1000
+
+    run("export", store, tmp_path / "routed", "--variant", "routed")
+    meta = json.loads((tmp_path / "routed" / "routing.json").read_text())
+    assert meta["method"] == "mediator" and meta["decision"]["routed_layers"] == top2
+
+
+@pytest.mark.parametrize("preset", ["uniform", "paper", "auto"])
+def test_onebit_task_export_equals_formula(family, tmp_path, preset):
+    base, fts, b, fs = family
+    r = write_recipe(tmp_path / "r.yaml", recipe("1bit", base, fts, preset=preset, **{"lambda": 0.8}))
+    store = tmp_path / "bit.zarr"
+    run("build", r, "--store", store, "--block-elements", "1000")
+    decision = json.loads((store / "method.json").read_text())
+    run("export", store, tmp_path / "code", "--variant", "task:code")
+    got = load_model_tensors(tmp_path / "code")
+    from streammerge.analysis.summary import module_kind
+
+    for name in b:
+        kind = module_kind(name)
+        hats = {}
+        for t, tau in zip(TASKS, taus(b, fs, name)):
+            prec = decision["precision"][t][kind]
+            if prec == "drop":
+                continue
+            if prec == "dense":
+                hats[t] = tau.to(torch.bfloat16).float()
+            else:
+                assert prec == "1bit", prec
+                alpha = tau.double().abs().mean().float()
+                hats[t] = alpha * torch.where(tau > 0, 1.0, -1.0)
+        merged = b[name].float().clone()
+        if "code" in hats:
+            merged = merged + hats["code"]
+        others = [h for t, h in hats.items() if t != "code"]
+        if others:
+            st = torch.stack(others)
+            elected = torch.where(st.sum(0) >= 0, 1.0, -1.0)
+            agree = torch.sign(st) == elected
+            num = torch.where(agree, st, torch.zeros_like(st)).sum(0)
+            cnt = agree.sum(0).clamp_min(1)
+            merged = merged + 0.8 * num / cnt
+        want = merged.to(torch.bfloat16)
+        diff = (got[name].float() - want.float()).abs()
+        # float32 order of operations may differ from this reference: one bf16 unit at most
+        tol = torch.exp2(torch.floor(torch.log2(want.float().abs().clamp_min(2.0**-126))) - 7)
+        assert (diff <= tol).all(), f"{preset} {name}: max diff {diff.max()}"
+    storage = json.loads((store / "storage.json").read_text())
+    if preset == "uniform":
+        # base + three 1-bit task vectors: 1 + 3/16 models of 3 -> 39.6% plus scales
+        assert storage["share_of_full_routing"] <= 0.40
