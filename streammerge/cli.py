@@ -69,8 +69,9 @@ def user_errors(fn):
             if e.errno not in _DISK_FULL or click.get_current_context().find_root().params.get("debug"):
                 raise
             ctx = click.get_current_context()
-            # filename2: the destination of a copy (shutil names the source first)
-            where = e.filename2 or e.filename or ctx.meta.get(_WRITING) or kwargs.get("store_path") or kwargs.get("out")
+            # an export names OUT (not its hidden temporary); else the file (filename2: a copy's
+            # destination, shutil names the source first), else the store
+            where = ctx.meta.get(_WRITING) or e.filename2 or e.filename or kwargs.get("store_path") or kwargs.get("out")
             click.echo(f"error: {where}: no space left on device; free some space and run the same command "
                        "again to resume", err=True)
             sys.exit(1)

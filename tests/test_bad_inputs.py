@@ -409,3 +409,81 @@ def test_nonfinite_found_in_a_later_block_names_its_flat_index(world, tmp_path):
     assert res.exit_code == 1
     assert f"tensor {DOWN} holds a non-finite value (inf) at flat index {64 * 128 - 1}" in res.stderr
     assert str(m / "model.safetensors") in res.stderr
+
+
+# ---- pickle checkpoints (--allow-pickle) --------------------------------------------------------
+
+
+def _as_pickle(src: Path, dst: Path, shards: int = 1, alias: bool = False) -> Path:
+    import torch
+    from safetensors.torch import load_file
+
+    dst.mkdir()
+    for f in ("config.json", "generation_config.json"):
+        shutil.copyfile(src / f, dst / f)
+    state = load_file(src / "model.safetensors")
+    if alias:
+        state["extra.alias"] = state[NORM]  # shares storage with NORM (tied weights)
+    names = list(state)
+    if shards == 1:
+        torch.save(state, dst / "pytorch_model.bin")
+        return dst
+    files = [f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin" for i in range(shards)]
+    wm = {}
+    for i, fname in enumerate(files):
+        part = {n: state[n] for n in names[i::shards]}
+        torch.save(part, dst / fname)
+        wm.update({n: fname for n in part})
+    (dst / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wm}))
+    return dst
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_allow_pickle_converts_once_and_merges_identically(world, tmp_path, shards):
+    pt = _as_pickle(world["ft2"], tmp_path / "ft2-pt", shards=shards, alias=shards == 1)
+    r = recipe(tmp_path / "r.yaml", world["base"], [world["ft1"], pt])
+    assert invoke("plan", r, "--allow-pickle").exit_code == 0
+    store, out = tmp_path / "job.zarr", tmp_path / "out"
+    res = invoke("build", r, "--store", store, "--export", out, "--allow-pickle", "--no-progress")
+    assert res.exit_code == 0, res.output
+    # the same weights as safetensors: the same export, byte for byte
+    assert tree_digest(out) == tree_digest(world["out"])
+    converted = [p for p in (store / "converted").iterdir()]
+    assert len(converted) == 1 and (converted[0] / ".complete").is_file()
+    st = sorted(p.name for p in converted[0].glob("*.safetensors"))
+    assert len(st) == shards
+    stamp = {p: p.stat().st_mtime_ns for p in converted[0].iterdir()}
+    res = invoke("build", r, "--store", store, "--allow-pickle", "--no-progress")
+    assert res.exit_code == 0 and "0 block(s) computed" in res.stdout, res.output
+    assert {p: p.stat().st_mtime_ns for p in converted[0].iterdir()} == stamp, "converted once, not again"
+    # --restart keeps the conversion cache (the plan already points into it)
+    res = invoke("build", r, "--store", store, "--allow-pickle", "--restart", "--no-progress")
+    assert res.exit_code == 0, res.output
+    assert {p: p.stat().st_mtime_ns for p in converted[0].iterdir()} == stamp
+
+
+def test_allow_pickle_still_refuses_code_and_needs_torch(world, tmp_path, monkeypatch):
+    import pickle
+
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    m = tmp_path / "evil"
+    m.mkdir()
+    shutil.copyfile(world["ft2"] / "config.json", m / "config.json")
+    (m / "pytorch_model.bin").write_bytes(pickle.dumps({"w": Evil()}))
+    r = recipe(tmp_path / "r.yaml", world["base"], [world["ft1"], m])
+    res = invoke("build", r, "--store", tmp_path / "a.zarr", "--allow-pickle", "--no-progress")
+    assert res.exit_code == 1 and isinstance(res.exception, SystemExit)
+    line = res.stderr.strip()
+    assert "\n" not in line and f"{m / 'pytorch_model.bin'}: cannot load with torch.load(weights_only=True)" in line
+    assert not marker.exists()
+
+    pt = _as_pickle(world["ft2"], tmp_path / "ft2-pt")
+    r = recipe(tmp_path / "r2.yaml", world["base"], [world["ft1"], pt])
+    monkeypatch.setitem(sys.modules, "torch", None)  # as if torch were not installed
+    res = invoke("build", r, "--store", tmp_path / "b.zarr", "--allow-pickle", "--no-progress")
+    assert res.exit_code == 1 and "needs torch" in res.stderr and "\n" not in res.stderr.strip(), res.output

@@ -69,7 +69,7 @@ def method_doc(method: str, mode: str = "top_k") -> dict:
     if method == "mediator":
         if mode == "top_k":
             return {"method": "mediator", "tasks": TASKS, "routed_layers": [7, 0], "selection": {"mode": "top_k", "k": 2,
-                    "threshold": None}, "rho": 0.1, "eta": 0.5, "average": "mean"}
+                    "threshold": None}, "score": "d", "rho": 0.1, "eta": 0.5, "top_m": 0, "average": "mean"}
         return {"method": "mediator", "tasks": TASKS, "routed_layers": [0, 1, 6, 7],
                 "selection": {"mode": "threshold", "k": None, "threshold": 0.26}, "rho": 0.1, "eta": 0.5, "average": "ties"}
     return {
@@ -238,6 +238,23 @@ def test_unfinished_build_and_inconsistent_routing_are_reported(tmp_path):
     assert "Check:" in page and "No storage.json in this store yet" in page
     assert not (tmp_path / "rep" / "storage.png").exists()
     check_png(tmp_path / "rep" / "layer_conflict.png")
+
+
+def test_mediator_ranked_by_pairwise(tmp_path):
+    """conflict: pairwise ranks layers by the pairwise score, not d: the page follows method.json's score."""
+    a = analysis_doc()
+    for lay in a["layers"]:
+        lay["pairwise"] = 0.5 - 0.01 * abs(lay["layer"] - 3.5)  # middle layers highest, unlike d
+    meta = method_doc("mediator")
+    meta.update(routed_layers=[3, 4], score="pairwise", scores=[lay["pairwise"] for lay in a["layers"]])
+    store = make_store(tmp_path, "mediator", analysis=a, meta=meta)
+    res = run("report", store, "-o", tmp_path / "rep")
+    assert "warning" not in res.output
+    page = (tmp_path / "rep" / "index.html").read_text()
+    assert "top-K by pairwise conflict (K = 2; rank 1 of 8)" in page and "Check:" not in page
+    doc = json.loads(run("report", store, "--json").output)
+    assert [r["layer"] for r in doc["summary"]["layers"] if r["routed"]] == [3, 4]
+    assert doc["summary"]["score"] == "pairwise"
 
 
 @pytest.mark.parametrize("num_layers", [80])

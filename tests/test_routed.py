@@ -101,7 +101,7 @@ def test_mediator_build_exports_and_report(family, tmp_path):
         assert torch.equal(merged[name], mean.to(torch.bfloat16)), name
         m = LAYER.search(name)
         if m and int(m.group(1)) in top2:
-            delta = fs[1][name].float() - mean
+            delta = fs[1][name].float() - mean.to(torch.bfloat16).float()  # against D as stored
             keep = topk_by_magnitude(delta, int(0.1 * delta.numel()))
             sparse = torch.where(keep, delta, torch.zeros_like(delta)).to(torch.bfloat16).float()
             want_t = (mean.to(torch.bfloat16).float() + sparse).to(torch.bfloat16)
@@ -146,7 +146,7 @@ def test_onebit_task_export_equals_formula(family, tmp_path, preset):
             else:
                 assert prec == "1bit", prec
                 alpha = tau.double().abs().mean().float()
-                hats[t] = alpha * torch.where(tau > 0, 1.0, -1.0)
+                hats[t] = alpha * torch.where(tau >= 0, 1.0, -1.0)  # sign bit: + for tau >= 0
         merged = b[name].float().clone()
         if "code" in hats:
             merged = merged + hats["code"]
@@ -167,3 +167,50 @@ def test_onebit_task_export_equals_formula(family, tmp_path, preset):
     if preset == "uniform":
         # base + three 1-bit task vectors: 1 + 3/16 models of 3 -> 39.6% plus scales
         assert storage["share_of_full_routing"] <= 0.40
+
+
+def test_onebit_routed_export_is_enough_to_rebuild_a_task(family, tmp_path):
+    """A runtime that reads only the routed export (base shards + routing*.safetensors +
+    routing.json, as documented there) rebuilds the same model as export --variant task:NAME."""
+    import numpy as np
+    from safetensors.torch import load_file
+
+    base, fts, b, fs = family
+    r = write_recipe(tmp_path / "r.yaml", recipe("1bit", base, fts, preset="auto"))
+    store = tmp_path / "bit.zarr"
+    run("build", r, "--store", store)
+    run("export", store, tmp_path / "routed", "--variant", "routed")
+    run("export", store, tmp_path / "chat", "--variant", "task:chat")
+    meta = json.loads((tmp_path / "routed" / "routing.json").read_text())
+    routing, model = {}, {}
+    for f in meta["files"]:
+        routing.update(load_file(tmp_path / "routed" / f))
+    for f in sorted((tmp_path / "routed").glob("model*.safetensors")):
+        model.update(load_file(f))
+    want = load_model_tensors(tmp_path / "chat")
+    assert set(model) == set(b) and all(torch.equal(model[n], b[n]) for n in b)  # the shards are theta_0
+    assert any(k.endswith(".bits") for k in routing)
+    lam = meta["decision"]["lambda"]
+    for name, theta0 in model.items():
+        shape = theta0.shape
+        n = theta0.numel()
+        hats = {}
+        for t in meta["decision"]["tasks"]:
+            bits = routing.get(f"{name}::{t}.bits")
+            if bits is not None:
+                packed = bits.numpy().reshape(shape[0], -1) if len(shape) >= 2 else bits.numpy()
+                signs = np.unpackbits(packed, axis=-1, bitorder="little")
+                signs = signs[..., : (shape[-1] if len(shape) >= 2 else n)].astype(np.float32) * 2 - 1
+                hats[t] = torch.from_numpy(signs.reshape(shape)) * routing[f"{name}::{t}.alpha"].item()
+            elif f"{name}::{t}.dense" in routing:
+                hats[t] = routing[f"{name}::{t}.dense"].float().reshape(shape)
+        out = theta0.float() + hats.get("chat", 0)
+        others = [h for t, h in hats.items() if t != "chat"]
+        if others:
+            st = torch.stack(others)
+            elected = torch.where(st.sum(0) >= 0, 1.0, -1.0)
+            agree = (st * elected) > 0
+            out = out + lam * torch.where(agree, st, torch.zeros_like(st)).sum(0) / agree.sum(0).clamp_min(1)
+        diff = (out.to(torch.bfloat16).float() - want[name].float()).abs()
+        tol = torch.exp2(torch.floor(torch.log2(want[name].float().abs().clamp_min(2.0**-126))) - 7)
+        assert (diff <= tol).all(), name

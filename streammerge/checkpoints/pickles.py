@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 from ..errors import CheckpointError
@@ -101,12 +102,14 @@ def _load(path: Path) -> dict:
             "(pip install torch, or convert the checkpoint to safetensors elsewhere)"
         ) from None
     try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:  # legacy (non-zip) format cannot be memory-mapped
-            if "mmap" not in str(e):
-                raise
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns on multiple lines; errors below are one line
+            warnings.simplefilter("ignore")
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:  # legacy (non-zip) format cannot be memory-mapped
+                if "mmap" not in str(e):
+                    raise
+                obj = torch.load(path, map_location="cpu", weights_only=True)
     except CheckpointError:
         raise
     except Exception as e:  # torch's unpickler raises many types; none is a bug of ours

@@ -465,7 +465,8 @@ class _OneBit:
     def _alpha_needed(self, params, stats) -> bool:
         if self.shape is not None:
             return bool(self._alpha_tasks(self.shape))
-        return any(resolve_precision(self.precisions[t], self.granularity, (2, 2), self.rho)[0].startswith("1bit") for t in self.tasks)
+        kinds = [resolve_precision(self.precisions[t], self.granularity, (2, 2), self.rho)[0] for t in self.tasks]
+        return any(k.startswith("1bit") for k in kinds)  # a 1-D tensor's 1bit-row is per tensor too
 
     def _alpha_map(self, block: Block, params: TensorParams, stats: Stats):
         specs = self._alpha_tasks(block.shape)

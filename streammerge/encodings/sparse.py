@@ -35,7 +35,7 @@ import ml_dtypes
 import numpy as np
 
 from ..dtypes import float_type, from_float32
-from ..methods._topk import TopK, as_u32, block_size, chunks, flat, numel, scratch
+from ..methods._topk import TopK, as_u32, block_size, chunks, flat, scratch
 from ..methods.base import Block, MergeMethod, Output, Stats, TensorParams
 
 MAGIC = b"SMSP"
@@ -304,7 +304,6 @@ __all__ = [
     "expert_block",
     "expert_outputs",
     "mediator_expert_method",
-    "numel",
     "select_block",
     "sparse_count",
     "top_rho_k",

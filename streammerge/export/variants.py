@@ -24,7 +24,7 @@ from ..analysis.summary import layer_index, module_kind
 from ..checkpoints import open_model
 from ..checkpoints.blocks import read_rows, row_elems
 from ..dtypes import float_type, to_float32
-from ..encodings.onebit import dynamic_merge_block, reconstruct_task
+from ..encodings.onebit import dynamic_merge_block, reconstruct_from_outputs, unpack_signs_flat
 from ..encodings.sparse import apply_sparse, decode_sparse
 from ..errors import StreammergeError
 from ..store.store import Store
@@ -95,20 +95,15 @@ def task_tau(store: Store, decision: dict, name: str, task: str, kind: str, i: i
     if precision == "drop":
         return None
     key = f"encodings/{name}"
+    job = store.job(key)
+    outputs = {}
+    for out in job["outputs"]:
+        if not out["name"].startswith(f"{task}."):
+            continue
+        path = f"{key}/{out['name']}"
+        outputs[out["name"]] = store.read_blob(path, i) if out.get("blob") else store.array_at(path)[r0:r1]
     stats = store.load_stats("encode", key) or {}
-    pieces = {"precision": precision, "shape": tuple(shape)}
-    if precision in ("1bit", "1bit-row"):
-        pieces["bits"] = store.array_at(f"{key}/{task}.bits")[r0:r1]
-        if f"{task}.alpha" in stats:
-            pieces["alpha"] = float(stats[f"{task}.alpha"])
-        else:
-            pieces["scale"] = store.array_at(f"{key}/{task}.scale")[r0:r1]
-    elif precision == "sparse":
-        pieces["blob"] = store.read_blob(f"{key}/{task}.sparse", i)
-    elif precision == "dense":
-        a = store.array_at(f"{key}/{task}.dense")
-        pieces["dense"] = to_float32(a[r0:r1], float_type("bfloat16"), np.empty((r1 - r0, *a.shape[1:]), np.float32))
-    return reconstruct_task(**pieces)
+    return reconstruct_from_outputs(task, precision, job["shape"], r1 - r0, outputs, stats, decision["granularity"])
 
 
 class BaseBlocks:
@@ -139,7 +134,18 @@ def _routing_tensors(store: Store) -> list[tuple[TensorSpec, callable]]:
         for out in job["outputs"]:
             path = f"{job['key']}/{out['name']}"
             base_name = f"{job['name']}::{out['name']}"
-            if out.get("blob"):
+            if out.get("blob") and out["name"].endswith(".bits"):
+                # 1-D tensors' sign bits come in per-block blobs: repacked as one row here.
+                n = int(np.prod(job["shape"], dtype=np.int64)) if job["shape"] else 1
+
+                def write_bits(w, path=path, name=base_name, nblocks=job["nblocks"], br=job["block_rows"], n=n):
+                    signs = [
+                        unpack_signs_flat(store.read_blob(path, b), min(n, (b + 1) * br) - b * br) for b in range(nblocks)
+                    ]
+                    w.write(name, 0, np.packbits(np.concatenate(signs) > 0, bitorder="little"))
+
+                items.append((TensorSpec(base_name, "U8", (-(-n // 8),), -(-n // 8)), write_bits))
+            elif out.get("blob"):
                 counts = [len(decode_sparse(store.read_blob(path, b))[0]) for b in range(job["nblocks"])]
                 k = sum(counts)
                 per_row = row_elems(tuple(job["shape"]))
@@ -206,7 +212,8 @@ def export_variant(store: Store, out_dir: Path, variant: str, **kw) -> dict:
             "files": w.files,
             "naming": {
                 "<tensor>::<task>": "Mediator sparse expert S_task of <tensor>: .index (I64 flat indices into the tensor, sorted) and .value (BF16)",
-                "<tensor>::<task>.bits": "1bit: packed sign bits, uint8 [rows, ceil(cols/8)], numpy packbits bitorder little along each row; bit 1 = positive",
+                "<tensor>::<task>.bits": "1bit: packed sign bits (bit 1: tau >= 0, i.e. +alpha; 0: -alpha), numpy packbits bitorder little: "
+                "uint8 [rows, ceil(cols/8)] along each row for tensors of rank >= 2, uint8 [ceil(n/8)] for 1-D tensors",
                 "<tensor>::<task>.alpha": "1bit: per-tensor scale (F32 scalar); tau ~ alpha * sign",
                 "<tensor>::<task>.scale": "1bit-row: per-row scale, F32 [rows]",
                 "<tensor>::<task>.sparse": "sparse precision: .index / .value as above, of tau itself",

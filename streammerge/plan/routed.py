@@ -109,12 +109,14 @@ def mediator_jobs(plan: Plan, decision: dict) -> list[TensorJob]:
     tasks = decision["tasks"]
     routed = set(decision["routed_layers"])
     avg_method, avg_params = _average_method(g, len(tasks))
-    experts = mediator_expert_method(tasks, g["rho"])
     jobs = []
     for j in plan.jobs:
         is_routed = layer_index(j.name) in routed
         if is_routed:  # the merged model holds the dense expert; the experts stage adds S_t beside it
             jobs.append(replace(j, method=MEAN, base=None, stage="merge", key="", outputs=None))
+            # S_t is taken against the dense expert as stored (rounded to the output dtype), so
+            # that D + S_t reproduces theta_t on the kept entries up to the values' bf16 rounding.
+            experts = mediator_expert_method(tasks, g["rho"], dense_dtype=j.dtype)
             jobs.append(
                 replace(j, method=experts, base=None, stage="experts", key=f"experts/{j.name}", outputs=expert_outputs(tasks))
             )
@@ -137,12 +139,12 @@ def _guess_type(task: str) -> str:
 def onebit_decision(summary: dict, g: dict, tasks: list[str], task_types: list[str | None]) -> dict:
     precision: dict[str, dict[str, str]] = {}
     why: dict[str, str] = {}
+    task_types = [t or _guess_type(task) for task, t in zip(tasks, task_types)]
     for task, ttype in zip(tasks, task_types):
         if g["preset"] == "uniform":
             precision[task] = {k: "1bit" for k in KINDS}
             why[task] = "uniform: 1-bit everywhere"
         elif g["preset"] == "paper":
-            ttype = ttype or _guess_type(task)
             keep = "attention" if ttype in ("chat", "general") else "mlp"
             precision[task] = {k: ("1bit" if k == keep else "drop") for k in KINDS}
             why[task] = f"paper: a {ttype} task keeps {keep}"
@@ -161,6 +163,7 @@ def onebit_decision(summary: dict, g: dict, tasks: list[str], task_types: list[s
         "method": "1bit",
         "tasks": tasks,
         "preset": g["preset"],
+        "task_types": dict(zip(tasks, task_types)),
         "precision": precision,
         "why": why,
         "scale": g["scale"],
@@ -177,11 +180,13 @@ def onebit_jobs(plan: Plan, decision: dict) -> list[TensorJob]:
     for j in plan.jobs:
         kind = module_kind(j.name)
         precisions = {t: decision["precision"][t][kind] for t in tasks}
-        fallback = onebit_fallback_method(tasks, precisions, g["scale"], g["granularity"], g["lambda"])
+        fallback = onebit_fallback_method(
+            tasks, precisions, g["scale"], g["granularity"], g["lambda"], g["rho"], shape=j.shape
+        )
         jobs.append(replace(j, method=fallback, stage="merge", key="", outputs=None))
         if any(p != "drop" for p in precisions.values()):
-            enc = onebit_encode_method(tasks, precisions, g["scale"], g["granularity"], g["rho"])
-            outs = onebit_outputs(tasks, precisions, j.shape)
+            enc = onebit_encode_method(tasks, precisions, g["scale"], g["granularity"], g["rho"], shape=j.shape)
+            outs = onebit_outputs(tasks, precisions, j.shape, g["granularity"], g["rho"])
             jobs.append(replace(j, method=enc, stage="encode", key=f"encodings/{j.name}", outputs=outs))
     return jobs
 

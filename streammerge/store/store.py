@@ -264,6 +264,12 @@ class Store:
     def jobs(self) -> list[dict]:
         return self.manifest["jobs"]
 
+    def job(self, key: str) -> dict:
+        for j in self.jobs:
+            if j["key"] == key:
+                return j
+        raise KeyError(key)
+
     def stages(self) -> list[str]:
         return list(dict.fromkeys(j["stage"] for j in self.jobs))
 
