@@ -138,13 +138,52 @@ def phase_of(store: Path, out: Path, markers_before: int, is_export: bool) -> st
     if not (store / "manifest.json").is_file():
         return "store creation"
     if is_export:
-        return "export (startup)"
+        return "export (startup or rename)"
     if count_markers(store) > markers_before:
         return "merge"
     return "startup/plan/resume"
 
 
 # ---- the loop -----------------------------------------------------------------------------------
+
+
+def pick_trigger(rng: random.Random, is_export: bool, t_start: float, t_est: float, blocks_left: int):
+    """When to kill: after a random delay, around the end of startup, or at a random point of the
+    merge (after a random number of new markers) or of the shard writing (after the temporary
+    export directory appears, plus a random delay)."""
+    r = rng.random()
+    if r < 0.25:
+        return ("delay", rng.uniform(0.0, 1.1 * t_est))
+    if r < 0.45:
+        return ("startup", rng.uniform(0.8, 1.3) * t_start)
+    if is_export:
+        return ("writing", rng.uniform(0.0, max(0.05, t_est - t_start)))
+    return ("blocks", rng.randint(1, max(1, blocks_left)))
+
+
+def wait_for_trigger(proc: subprocess.Popen, trigger, store: Path, out: Path, before: int) -> bool:
+    """Wait until the trigger fires (True: kill now) or the process ends (False)."""
+    kind, value = trigger
+    if kind in ("delay", "startup"):
+        try:
+            proc.wait(timeout=value)
+            return False
+        except subprocess.TimeoutExpired:
+            return True
+    deadline = time.perf_counter() + 120
+    while proc.poll() is None and time.perf_counter() < deadline:
+        if kind == "blocks" and count_markers(store) >= before + value:
+            return True
+        if kind == "writing" and export_litter(out):
+            try:
+                proc.wait(timeout=value)
+                return False
+            except subprocess.TimeoutExpired:
+                return True
+        time.sleep(0.002)
+    return proc.poll() is None
+
+
 
 
 @dataclass
@@ -191,14 +230,13 @@ def inject(method: str, base: Path, fts: list[Path], work: Path, kills: int, rng
         est = [t_build + (t_export if "--export" in cmds[0] else 0), t_export]
         for cmd, t_est in zip(cmds, est):
             while True:
-                # a third of the kills aim at the end of startup (planning, store creation)
-                delay = rng.uniform(0.8, 1.3) * t_start if rng.random() < 0.3 else rng.uniform(0.0, 1.1 * t_est)
+                is_export = cmd[3] == "export"
                 before = count_markers(store)
+                trigger = None if rng.random() < 0.3 else pick_trigger(rng, is_export, t_start, t_est, rep.blocks - before)
+                t0 = time.perf_counter()
                 proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-                try:
-                    _, err = proc.communicate(timeout=delay)
-                except subprocess.TimeoutExpired:
-                    phase = phase_of(store, out, before, cmd[3] == "export")
+                if trigger is not None and wait_for_trigger(proc, trigger, store, out, before):
+                    phase = phase_of(store, out, before, is_export)
                     proc.kill()  # SIGKILL
                     proc.communicate()
                     rep.kills += 1
@@ -207,11 +245,12 @@ def inject(method: str, base: Path, fts: list[Path], work: Path, kills: int, rng
                     rep.max_partial_seen = max(rep.max_partial_seen, partial)
                     if out.exists() and sha_dir(out) != want:
                         raise AssertionError(f"[{method}] after a kill, {out} exists but differs from the reference")
-                    log(f"[{method}] kill {rep.kills}/{kills} after {delay:.2f}s in {phase}"
+                    log(f"[{method}] kill {rep.kills}/{kills} after {time.perf_counter() - t0:.2f}s ({trigger[0]}) in {phase}"
                         f"{f' ({partial} .partial file(s) left)' if partial else ''}")
                     if rep.kills >= kills:
                         break
                     continue  # run the same command again
+                _, err = proc.communicate()
                 if proc.returncode != 0:
                     raise AssertionError(f"[{method}] {' '.join(map(str, cmd))} failed ({proc.returncode}): "
                                          f"{err.decode(errors='replace').strip()[-2000:]}")

@@ -163,6 +163,17 @@ class MergeMethod:
         return super().__reduce_ex__(protocol)
 
 
+# Elementwise methods walk a block in slices of this many elements so that the handful of
+# temporaries they chain stays in cache: 2-3x faster than whole-block numpy ops here.
+CACHE_ELEMS = 1 << 17
+
+
+def cache_slices(size: int, step: int = CACHE_ELEMS):
+    """slice objects covering range(size) in cache-sized pieces."""
+    for s in range(0, size, step):
+        yield slice(s, min(size, s + step))
+
+
 _REGISTRY: dict[str, MergeMethod] = {}
 
 

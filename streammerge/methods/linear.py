@@ -9,19 +9,27 @@ rounded once to float32, which reproduces the fused result.
 
 import numpy as np
 
-from .base import Block, MergeMethod, Param, TensorParams, register
+from .base import CACHE_ELEMS, Block, MergeMethod, Param, TensorParams, cache_slices, register
 
 
 def linear(block: Block, params: TensorParams, stats) -> np.ndarray:
     weights = np.asarray(params.model_values("weight"), dtype=np.float32)
-    acc = np.zeros(block.models[0].shape, dtype=np.float64)
-    for theta, w in zip(block.models, weights):
-        acc += theta.astype(np.float64) * np.float64(w)
-        acc = acc.astype(np.float32).astype(np.float64)  # round as the fused op does, per step
-    acc = acc.astype(np.float32)
-    if params.globals["normalize"]:
-        acc /= weights.sum(dtype=np.float32)
-    return acc
+    models = [m.reshape(-1) for m in block.models]
+    out = np.empty(models[0].size, np.float32)
+    acc = np.empty(min(out.size, CACHE_ELEMS), np.float64)
+    tmp = np.empty_like(acc)
+    denominator = weights.sum(dtype=np.float32)
+    for sl in cache_slices(out.size):
+        a, t = acc[: sl.stop - sl.start], tmp[: sl.stop - sl.start]
+        a[:] = 0
+        for theta, w in zip(models, weights):
+            np.multiply(theta[sl], np.float64(w), out=t)
+            a += t
+            a[:] = a.astype(np.float32)  # round as the fused op does, per step
+        out[sl] = a
+        if params.globals["normalize"]:
+            out[sl] /= denominator
+    return out.reshape(block.models[0].shape)
 
 
 register(

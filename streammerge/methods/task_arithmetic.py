@@ -8,30 +8,36 @@ added to the base.
 
 import numpy as np
 
-from .base import Block, MergeMethod, Param, TensorParams, register
+from .base import CACHE_ELEMS, Block, MergeMethod, Param, TensorParams, cache_slices, register
 
 
 def task_arithmetic(block: Block, params: TensorParams, stats) -> np.ndarray:
-    base = block.base
-    weights = params.model_values("weight")
-    mixed = np.subtract(block.models[0], base)
-    mixed *= np.float32(weights[0])
-    delta = np.empty_like(mixed)
-    for theta, w in zip(block.models[1:], weights[1:]):
-        np.subtract(theta, base, out=delta)
-        delta *= np.float32(w)
-        mixed += delta
+    weights = [np.float32(w) for w in params.model_values("weight")]
+    divisor = None
     if params.globals["normalize"]:
-        divisor = np.float32(0)
+        d = np.float32(0)
         for w in weights:
-            divisor = np.float32(divisor + np.float32(w))
-        if abs(divisor) >= 1e-8:
-            mixed /= divisor
+            d = np.float32(d + w)
+        divisor = d if abs(d) >= 1e-8 else None
     lam = params.globals["lambda"]
-    if lam != 1:
-        mixed *= np.float32(lam)
-    mixed += base
-    return mixed
+    base = block.base.reshape(-1)
+    models = [m.reshape(-1) for m in block.models]
+    out = np.empty_like(base)
+    delta = np.empty(min(base.size, CACHE_ELEMS), np.float32)
+    for sl in cache_slices(base.size):
+        b, mixed, d = base[sl], out[sl], delta[: sl.stop - sl.start]
+        np.subtract(models[0][sl], b, out=mixed)
+        mixed *= weights[0]
+        for theta, w in zip(models[1:], weights[1:]):
+            np.subtract(theta[sl], b, out=d)
+            d *= w
+            mixed += d
+        if divisor is not None:
+            mixed /= divisor
+        if lam != 1:
+            mixed *= np.float32(lam)
+        mixed += b
+    return out.reshape(block.base.shape)
 
 
 register(

@@ -1,0 +1,238 @@
+"""What the router and the routed model share: torch and transformers, devices and dtypes, the
+cached export of the merged model, prompt encoding and the router's features.
+
+The merged (static) model of a routing store is exported once into the store itself,
+`job.zarr/inference/merged/` (a plain Hugging Face directory), with `inference/merged.json`
+naming the store manifest digest it was exported from; a store rebuilt since is re-exported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+from ..errors import StreammergeError
+from ..store.store import Store, atomic_write
+
+INFERENCE_DIR = "inference"
+MERGED_DIR = "merged"
+
+
+def require_torch():
+    """torch and transformers, or a one-line error saying how to get them."""
+    try:
+        import torch
+        import transformers
+    except ImportError as e:  # pragma: no cover - both are installed in the test environment
+        raise StreammergeError(
+            f"routing needs torch and transformers ({e.name} is missing): pip install torch transformers"
+        ) from None
+    return torch, transformers
+
+
+def resolve_device(device=None):
+    """'auto' (CUDA when available, else CPU), 'cpu', 'cuda', 'cuda:N' or a torch.device."""
+    torch, _ = require_torch()
+    if isinstance(device, torch.device):
+        dev = device
+    else:
+        text = "auto" if device is None else str(device).strip().lower()
+        if text == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            dev = torch.device(text)
+        except RuntimeError:
+            raise StreammergeError(f"device {device!r}: not a device (use auto, cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise StreammergeError(f"device {device}: CUDA is not available here (torch {torch.__version__})")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise StreammergeError(f"device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return dev
+
+
+TORCH_DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
+def torch_dtype(name: str):
+    torch, _ = require_torch()
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def store_dtype_name(store: Store) -> str:
+    """The dtype most of the store's tensors have (the merged export's)."""
+    counts: dict[str, int] = {}
+    for t in store.tensors:
+        counts[t["dtype"]] = counts.get(t["dtype"], 0) + 1
+    return max(sorted(counts), key=lambda k: counts[k]) if counts else "float32"
+
+
+def resolve_dtype(dtype, device, store: Store):
+    """Compute dtype: 'auto' is float32 on CPU (bf16 matmuls are slow there) and the store's
+    dtype elsewhere. Routed weights are rounded to the store's dtype first either way, so their
+    values are those of `export --variant task:NAME`."""
+    torch, _ = require_torch()
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = "auto" if dtype is None else str(dtype).strip().lower()
+    if name == "auto":
+        name = "float32" if device.type == "cpu" else store_dtype_name(store)
+    name = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}.get(name, name)
+    if name not in TORCH_DTYPE_NAMES:
+        raise StreammergeError(f"dtype {dtype!r}: use auto, float32, bfloat16 or float16")
+    return torch_dtype(name)
+
+
+# ---- the store's method and the merged model -----------------------------------------------
+
+
+def open_routing_store(path) -> tuple[Store, dict]:
+    """The store and its method.json (a mediator or 1bit store, fully built)."""
+    from ..export.variants import load_decision
+
+    store = Store.open(Path(path))
+    method = load_decision(store)
+    if method.get("method") not in ("mediator", "1bit"):
+        raise StreammergeError(f"{store.path}: method.json names {method.get('method')!r}; routing needs mediator or 1bit")
+    if not store.is_complete():
+        done, total = store.progress()
+        raise StreammergeError(
+            f"{store.path}: build is not finished ({done}/{total} merge blocks); run `streammerge build` again to complete it"
+        )
+    return store, method
+
+
+def inference_dir(store: Store) -> Path:
+    return store.path / INFERENCE_DIR
+
+
+def ensure_merged_export(store: Store, workers: int = 2) -> Path:
+    """`job.zarr/inference/merged/`: the merged variant exported once (again if the store changed)."""
+    from ..export.variants import export_variant
+
+    d = inference_dir(store)
+    out = d / MERGED_DIR
+    stamp = d / f"{MERGED_DIR}.json"
+    if out.is_dir() and stamp.is_file():
+        try:
+            if json.loads(stamp.read_text()).get("store_digest") == store.digest:
+                return out
+        except (OSError, ValueError):
+            pass
+    d.mkdir(parents=True, exist_ok=True)
+    stamp.unlink(missing_ok=True)
+    export_variant(store, out, "merged", overwrite=True, workers=workers, progress=False)
+    atomic_write(stamp, json.dumps({"store_digest": store.digest, "variant": "merged"}, indent=1).encode())
+    return out
+
+
+def load_merged_model(store: Store, device, dtype):
+    """(model, tokenizer): the merged model on `device` in `dtype`, and the base's tokenizer
+    (from `job.zarr/hf/`), set up for batched generation."""
+    torch, transformers = require_torch()
+    path = ensure_merged_export(store)
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    except (OSError, ValueError, KeyError) as e:
+        raise StreammergeError(f"{path}: transformers cannot load the merged model ({_one_line(e)})") from None
+    model.to(device)
+    model.eval()
+    tok = load_tokenizer(store)
+    return model, tok
+
+
+def load_tokenizer(store: Store):
+    _, transformers = require_torch()
+    hf = store.path / "hf"
+    if not (hf / "tokenizer.json").is_file() and not (hf / "tokenizer.model").is_file() and not (hf / "vocab.json").is_file():
+        raise StreammergeError(f"{hf}: no tokenizer files (the base model had none); routing needs the base's tokenizer")
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(str(hf))
+    except (OSError, ValueError, KeyError) as e:
+        raise StreammergeError(f"{hf}: cannot load the tokenizer ({_one_line(e)})") from None
+    return tok
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text[:300] + ("..." if len(text) > 300 else "")
+
+
+def pad_id(tok) -> int:
+    """The id padding uses: pad, else eos, else unk, else 0 (padding is always masked)."""
+    for attr in ("pad_token_id", "eos_token_id", "unk_token_id"):
+        v = getattr(tok, attr, None)
+        if isinstance(v, list):
+            v = v[0] if v else None
+        if v is not None:
+            return int(v)
+    return 0
+
+
+def encode_for_features(tok, prompts: Sequence[str], max_tokens: int | None = None) -> list[list[int]]:
+    """Token ids of the raw prompts (with the tokenizer's special tokens, no chat template):
+    what the router sees, at fit time and at inference alike."""
+    out = []
+    for p in prompts:
+        ids = list(tok(p, add_special_tokens=True)["input_ids"])
+        if max_tokens:
+            ids = ids[:max_tokens]
+        if not ids:
+            raise StreammergeError(f"prompt {p[:40]!r} has no tokens")
+        out.append(ids)
+    return out
+
+
+def encode_for_generation(tok, prompts: Sequence[str]) -> list[list[int]]:
+    """Token ids the model generates from: the chat template when the tokenizer has one (one
+    user message, generation prompt added), else the raw prompt with special tokens."""
+    if getattr(tok, "chat_template", None):
+        out = []
+        for p in prompts:
+            text = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+            out.append(list(tok(text, add_special_tokens=False)["input_ids"]))
+        return out
+    return [list(tok(p, add_special_tokens=True)["input_ids"]) for p in prompts]
+
+
+def pad_batch(seqs: Sequence[Sequence[int]], pad: int, side: str, device):
+    """(input_ids, attention_mask) long tensors, padded on `side`."""
+    torch, _ = require_torch()
+    n, width = len(seqs), max(len(s) for s in seqs)
+    ids = torch.full((n, width), pad, dtype=torch.long)
+    mask = torch.zeros((n, width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        sl = slice(width - len(s), width) if side == "left" else slice(0, len(s))
+        ids[i, sl] = torch.tensor(list(s), dtype=torch.long)
+        mask[i, sl] = 1
+    return ids.to(device), mask.to(device)
+
+
+def mean_hidden_features(model, seqs: Sequence[Sequence[int]], pad: int, batch_size: int = 16):
+    """Router features: the mean over positions of the last hidden state (after the final norm)
+    of `model`, one row per sequence, float32 on the model's device. Sequences are batched by
+    length, right-padded, and padding is excluded from the mean."""
+    torch, _ = require_torch()
+    device = next(model.parameters()).device
+    order = sorted(range(len(seqs)), key=lambda i: (len(seqs[i]), i))
+    rows: dict[int, object] = {}
+    inner = model.base_model
+    with torch.inference_mode():
+        for b0 in range(0, len(order), max(1, batch_size)):
+            idx = order[b0 : b0 + batch_size]
+            ids, mask = pad_batch([seqs[i] for i in idx], pad, "right", device)
+            h = inner(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state.float()
+            m = mask.unsqueeze(-1).to(h.dtype)
+            feat = (h * m).sum(dim=1) / m.sum(dim=1)
+            for j, i in enumerate(idx):
+                rows[i] = feat[j]
+    if not rows:
+        return torch.zeros((0, model.config.hidden_size), dtype=torch.float32, device=device)
+    return torch.stack([rows[i] for i in range(len(seqs))])
+
+
+def cpu_threads_note() -> str:
+    torch, _ = require_torch()
+    return f"{torch.get_num_threads()} thread(s), {os.cpu_count()} core(s)"

@@ -1,0 +1,298 @@
+"""The weights of a routing decision, built on the device from the store's encodings.
+
+Only the tensors routing changes are built (Mediator: the tensors of the routed layers, i.e.
+those with an `experts/` job; 1bit-Merging: those with an `encodings/` job); every other tensor
+of the merged model is already what every decision uses.
+
+The pieces are read from the store once and kept on the device in compact form:
+  Mediator  the dense expert D (the merged model's own tensor when the compute dtype holds it
+            exactly, else a copy in the store's dtype) and, per task, the sparse expert S_t as
+            flat indices (int32 when they fit) and bf16 values;
+  1bit      theta_0 of the encoded tensors (in the base's dtype) and, per task, packed sign
+            bits (uint8) with their scale (1bit / 1bit-row), or sparse / dense task vectors.
+
+A build reproduces the float32 arithmetic of `export --variant task:NAME` operation by
+operation (encodings/sparse.py `apply_sparse`, encodings/onebit.py `dynamic_merge_block`):
+elementwise IEEE float32 ops with no reassociation, so the result, rounded to the store's dtype
+(nearest even, as the export writes it), is bit-identical to the exported tensor; it is then cast
+to the model's compute dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from ..analysis.summary import module_kind
+from ..checkpoints.blocks import num_rows, row_elems
+from ..dtypes import float_type
+from ..encodings.onebit import packed_cols, resolve_precision, unpack_signs_flat
+from ..encodings.sparse import decode_sparse
+from ..errors import StreammergeError
+from .decision import Decision
+from .runtime import require_torch, torch_dtype
+
+
+def _torch_from_raw(raw: np.ndarray, dtype_name: str):
+    """A torch tensor (CPU) of a store array's raw values (bf16 arrives as uint16)."""
+    torch, _ = require_torch()
+    ft = float_type(dtype_name)
+    a = np.ascontiguousarray(raw).view(ft.storage)
+    if ft.name == "bfloat16":
+        return torch.from_numpy(a.view(np.int16).copy()).view(torch.bfloat16)
+    return torch.from_numpy(a.copy())
+
+
+class _Sparse:
+    """One task's sparse pieces of one tensor: flat indices and bf16 values, on the device."""
+
+    def __init__(self, store, path: str, job: dict, device):
+        torch, _ = require_torch()
+        per_block = job["block_rows"] * row_elems(tuple(job["shape"]))
+        offs, vals = [], []
+        for b in range(job["nblocks"]):
+            off, val = decode_sparse(store.read_blob(path, b))
+            offs.append(off + b * per_block)
+            vals.append(val)
+        off = np.concatenate(offs) if offs else np.zeros(0, np.int64)
+        val = np.concatenate(vals) if vals else np.zeros(0, np.float32)
+        n = int(np.prod(job["shape"], dtype=np.int64)) if job["shape"] else 1
+        itype = np.int32 if n < 2**31 else np.int64
+        self.index = torch.from_numpy(off.astype(itype)).to(device)
+        self.value = torch.from_numpy(val).to(torch.bfloat16).to(device)  # exact: values are bf16
+
+    def add_into(self, flat, weight=None):
+        """flat[index] += weight * value (float32: the product rounded once, then the sum)."""
+        if self.index.numel() == 0:
+            return flat
+        v = self.value.float()
+        if weight is not None:
+            v.mul_(weight)
+        flat.index_add_(0, self.index, v)  # indices are unique within a task
+        return flat
+
+    @property
+    def nbytes(self) -> int:
+        return self.index.numel() * self.index.element_size() + self.value.numel() * 2
+
+
+class WeightBuilder:
+    """Builds {tensor name: weight on the device, in the compute dtype} for a decision."""
+
+    method: str
+    names: list[str]
+
+    def build(self, decision: Decision) -> dict:
+        raise NotImplementedError
+
+    @property
+    def device_bytes(self) -> int:
+        return 0
+
+
+class MediatorWeights(WeightBuilder):
+    method = "mediator"
+
+    def __init__(self, store, method: dict, device, dtype, merged: Callable[[str], object]):
+        torch, _ = require_torch()
+        self.tasks = list(method["tasks"])
+        self.dtype = dtype
+        self.store_dtype: dict[str, object] = {}
+        self.dense: dict[str, object] = {}
+        self.experts: dict[str, dict[str, _Sparse]] = {}
+        self.names = []
+        for job in store.jobs:
+            if job["stage"] != "experts":
+                continue
+            name = job["name"]
+            self.names.append(name)
+            sd = torch_dtype(store.dtype(name).name)
+            self.store_dtype[name] = sd
+            if dtype == sd or dtype == torch.float32:
+                self.dense[name] = merged(name)  # D is the merged model's tensor: no copy
+            else:
+                raw = store.read_block(name, 0, num_rows(tuple(job["shape"])))
+                self.dense[name] = _torch_from_raw(raw, store.dtype(name).name).reshape(job["shape"]).to(device)
+            self.experts[name] = {t: _Sparse(store, f"{job['key']}/{t}", job, device) for t in self.tasks}
+
+    def build(self, decision: Decision) -> dict:
+        torch, _ = require_torch()
+        if decision.mode == "static":
+            raise ValueError("the static decision is the merged model itself")
+        out = {}
+        for name in self.names:
+            D = self.dense[name]
+            w = D.to(torch.float32, copy=True).contiguous()
+            flat = w.view(-1)
+            for task, p in decision.weights:
+                sp = self.experts[name][task]
+                if decision.mode == "mix":
+                    sp.add_into(flat, torch.tensor(p, dtype=torch.float32, device=w.device))
+                else:
+                    sp.add_into(flat)
+            out[name] = w.to(self.store_dtype[name]).to(self.dtype)
+        return out
+
+    @property
+    def device_bytes(self) -> int:
+        return sum(s.nbytes for e in self.experts.values() for s in e.values())
+
+
+class _TaskPiece:
+    """One task's encoding of one tensor, reconstructed on the device as tau_hat (float32)."""
+
+    def __init__(self, kind: str, **parts):
+        self.kind = kind
+        self.parts = parts
+
+    def tau_hat(self, shape, device):
+        torch, _ = require_torch()
+        p = self.parts
+        if self.kind in ("1bit", "1bit-row"):
+            packed, cols = p["bits"], p["cols"]
+            shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+            bits = (packed.unsqueeze(-1) >> shifts) & 1
+            s = bits.reshape(packed.shape[0], -1)[:, :cols].to(torch.float32)
+            s.mul_(2).sub_(1)
+            if self.kind == "1bit":
+                s.mul_(p["alpha"])
+            else:
+                s.mul_(p["scale"].reshape(-1, 1))
+            return s.reshape(shape)
+        if self.kind == "sparse":
+            flat = torch.zeros(int(np.prod(shape, dtype=np.int64)) if shape else 1, dtype=torch.float32, device=device)
+            p["sparse"].add_into(flat)
+            return flat.reshape(shape)
+        return p["dense"].to(torch.float32).reshape(shape)  # dense: bf16 task vector
+
+    @property
+    def nbytes(self) -> int:
+        n = 0
+        for v in self.parts.values():
+            if isinstance(v, _Sparse):
+                n += v.nbytes
+            elif hasattr(v, "element_size"):
+                n += v.numel() * v.element_size()
+        return n
+
+
+class OneBitWeights(WeightBuilder):
+    method = "1bit"
+
+    def __init__(self, store, method: dict, device, dtype):
+        torch, _ = require_torch()
+        from ..export.variants import base_checkpoint, read_base_rows
+
+        self.tasks = list(method["tasks"])
+        self.lam = float(method["lambda"])
+        self.dtype = dtype
+        self.device = device
+        self.names = []
+        self.shape: dict[str, tuple] = {}
+        self.store_dtype: dict[str, object] = {}
+        self.base: dict[str, object] = {}
+        self.pieces: dict[str, dict[str, _TaskPiece | None]] = {}
+        jobs = [j for j in store.jobs if j["stage"] == "encode"]
+        handles = base_checkpoint(store).tensors if jobs else {}
+        for job in jobs:
+            name, shape = job["name"], tuple(job["shape"])
+            self.names.append(name)
+            self.shape[name] = shape
+            self.store_dtype[name] = torch_dtype(store.dtype(name).name)
+            h = handles.get(name)
+            if h is None:
+                raise StreammergeError(f"{store.path}: tensor {name} is not in the base model any more; rebuild with --restart")
+            base32 = read_base_rows(h, 0, num_rows(shape))
+            bt = float_type(h.dtype).name
+            self.base[name] = torch.from_numpy(np.ascontiguousarray(base32)).to(torch_dtype(bt)).reshape(shape).to(device)
+            stats = store.load_stats("encode", job["key"]) or {}
+            kind = module_kind(name)
+            self.pieces[name] = {t: self._piece(store, method, job, t, kind, stats, device) for t in self.tasks}
+
+    @staticmethod
+    def _piece(store, method, job, task, kind, stats, device) -> _TaskPiece | None:
+        torch, _ = require_torch()
+        shape = tuple(job["shape"])
+        k, _rho = resolve_precision(method["precision"][task][kind], method["granularity"], shape, method["rho"])
+        if k == "drop":
+            return None
+        key = job["key"]
+        if k in ("1bit", "1bit-row"):
+            path = f"{key}/{task}.bits"
+            if len(shape) >= 2:
+                packed = np.asarray(store.array_at(path)[:], dtype=np.uint8).reshape(shape[0], packed_cols(shape))
+                cols = int(np.prod(shape[1:], dtype=np.int64))
+            else:  # 1-D / 0-D: per-block blobs of the flat signs, repacked as one row
+                n = int(np.prod(shape, dtype=np.int64)) if shape else 1
+                br = job["block_rows"]
+                signs = [unpack_signs_flat(store.read_blob(path, b), min(n, (b + 1) * br) - b * br) for b in range(job["nblocks"])]
+                packed = np.packbits(np.concatenate(signs) > 0, bitorder="little").reshape(1, -1)
+                cols = n
+            parts = {"bits": torch.from_numpy(np.ascontiguousarray(packed)).to(device), "cols": cols}
+            if k == "1bit":
+                alpha = stats.get(f"{task}.alpha")
+                if alpha is None:
+                    raise StreammergeError(f"{store.path}: no scale for task {task} of {job['name']} (stats missing); rebuild")
+                parts["alpha"] = torch.tensor(np.float32(alpha), dtype=torch.float32, device=device)
+            else:
+                scale = np.asarray(store.array_at(f"{key}/{task}.scale")[:], dtype=np.float32)
+                parts["scale"] = torch.from_numpy(scale.copy()).to(device)
+            return _TaskPiece(k, **parts)
+        if k == "sparse":
+            return _TaskPiece("sparse", sparse=_Sparse(store, f"{key}/{task}.sparse", job, device))
+        raw = store.array_at(f"{key}/{task}.dense")[:]
+        return _TaskPiece("dense", dense=_torch_from_raw(raw, "bfloat16").to(device))
+
+    def build(self, decision: Decision) -> dict:
+        torch, _ = require_torch()
+        if decision.mode == "static":
+            raise ValueError("the static decision is the merged model itself")
+        if decision.mode == "mix":
+            raise ValueError("1bit-Merging routes top-1 only")
+        k = decision.task
+        lam = torch.tensor(self.lam, dtype=torch.float32, device=self.device)
+        out = {}
+        for name in self.names:
+            shape = self.shape[name]
+            w = self.base[name].to(torch.float32, copy=True)
+            hats = {t: (pc.tau_hat(shape, self.device) if pc is not None else None) for t, pc in self.pieces[name].items()}
+            if hats[k] is not None:
+                w.add_(hats[k])
+            others = [h for t, h in hats.items() if t != k and h is not None]
+            if others:
+                w.add_(ties_torch(others).mul_(lam))
+            out[name] = w.to(self.store_dtype[name]).to(self.dtype)
+        return out
+
+    @property
+    def device_bytes(self) -> int:
+        n = sum(b.numel() * b.element_size() for b in self.base.values())
+        return n + sum(pc.nbytes for ps in self.pieces.values() for pc in ps.values() if pc is not None)
+
+
+def ties_torch(hats):
+    """TIES over float32 tau_hats, exactly encodings/onebit.py `_ties_into`: s = sum in order;
+    elected = +1 where s >= 0 else -1; an entry counts iff h * elected > 0; sum of the counted
+    entries in order / their count (0 -> 1)."""
+    torch, _ = require_torch()
+    s = hats[0].clone()
+    for h in hats[1:]:
+        s.add_(h)
+    elected = (s >= 0).to(torch.float32).mul_(2).sub_(1)
+    S = D = None
+    for h in hats:
+        mb = ((h * elected) > 0).to(torch.float32)
+        if S is None:
+            S, D = h * mb, mb
+        else:
+            S.add_(h * mb)
+            D.add_(mb)
+    D.add_((D == 0).to(torch.float32))
+    return S.div_(D)
+
+
+def make_builder(store, method: dict, device, dtype, merged: Callable[[str], object]) -> WeightBuilder:
+    if method["method"] == "mediator":
+        return MediatorWeights(store, method, device, dtype, merged)
+    return OneBitWeights(store, method, device, dtype)
