@@ -242,11 +242,11 @@ def test_topk_large_bf16_like():
 
 def test_random_stream_independent_of_chunking():
     key = _random.stream_key(7, "w", 1, "x")
-    whole = _random.bits64(key, 1000, 5000)
-    parts = np.concatenate([_random.bits64(key, 1000 + a, b - a) for a, b in [(0, 1), (1, 999), (999, 5000)]])
+    whole = _random.bits32(key, 1000, 5000)
+    parts = np.concatenate([_random.bits32(key, 1000 + a, b - a) for a, b in [(0, 1), (1, 999), (999, 5000)]])
     assert np.array_equal(whole, parts)
-    assert np.array_equal(_random.bits64(key, 1000, 50, step=3), whole[::3][:50])
-    assert not np.array_equal(whole, _random.bits64(_random.stream_key(8, "w", 1, "x"), 1000, 5000))
+    assert np.array_equal(_random.bits32(key, 0, 6000)[1000:], whole)  # position p is word p of the stream
+    assert not np.array_equal(whole, _random.bits32(_random.stream_key(8, "w", 1, "x"), 1000, 5000))
     u = _random.uniform(key, 0, 200_000)
     assert 0 <= u.min() and u.max() < 1 and abs(u.mean() - 0.5) < 0.005
     m = _random.bernoulli_keep(key, 0, 200_000, 0.3)

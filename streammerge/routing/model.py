@@ -154,14 +154,11 @@ class RoutedModel:
         self.timings.build_s += time.perf_counter() - t0
         self.timings.builds += 1
         self._cache[key] = w
-        while len(self._cache) > self.cache_size:
-            old = next(iter(self._cache))
-            if old == self._applied:  # never drop what the model points at
-                self._cache.move_to_end(old)
-                if len(self._cache) == 1:
-                    break
-                continue
-            del self._cache[old]
+        for old in list(self._cache):  # least recently used first; never what the model points at
+            if len(self._cache) <= self.cache_size:
+                break
+            if old not in (key, self._applied):
+                del self._cache[old]
         return w
 
     def apply(self, decision: Decision | str | None) -> Decision:

@@ -14,9 +14,8 @@ from ..errors import StreammergeError
 FIELDS = ("prompt", "text")
 
 
-def read_prompt_records(path) -> list[dict]:
-    """The records of a prompt file, each with its prompt text under "prompt" (a `text` field
-    is copied there) and the other fields as they were."""
+def read_prompt_records(path) -> list[tuple[str, dict]]:
+    """(prompt text, the line's object as it was) for each record of a prompt file."""
     path = Path(path)
     try:
         raw = path.read_bytes()
@@ -50,16 +49,14 @@ def read_prompt_records(path) -> list[dict]:
             raise StreammergeError(f"{path}:{n}: '{field}' must be a string, got {type(value).__name__}")
         if not value.strip():
             raise StreammergeError(f"{path}:{n}: '{field}' is empty")
-        rec = dict(obj)
-        rec["prompt"] = value
-        records.append(rec)
+        records.append((value, obj))
     if not records:
         raise StreammergeError(f"{path}: no prompts (expected JSON Lines with a 'prompt' field)")
     return records
 
 
 def read_prompts(path) -> list[str]:
-    return [r["prompt"] for r in read_prompt_records(path)]
+    return [text for text, _ in read_prompt_records(path)]
 
 
 def parse_labelled(specs) -> list[tuple[str, Path]]:

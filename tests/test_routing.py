@@ -1,0 +1,386 @@
+"""Inference for routing stores: router fitting, routing decisions, the routed model's weights
+and logits against `export --variant task:NAME`, weighted Mediator merges against the formula,
+the CLI (router fit / show, generate).
+
+References are computed independently: exports loaded with transformers / the safetensors
+library, the routed export's documented index / value tensors, and torch arithmetic here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import synth_checkpoints as synth
+from helpers import load_model_tensors, write_recipe
+from streammerge.cli import main as cli
+
+SHAPE = synth.ModelShape(hidden=64, intermediate=128, layers=4, heads=4, kv_heads=2, vocab=256)
+TASKS = ["chat", "math", "code"]
+# Separable prompts: each task writes "words" over its own characters only.
+ALPHABETS = {"chat": "abcdefghijk", "math": "0123456789+*=", "code": "{}()[];<>_#"}
+
+
+def run(*args, expect=0):
+    res = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    assert res.exit_code == expect, res.output
+    return res.output
+
+
+def prompts_for(task: str, n: int, seed: int) -> list[str]:
+    rng = random.Random(f"{task}-{seed}")
+    chars = ALPHABETS[task]
+    return [
+        " ".join("".join(rng.choice(chars) for _ in range(rng.randint(2, 5))) for _ in range(rng.randint(3, 9))) for _ in range(n)
+    ]
+
+
+def write_jsonl(path, prompts, field="prompt"):
+    path.write_text("".join(json.dumps({field: p}) + "\n" for p in prompts))
+    return path
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    root = tmp_path_factory.mktemp("routing")
+    base, fts = synth.make_family(root, SHAPE, n_finetunes=3, dtype="bfloat16", delta_scale=0.004)
+
+    def build(name, method, **params):
+        r = {
+            "merge_method": method,
+            "base_model": str(base),
+            "models": [{"model": str(f), "parameters": {"task": t}} for f, t in zip(fts, TASKS)],
+            "parameters": params,
+        }
+        store = root / f"{name}.zarr"
+        run("build", write_recipe(root / f"{name}.yaml", r), "--store", store, "--block-elements", "1000")
+        return store
+
+    return {
+        "root": root,
+        # two routed layers; blocks of ~15 rows, so sparse offsets cross block boundaries
+        "mediator": build("med", "mediator", route=2, rho=0.1),
+        # 1-bit everywhere (matrices, 1-D norms as per-block blobs, embeddings), lambda != 1
+        "1bit": build("bit", "1bit", preset="uniform", **{"lambda": 0.8}),
+    }
+
+
+@pytest.fixture(scope="module")
+def routers(stores):
+    """A router fitted on each store (CLI for mediator, Python API with logreg for 1bit)."""
+    from streammerge.routing import fit_router
+
+    root = stores["root"]
+    specs = []
+    for t in TASKS:
+        specs += ["--prompts", f"{t}={write_jsonl(root / f'{t}.jsonl', prompts_for(t, 50, 0))}"]
+    out = run("router", "fit", stores["mediator"], *specs, "--device", "cpu", "--epochs", "30")
+    rep_1bit = fit_router(
+        stores["1bit"], [(t, prompts_for(t, 50, 0)) for t in TASKS], classifier="logreg", device="cpu", seed=3
+    )
+    return {"cli_output": out, "1bit": rep_1bit}
+
+
+# ---- router fitting -------------------------------------------------------------------------
+
+
+def test_router_fit_reaches_accuracy_and_saves_safetensors(stores, routers):
+    out = routers["cli_output"]
+    assert "held-out accuracy" in out and "saved" in out
+    d = stores["mediator"] / "inference" / "router"
+    meta = json.loads((d / "router.json").read_text())
+    assert meta["classifier"] == "mlp" and meta["tasks"] == TASKS and meta["dim"] == SHAPE.hidden
+    assert meta["n_heldout"] == 30 and meta["heldout"]["accuracy"] >= 0.9, meta["heldout"]
+    assert sorted(p.name for p in d.iterdir()) == ["router.json", "router.safetensors"]  # no pickle
+    from safetensors import safe_open
+
+    with safe_open(str(d / "router.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert {"feature_mean", "feature_std", "net.0.weight", "net.1.running_mean", "net.8.weight"} <= keys
+    assert (stores["mediator"] / "inference" / "merged" / "config.json").is_file()  # the merged export cache
+
+    rep = routers["1bit"]
+    assert rep["classifier"] == "logreg" and rep["heldout"]["accuracy"] >= 0.9, rep["heldout"]
+    # new prompts, never seen in training, are routed to their task
+    from streammerge.routing import RoutedModel
+
+    rm = RoutedModel.from_store(stores["1bit"], device="cpu")
+    fresh = [(t, p) for t in TASKS for p in prompts_for(t, 10, 99)]
+    decisions = rm.route([p for _, p in fresh])
+    acc = np.mean([d.task == t for (t, _), d in zip(fresh, decisions)])
+    assert acc >= 0.9, acc
+
+
+def test_router_fit_is_deterministic(stores, tmp_path):
+    from streammerge.routing import fit_router
+
+    copy = tmp_path / "med.zarr"
+    shutil.copytree(stores["mediator"], copy)
+    prompts = [(t, prompts_for(t, 12, 5)) for t in TASKS]
+    blobs = []
+    for _ in range(2):
+        rep = fit_router(copy, prompts, classifier="mlp", epochs=5, device="cpu", seed=7)
+        blobs.append((Path(rep["path"]) / "router.safetensors").read_bytes())
+    assert blobs[0] == blobs[1]
+    assert rep["n_train"] + rep["n_heldout"] == 36
+
+
+def test_router_fit_errors(stores, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n\n{"prompt": "fine"}\n{"prompt": 3}\n')
+    out = run("router", "fit", stores["mediator"], "--prompts", f"math={bad}", expect=1)
+    assert out.strip() == f"error: {bad}:4: 'prompt' must be a string, got int"
+    bad.write_text('{"prompt": "ok"}\n{"prompt": "unterminated\n')
+    out = run("router", "fit", stores["mediator"], "--prompts", f"math={bad}", expect=1)
+    assert out.startswith(f"error: {bad}:2: not valid JSON") and out.count("\n") == 1
+    bad.write_text('{"question": "where is the prompt?"}\n')
+    out = run("router", "fit", stores["mediator"], "--prompts", f"math={bad}", expect=1)
+    assert f"{bad}:1: no 'prompt' (or 'text') field" in out
+    good = write_jsonl(tmp_path / "ok.jsonl", ["a b c"], field="text")
+    out = run("router", "fit", stores["mediator"], "--prompts", f"poetry={good}", expect=1)
+    assert "'poetry' is not a task" in out and "chat, math, code" in out
+    out = run("router", "fit", stores["mediator"], "--prompts", str(good), expect=1)
+    assert "expected TASK=FILE" in out
+
+
+# ---- routing decisions ------------------------------------------------------------------------
+
+
+def test_route_decision_formula():
+    from streammerge.routing import normalized_entropy, route_decision
+
+    p = [0.5, 0.3, 0.2]
+    h = -sum(x * math.log(x) for x in p) / math.log(3)
+    assert normalized_entropy(p) == pytest.approx(h)
+    d = route_decision(p, TASKS, "mediator", eta=0.5, top_m=0)
+    assert d.mode == "mix" and dict(d.weights) == pytest.approx(dict(zip(TASKS, p)))
+    d = route_decision(p, TASKS, "mediator", eta=0.5, top_m=2)
+    assert d.mode == "mix" and dict(d.weights) == pytest.approx({"chat": 0.625, "math": 0.375})
+    d = route_decision(p, TASKS, "mediator", eta=0.95, top_m=2)  # h = 0.937 <= eta: top-1
+    assert d.mode == "top1" and d.task == "chat" and d.entropy == pytest.approx(h)
+    d = route_decision([0.2, 0.2, 0.6], TASKS, "1bit")  # 1bit: always top-1, whatever the entropy
+    assert d.mode == "top1" and d.task == "code"
+    assert route_decision([1 / 3] * 3, TASKS, "mediator", eta=0.99).mode == "mix"  # uniform: H = 1
+    assert route_decision([1.0, 0.0, 0.0], TASKS, "mediator", eta=0.0).task == "chat"  # H = 0 <= 0
+    assert route_decision([0.4, 0.4, 0.2], TASKS, "mediator", eta=0.5, top_m=1).task == "chat"  # tie: first task
+    assert route_decision([1.0], ["only"], "mediator", eta=0.0).task == "only"  # N = 1: H = 0
+    assert route_decision(p, TASKS, "mediator", 0.5, 2).key == route_decision([0.5, 0.3, 0.2], TASKS, "mediator", 0.5, 2).key
+
+
+# ---- the routed model's weights -------------------------------------------------------------
+
+
+def _ids(rm, prompt):
+    from streammerge.routing.runtime import encode_for_generation
+
+    return torch.tensor([encode_for_generation(rm.tokenizer, [prompt])[0]])
+
+
+@pytest.mark.parametrize("method", ["mediator", "1bit"])
+def test_routed_logits_equal_task_export(stores, routers, method, tmp_path):
+    """A prompt routed to task k runs exactly `export --variant task:k`: same tensors, bit for
+    bit (both round the same float32 arithmetic to bf16), hence the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    from streammerge.routing import RoutedModel
+
+    store = stores[method]
+    rm = RoutedModel.from_store(store, device="cpu", dtype="float32", eta=1.0)  # eta 1: Mediator always top-1
+    routed_names = set(rm.builder.names)
+    assert routed_names and len(routed_names) < len(dict(rm.model.named_parameters()))
+    static_ptrs = {n: p.data_ptr() for n, p in rm.model.named_parameters() if n not in routed_names}
+    for k in TASKS:
+        prompt = prompts_for(k, 1, 123)[0]
+        decision = rm.route([prompt])[0]
+        assert decision.mode == "top1" and decision.task == k, decision
+        got = rm.logits(prompt, decision)
+        run("export", store, tmp_path / k, "--variant", f"task:{k}")
+        want_tensors = load_model_tensors(tmp_path / k)
+        params = dict(rm.model.named_parameters())
+        for name, t in want_tensors.items():
+            assert torch.equal(params[name].data, t.float()), (k, name)
+        ref = AutoModelForCausalLM.from_pretrained(str(tmp_path / k), dtype=torch.float32).eval()
+        with torch.inference_mode():
+            want = ref(input_ids=_ids(rm, prompt)).logits
+        assert torch.equal(got, want), (k, (got - want).abs().max())
+        # the tensors routing does not change are the merged model's, shared, never copied
+        assert all(p.data_ptr() == static_ptrs[n] for n, p in rm.model.named_parameters() if n not in routed_names)
+
+
+def test_uncertain_prompt_gets_weighted_merge(stores, routers, tmp_path):
+    """Mediator, H > eta: D + sum_{t in top-m} p~_t S_t, checked against the formula computed
+    here from the merged export (D) and the routed export's index / value tensors (S_t)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from streammerge.routing import RoutedModel
+
+    store = stores["mediator"]
+    run("export", store, tmp_path / "merged", "--variant", "merged")
+    run("export", store, tmp_path / "routed", "--variant", "routed")
+    merged = load_model_tensors(tmp_path / "merged")
+    meta = json.loads((tmp_path / "routed" / "routing.json").read_text())
+    experts = {}
+    for f in meta["files"]:
+        experts.update(load_file(tmp_path / "routed" / f))
+
+    rm = RoutedModel.from_store(store, device="cpu", dtype="float32")
+    probs = [0.5, 0.3, 0.2]  # normalised entropy 0.937 > eta = 0.5
+    for top_m, want_w in ((2, {"chat": 0.625, "math": 0.375}), (0, {"chat": 0.5, "math": 0.3, "code": 0.2})):
+        decision = rm.decide(probs, top_m=top_m)
+        assert decision.mode == "mix" and dict(decision.weights) == pytest.approx(want_w)
+        rm.apply(decision)
+        params = dict(rm.model.named_parameters())
+        formula = {}
+        for name, D in merged.items():
+            if f"{name}::chat.index" not in experts:
+                assert torch.equal(params[name].data, D.float()), name  # not routed: the merged tensor
+                continue
+            w = D.float().flatten().clone()
+            for t, p in want_w.items():
+                w[experts[f"{name}::{t}.index"]] += torch.tensor(p, dtype=torch.float32) * experts[f"{name}::{t}.value"].float()
+            formula[name] = w.reshape(D.shape).to(torch.bfloat16)
+            got = params[name].data
+            diff = (got - formula[name].float()).abs()
+            ulp = torch.exp2(torch.floor(torch.log2(formula[name].float().abs().clamp_min(2.0**-126))) - 7)
+            assert (diff <= ulp).all(), name  # one bf16 unit at most (in practice: equal)
+        assert len(formula) == sum(1 for n in merged if f"{n}::chat.index" in experts) > 0
+        ref = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32).eval()
+        ref.load_state_dict({n: v.float() for n, v in formula.items()}, strict=False)
+        prompt = prompts_for("math", 1, 7)[0]
+        with torch.inference_mode():
+            want = ref(input_ids=_ids(rm, prompt)).logits
+        got = rm.logits(prompt, decision)
+        assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (got - want).abs().max()
+
+    # eta = 0 forces the weighted merge for real prompts (their entropy is > 0)
+    rm0 = RoutedModel.from_store(store, device="cpu", dtype="float32", eta=0.0)
+    gens = rm0.generate([prompts_for("code", 1, 11)[0], prompts_for("chat", 1, 11)[0]], max_new_tokens=3, details=True)
+    for g in gens:
+        assert g.decision.mode == "mix" and sum(w for _, w in g.decision.weights) == pytest.approx(1.0)
+        assert g.decision.entropy > 0 and 1 <= g.new_tokens <= 3
+
+
+def test_decision_cache_and_switching(stores, routers):
+    from streammerge.routing import STATIC, RoutedModel
+
+    rm = RoutedModel.from_store(stores["1bit"], device="cpu", cache_size=2)
+    before = {n: p.data for n, p in rm.model.named_parameters()}
+    rm.apply("chat")
+    rm.apply("math")
+    rm.apply("chat")
+    assert rm.timings.builds == 2
+    rm.apply("code")  # evicts the least recently used (math), keeps chat and what is applied
+    rm.apply("chat")
+    assert rm.timings.builds == 3
+    rm.apply("math")
+    assert rm.timings.builds == 4
+    rm.apply(STATIC)
+    for n, p in rm.model.named_parameters():
+        assert p.data is before[n], n  # back to the merged model's own tensors
+    # one group per decision: all prompts of a task share one switch
+    rm.reset_timings()
+    prompts = [p for t in TASKS for p in prompts_for(t, 2, 42)]
+    random.Random(0).shuffle(prompts)
+    texts = rm.generate(prompts, max_new_tokens=2)
+    assert len(texts) == 6 and all(isinstance(t, str) for t in texts)
+    assert rm.timings.groups == 3
+
+
+# ---- the torch reconstruction against the numpy encoders, piece by piece --------------------
+
+
+def test_device_reconstruction_matches_numpy():
+    from streammerge.encodings.onebit import dynamic_merge_block, pack_signs, pack_signs_flat, reconstruct_task, row_scales
+    from streammerge.encodings.sparse import encode_sparse
+    from streammerge.routing.weights import _Sparse, _TaskPiece, ties_torch
+
+    rng = np.random.default_rng(0)
+    rows, cols = 7, 13
+    tau = rng.normal(size=(rows, cols)).astype(np.float32)
+    tau[0, :3] = 0.0
+    packed = pack_signs(tau)
+    alpha = np.float32(np.abs(tau).mean())
+    p = _TaskPiece("1bit", bits=torch.from_numpy(packed), cols=cols, alpha=torch.tensor(alpha))
+    want = reconstruct_task("1bit", (rows, cols), rows, bits=packed, alpha=alpha)
+    assert torch.equal(p.tau_hat((rows, cols), "cpu"), torch.from_numpy(want))
+    sc = row_scales(tau)
+    p = _TaskPiece("1bit-row", bits=torch.from_numpy(packed), cols=cols, scale=torch.from_numpy(sc))
+    want = reconstruct_task("1bit-row", (rows, cols), rows, bits=packed, scale=sc)
+    assert torch.equal(p.tau_hat((rows, cols), "cpu"), torch.from_numpy(want))
+    v = rng.normal(size=29).astype(np.float32)  # 1-D: flat bits
+    flat_bits = np.frombuffer(pack_signs_flat(v), np.uint8).reshape(1, -1)
+    p = _TaskPiece("1bit", bits=torch.from_numpy(flat_bits.copy()), cols=29, alpha=torch.tensor(np.float32(0.25)))
+    want = reconstruct_task("1bit", (29,), 29, bits=pack_signs_flat(v), alpha=np.float32(0.25))
+    assert torch.equal(p.tau_hat((29,), "cpu"), torch.from_numpy(want))
+    dense = tau.astype(np.float32)
+    p = _TaskPiece("dense", dense=torch.from_numpy(dense).to(torch.bfloat16))
+    want = reconstruct_task("dense", (rows, cols), rows, dense=dense)
+    assert torch.equal(p.tau_hat((rows, cols), "cpu"), torch.from_numpy(want))
+
+    class FakeStore:
+        def __init__(self, blobs):
+            self.blobs = blobs
+
+        def read_blob(self, path, b):
+            return self.blobs[b]
+
+    # shape (4, 5) in blocks of 3 rows: block 1 (row 3) starts at flat index 15
+    blobs = [
+        encode_sparse(np.array([1, 5]), np.array([0.5, -2.0], np.float32)),
+        encode_sparse(np.array([0, 4]), np.array([3.0, 1e-3], np.float32)),
+    ]
+    sp = _Sparse(FakeStore(blobs), "x", {"shape": [4, 5], "block_rows": 3, "nblocks": 2}, "cpu")
+    want = np.concatenate([reconstruct_task("sparse", (4, 5), 3, sparse=blobs[0]), reconstruct_task("sparse", (4, 5), 1, sparse=blobs[1])])
+    assert torch.equal(_TaskPiece("sparse", sparse=sp).tau_hat((4, 5), "cpu"), torch.from_numpy(want))
+    assert want.reshape(-1)[15] == 3.0 and want.reshape(-1)[19] != 0
+
+    hats = [rng.normal(size=(rows, cols)).astype(np.float32) * s for s in (1.0, 0.5, 2.0)]
+    hats[1][0, 0] = 0.0
+    base = rng.normal(size=(rows, cols)).astype(np.float32)
+    want = dynamic_merge_block(base, {"a": hats[0], "b": hats[1], "c": hats[2]}, "b", 0.7)
+    got = torch.from_numpy(base) + torch.from_numpy(hats[1])
+    got += ties_torch([torch.from_numpy(hats[0]), torch.from_numpy(hats[2])]).mul_(torch.tensor(0.7, dtype=torch.float32))
+    assert torch.equal(got, torch.from_numpy(want))
+
+
+# ---- the command line -------------------------------------------------------------------------
+
+
+def test_generate_cli(stores, routers, tmp_path):
+    store = stores["mediator"]
+    out = run("generate", store, "--prompt", prompts_for("math", 1, 3)[0], "--show-routing", "--max-new-tokens", "4", "--device", "cpu")
+    line = out.splitlines()[0]
+    assert line.startswith("routing: p: chat ") and "entropy" in line and "top-1 math: D + S_math on 2 routed layer(s)" in line
+
+    inp = tmp_path / "ask.jsonl"
+    inp.write_text("".join(json.dumps({"id": i, "text": prompts_for(t, 1, 50 + i)[0]}) + "\n" for i, t in enumerate(TASKS)))
+    ans = tmp_path / "out" / "answers.jsonl"
+    out = run("generate", store, "--input", inp, "--output", ans, "--max-new-tokens", "3", "--eta", "0", "--top-m", "2")
+    assert "wrote 3 answer(s)" in out and "mix 3" in out
+    rows = [json.loads(x) for x in ans.read_text().splitlines()]
+    assert [r["id"] for r in rows] == [0, 1, 2] and all(isinstance(r["output"], str) for r in rows)
+    for r, t in zip(rows, TASKS):
+        assert r["routing"]["mode"] == "mix" and len(r["routing"]["weights"]) == 2 and t in r["routing"]["weights"]
+
+    out = run("generate", stores["1bit"], "--prompt", "abc", "--task", "code", "--show-routing", "--max-new-tokens", "2")
+    assert "forced code: theta_0 + tau_code + 0.8*TIES(chat, math)" in out
+
+    copy = tmp_path / "norouter.zarr"
+    shutil.copytree(stores["1bit"], copy)
+    shutil.rmtree(copy / "inference" / "router")
+    out = run("generate", copy, "--prompt", "abc", expect=1)
+    assert out.startswith("error: ") and "no router fitted" in out and out.count("\n") == 1
+    out = run("generate", copy, "--prompt", "abc", "--static", "--max-new-tokens", "2")
+    out = run("generate", copy, "--prompt", "abc", "--task", "poetry", expect=1)
+    assert "no task 'poetry'" in out
+    out = run("router", "show", store)
+    assert "classifier  mlp" in out and "held-out" in out
