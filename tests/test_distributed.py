@@ -155,3 +155,21 @@ def test_option_errors(tmp_path, monkeypatch):
     with pytest.raises(StreammergeError, match=r"pip install 'streammerge\[distributed\]'"):
         with dask_client(None, "local:1"):
             pass
+
+
+def test_progress_counts_every_task_once(synth_family, tmp_path):
+    """Under distributed only targets have futures; their ancestors' bytes are counted with them."""
+    from streammerge.engine.build import build_graph
+    from streammerge.engine.job import manifest_for
+    from streammerge.engine.scheduler import _uncounted_bytes
+    from streammerge.plan.planner import make_plan
+    from streammerge.recipe import load_recipe
+    from streammerge.store.store import Store
+
+    base, fts = synth_family("dist")
+    recipe = write_recipe(tmp_path / "r.yaml", recipe_for("ties", base, fts))
+    plan = make_plan(load_recipe(recipe), block_elems=2048)
+    store = Store.create(tmp_path / "job.zarr", manifest_for(plan, recipe.read_text()))
+    dsk, targets, task_bytes, _ = build_graph(plan, store)
+    counted: set = set()
+    assert sum(_uncounted_bytes(dsk, k, task_bytes, counted) for k in targets) == sum(task_bytes.values())

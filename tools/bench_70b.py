@@ -145,6 +145,7 @@ def main() -> None:
     ap.add_argument("--memcap", type=int, default=1000, help="memory cgroup cap in MB (0: no cap)")
     ap.add_argument("--memory-limit", default="1000MB", help="streammerge --memory-limit")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--cluster", default=None, help="pass --cluster (e.g. local:2) to streammerge: dask.distributed")
     ap.add_argument("--keep", action="store_true", help="keep the store and the export afterwards")
     args = ap.parse_args()
     if args.layers < 2:
@@ -168,7 +169,7 @@ def main() -> None:
     sm = [
         str(Path(sys.executable).parent / "streammerge"), "build", str(recipe), "--store", str(store), "--export", str(out),
         "--workers", str(args.workers), "--memory-limit", args.memory_limit, "--no-progress",
-    ]
+    ] + (["--cluster", args.cluster] if args.cluster else [])
     cmd = ["/usr/bin/time", "-v", *sm]
     if args.memcap:
         if not MEMCAP.exists():

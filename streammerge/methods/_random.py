@@ -1,16 +1,17 @@
 """Counter-based randomness: the random numbers of an element are a function of its flat position.
 
 DARE and DELLA drop entries at random. To be independent of how a tensor is cut into blocks (and
-of worker count, scheduling and device), element p of a stream draws the p-th 32-bit word of a
-Philox4x64 counter-based generator keyed by (seed, tensor name, model index, purpose):
+of worker count, scheduling and device), element p of a stream uses the p-th 16-bit word of a
+PCG64 generator seeded with the stream's key, reached directly with PCG64's exact O(log n)
+`advance`:
 
-    key    = blake2b(seed, tensor name, model index, purpose)   (64 bits; Philox's key)
-    word p = uint32 number p of Philox(key) started at counter 0  (each counter value yields
-             4 x 64 bits = 8 words, low half first), reached directly by setting the counter
-             to p // 8 and skipping p % 8 words
+    key    = blake2b(seed, tensor name, model index, purpose)   (64 bits)
+    word p = uint16 number p of PCG64(key)'s output (each 64-bit output is 4 words, low first):
+             advance(p // 4), draw, skip p % 4 words
 
-Philox is numpy's own C implementation (Salmon et al. 2011, passes BigCrush), several times
-faster than hashing positions in numpy arithmetic.
+numpy's C generator runs several times faster than hashing positions in numpy arithmetic
+and releases the GIL. A Bernoulli(p) keep compares one word with round(p * 2**16), so keep
+probabilities resolve to 2**-16; uniforms (DELLA) take two words, elements 2p and 2p + 1.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ import hashlib
 
 import numpy as np
 
-_WORDS_PER_COUNTER = 8
-_TWO32 = float(2**32)
+_WORDS_PER_OUTPUT = 4
+_TWO16 = float(2**16)
 
 
 def stream_key(seed: int, tensor: str, model: int, purpose: str = "") -> int:
@@ -30,17 +31,23 @@ def stream_key(seed: int, tensor: str, model: int, purpose: str = "") -> int:
     return int.from_bytes(h.digest(), "little")
 
 
-def bits32(key: int, start: int, count: int) -> np.ndarray:
-    """uint32 random words for flat positions start .. start + count - 1 of stream `key`."""
-    skip = int(start) % _WORDS_PER_COUNTER
-    gen = np.random.Philox(key=int(key) % 2**64, counter=int(start) // _WORDS_PER_COUNTER)
-    raw = gen.random_raw(-(-(skip + count) // 2)).view(np.uint32)
+def bits16(key: int, start: int, count: int) -> np.ndarray:
+    """uint16 random words for positions start .. start + count - 1 of stream `key`."""
+    skip = int(start) % _WORDS_PER_OUTPUT
+    gen = np.random.PCG64(int(key) % 2**64)
+    gen.advance(int(start) // _WORDS_PER_OUTPUT)
+    raw = gen.random_raw(-(-(skip + count) // _WORDS_PER_OUTPUT)).view(np.uint16)
     return raw[skip : skip + count]
+
+
+def bits32(key: int, start: int, count: int) -> np.ndarray:
+    """uint32 words for element positions start ..: words 2p (low half) and 2p + 1 (high half)."""
+    return bits16(key, 2 * int(start), 2 * count).view(np.uint32)
 
 
 def uniform(key: int, start: int, count: int) -> np.ndarray:
     """float64 uniforms in [0, 1) with 32 random bits, for positions start .. start+count-1."""
-    return bits32(key, start, count) * (1.0 / _TWO32)
+    return bits32(key, start, count) * (1.0 / 2.0**32)
 
 
 def uniform32(key: int, start: int, count: int, out: np.ndarray | None = None) -> np.ndarray:
@@ -52,10 +59,7 @@ def uniform32(key: int, start: int, count: int, out: np.ndarray | None = None) -
 
 
 def bernoulli_keep(key: int, start: int, count: int, p: float, out: np.ndarray | None = None) -> np.ndarray:
-    """Boolean mask, True with probability p, for consecutive positions.
-
-    Compared in integers: keep where word < round(p * 2**32) (p resolved to 2**-32).
-    """
+    """Boolean mask, True with probability p (resolved to 2**-16), for consecutive positions."""
     res = np.empty(count, bool) if out is None else out[:count]
     if p >= 1.0:
         res[:] = True
@@ -63,5 +67,8 @@ def bernoulli_keep(key: int, start: int, count: int, p: float, out: np.ndarray |
     if not p > 0.0:  # p <= 0 or NaN
         res[:] = False
         return res
-    threshold = np.uint32(min(2**32 - 1, int(round(p * _TWO32))))
-    return np.less(bits32(key, start, count), threshold, out=res)
+    threshold = int(round(p * _TWO16))
+    if threshold >= 2**16:
+        res[:] = True
+        return res
+    return np.less(bits16(key, start, count), np.uint16(threshold), out=res)
