@@ -23,6 +23,7 @@ import warnings
 from pathlib import Path
 
 from ..errors import CheckpointError
+from ..fsutil import pid_alive
 
 CONVERTER_VERSION = 1
 PICKLE_INDEX = "pytorch_model.bin.index.json"
@@ -62,16 +63,6 @@ def _key(directory: Path, names: list[str]) -> str:
         st = os.stat(directory / n)
         h.update(f"\0{n}\0{st.st_size}\0{st.st_mtime_ns}".encode())
     return h.hexdigest()[:20]
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _state_dict(obj, path: Path) -> dict:
@@ -154,7 +145,7 @@ def converted_dir(directory: Path, cache: Path, suffixes: tuple[str, ...]) -> Pa
         cache.mkdir(parents=True, exist_ok=True)
         for p in cache.iterdir():  # temporaries of conversions whose process is gone
             m = re.fullmatch(r"\.[0-9a-f]+\.(\d+)\.tmp", p.name)
-            if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+            if m and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))):
                 shutil.rmtree(p, ignore_errors=True)
         tmp = cache / f".{key}.{os.getpid()}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)

@@ -178,7 +178,7 @@ def _routed_phase_b(full_plan: Plan, analysis_plan: Plan, store: Store, report: 
     """Summarize the analysis, decide (routed layers / precision plan), build the rest."""
     from ..analysis.summary import layer_index, summarize
     from ..plan.routed import decide, phase_b_jobs, storage, task_names
-    from ..store.store import atomic_write
+    from ..fsutil import atomic_write
 
     per_tensor = {j.name: store.load_stats(j.stage, j.store_key) for j in analysis_plan.jobs}
     layers = [i for j in full_plan.jobs if (i := layer_index(j.name)) is not None]

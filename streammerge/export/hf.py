@@ -13,12 +13,12 @@ import shutil
 import uuid
 from pathlib import Path
 
-import dask
 import numpy as np
 
 from ..dtypes import FloatType, float_type, from_float32, to_float32
 from ..engine.scheduler import run_graph
 from ..errors import StreammergeError
+from ..fsutil import pid_alive
 from ..store.store import Store
 from .safetensors_writer import ShardedWriter, TensorSpec
 
@@ -186,7 +186,6 @@ def _replace_dir(tmp: Path, out_dir: Path) -> None:
 def remove_stale_temps(out_dir: Path) -> int:
     """Remove what killed exports left beside OUT: `.OUT.partial-<pid>-<id>` directories, and,
     once OUT exists, `.OUT.old-<pid>-<id>` (a replaced export), whose process <pid> is gone."""
-    from ..store.store import _pid_alive
 
     pattern = re.compile(rf"\.{re.escape(out_dir.name)}\.(partial|old)-(\d+)-[0-9a-f]{{8}}")
     removed = 0
@@ -199,7 +198,7 @@ def remove_stale_temps(out_dir: Path) -> int:
         if not m or p.is_symlink() or not p.is_dir():
             continue
         pid = int(m.group(2))
-        if pid == os.getpid() or _pid_alive(pid) or (m.group(1) == "old" and not out_dir.exists()):
+        if pid == os.getpid() or pid_alive(pid) or (m.group(1) == "old" and not out_dir.exists()):
             continue
         shutil.rmtree(p, ignore_errors=True)
         removed += 1

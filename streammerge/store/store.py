@@ -42,6 +42,7 @@ from zarr.storage import LocalStore
 
 from ..dtypes import FloatType, float_type
 from ..errors import StoreError
+from ..fsutil import atomic_write, pid_alive
 
 FORMAT = 1
 MERGE_STAGE = "merge"
@@ -57,16 +58,6 @@ def manifest_digest(manifest: dict) -> str:
 _REOPENED: dict[tuple[str, str], "Store"] = {}
 _REOPENED_MAX = 16
 _reopened_lock = threading.Lock()
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write a file so that readers see either nothing/the old file or the whole new one."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class Store:
@@ -343,7 +334,7 @@ class StoreLock:
     def _take(self, me: dict, tmp: Path) -> "StoreLock":
         for stale in self.file.parent.glob(".lock.*.tmp"):  # left by processes killed right here
             pid = stale.name.split(".")[2]
-            if pid.isdigit() and int(pid) != me["pid"] and not _pid_alive(int(pid)):
+            if pid.isdigit() and int(pid) != me["pid"] and not pid_alive(int(pid)):
                 stale.unlink(missing_ok=True)
         for _ in range(2):
             try:
@@ -388,16 +379,4 @@ def _lock_is_stale(owner: dict, file: str) -> bool:
     pid = owner.get("pid")
     if pid == os.getpid():
         return file not in _HELD
-    return not _pid_alive(pid)
-
-
-def _pid_alive(pid) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return not pid_alive(pid)
