@@ -147,6 +147,11 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--cluster", default=None, help="pass --cluster (e.g. local:2) to streammerge: dask.distributed")
     ap.add_argument("--keep", action="store_true", help="keep the store and the export afterwards")
+    ap.add_argument(
+        "--warm", action="store_true",
+        help="leave the inputs in the page cache as they are (default: evict them first, posix_fadvise DONTNEED on "
+        "these files only, so every run starts cold)",
+    )
     args = ap.parse_args()
     if args.layers < 2:
         ap.error("--layers must be at least 2")
@@ -175,6 +180,13 @@ def main() -> None:
         if not MEMCAP.exists():
             sys.exit(f"{MEMCAP} not found")
         cmd = ["bash", str(MEMCAP), str(args.memcap), *cmd]
+    if not args.warm:
+        for f in inputs:
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
     printable = " ".join(cmd).replace(str(ROOT) + "/", "")
     print(f"$ {printable}", file=sys.stderr)
     t0 = time.perf_counter()
@@ -247,7 +259,8 @@ def main() -> None:
     cap_txt = f"{ok}, cgroup max {res['cgroup_maxusage_mb']} MB, failcnt {res['cgroup_failcnt']}" if args.memcap else "n/a"
     print(f"\n`{printable}`\n")
     print(f"Llama-2-70B-shaped, {args.layers} layers, base + 3 fine-tunes, bf16, ties (density {DENSITY}), "
-          f"{args.workers} threads, {os.cpu_count()} cores\n")
+          f"{args.cluster or f'{args.workers} threads'}, {os.cpu_count()} cores, inputs {'as cached' if args.warm else 'cold'}, "
+          f"{(res['disk_read_bytes'] or 0) / 1e9:.1f} GB read from disk\n")
     print("| input | wall | throughput | peak RSS | under the cap |")
     print("|---:|---:|---:|---:|---|")
     print(f"| {input_bytes / 1e9:.2f} GB | {wall:.1f} s (merge {merge_s:.1f} s, export {export_s:.1f} s) | "

@@ -64,7 +64,7 @@ import numpy as np
 from ..errors import StreammergeError
 from ..methods._topk import CHUNK, TopK, as_u32, block_size, chunks, flat, numel, scratch
 from ..methods.base import Block, MergeMethod, Pass, Stats, TensorParams
-from ..methods.inmemory import row_blocks
+from ..methods.inmemory import run_passes
 
 NAME = "conflict-analysis"
 TOPK_NAME = "conflict.topk"
@@ -261,28 +261,4 @@ def analyze_tensor(
     of `block_rows` rows (the engine's semantics, as methods/inmemory.py); returns the stats."""
     models = list(models)
     params = params or TensorParams(globals={}, per_model=tuple({} for _ in models))
-    shape = tuple(np.shape(models[0]))
-    as2d = lambda a: a.reshape(1, -1) if a.ndim == 0 else a  # noqa: E731  scalars are one row
-    base2 = as2d(np.asarray(base, np.float32))
-    models2 = [as2d(np.asarray(m, np.float32)) for m in models]
-    rows = models2[0].shape[0]
-    row_elems = int(np.prod(models2[0].shape[1:], dtype=np.int64))
-    block_rows = block_rows or max(rows, 1)
-
-    def blocks():
-        for r0, r1 in row_blocks(rows, block_rows):
-            yield Block(
-                tensor=name,
-                shape=shape,
-                start=r0 * row_elems,
-                base=base2[r0:r1],
-                models=tuple(m[r0:r1] for m in models2),
-            )
-
-    stats: dict = {}
-    for p in method.passes:
-        if not p.needed(params, stats):
-            continue
-        partials = [p.map(b, params, stats) for b in blocks()]
-        stats = {**stats, **p.reduce(partials, params, stats)}
-    return stats
+    return run_passes(method, name, base, models, params, block_rows)

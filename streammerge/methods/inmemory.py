@@ -17,6 +17,35 @@ def row_blocks(rows: int, block_rows: int):
         yield r0, min(rows, r0 + block_rows)
 
 
+def tensor_blocks(name: str, base: np.ndarray | None, models: list[np.ndarray], block_rows: int | None = None):
+    """The row blocks of float32 copies of whole tensors, as the engine would hand them out."""
+    shape = tuple(np.shape(models[0]))
+    as2d = lambda a: a.reshape(1, -1) if a.ndim == 0 else a  # noqa: E731  scalars are one row
+    base2 = None if base is None else as2d(np.asarray(base, np.float32))
+    models2 = [as2d(np.asarray(m, np.float32)) for m in models]
+    rows = models2[0].shape[0]
+    row_elems = int(np.prod(models2[0].shape[1:], dtype=np.int64))
+    for r0, r1 in row_blocks(rows, block_rows or max(rows, 1)):
+        yield Block(
+            tensor=name,
+            shape=shape,
+            start=r0 * row_elems,
+            base=None if base2 is None else base2[r0:r1],
+            models=tuple(m[r0:r1] for m in models2),
+        )
+
+
+def run_passes(method: MergeMethod, name, base, models, params: TensorParams, block_rows=None) -> dict:
+    """The tensor-wide stats: each needed pass mapped over every block, reduced in block order."""
+    stats: dict = {}
+    for p in method.passes:
+        if not p.needed(params, stats):
+            continue
+        partials = [p.map(b, params, stats) for b in tensor_blocks(name, base, models, block_rows)]
+        stats = {**stats, **p.reduce(partials, params, stats)}
+    return stats
+
+
 def merge_tensor(
     method: MergeMethod,
     name: str,
@@ -26,29 +55,7 @@ def merge_tensor(
     block_rows: int | None = None,
 ) -> np.ndarray:
     """Merge float32 arrays (all of one shape) block by block; returns the float32 result."""
-    shape = models[0].shape
-    as2d = lambda a: a.reshape(1, -1) if a.ndim == 0 else a  # noqa: E731  scalars are one row
-    base2 = None if base is None else as2d(np.asarray(base, np.float32))
-    models2 = [as2d(np.asarray(m, np.float32)) for m in models]
-    rows = models2[0].shape[0]
-    row_elems = int(np.prod(models2[0].shape[1:], dtype=np.int64))
-    block_rows = block_rows or rows
-
-    def blocks():
-        for r0, r1 in row_blocks(rows, block_rows):
-            yield Block(
-                tensor=name,
-                shape=tuple(shape),
-                start=r0 * row_elems,
-                base=None if base2 is None else base2[r0:r1],
-                models=tuple(m[r0:r1] for m in models2),
-            )
-
-    stats: dict = {}
-    for p in method.passes:
-        if not p.needed(params, stats):
-            continue
-        partials = [p.map(b, params, stats) for b in blocks()]
-        stats = {**stats, **p.reduce(partials, params, stats)}
-    out = np.concatenate([method.merge(b, params, stats) for b in blocks()], axis=0)
-    return out.reshape(shape)
+    stats = run_passes(method, name, base, models, params, block_rows)
+    blocks = tensor_blocks(name, base, models, block_rows)
+    out = np.concatenate([method.merge(b, params, stats) for b in blocks], axis=0)
+    return out.reshape(models[0].shape)
