@@ -119,7 +119,7 @@ def test_tasks_pickle_small(synth_family, tmp_path):
     specs = [TensorSpec(f"t{i}", "BF16", (4, 8), 64) for i in range(100)]
     writer = ShardedWriter(tmp_path / "w", specs, shard_size=640)
     blob = pickle.dumps(writer)
-    assert len(blob) < 512
+    assert len(blob) < 2048  # directory + 10 shard names
     w2 = pickle.loads(blob)
     import numpy as np
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import shutil
 from pathlib import Path
@@ -25,6 +26,8 @@ from streammerge.cli import main as cli
 
 SHAPE = synth.ModelShape(hidden=64, intermediate=128, layers=4, heads=4, kv_heads=2, vocab=256)
 TASKS = ["chat", "math", "code"]
+# CI runs on CPU; STREAMMERGE_TEST_DEVICE=cuda runs the same checks on a GPU (bit-exactness included)
+DEVICE = os.environ.get("STREAMMERGE_TEST_DEVICE", "cpu")
 # Separable prompts: each task writes "words" over its own characters only.
 ALPHABETS = {"chat": "abcdefghijk", "math": "0123456789+*=", "code": "{}()[];<>_#"}
 
@@ -82,9 +85,9 @@ def routers(stores):
     specs = []
     for t in TASKS:
         specs += ["--prompts", f"{t}={write_jsonl(root / f'{t}.jsonl', prompts_for(t, 50, 0))}"]
-    out = run("router", "fit", stores["mediator"], *specs, "--device", "cpu", "--epochs", "30")
+    out = run("router", "fit", stores["mediator"], *specs, "--device", DEVICE, "--epochs", "30")
     rep_1bit = fit_router(
-        stores["1bit"], [(t, prompts_for(t, 50, 0)) for t in TASKS], classifier="logreg", device="cpu", seed=3
+        stores["1bit"], [(t, prompts_for(t, 50, 0)) for t in TASKS], classifier="logreg", device=DEVICE, seed=3
     )
     return {"cli_output": out, "1bit": rep_1bit}
 
@@ -112,7 +115,7 @@ def test_router_fit_reaches_accuracy_and_saves_safetensors(stores, routers):
     # new prompts, never seen in training, are routed to their task
     from streammerge.routing import RoutedModel
 
-    rm = RoutedModel.from_store(stores["1bit"], device="cpu")
+    rm = RoutedModel.from_store(stores["1bit"], device=DEVICE)
     fresh = [(t, p) for t in TASKS for p in prompts_for(t, 10, 99)]
     decisions = rm.route([p for _, p in fresh])
     acc = np.mean([d.task == t for (t, _), d in zip(fresh, decisions)])
@@ -127,7 +130,7 @@ def test_router_fit_is_deterministic(stores, tmp_path):
     prompts = [(t, prompts_for(t, 12, 5)) for t in TASKS]
     blobs = []
     for _ in range(2):
-        rep = fit_router(copy, prompts, classifier="mlp", epochs=5, device="cpu", seed=7)
+        rep = fit_router(copy, prompts, classifier="mlp", epochs=5, device=DEVICE, seed=7)
         blobs.append((Path(rep["path"]) / "router.safetensors").read_bytes())
     assert blobs[0] == blobs[1]
     assert rep["n_train"] + rep["n_heldout"] == 36
@@ -181,7 +184,7 @@ def test_route_decision_formula():
 def _ids(rm, prompt):
     from streammerge.routing.runtime import encode_for_generation
 
-    return torch.tensor([encode_for_generation(rm.tokenizer, [prompt])[0]])
+    return torch.tensor([encode_for_generation(rm.tokenizer, [prompt])[0]], device=rm.device)
 
 
 @pytest.mark.parametrize("method", ["mediator", "1bit"])
@@ -193,7 +196,7 @@ def test_routed_logits_equal_task_export(stores, routers, method, tmp_path):
     from streammerge.routing import RoutedModel
 
     store = stores[method]
-    rm = RoutedModel.from_store(store, device="cpu", dtype="float32", eta=1.0)  # eta 1: Mediator always top-1
+    rm = RoutedModel.from_store(store, device=DEVICE, dtype="float32", eta=1.0)  # eta 1: Mediator always top-1
     routed_names = set(rm.builder.names)
     n_params = len(dict(rm.model.named_parameters()))
     # Mediator: the tensors of the 2 routed layers; 1bit uniform: every tensor has an encoding
@@ -208,8 +211,8 @@ def test_routed_logits_equal_task_export(stores, routers, method, tmp_path):
         want_tensors = load_model_tensors(tmp_path / k)
         params = dict(rm.model.named_parameters())
         for name, t in want_tensors.items():
-            assert torch.equal(params[name].data, t.float()), (k, name)
-        ref = AutoModelForCausalLM.from_pretrained(str(tmp_path / k), dtype=torch.float32).eval()
+            assert torch.equal(params[name].data.cpu(), t.float()), (k, name)
+        ref = AutoModelForCausalLM.from_pretrained(str(tmp_path / k), dtype=torch.float32).to(DEVICE).eval()
         with torch.inference_mode():
             want = ref(input_ids=_ids(rm, prompt)).logits
         assert torch.equal(got, want), (k, (got - want).abs().max())
@@ -234,7 +237,7 @@ def test_uncertain_prompt_gets_weighted_merge(stores, routers, tmp_path):
     for f in meta["files"]:
         experts.update(load_file(tmp_path / "routed" / f))
 
-    rm = RoutedModel.from_store(store, device="cpu", dtype="float32")
+    rm = RoutedModel.from_store(store, device=DEVICE, dtype="float32")
     probs = [0.5, 0.3, 0.2]  # normalised entropy 0.937 > eta = 0.5
     for top_m, want_w in ((2, {"chat": 0.625, "math": 0.375}), (0, {"chat": 0.5, "math": 0.3, "code": 0.2})):
         decision = rm.decide(probs, top_m=top_m)
@@ -244,18 +247,18 @@ def test_uncertain_prompt_gets_weighted_merge(stores, routers, tmp_path):
         formula = {}
         for name, D in merged.items():
             if f"{name}::chat.index" not in experts:
-                assert torch.equal(params[name].data, D.float()), name  # not routed: the merged tensor
+                assert torch.equal(params[name].data.cpu(), D.float()), name  # not routed: the merged tensor
                 continue
             w = D.float().flatten().clone()
             for t, p in want_w.items():
                 w[experts[f"{name}::{t}.index"]] += torch.tensor(p, dtype=torch.float32) * experts[f"{name}::{t}.value"].float()
             formula[name] = w.reshape(D.shape).to(torch.bfloat16)
-            got = params[name].data
+            got = params[name].data.cpu()
             diff = (got - formula[name].float()).abs()
             ulp = torch.exp2(torch.floor(torch.log2(formula[name].float().abs().clamp_min(2.0**-126))) - 7)
             assert (diff <= ulp).all(), name  # one bf16 unit at most (in practice: equal)
         assert len(formula) == sum(1 for n in merged if f"{n}::chat.index" in experts) > 0
-        ref = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32).eval()
+        ref = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32).to(DEVICE).eval()
         ref.load_state_dict({n: v.float() for n, v in formula.items()}, strict=False)
         prompt = prompts_for("math", 1, 7)[0]
         with torch.inference_mode():
@@ -264,7 +267,7 @@ def test_uncertain_prompt_gets_weighted_merge(stores, routers, tmp_path):
         assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (got - want).abs().max()
 
     # eta = 0 forces the weighted merge for real prompts (their entropy is > 0)
-    rm0 = RoutedModel.from_store(store, device="cpu", dtype="float32", eta=0.0)
+    rm0 = RoutedModel.from_store(store, device=DEVICE, dtype="float32", eta=0.0)
     gens = rm0.generate([prompts_for("code", 1, 11)[0], prompts_for("chat", 1, 11)[0]], max_new_tokens=3, details=True)
     for g in gens:
         assert g.decision.mode == "mix" and sum(w for _, w in g.decision.weights) == pytest.approx(1.0)
@@ -274,7 +277,7 @@ def test_uncertain_prompt_gets_weighted_merge(stores, routers, tmp_path):
 def test_decision_cache_and_switching(stores, routers):
     from streammerge.routing import STATIC, RoutedModel
 
-    rm = RoutedModel.from_store(stores["1bit"], device="cpu", cache_size=2)
+    rm = RoutedModel.from_store(stores["1bit"], device=DEVICE, cache_size=2)
     before = {n: p.data_ptr() for n, p in rm.model.named_parameters()}
     rm.apply("chat")
     rm.apply("math")
@@ -305,28 +308,31 @@ def test_device_reconstruction_matches_numpy():
     from streammerge.encodings.sparse import encode_sparse
     from streammerge.routing.weights import _Sparse, _TaskPiece, ties_torch
 
+    def T(a):
+        return torch.from_numpy(np.array(a, copy=True)).to(DEVICE)
+
     rng = np.random.default_rng(0)
     rows, cols = 7, 13
     tau = rng.normal(size=(rows, cols)).astype(np.float32)
     tau[0, :3] = 0.0
     packed = pack_signs(tau)
     alpha = np.float32(np.abs(tau).mean())
-    p = _TaskPiece("1bit", bits=torch.from_numpy(packed), cols=cols, alpha=torch.tensor(alpha))
+    p = _TaskPiece("1bit", bits=T(packed), cols=cols, alpha=T(alpha))
     want = reconstruct_task("1bit", (rows, cols), rows, bits=packed, alpha=alpha)
-    assert torch.equal(p.tau_hat((rows, cols), "cpu"), torch.from_numpy(want))
+    assert torch.equal(p.tau_hat((rows, cols), DEVICE).cpu(), torch.from_numpy(want))
     sc = row_scales(tau)
-    p = _TaskPiece("1bit-row", bits=torch.from_numpy(packed), cols=cols, scale=torch.from_numpy(sc))
+    p = _TaskPiece("1bit-row", bits=T(packed), cols=cols, scale=T(sc))
     want = reconstruct_task("1bit-row", (rows, cols), rows, bits=packed, scale=sc)
-    assert torch.equal(p.tau_hat((rows, cols), "cpu"), torch.from_numpy(want))
+    assert torch.equal(p.tau_hat((rows, cols), DEVICE).cpu(), torch.from_numpy(want))
     v = rng.normal(size=29).astype(np.float32)  # 1-D: flat bits
     flat_bits = np.frombuffer(pack_signs_flat(v), np.uint8).reshape(1, -1)
-    p = _TaskPiece("1bit", bits=torch.from_numpy(flat_bits.copy()), cols=29, alpha=torch.tensor(np.float32(0.25)))
+    p = _TaskPiece("1bit", bits=T(flat_bits), cols=29, alpha=T(np.float32(0.25)))
     want = reconstruct_task("1bit", (29,), 29, bits=pack_signs_flat(v), alpha=np.float32(0.25))
-    assert torch.equal(p.tau_hat((29,), "cpu"), torch.from_numpy(want))
+    assert torch.equal(p.tau_hat((29,), DEVICE).cpu(), torch.from_numpy(want))
     dense = tau.astype(np.float32)
-    p = _TaskPiece("dense", dense=torch.from_numpy(dense).to(torch.bfloat16))
+    p = _TaskPiece("dense", dense=T(dense).to(torch.bfloat16))
     want = reconstruct_task("dense", (rows, cols), rows, dense=dense)
-    assert torch.equal(p.tau_hat((rows, cols), "cpu"), torch.from_numpy(want))
+    assert torch.equal(p.tau_hat((rows, cols), DEVICE).cpu(), torch.from_numpy(want))
 
     class FakeStore:
         def __init__(self, blobs):
@@ -340,18 +346,18 @@ def test_device_reconstruction_matches_numpy():
         encode_sparse(np.array([1, 5]), np.array([0.5, -2.0], np.float32)),
         encode_sparse(np.array([0, 4]), np.array([3.0, 1e-3], np.float32)),
     ]
-    sp = _Sparse(FakeStore(blobs), "x", {"shape": [4, 5], "block_rows": 3, "nblocks": 2}, "cpu")
+    sp = _Sparse(FakeStore(blobs), "x", {"shape": [4, 5], "block_rows": 3, "nblocks": 2}, DEVICE)
     want = np.concatenate([reconstruct_task("sparse", (4, 5), 3, sparse=blobs[0]), reconstruct_task("sparse", (4, 5), 1, sparse=blobs[1])])
-    assert torch.equal(_TaskPiece("sparse", sparse=sp).tau_hat((4, 5), "cpu"), torch.from_numpy(want))
+    assert torch.equal(_TaskPiece("sparse", sparse=sp).tau_hat((4, 5), DEVICE).cpu(), torch.from_numpy(want))
     assert want.reshape(-1)[15] == 3.0 and want.reshape(-1)[19] != 0
 
     hats = [rng.normal(size=(rows, cols)).astype(np.float32) * s for s in (1.0, 0.5, 2.0)]
     hats[1][0, 0] = 0.0
     base = rng.normal(size=(rows, cols)).astype(np.float32)
     want = dynamic_merge_block(base, {"a": hats[0], "b": hats[1], "c": hats[2]}, "b", 0.7)
-    got = torch.from_numpy(base) + torch.from_numpy(hats[1])
-    got += ties_torch([torch.from_numpy(hats[0]), torch.from_numpy(hats[2])]).mul_(torch.tensor(0.7, dtype=torch.float32))
-    assert torch.equal(got, torch.from_numpy(want))
+    got = T(base) + T(hats[1])
+    got += ties_torch([T(hats[0]), T(hats[2])]).mul_(torch.tensor(0.7, dtype=torch.float32, device=DEVICE))
+    assert torch.equal(got.cpu(), torch.from_numpy(want))
 
 
 # ---- the command line -------------------------------------------------------------------------
@@ -359,7 +365,7 @@ def test_device_reconstruction_matches_numpy():
 
 def test_generate_cli(stores, routers, tmp_path):
     store = stores["mediator"]
-    out = run("generate", store, "--prompt", prompts_for("math", 1, 3)[0], "--show-routing", "--max-new-tokens", "4", "--device", "cpu")
+    out = run("generate", store, "--prompt", prompts_for("math", 1, 3)[0], "--show-routing", "--max-new-tokens", "4", "--device", DEVICE)
     line = out.splitlines()[0]
     assert line.startswith("routing: p: chat ") and "entropy" in line and "top-1 math: D + S_math on 2 routed layer(s)" in line
 
