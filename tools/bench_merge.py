@@ -24,6 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 
 RECIPES = {
+    "mediator": "parameters: {{task: {task}}}",  # routing methods: no mergekit counterpart
+    "1bit": "parameters: {{task: {task}}}",
     "task_arithmetic": "parameters: {{weight: {w}}}",
     "ties": "parameters: {{weight: {w}, density: 0.5}}",
     "dare_ties": "parameters: {{weight: {w}, density: 0.5}}",
@@ -33,13 +35,17 @@ RECIPES = {
 
 def write_recipe(path: Path, method: str, data: Path) -> None:
     weights = [0.5, 0.3, 0.2]
+    tasks = ["chat", "math", "code"]
+    method, _, preset = method.partition(":")  # e.g. 1bit:uniform
     lines = [f"merge_method: {method}"]
     if method != "linear":
         lines.append(f"base_model: {data / 'base'}")
     lines.append("models:")
     for i, w in enumerate(weights, 1):
         lines.append(f"  - model: {data / f'ft{i}'}")
-        lines.append("    " + RECIPES[method].format(w=w))
+        lines.append("    " + RECIPES[method].format(w=w, task=tasks[i - 1]))
+    if preset:
+        lines.append(f"parameters: {{preset: {preset}}}")
     lines.append("dtype: bfloat16")
     path.write_text("\n".join(lines) + "\n")
 
@@ -97,7 +103,7 @@ def main() -> None:
     bin_dir = Path(sys.executable).parent
     rows = []
     for method in args.methods.split(","):
-        work = args.work / method
+        work = args.work / method.replace(":", "-")
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
         recipe = work / "recipe.yaml"
@@ -115,8 +121,15 @@ def main() -> None:
         if args.memcap:
             row["cap"] = capped(sm, args.memcap)
         rows.append(row)
+        storage = work / "job.zarr" / "storage.json"
+        if storage.exists():
+            import json
+
+            info = json.loads(storage.read_text())
+            row["storage"] = f"{info['total_bytes'] / 2**30:.2f} GiB = {100 * info['share_of_full_routing']:.1f}% of full routing"
         mk = bin_dir / "mergekit-yaml"
-        if not args.skip_mergekit and mk.exists():
+        routing = method.split(":")[0] in ("mediator", "1bit")
+        if not args.skip_mergekit and mk.exists() and not routing:
             mk_cmd = [str(mk), str(recipe), str(work / "mk-out"), "--quiet", "-j", str(args.workers)]
             r = timed(mk_cmd)
             if r["rc"] != 0:
@@ -129,7 +142,7 @@ def main() -> None:
 
     print(f"\ninput: {data} ({size / 1e9:.2f} GB, base + 3 fine-tunes), {os.cpu_count()} cores\n")
     cap_col = f" | under {args.memcap} MB cap" if args.memcap else ""
-    print(f"| method | tool | wall (s) | peak RSS (MB) | speed-up{cap_col} |")
+    print(f"| method | tool | wall (s) | peak RSS (MB) | speed-up (storage for routing methods){cap_col} |")
     print("|---|---|---:|---:|---:|" + ("---|" if args.memcap else ""))
     for row in rows:
         peer = next((r for r in rows if r["method"] == row["method"] and r["tool"] == "mergekit"), None)
@@ -139,6 +152,7 @@ def main() -> None:
         if args.memcap:
             c = row["cap"]
             cap = " | " + ("completed" if c.get("ok") else "killed/failed") + f" (max {c.get('maxusage_mb')} MB)"
+        speed = speed or row.get("storage", "")
         print(f"| {row['method']} | {row['tool']}{status} | {row['wall_s']:.1f} | {row['peak_rss_mb']:.0f} | {speed}{cap} |")
 
 
