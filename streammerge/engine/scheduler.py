@@ -15,7 +15,7 @@
 Under dask.distributed the graph's arguments are pickled and sent to the workers: tensor handles
 (path, offset, dtype, shape), the job store (its path and a manifest digest: `Store.__getstate__`),
 the output writer (directory and file names: `ShardedWriter.__getstate__`) and merge methods (by
-registry name): a few KB per task, never tensor data. Each worker process maps the input files
+registry name): a few KB per task, never tensor data. Each worker process reads the input files
 and reopens the store lazily. Progress: `dask.diagnostics` callbacks do not fire under a
 distributed client, so the same tqdm bar is fed from an `as_completed` loop over the futures.
 
