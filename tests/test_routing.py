@@ -274,8 +274,8 @@ def test_uncertain_prompt_gets_weighted_merge(stores, routers, tmp_path):
         assert g.decision.entropy > 0 and 1 <= g.new_tokens <= 3
 
 
-def test_decision_cache_and_switching(stores, routers):
-    from streammerge.routing import STATIC, RoutedModel
+def test_decision_cache_and_switching(stores, routers, monkeypatch):
+    from streammerge.routing import STATIC, RoutedModel, forced
 
     rm = RoutedModel.from_store(stores["1bit"], device=DEVICE, cache_size=2)
     before = {n: p.data_ptr() for n, p in rm.model.named_parameters()}
@@ -291,6 +291,13 @@ def test_decision_cache_and_switching(stores, routers):
     rm.apply(STATIC)
     for n, p in rm.model.named_parameters():
         assert p.data_ptr() == before[n], n  # back to the merged model's own tensors
+    # row-chunked builds (large tensors) give the same tensors
+    from streammerge.routing import weights
+
+    whole = rm.builder.build(forced("math", TASKS))
+    monkeypatch.setattr(weights, "CHUNK_ELEMENTS", 100)
+    chunked = rm.builder.build(forced("math", TASKS))
+    assert all(torch.equal(whole[n], chunked[n]) for n in whole)
     # one group per decision: all prompts of a task share one switch
     rm.reset_timings()
     prompts = [p for t in TASKS for p in prompts_for(t, 2, 42)]
@@ -351,6 +358,18 @@ def test_device_reconstruction_matches_numpy():
     assert torch.equal(_TaskPiece("sparse", sparse=sp).tau_hat((4, 5), DEVICE).cpu(), torch.from_numpy(want))
     assert want.reshape(-1)[15] == 3.0 and want.reshape(-1)[19] != 0
 
+    # a row range of every kind is that range of the whole (1bit builds work on row ranges)
+    pieces = [
+        _TaskPiece("1bit", bits=T(packed), cols=cols, alpha=T(alpha)),
+        _TaskPiece("1bit-row", bits=T(packed), cols=cols, scale=T(sc)),
+        _TaskPiece("dense", dense=T(dense).to(torch.bfloat16)),
+    ]
+    for pc in pieces:
+        assert torch.equal(pc.tau_hat((rows, cols), DEVICE, (2, 5)), pc.tau_hat((rows, cols), DEVICE)[2:5])
+    sp_piece = _TaskPiece("sparse", sparse=sp)
+    for r in ((0, 1), (1, 3), (3, 4), (2, 4)):
+        assert torch.equal(sp_piece.tau_hat((4, 5), DEVICE, r), sp_piece.tau_hat((4, 5), DEVICE)[r[0] : r[1]])
+
     hats = [rng.normal(size=(rows, cols)).astype(np.float32) * s for s in (1.0, 0.5, 2.0)]
     hats[1][0, 0] = 0.0
     base = rng.normal(size=(rows, cols)).astype(np.float32)
@@ -392,3 +411,15 @@ def test_generate_cli(stores, routers, tmp_path):
     assert "no task 'poetry'" in out
     out = run("router", "show", store)
     assert "classifier  mlp" in out and "held-out" in out
+
+
+def test_generation_input_uses_the_chat_template(stores):
+    from streammerge.routing.runtime import encode_for_features, encode_for_generation, load_tokenizer
+    from streammerge.store.store import Store
+
+    tok = load_tokenizer(Store.open(stores["1bit"]))
+    assert encode_for_generation(tok, ["abc"]) == [tok("abc")["input_ids"]]  # no template: raw prompt, BOS
+    tok.chat_template = "{% for m in messages %}<s>user: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}bot:{% endif %}"
+    want = tok("<s>user: abc\nbot:", add_special_tokens=False)["input_ids"]
+    assert encode_for_generation(tok, ["abc"]) == [want] and want[0] == tok.bos_token_id and want.count(tok.bos_token_id) == 1
+    assert encode_for_features(tok, ["abc"]) == [tok("abc")["input_ids"]]  # the router reads the raw prompt

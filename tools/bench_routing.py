@@ -136,10 +136,11 @@ def bench_method(method: str, store: Path, work: Path, args) -> dict:
     gen["pad_token_id"] = pad_id(tok)
     seqs = {t: encode_for_generation(tok, prompts[t]) for t in TASKS}
 
-    # warm-up (first calls allocate, JIT-select kernels, import lazily)
+    # warm-up at the batch sizes measured (first calls allocate, pick kernels, import lazily)
+    short = {**gen, "max_new_tokens": 4, "min_new_tokens": 4}
     for t in TASKS:
-        generate_static(statics[t], tok, seqs[t][:1], 1, {**gen, "max_new_tokens": 2, "min_new_tokens": 2}, device)
-    rm.generate(prompts["chat"][:1], max_new_tokens=2, static=True)
+        generate_static(statics[t], tok, seqs[t], args.batch_size, short, device)
+    rm.generate([p for _, p in allp], max_new_tokens=4, min_new_tokens=4, batch_size=args.batch_size)
 
     # switching: cold (build + apply) and warm (cached) per task
     cold, warm = [], []
@@ -166,13 +167,18 @@ def bench_method(method: str, store: Path, work: Path, args) -> dict:
         res["switch_mix_cold_ms"] = 1e3 * statistics.mean(mix)
 
     static_runs, routed_cold, routed_warm = [], [], []
-    for r in range(args.repeat):
+
+    def static_run():
         secs = toks = 0
         c0 = time.process_time()
         for t in TASKS:
             s, k = generate_static(statics[t], tok, seqs[t], args.batch_size, gen, device)
             secs, toks = secs + s, toks + k
         static_runs.append({"seconds": secs, "cpu_s": time.process_time() - c0, "tokens": toks})
+
+    for r in range(args.repeat):
+        if r % 2 == 0:  # alternate which goes first
+            static_run()
         for warm_run in (False, True):
             if not warm_run:
                 rm._cache.clear()
@@ -186,6 +192,8 @@ def bench_method(method: str, store: Path, work: Path, args) -> dict:
                    "switch_s": tm.switch_s, "tokens": tm.new_tokens, "groups": tm.groups,
                    "routed_right": sum(o.decision.task == t for o, (t, _) in zip(outs, allp)) / len(allp)}
             (routed_warm if warm_run else routed_cold).append(run)
+        if r % 2 == 1:
+            static_run()
     best = lambda runs: min(runs, key=lambda x: x["seconds"])  # noqa: E731
     s, c, w = best(static_runs), best(routed_cold), best(routed_warm)
     res["static_tok_s"] = s["tokens"] / s["seconds"]
@@ -220,7 +228,7 @@ def main() -> None:
     ap.add_argument("--prompts-per-task", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=4)
     ap.add_argument("--switch-rounds", type=int, default=20)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="auto")

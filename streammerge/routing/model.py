@@ -14,6 +14,7 @@ grouped by decision, so each group costs one switch.
 
 from __future__ import annotations
 
+import os
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -63,7 +64,10 @@ class Timings:
 
 
 class RoutedModel:
-    def __init__(self, store, method: dict, model, tokenizer, device, dtype, router=None, cache_size: int = 4,
+    """The merged model of a routing store plus what it takes to route it (not thread-safe:
+    one generate at a time, since the weights are swapped in the one model)."""
+
+    def __init__(self, store, method: dict, model, tokenizer, device, dtype, router=None, cache_size: int | str = "auto",
                  eta: float | None = None, top_m: int | None = None, max_tokens: int | None = None):
         torch, _ = require_torch()
         self.store, self.method = store, method
@@ -71,7 +75,6 @@ class RoutedModel:
         self.model, self.tokenizer = model, tokenizer
         self.device, self.dtype = device, dtype
         self.router = router
-        self.cache_size = max(1, int(cache_size))
         self.eta = float(method.get("eta", 0.5)) if eta is None else float(eta)
         self.top_m = int(method.get("top_m", 0) or 0) if top_m is None else int(top_m)
         self.max_tokens = router.meta.get("max_tokens") if (router is not None and max_tokens is None) else max_tokens
@@ -79,9 +82,27 @@ class RoutedModel:
         self.builder = make_builder(store, method, device, dtype, merged=lambda n: self._param(params, n).data)
         self._params = {n: self._param(params, n) for n in self.builder.names}
         self._static = {n: p.data for n, p in self._params.items()}
+        self.decision_bytes = sum(p.numel() * p.element_size() for p in self._params.values())
+        self.cache_size = self._auto_cache_size() if cache_size == "auto" else max(1, int(cache_size))
         self._cache: OrderedDict[tuple, dict] = OrderedDict()
         self._applied: tuple = STATIC.key
         self.timings = Timings()
+
+    def _auto_cache_size(self) -> int:
+        """Every top-1 decision plus one weighted one, as far as half the free memory allows."""
+        torch, _ = require_torch()
+        free = None
+        try:
+            if self.device.type == "cuda":
+                free = torch.cuda.mem_get_info(self.device)[0]
+            elif self.device.type == "cpu":
+                free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, RuntimeError, AttributeError):
+            free = None
+        want = len(self.tasks) + 1
+        if not free or not self.decision_bytes:
+            return want
+        return max(1, min(want, int(0.5 * free // self.decision_bytes)))
 
     @staticmethod
     def _param(params: dict, name: str):
@@ -95,10 +116,12 @@ class RoutedModel:
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
-    def from_store(cls, path, device="auto", dtype="auto", *, router: bool | str = "auto", cache_size: int = 4,
+    def from_store(cls, path, device="auto", dtype="auto", *, router: bool | str = "auto", cache_size: int | str = "auto",
                    eta: float | None = None, top_m: int | None = None) -> "RoutedModel":
         """Load a built mediator / 1bit store. router: True (required), False (none: pass a task
-        or static=True to generate), "auto" (load it when one was fitted)."""
+        or static=True to generate), "auto" (load it when one was fitted). cache_size: decisions
+        whose tensors stay built ("auto": every top-1 decision plus one, within half the free
+        memory of the device)."""
         from .router import Router, router_dir
 
         store, method = open_routing_store(path)

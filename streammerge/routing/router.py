@@ -261,7 +261,15 @@ def fit_router(
     """
     torch, _ = require_torch()
     from .prompts import read_prompts
-    from .runtime import encode_for_features, load_merged_model, mean_hidden_features, open_routing_store, pad_id, resolve_device, resolve_dtype
+    from .runtime import (
+        encode_for_features,
+        load_merged_model,
+        mean_hidden_features,
+        open_routing_store,
+        pad_id,
+        resolve_device,
+        resolve_dtype,
+    )
 
     if classifier not in CLASSIFIERS:
         raise StreammergeError(f"unknown classifier {classifier!r} (use {' or '.join(CLASSIFIERS)})")

@@ -9,7 +9,6 @@ naming the store manifest digest it was exported from; a store rebuilt since is 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Sequence
 
@@ -93,6 +92,10 @@ def open_routing_store(path) -> tuple[Store, dict]:
     from ..export.variants import load_decision
 
     store = Store.open(Path(path))
+    if not (store.path / "method.json").is_file():
+        raise StreammergeError(
+            f"{store.path}: routing needs a mediator or 1bit store (this one was built with {store.manifest['method']})"
+        )
     method = load_decision(store)
     if method.get("method") not in ("mediator", "1bit"):
         raise StreammergeError(f"{store.path}: method.json names {method.get('method')!r}; routing needs mediator or 1bit")
@@ -232,7 +235,3 @@ def mean_hidden_features(model, seqs: Sequence[Sequence[int]], pad: int, batch_s
         return torch.zeros((0, model.config.hidden_size), dtype=torch.float32, device=device)
     return torch.stack([rows[i] for i in range(len(seqs))])
 
-
-def cpu_threads_note() -> str:
-    torch, _ = require_torch()
-    return f"{torch.get_num_threads()} thread(s), {os.cpu_count()} core(s)"

@@ -58,18 +58,28 @@ class _Sparse:
         off = np.concatenate(offs) if offs else np.zeros(0, np.int64)
         val = np.concatenate(vals) if vals else np.zeros(0, np.float32)
         n = int(np.prod(job["shape"], dtype=np.int64)) if job["shape"] else 1
+        self.size = n
         itype = np.int32 if n < 2**31 else np.int64
         self.index = torch.from_numpy(off.astype(itype)).to(device)
         self.value = torch.from_numpy(val).to(torch.bfloat16).to(device)  # exact: values are bf16
 
-    def add_into(self, flat, weight=None):
-        """flat[index] += weight * value (float32: the product rounded once, then the sum)."""
-        if self.index.numel() == 0:
+    def add_into(self, flat, weight=None, start: int = 0):
+        """flat[index - start] += weight * value for the indices in [start, start + flat.numel())
+        (float32: the product rounded once, then the sum)."""
+        torch, _ = require_torch()
+        index, value = self.index, self.value
+        if index.numel() == 0:
             return flat
-        v = self.value.float()
+        if start or flat.numel() < self.size:  # a row range: the indices are sorted
+            bounds = torch.tensor([start, start + flat.numel()], dtype=index.dtype, device=index.device)
+            lo, hi = torch.searchsorted(index, bounds).tolist()
+            index, value = index[lo:hi] - start, value[lo:hi]
+            if index.numel() == 0:
+                return flat
+        v = value.float()
         if weight is not None:
             v.mul_(weight)
-        flat.index_add_(0, self.index, v)  # indices are unique within a task
+        flat.index_add_(0, index, v)  # indices are unique within a task
         return flat
 
     @property
@@ -146,11 +156,17 @@ class _TaskPiece:
         self.kind = kind
         self.parts = parts
 
-    def tau_hat(self, shape, device):
+    def tau_hat(self, shape, device, rows: tuple[int, int] | None = None):
+        """tau_hat of the whole tensor, or of rows [r0, r1) (tensors of rank >= 2)."""
         torch, _ = require_torch()
         p = self.parts
+        shape = tuple(shape)
+        r0, r1 = rows if rows is not None else (0, shape[0] if shape else 1)
+        out_shape = (r1 - r0, *shape[1:]) if rows is not None else shape
         if self.kind in ("1bit", "1bit-row"):
             packed, cols = p["bits"], p["cols"]
+            if rows is not None:
+                packed = packed[r0:r1]
             shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
             bits = (packed.unsqueeze(-1) >> shifts) & 1
             s = bits.reshape(packed.shape[0], -1)[:, :cols].to(torch.float32)
@@ -158,13 +174,17 @@ class _TaskPiece:
             if self.kind == "1bit":
                 s.mul_(p["alpha"])
             else:
-                s.mul_(p["scale"].reshape(-1, 1))
-            return s.reshape(shape)
+                sc = p["scale"] if rows is None else p["scale"][r0:r1]
+                s.mul_(sc.reshape(-1, 1))
+            return s.reshape(out_shape)
+        n = int(np.prod(out_shape, dtype=np.int64)) if out_shape else 1
         if self.kind == "sparse":
-            flat = torch.zeros(int(np.prod(shape, dtype=np.int64)) if shape else 1, dtype=torch.float32, device=device)
-            p["sparse"].add_into(flat)
-            return flat.reshape(shape)
-        return p["dense"].to(torch.float32).reshape(shape)  # dense: bf16 task vector
+            flat = torch.zeros(n, dtype=torch.float32, device=device)
+            row_elems = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) >= 2 else 1
+            p["sparse"].add_into(flat, start=r0 * row_elems if rows is not None else 0)
+            return flat.reshape(out_shape)
+        d = p["dense"] if rows is None else p["dense"][r0:r1]
+        return d.to(torch.float32).reshape(out_shape)  # dense: bf16 task vector
 
     @property
     def nbytes(self) -> int:
@@ -175,6 +195,9 @@ class _TaskPiece:
             elif hasattr(v, "element_size"):
                 n += v.numel() * v.element_size()
         return n
+
+
+CHUNK_ELEMENTS = 1 << 24  # a 1bit build works on row ranges of about this many elements
 
 
 class OneBitWeights(WeightBuilder):
@@ -255,15 +278,35 @@ class OneBitWeights(WeightBuilder):
         out = {}
         for name in self.names:
             shape = self.shape[name]
-            w = self.base[name].to(torch.float32, copy=True)
-            hats = {t: (pc.tau_hat(shape, self.device) if pc is not None else None) for t, pc in self.pieces[name].items()}
-            if hats[k] is not None:
-                w.add_(hats[k])
-            others = [h for t, h in hats.items() if t != k and h is not None]
-            if others:
-                w.add_(ties_torch(others).mul_(lam))
-            out[name] = w.to(self.store_dtype[name]).to(self.dtype)
+            if len(shape) < 2:
+                out[name] = self._merge(name, k, lam, None)
+                continue
+            # row ranges bound the float32 temporaries (N task vectors, TIES) whatever the tensor
+            step = max(1, CHUNK_ELEMENTS // max(1, int(np.prod(shape[1:], dtype=np.int64))))
+            if step >= shape[0]:
+                out[name] = self._merge(name, k, lam, None)
+                continue
+            res = torch.empty(shape, dtype=self.dtype, device=self.device)
+            for r0 in range(0, shape[0], step):
+                r1 = min(shape[0], r0 + step)
+                res[r0:r1] = self._merge(name, k, lam, (r0, r1))
+            out[name] = res
         return out
+
+    def _merge(self, name: str, k: str, lam, rows):
+        """theta_0 + tau_hat_k + lambda * TIES(others) of a tensor or of its rows [r0, r1),
+        rounded to the store's dtype, in the compute dtype (elementwise: chunking changes nothing)."""
+        torch, _ = require_torch()
+        shape = self.shape[name]
+        base = self.base[name] if rows is None else self.base[name][rows[0] : rows[1]]
+        w = base.to(torch.float32, copy=True)
+        hats = {t: (pc.tau_hat(shape, self.device, rows) if pc is not None else None) for t, pc in self.pieces[name].items()}
+        if hats[k] is not None:
+            w.add_(hats[k])
+        others = [h for t, h in hats.items() if t != k and h is not None]
+        if others:
+            w.add_(ties_torch(others).mul_(lam))
+        return w.to(self.store_dtype[name]).to(self.dtype)
 
     @property
     def device_bytes(self) -> int:
