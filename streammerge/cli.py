@@ -1,4 +1,4 @@
-"""The `streammerge` command line: plan, build, status, export, methods."""
+"""The `streammerge` command line: plan, build, status, export, report, methods, router, generate."""
 
 from __future__ import annotations
 
@@ -197,7 +197,7 @@ _dask_options = [
         metavar="ADDRESS",
         default=None,
         help="Run on an existing dask.distributed cluster (e.g. tcp://host:8786); inputs and store must be at the "
-        "same paths on every worker. See docs/distributed.md.",
+        "same paths on every worker. See README, Distributed.",
     ),
     click.option(
         "--cluster",

@@ -88,7 +88,7 @@ def read_rows(handle, r0: int, r1: int, out: np.ndarray) -> np.ndarray:
 # Every block of every input is checked for NaN/Inf as it is converted, unless its handle says
 # otherwise (`TensorHandle.check_finite`, False under `streammerge build --allow-nonfinite`).
 # The check is fused with the conversion, chunk by chunk, so it runs on cache-hot data: it adds
-# ~1.7 ms per 16 Mi-element bf16 block to the ~2.8 ms read + conversion (docs/reliability.md).
+# ~1.7 ms per 16 Mi-element bf16 block to the ~2.8 ms read + conversion (README, Reliability).
 _CHECK_CHUNK = 1 << 18  # elements converted then checked at a time (1 MiB of float32)
 
 
