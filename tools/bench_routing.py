@@ -99,7 +99,6 @@ def generate_static(model, tok, seqs, batch_size, gen_kwargs, device) -> tuple[f
 
 
 def bench_method(method: str, store: Path, work: Path, args) -> dict:
-    import torch
     from transformers import AutoModelForCausalLM
 
     from streammerge.routing import RoutedModel, fit_router

@@ -35,7 +35,6 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
-from ..errors import RecipeError
 from ..methods.base import REQUIRED, MergeMethod, Param, TensorParams
 
 if TYPE_CHECKING:  # pragma: no cover
