@@ -52,11 +52,15 @@ def _map_task(method: MergeMethod, job: TensorJob, pass_index: int, i: int, stat
     return p.map(_read_block(job, i), job.params, stats or {})
 
 
+PASSES_RUN = "_passes_run"  # stats key: how many passes read the tensor (for the bytes-read figure)
+
+
 def _reduce_task(method: MergeMethod, job: TensorJob, pass_index: int, partials, stats):
     stats = dict(stats or {})
     p = method.passes[pass_index]
     if p.needed(job.params, stats):
         stats.update(p.reduce(partials, job.params, stats))
+        stats[PASSES_RUN] = int(stats.get(PASSES_RUN, 0)) + 1
     return stats
 
 
@@ -148,4 +152,16 @@ def run_build(
         run_graph(
             dsk, targets, task_bytes, workers=workers, scheduler=scheduler, cluster=cluster, desc=desc, progress=progress
         )
-    return BuildReport(blocks_run=len(targets), blocks_skipped=skipped, input_bytes=sum(task_bytes.values()))
+    return BuildReport(blocks_run=len(targets), blocks_skipped=skipped, input_bytes=_bytes_read(plan, store, task_bytes))
+
+
+def _bytes_read(plan: Plan, store: Store, task_bytes: dict) -> int:
+    """Input bytes this run really read: its merge tasks, and each pass that was needed (the
+    progress bar counted every scheduled pass; skipped ones read nothing)."""
+    total = sum(n for key, n in task_bytes.items() if key[0] == "merge")
+    scheduled = {(key[1], key[2]) for key in task_bytes if key[0] == "pass"}
+    for job in plan.jobs:
+        if (job.stage, job.store_key) in scheduled:
+            stats = store.load_stats(job.stage, job.store_key) or {}
+            total += int(stats.get(PASSES_RUN, 0)) * sum(_block_bytes(job, i) for i in range(job.nblocks))
+    return total
