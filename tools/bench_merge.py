@@ -50,6 +50,22 @@ def write_recipe(path: Path, method: str, data: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def median_run(cmd: list[str], repeat: int, before=None) -> dict:
+    """`timed` `repeat` times: median wall time, largest peak RSS, first failure if any."""
+    runs = []
+    for _ in range(repeat):
+        if before:
+            before()
+        runs.append(timed(cmd))
+    failed = [r for r in runs if r["rc"] != 0]
+    walls = sorted(r["wall_s"] for r in runs)
+    out = dict(failed[0] if failed else runs[0])
+    out["wall_s"] = walls[len(walls) // 2]
+    out["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)
+    out["walls"] = walls
+    return out
+
+
 def timed(cmd: list[str], env=None) -> dict:
     """Run under /usr/bin/time -v: wall seconds, peak RSS (MB), exit code."""
     t0 = time.perf_counter()
@@ -85,6 +101,7 @@ def main() -> None:
     ap.add_argument("--memory-limit", default="700MB", help="streammerge --memory-limit")
     ap.add_argument("--memcap", type=int, default=0, help="also run each tool under this memory cap (MB)")
     ap.add_argument("--skip-mergekit", action="store_true")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per tool (alternating); the median wall time is reported")
     args = ap.parse_args()
 
     data = args.data / (args.preset + (f"-{args.layers}l" if args.layers else ""))
@@ -114,7 +131,7 @@ def main() -> None:
             "--memory-limit", args.memory_limit, "--no-progress", "--restart", "--overwrite",
         ]
         subprocess.run(["cat", *map(str, data.rglob("*.safetensors"))], stdout=subprocess.DEVNULL)  # warm the page cache
-        r = timed(sm)
+        r = median_run(sm, args.repeat)
         if r["rc"] != 0:
             print(r["tail"], file=sys.stderr)
         row = {"method": method, "tool": "streammerge", **r}
@@ -131,7 +148,7 @@ def main() -> None:
         routing = method.split(":")[0] in ("mediator", "1bit")
         if not args.skip_mergekit and mk.exists() and not routing:
             mk_cmd = [str(mk), str(recipe), str(work / "mk-out"), "--quiet", "-j", str(args.workers)]
-            r = timed(mk_cmd)
+            r = median_run(mk_cmd, args.repeat, before=lambda: shutil.rmtree(work / "mk-out", ignore_errors=True))
             if r["rc"] != 0:
                 print(r["tail"], file=sys.stderr)
             row = {"method": method, "tool": "mergekit", **r}
@@ -140,7 +157,9 @@ def main() -> None:
                 row["cap"] = capped(mk_cmd, args.memcap)
             rows.append(row)
 
-    print(f"\ninput: {data} ({size / 1e9:.2f} GB, base + 3 fine-tunes), {os.cpu_count()} cores\n")
+    print(f"\ninput: {data} ({size / 1e9:.2f} GB, base + 3 fine-tunes), {os.cpu_count()} cores, median of {args.repeat}\n")
+    for row in rows:
+        print(f"  {row['method']} {row['tool']}: walls {', '.join(f'{w:.1f}' for w in row['walls'])} s")
     cap_col = f" | under {args.memcap} MB cap" if args.memcap else ""
     print(f"| method | tool | wall (s) | peak RSS (MB) | speed-up (storage for routing methods){cap_col} |")
     print("|---|---|---:|---:|---:|" + ("---|" if args.memcap else ""))
