@@ -146,10 +146,6 @@ class Keeper:
     n: int
 
     @property
-    def keeps_all(self) -> bool:
-        return self.T == 0 and self.cut >= self.n - 1
-
-    @property
     def keeps_none(self) -> bool:
         return self.T >= U32MAX and self.cut < 0
 
@@ -164,10 +160,6 @@ class Keeper:
         head = u[: self.cut - p0 + 1]
         m[np.flatnonzero(head == T)] = True
         return m
-
-
-def keep_all(n: int) -> Keeper:
-    return Keeper(0, n, n)
 
 
 # ---------------------------------------------------------------------------------------------

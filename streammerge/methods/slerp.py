@@ -213,10 +213,6 @@ def exact_reduce(partials: Sequence[list], k: int) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 
 
-def f32(x) -> np.float32:
-    return F32(x)
-
-
 def sin32(x):
     """float32 sin of float32 input, correctly rounded via float64 (torch uses SLEEF, 1 ulp)."""
     with np.errstate(invalid="ignore"):
