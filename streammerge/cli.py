@@ -292,27 +292,40 @@ def plan(recipe: Path, workers: int, memory_limit: int, seed: int, block_element
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), help="With --export: output dtype.")
 @click.option("--overwrite", is_flag=True, help="With --export: replace an existing output directory.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
+@click.option(
+    "--device",
+    default="auto",
+    show_default=True,
+    metavar="auto|cpu|cuda[:N]",
+    help="Where tensors are merged. cuda: each tensor is uploaded whole to the GPU and merged there "
+    "(same bits as the CPU path); methods without a GPU kernel, and tensors too large for the GPU, stay "
+    "on the CPU. auto: cuda when a GPU is present. Without a GPU, cuda falls back to the CPU with a message.",
+)
 @_apply(_dask_options)
 @_safety_options("allow_nonfinite", "allow_pickle", "allow_crimes")
 @user_errors
 def build(
     recipe, store_path, export_dir, workers, memory_limit, seed, block_elements, restart, shard_size, dtype, overwrite, progress,
-    scheduler, cluster,
+    device, scheduler, cluster,
 ):
     """Run (or resume) the merge described by RECIPE into a job store.
 
     Running it again on the same store resumes where it stopped. A store whose recipe or
     inputs changed is refused; --restart discards it.
     """
+    from .engine.device import choose_device
     from .engine.scheduler import dask_client
 
+    choice = choose_device(device)
+    if choice.message:
+        click.echo(f"note: {choice.message}", err=True)
     with dask_client(scheduler, cluster) as client:  # None: the threaded scheduler
         _build(recipe, store_path, export_dir, workers, memory_limit, seed, block_elements, restart, shard_size, dtype,
-               overwrite, progress, client)
+               overwrite, progress, client, choice.device)
 
 
 def _build(recipe, store_path, export_dir, workers, memory_limit, seed, block_elements, restart, shard_size, dtype,
-           overwrite, progress, client):
+           overwrite, progress, client, device=None):
     from .engine.job import build as run
 
     result = run(
@@ -325,11 +338,14 @@ def _build(recipe, store_path, export_dir, workers, memory_limit, seed, block_el
         progress=progress,
         block_elems=block_elements,
         scheduler=client,
+        device=device,
         **_safety(),
     )
     for w in result.warnings:
         click.echo(f"warning: {w}", err=True)
     r = result.report
+    if r.on_cpu:
+        click.echo(f"note: no {device} kernel for {', '.join(r.on_cpu)}: computed on the CPU", err=True)
     verb = "resumed" if result.resumed else "built"
     rate = r.input_bytes / result.seconds if result.seconds > 0 else 0
     click.echo(

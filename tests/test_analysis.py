@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import zlib
 
 import numpy as np
 import pytest
@@ -129,7 +130,7 @@ def run(base, models, q, block_rows, name="t"):
 @pytest.mark.parametrize("kind", ["bf16", "sparse"])
 @pytest.mark.parametrize("shape", [(61, 37), (300,), (9, 4, 5)])
 def test_stats_match_brute_force_any_block_size(N, kind, shape):
-    rng = np.random.default_rng(hash((N, kind, shape)) % 2**32)
+    rng = np.random.default_rng(zlib.crc32(repr((N, kind, shape)).encode()))  # not hash(): it varies per process
     base, models = family(rng, shape, N, kind)
     rows = shape[0]
     for q in (1.0, 0.3):

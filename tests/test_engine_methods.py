@@ -7,15 +7,18 @@ independently, results rounded to the output dtype; for any block size and worke
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 
 import ml_dtypes
 import numpy as np
 import pytest
+import torch
 
+import synth_checkpoints as synth
 from helpers import load_model_tensors, write_recipe
 from streammerge.engine.job import build
-from streammerge.methods import get_method, method_names
+from streammerge.methods import _topk, get_method, method_names
 from streammerge.methods.inmemory import merge_tensor
 from streammerge.recipe import load_recipe
 from streammerge.plan.planner import make_plan
@@ -85,3 +88,107 @@ def test_engine_equals_in_memory(method, synth_family, tmp_path):
         want_bf16 = want.astype(ml_dtypes.bfloat16).view(np.uint16)
         have = got[job.name].view(dtype=__import__("torch").int16).numpy().view(np.uint16)
         np.testing.assert_array_equal(have, want_bf16, err_msg=f"{method}: {job.name}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Passes that look at some rows only (Pass.rows): the top-k sample of ties reads its rows only.
+
+# Large enough that the mlp and embedding tensors are row-sampled at the real constants.
+ROWS_SHAPE = synth.ModelShape(hidden=512, intermediate=2048, layers=1, heads=8, kv_heads=2, vocab=4096)
+
+
+def _ties_recipe(tmp_path, base, fts):
+    models = [
+        {"model": str(f), "parameters": {"weight": w, "density": d}}
+        for f, w, d in zip(fts, (0.5, 0.3, 0.2), (0.5, 0.1, 0.9))
+    ]
+    return write_recipe(tmp_path / "r.yaml", {"merge_method": "ties", "base_model": str(base), "models": models})
+
+
+def test_pass_map_sees_only_its_declared_rows(synth_family, tmp_path):
+    from streammerge.engine.build import _map_task, _read_block
+
+    base, fts = synth_family("rows", shape=ROWS_SHAPE)
+    plan = make_plan(load_recipe(_ties_recipe(tmp_path, base, fts)), block_elems=300_000)
+    method = get_method("ties")
+    sample = method.passes[0]
+    seen = []
+
+    def spy(block, params, stats):
+        seen.append((block.rows.copy(), [a.copy() for a in (block.base, *block.models)]))
+        return sample.map(block, params, stats)
+
+    spied = dataclasses.replace(method, passes=(dataclasses.replace(sample, map=spy), *method.passes[1:]))
+    job = next(j for j in plan.jobs if j.name == "model.layers.0.mlp.up_proj.weight")  # 2048 x 512
+    rows = sample.rows(job.shape, job.params)
+    assert job.nblocks > 1 and 0 < 2 * rows.size < job.rows
+    for i in range(job.nblocks):
+        partial = _map_task(spied, job, 0, i, None)
+        held, arrays = seen[-1]
+        r0, r1 = job.block_range(i)
+        np.testing.assert_array_equal(held, rows[(rows >= r0) & (rows < r1)])
+        whole = _read_block(job, i)  # every row of the block
+        for got, full in zip(arrays, (whole.base, *whole.models)):
+            np.testing.assert_array_equal(got, full[held - r0])
+        # the map gives the same for the whole block (it picks its rows itself)
+        again = sample.map(whole, job.params, {})
+        assert again[0] == partial[0] and again[1].keys() == partial[1].keys()
+        for src, values in again[1].items():
+            np.testing.assert_array_equal(values, partial[1][src])
+
+
+def test_build_reads_the_sample_rows_only(synth_family, tmp_path):
+    """ties reads the sample's rows, then every input twice (collect, merge): no refinement on
+    synthetic deltas. The bits do not depend on block size or workers and equal the in-memory run."""
+    from streammerge.dtypes import float_type
+    from streammerge.store.store import Store
+
+    base, fts = synth_family("rows", shape=ROWS_SHAPE)
+    recipe = _ties_recipe(tmp_path, base, fts)
+    sample = get_method("ties").passes[0]
+    outs = []
+    for block_elems, workers in ((300_000, 2), (2_000_000, 1)):
+        store = tmp_path / f"job{block_elems}.zarr"
+        report = build(recipe, store, workers=workers, block_elems=block_elems, seed=3, progress=False).report
+        expected = 0
+        row_sampled = 0
+        for job in make_plan(load_recipe(recipe), block_elems=block_elems, seed=3).jobs:
+            row_bytes = sum(job.row_elems * float_type(h.dtype).itemsize for h in job.inputs)
+            rows = sample.rows(job.shape, job.params)
+            row_sampled += rows is not None
+            sampled_whole = job.numel < 2 * _topk.SAMPLE_TARGET  # resolved in the sample reduce
+            expected += (job.rows if rows is None else rows.size) * row_bytes  # sample
+            expected += (1 if sampled_whole else 2) * job.input_bytes  # collect, merge
+        assert row_sampled == 4  # embed_tokens, lm_head, up_proj, gate_proj
+        assert report.input_bytes == expected
+        export_store(Store.open(store), tmp_path / f"out{block_elems}")
+        outs.append(load_model_tensors(tmp_path / f"out{block_elems}"))
+    plan = make_plan(load_recipe(recipe), seed=3)
+    arrays = {spec: load_model_tensors(ck.directory) for spec, ck in plan.checkpoints.items()}
+    for job in plan.jobs:
+        f32 = [arrays[s][job.name].float().numpy() for s in (plan.base_spec, *plan.model_specs)]
+        want = merge_tensor(get_method("ties"), job.name, f32[0], f32[1:], job.params, block_rows=job.rows)
+        want = want.astype(ml_dtypes.bfloat16).view(np.uint16)
+        for got in outs:
+            np.testing.assert_array_equal(got[job.name].view(dtype=torch.int16).numpy().view(np.uint16), want)
+
+
+def test_read_rows_at(tmp_path):
+    from streammerge.checkpoints import TensorHandle
+    from streammerge.checkpoints.blocks import read_rows, read_rows_at
+    from streammerge.errors import CheckpointError
+
+    x = np.arange(40 * 6, dtype=np.float32).reshape(40, 6)
+    x[33, 4] = np.nan
+    path = tmp_path / "t.bin"
+    path.write_bytes(b"\0" * 8 + x.tobytes())
+    h = TensorHandle("t", str(path), 8, "F32", (40, 6))
+    rows = np.array([0, 1, 2, 7, 20, 21, 39])
+    got = read_rows_at(h, rows, np.empty(rows.size * 6, np.float32))
+    np.testing.assert_array_equal(got, x[rows])
+    assert read_rows_at(h, rows[:0], np.empty(1, np.float32)).shape == (0, 6)
+    with pytest.raises(CheckpointError, match=r"non-finite value \(nan\) at flat index 202;"):
+        read_rows_at(h, np.array([5, 33]), np.empty(12, np.float32))
+    h2 = TensorHandle("t", str(path), 8, "F32", (40, 6), check_finite=False)
+    got = read_rows_at(h2, np.array([5, 33]), np.empty(12, np.float32))
+    np.testing.assert_array_equal(got[0], read_rows(h2, 5, 6, np.empty(6, np.float32))[0])

@@ -53,35 +53,105 @@ def read_rows(handle, r0: int, r1: int, out: np.ndarray) -> np.ndarray:
     """
     ftype = float_type(handle.dtype)
     n = (r1 - r0) * row_elems(handle.shape)
-    start = handle.offset + r0 * row_elems(handle.shape) * ftype.itemsize
     dest = out.reshape(-1)[:n].reshape(block_shape(handle.shape, r0, r1))
-    nbytes = n * ftype.itemsize
-    buf = _raw_buffer(nbytes)
-    # Opened per block (~20 us): no descriptor cache to bound or to keep valid across threads.
-    fd = os.open(handle.path, os.O_RDONLY)
-    try:
-        size = os.fstat(fd).st_size
-        if start + nbytes > size:
-            raise CheckpointError(
-                f"{handle.path}: tensor {handle.name} ends past the end of the file ({size} bytes); "
-                "was the file truncated or replaced after it was opened?"
-            )
-        if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(fd, start, nbytes, os.POSIX_FADV_RANDOM)
-        view, pos = memoryview(buf), start
-        while view:
-            got = os.preadv(fd, [view], pos)
-            if got == 0:
-                raise CheckpointError(f"{handle.path}: tensor {handle.name}: unexpected end of file at byte {pos}")
-            view, pos = view[got:], pos + got
-    finally:
-        os.close(fd)
+    buf = read_raw(handle, r0, r1, _raw_buffer(n * ftype.itemsize))
     raw = buf.view(ftype.storage)
     if getattr(handle, "check_finite", True):
         _convert_checked(raw, ftype, dest.reshape(-1), handle, r0 * row_elems(handle.shape))
     else:
         to_float32(raw.reshape(dest.shape), ftype, dest)
     return dest
+
+
+def read_raw(handle, r0: int, r1: int, buf: np.ndarray) -> np.ndarray:
+    """The stored bytes of rows [r0, r1) of `handle` into the uint8 array `buf` (exactly that size)."""
+    ftype = float_type(handle.dtype)
+    start = handle.offset + r0 * row_elems(handle.shape) * ftype.itemsize
+    # Opened per block (~20 us): no descriptor cache to bound or to keep valid across threads.
+    fd = _open_span(handle, start, buf.size)
+    try:
+        _pread_full(fd, memoryview(buf), start, handle)
+    finally:
+        os.close(fd)
+    return buf
+
+
+def _open_span(handle, start: int, nbytes: int) -> int:
+    """A descriptor of handle's file, checked to hold [start, start + nbytes), with read-ahead
+    off (each pread asks for exactly what it needs)."""
+    fd = os.open(handle.path, os.O_RDONLY)
+    size = os.fstat(fd).st_size
+    if start + nbytes > size:
+        os.close(fd)
+        raise CheckpointError(
+            f"{handle.path}: tensor {handle.name} ends past the end of the file ({size} bytes); "
+            "was the file truncated or replaced after it was opened?"
+        )
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, start, nbytes, os.POSIX_FADV_RANDOM)
+    return fd
+
+
+def _pread_full(fd: int, view: memoryview, pos: int, handle) -> None:
+    while view:
+        got = os.preadv(fd, [view], pos)
+        if got == 0:
+            raise CheckpointError(f"{handle.path}: tensor {handle.name}: unexpected end of file at byte {pos}")
+        view, pos = view[got:], pos + got
+
+
+def read_rows_at(handle, rows: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """The rows `rows` (ascending indices) of `handle` converted into float32 `out`, one after
+    another, for a pass that looks at only some rows (methods.base.Pass.rows).
+
+    Returns a view of `out` shaped (len(rows), *shape[1:]). The file is opened once and read
+    with one pread per run of consecutive rows; POSIX_FADV_RANDOM keeps the kernel from reading
+    ahead into the rows between them. Runs are first read without waiting (RWF_NOWAIT: what the
+    page cache holds); the rest get POSIX_FADV_WILLNEED all at once before the waiting preads,
+    so that the disk fetches them together: one after another, cold, they took 4x as long
+    (110-140 ms against 31-38 ms for 293 of 2048 rows of 11 KiB, 4 inputs). A WILLNEED on a run
+    already cached costs about as much as reading it, hence not on every run.
+    """
+    ftype = float_type(handle.dtype)
+    L = row_elems(handle.shape)
+    row_bytes = L * ftype.itemsize
+    dest = out.reshape(-1)[: rows.size * L]
+    if rows.size:
+        buf = memoryview(_raw_buffer(rows.size * row_bytes))
+        breaks = (np.flatnonzero(np.diff(rows) != 1) + 1).tolist()
+        # per run: the part of `buf` still to fill, and its file offset
+        todo = [
+            (buf[a * row_bytes : b * row_bytes], handle.offset + int(rows[a]) * row_bytes)
+            for a, b in zip([0, *breaks], [*breaks, rows.size])
+        ]
+        first = todo[0][1]
+        span = todo[-1][1] + len(todo[-1][0]) - first
+        fd = _open_span(handle, first, span)
+        try:
+            if hasattr(os, "RWF_NOWAIT") and hasattr(os, "posix_fadvise"):
+                todo = [(view[got:], pos + got) for view, pos in todo if (got := _read_cached(fd, view, pos)) < len(view)]
+                for view, pos in todo:
+                    os.posix_fadvise(fd, pos, len(view), os.POSIX_FADV_WILLNEED)
+            for view, pos in todo:
+                _pread_full(fd, view, pos, handle)
+        finally:
+            os.close(fd)
+        to_float32(np.frombuffer(buf, ftype.storage), ftype, dest)
+        if getattr(handle, "check_finite", True):
+            # unfused (a few rows): the index maps back through `rows`
+            ok = np.isfinite(dest)
+            if not ok.all():
+                k = int(np.argmin(ok))
+                raise nonfinite_error(handle, int(rows[k // L]) * L + k % L, float(dest[k]))
+    return dest.reshape((rows.size, *handle.shape[1:]))
+
+
+def _read_cached(fd: int, view: memoryview, pos: int) -> int:
+    """Bytes read into `view` from `pos` without waiting for the disk (0: none cached)."""
+    try:
+        return os.preadv(fd, [view], pos, os.RWF_NOWAIT)
+    except OSError:  # EAGAIN: not cached; EOPNOTSUPP: a filesystem without RWF_NOWAIT
+        return 0
 
 
 # ---- non-finite inputs -----------------------------------------------------------------------
@@ -105,11 +175,15 @@ def _convert_checked(raw: np.ndarray, ftype, dest: np.ndarray, handle, first: in
         flags = np.isfinite(d, out=ok[: e - s])
         if not flags.all():
             k = int(np.argmin(flags))
-            value = "nan" if np.isnan(d[k]) else ("inf" if d[k] > 0 else "-inf")
-            raise CheckpointError(
-                f"{handle.path}: tensor {handle.name} holds a non-finite value ({value}) at flat index "
-                f"{first + s + k}; fix the checkpoint, or pass --allow-nonfinite to merge it anyway"
-            )
+            raise nonfinite_error(handle, first + s + k, float(d[k]))
+
+
+def nonfinite_error(handle, index: int, value: float) -> CheckpointError:
+    name = "nan" if value != value else ("inf" if value > 0 else "-inf")
+    return CheckpointError(
+        f"{handle.path}: tensor {handle.name} holds a non-finite value ({name}) at flat index "
+        f"{index}; fix the checkpoint, or pass --allow-nonfinite to merge it anyway"
+    )
 
 
 

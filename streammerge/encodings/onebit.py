@@ -52,6 +52,7 @@ on the stored encodings, so both agree bit for bit.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
@@ -641,10 +642,14 @@ def onebit_encode_method(
     `shape` (optional, the tensor's) lets the alpha pass say exactly whether it is needed; the
     method then refuses blocks of another shape.
     """
+    # Imported here, not at the top: that module imports this one.
+    from ..kernels.onebit import onebit_encode
+
     ob = _OneBit(tasks, precisions, scale, granularity, rho, shape)
     return MergeMethod(
         name="1bit.encode",
         merge=ob.encode,
+        kernel=functools.partial(onebit_encode, ob),
         base="required",
         passes=ob.passes,
         summary="1bit-Merging encodings: sign bits + scale, sparse top-rho or dense bf16 per task",
@@ -666,12 +671,16 @@ def onebit_fallback_method(
     tau_hat_t is what `reconstruct_task` rebuilds from the encoder's outputs (same precisions,
     scale, granularity and rho), computed here straight from the fine-tunes.
     """
+    # Imported here, not at the top: that module imports this one.
+    from ..kernels.onebit import onebit_fallback
+
     ob = _OneBit(tasks, precisions, scale, granularity, rho, shape)
     lam = float(lam)
 
     return MergeMethod(
         name="1bit.fallback",
         merge=_Fallback(ob, lam),
+        kernel=functools.partial(onebit_fallback, ob, lam),
         base="required",
         passes=ob.passes,
         summary="1bit-Merging static fallback: theta_0 + lambda * TIES over the 1-bit task vectors",

@@ -27,6 +27,7 @@ theta_t ~ D + S_t (`apply_sparse`).
 
 from __future__ import annotations
 
+import functools
 import struct
 import threading
 from typing import Callable, Sequence
@@ -263,10 +264,14 @@ def mediator_expert_method(tasks: Sequence[str], rho: float, dense_dtype: str | 
     tasks = check_tasks(tasks)
     if not 0 <= rho <= 1:
         raise ValueError(f"rho must be within [0, 1], got {rho}")
+    # Imported here, not at the top: that module imports this one.
+    from ..kernels.sparse import mediator_experts
+
     ex = _Experts(tasks, rho, dense_dtype)
     return MergeMethod(
         name="mediator.experts",
         merge=ex.merge,
+        kernel=functools.partial(mediator_experts, ex.tasks, ex.rho, None if ex.dense is None else ex.dense.name),
         base="unused",
         passes=ex.tk.passes,
         summary="Mediator sparse experts: top-rho of (theta_t - mean), per task, as sparse blobs",

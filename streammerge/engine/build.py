@@ -12,9 +12,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..checkpoints.blocks import read_rows
+import numpy as np
+
+from ..checkpoints.blocks import read_rows, read_rows_at
 from ..dtypes import float_type, from_float32
-from ..methods import Block, MergeMethod
+from ..methods import Block, MergeMethod, Pass
 from ..plan.planner import Plan, TensorJob
 from ..store.store import Store
 from .scheduler import run_graph
@@ -26,19 +28,37 @@ class BuildReport:
     blocks_run: int
     blocks_skipped: int
     input_bytes: int
+    on_cpu: tuple[str, ...] = ()  # with a device: the methods that had no kernel and ran on the CPU
 
 
-def _read_block(job: TensorJob, i: int) -> Block:
+def _read_block(job: TensorJob, i: int, rows: np.ndarray | None = None) -> Block:
+    """Block i of every input; with `rows` (a pass's declared rows), only those rows of it."""
     r0, r1 = job.block_range(i)
-    n = (r1 - r0) * job.row_elems
-    arrays = [read_rows(h, r0, r1, buffer(slot, n)) for slot, h in enumerate(job.inputs)]
+    if rows is None:
+        n = (r1 - r0) * job.row_elems
+        arrays = [read_rows(h, r0, r1, buffer(slot, n)) for slot, h in enumerate(job.inputs)]
+    else:
+        rows = _rows_in(rows, r0, r1)
+        n = rows.size * job.row_elems
+        arrays = [read_rows_at(h, rows, buffer(slot, n)) for slot, h in enumerate(job.inputs)]
     base = arrays.pop(0) if job.base is not None else None
-    return Block(tensor=job.name, shape=job.shape, start=r0 * job.row_elems, base=base, models=tuple(arrays))
+    return Block(
+        tensor=job.name, shape=job.shape, start=r0 * job.row_elems, base=base, models=tuple(arrays), rows=rows
+    )
 
 
-def _block_bytes(job: TensorJob, i: int) -> int:
+def _rows_in(rows: np.ndarray, r0: int, r1: int) -> np.ndarray:
+    return rows[np.searchsorted(rows, r0) : np.searchsorted(rows, r1)]
+
+
+def _pass_rows(p: Pass, job: TensorJob) -> np.ndarray | None:
+    return None if p.rows is None else p.rows(job.shape, job.params)
+
+
+def _block_bytes(job: TensorJob, i: int, rows: np.ndarray | None = None) -> int:
     r0, r1 = job.block_range(i)
-    return sum((r1 - r0) * job.row_elems * float_type(h.dtype).itemsize for h in job.inputs)
+    nrows = r1 - r0 if rows is None else _rows_in(rows, r0, r1).size
+    return sum(nrows * job.row_elems * float_type(h.dtype).itemsize for h in job.inputs)
 
 
 def _method(plan: Plan, job: TensorJob) -> MergeMethod:
@@ -49,10 +69,10 @@ def _map_task(method: MergeMethod, job: TensorJob, pass_index: int, i: int, stat
     p = method.passes[pass_index]
     if not p.needed(job.params, stats or {}):
         return None  # nothing to read: the reduce passes the stats through
-    return p.map(_read_block(job, i), job.params, stats or {})
+    return p.map(_read_block(job, i, _pass_rows(p, job)), job.params, stats or {})
 
 
-PASSES_RUN = "_passes_run"  # stats key: how many passes read the tensor (for the bytes-read figure)
+PASS_BYTES = "_pass_bytes"  # stats key: input bytes the passes read (for the bytes-read figure)
 
 
 def _reduce_task(method: MergeMethod, job: TensorJob, pass_index: int, partials, stats):
@@ -60,7 +80,8 @@ def _reduce_task(method: MergeMethod, job: TensorJob, pass_index: int, partials,
     p = method.passes[pass_index]
     if p.needed(job.params, stats):
         stats.update(p.reduce(partials, job.params, stats))
-        stats[PASSES_RUN] = int(stats.get(PASSES_RUN, 0)) + 1
+        rows = _pass_rows(p, job)
+        stats[PASS_BYTES] = int(stats.get(PASS_BYTES, 0)) + sum(_block_bytes(job, i, rows) for i in range(job.nblocks))
     return stats
 
 
@@ -94,8 +115,18 @@ def _merge_task(method: MergeMethod, store: Store, job: TensorJob, i: int, stats
     store.mark_done(job.stage, job.store_key, i)
 
 
-def build_graph(plan: Plan, store: Store) -> tuple[dict, list, dict, int]:
-    """The dask graph of all unfinished work: graph, target keys, input bytes per task, skipped blocks."""
+def _on_device(method: MergeMethod, job: TensorJob, device: str | None) -> bool:
+    if device is None or method.kernel is None:
+        return False
+    from .device import device_budget, job_device_bytes
+
+    return device_budget(device).fits(job_device_bytes(job))
+
+
+def build_graph(plan: Plan, store: Store, device: str | None = None) -> tuple[dict, list, dict, int]:
+    """The dask graph of all unfinished work: graph, target keys, input bytes per task, skipped blocks.
+
+    With a `device`, jobs whose method has a kernel are one task each (engine/device.py)."""
     dsk: dict = {}
     targets: list = []
     task_bytes: dict = {}
@@ -112,16 +143,25 @@ def build_graph(plan: Plan, store: Store) -> tuple[dict, list, dict, int]:
         skipped += job.nblocks - len(todo) if has_outputs else 0
         if (has_outputs and not todo) or stats_saved and not todo:
             continue
+        if has_outputs and _on_device(method, job, device):
+            from .device import device_task
+
+            k = ("device", job.stage, key)
+            dsk[k] = (device_task, method, store, job, todo, device)
+            targets.append(k)
+            task_bytes[k] = sum(_block_bytes(job, i) for i in range(job.nblocks))
+            continue
         stats_key = None
         if not stats_saved:
             prev = None
             for p in range(len(method.passes)):
                 maps = []
+                rows = _pass_rows(method.passes[p], job)
                 for i in range(job.nblocks):
                     k = ("pass", job.stage, key, p, i)
                     dsk[k] = (_map_task, method, job, p, i, prev)
                     maps.append(k)
-                    task_bytes[k] = _block_bytes(job, i)
+                    task_bytes[k] = _block_bytes(job, i, rows)
                 red = ("reduce", job.stage, key, p)
                 dsk[red] = (_reduce_task, method, job, p, maps, prev)
                 prev = red
@@ -146,22 +186,30 @@ def run_build(
     desc: str = "merge",
     scheduler=None,
     cluster: str | None = None,
+    device: str | None = None,
 ) -> BuildReport:
-    dsk, targets, task_bytes, skipped = build_graph(plan, store)
+    dsk, targets, task_bytes, skipped = build_graph(plan, store, device)
     if targets:
         run_graph(
             dsk, targets, task_bytes, workers=workers, scheduler=scheduler, cluster=cluster, desc=desc, progress=progress
         )
-    return BuildReport(blocks_run=len(targets), blocks_skipped=skipped, input_bytes=_bytes_read(plan, store, task_bytes))
+    on_cpu = sorted({_method(plan, j).name for j in plan.jobs if device and not _on_device(_method(plan, j), j, device)})
+    blocks_run = sum(len(dsk[k][4]) if k[0] == "device" else 1 for k in targets)  # a device task: its blocks
+    return BuildReport(
+        blocks_run=blocks_run,
+        blocks_skipped=skipped,
+        input_bytes=_bytes_read(plan, store, task_bytes),
+        on_cpu=tuple(on_cpu),
+    )
 
 
 def _bytes_read(plan: Plan, store: Store, task_bytes: dict) -> int:
-    """Input bytes this run really read: its merge tasks, and each pass that was needed (the
-    progress bar counted every scheduled pass; skipped ones read nothing)."""
-    total = sum(n for key, n in task_bytes.items() if key[0] == "merge")
+    """Input bytes this run really read: its merge tasks, and each pass that was needed, of the
+    rows it declares (the progress bar counted every scheduled pass; skipped ones read nothing)."""
+    total = sum(n for key, n in task_bytes.items() if key[0] in ("merge", "device"))
     scheduled = {(key[1], key[2]) for key in task_bytes if key[0] == "pass"}
     for job in plan.jobs:
         if (job.stage, job.store_key) in scheduled:
             stats = store.load_stats(job.stage, job.store_key) or {}
-            total += int(stats.get(PASSES_RUN, 0)) * sum(_block_bytes(job, i) for i in range(job.nblocks))
+            total += int(stats.get(PASS_BYTES, 0))
     return total

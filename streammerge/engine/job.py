@@ -122,10 +122,12 @@ def build(
     allow_nonfinite: bool = False,
     allow_pickle: bool = False,
     allow_crimes: bool = False,
+    device: str | None = None,
 ) -> JobResult:
     """allow_nonfinite: merge inputs holding NaN/Inf (refused by default); allow_pickle: load
     pickle checkpoints with torch.load(weights_only=True), converted once into <store>/converted;
-    allow_crimes: merge models whose config.json names different architectures."""
+    allow_crimes: merge models whose config.json names different architectures; device: a torch
+    device ("cuda") for methods with a kernel (engine/device.py), None for the numpy CPU path."""
     recipe_path = Path(recipe_path)
     store_path = Path(store_path)
     recipe = recipe or load_recipe(recipe_path)  # first: a missing recipe is a one-line error
@@ -167,7 +169,7 @@ def build(
             copy_hf_files(plan.hf_source.directory, store_path / "hf", plan.config_overrides)
             store = Store.create(store_path, manifest)
             litter = 0
-        run = dict(workers=workers, progress=progress, scheduler=scheduler, cluster=cluster)
+        run = dict(workers=workers, progress=progress, scheduler=scheduler, cluster=cluster, device=device)
         report = run_build(plan, store, **run)
         if full_plan.method.pipeline:
             report = _routed_phase_b(full_plan, plan, store, report, run)
@@ -197,6 +199,7 @@ def _routed_phase_b(full_plan: Plan, analysis_plan: Plan, store: Store, report: 
         blocks_run=report.blocks_run + second.blocks_run,
         blocks_skipped=report.blocks_skipped + second.blocks_skipped,
         input_bytes=report.input_bytes + second.input_bytes,
+        on_cpu=tuple(sorted({*report.on_cpu, *second.on_cpu})),
     )
 
 

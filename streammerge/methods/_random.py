@@ -31,18 +31,59 @@ def stream_key(seed: int, tensor: str, model: int, purpose: str = "") -> int:
     return int.from_bytes(h.digest(), "little")
 
 
+class Stream:
+    """Stream `key`, read by position. Seeding a PCG64 (~10 us) costs as much as drawing ~4000
+    of its outputs, so a Stream keeps one generator and advances it from where the last read
+    ended: a block read chunk by chunk seeds once. The words are those of a fresh seeding."""
+
+    def __init__(self, key: int):
+        self._gen = np.random.PCG64(int(key) % 2**64)
+        self._next = 0  # the generator's next 64-bit output
+
+    def bits16(self, start: int, count: int) -> np.ndarray:
+        """uint16 random words for positions start .. start + count - 1."""
+        first, skip = divmod(int(start), _WORDS_PER_OUTPUT)
+        if first != self._next:  # a backward step wraps around the 2**128 period
+            self._gen.advance((first - self._next) % 2**128)
+        n = -(-(skip + count) // _WORDS_PER_OUTPUT)
+        self._next = first + n
+        return self._gen.random_raw(n).view(np.uint16)[skip : skip + count]
+
+    def bits32(self, start: int, count: int) -> np.ndarray:
+        """uint32 words for element positions start ..: words 2p (low half) and 2p + 1 (high half)."""
+        return self.bits16(2 * int(start), 2 * count).view(np.uint32)
+
+    def uniform32(self, start: int, count: int, out: np.ndarray | None = None) -> np.ndarray:
+        """float32 uniforms in [0, 1) with 24 random bits (exact in float32)."""
+        z = self.bits32(start, count) >> np.uint32(8)
+        res = np.empty(count, np.float32) if out is None else out[:count]
+        np.multiply(z, np.float32(2.0**-24), out=res, casting="unsafe")
+        return res
+
+    def bernoulli_keep(self, start: int, count: int, p: float, out: np.ndarray | None = None) -> np.ndarray:
+        """Boolean mask, True with probability p (resolved to 2**-16), for consecutive positions."""
+        res = np.empty(count, bool) if out is None else out[:count]
+        if p >= 1.0:
+            res[:] = True
+            return res
+        if not p > 0.0:  # p <= 0 or NaN
+            res[:] = False
+            return res
+        threshold = int(round(p * _TWO16))
+        if threshold >= 2**16:
+            res[:] = True
+            return res
+        return np.less(self.bits16(start, count), np.uint16(threshold), out=res)
+
+
 def bits16(key: int, start: int, count: int) -> np.ndarray:
     """uint16 random words for positions start .. start + count - 1 of stream `key`."""
-    skip = int(start) % _WORDS_PER_OUTPUT
-    gen = np.random.PCG64(int(key) % 2**64)
-    gen.advance(int(start) // _WORDS_PER_OUTPUT)
-    raw = gen.random_raw(-(-(skip + count) // _WORDS_PER_OUTPUT)).view(np.uint16)
-    return raw[skip : skip + count]
+    return Stream(key).bits16(start, count)
 
 
 def bits32(key: int, start: int, count: int) -> np.ndarray:
     """uint32 words for element positions start ..: words 2p (low half) and 2p + 1 (high half)."""
-    return bits16(key, 2 * int(start), 2 * count).view(np.uint32)
+    return Stream(key).bits32(start, count)
 
 
 def uniform(key: int, start: int, count: int) -> np.ndarray:
@@ -52,23 +93,9 @@ def uniform(key: int, start: int, count: int) -> np.ndarray:
 
 def uniform32(key: int, start: int, count: int, out: np.ndarray | None = None) -> np.ndarray:
     """float32 uniforms in [0, 1) with 24 random bits (exact in float32)."""
-    z = bits32(key, start, count) >> np.uint32(8)
-    res = np.empty(count, np.float32) if out is None else out[:count]
-    np.multiply(z, np.float32(2.0**-24), out=res, casting="unsafe")
-    return res
+    return Stream(key).uniform32(start, count, out)
 
 
 def bernoulli_keep(key: int, start: int, count: int, p: float, out: np.ndarray | None = None) -> np.ndarray:
     """Boolean mask, True with probability p (resolved to 2**-16), for consecutive positions."""
-    res = np.empty(count, bool) if out is None else out[:count]
-    if p >= 1.0:
-        res[:] = True
-        return res
-    if not p > 0.0:  # p <= 0 or NaN
-        res[:] = False
-        return res
-    threshold = int(round(p * _TWO16))
-    if threshold >= 2**16:
-        res[:] = True
-        return res
-    return np.less(bits16(key, start, count), np.uint16(threshold), out=res)
+    return Stream(key).bernoulli_keep(start, count, p, out)

@@ -14,18 +14,26 @@ exactly; NaN patterns sort above +inf (torch's descending sort also puts NaN fir
 
 Passes (static list; each later pass is a no-op once every selection is resolved):
 
-  sample   map: the source at flat positions p = 0 mod S, S = max(1, n // 2**18) (chosen by
-           flat index, so independent of blocking): 2**18..2**19 samples per tensor.
+  sample   map: the source on a grid chosen by flat row index (so independent of blocking):
+           every R-th row (r = 0 mod R, R odd), and in each such row every C-th entry, from a
+           column that shifts by one from a sampled row to the next (`sample_grid`): at least
+           256 rows, about 2**18 samples. The pass declares those rows (`Pass.rows`), so the
+           engine reads just them: 1/R of each input instead of all of it.
            reduce: a bracket [A, B] around the k-th largest, at +-(5 sigma + 16) sample ranks of
-           the target rank; split points P = the sample values in the bracket that occur more
-           than once (values shared by many entries, as bf16-derived deltas are) plus A and B;
-           heavy values H = the (at most 6) split points holding >= 1/512 of the sample.
-           A tensor with n < 2**19 is sampled whole and resolved exactly right here.
+           the target rank. Rows differ more than entries do (outlier rows, rows of unused
+           tokens), so sigma is the larger of the binomial one and the spread of the per-row
+           counts above E (the sample's k-th largest) over the rows sampled. Split points P (at
+           most 256): the sample values in the bracket that occur more than once (values
+           shared by many entries, as bf16-derived deltas are; at most 128, the most frequent),
+           the rest half at even quantiles of the bracket's samples, half evenly spaced in bit
+           patterns, plus A and B; heavy values H = the (at most 6) repeated values holding
+           >= 1/512 of the sample. A tensor with n < 2**19 is sampled whole and resolved
+           exactly right here.
   select0  ("collect") map, per block: the count of entries > B, the count of entries equal to
            each heavy value, and the other entries of [A, B] as (value, flat index) pairs if at
            most cap = max(4096, block/32) of them, else counts per *level* (each split point,
-           each open interval between them) plus the pairs of the open-interval entries if
-           those are at most cap.
+           each open interval between them) plus the pairs of the open levels within a window
+           of levels around E, as wide as the cap allows.
            reduce: finds the level holding the k-th entry. An exact level (one value) gives T
            at once; the tie cut is exact from the pairs or, when a block only sent counts,
            deferred to `merge` (the "boundary block", where the cumulative tie count crosses m,
@@ -36,8 +44,11 @@ Passes (static list; each later pass is a no-op once every selection is resolved
            of 2048 bit patterns. Each refinement shrinks an open interval 2048-fold, so from any
            interval of 2**32 patterns three refinements end on an exact level: the result is
            exact in all cases (a bracket miss, adversarial data, massive ties). On ordinary
-           data (continuous or bf16-derived deltas) sample + collect resolve everything and the
-           refinements do nothing.
+           data sample + collect resolve everything and the refinements do nothing: bf16-derived
+           deltas, with or without row structure (a wide bracket is mostly repeated values,
+           exact levels), and continuous (fp32) deltas without strong row structure. Continuous
+           deltas whose rows differ strongly (row scales e^N(0, 0.5) and wider) get a bracket
+           of 10-25% of the entries, more than the window lists: about half need one refinement.
 
 Partials: counts plus at most `cap` pairs (12 bytes each); on ordinary data the bracket holds
 about 1% of the entries minus the heavy values (0.2% of a block on bf16-derived deltas).
@@ -69,9 +80,10 @@ import numpy as np
 from ..errors import StreammergeError
 from .base import Block, Pass, Stats, TensorParams
 
-SAMPLE_TARGET = 1 << 18  # samples per tensor: n // SAMPLE_TARGET is the sampling stride
+SAMPLE_TARGET = 1 << 18  # about this many samples per tensor (one of < 2 * SAMPLE_TARGET: all)
+SAMPLE_ROWS = 256  # rows sampled at least (all, in a tensor with fewer)
 GRID = 2048  # split points per refinement
-MAX_SPLITS = 256  # split points taken from the sample
+MAX_SPLITS = 256  # split points of the sample's bracket
 MAX_HEAVY = 6  # split points counted by equality in the map (values shared by >= 1/HEAVY_DIV)
 HEAVY_DIV = 512
 CAP_MIN = 4096  # candidate pairs a block may always return
@@ -112,6 +124,36 @@ def scratch(name: str, size: int, dtype=np.float32) -> np.ndarray:
 
 def numel(shape: Sequence[int]) -> int:
     return int(np.prod(shape, dtype=np.int64)) if len(shape) else 1
+
+
+def row_len(shape: Sequence[int]) -> int:
+    """Elements per row (a 0-d or 1-D tensor has rows of one element)."""
+    return numel(shape[1:]) if len(shape) > 1 else 1
+
+
+def sample_grid(shape: Sequence[int]) -> tuple[int, int]:
+    """(R, C): the sample is every R-th row (r = 0 mod R) and, within it, every C-th entry: L // C
+    of them, from column (-(r // R)) % C. Columns shift by one from a sampled row to the next so
+    that every column is sampled alike (a fixed set would miss column scales). At least
+    SAMPLE_ROWS rows, then columns thinned to about SAMPLE_TARGET entries; (1, 1) is the whole
+    tensor. R is odd so that it shares no factor with the power-of-two periods of weight rows
+    (attention heads, rotary halves): every row residue is sampled alike too."""
+    n = numel(shape)
+    if n < 2 * SAMPLE_TARGET:
+        return 1, 1
+    rows, L = n // row_len(shape), row_len(shape)
+    want = min(rows, max(SAMPLE_ROWS, -(-SAMPLE_TARGET // L)))
+    R = rows // want
+    R -= 1 - R % 2
+    return R, min(L, max(1, -(-rows // R) * L // SAMPLE_TARGET))
+
+
+def _consecutive(idx: np.ndarray, limit: int):
+    """(i0, i1): runs of consecutive values idx[i0:i1] (ascending idx), at most `limit` long."""
+    breaks = np.flatnonzero(np.diff(idx) != 1) + 1
+    for a, b in zip([0, *breaks.tolist()], [*breaks.tolist(), idx.size]):
+        for i0 in range(a, b, limit):
+            yield i0, min(b, i0 + limit)
 
 
 def block_size(block: Block) -> int:
@@ -195,11 +237,18 @@ def _codes(cu: np.ndarray, P: np.ndarray) -> np.ndarray:
 
 
 class _Acc:
-    """Per block, per selection: the entries of [A, B] that are not heavy values, bounded."""
+    """Per block, per selection: the entries of [A, B] that are not heavy values, bounded.
 
-    def __init__(self, P: np.ndarray, nheavy: int, cap: int):
+    Up to `cap` of them are kept as pairs. Beyond, they are counted per level, and only the
+    pairs of a window of open levels around `mid` (the code of the expected k-th value) are
+    kept, as wide as the cap allows: it narrows as entries come, so every open level still in
+    the window at the end has all its pairs here.
+    """
+
+    def __init__(self, P: np.ndarray, nheavy: int, cap: int, mid: int):
         self.P = P
         self.cap = cap
+        self.mid = mid
         self.gt = 0
         self.cin = 0  # all entries in [A, B], heavy ones included
         self.hc = np.zeros(nheavy, dtype=np.int64)
@@ -207,7 +256,8 @@ class _Acc:
         self.cu: list[np.ndarray] = []
         self.ci: list[np.ndarray] = []
         self.counts: np.ndarray | None = None  # level counts of the non-heavy entries, once over cap
-        self.overflow = False  # open-level pairs dropped too
+        self.cc: list[np.ndarray] = []  # the level codes of the pairs, once over cap
+        self.window = (0, 2 * P.size)  # open-level codes whose pairs are all kept, once over cap
 
     def add(self, cu: np.ndarray, ci: np.ndarray) -> None:
         if self.counts is None:
@@ -226,16 +276,26 @@ class _Acc:
     def _add_levels(self, cu, ci) -> None:
         codes = _codes(cu, self.P)
         self.counts += np.bincount(codes, minlength=self.counts.size)
-        if self.overflow:
-            return
-        keep = (codes & 1) == 0
+        lo, hi = self.window
+        keep = ((codes & 1) == 0) & (codes >= lo) & (codes <= hi)
         if np.any(keep):
             self.cu.append(cu[keep])
             self.ci.append(ci[keep])
+            self.cc.append(codes[keep])
             self.npairs += self.cu[-1].size
             if self.npairs > self.cap:
-                self.cu, self.ci, self.npairs = [], [], 0
-                self.overflow = True
+                self._narrow()
+
+    def _narrow(self) -> None:
+        """The widest window [mid - r, mid + r] whose pairs fit the cap; drops the others."""
+        cu, ci, cc = np.concatenate(self.cu), np.concatenate(self.ci), np.concatenate(self.cc)
+        dist = np.abs(cc - self.mid)
+        within = np.cumsum(np.bincount(dist, minlength=self.counts.size))  # pairs within radius r
+        r = int(np.searchsorted(within, self.cap, side="right")) - 1  # -1: not even mid's level fits
+        self.window = (self.mid - r, self.mid + r)
+        keep = dist <= r
+        self.cu, self.ci, self.cc = [cu[keep]], [ci[keep]], [cc[keep]]
+        self.npairs = int(np.count_nonzero(keep))
 
     def partial(self, start: int, nelem: int):
         cu = np.concatenate(self.cu) if self.cu else np.zeros(0, np.uint32)
@@ -244,8 +304,7 @@ class _Acc:
         if self.counts is not None:
             nz = np.flatnonzero(self.counts)
             counts = (nz.astype(np.int32), self.counts[nz])
-        pairs = None if self.overflow else (cu, ci)
-        return (start, nelem, self.gt, self.cin, self.hc, counts, pairs)
+        return (start, nelem, self.gt, self.cin, self.hc, counts, (cu, ci), self.window)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,20 +344,28 @@ class TopK:
             self._k(j, "brank"): int(brank),
         }
 
-    def _pend(self, j: int, A: int, B: int, P: np.ndarray, H: np.ndarray | None = None):
+    def _pend(self, j: int, A: int, B: int, P: np.ndarray, H: np.ndarray, E: int):
+        """Pending in [A, B] with split points P, heavy values H; E: where the k-th is expected."""
         return {
             self._k(j, "state"): PENDING,
             self._k(j, "A"): int(A),
             self._k(j, "B"): int(B),
             self._k(j, "P"): np.asarray(P, dtype=np.uint32),
-            self._k(j, "H"): np.asarray(H if H is not None else [], dtype=np.uint32),
+            self._k(j, "H"): np.asarray(H, dtype=np.uint32),
+            self._k(j, "E"): int(E),
         }
 
     # passes -------------------------------------------------------------------------------
     @property
     def passes(self) -> tuple[Pass, ...]:
         out: list[Pass] = [
-            OptionalPass(f"{self.name}.sample", self._sample_map, self._sample_reduce, needed=self._sample_needed),
+            OptionalPass(
+                f"{self.name}.sample",
+                self._sample_map,
+                self._sample_reduce,
+                needed=self._sample_needed,
+                rows=self._sample_rows,
+            ),
         ]
         for i in range(N_SELECT):
             out.append(
@@ -315,30 +382,53 @@ class TopK:
         """False when there is no selection at all (then nothing downstream reads its stats)."""
         return bool(self.plan(params, stats, 1 << 62))
 
+    def _sample_rows(self, shape: tuple[int, ...], params: TensorParams) -> np.ndarray | None:
+        """Pass.rows of the sample: its rows, where that leaves some unread (rows of one element
+        are not worth a read each: those tensors are read whole)."""
+        R, _ = sample_grid(shape)
+        if R == 1 or len(shape) < 2:
+            return None
+        return np.arange(0, shape[0], R, dtype=np.int64)
+
     def _sample_map(self, block: Block, params: TensorParams, stats: Stats):
         n = numel(block.shape)
         sel = self.plan(params, stats, n)
         sources = sorted({src for src, k in sel if 0 < k < n})
-        nb = block_size(block)
-        S = max(1, n // SAMPLE_TARGET)
-        off = (-block.start) % S
+        R, C = sample_grid(block.shape)
+        L = row_len(block.shape)
+        r0 = block.start // L
+        held = block.rows if block.rows is not None else np.arange(r0, r0 + block_size(block) // L)
+        rows = np.flatnonzero(held % R == 0)  # of the block's arrays
+        first = ((-(held[rows] // R)) % C).tolist()  # each sampled row's first column
+        k = L // C
         samples = {}
         for src in sources:
-            if off < nb:
-                v = self.values(block, params, stats, src, slice(off, None, S), None)
-                samples[src] = as_u32(v).copy()
-            else:
-                samples[src] = np.zeros(0, np.uint32)
-        return (n, samples)
+            if L == 1 and block.rows is None:  # a strided slice: no values for the rows left out
+                sl = slice(int(rows[0]) if rows.size else 0, None if rows.size else 0, R)
+                samples[src] = as_u32(self.values(block, params, stats, src, sl, None)).copy()
+                continue
+            out = np.empty((rows.size, k), np.uint32)
+            for i0, i1 in _consecutive(rows, max(1, CHUNK // L)):  # cache-sized runs of rows
+                a, b = int(rows[i0]) * L, (int(rows[i1 - 1]) + 1) * L
+                u = as_u32(self.values(block, params, stats, src, slice(a, b), scratch("tk.v", b - a))).reshape(-1, L)
+                if C == 1:
+                    out[i0:i1] = u
+                    continue
+                for i in range(i0, i1):
+                    out[i] = u[i - i0, first[i] : first[i] + C * k : C]
+            samples[src] = out.reshape(-1)
+        return (tuple(block.shape), samples)
 
     def _sample_reduce(self, partials: Sequence[Any], params: TensorParams, stats: Stats):
         partials = [p for p in partials if p is not None]
         if not partials:
             return {f"{self.name}.nsel": 0, f"{self.name}.n": 0}
-        n = partials[0][0]
+        shape = partials[0][0]
+        n = numel(shape)
         sel = list(self.plan(params, stats, n))
         out: dict = {f"{self.name}.nsel": len(sel), f"{self.name}.n": n}
-        S = max(1, n // SAMPLE_TARGET)
+        R, C = sample_grid(shape)
+        L = row_len(shape)
         cache: dict[int, np.ndarray] = {}
         for j, (src, k) in enumerate(sel):
             out[self._k(j, "src")] = int(src)
@@ -352,20 +442,32 @@ class TopK:
             if src not in cache:
                 cache[src] = np.concatenate([p[1][src] for p in partials])
             samp = cache[src]
-            if S == 1:  # the whole tensor: exact now
+            if (R, C) == (1, 1):  # the whole tensor: exact now
                 T, cut = _exact(samp, np.arange(samp.size, dtype=np.int64), k)
                 out.update(self._done(j, T, cut))
                 continue
-            out.update(self._pend(j, *self._bracket(samp, n, k)))
+            out.update(self._pend(j, *self._bracket(samp, n, k, L // C, n // L)))
         return out
 
     @staticmethod
-    def _bracket(samp: np.ndarray, n: int, k: int):
-        """[A, B] around the k-th largest, split points P, heavy values H (subset of P)."""
+    def _bracket(samp: np.ndarray, n: int, k: int, row: int, rows: int):
+        """[A, B] around the k-th largest, split points P, heavy values H (subset of P), and E,
+        the sample's estimate of the k-th largest. The sample holds `row` entries of each
+        sampled row, one row after another, of the tensor's `rows`."""
         s = samp.size
         p = k / n
         r = k * s / n  # expected count of samples >= the k-th largest
-        margin = int(5.0 * math.sqrt(s * p * (1.0 - p))) + 16
+        at = s - min(s, max(1, round(r)))
+        E = int(np.partition(samp, at)[at])
+        sd = math.sqrt(s * p * (1.0 - p))  # of that count, were the samples independent
+        if row > 1 and s // row < rows:
+            # Whole rows are sampled, and rows differ (outlier rows, rows of unused tokens): the
+            # count varies with the spread of the per-row counts, often far beyond binomial
+            # (less the share of the rows sampled: all rows sampled, rows add no variance).
+            per_row = np.count_nonzero(samp.reshape(-1, row) >= np.uint32(E), axis=1)
+            spread = per_row.size * float(per_row.var()) * (1.0 - per_row.size / rows)
+            sd = max(sd, math.sqrt(spread))
+        margin = int(5.0 * sd) + 16
         hi_pos = int(math.floor(r)) - 1 - margin  # descending 0-based ranks
         lo_pos = int(math.ceil(r)) - 1 + margin
         # two single-kth partitions: numpy's SIMD quickselect is ~10x faster than one with 2 kth
@@ -375,14 +477,23 @@ class TopK:
         vals, cnt = np.unique(window, return_counts=True)
         rep = cnt > 1
         heavy, hcnt = vals[rep], cnt[rep]
-        if heavy.size > MAX_SPLITS - 2:
-            order = np.sort(np.argsort(-hcnt, kind="stable")[: MAX_SPLITS - 2])
+        if heavy.size > MAX_SPLITS // 2:
+            order = np.sort(np.argsort(-hcnt, kind="stable")[: MAX_SPLITS // 2])
             heavy, hcnt = heavy[order], hcnt[order]
-        P = np.unique(np.concatenate([heavy, np.array([A, B], dtype=np.uint32)]))
+        # The other split points cut a wide bracket of distinct values (a row sample of
+        # continuous deltas) into fine levels, of which a block holding too many candidates
+        # still lists those nearest E: half at even quantiles of the window, half evenly spaced
+        # in bit patterns (where the sample's rows are unlike the tensor's, its quantiles are
+        # sparse where the tensor's values are dense).
+        room = (MAX_SPLITS - 2 - heavy.size) // 2
+        at = np.linspace(0, window.size, room + 1, endpoint=False)[1:]
+        quantiles = vals[np.searchsorted(np.cumsum(cnt), at, side="right").clip(0, vals.size - 1)]
+        even = np.linspace(A, B, room + 2)[1:-1].astype(np.uint32)
+        P = np.unique(np.concatenate([heavy, quantiles, even, np.array([A, B], dtype=np.uint32)]))
         big = np.argsort(-hcnt, kind="stable")[:MAX_HEAVY]
         big = big[hcnt[big] * HEAVY_DIV >= s]
         H = np.sort(heavy[big])
-        return A, B, P, H
+        return A, B, P, H, E
 
     def _select_map(self, block: Block, params: TensorParams, stats: Stats):
         pending = self._pending(stats)
@@ -397,11 +508,16 @@ class TopK:
         for j in pending:
             P = np.asarray(stats[self._k(j, "P")], np.uint32)
             H = np.asarray(stats.get(self._k(j, "H"), ()), np.uint32)
+            A, B = int(stats[self._k(j, "A")]), int(stats[self._k(j, "B")])
+            # [A, B] one heavy value (bf16-derived deltas, the k-th in a large tie): its entries
+            # are counted, not compared again
+            single = int(np.flatnonzero(H == A)[0]) if A == B and A in H else None
             sel[j] = (
-                np.uint32(stats[self._k(j, "A")]),
-                int(stats[self._k(j, "B")]),
+                np.uint32(A),
+                B,
                 [np.uint32(h) for h in H],
-                _Acc(P, H.size, cap),
+                single,
+                _Acc(P, H.size, cap, int(_codes(np.array([stats[self._k(j, "E")]], np.uint32), P)[0])),
             )
         for src, js in by_src.items():
             for c0, c1 in chunks(nb):
@@ -411,16 +527,22 @@ class TopK:
                 m = scratch("tk.m", L, bool)
                 e = scratch("tk.e", L, bool)
                 for j in js:
-                    A, B, H, acc = sel[j]
+                    A, B, H, single, acc = sel[j]
                     np.greater_equal(u, A, out=m)
+                    cin = int(np.count_nonzero(m))
                     if B < U32MAX:
                         np.greater(u, np.uint32(B), out=g)
-                        acc.gt += int(np.count_nonzero(g))
-                        np.logical_xor(m, g, out=m)  # A <= u <= B  (u > B implies u >= A)
-                    cin = int(np.count_nonzero(m))
+                        gt = int(np.count_nonzero(g))
+                        acc.gt += gt
+                        cin -= gt
                     if not cin:
                         continue
                     acc.cin += cin
+                    if single is not None:
+                        acc.hc[single] += cin
+                        continue
+                    if B < U32MAX:
+                        np.logical_xor(m, g, out=m)  # A <= u <= B  (u > B implies u >= A)
                     for h, hv in enumerate(H):
                         np.equal(u, hv, out=e)
                         ch = int(np.count_nonzero(e))
@@ -431,7 +553,7 @@ class TopK:
                     if cin:
                         idx = np.flatnonzero(m)
                         acc.add(u[idx], idx + (block.start + c0))
-        return {j: sel[j][3].partial(block.start, nb) for j in pending}
+        return {j: sel[j][4].partial(block.start, nb) for j in pending}
 
     def _select_reduce(self, partials: Sequence[Any], params: TensorParams, stats: Stats, i: int):
         pending = self._pending(stats)
@@ -451,7 +573,8 @@ class TopK:
             elif i == N_SELECT - 1:
                 raise RuntimeError(f"top-k selection {self.name}.{j} did not converge")  # cannot happen
             else:
-                out.update(self._pend(j, res[1], res[2], _grid(res[1], res[2])))
+                lo, hi = res[1], res[2]
+                out.update(self._pend(j, lo, hi, _grid(lo, hi), np.zeros(0, np.uint32), lo + (hi - lo) // 2))
         return out
 
     @staticmethod
@@ -470,8 +593,8 @@ class TopK:
         # per block: level counts, pair codes, and which levels its pairs list completely
         blocks = []
         total = np.zeros(nlev, dtype=np.int64)
-        for start, nelem, gt, cin, hc, counts, pairs in parts:
-            codes = _codes(pairs[0], P) if pairs is not None else None
+        for start, nelem, gt, cin, hc, counts, pairs, (lo, hi) in parts:
+            codes = _codes(pairs[0], P)
             if counts is None:
                 c = np.bincount(codes, minlength=nlev)
                 complete = ~heavy
@@ -479,8 +602,8 @@ class TopK:
                 c = np.zeros(nlev, dtype=np.int64)
                 c[counts[0]] = counts[1]
                 complete = np.zeros(nlev, dtype=bool)
-                if pairs is not None:
-                    complete[0::2] = True
+                complete[max(lo, 0) : max(hi + 1, 0)] = True
+                complete[1::2] = False  # exact levels were only counted
             c[hcodes] += hc
             total += c
             blocks.append((start, nelem, c, codes, pairs, complete))

@@ -81,6 +81,9 @@ class Block:
     start: int  # flat (row-major) index of the block's first element within the tensor
     base: np.ndarray | None  # the base model's block, when the method uses a base
     models: tuple[np.ndarray, ...]  # one block per input model (recipe order, base excluded)
+    # For a pass that declares `Pass.rows`: the tensor rows the arrays hold (ascending, all in
+    # the block), when the engine read only those. None: all the block's rows, from `start`.
+    rows: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -106,12 +109,18 @@ class Pass:
     `needed(params, stats)` says whether the pass has work for this tensor given the stats so
     far (e.g. a top-k refinement after the bracket already resolved the threshold); when it is
     false the engine reads no block for it and the stats pass through unchanged.
+
+    `rows(shape, params)`, when given, names the only rows `map` looks at (ascending tensor row
+    indices, or None: all): the engine then reads just those rows of each block and hands `map`
+    a Block holding them (`Block.rows`), possibly none. `map` must return the same for the
+    whole block (picking the rows itself), so a caller may ignore `rows`.
     """
 
     name: str
     map: Callable[[Block, TensorParams, Stats], Any]
     reduce: Callable[[Sequence[Any], TensorParams, Stats], Stats]
     needed: Callable[[TensorParams, Stats], bool] = _always
+    rows: Callable[[tuple[int, ...], TensorParams], np.ndarray | None] | None = None
 
 
 BasePolicy = Literal["required", "optional", "unused"]
@@ -139,6 +148,7 @@ class MergeMethod:
     """`merge` returns the float32 merged block, or a dict {output name: array or bytes} for
     jobs with several outputs; `merge` may be None for stats-only jobs (analyses)."""
 
+
     name: str
     merge: Callable[[Block, TensorParams, Stats], np.ndarray | dict] | None
     params: tuple[Param, ...] = ()
@@ -148,6 +158,10 @@ class MergeMethod:
     # Routing methods (mediator, 1bit) are not one function per tensor but a multi-stage build
     # (analysis, then merged model and encodings): the name of their planner in plan/routed.py.
     pipeline: str | None = None
+    # The same method on a whole tensor in torch, for `build --device cuda` (kernels/__init__.py):
+    # kernel(x: DeviceTensor, params) returns what `merge` returns for every block at once.
+    # None: the method runs on the CPU path whatever the device.
+    kernel: Callable[[Any, TensorParams], Any] | None = None
 
     def param(self, name: str) -> Param | None:
         for p in self.params:

@@ -17,31 +17,42 @@ def row_blocks(rows: int, block_rows: int):
         yield r0, min(rows, r0 + block_rows)
 
 
-def tensor_blocks(name: str, base: np.ndarray | None, models: list[np.ndarray], block_rows: int | None = None):
-    """The row blocks of float32 copies of whole tensors, as the engine would hand them out."""
+def tensor_blocks(
+    name: str,
+    base: np.ndarray | None,
+    models: list[np.ndarray],
+    block_rows: int | None = None,
+    rows: np.ndarray | None = None,
+):
+    """The row blocks of float32 copies of whole tensors, as the engine would hand them out;
+    with `rows` (a pass's declared rows), each block holds only those of them it spans."""
     shape = tuple(np.shape(models[0]))
     as2d = lambda a: a.reshape(1, -1) if a.ndim == 0 else a  # noqa: E731  scalars are one row
     base2 = None if base is None else as2d(np.asarray(base, np.float32))
     models2 = [as2d(np.asarray(m, np.float32)) for m in models]
-    rows = models2[0].shape[0]
+    nrows = models2[0].shape[0]
     row_elems = int(np.prod(models2[0].shape[1:], dtype=np.int64))
-    for r0, r1 in row_blocks(rows, block_rows or max(rows, 1)):
+    for r0, r1 in row_blocks(nrows, block_rows or max(nrows, 1)):
+        held = slice(r0, r1) if rows is None else rows[np.searchsorted(rows, r0) : np.searchsorted(rows, r1)]
         yield Block(
             tensor=name,
             shape=shape,
             start=r0 * row_elems,
-            base=None if base2 is None else base2[r0:r1],
-            models=tuple(m[r0:r1] for m in models2),
+            base=None if base2 is None else base2[held],
+            models=tuple(m[held] for m in models2),
+            rows=None if rows is None else held,
         )
 
 
 def run_passes(method: MergeMethod, name, base, models, params: TensorParams, block_rows=None) -> dict:
-    """The tensor-wide stats: each needed pass mapped over every block, reduced in block order."""
+    """The tensor-wide stats: each needed pass mapped over every block (only the rows it declares),
+    reduced in block order."""
     stats: dict = {}
     for p in method.passes:
         if not p.needed(params, stats):
             continue
-        partials = [p.map(b, params, stats) for b in tensor_blocks(name, base, models, block_rows)]
+        rows = None if p.rows is None else p.rows(tuple(np.shape(models[0])), params)
+        partials = [p.map(b, params, stats) for b in tensor_blocks(name, base, models, block_rows, rows)]
         stats = {**stats, **p.reduce(partials, params, stats)}
     return stats
 

@@ -9,6 +9,7 @@ rounded once to float32, which reproduces the fused result.
 
 import numpy as np
 
+from ..kernels import linear as kernels
 from .base import CACHE_ELEMS, Block, MergeMethod, Param, TensorParams, cache_slices, register
 
 
@@ -36,6 +37,7 @@ register(
     MergeMethod(
         name="linear",
         merge=linear,
+        kernel=kernels.linear,
         base="unused",
         params=(
             Param("weight", float, scope="model", help="this model's coefficient"),

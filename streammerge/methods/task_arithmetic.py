@@ -8,6 +8,7 @@ added to the base.
 
 import numpy as np
 
+from ..kernels import linear as kernels
 from .base import CACHE_ELEMS, Block, MergeMethod, Param, TensorParams, cache_slices, register
 
 
@@ -44,6 +45,7 @@ register(
     MergeMethod(
         name="task_arithmetic",
         merge=task_arithmetic,
+        kernel=kernels.task_arithmetic,
         base="required",
         params=(
             Param("weight", float, scope="model", help="this model's task-vector coefficient"),

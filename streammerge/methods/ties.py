@@ -57,9 +57,11 @@ Every map returns O(1) numbers (or the bounded top-k candidates); merge is one r
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import numpy as np
 
 from ..errors import StreammergeError
+from ..kernels import ties as kernels
 from . import _random
 from ._topk import CHUNK, Keeper, OptionalPass, TopK, block_size, flat, numel, scratch
 from .base import Block, MergeMethod, Param, Pass, Stats, TensorParams, register
@@ -402,7 +404,7 @@ class _BlockMasks:
         self.spec = fam.spec
         self.n = numel(block.shape)
         self._keepers: dict[int, list[Keeper]] | None = None
-        self.keys = {}
+        self.streams: dict[int, _random.Stream] = {}  # per model: one seeding per block
         self.dens = _densities(params)
 
     def keepers(self, i: int) -> list[Keeper]:
@@ -441,12 +443,13 @@ class _BlockMasks:
             if self.params.globals["rescale_mode"] == "inverse_density":
                 div = np.float32(self.dens[i])
             return m, div
-        key = self.keys.get(i)
-        if key is None:
-            key = self.keys[i] = _random.stream_key(self.params.seed, self.block.tensor, i, self.spec.sparsify)
+        stream = self.streams.get(i)
+        if stream is None:
+            key = _random.stream_key(self.params.seed, self.block.tensor, i, self.spec.sparsify)
+            stream = self.streams[i] = _random.Stream(key)
         if sp == RANDOM:
             dens = self.dens[i]
-            m = _random.bernoulli_keep(key, p0, L, dens, out=scratch("keep", L, bool))
+            m = stream.bernoulli_keep(p0, L, dens, out=scratch("keep", L, bool))
             return m, (np.float32(dens) if dens > 0 else None)
         # della
         eps = float(self.params.per_model[i]["epsilon"])
@@ -469,7 +472,7 @@ class _BlockMasks:
         probs = rn * _F2
         probs *= np.float32(eps)
         probs += np.float32(dens - eps)
-        u = _random.uniform32(key, p0, L, out=scratch("unif", L))
+        u = stream.uniform32(p0, L, out=scratch("unif", L))
         return np.less(u, probs, out=scratch("keep", L, bool)), probs
 
 
@@ -502,6 +505,7 @@ def _make(spec: _Spec) -> MergeMethod:
         params=tuple(params),
         base="required",
         passes=fam.passes(),
+        kernel=kernels.family_kernel(spec),
         summary={
             MAGNITUDE: "TIES: top-k by magnitude, sign consensus, disjoint mean",
             RANDOM: "DARE: random drop and rescale",

@@ -26,6 +26,7 @@ from ..analysis.summary import layer_index, module_kind
 from ..encodings.onebit import onebit_encode_method, onebit_fallback_method, onebit_outputs
 from ..encodings.sparse import expert_outputs, mediator_expert_method
 from ..errors import RecipeError
+from ..kernels import linear as linear_kernels
 from ..methods import Block, MergeMethod, TensorParams, get_method
 from .planner import Plan, TensorJob
 
@@ -61,7 +62,7 @@ def _mean(block: Block, params: TensorParams, stats) -> np.ndarray:
     return acc
 
 
-MEAN = MergeMethod(name="mean", merge=_mean, base="optional", summary="mean of the fine-tunes")
+MEAN = MergeMethod(name="mean", merge=_mean, kernel=linear_kernels.mean, base="optional", summary="mean of the fine-tunes")
 
 
 def mediator_decision(summary: dict, g: dict, tasks: list[str]) -> dict:
