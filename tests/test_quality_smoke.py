@@ -1,0 +1,91 @@
+"""The quality benchmark's CPU smoke configuration end to end (tools/quality, README "Merge
+quality"): train a tiny tokenizer + base + four experts for seconds, build one merge of each
+family with streammerge (and mergekit), evaluate them all with greedy exact match, write the
+table and the plot."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+
+from quality import run as Q
+from quality import tasks as T
+from quality.config import SMOKE
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("quality")
+    assert Q.main(["--smoke", "--out", str(tmp / "out"), "--cache", str(tmp / "cache"), "--train-device", "cpu"]) == 0
+    return tmp
+
+
+def test_outputs_written(smoke):
+    out = smoke / "out"
+    assert (out / "accuracy_vs_storage.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    res = json.loads((out / "results.json").read_text())
+    names = {r["name"] for r in res["rows"]}
+    want = {"base", *(f"expert-{t}" for t in T.TASKS), "full-routing-oracle", "full-routing-router", "linear", "ta-1",
+            "ties-0.5-1", "dare-0.5-0.5", "1bit-paper", "1bit-auto", "1bit-uniform", "mediator-0.5-0.1"}
+    try:
+        import mergekit  # noqa: F401
+
+        want |= {"mergekit-ta-1", "mergekit-ties-0.5-1"}
+    except ImportError:
+        pass
+    assert want <= names
+    md = (out / "results.md").read_text()
+    for name in want:
+        assert f"| {name} |" in md
+    assert "Targets:" in md and "1bit-Merging" in md and "Mediator" in md and "OOD" in md
+    for r in res["rows"]:
+        assert set(r["acc"]) == set(T.TASKS)
+        assert all(0.0 <= v <= 1.0 for v in r["acc"].values())
+
+
+def test_experts_beat_the_base_on_their_own_task(smoke):
+    res = json.loads((smoke / "out" / "results.json").read_text())
+    rows = {r["name"]: r for r in res["rows"]}
+    for t in T.TASKS:
+        assert rows[f"expert-{t}"]["acc"][t] > rows["base"]["acc"][t], t
+    # full routing with the oracle is each expert on its own task; the fitted router finds the tasks
+    oracle = rows["full-routing-oracle"]
+    assert oracle["acc"] == {t: rows[f"expert-{t}"]["acc"][t] for t in T.TASKS}
+    assert all(a >= 0.9 for a in rows["full-routing-router"]["router_accuracy"].values())
+    assert res["reference_avg"] == oracle["avg"] > rows["base"]["avg"]
+
+
+def test_storage_accounting(smoke):
+    res = json.loads((smoke / "out" / "results.json").read_text())
+    full = res["full_routing_bytes"]
+    assert full == len(T.TASKS) * res["model_bytes"]
+    for r in res["rows"]:
+        share = r["storage_bytes"] / full
+        if r["family"] in ("1bit", "mediator"):
+            assert r["storage_detail"]["full_routing_bytes"] == full
+            assert 1 / len(T.TASKS) < share < 0.5  # one model plus small per-task parts
+        elif r["family"] == "full routing":
+            assert share == 1.0
+        else:
+            assert share == 1 / len(T.TASKS)
+
+
+def test_cached_checkpoints_skip_training_and_training_is_deterministic(smoke, tmp_path):
+    from quality.train import cache_dir, is_trained, pretrain
+
+    root = cache_dir(SMOKE, smoke / "cache")
+    assert is_trained(root, SMOKE)
+    info = json.loads((root / "train.json").read_text())
+    assert Q.train_all(SMOKE, root, "cpu") == info  # cached: nothing retrained
+    pretrain(SMOKE, tmp_path, "cpu")  # the same seeds give the same base, bit for bit
+    assert (tmp_path / "base" / "model.safetensors").read_bytes() == (root / "base" / "model.safetensors").read_bytes()

@@ -1,0 +1,273 @@
+"""The evaluation harness: greedy decoding, exact match per task, for every kind of model.
+
+One generation function serves every model: a Hugging Face directory (base, experts, static
+merges, mergekit's outputs) or a routing store, whose one loaded model has each decision's
+weights swapped in (`RoutedModel.apply`) before the same function runs. Prompts are encoded as
+streammerge's routed inference encodes them (`encode_for_generation`), left-padded, batched by
+length, decoded greedily until `</s>` or the set's token budget; exact match compares stripped
+texts.
+
+Model outputs are memoised per (model, weights, prompt) within a run, so evaluating a store
+under several routers or entropy thresholds generates each (decision, prompt) once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import tasks as T
+from .config import Config
+
+
+@dataclass
+class EvalSets:
+    tests: dict  # task -> [(prompt, answer)]
+    ood: list  # [(kind, prompt, answer)]
+    router: dict  # task -> [prompt] (labelled prompts to fit routers; from the fine-tuning pools, not the tests)
+    budget: dict = field(default_factory=dict)  # set name -> max new tokens
+
+    @classmethod
+    def make(cls, cfg: Config, tok) -> EvalSets:
+        d = cfg.difficulty
+        tests = {t: T.test_set(t, cfg.n_test, d) for t in T.TASKS}
+        ood = T.ood_set(cfg.n_ood, d)
+        router = {}
+        for t in T.TASKS:
+            exclude = {p for p, _ in tests[t]}
+            pool = T.train_set(t, 20 * cfg.n_router, d, exclude, seed=12345)
+            seen, chosen = set(), []
+            for p, _ in pool:
+                if p and p not in seen:  # questions only (the facts pool also holds documents)
+                    seen.add(p)
+                    chosen.append(p)
+                if len(chosen) == cfg.n_router:
+                    break
+            router[t] = chosen
+        sets = cls(tests, ood, router)
+        for name, pairs in [*tests.items(), ("ood", [(p, a) for _, p, a in ood])]:
+            longest = max(len(tok(a, add_special_tokens=False)["input_ids"]) for _, a in pairs)
+            sets.budget[name] = longest + 3
+        return sets
+
+
+def greedy(model, tok, prompts: list[str], max_new_tokens: int, batch_size: int = 64) -> list[str]:
+    """Greedy continuations of `prompts` (decoded, special tokens skipped), in order."""
+    import torch
+
+    from streammerge.routing.runtime import encode_for_generation, pad_batch, pad_id
+
+    if not prompts:
+        return []
+    device = next(model.parameters()).device
+    seqs = encode_for_generation(tok, prompts)
+    pad = pad_id(tok)
+    eos = tok.eos_token_id
+    order = sorted(range(len(prompts)), key=lambda i: (len(seqs[i]), i))
+    out: list[str | None] = [None] * len(prompts)
+    for b0 in range(0, len(order), batch_size):
+        idx = order[b0 : b0 + batch_size]
+        ids, mask = pad_batch([seqs[i] for i in idx], pad, "left", device)
+        with torch.inference_mode():
+            gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                                 temperature=None, top_p=None, top_k=None, pad_token_id=pad, eos_token_id=eos)
+        for row, i in zip(gen[:, ids.shape[1] :].tolist(), idx):
+            if eos in row:
+                row = row[: row.index(eos)]
+            out[i] = tok.decode(row, skip_special_tokens=True)
+    return out
+
+
+def exact(outputs: list[str], answers: list[str]) -> float:
+    return sum(o.strip() == a.strip() for o, a in zip(outputs, answers)) / max(1, len(answers))
+
+
+class Memo:
+    """Outputs per (model id, weights key, prompt)."""
+
+    def __init__(self):
+        self.cache: dict[tuple, str] = {}
+        self.generated = 0
+        self.seconds = 0.0
+
+    def run(self, model_key, weights_key, model, tok, prompts, budget):
+        todo = [p for p in dict.fromkeys(prompts) if (model_key, weights_key, p) not in self.cache]
+        if todo:
+            t0 = time.perf_counter()
+            for p, o in zip(todo, greedy(model, tok, todo, budget)):
+                self.cache[(model_key, weights_key, p)] = o
+            self.seconds += time.perf_counter() - t0
+            self.generated += len(todo)
+        return [self.cache[(model_key, weights_key, p)] for p in prompts]
+
+
+def _sets(sets: EvalSets):
+    """[(set name, prompts, answers, true task or None)] for the tests and the OOD prompts."""
+    out = [(t, [p for p, _ in pairs], [a for _, a in pairs], t) for t, pairs in sets.tests.items()]
+    out.append(("ood", [p for _, p, _ in sets.ood], [a for _, _, a in sets.ood], None))
+    return out
+
+
+def _result(per_set: dict, sets: EvalSets, extra: dict | None = None) -> dict:
+    """per_set: name -> outputs. Accuracy per task, average over the tasks, OOD per kind."""
+    res = {"acc": {}, "ood": {}}
+    for name, prompts, answers, _ in _sets(sets):
+        outs = per_set[name]
+        if name == "ood":
+            res["ood_all"] = exact(outs, answers)
+            for kind in T.OOD_KINDS:
+                ix = [i for i, (k, _, _) in enumerate(sets.ood) if k == kind]
+                res["ood"][kind] = exact([outs[i] for i in ix], [answers[i] for i in ix])
+        else:
+            res["acc"][name] = exact(outs, answers)
+    res["avg"] = sum(res["acc"].values()) / len(res["acc"])
+    res["samples"] = {name: list(zip(prompts[:3], per_set[name][:3])) for name, prompts, _, _ in _sets(sets)}
+    if extra:
+        res.update(extra)
+    return res
+
+
+# ---- plain models ---------------------------------------------------------------------------
+
+
+def load_model(path: Path, device: str = "cpu"):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32 if device == "cpu" else torch.bfloat16)
+    model.to(device).eval()
+    return model, AutoTokenizer.from_pretrained(str(path))
+
+
+def eval_model(path: Path, sets: EvalSets, memo: Memo, device: str = "cpu") -> dict:
+    model, tok = load_model(path, device)
+    per = {name: memo.run(str(path), "static", model, tok, prompts, sets.budget[name]) for name, prompts, _, _ in _sets(sets)}
+    return _result(per, sets)
+
+
+# ---- full routing (one fine-tuned model per task) -------------------------------------------
+
+
+def features(model, tok, prompts: list[str]):
+    from streammerge.routing.runtime import (
+        encode_for_features,
+        mean_hidden_features,
+        pad_id,
+    )
+
+    return mean_hidden_features(model, encode_for_features(tok, prompts, 512), pad_id(tok), 64)
+
+
+def fit_classifier(model, tok, sets: EvalSets, seed: int = 0):
+    """streammerge's router classifier (Twin-Merging's MLP) on `model`'s features of the labelled
+    router prompts; returns predict(prompts) -> task probabilities (numpy)."""
+    import torch
+
+    from streammerge.routing.router import Router, train_classifier
+
+    texts, labels = [], []
+    for i, t in enumerate(T.TASKS):
+        texts += sets.router[t]
+        labels += [i] * len(sets.router[t])
+    feats = features(model, tok, texts)
+    net, mean, std, _ = train_classifier(feats, labels, len(T.TASKS), classifier="mlp", seed=seed)
+    router = Router(net, mean, std, list(T.TASKS), {})
+
+    def predict(prompts):
+        with torch.inference_mode():
+            return router.probs(features(model, tok, prompts))
+
+    return predict
+
+
+def eval_full_routing(root: Path, sets: EvalSets, memo: Memo, device: str = "cpu") -> dict:
+    """Oracle: each test set through its own expert (OOD: no oracle exists; the router's choice).
+    Router: the classifier on the base model's features picks the expert per prompt."""
+    experts = {t: load_model(root / t, device) for t in T.TASKS}
+    base, btok = load_model(root / "base", device)
+    predict = fit_classifier(base, btok, sets)
+    oracle, routed, router_acc = {}, {}, {}
+    for name, prompts, _, true in _sets(sets):
+        picks = [T.TASKS[i] for i in predict(prompts).argmax(axis=1)]
+        per = [None] * len(prompts)
+        for t in T.TASKS:
+            ix = [i for i, k in enumerate(picks) if k == t]
+            outs = memo.run(str(root / t), "static", *experts[t], [prompts[i] for i in ix], sets.budget[name])
+            for i, o in zip(ix, outs):
+                per[i] = o
+        routed[name] = per
+        if true is not None:
+            oracle[name] = memo.run(str(root / true), "static", *experts[true], prompts, sets.budget[name])
+            router_acc[name] = sum(p == true for p in picks) / len(picks)
+    oracle["ood"] = routed["ood"]
+    return {"oracle": _result(oracle, sets), "router": _result(routed, sets, {"router_accuracy": router_acc})}
+
+
+# ---- routing stores (Mediator, 1bit-Merging) ------------------------------------------------
+
+
+class RoutedEval:
+    """A routing store loaded once: fit its router, then evaluate under several settings."""
+
+    def __init__(self, store: Path, sets: EvalSets, memo: Memo, device: str = "cpu", router_kw: dict | None = None):
+        from streammerge.routing.model import RoutedModel
+
+        self.store, self.sets, self.memo = Path(store), sets, memo
+        self.rm = RoutedModel.from_store(store, device=device, router=False)
+        self.refit(router_kw)
+
+    def refit(self, router_kw: dict | None = None) -> None:
+        """Fit (again) the store's router on the labelled prompts, as `streammerge router fit`
+        does (router_kw: its classifier, epochs, weight_decay, ...)."""
+        from streammerge.routing.router import Router, fit_router
+
+        self.router_kw = dict(router_kw or {})
+        self._probs: dict[str, object] = {}
+        self.router_report = fit_router(self.store, [(t, self.sets.router[t]) for t in T.TASKS], model=self.rm, seed=0, **self.router_kw)
+        self.rm.router = Router.load(self.rm.store, self.rm.tasks).to(self.rm.device)
+
+    def _gen(self, decisions, prompts, budget):
+        groups: OrderedDict = OrderedDict()
+        for i, d in enumerate(decisions):
+            groups.setdefault(d.key, (d, []))[1].append(i)
+        out = [None] * len(prompts)
+        for key, (d, ix) in groups.items():
+            self.rm.apply(d)
+            outs = self.memo.run(str(self.store), key, self.rm.model, self.rm.tokenizer, [prompts[i] for i in ix], budget)
+            for i, o in zip(ix, outs):
+                out[i] = o
+        return out
+
+    def probs(self, name, prompts):
+        if name not in self._probs:
+            self._probs[name] = self.rm.probabilities(prompts)
+        return self._probs[name]
+
+    def evaluate(self, mode: str, eta: float | None = None) -> dict:
+        """mode: oracle (the true task forced; OOD routed top-1), router (the fitted router; eta
+        for Mediator's entropy threshold), static (the merged fallback model)."""
+        from streammerge.routing.decision import STATIC, forced
+
+        per, extra = {}, {}
+        mix_share = {}
+        for name, prompts, _, true in _sets(self.sets):
+            if mode == "static":
+                decs = [STATIC] * len(prompts)
+            elif mode == "oracle" and true is not None:
+                decs = [forced(true, self.rm.tasks)] * len(prompts)
+            else:
+                e = 1.0 if mode == "oracle" else eta
+                decs = [self.rm.decide(p, eta=e) for p in self.probs(name, prompts)]
+            mix_share[name] = sum(d.mode == "mix" for d in decs) / len(decs)
+            per[name] = self._gen(decs, prompts, self.sets.budget[name])
+        extra["mixed_share"] = mix_share
+        if mode != "static" and self.router_report:
+            extra["router_heldout"] = self.router_report["heldout"]["accuracy"]
+        return _result(per, self.sets, extra)
+
+    def entropies(self) -> dict:
+        from streammerge.routing.decision import normalized_entropy
+
+        return {name: [normalized_entropy(p) for p in self.probs(name, prompts)] for name, prompts, _, _ in _sets(self.sets)}

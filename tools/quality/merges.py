@@ -1,0 +1,137 @@
+"""The merges to score: recipes (mergekit YAML), built with streammerge's Python API (the same
+code as `streammerge build` / `export`) and, for task_arithmetic and ties, with mergekit too.
+
+Every merge lives under <cache>/merges/<name>/: recipe.yaml, job.zarr (the store: a rerun
+resumes it, so nothing is recomputed) and model/ (the exported static model; routing methods
+are evaluated from the store itself). mergekit's outputs go to <cache>/merges/mk-<name>/model.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from . import tasks as T
+
+
+@dataclass
+class Merge:
+    name: str  # unique, used for paths and the table
+    family: str  # linear, task_arithmetic, ties, dare_ties, 1bit, mediator, mergekit
+    method: str
+    label: str  # parameters, for the table
+    params: dict = field(default_factory=dict)  # global parameters
+    model_params: dict = field(default_factory=dict)  # per-model parameters (all models)
+    mergekit: bool = False  # also build it with mergekit
+
+    @property
+    def routing(self) -> bool:
+        return self.method in ("mediator", "1bit")
+
+
+def recipe(m: Merge, root: Path) -> dict:
+    models = []
+    for t in T.TASKS:
+        p = dict(m.model_params)
+        if m.routing:
+            p["task"] = t
+        if m.method == "1bit":
+            p["task_type"] = T.TASK_TYPES[t]
+        models.append({"model": str((root / t).resolve()), "parameters": p} if p else {"model": str((root / t).resolve())})
+    r = {"merge_method": m.method}
+    if m.method != "linear":
+        r["base_model"] = str((root / "base").resolve())
+    r["models"] = models
+    if m.params:
+        r["parameters"] = dict(m.params)
+    r["dtype"] = "bfloat16"
+    return r
+
+
+SHORT = {"lambda": "lam", "coverage": "cov", "rho": "rho"}
+
+
+def merges(full: bool = True) -> list[Merge]:
+    """The configurations scored. `full`: the sweeps; else (smoke) one of each family."""
+    out = [Merge("linear", "linear", "linear", "mean of the experts", model_params={"weight": 1.0})]
+    tas = [0.5, 1.0] if full else [1.0]
+    for lam in tas:
+        out.append(Merge(f"ta-{lam:g}", "task_arithmetic", "task_arithmetic", f"weight {lam:g}", model_params={"weight": lam}, mergekit=True))
+    ties = [(0.3, 1.0), (0.5, 1.0), (0.8, 1.0), (0.5, 2.0)] if full else [(0.5, 1.0)]
+    for dens, lam in ties:
+        out.append(Merge(f"ties-{dens:g}-{lam:g}", "ties", "ties", f"density {dens:g}, lambda {lam:g}",
+                         params={"lambda": lam}, model_params={"weight": 1.0, "density": dens}, mergekit=True))
+    dares = [(0.3, 0.5), (0.5, 0.5), (0.7, 0.5), (0.5, 1.0)] if full else [(0.5, 0.5)]
+    for dens, w in dares:
+        out.append(Merge(f"dare-{dens:g}-{w:g}", "dare_ties", "dare_ties", f"density {dens:g}, weight {w:g}",
+                         model_params={"weight": w, "density": dens}))
+    bits = [("paper", {}), ("auto", {}), ("uniform", {})]
+    if full:
+        bits += [("uniform", {"granularity": "row"}), ("uniform", {"lambda": 0.0}), ("uniform", {"granularity": "row", "lambda": 0.0}),
+                 ("auto", {"coverage": 0.95, "granularity": "row", "lambda": 0.0}), ("uniform", {"granularity": "row", "lambda": 0.5}),
+                 ("uniform", {"granularity": "row", "lambda": 0.0, "scale": "rms"}), ("uniform", {"granularity": "row", "lambda": 0.5, "scale": "rms"}),
+                 ("uniform", {"granularity": "row", "scale": "rms"}), ("uniform", {"lambda": 0.0, "scale": "rms"}),
+                 ("paper", {"granularity": "row", "lambda": 0.0, "scale": "rms"}), ("auto", {"granularity": "row", "lambda": 0.0, "scale": "rms"})]
+    for preset, extra in bits:
+        tag = "".join(f"-{SHORT.get(k, k)}{v:g}" if isinstance(v, float) else f"-{v}" for k, v in extra.items())
+        label = f"preset {preset}" + "".join(f", {k} {v}" for k, v in extra.items())
+        out.append(Merge(f"1bit-{preset}{tag}", "1bit", "1bit", label, params={"preset": preset, **extra}))
+    # route: a fraction of the layers (< 1) or a count (>= 1); 8 = every layer of the full model
+    meds = [(2, 0.1, {}), (4, 0.1, {}), (8, 0.05, {}), (8, 0.1, {}), (8, 0.15, {}), (8, 0.2, {}), (8, 0.3, {}),
+            (8, 0.1, {"average": "ties"})] if full else [(0.5, 0.1, {})]
+    for route, rho, extra in meds:
+        tag = "".join(f"-{v}" for v in extra.values())
+        out.append(Merge(f"mediator-{route:g}-{rho:g}{tag}", "mediator", "mediator",
+                         f"route {route:g}, rho {rho:g}" + "".join(f", {k} {v}" for k, v in extra.items()),
+                         params={"route": route, "rho": rho, **extra}))
+    return out
+
+
+def build(m: Merge, root: Path, workdir: Path) -> dict:
+    """Build (or resume) with streammerge; export static ones. Returns paths and storage."""
+    from streammerge.engine.job import build as sm_build
+    from streammerge.export.hf import export_store
+    from streammerge.store.store import Store
+
+    d = workdir / m.name
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "recipe.yaml").write_text(yaml.safe_dump(recipe(m, root), sort_keys=False))
+    store_path = d / "job.zarr"
+    res = sm_build(d / "recipe.yaml", store_path, workers=2, seed=0, progress=False)
+    info = {"store": str(store_path), "seconds": round(res.seconds, 2), "resumed": res.resumed}
+    if m.routing:
+        info["storage"] = json.loads((store_path / "storage.json").read_text())
+    else:
+        out = d / "model"
+        stamp = d / "model.json"
+        if not (out.is_dir() and stamp.is_file() and json.loads(stamp.read_text()).get("digest") == res.store.digest):
+            export_store(Store.open(store_path), out, overwrite=True, progress=False)
+            stamp.write_text(json.dumps({"digest": res.store.digest}))
+        info["model"] = str(out)
+    return info
+
+
+def build_mergekit(m: Merge, root: Path, workdir: Path) -> dict:
+    """mergekit-yaml's run_merge on the same recipe, in-process; the tokenizer copied from the base."""
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    d = workdir / f"mk-{m.name}"
+    out = d / "model"
+    text = yaml.safe_dump(recipe(m, root), sort_keys=False)
+    if out.is_dir() and (d / "recipe.yaml").is_file() and (d / "recipe.yaml").read_text() == text:
+        return {"model": str(out), "resumed": True}
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir(parents=True)
+    (d / "recipe.yaml").write_text(text)
+    config = MergeConfiguration.model_validate(yaml.safe_load(text))
+    run_merge(config, str(out), MergeOptions(quiet=True, random_seed=0, write_model_card=False, copy_tokenizer=False))
+    for f in (root / "base").iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")) or f.name == "generation_config.json":
+            shutil.copy2(f, out / f.name)
+    return {"model": str(out), "resumed": False}

@@ -1,0 +1,305 @@
+#!/usr/bin/env python
+"""Measured merge quality: train small real experts, score every method on held-out tasks.
+
+    python tools/quality/run.py --out results/quality                 # full configuration
+    python tools/quality/run.py --out /tmp/q --config smoke           # CPU smoke test (~1 min)
+
+Steps (each cached under --cache, default bench-out/quality/<config>-<hash>/):
+  1. train: tokenizer, base model (pretraining on the mixed corpus), one expert per task
+     (tools/quality/train.py; --train-device, default cuda when available). Skipped when the
+     checkpoints of this configuration are cached. --train-only stops after it (with a quick
+     score of the base and the experts); --pack DIR writes one tar per model (to move them off
+     a GPU machine) and --import DIR unpacks such tars into the cache.
+  2. merge: every recipe of tools/quality/merges.py with streammerge (stores resume, so a
+     rerun recomputes nothing), task_arithmetic and ties with mergekit too.
+  3. evaluate (--device, default cpu): greedy exact match per task and on out-of-distribution
+     prompts for the base, each expert, full routing (oracle and fitted router), every static
+     merge, and every routing store (oracle task, fitted router, static fallback; Mediator under
+     several entropy thresholds).
+  4. write OUT/results.json, OUT/results.md (table + targets) and OUT/accuracy_vs_storage.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
+
+from quality import merges as M
+from quality import table as TB
+from quality import tasks as T
+from quality.config import CONFIGS
+from quality.train import cache_dir, describe_device, log, pack, train_all, unpack
+
+ETAS = (0.01, 0.1, 0.3, 0.5, 0.7, 1.0)  # Mediator's entropy threshold; 1 = always top-1
+# Routers fitted for Mediator's uncertainty routing (streammerge.routing.router.fit_router
+# options). The default MLP reaches 100 % held-out accuracy and is so confident that its
+# out-of-distribution entropies stay under 0.02: it never mixes. L2-regularised logistic
+# regression keeps the accuracy and spreads the probabilities where the prompt is ambiguous.
+ROUTERS = {"mlp": {}, "logreg-wd0.1": {"classifier": "logreg", "weight_decay": 0.1}, "logreg-wd1": {"classifier": "logreg", "weight_decay": 1.0}}
+# the OOD target is judged on this router at this eta (chosen before the sweep: the router
+# whose in-distribution entropies stay under the default eta 0.5), against top-1 (eta 1)
+OOD_ROUTER, OOD_ETA = "logreg-wd1", 0.5
+
+
+def _quantiles(v: list[float]) -> dict:
+    v = sorted(v)
+    q = lambda f: round(v[int(f * (len(v) - 1))], 5)
+    return {"p10": q(0.1), "p50": q(0.5), "p90": q(0.9), "max": round(v[-1], 5)}
+# simulated variants (whatif.py): (kind, the store they start from)
+WHATIF = {
+    "full": [("1bit-dense-embeddings", "1bit-uniform-row-lam0"), ("1bit-dense-embeddings", "1bit-uniform-row-lam0-rms"),
+             ("mediator-routed-outside", "mediator-8-0.1"), ("mediator-routed-outside", "mediator-8-0.2")],
+    "scratch": [("1bit-dense-embeddings", "1bit-uniform-row-lam0-rms"), ("mediator-routed-outside", "mediator-8-0.2")],
+}
+CHOSEN = {"full": {}, "scratch": {}, "smoke": {}}
+
+
+def quiet() -> None:
+    warnings.filterwarnings("ignore")
+    logging.getLogger("mergekit").setLevel(logging.ERROR)
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def have_mergekit() -> bool:
+    try:
+        import mergekit  # noqa: F401
+    except ImportError:
+        log("mergekit is not installed: its rows are left out")
+        return False
+    return True
+
+
+def model_bytes(path: Path) -> int:
+    from safetensors import safe_open
+
+    n = 0
+    for f in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(str(f), "np") as sf:
+            for k in sf.keys():
+                sl = sf.get_slice(k)
+                size = 1
+                for d in sl.get_shape():
+                    size *= d
+                n += size * {"BF16": 2, "F16": 2, "F32": 4}[sl.get_dtype()]
+    return n
+
+
+def quick_scores(cfg, root: Path, device: str) -> dict:
+    """Base and experts on the tests (the end of a --train-only run)."""
+    from quality.evaluate import EvalSets, Memo, eval_model, load_model
+
+    _, tok = load_model(root / "base", "cpu")
+    sets = EvalSets.make(cfg, tok)
+    memo = Memo()
+    out = {}
+    for name in ("base", *T.TASKS):
+        r = eval_model(root / name, sets, memo, device)
+        out[name] = {"acc": r["acc"], "avg": r["avg"], "ood": r["ood_all"]}
+        log(f"{name:6s} " + " ".join(f"{t} {100 * r['acc'][t]:5.1f}" for t in T.TASKS) + f"  avg {100 * r['avg']:5.1f}  ood {100 * r['ood_all']:5.1f}")
+    return out
+
+
+def row(name, family, label, res, storage_bytes, **extra) -> dict:
+    return {"name": name, "family": family, "label": label, "acc": res["acc"], "avg": res["avg"], "ood_all": res.get("ood_all"),
+            "ood": res.get("ood"), "storage_bytes": int(storage_bytes), "samples": res.get("samples"), **extra}
+
+
+def evaluate_all(cfg, root: Path, out: Path, device: str, only: set | None = None) -> dict:
+    from quality.evaluate import (
+        EvalSets,
+        Memo,
+        RoutedEval,
+        eval_full_routing,
+        eval_model,
+        load_model,
+    )
+
+    t_start = time.perf_counter()
+    workdir = root / "merges"
+    _, tok = load_model(root / "base", "cpu")
+    sets = EvalSets.make(cfg, tok)
+    memo = Memo()
+    mbytes = model_bytes(root / "base")
+    n = len(T.TASKS)
+    rows, extra = [], {}
+
+    def say(r):
+        log(f"{r['name']:28s} avg {100 * r['avg']:5.1f}  " + " ".join(f"{t} {100 * r['acc'][t]:5.1f}" for t in T.TASKS)
+            + (f"  ood {100 * r['ood_all']:5.1f}" if r.get("ood_all") is not None else "") + f"  storage {r['storage_bytes'] / (n * mbytes):.3f}")
+
+    for name in ("base", *T.TASKS):
+        r = row(name if name == "base" else f"expert-{name}", "base" if name == "base" else "expert",
+                "pretrained base" if name == "base" else f"fine-tuned on {name}", eval_model(root / name, sets, memo, device), mbytes)
+        rows.append(r)
+        say(r)
+    fr = eval_full_routing(root, sets, memo, device)
+    for mode, label in (("oracle", "oracle task"), ("router", "fitted router (base features)")):
+        r = row(f"full-routing-{mode}", "full routing", label, fr[mode], n * mbytes, router_accuracy=fr[mode].get("router_accuracy"))
+        rows.append(r)
+        say(r)
+    reference = fr["oracle"]["avg"]
+
+    full = cfg.name != "smoke"
+    for m in M.merges(full):
+        if only and m.name not in only:
+            continue
+        info = M.build(m, root, workdir)
+        if not m.routing:
+            r = row(m.name, m.family, m.label, eval_model(Path(info["model"]), sets, memo, device), mbytes, build_s=info["seconds"])
+            rows.append(r)
+            say(r)
+            if m.mergekit and have_mergekit():
+                mk = M.build_mergekit(m, root, workdir)
+                r = row(f"mergekit-{m.name}", "mergekit", f"mergekit {m.method}, {m.label}", eval_model(Path(mk["model"]), sets, memo, device), mbytes)
+                rows.append(r)
+                say(r)
+            continue
+        ev = RoutedEval(Path(info["store"]), sets, memo, device)
+        storage = info["storage"]["total_bytes"]
+        default_eta = ev.rm.eta
+        res = ev.evaluate("router", eta=default_eta)
+        oracle = ev.evaluate("oracle")
+        fallback = ev.evaluate("static")
+        r = row(m.name, m.family, m.label + (f", eta {default_eta:g}" if m.method == "mediator" else ""), res, storage,
+                oracle_avg=oracle["avg"], oracle_acc=oracle["acc"], fallback_avg=fallback["avg"], fallback_acc=fallback["acc"],
+                router_heldout=ev.router_report["heldout"]["accuracy"], mixed_share=res.get("mixed_share"),
+                storage_detail=info["storage"])
+        rows.append(r)
+        say(r)
+        log(f"{'':28s} oracle avg {100 * oracle['avg']:5.1f}, static fallback avg {100 * fallback['avg']:5.1f}, "
+            f"router held-out {100 * ev.router_report['heldout']['accuracy']:.1f}")
+        if m.method == "mediator":
+            by_router = {}
+            for rname, kw in ROUTERS.items():
+                if kw:
+                    ev.refit(kw)
+                sweep = {}
+                for eta in ETAS:
+                    e = ev.evaluate("router", eta=eta)
+                    sweep[f"{eta:g}"] = {"avg": e["avg"], "acc": e["acc"], "ood_all": e["ood_all"], "ood": e["ood"], "mixed_share": e["mixed_share"]}
+                    log(f"{'':28s} router {rname}, eta {eta:4g}: avg {100 * e['avg']:5.1f}  ood {100 * e['ood_all']:5.1f}  "
+                        f"mixed: ood {100 * e['mixed_share']['ood']:.0f}%, tests {100 * max(e['mixed_share'][t] for t in T.TASKS):.0f}%")
+                ent = ev.entropies()
+                by_router[rname] = {"sweep": sweep, "heldout": ev.router_report["heldout"]["accuracy"],
+                                    "entropy": {k: _quantiles(v) for k, v in ent.items()}}
+            extra.setdefault("eta_sweep", {})[m.name] = by_router
+            u = by_router[OOD_ROUTER]["sweep"]
+            extra.setdefault("ood_routing", {})[m.name] = {
+                "router": OOD_ROUTER, "eta": OOD_ETA, "uncertainty": u[f"{OOD_ETA:g}"]["ood_all"], "top1": u["1"]["ood_all"],
+                "mixed": u[f"{OOD_ETA:g}"]["mixed_share"]["ood"], "n": len(sets.ood),
+            }
+        if m.name in ("1bit-auto",) or (not full and m.method == "1bit"):
+            analysis = json.loads((Path(info["store"]) / "analysis.json").read_text())
+            extra["norm_share"] = analysis.get("norm_share")
+            extra["kind_params"] = {k: v["n"] for k, v in analysis.get("kinds", {}).items()}
+            extra["task_vector_norms"] = analysis.get("norms")
+            extra["task_vector_cosines"] = analysis.get("cosine")
+            extra["precision_auto"] = json.loads((Path(info["store"]) / "method.json").read_text()).get("precision")
+        del ev
+
+    whatifs = []
+    for kind, store_name in WHATIF.get(cfg.name, []):
+        if only and store_name not in only:
+            continue
+        from quality.whatif import evaluate_whatif
+
+        w = evaluate_whatif(kind, workdir / store_name / "job.zarr", root, workdir / f"whatif-{kind}-{store_name}", sets, memo, device)
+        w["name"] = f"{kind} ({store_name})"
+        whatifs.append(w)
+        log(f"what-if {w['name']}: avg {100 * w['avg']:5.1f}  " + " ".join(f"{t} {100 * w['acc'][t]:5.1f}" for t in T.TASKS)
+            + f"  storage {w['storage_bytes'] / (n * mbytes):.3f}")
+    extra["whatif"] = whatifs
+
+    results = {
+        "config": cfg.name, "config_detail": cfg.as_dict(), "n_params": _n_params(root / "base"),
+        "model_bytes": mbytes, "full_routing_bytes": n * mbytes, "reference_avg": reference, "reference": "full-routing-oracle",
+        "eval_device": describe_device(device), "rows": rows, "chosen": CHOSEN.get(cfg.name, {}), **extra,
+        "generated_prompts": memo.generated, "generation_seconds": round(memo.seconds, 1),
+        "seconds": round(time.perf_counter() - t_start, 1),
+    }
+    results["targets"] = TB.targets(results)
+    return results
+
+
+def _n_params(path: Path) -> int:
+    return model_bytes(path) // 2
+
+
+def write_outputs(results: dict, train_info: dict, out: Path, command: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    results["train"] = {k: train_info.get(k) for k in ("hash", "device", "seconds")}
+    results["train"]["pretrain_seconds"] = train_info.get("pretrain", {}).get("seconds")
+    results["command"] = command
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    TB.plot(results, out / "accuracy_vs_storage.png")
+    md = [f"# Merge quality ({results['config']} configuration)", "",
+          f"Command: `{command}`", "",
+          (f"Training: {results['train']['device']}, {results['train']['seconds']} s. Evaluation: {results['eval_device']}, "
+           f"{results['seconds']} s ({results['generated_prompts']} generations)."), "",
+          TB.markdown_table(results), "", "Targets:", "", TB.targets_markdown(results["targets"]), "",
+          ("Mediator on the out-of-distribution prompts: accuracy (share of OOD prompts routed to a probability-weighted "
+           "mix of experts) by router and entropy threshold eta (1 = always top-1):"), "",
+          TB.eta_markdown(results), "",
+          "Where each task vector lies (share of its squared norm per module kind; in brackets, that share over the kind's share of the parameters):", "",
+          TB.norm_share_markdown(results), "",
+          "What-if (simulated, not streammerge methods; oracle task; tools/quality/whatif.py):", "",
+          TB.whatif_markdown(results), "",
+          "Plot: accuracy_vs_storage.png", ""]
+    (out / "results.md").write_text("\n".join(md))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("results/quality"))
+    ap.add_argument("--config", choices=sorted(CONFIGS), default="full")
+    ap.add_argument("--smoke", action="store_true", help="same as --config smoke")
+    ap.add_argument("--cache", type=Path, default=ROOT / "bench-out" / "quality")
+    ap.add_argument("--device", default="cpu", help="evaluation device (cpu or cuda)")
+    ap.add_argument("--train-device", default=None, help="training device (default: cuda when available, else cpu)")
+    ap.add_argument("--train-only", action="store_true")
+    ap.add_argument("--retrain", action="store_true", help="train even when the checkpoints are cached")
+    ap.add_argument("--pack", type=Path, help="after training, write one tar per model here")
+    ap.add_argument("--import", dest="import_dir", type=Path, help="unpack tars written by --pack into the cache first")
+    ap.add_argument("--only", help="comma-separated merge names to evaluate (default: all)")
+    a = ap.parse_args(argv)
+    quiet()
+    cfg = CONFIGS["smoke" if a.smoke else a.config]
+    import torch
+
+    train_device = a.train_device or ("cuda" if torch.cuda.is_available() else "cpu")
+    root = cache_dir(cfg, a.cache)
+    if a.import_dir:
+        unpack(a.import_dir, root)
+    info = train_all(cfg, root, train_device, force=a.retrain)
+    log(f"checkpoints: {root} (trained on {info.get('device')} in {info.get('seconds')} s)")
+    if a.pack:
+        pack(root, a.pack)
+    if a.train_only:
+        scores = quick_scores(cfg, root, train_device)
+        if a.pack:
+            (a.pack / "scores.json").write_text(json.dumps(scores, indent=1))
+        return 0
+    results = evaluate_all(cfg, root, a.out, a.device, set(a.only.split(",")) if a.only else None)
+    command = "python tools/quality/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    write_outputs(results, info, a.out, command)
+    print(TB.markdown_table(results))
+    print(TB.targets_markdown(results["targets"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

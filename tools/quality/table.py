@@ -1,0 +1,200 @@
+"""The results table (markdown), the targets check and the accuracy-vs-storage plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import tasks as T
+
+STATIC_FAMILIES = ("task_arithmetic", "ties", "dare_ties")
+
+
+def _pct(x):
+    return "" if x is None else f"{100 * x:.1f}"
+
+
+def rows_for_table(results: dict) -> list[dict]:
+    return [r for r in results["rows"] if r.get("in_table", True)]
+
+
+def markdown_table(results: dict) -> str:
+    ref = results["reference_avg"]
+    full_bytes = results["full_routing_bytes"]
+    head = ["model", "family", "parameters", *T.TASKS, "avg", "% of full routing", "OOD", "storage (MiB)", "% of full routing storage"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(head) - 3)) + "|"]
+    for r in rows_for_table(results):
+        cells = [r["name"], r["family"], r["label"]]
+        cells += [_pct(r["acc"][t]) for t in T.TASKS]
+        cells += [f"**{_pct(r['avg'])}**", f"{100 * r['avg'] / ref:.1f}" if ref else "", _pct(r.get("ood_all"))]
+        cells += [f"{r['storage_bytes'] / 2**20:.1f}", f"{100 * r['storage_bytes'] / full_bytes:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def targets(results: dict) -> dict:
+    """The issue's three targets, on the rows named by results['chosen'] (the tuned defaults)
+    and on the best row of each family."""
+    ref = results["reference_avg"]
+    full_bytes = results["full_routing_bytes"]
+    rows = {r["name"]: r for r in results["rows"]}
+    static = [r for r in results["rows"] if r["family"] in STATIC_FAMILIES]
+    best_static = max(static, key=lambda r: r["avg"]) if static else None
+    out = {"reference_avg": ref, "best_static": best_static and {"name": best_static["name"], "avg": best_static["avg"]}}
+
+    def share(r):
+        return r["avg"] / ref if ref else 0.0
+
+    bits = [r for r in results["rows"] if r["family"] == "1bit"]
+    if bits:
+        ok = [r for r in bits if r["storage_bytes"] <= 0.5 * full_bytes]
+        best = max(ok or bits, key=lambda r: r["avg"])
+        chosen = rows.get(results.get("chosen", {}).get("1bit"), best)
+        out["1bit"] = {
+            "row": chosen["name"], "share_of_full": share(chosen), "storage_share": chosen["storage_bytes"] / full_bytes,
+            "met": share(chosen) >= 0.95 and chosen["storage_bytes"] <= 0.5 * full_bytes,
+            "best_row": best["name"], "best_share_of_full": share(best),
+        }
+    meds = [r for r in results["rows"] if r["family"] == "mediator"]
+    if meds:
+        best = max(meds, key=lambda r: r["avg"])
+        chosen = rows.get(results.get("chosen", {}).get("mediator"), best)
+        margin = chosen["avg"] - (best_static["avg"] if best_static else 0.0)
+        out["mediator"] = {
+            "row": chosen["name"], "share_of_full": share(chosen), "margin_over_best_static": margin,
+            "met": share(chosen) >= 0.95 and margin >= 0.10, "best_row": best["name"], "best_share_of_full": share(best),
+        }
+        ood = results.get("ood_routing", {}).get(chosen["name"])
+        if ood:
+            out["ood"] = {"row": chosen["name"], **ood, "met": ood["uncertainty"] > ood["top1"]}
+            best = max(((n, r, e, v["ood_all"]) for n, by in results.get("eta_sweep", {}).items() for r, x in by.items()
+                        for e, v in x["sweep"].items()), key=lambda z: z[3])
+            out["ood"]["best_in_sweep"] = {"row": best[0], "router": best[1], "eta": best[2], "ood": best[3],
+                                           "top1": results["eta_sweep"][best[0]][best[1]]["sweep"]["1"]["ood_all"]}
+    return out
+
+
+def targets_markdown(t: dict) -> str:
+    lines = []
+    if "1bit" in t:
+        b = t["1bit"]
+        lines.append(
+            f"- 1bit-Merging >= 95% of full routing at <= 50% of its storage: **{'met' if b['met'] else 'missed'}** "
+            f"({b['row']}: {100 * b['share_of_full']:.1f}% of full routing at {100 * b['storage_share']:.1f}% of its storage"
+            + ("" if b["met"] else f"; {100 * (0.95 - b['share_of_full']):.1f} points short") + ")"
+        )
+    if "mediator" in t:
+        m = t["mediator"]
+        bs = t["best_static"]
+        lines.append(
+            f"- Mediator >= 95% of full routing and >= 10 points over the best static merge: **{'met' if m['met'] else 'missed'}** "
+            f"({m['row']}: {100 * m['share_of_full']:.1f}% of full routing, {100 * m['margin_over_best_static']:+.1f} points "
+            f"over {bs['name']} at {100 * bs['avg']:.1f})"
+        )
+    if "ood" in t:
+        o = t["ood"]
+        b = o["best_in_sweep"]
+        diff = round((o["uncertainty"] - o["top1"]) * o["n"])
+        lines.append(
+            f"- OOD: uncertainty routing beats top-1: **{'met' if o['met'] else 'missed'}** "
+            f"({o['row']}, router {o['router']}, eta {o['eta']:g}: {100 * o['uncertainty']:.1f}% vs top-1 {100 * o['top1']:.1f}% "
+            f"({diff:+d} of {o['n']} prompts; {100 * o['mixed']:.0f}% of them mixed); best of the sweep: {b['row']}, router {b['router']}, "
+            f"eta {b['eta']}: {100 * b['ood']:.1f}% vs top-1 {100 * b['top1']:.1f}%)"
+        )
+    return "\n".join(lines)
+
+
+def eta_markdown(results: dict) -> str:
+    """OOD accuracy (share of OOD prompts mixed) per Mediator store, router and eta."""
+    sweep = results.get("eta_sweep") or {}
+    if not sweep:
+        return "(no Mediator rows)"
+    first = next(iter(sweep.values()))
+    etas = list(next(iter(first.values()))["sweep"])
+    lines = ["| store | router | in-dist entropy max | OOD entropy p10 / p50 / p90 | " + " | ".join(f"eta {e}" for e in etas) + " |",
+             "|---|---|---:|---:|" + "---:|" * len(etas)]
+    for name, by_router in sweep.items():
+        for rname, r in by_router.items():
+            ind = max(r["entropy"][t]["max"] for t in T.TASKS)
+            o = r["entropy"]["ood"]
+            cells = []
+            for v in r["sweep"].values():
+                tests_mixed = max(v["mixed_share"][t] for t in T.TASKS)
+                cells.append(f"{100 * v['ood_all']:.1f} ({100 * v['mixed_share']['ood']:.0f}%" + (f"; tests {100 * tests_mixed:.0f}% mixed, avg {100 * v['avg']:.1f}" if tests_mixed > 0 else "") + ")")
+            lines.append(f"| {name} | {rname} | {ind:.3g} | {o['p10']:.3g} / {o['p50']:.3g} / {o['p90']:.3g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def whatif_markdown(results: dict) -> str:
+    w = results.get("whatif") or []
+    if not w:
+        return "(none)"
+    ref, full = results["reference_avg"], results["full_routing_bytes"]
+    lines = ["| simulated variant | " + " | ".join(T.TASKS) + " | avg | % of full routing | % of full routing storage |",
+             "|---|" + "---:|" * (len(T.TASKS) + 3)]
+    for r in w:
+        lines.append(f"| {r['name']} | " + " | ".join(_pct(r["acc"][t]) for t in T.TASKS)
+                     + f" | {_pct(r['avg'])} | {100 * r['avg'] / ref:.1f} | {100 * r['storage_bytes'] / full:.1f} |")
+    return "\n".join(lines)
+
+
+def norm_share_markdown(results: dict) -> str:
+    shares, n = results.get("norm_share"), results.get("kind_params")
+    if not shares or not n:
+        return "(no analysis)"
+    kinds = [k for k in ("attention", "mlp", "embedding", "norm") if k in n]
+    total = sum(n.values())
+    lines = ["| task | " + " | ".join(f"{k} ({100 * n[k] / total:.1f}% of parameters)" for k in kinds) + " |",
+             "|---|" + "---:|" * len(kinds)]
+    for task, sh in shares.items():
+        lines.append(f"| {task} | " + " | ".join(f"{100 * sh[k]:.1f}% ({sh[k] / (n[k] / total):.2f}x)" for k in kinds) + " |")
+    return "\n".join(lines)
+
+
+FAMILY_STYLE = {
+    "base": ("black", "x"), "expert": ("gray", "s"), "full routing": ("black", "*"), "linear": ("tab:brown", "v"),
+    "task_arithmetic": ("tab:blue", "o"), "ties": ("tab:orange", "o"), "dare_ties": ("tab:olive", "o"),
+    "mergekit": ("tab:cyan", "D"), "1bit": ("tab:green", "^"), "mediator": ("tab:red", "P"), "what-if": ("tab:purple", "o"),
+}
+# static merges all cost one model: spread them a little along x so that they stay visible
+X_OFFSET = {"linear": -1.6, "task_arithmetic": -0.8, "ties": 0.0, "dare_ties": 0.8, "mergekit": 1.6}
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    full_bytes = results["full_routing_bytes"]
+    ref = results["reference_avg"]
+    rows = [r for r in rows_for_table(results) if r["family"] != "expert"]
+    best = {}
+    for r in rows:
+        if r["family"] not in best or r["avg"] > best[r["family"]]["avg"]:
+            best[r["family"]] = r
+    fig, ax = plt.subplots(figsize=(10, 6.5), dpi=110)
+    seen = set()
+    points = [(r["family"], r["name"], r["storage_bytes"], r["avg"]) for r in rows]
+    points += [("what-if", w["name"], w["storage_bytes"], w["avg"]) for w in results.get("whatif") or []]
+    for family, name, nbytes, avg in points:
+        color, marker = FAMILY_STYLE.get(family, ("gray", "o"))
+        x, y = 100 * nbytes / full_bytes + X_OFFSET.get(family, 0.0), 100 * avg
+        hollow = family in ("mergekit", "what-if")
+        style = {"c": color} if marker == "x" else {"facecolors": "none" if hollow else color, "edgecolors": color}
+        ax.scatter([x], [y], marker=marker, s=70 if family != "full routing" else 140, zorder=3, linewidths=1.5,
+                   label=None if family in seen else ("what-if (simulated)" if family == "what-if" else family), **style)
+        seen.add(family)
+        if family in ("mediator", "what-if") or name in ("1bit-paper", "1bit-auto", "1bit-uniform") or best.get(family, {}).get("name") == name:
+            ax.annotate(name.replace("full-routing-oracle", "full routing (oracle = router)"), (x, y),
+                        textcoords="offset points", xytext=(5, 3), fontsize=7)
+    ax.axhline(100 * ref, color="black", lw=0.8, ls="--")
+    ax.axhline(95 * ref, color="gray", lw=0.8, ls=":", label="95% of full routing")
+    ax.axvline(50, color="gray", lw=0.8, ls="-.", label="50% of full routing storage")
+    ax.set_xlabel("storage, % of full routing (N fine-tuned models); static merges spread by +-1.6 for legibility")
+    ax.set_ylabel(f"average exact match over {len(T.TASKS)} held-out tasks (%)")
+    ax.set_title(f"Merge quality vs storage ({results['config']} configuration, {results['n_params'] / 1e6:.1f}M-parameter Llama, 4 experts)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,98 @@
+"""What-if rows: two changes to the routing methods that streammerge does not offer (yet),
+simulated on the same checkpoints to measure what they would buy. They are labelled as such in
+the results and are not streammerge output.
+
+  1bit + dense embeddings   1bit-Merging's task:k model (theta_0 + tau_hat_k, from a store built
+                            with lambda 0), with the embedding kind (embed_tokens, lm_head) of
+                            task k kept dense (its exact bf16 fine-tuned values) instead of 1-bit.
+                            A `precision` override per module kind would give this.
+  Mediator + routed outside Mediator's task:k model (D + S_k on the routed layers), with the
+                            tensors outside the layers (embed_tokens, lm_head, final norm), which
+                            Mediator always averages, routed like a layer: D + top-rho(theta_k - D).
+
+Evaluated with the oracle task (each test set through its task's model: the fitted routers are
+100 % accurate on the tests), so they compare with the `oracle` numbers of the real stores.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from . import tasks as T
+from .evaluate import EvalSets, Memo, exact, load_model
+
+OUTSIDE = ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight")
+EMBEDDING = ("model.embed_tokens.weight", "lm_head.weight")
+
+
+def _export_task(store: Path, task: str, out: Path) -> None:
+    from streammerge.export.variants import export_variant
+    from streammerge.store.store import Store
+
+    if not (out / "model.safetensors").is_file():
+        export_variant(Store.open(store), out, f"task:{task}", overwrite=True, progress=False)
+
+
+def _patch(model_dir: Path, tensors: dict) -> None:
+    from safetensors.torch import load_file, save_file
+
+    f = model_dir / "model.safetensors"
+    state = load_file(str(f))
+    state.update({k: v.contiguous() for k, v in tensors.items()})
+    save_file(state, str(f), metadata={"format": "pt"})
+
+
+def _load(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model.safetensors"))
+
+
+def _top_rho(delta, rho: float):
+    import torch
+
+    flat = delta.flatten()
+    k = max(1, int(round(rho * flat.numel())))
+    idx = flat.abs().topk(k).indices
+    out = torch.zeros_like(flat)
+    out[idx] = flat[idx].to(torch.bfloat16).float()
+    return out.view_as(delta)
+
+
+def evaluate_whatif(kind: str, store: Path, root: Path, work: Path, sets: EvalSets, memo: Memo, device: str = "cpu") -> dict:
+    """Per-task accuracy of the simulated task models (oracle task) and their storage bytes."""
+    import torch
+
+    work.mkdir(parents=True, exist_ok=True)
+    storage = json.loads((store / "storage.json").read_text())
+    method = json.loads((store / "method.json").read_text())
+    experts = {t: _load(root / t) for t in T.TASKS}
+    acc, extra_bytes = {}, 0
+    for t in T.TASKS:
+        out = work / t
+        stamp = work / f"{t}.json"
+        if not stamp.is_file():
+            shutil.rmtree(out, ignore_errors=True)
+            _export_task(store, t, out)
+            if kind == "1bit-dense-embeddings":
+                patch = {n: experts[t][n] for n in EMBEDDING}
+                nbytes = sum(v.numel() * 2 for v in patch.values())
+            else:  # mediator-routed-outside
+                rho = float(method["rho"])
+                patch, nbytes = {}, 0
+                for n in OUTSIDE:
+                    d = torch.stack([experts[u][n].float() for u in T.TASKS]).mean(0).to(torch.bfloat16).float()
+                    s = _top_rho(experts[t][n].float() - d, rho)
+                    patch[n] = (d + s).to(torch.bfloat16)
+                    nbytes += int((s != 0).sum()) * 6  # int32 index + bf16 value, as Mediator stores them
+            _patch(out, patch)
+            stamp.write_text(json.dumps({"extra_bytes": nbytes}))
+        extra_bytes += json.loads(stamp.read_text())["extra_bytes"]
+        model, tok = load_model(out, device)
+        prompts = [p for p, _ in sets.tests[t]]
+        outs = memo.run(str(out), "static", model, tok, prompts, sets.budget[t])
+        acc[t] = exact(outs, [a for _, a in sets.tests[t]])
+    avg = sum(acc.values()) / len(acc)
+    return {"acc": acc, "avg": avg, "storage_bytes": storage["total_bytes"] + extra_bytes, "store": store.name}
