@@ -339,6 +339,7 @@ def _build(recipe, store_path, export_dir, workers, memory_limit, seed, block_el
         block_elems=block_elements,
         scheduler=client,
         device=device,
+        export=None if export_dir is None else dict(out_dir=export_dir, shard_size=shard_size, dtype=dtype, overwrite=overwrite),
         **_safety(),
     )
     for w in result.warnings:
@@ -353,8 +354,8 @@ def _build(recipe, store_path, export_dir, workers, memory_limit, seed, block_el
         f"{human(r.input_bytes)} read in {result.seconds:.1f}s ({human(rate)}/s)"
     )
     _print_storage(result.store)
-    if export_dir is not None:
-        _export(result.store, export_dir, shard_size, dtype, workers, overwrite, progress, client)
+    if result.export is not None:
+        _print_exported(result.export)
 
 
 def _print_storage(store) -> None:
@@ -436,7 +437,12 @@ def _export(store, out, shard_size, dtype, workers, overwrite, progress, client=
         store, out, variant, shard_size=shard_size, dtype=dtype, workers=workers, overwrite=overwrite, progress=progress,
         scheduler=client,
     )
-    click.echo(f"exported {out}: {len(info['files'])} shard(s), {human(info['total_size'])} in {time.perf_counter() - t0:.1f}s")
+    info["seconds"] = time.perf_counter() - t0
+    _print_exported(info)
+
+
+def _print_exported(info: dict) -> None:
+    click.echo(f"exported {info['path']}: {len(info['files'])} shard(s), {human(info['total_size'])} in {info['seconds']:.1f}s")
 
 
 @main.command()

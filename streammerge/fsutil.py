@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import errno
+import mmap
 import os
+import queue
+import threading
 import uuid
 from pathlib import Path
+from typing import Callable
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -29,3 +34,144 @@ def pid_alive(pid) -> bool:
     except PermissionError:
         return True
     return True
+
+
+# ---- writes that bypass the page cache ----------------------------------------------------------
+# Measured here, buffered writes of fresh files cost ~2.5 s of kernel time per GB (allocating
+# page cache), which on 2 cores is as much as the merge arithmetic; O_DIRECT writes of whole
+# 4 KiB pages stream to disk with almost none, and leave the page cache (which a memory cap
+# counts) to the inputs. Filesystems without O_DIRECT (tmpfs) fall back to buffered writes.
+
+DIRECT_ALIGN = 4096
+_direct_supported = hasattr(os, "O_DIRECT")
+_tls = threading.local()
+
+
+def open_direct(path, flags: int = os.O_WRONLY) -> int | None:
+    """An O_DIRECT descriptor on `path`, or None where the filesystem has none (tmpfs)."""
+    global _direct_supported
+    if not _direct_supported:
+        return None
+    try:
+        return os.open(path, flags | os.O_DIRECT, 0o644)
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+        _direct_supported = False
+        return None
+
+
+def aligned_buffer(nbytes: int) -> memoryview:
+    """A per-thread page-aligned staging buffer of at least `nbytes` (O_DIRECT needs aligned memory)."""
+    buf = getattr(_tls, "buf", None)
+    if buf is None or len(buf) < nbytes:
+        buf = _tls.buf = mmap.mmap(-1, max(nbytes, DIRECT_ALIGN))
+    return memoryview(buf)[:nbytes]
+
+
+def pwrite_loop(fd: int, view: memoryview, pos: int) -> None:
+    while view:
+        n = os.pwrite(fd, view, pos)
+        view = view[n:]
+        pos += n
+
+
+def pwrite_direct(fd: int, view: memoryview, pos: int, direct_fd: int | None = None) -> None:
+    """Write `view` at `pos`: its whole 4 KiB pages through `direct_fd` when there is one, the
+    partial pages at either end through `fd` (Linux keeps the two coherent)."""
+    end = pos + len(view)
+    a = -(-pos // DIRECT_ALIGN) * DIRECT_ALIGN
+    b = end // DIRECT_ALIGN * DIRECT_ALIGN
+    if direct_fd is None or b - a < DIRECT_ALIGN:
+        pwrite_loop(fd, view, pos)
+        return
+    pwrite_loop(fd, view[: a - pos], pos)
+    staged = aligned_buffer(b - a)
+    staged[:] = view[a - pos : b - pos]
+    pwrite_loop(direct_fd, staged, a)
+    pwrite_loop(fd, view[b - pos :], b)
+
+
+def write_new_file(path: Path, data: memoryview, size: int | None = None) -> None:
+    """Create `path` holding `data` zero-padded to `size` bytes, atomically (a `.partial` file
+    renamed into place, as zarr's local store does), bypassing the page cache where possible."""
+    path = Path(path)
+    size = len(data) if size is None else size
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
+    padded = -(-size // DIRECT_ALIGN) * DIRECT_ALIGN
+    fd = open_direct(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL) if size >= DIRECT_ALIGN else None
+    try:
+        if fd is not None:
+            staged = aligned_buffer(padded)
+            staged[: len(data)] = data
+            staged[len(data) :] = bytes(padded - len(data))
+            pwrite_loop(fd, staged, 0)
+            if padded != size:
+                os.ftruncate(fd, size)
+        else:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            pwrite_loop(fd, data, 0)
+            if len(data) < size:
+                os.ftruncate(fd, size)  # the zero padding, as a hole
+        os.close(fd)
+        fd = None
+        os.replace(tmp, path)
+    except BaseException:
+        if fd is not None:
+            os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+class WriteBehind:
+    """Writes handed over by compute threads and done by one background thread, so that the disk
+    works while they compute (a thread blocked in an O_DIRECT write computes nothing).
+
+    `submit(key, pos, data)` copies `data` into one of `depth` reusable buffers (waiting for a
+    free one: at most `depth` writes are pending) and returns; the thread calls
+    `write(key, pos, view)`. The first error is raised by the next `submit` and by `close`,
+    which waits for every pending write.
+    """
+
+    def __init__(self, write: Callable[[object, int, memoryview], None], depth: int = 4):
+        self._write = write
+        self._free: queue.Queue = queue.Queue()
+        for _ in range(depth):
+            self._free.put(bytearray())
+        self._todo: queue.Queue = queue.Queue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="streammerge-write-behind", daemon=True)
+        self._thread.start()
+
+    def submit(self, key, pos: int, data: memoryview) -> None:
+        if self._error is not None:
+            raise self._error
+        buf = self._free.get()
+        if len(buf) < len(data):
+            buf = bytearray(len(data))  # grows to the largest block once, then is reused
+        view = memoryview(buf)[: len(data)]
+        view[:] = data
+        self._todo.put((key, pos, view, buf))
+
+    def _run(self) -> None:
+        while True:
+            item = self._todo.get()
+            if item is None:
+                return
+            key, pos, view, buf = item
+            try:
+                if self._error is None:
+                    self._write(key, pos, view)
+            except BaseException as e:  # noqa: BLE001 - handed to the submitting threads
+                self._error = e
+            finally:
+                view.release()
+                self._free.put(buf)
+
+    def close(self) -> None:
+        """Wait for every pending write; raise the first error."""
+        if self._thread.is_alive():
+            self._todo.put(None)
+            self._thread.join()
+        if self._error is not None:
+            raise self._error

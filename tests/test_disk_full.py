@@ -87,13 +87,14 @@ def test_disk_full_mid_build_and_mid_export_then_resume(tmp_path, tmpfs):
     fault_inject.check_store(store, store)  # markers only for chunks that exist
     assert not out.exists()
 
-    # 2. more room: the build completes, the export runs out of space
+    # 2. more room, not enough for the store and the export, which is written during the build
+    # (build --export writes each merged block to both): whichever write fails is named
     tmpfs.resize(need_store + (need_all - need_store) // 3)
     r = sm(*build, "--export", out)
     assert r.returncode == 1, r.stderr
     line = r.stderr.strip()
-    assert "\n" not in line and "no space left on device" in line and str(out) in line, r.stderr
-    assert json.loads(sm("status", store, "--json", check=True).stdout)["complete"]
+    assert "\n" not in line and "no space left on device" in line and (str(out) in line or str(store) in line), r.stderr
+    fault_inject.check_store(store, store)
     assert not out.exists() and fault_inject.export_litter(out) == [], "a failed export leaves nothing behind"
 
     # 3. room enough: the same command finishes, identical to the reference
@@ -122,3 +123,26 @@ def test_disk_full_on_export_only(tmp_path, tmpfs):
     ref = tmp_path / "ref"
     sm("export", store, ref, check=True)
     assert file_digest(out) == file_digest(ref)
+
+
+def test_disk_full_on_the_export_written_during_the_build(tmp_path, tmpfs):
+    """`build --export` with OUT on a full disk and the store elsewhere: the failing write is the
+    export's, so the line names OUT; the store stays valid and the same command then finishes."""
+    base, fts = synth.make_family(tmp_path / "m", SHAPE, n_finetunes=3, dtype="bfloat16")
+    recipe = write_recipe(tmp_path / "r.yaml", fault_inject.recipe_for("task_arithmetic", base, fts))
+    build = ["build", recipe, "--block-elements", 256, "--workers", 2, "--no-progress"]
+    sm(*build, "--store", tmp_path / "ref.zarr", "--export", tmp_path / "ref", check=True)
+    size = sum(f.stat().st_size for f in (tmp_path / "ref").iterdir())
+
+    tmpfs.mount(size // 3)
+    store, out = tmp_path / "job.zarr", tmpfs.path / "out"
+    r = sm(*build, "--store", store, "--export", out)
+    assert r.returncode == 1, r.stderr
+    line = r.stderr.strip()
+    assert "\n" not in line and line.startswith(f"error: {out}: no space left on device"), r.stderr
+    fault_inject.check_store(store, store)
+    assert list(tmpfs.path.iterdir()) == [], "a failed export leaves nothing behind"
+
+    tmpfs.resize(16 * 2**20)
+    sm(*build, "--store", store, "--export", out, check=True)
+    assert file_digest(out) == file_digest(tmp_path / "ref")

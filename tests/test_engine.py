@@ -193,7 +193,7 @@ def test_killed_build_resumes_to_identical_export(tmp_path):
     store = tmp_path / "job.zarr"
     total = json.loads(subprocess.run([sys.executable, "-m", "streammerge", "status", str(tmp_path / "ref.zarr"), "--json"],
                                       capture_output=True, text=True, check=True).stdout)["stages"]["merge"]["total"]
-    proc = subprocess.Popen(cmd + ["--store", str(store)])
+    proc = subprocess.Popen(cmd + ["--store", str(store), "--export", str(tmp_path / "out")])  # export written during the build
     deadline = time.time() + 60
     while time.time() < deadline:
         done_dir = store / "done" / "merge"
@@ -206,5 +206,45 @@ def test_killed_build_resumes_to_identical_export(tmp_path):
     status = json.loads(subprocess.run([sys.executable, "-m", "streammerge", "status", str(store), "--json"],
                                        capture_output=True, text=True, check=True).stdout)
     assert 0 < status["stages"]["merge"]["done"] < total, "the kill should land mid-build"
+    assert not (tmp_path / "out").exists()
     subprocess.run(cmd + ["--store", str(store), "--export", str(tmp_path / "out")], check=True)
     assert file_digest(tmp_path / "out") == file_digest(tmp_path / "ref")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")], "the killed run's partial export is removed"
+
+
+def test_export_during_build_equals_export_after_it(tmp_path):
+    """`build --export` writes each merged block to the export as it is computed; the result is
+    byte-identical to exporting the finished store, also with another dtype (then nothing is
+    written during the build) and for a resumed build (blocks of the first run exported after)."""
+    shape = synth.ModelShape(hidden=128, intermediate=256, layers=2, heads=4, kv_heads=2, vocab=1024)
+    base, fts = synth.make_family(tmp_path / "m", shape, n_finetunes=3, dtype="bfloat16")
+    recipe = write_recipe(tmp_path / "r.yaml", ta_recipe(base, fts, [0.5, 0.3, 0.2]))
+    opts = dict(workers=2, progress=False, block_elems=4096)
+    res = build(recipe, tmp_path / "a.zarr", **opts, export=dict(out_dir=tmp_path / "a"))
+    assert res.export["blocks_during_build"] == sum(t["nblocks"] for t in res.store.tensors)
+    export_store(Store.open(tmp_path / "a.zarr"), tmp_path / "after", progress=False)
+    assert file_digest(tmp_path / "a") == file_digest(tmp_path / "after")
+
+    res = build(recipe, tmp_path / "b.zarr", **opts, export=dict(out_dir=tmp_path / "b", dtype="float32", shard_size=200_000))
+    assert res.export["blocks_during_build"] == 0
+    export_store(res.store, tmp_path / "b-after", dtype="float32", shard_size=200_000, progress=False)
+    assert file_digest(tmp_path / "b") == file_digest(tmp_path / "b-after")
+
+    # a store with half its blocks done (markers of the others removed, as after a kill)
+    markers = sorted((tmp_path / "a.zarr" / "done" / "merge").rglob("*"))
+    markers = [m for m in markers if m.is_file()]
+    for m in markers[::2]:
+        m.unlink()
+    res = build(recipe, tmp_path / "a.zarr", **opts, export=dict(out_dir=tmp_path / "c"))
+    assert res.resumed and 0 < res.export["blocks_during_build"] < len(markers)
+    assert file_digest(tmp_path / "c") == file_digest(tmp_path / "after")
+
+
+def test_build_export_refuses_existing_output_before_building(synth_family, tmp_path):
+    base, fts = synth_family("ta", dtype="bfloat16")
+    recipe = write_recipe(tmp_path / "r.yaml", ta_recipe(base, fts, [0.5, 0.3, 0.2]))
+    (tmp_path / "out").mkdir()
+    out = run_cli("build", recipe, "--store", tmp_path / "job.zarr", "--export", tmp_path / "out", expect=1)
+    assert "already exists" in out and "--overwrite" in out
+    status = json.loads(run_cli("status", tmp_path / "job.zarr", "--json"))
+    assert status["stages"]["merge"]["done"] == 0, "nothing computed for an export that cannot be written"

@@ -131,7 +131,8 @@ def main() -> None:
             "--memory-limit", args.memory_limit, "--no-progress", "--restart", "--overwrite",
         ]
         subprocess.run(["cat", *map(str, data.rglob("*.safetensors"))], stdout=subprocess.DEVNULL)  # warm the page cache
-        r = median_run(sm, args.repeat)
+        # outputs of the previous run are removed before each run, untimed, as for mergekit below
+        r = median_run(sm, args.repeat, before=lambda: [shutil.rmtree(work / d, ignore_errors=True) for d in ("job.zarr", "sm-out")])
         if r["rc"] != 0:
             print(r["tail"], file=sys.stderr)
         row = {"method": method, "tool": "streammerge", **r}

@@ -30,6 +30,7 @@ class JobResult:
     resumed: bool
     litter_removed: int
     warnings: list[str] = field(default_factory=list)
+    export: dict | None = None  # with `export=`: files, total_size, path, seconds
 
 
 def manifest_for(plan: Plan, recipe_text: str) -> dict:
@@ -123,11 +124,14 @@ def build(
     allow_pickle: bool = False,
     allow_crimes: bool = False,
     device: str | None = None,
+    export: dict | None = None,
 ) -> JobResult:
     """allow_nonfinite: merge inputs holding NaN/Inf (refused by default); allow_pickle: load
     pickle checkpoints with torch.load(weights_only=True), converted once into <store>/converted;
     allow_crimes: merge models whose config.json names different architectures; device: a torch
-    device ("cuda") for methods with a kernel (engine/device.py), None for the numpy CPU path."""
+    device ("cuda") for methods with a kernel (engine/device.py), None for the numpy CPU path;
+    export: also export the merged model, `OpenExport` keywords (out_dir, shard_size, dtype,
+    overwrite). A static merge's blocks are then written to the export as they are computed."""
     recipe_path = Path(recipe_path)
     store_path = Path(store_path)
     recipe = recipe or load_recipe(recipe_path)  # first: a missing recipe is a one-line error
@@ -170,10 +174,35 @@ def build(
             store = Store.create(store_path, manifest)
             litter = 0
         run = dict(workers=workers, progress=progress, scheduler=scheduler, cluster=cluster, device=device)
-        report = run_build(plan, store, **run)
-        if full_plan.method.pipeline:
-            report = _routed_phase_b(full_plan, plan, store, report, run)
-    return JobResult(store, report, time.perf_counter() - t0, resumed, litter, plan.warnings)
+        # routing methods add their tensors in phase B: their export opens once the build is done
+        exporting = _open_export(store, export) if export is not None and not full_plan.method.pipeline else None
+        try:
+            report = run_build(plan, store, **run)
+            if full_plan.method.pipeline:
+                report = _routed_phase_b(full_plan, plan, store, report, run)
+        except BaseException:
+            if exporting is not None:
+                exporting.abort()
+            raise
+        finally:
+            store.mirror = None
+        seconds = time.perf_counter() - t0
+        exported = None
+        if export is not None:
+            t1 = time.perf_counter()
+            exporting = exporting or _open_export(store, export, mirror=False)
+            exported = exporting.finish(workers=workers, progress=progress, scheduler=scheduler, cluster=cluster)
+            exported["seconds"] = time.perf_counter() - t1
+    return JobResult(store, report, seconds, resumed, litter, plan.warnings, exported)
+
+
+def _open_export(store: Store, export: dict, mirror: bool = True):
+    from ..export.hf import OpenExport
+
+    exporting = OpenExport(store, **export)
+    if mirror:
+        store.mirror = exporting.mirror
+    return exporting
 
 
 def _routed_phase_b(full_plan: Plan, analysis_plan: Plan, store: Store, report: BuildReport, run: dict) -> BuildReport:

@@ -6,10 +6,13 @@ shard is written and fsynced, so `out/` is either absent, the previous export, o
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import re
 import shutil
+import threading
 import uuid
 from pathlib import Path
 
@@ -18,7 +21,7 @@ import numpy as np
 from ..dtypes import FloatType, float_type, from_float32, to_float32
 from ..engine.scheduler import run_graph
 from ..errors import StreammergeError
-from ..fsutil import pid_alive
+from ..fsutil import WriteBehind, pid_alive
 from ..store.store import Store
 from .safetensors_writer import ShardedWriter, TensorSpec
 
@@ -91,54 +94,133 @@ def export_store(
     `block_fn(name, block, r0, r1) -> float32 rows` replaces the stored values (export variants);
     `extra(tmp_dir)` writes additional files into the output before it is renamed into place.
     """
-    out_dir = Path(out_dir)
+    _check_complete(store)
+    export = OpenExport(store, out_dir, shard_size=shard_size, dtype=dtype, overwrite=overwrite)
+    return export.finish(workers=workers, progress=progress, scheduler=scheduler, cluster=cluster, block_fn=block_fn, extra=extra)
+
+
+def _check_complete(store: Store) -> None:
     if not store.is_complete():
         done, total = store.progress()
         raise StreammergeError(
             f"{store.path}: build is not finished ({done}/{total} merge blocks); run `streammerge build` again to complete it"
         )
-    if out_dir.exists() and not overwrite:
-        raise StreammergeError(f"{out_dir}: already exists (use --overwrite to replace it)")
-    out_type = float_type(dtype) if dtype else None
 
-    specs = []
-    for t in store.tensors:
-        ftype = out_type or float_type(t["dtype"])
-        n = 1
-        for d in t["shape"]:
-            n *= d
-        specs.append(TensorSpec(t["name"], ftype.st, tuple(t["shape"]), n * ftype.itemsize))
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(out_dir)
-    tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        writer = ShardedWriter(tmp, specs, shard_size)
-        dsk, task_bytes = {}, {}
+class OpenExport:
+    """An export being written into a hidden sibling of `out_dir`, renamed into place by `finish`.
+
+    It can be opened before the build runs: set as the store's `mirror`, it writes each merged
+    block into its shard as the build stores it, while the block is still in memory (`build
+    --export`), so `finish` only writes the blocks a previous run computed. That saves reading
+    the whole model back from the store, which comes from disk: the store's writes bypass the
+    page cache.
+    """
+
+    def __init__(self, store: Store, out_dir: Path, *, shard_size: int = 5 * 10**9, dtype: str | None = None, overwrite: bool = False):
+        self.store = store
+        self.out_dir = out_dir = Path(out_dir)
+        if out_dir.exists() and not overwrite:
+            raise StreammergeError(f"{out_dir}: already exists (use --overwrite to replace it)")
+        self.out_type = float_type(dtype) if dtype else None
+        specs = []
+        self._row_bytes: dict[str, int] = {}  # tensors whose stored blocks are exported as they are
         for t in store.tensors:
-            ftype = out_type or float_type(t["dtype"])
+            ftype = self.out_type or float_type(t["dtype"])
+            row_elems = 1
+            for d in t["shape"][1:]:
+                row_elems *= d
             rows = t["shape"][0] if t["shape"] else 1
-            for i in range(t["nblocks"]):
-                r0, r1 = i * t["block_rows"], min(rows, (i + 1) * t["block_rows"])
-                key = ("export", t["name"], i)
-                dsk[key] = (_export_block, store, writer, t["name"], r0, r1, ftype, block_fn, i)
+            specs.append(TensorSpec(t["name"], ftype.st, tuple(t["shape"]), rows * row_elems * ftype.itemsize))
+            if ftype is float_type(t["dtype"]):
+                self._row_bytes[t["name"]] = row_elems * ftype.itemsize
+        self.written: set[tuple[str, int]] = set()  # (tensor, block) mirrored during the build
+        self._behind: WriteBehind | None = None  # the mirrored blocks' writes, started by the first
+        self._lock = threading.Lock()
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(out_dir)
+        self.tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            with self._naming_out_dir():
+                self.writer = ShardedWriter(self.tmp, specs, shard_size)
+        except BaseException:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise
+
+    def mirror(self, path: str, block: int, raw: np.ndarray) -> None:
+        """Store.mirror: write block `block` of store array `path` if it is an exported tensor."""
+        name = path[len("tensors/") :] if path.startswith("tensors/") else None
+        row_bytes = self._row_bytes.get(name)
+        if row_bytes is None:
+            return
+        with self._lock:
+            if self._behind is None:
+                self._behind = WriteBehind(self.writer.write)
+        with self._naming_out_dir():
+            data = memoryview(np.ascontiguousarray(raw)).cast("B")
+            self._behind.submit(name, block * self.store.tensor(name)["block_rows"] * row_bytes, data)
+        self.written.add((name, block))
+
+    def _drain(self) -> None:
+        behind, self._behind = self._behind, None
+        if behind is not None:
+            behind.close()
+
+    def finish(self, *, workers: int = 2, progress=None, scheduler=None, cluster=None, block_fn=None, extra=None) -> dict:
+        """Write every block not mirrored, the side files, and rename into place."""
+        try:
+            with self._naming_out_dir():
+                self._drain()
+            _check_complete(self.store)
+            dsk, task_bytes = {}, {}
+            for t in self.store.tensors:
+                ftype = self.out_type or float_type(t["dtype"])
+                rows = t["shape"][0] if t["shape"] else 1
                 row_elems = 1
                 for d in t["shape"][1:]:
                     row_elems *= d
-                task_bytes[key] = (r1 - r0) * row_elems * ftype.itemsize
-        run_graph(
-            dsk, list(dsk), task_bytes, workers=workers, scheduler=scheduler, cluster=cluster, desc="export", progress=progress
-        )
-        writer.finish()
-        _write_side_files(store, tmp, out_type)
-        if extra is not None:
-            extra(tmp)
-        _fsync_dir(tmp)
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return {"files": writer.files, "total_size": writer.total_size, "path": str(out_dir)}
+                for i in range(t["nblocks"]):
+                    if block_fn is None and (t["name"], i) in self.written:
+                        continue
+                    r0, r1 = i * t["block_rows"], min(rows, (i + 1) * t["block_rows"])
+                    key = ("export", t["name"], i)
+                    dsk[key] = (_export_block, self.store, self.writer, t["name"], r0, r1, ftype, block_fn, i)
+                    task_bytes[key] = (r1 - r0) * row_elems * ftype.itemsize
+            with self._naming_out_dir():
+                if dsk:
+                    run_graph(
+                        dsk, list(dsk), task_bytes, workers=workers, scheduler=scheduler, cluster=cluster, desc="export", progress=progress
+                    )
+                self.writer.finish()
+                _write_side_files(self.store, self.tmp, self.out_type)
+                if extra is not None:
+                    extra(self.tmp)
+                _fsync_dir(self.tmp)
+                _replace_dir(self.tmp, self.out_dir)
+        except BaseException:
+            self.abort()
+            raise
+        return {"files": self.writer.files, "total_size": self.writer.total_size, "path": str(self.out_dir),
+                "blocks_during_build": len(self.written)}
+
+    def abort(self) -> None:
+        try:
+            self._drain()
+        except BaseException:  # noqa: BLE001 - the error that made us abort is the one to report
+            pass
+        self.writer.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def _naming_out_dir(self):
+        """A full disk while exporting is reported as OUT's (shard writes name no file, others
+        the hidden temporary)."""
+        try:
+            yield
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise OSError(e.errno, e.strerror, str(self.out_dir)) from e
+            raise
 
 
 def _write_side_files(store: Store, dest: Path, out_type: FloatType | None) -> None:

@@ -18,7 +18,7 @@ Layout of `job.zarr/`:
     hf/                        config.json, tokenizer and generation files copied from the base
     lock                       pid and host of the process writing the store
 
-A chunk is written (zarr >= 3.1.3 writes `<key>.<uuid>.partial` and renames it) before its
+A chunk is written (to `<key>.<uuid>.partial`, renamed into place, by `write_block`) before its
 marker, so a marker always means a complete chunk; a killed process leaves at worst `.partial`
 litter and chunks without markers, which are cleaned and recomputed on resume.
 """
@@ -37,12 +37,11 @@ from typing import Any
 
 import numpy as np
 import zarr
-from zarr.core.buffer import default_buffer_prototype
 from zarr.storage import LocalStore
 
 from ..dtypes import FloatType, float_type
 from ..errors import StoreError
-from ..fsutil import atomic_write, pid_alive
+from ..fsutil import atomic_write, pid_alive, write_new_file
 
 FORMAT = 1
 MERGE_STAGE = "merge"
@@ -67,8 +66,11 @@ class Store:
         self.path = Path(path)
         self.manifest = manifest
         self._arrays: dict[str, zarr.Array] = {}
-        self._zarr_store = LocalStore(self.path)
         self._tensors = {t["name"]: t for t in manifest["tensors"]}
+        self._dirs: set[Path] = set()  # chunk directories known to exist
+        # called as mirror(path, block, raw) after each array block is stored: an export opened
+        # before the build writes the merged tensors as they are computed (export/hf.py)
+        self.mirror = None
 
     # ---- pickling (dask.distributed) --------------------------------------------------------
     # A store pickles as its path and manifest digest (~150 bytes, not the manifest nor open
@@ -185,26 +187,63 @@ class Store:
     def write_block(self, path: str, block: int, raw: np.ndarray) -> None:
         """Store row block `block` of the array at `path` (raw storage values, any shape of that size).
 
-        The chunk is handed to the zarr store as bytes: our arrays have no compressor and only
-        zarr's `bytes` codec (little-endian, C order), so a chunk's encoding is its raw bytes at
-        the full chunk shape (the last chunk is padded with the fill value, as zarr does). This
-        skips zarr's codec pipeline, which copies the data several times (~5x slower here); the
-        store still writes `<key>.<uuid>.partial` and renames it into place.
+        The chunk file is written here rather than through zarr: our arrays have no compressor
+        and only zarr's `bytes` codec (little-endian, C order), so a chunk's encoding is its raw
+        bytes at the full chunk shape (the last chunk padded with the fill value 0, as zarr
+        does). Like zarr's local store (>= 3.1.3), it goes to `<key>.<uuid>.partial` and is
+        renamed into place; unlike it, whole pages bypass the page cache (fsutil.write_new_file:
+        ~2.5 s of kernel time per GB saved here) and no event-loop thread is involved.
         """
         arr = self.array_at(path)
-        chunk_rows = arr.chunks[0]
-        raw = np.ascontiguousarray(raw, dtype=arr.dtype.newbyteorder("<")).reshape(-1)
-        full = chunk_rows * int(np.prod(arr.chunks[1:], dtype=np.int64))
-        if raw.size < full:
-            raw = np.concatenate([raw, np.zeros(full - raw.size, dtype=raw.dtype)])
-        key = f"{path}/" + arr.metadata.encode_chunk_key((block,) + (0,) * (len(arr.chunks) - 1))
-        self._zarr_store.set_sync(key, default_buffer_prototype().buffer.from_bytes(memoryview(raw).cast("B")))
+        data = memoryview(np.ascontiguousarray(raw, dtype=arr.dtype.newbyteorder("<"))).cast("B")
+        full = int(np.prod(arr.chunks, dtype=np.int64)) * arr.dtype.itemsize
+        if len(data) > full:
+            raise ValueError(f"{path}: block {block} has {len(data)} bytes, more than its chunk ({full})")
+        write_new_file(self._chunk_file(path, arr, block, create=True), data, full)
+        mirror = self.mirror
+        if mirror is not None:
+            mirror(path, block, raw)
+
+    def _chunk_file(self, path: str, arr: zarr.Array, block: int, create: bool = False) -> Path:
+        key = arr.metadata.encode_chunk_key((block,) + (0,) * (len(arr.chunks) - 1))
+        f = self.path / path / key
+        if create and f.parent not in self._dirs:
+            f.parent.mkdir(parents=True, exist_ok=True)
+            self._dirs.add(f.parent)
+        return f
 
     def read_block(self, name: str, r0: int, r1: int) -> np.ndarray:
-        """Raw storage values of rows [r0, r1) (bf16 as uint16), shaped like the tensor."""
-        data = self.array(name)[r0:r1]
+        """Raw storage values of rows [r0, r1) (bf16 as uint16), shaped like the tensor.
+
+        Read from the chunk files directly (the layout `write_block` writes; a chunk never
+        written reads as the fill value 0, as in zarr): ~3x faster than zarr's read path here,
+        which matters most when the chunks come from disk."""
+        path = f"tensors/{name}"
+        arr = self.array_at(path)
+        cr = arr.chunks[0]
+        row_bytes = int(np.prod(arr.chunks[1:], dtype=np.int64)) * arr.dtype.itemsize
+        out = np.empty((r1 - r0, *arr.shape[1:]), dtype=arr.dtype)
+        view = memoryview(out).cast("B")
+        for c in range(r0 // cr, -(-r1 // cr)):
+            a, b = max(r0, c * cr), min(r1, (c + 1) * cr)
+            dest = view[(a - r0) * row_bytes : (b - r0) * row_bytes]
+            f = self._chunk_file(path, arr, c)
+            try:
+                fd = os.open(f, os.O_RDONLY)
+            except FileNotFoundError:
+                dest[:] = bytes(len(dest))
+                continue
+            try:
+                pos, got = (a - c * cr) * row_bytes, 0
+                while got < len(dest):
+                    n = os.preadv(fd, [dest[got:]], pos + got)
+                    if n == 0:
+                        raise StoreError(f"{f}: chunk file is truncated ({pos + got} bytes, expected {cr * row_bytes})")
+                    got += n
+            finally:
+                os.close(fd)
         shape = tuple(self._tensors[name]["shape"])
-        return data.reshape(shape) if not shape else data
+        return out.reshape(shape) if not shape else out
 
     # ---- completion markers ---------------------------------------------------------------
     def _marker_dir(self, stage: str, key: str) -> Path:
@@ -288,6 +327,11 @@ class Store:
 
 
 def _create_arrays(root: zarr.Group, jobs: list[dict]) -> None:
+    for spec in _array_specs(jobs):
+        root.create_array(**spec)
+
+
+def _array_specs(jobs: list[dict]):
     for j in jobs:
         shape = tuple(j["shape"]) or (1,)
         for out in j["outputs"]:
@@ -300,8 +344,8 @@ def _create_arrays(root: zarr.Group, jobs: list[dict]) -> None:
                 logical, storage = float_type(dtype).name, float_type(dtype).storage
             except KeyError:
                 logical, storage = dtype, np.dtype(dtype)
-            root.create_array(
-                path,
+            yield dict(
+                name=path,
                 shape=(shape[0], *trailing),
                 chunks=(j["block_rows"], *trailing),
                 dtype=storage,
