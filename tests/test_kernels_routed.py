@@ -29,7 +29,7 @@ torch = pytest.importorskip("torch")
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 P = TensorParams({}, ())
 
-PRECISIONS = {"chat": "1bit", "math": "1bit-row", "code": "sparse", "law": "dense", "med": "drop", "bio": "sparse-0.3"}
+PRECISIONS = {"chat": "1bit", "math": "1bit-row", "code": "sparse", "law": "dense", "med": "drop", "bio": "sparse-0.3", "geo": "2bit"}
 TASKS = list(PRECISIONS)
 
 

@@ -89,3 +89,25 @@ def test_cached_checkpoints_skip_training_and_training_is_deterministic(smoke, t
     assert Q.train_all(SMOKE, root, "cpu") == info  # cached: nothing retrained
     pretrain(SMOKE, tmp_path, "cpu")  # the same seeds give the same base, bit for bit
     assert (tmp_path / "base" / "model.safetensors").read_bytes() == (root / "base" / "model.safetensors").read_bytes()
+
+
+def test_only_run_merges_into_previous_results(smoke, tmp_path):
+    """--only re-evaluates the named rows and keeps every other row of OUT/results.json."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(smoke / "out", out)
+    before = json.loads((out / "results.json").read_text())
+    args = ["--smoke", "--out", str(out), "--cache", str(smoke / "cache"), "--train-device", "cpu", "--only", "linear"]
+    assert Q.main(args) == 0
+    after = json.loads((out / "results.json").read_text())
+    assert [r["name"] for r in after["rows"]] == [r["name"] for r in before["rows"]]
+    old = {r["name"]: r for r in before["rows"]}
+    for r in after["rows"]:
+        if r["family"] in ("1bit", "mediator", "mergekit", "ties"):
+            assert r == old[r["name"]]  # not re-evaluated: kept as they were
+        else:  # re-evaluated (deterministic): the same accuracy
+            assert r["acc"] == old[r["name"]]["acc"], r["name"]
+    assert after["eta_sweep"] == before["eta_sweep"] and after["command"] == before["command"]
+    assert after["reruns"][-1]["rows"][-1] == "linear" and "--only linear" in after["reruns"][-1]["command"]
+    assert "Rows re-evaluated since" in (out / "results.md").read_text()

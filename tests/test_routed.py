@@ -123,6 +123,44 @@ def test_mediator_build_exports_and_report(family, tmp_path):
     assert meta["method"] == "mediator" and meta["decision"]["routed_layers"] == top2
 
 
+def test_mediator_route_outside_routes_embeddings(family, tmp_path):
+    """route_outside: the tensors of no layer (embeddings, lm_head, final norm) get D + S_t like
+    a routed layer; the routed weights of a task equal the formula there too."""
+    from streammerge.routing.decision import forced
+    from streammerge.routing.weights import MediatorWeights
+    from streammerge.store.store import Store
+
+    base, fts, b, fs = family
+    r = write_recipe(tmp_path / "r.yaml", recipe("mediator", base, fts, route=1, rho=0.2, route_outside=True))
+    store = tmp_path / "med.zarr"
+    run("build", r, "--store", store, "--block-elements", "1000")
+    decision = json.loads((store / "method.json").read_text())
+    assert decision["route_outside"] is True and len(decision["routed_layers"]) == 1
+    outside = sorted(n for n in b if not LAYER.search(n))
+    assert any("embed" in n for n in outside) and any("norm" in n for n in outside)
+    st = Store.open(store)
+    experts = {j["name"] for j in st.jobs if j["stage"] == "experts"}
+    routed = {n for n in b if LAYER.search(n) and int(LAYER.search(n).group(1)) in decision["routed_layers"]}
+    assert experts == routed | set(outside)
+
+    run("export", store, tmp_path / "merged", "--variant", "merged")
+    merged = load_model_tensors(tmp_path / "merged")
+    w = MediatorWeights(st, decision, "cpu", torch.float32, lambda n: merged[n]).build(forced("math", TASKS))
+    assert set(w) == experts
+    for name in experts:
+        D = ((fs[0][name].float() + fs[1][name].float() + fs[2][name].float()) / 3).to(torch.bfloat16)
+        assert torch.equal(merged[name], D), name
+        delta = fs[1][name].float() - D.float()
+        keep = topk_by_magnitude(delta, int(0.2 * delta.numel()))
+        sparse = torch.where(keep, delta, torch.zeros_like(delta)).to(torch.bfloat16).float()
+        assert torch.equal(w[name], (D.float() + sparse).to(torch.bfloat16).float()), name
+    storage = json.loads((store / "storage.json").read_text())
+    # more experts than the same build without the outside tensors
+    r2 = write_recipe(tmp_path / "r2.yaml", recipe("mediator", base, fts, route=1, rho=0.2))
+    run("build", r2, "--store", tmp_path / "med2.zarr", "--block-elements", "1000")
+    assert storage["total_bytes"] > json.loads((tmp_path / "med2.zarr" / "storage.json").read_text())["total_bytes"]
+
+
 @pytest.mark.parametrize("preset", ["uniform", "paper", "auto"])
 def test_onebit_task_export_equals_formula(family, tmp_path, preset):
     base, fts, b, fs = family
@@ -167,6 +205,53 @@ def test_onebit_task_export_equals_formula(family, tmp_path, preset):
     if preset == "uniform":
         # base + three 1-bit task vectors: 1 + 3/16 models of 3 -> 39.6% plus scales
         assert storage["share_of_full_routing"] <= 0.40
+
+
+def test_onebit_two_bits_task_export_equals_formula(family, tmp_path):
+    """bits: 2 (uniform, rms): matrices get tau ~ b1 s1 + b2 s2 per row (the residual's sign and
+    scale, the row's norm kept), 1-D tensors one bit; the routed weights equal the export."""
+    from streammerge.routing.decision import forced
+    from streammerge.routing.weights import OneBitWeights
+    from streammerge.store.store import Store
+
+    base, fts, b, fs = family
+    params = {"preset": "uniform", "bits": 2, "scale": "rms", "granularity": "row", "lambda": 0.0}
+    r = write_recipe(tmp_path / "r.yaml", recipe("1bit", base, fts, **params))
+    store = tmp_path / "bit.zarr"
+    run("build", r, "--store", store, "--block-elements", "1000")
+    decision = json.loads((store / "method.json").read_text())
+    assert decision["bits"] == 2 and set(decision["precision"]["code"].values()) == {"2bit"}
+    run("export", store, tmp_path / "code", "--variant", "task:code")
+    got = load_model_tensors(tmp_path / "code")
+
+    def rms(x):
+        return x.pow(2).mean(-1, keepdim=True).sqrt()
+
+    for name in b:
+        tau = (fs[2][name].float() - b[name].float()).double()
+        t = tau.reshape(tau.shape[0], -1) if tau.dim() >= 2 else tau.reshape(1, -1)
+        s1 = torch.where(t >= 0, 1.0, -1.0).double()
+        if tau.dim() >= 2:
+            a1 = t.abs().mean(-1, keepdim=True)
+            res = t - a1 * s1
+            fit = a1 * s1 + res.abs().mean(-1, keepdim=True) * torch.where(res >= 0, 1.0, -1.0)
+            hat = fit * (rms(t) / rms(fit))
+        else:
+            hat = rms(t) * s1
+        want = (b[name].double() + hat.reshape(tau.shape)).to(torch.bfloat16)
+        diff = (got[name].float() - want.float()).abs()
+        tol = torch.exp2(torch.floor(torch.log2(want.float().abs().clamp_min(2.0**-126))) - 7)
+        assert (diff <= tol).all(), f"{name}: max diff {diff.max()}"
+    w = OneBitWeights(Store.open(store), decision, "cpu", torch.float32).build(forced("code", TASKS))
+    for name, v in w.items():
+        assert torch.equal(v, got[name].float()), name
+    one = tmp_path / "one.zarr"
+    run("build", write_recipe(tmp_path / "r1.yaml", recipe("1bit", base, fts, **{**params, "bits": 1})), "--store", one,
+        "--block-elements", "1000")
+    s1, s2 = (json.loads((p / "storage.json").read_text())["total_bytes"] for p in (one, store))
+    # one more bit and one more float32 scale per row of each matrix, per task
+    extra = sum(3 * (v.shape[0] * (-(-v[0].numel() // 8)) + 4 * v.shape[0]) for v in b.values() if v.dim() >= 2)
+    assert s2 - s1 == extra
 
 
 def test_onebit_routed_export_is_enough_to_rebuild_a_task(family, tmp_path):

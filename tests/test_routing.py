@@ -350,8 +350,8 @@ def test_device_reconstruction_matches_numpy():
 
     # shape (4, 5) in blocks of 3 rows: block 1 (row 3) starts at flat index 15
     blobs = [
-        encode_sparse(np.array([1, 5]), np.array([0.5, -2.0], np.float32)),
-        encode_sparse(np.array([0, 4]), np.array([3.0, 1e-3], np.float32)),
+        encode_sparse(np.array([1, 5]), np.array([0.5, -2.0], np.float32), 15),
+        encode_sparse(np.array([0, 4]), np.array([3.0, 1e-3], np.float32), 5),
     ]
     sp = _Sparse(FakeStore(blobs), "x", {"shape": [4, 5], "block_rows": 3, "nblocks": 2}, DEVICE)
     want = np.concatenate([reconstruct_task("sparse", (4, 5), 3, sparse=blobs[0]), reconstruct_task("sparse", (4, 5), 1, sparse=blobs[1])])

@@ -30,7 +30,14 @@ Conventions
   - per row ("1bit-row", or "1bit" with granularity "row"): computed in the block; output
     "<task>.scale" float32, trailing (). For ndim <= 1 the one row is the whole tensor, so it is
     the per-tensor alpha (stats), and no scale output exists.
-* Precisions per task (for this tensor): "drop" (nothing), "1bit", "1bit-row", "sparse" (top
+* Two bits ("2bit", per row; 1-D and 0-D tensors fall back to "1bit", one scale): a second
+  sign bit for the residual, tau ~ b1 * s1 + b2 * s2 with s1 = sign(tau), a1 = mean_row|tau|,
+  r = tau - a1 * s1 (float32), s2 = sign(r), a2 = mean_row|r| (the greedy least-squares fit).
+  Scale "absmean": b = a. Scale "rms": both scaled by f = rms(tau) / rms(a1 s1 + a2 s2) per row
+  (float32 division; 1 where the fit is zero), so each row keeps its norm as the 1-bit rms
+  scale does. Outputs "<task>.bits" and "<task>.bits2" (packed like the 1-bit signs),
+  "<task>.scale" and "<task>.scale2" (float32 (rows,)): 2 bits + 8 bytes per row.
+* Precisions per task (for this tensor): "drop" (nothing), "1bit", "1bit-row", "2bit", "sparse" (top
   rho of |tau| over the whole tensor, exactly k = int(rho*n), ties by flat index; blob
   "<task>.sparse", see sparse.py; "sparse-0.05" sets a task's own rho), "dense" ("<task>.dense",
   bfloat16 tau, trailing = the tensor's).
@@ -66,7 +73,7 @@ from .sparse import apply_sparse, bf16_round, check_tasks, encode_sparse, select
 
 SCALES = ("absmean", "rms")
 GRANULARITIES = ("tensor", "row")
-KINDS = ("drop", "1bit", "1bit-row", "sparse", "dense")
+KINDS = ("drop", "1bit", "1bit-row", "2bit", "sparse", "dense")
 GROUP = 1 << 14  # flat-aligned groups of the exact-order per-tensor sums
 
 _BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -158,6 +165,36 @@ def tensor_scale(tau: np.ndarray, scale: str = "absmean") -> float:
     return float(_scale_from(total, f.size, scale))
 
 
+def plus_minus(mask: np.ndarray, a: np.ndarray) -> np.ndarray:
+    """+-a as mask * 2a - a (float32): exact (2a is exact, 2a - a == a by Sterbenz)."""
+    h = np.multiply(mask, a * np.float32(2), dtype=np.float32)
+    return np.subtract(h, a, out=h)
+
+
+def two_bit_fit(tau2d: np.ndarray, scale: str = "rms"):
+    """(s1 mask, s2 mask, b1, b2) of the 2-bit fit of float32 (rows, cols) tau (module doc);
+    masks bool (rows, cols), scales float32 (rows, 1)."""
+    t = np.asarray(tau2d, dtype=np.float32)
+    m1 = np.greater_equal(t, 0)
+    a1 = row_scales(t, "absmean")[:, None]
+    h1 = plus_minus(m1, a1)
+    r = np.subtract(t, h1)
+    m2 = np.greater_equal(r, 0)
+    a2 = row_scales(r, "absmean")[:, None]
+    if scale == "absmean":
+        return m1, m2, a1, a2
+    fit = np.add(h1, plus_minus(m2, a2))
+    q_t, q_h = row_scales(t, "rms")[:, None], row_scales(fit, "rms")[:, None]
+    f = np.divide(q_t, q_h, out=np.ones_like(q_t), where=q_h > 0)
+    return m1, m2, a1 * f, a2 * f
+
+
+def two_bit_hat(m1: np.ndarray, m2: np.ndarray, b1: np.ndarray, b2: np.ndarray) -> np.ndarray:
+    """tau_hat = +-b1 + +-b2 (float32, in that order)."""
+    h = plus_minus(m1, b1)
+    return np.add(h, plus_minus(m2, b2), out=h)
+
+
 # ---------------------------------------------------------------------------------------------
 # precisions
 
@@ -191,6 +228,8 @@ def resolve_precision(precision: str, granularity: str, shape: Sequence[int], rh
         if len(shape) <= 1:
             kind = "1bit"  # the whole tensor is the one row
         return kind, None
+    elif p == "2bit":
+        return ("2bit" if len(shape) >= 2 else "1bit"), None  # 1-D / 0-D: norms, biases: one bit
     else:
         raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(KINDS)} or sparse-<rho>")
     if not 0 <= r <= 1:
@@ -238,6 +277,11 @@ def onebit_outputs(tasks, precisions, shape, granularity: str = "tensor", rho: f
                 outs.append(Output(f"{s.task}.bits", "uint8", (), blob=True))
             if s.kind == "1bit-row":
                 outs.append(Output(f"{s.task}.scale", "float32", ()))
+        elif s.kind == "2bit":
+            for name in ("bits", "bits2"):
+                outs.append(Output(f"{s.task}.{name}", "uint8", (packed_cols(shape),)))
+            for name in ("scale", "scale2"):
+                outs.append(Output(f"{s.task}.{name}", "float32", ()))
         elif s.kind == "sparse":
             outs.append(Output(f"{s.task}.sparse", "uint8", (), blob=True))
         elif s.kind == "dense":
@@ -333,6 +377,8 @@ def reconstruct_task(
     alpha=None,
     sparse=None,
     dense=None,
+    bits2=None,
+    scale2=None,
     granularity: str = "tensor",
 ) -> np.ndarray | None:
     """tau_hat of one task for one row block of `rows` rows: float32 (rows, *shape[1:]) (a 0-D
@@ -340,8 +386,9 @@ def reconstruct_task(
 
     Pieces, as stored: bits (ndim >= 2: uint8 (rows, ceil(cols/8)); ndim <= 1: the block's
     blob bytes), scale (float32 (rows,), 1bit-row), alpha (the stats' "<task>.alpha", 1bit),
-    sparse (the block's blob bytes), dense (float32 / bfloat16 values, or the raw uint16 bf16
-    storage the store holds). granularity must be the encoder's.
+    bits, bits2, scale, scale2 (2bit), sparse (the block's blob bytes), dense (float32 /
+    bfloat16 values, or the raw uint16 bf16 storage the store holds). granularity must be the
+    encoder's.
     """
     shape = tuple(shape)
     kind, _ = resolve_precision(precision, granularity, shape, 0.0)
@@ -349,6 +396,13 @@ def reconstruct_task(
     nb = int(np.prod(bshape, dtype=np.int64))
     if kind == "drop":
         return None
+    if kind == "2bit":
+        if bits is None or bits2 is None or scale is None or scale2 is None:
+            raise ValueError("2bit: bits, bits2, scale and scale2 are needed")
+        cols = cols_of(shape)
+        m1, m2 = (np.unpackbits(np.asarray(b, dtype=np.uint8).reshape(rows, -1), axis=1, count=cols, bitorder="little") for b in (bits, bits2))
+        b1, b2 = (np.asarray(x, dtype=np.float32).reshape(rows, 1) for x in (scale, scale2))
+        return two_bit_hat(m1, m2, b1, b2).reshape(bshape)
     if kind in ("1bit", "1bit-row"):
         if bits is None:
             raise ValueError(f"{kind}: bits are needed")
@@ -402,6 +456,8 @@ def reconstruct_from_outputs(
         alpha=stats.get(f"{task}.alpha"),
         sparse=outputs.get(f"{task}.sparse"),
         dense=outputs.get(f"{task}.dense"),
+        bits2=outputs.get(f"{task}.bits2"),
+        scale2=outputs.get(f"{task}.scale2"),
         granularity=granularity,
     )
 
@@ -467,7 +523,8 @@ class _OneBit:
         if self.shape is not None:
             return bool(self._alpha_tasks(self.shape))
         kinds = [resolve_precision(self.precisions[t], self.granularity, (2, 2), self.rho)[0] for t in self.tasks]
-        return any(k.startswith("1bit") for k in kinds)  # a 1-D tensor's 1bit-row is per tensor too
+        # a 1-D tensor's 1bit-row (and 2bit) is one bit per tensor
+        return any(k.startswith("1bit") or k == "2bit" for k in kinds)
 
     def _alpha_map(self, block: Block, params: TensorParams, stats: Stats):
         specs = self._alpha_tasks(block.shape)
@@ -566,6 +623,16 @@ class _OneBit:
                 else:
                     t = np.subtract(flat(block.models[s.index]), flat(block.base))
                     out[f"{s.task}.bits"] = pack_signs_flat(t)
+            elif s.kind == "2bit":
+                pc = -(-cols // 8)
+                pieces = {"bits": np.empty((rows, pc), np.uint8), "bits2": np.empty((rows, pc), np.uint8),
+                          "scale": np.empty(rows, np.float32), "scale2": np.empty(rows, np.float32)}
+                for r0, r1 in _row_chunks(rows, cols):
+                    m1, m2, b1, b2 = two_bit_fit(self.tau_chunk(block, s.index, r0, r1, cols, "ob.t"), self.scale)
+                    pieces["bits"][r0:r1] = np.packbits(m1, axis=1, bitorder="little")
+                    pieces["bits2"][r0:r1] = np.packbits(m2, axis=1, bitorder="little")
+                    pieces["scale"][r0:r1], pieces["scale2"][r0:r1] = b1[:, 0], b2[:, 0]
+                out.update({f"{s.task}.{k}": v for k, v in pieces.items()})
             elif s.kind == "sparse":
                 m, b = flat(block.models[s.index]), flat(block.base)
 
@@ -573,7 +640,7 @@ class _OneBit:
                     return np.subtract(m[c0:c1], b[c0:c1], out=scratch("ob.d", c1 - c0))
 
                 off, val = select_block(block, self.tk, params, stats, self.sel_of[s.index], diff)
-                out[f"{s.task}.sparse"] = encode_sparse(off, val)
+                out[f"{s.task}.sparse"] = encode_sparse(off, val, m.size)
             else:  # dense: the engine rounds the float32 tau to bf16
                 out[f"{s.task}.dense"] = np.subtract(block.models[s.index], block.base)
         return out
@@ -603,6 +670,8 @@ class _OneBit:
                     h = t  # tau is no longer needed
                     np.multiply(mb, a * np.float32(2), out=h)
                     np.subtract(h, a, out=h)
+                elif s.kind == "2bit":
+                    h = two_bit_hat(*two_bit_fit(t, self.scale))
                 elif s.kind == "sparse":
                     u = np.abs(t, out=scratch("fb.u", L).reshape(shp)).reshape(-1).view(np.uint32)
                     keep = keepers[s.index].mask(u, block.start + r0 * cols, out=scratch("fb.k", L, bool))
@@ -717,6 +786,8 @@ __all__ = [
     "task_specs",
     "tensor_scale",
     "ties_merge",
+    "two_bit_fit",
+    "two_bit_hat",
     "unpack_signs",
     "unpack_signs_flat",
 ]

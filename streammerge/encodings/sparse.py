@@ -1,19 +1,30 @@
 """Sparse top-rho entries of a tensor, one byte string per row block (Mediator's experts).
 
-Blob layout (one row block; everything little-endian):
+Blob layout, version 2 (one row block; everything little-endian):
 
     offset  size     field
     0       4        magic b"SMSP"
-    4       2        version (uint16) = 1
+    4       2        version (uint16) = 2
     6       2        value code (uint16): 1 = bfloat16
     8       4        count c (uint32)
-    12      4c       int32 flat offsets *within the block* (row-major over (rows, *shape[1:])),
-                     strictly increasing, each in [0, block elements)
-    12+4c   2c       bfloat16 values (round to nearest even from float32), same order
+    12      2        layout (uint16): 0 = offsets, 1 = bitmask
+    14      2        reserved (uint16) = 0
+    16      4        block elements n (uint32), n <= 2**31 - 1
+    20      ...      the positions, by layout:
+                       offsets  4c bytes: int32 flat offsets *within the block* (row-major over
+                                (rows, *shape[1:])), strictly increasing, each in [0, n)
+                       bitmask  ceil(n / 8) bytes: bit i (np.packbits, little bit order) set iff
+                                flat offset i is kept; exactly c bits set, none past n
+    ...     2c       bfloat16 values (round to nearest even from float32), in offset order
 
-so a blob is exactly 12 + 6c bytes; an empty selection is the 12-byte header. The flat index of
-an entry in the tensor is Block.start + offset. Blocks of 2**31 elements or more cannot be
-encoded (int32 offsets); the engine's blocks are far smaller.
+The encoder picks the smaller layout: the bitmask when ceil(n / 8) < 4c (a density above about
+1/32), else the offsets (ties go to the offsets), so a blob is 20 + min(4c, ceil(n / 8)) + 2c
+bytes (the bitmask halves, or better, the bytes of an expert at rho 0.1 and above); an empty
+selection is the 20-byte header. The flat index of an entry in the tensor is Block.start + offset.
+
+Version 1 blobs (stores written before the bitmask) still decode: a 12-byte header (magic,
+version = 1, value code, count), then 4c bytes of int32 offsets and 2c bytes of bf16 values; they
+do not record n, so only a caller's `size` bounds their offsets.
 
 Selection (the "top-rho" of a tensor): exactly k = int(rho * n) entries of the whole tensor, the
 largest by magnitude, ties at the threshold broken by flat index (lowest first), found by the
@@ -40,11 +51,14 @@ from ..methods._topk import TopK, as_u32, block_size, chunks, flat, scratch
 from ..methods.base import Block, MergeMethod, Output, Stats, TensorParams
 
 MAGIC = b"SMSP"
-VERSION = 1
+VERSION = 2
 VALUE_BF16 = 1
-_HEADER = struct.Struct("<4sHHI")
-HEADER_SIZE = _HEADER.size  # 12
-ENTRY_SIZE = 6  # int32 offset + bf16 value
+LAYOUT_OFFSETS = 0
+LAYOUT_BITMASK = 1
+_HEADER = struct.Struct("<4sHHIHHI")  # magic, version, value code, count, layout, reserved, n
+HEADER_SIZE = _HEADER.size  # 20
+_HEADER_V1 = struct.Struct("<4sHHI")  # magic, version, value code, count
+HEADER_SIZE_V1 = _HEADER_V1.size  # 12
 MAX_BLOCK = (1 << 31) - 1
 
 _BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -59,69 +73,125 @@ def bf16_round(x: np.ndarray) -> np.ndarray:
 # blob format
 
 
-def encode_sparse(offsets, values_f32) -> bytes:
-    """One row block's entries as a blob (see the module docstring); values rounded to bf16."""
+def bitmask_bytes(size: int) -> int:
+    """Bytes of the bitmask layout's positions for a block of `size` elements."""
+    return -(-size // 8)
+
+
+def choose_layout(count: int, size: int) -> int:
+    """The layout of the smaller blob: the bitmask iff ceil(size / 8) < 4 * count."""
+    return LAYOUT_BITMASK if bitmask_bytes(size) < 4 * count else LAYOUT_OFFSETS
+
+
+def encode_sparse(offsets, values_f32, size: int) -> bytes:
+    """One row block's entries as a blob (see the module docstring); values rounded to bf16.
+
+    `size` is the block's element count: offsets must lie in [0, size); it picks the layout.
+    """
     off = np.asarray(offsets)
     val = np.asarray(values_f32)
     if off.ndim != 1 or val.ndim != 1 or off.shape != val.shape:
         raise ValueError(f"offsets and values must be 1-D of one length, got {off.shape} and {val.shape}")
     if off.size and not np.issubdtype(off.dtype, np.integer):
         raise ValueError(f"offsets must be integers, got {off.dtype}")
+    size = int(size)
+    if not 0 <= size <= MAX_BLOCK:
+        raise ValueError(f"a block of {size} elements cannot be encoded (at most 2**31 - 1)")
     off = off.astype(np.int64, copy=False)
     if off.size:
-        if off[0] < 0 or off[-1] > MAX_BLOCK:
-            raise ValueError(f"offsets must lie in [0, 2**31 - 1], got {off.min()}..{off.max()}")
+        if off[0] < 0 or off[-1] >= size:
+            raise ValueError(f"offsets must lie in [0, {size}), got {off.min()}..{off.max()}")
         if off.size > 1 and not np.all(off[1:] > off[:-1]):
             raise ValueError("offsets must be strictly increasing")
-    head = _HEADER.pack(MAGIC, VERSION, VALUE_BF16, int(off.size))
-    o = off.astype("<i4").tobytes()
+    layout = choose_layout(off.size, size)
+    head = _HEADER.pack(MAGIC, VERSION, VALUE_BF16, int(off.size), layout, 0, size)
+    if layout == LAYOUT_BITMASK:
+        mask = np.zeros(size, dtype=bool)
+        mask[off] = True
+        pos = np.packbits(mask, bitorder="little").tobytes()
+    else:
+        pos = off.astype("<i4").tobytes()
     v = val.astype(np.float32, copy=False).astype(_BF16).view("<u2").tobytes()
-    return head + o + v
+    return head + pos + v
 
 
 def sparse_count(blob) -> int:
     """The number of entries in a blob (header checks only)."""
-    return _header(blob)
+    return _header(blob)[0]
 
 
-def _header(blob) -> int:
+def _header(blob) -> tuple[int, int, int | None, int]:
+    """(count, layout, block elements or None for version 1, header size) after checking the
+    header and that the blob has exactly the bytes it announces."""
     if not isinstance(blob, (bytes, bytearray, memoryview)):
         raise ValueError(f"a sparse blob must be bytes, got {type(blob).__name__}")
     mv = memoryview(blob)
-    if mv.nbytes < HEADER_SIZE:
-        raise ValueError(f"sparse blob of {mv.nbytes} bytes is shorter than its {HEADER_SIZE}-byte header")
-    magic, version, code, count = _HEADER.unpack(bytes(mv[:HEADER_SIZE]))
+    if mv.nbytes < HEADER_SIZE_V1:
+        raise ValueError(f"sparse blob of {mv.nbytes} bytes is shorter than a {HEADER_SIZE_V1}-byte header")
+    magic, version, code, count = _HEADER_V1.unpack(bytes(mv[:HEADER_SIZE_V1]))
     if magic != MAGIC:
         raise ValueError(f"not a sparse blob (magic {magic!r}, expected {MAGIC!r})")
-    if version != VERSION:
-        raise ValueError(f"sparse blob version {version} is not supported (expected {VERSION})")
+    if version not in (1, VERSION):
+        raise ValueError(f"sparse blob version {version} is not supported (1 or {VERSION})")
     if code != VALUE_BF16:
         raise ValueError(f"sparse blob value code {code} is not supported (1 = bfloat16)")
-    want = HEADER_SIZE + ENTRY_SIZE * count
+    if version == 1:
+        layout, size, head = LAYOUT_OFFSETS, None, HEADER_SIZE_V1
+    else:
+        if mv.nbytes < HEADER_SIZE:
+            raise ValueError(f"sparse blob of {mv.nbytes} bytes is shorter than its {HEADER_SIZE}-byte header")
+        _, _, _, _, layout, reserved, size = _HEADER.unpack(bytes(mv[:HEADER_SIZE]))
+        if layout not in (LAYOUT_OFFSETS, LAYOUT_BITMASK):
+            raise ValueError(f"sparse blob layout {layout} is not supported (0 = offsets, 1 = bitmask)")
+        if reserved != 0:
+            raise ValueError(f"sparse blob reserved field is {reserved}, expected 0")
+        if size > MAX_BLOCK:
+            raise ValueError(f"sparse blob block of {size} elements exceeds 2**31 - 1")
+        if count > size:
+            raise ValueError(f"sparse blob has {count} entries in a block of {size} elements")
+        head = HEADER_SIZE
+    positions = bitmask_bytes(size) if layout == LAYOUT_BITMASK else 4 * count
+    want = head + positions + 2 * count
     if mv.nbytes != want:
         raise ValueError(f"sparse blob of {mv.nbytes} bytes, its header says {count} entries ({want} bytes)")
-    return count
+    return count, layout, size, head
 
 
 def decode_sparse(blob, size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(int64 offsets, float32 values) of a blob; `size` (block elements) bounds the offsets.
+    """(int64 offsets, float32 values) of a blob; `size` is the block's element count, which a
+    version-2 blob records: a different `size` is an error.
 
-    Raises ValueError for anything malformed: short or long data, bad magic, version or value
-    code, negative, unsorted or repeated offsets, offsets >= size.
+    Raises ValueError for anything malformed: short or long data, bad magic, version, value
+    code, layout or reserved field; negative, unsorted or repeated offsets, offsets outside the
+    block; a bitmask whose set bits are not exactly the count or that sets bits past the block.
     """
-    count = _header(blob)
+    count, layout, stored, head = _header(blob)
+    if stored is not None and size is not None and stored != size:
+        raise ValueError(f"sparse blob is for a block of {stored} elements, not {size}")
+    bound = stored if stored is not None else size
     buf = bytes(blob) if not isinstance(blob, bytes) else blob
-    off = np.frombuffer(buf, dtype="<i4", count=count, offset=HEADER_SIZE).astype(np.int64)
-    raw = np.frombuffer(buf, dtype="<u2", count=count, offset=HEADER_SIZE + 4 * count)
+    if layout == LAYOUT_BITMASK:
+        nbytes = bitmask_bytes(stored)
+        bits = np.unpackbits(np.frombuffer(buf, dtype=np.uint8, count=nbytes, offset=head), bitorder="little")
+        if bits[stored:].any():
+            raise ValueError(f"sparse blob bitmask sets bits past its block of {stored} elements")
+        off = np.flatnonzero(bits)
+        if off.size != count:
+            raise ValueError(f"sparse blob bitmask sets {off.size} bits, its header says {count} entries")
+        pos_bytes = nbytes
+    else:
+        off = np.frombuffer(buf, dtype="<i4", count=count, offset=head).astype(np.int64)
+        if count:
+            if off[0] < 0:
+                raise ValueError(f"sparse blob has a negative offset ({off[0]})")
+            if count > 1 and not np.all(off[1:] > off[:-1]):
+                raise ValueError("sparse blob offsets are not strictly increasing")
+            if bound is not None and off[-1] >= bound:
+                raise ValueError(f"sparse blob offset {off[-1]} is outside a block of {bound} elements")
+        pos_bytes = 4 * count
+    raw = np.frombuffer(buf, dtype="<u2", count=count, offset=head + pos_bytes)
     val = raw.astype(np.uint16).view(_BF16).astype(np.float32)
-    if count:
-        if off[0] < 0:
-            raise ValueError(f"sparse blob has a negative offset ({off[0]})")
-        if count > 1 and not np.all(off[1:] > off[:-1]):
-            raise ValueError("sparse blob offsets are not strictly increasing")
-        if size is not None and off[-1] >= size:
-            raise ValueError(f"sparse blob offset {off[-1]} is outside a block of {size} elements")
-    return off, val
+    return off.astype(np.int64, copy=False), val
 
 
 def apply_sparse(block2d: np.ndarray, blob, scale: float = 1.0) -> np.ndarray:
@@ -248,7 +318,7 @@ class _Experts:
                 return np.subtract(mt[c0:c1], D[c0:c1], out=scratch("sp.diff", c1 - c0))
 
             off, val = select_block(block, self.tk, params, stats, t, diff)
-            out[task] = encode_sparse(off, val)
+            out[task] = encode_sparse(off, val, mt.size)
         _tls.mean = None
         return out
 
@@ -300,10 +370,14 @@ def expert_block(dense_block: np.ndarray, blobs: Sequence[bytes], weights: Seque
 
 __all__ = [
     "HEADER_SIZE",
+    "LAYOUT_BITMASK",
+    "LAYOUT_OFFSETS",
     "MAGIC",
     "VERSION",
     "apply_sparse",
     "bf16_round",
+    "bitmask_bytes",
+    "choose_layout",
     "decode_sparse",
     "encode_sparse",
     "expert_block",

@@ -2,7 +2,7 @@
 
 The float32 operations are the numpy methods', in the same order: tau = theta_t - theta_0;
 sign bits tau >= 0 packed little-endian per row (1-D and 0-D tensors: per-block blobs by
-`pack_signs_flat`); +-a as (tau >= 0) * 2a - a; sparse top-rho by kernels/topk.py (the streamed
+`pack_signs_flat`); +-a as (tau >= 0) * 2a - a; 2bit as `two_bit_fit`; sparse top-rho by kernels/topk.py (the streamed
 TopK's set) as `encode_sparse` blobs; bf16 rounding to nearest even; TIES in task order.
 
 Scales. |tau| and tau^2 of float32 values are exact in float64, so only the order of the
@@ -190,6 +190,34 @@ def _tau(x: DeviceTensor, s, rows: int, cols: int):
     return (x.models[s.index] - x.base).reshape(rows, cols)
 
 
+def _plus_minus(mask, a):
+    """+-a as mask * 2a - a, float32 (exact), as `encodings.onebit.plus_minus`."""
+    return mask.float().mul_(a * 2).sub_(a)
+
+
+def two_bit_fit(t, scale: str):
+    """(s1 mask, s2 mask, b1, b2) of float32 (rows, cols) t: `encodings.onebit.two_bit_fit`,
+    operation by operation (the row scales are bit-identical, see the module docstring)."""
+    import torch
+
+    m1 = t >= 0
+    a1 = row_scales(t, "absmean")[:, None]
+    h1 = _plus_minus(m1, a1)
+    r = t - h1
+    m2 = r >= 0
+    a2 = row_scales(r, "absmean")[:, None]
+    if scale == "absmean":
+        return m1, m2, a1, a2
+    fit = h1.add_(_plus_minus(m2, a2))
+    q_t, q_h = row_scales(t, "rms")[:, None], row_scales(fit, "rms")[:, None]
+    f = torch.where(q_h > 0, q_t / torch.where(q_h > 0, q_h, 1.0), 1.0)
+    return m1, m2, a1 * f, a2 * f
+
+
+def two_bit_hat(m1, m2, b1, b2):
+    return _plus_minus(m1, b1).add_(_plus_minus(m2, b2))
+
+
 def _hat_maker(ob, s, x: DeviceTensor, rows: int, cols: int):
     """hat(tau) -> tau_hat of task spec `s` from its float32 (rows, cols) tau, consumed: what
     `reconstruct_task` rebuilds. The tensor-wide parts (alpha, row scales, the top-k mask) are
@@ -206,6 +234,8 @@ def _hat_maker(ob, s, x: DeviceTensor, rows: int, cols: int):
             twice = a * 2
         # +-a as (tau >= 0) * 2a - a: exact (2a is exact, 2a - a == a by Sterbenz), as on the CPU
         return lambda tau: tau.copy_(tau >= 0).mul_(twice).sub_(a)
+    if s.kind == "2bit":
+        return lambda tau: two_bit_hat(*two_bit_fit(tau, ob.scale))
     if s.kind == "sparse":
         keep = topk_mask(magnitude_bits(_tau(x, s, rows, cols)), top_rho_k(s.rho, x.numel)).view(rows, cols)
         return lambda tau: torch.where(keep, _bf16_round(tau), 0.0)
@@ -262,6 +292,10 @@ def onebit_encode(ob, x: DeviceTensor, params) -> tuple[dict, dict]:
                     out[f"{s.task}.scale"] = row_scales(tau, ob.scale)
             else:
                 out[f"{s.task}.bits"] = _flat_bit_blobs(tau, x)
+        elif s.kind == "2bit":
+            m1, m2, b1, b2 = two_bit_fit(tau, ob.scale)
+            out.update({f"{s.task}.bits": pack_rows(m1), f"{s.task}.bits2": pack_rows(m2),
+                        f"{s.task}.scale": b1[:, 0], f"{s.task}.scale2": b2[:, 0]})
         elif s.kind == "sparse":
             out[f"{s.task}.sparse"] = top_rho_blobs(tau, top_rho_k(s.rho, x.numel), x)
         else:  # dense: the engine rounds the float32 tau to bf16

@@ -4,7 +4,8 @@ The selection and the bytes are those of encodings/sparse.py: exactly k = top_rh
 entries of the whole tensor, the largest |theta_t - D| with ties to the lowest flat index
 (kernels/topk.py: the same set as the streamed TopK), and each block's kept entries (flat
 offsets within the block, float32 values) go through `encode_sparse`, which rounds the values
-to bf16 and writes the blob: the CPU's bytes, whatever the blocking.
+to bf16, picks the layout from the block's element count and writes the blob: the CPU's bytes,
+whatever the blocking.
 
 D is the "mean" job's kernel (kernels/linear.py, the float32 operations of the numpy mean), then
 rounded to the dense expert's dtype as `from_float32` does (nearest even), so S_t is taken
@@ -29,7 +30,7 @@ def block_blobs(values, keep, x: DeviceTensor) -> list[bytes]:
     starts = [r0 * x.row_elems for r0, _ in x.bounds]
     ends = [r1 * x.row_elems for _, r1 in x.bounds]
     lo, hi = np.searchsorted(idx, starts), np.searchsorted(idx, ends)
-    return [encode_sparse(idx[a:b] - s, kept[a:b]) for a, b, s in zip(lo, hi, starts)]
+    return [encode_sparse(idx[a:b] - s, kept[a:b], e - s) for a, b, s, e in zip(lo, hi, starts, ends)]
 
 
 def top_rho_blobs(diff, k: int, x: DeviceTensor) -> list[bytes]:

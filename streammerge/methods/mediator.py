@@ -2,7 +2,10 @@
 
 The build is a pipeline (plan/routed.py): conflict analysis of every layer, then the
 low-conflict layers averaged and the high-conflict ones stored as a dense expert (the mean of
-the fine-tunes) plus one sparse top-rho expert per task. Routing happens at inference.
+the fine-tunes) plus one sparse top-rho expert per task. With `route_outside`, the tensors that
+belong to no layer (embeddings, lm_head, final norm) are routed too: on small models they hold a
+large share of each task vector's norm for a few percent of the parameters. Routing happens at
+inference.
 """
 
 from .base import MergeMethod, Param, register
@@ -19,6 +22,12 @@ register(
             Param("route_threshold", float, -1.0, help="if >= 0: route every layer whose conflict d_l exceeds it (overrides route)"),
             Param("conflict", str, "elected", choices=("elected", "pairwise"), help="conflict score used to rank layers"),
             Param("denoise_q", float, 1.0, min=0, max=1, help="count only each task's top-q fraction by magnitude (1: all entries)"),
+            Param(
+                "route_outside",
+                bool,
+                False,
+                help="also route the tensors outside the layers (embeddings, lm_head, final norm) through D + sparse experts",
+            ),
             Param("rho", float, 0.1, min=0, max=1, help="density of each sparse expert: top-rho of (theta_t - dense expert)"),
             Param("eta", float, 0.5, min=0, max=1, help="inference: normalised-entropy threshold between top-1 and weighted routing"),
             Param("top_m", int, 0, min=0, help="inference: experts merged when uncertain (0: all)"),

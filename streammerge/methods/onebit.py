@@ -25,6 +25,7 @@ register(
             ),
             Param("preset", str, "auto", choices=("paper", "auto", "uniform"), help="precision plan per (task, module kind)"),
             Param("coverage", float, 0.8, min=0, max=1, help="preset auto: keep the module kinds holding this share of a task's squared norm"),
+            Param("bits", int, 1, min=1, max=2, help="sign bits per entry of a 1-bit precision: 2 adds the residual's sign and a second scale per row"),
             Param("scale", str, "absmean", choices=("absmean", "rms"), help="1-bit scale: mean|tau| (least squares) or ||tau||/sqrt(n) (keeps the norm)"),
             Param("granularity", str, "tensor", choices=("tensor", "row"), help="one scale per tensor or per output row"),
             Param("lambda", float, 1.0, help="weight of the other tasks' TIES merge (dynamic) and of the static fallback"),

@@ -86,6 +86,7 @@ def mediator_decision(summary: dict, g: dict, tasks: list[str]) -> dict:
         "selection": selection,
         "score": score_key,
         "scores": scores,
+        "route_outside": g["route_outside"],
         "rho": g["rho"],
         "eta": g["eta"],
         "top_m": g["top_m"],
@@ -112,7 +113,9 @@ def mediator_jobs(plan: Plan, decision: dict) -> list[TensorJob]:
     avg_method, avg_params = _average_method(g, len(tasks))
     jobs = []
     for j in plan.jobs:
-        is_routed = layer_index(j.name) in routed
+        layer = layer_index(j.name)
+        # tensors of no layer (embeddings, lm_head, final norm) are routed only on request
+        is_routed = layer in routed if layer is not None else decision["route_outside"]
         if is_routed:  # the merged model holds the dense expert; the experts stage adds S_t beside it
             jobs.append(replace(j, method=MEAN, base=None, stage="merge", key="", outputs=None))
             # S_t is taken against the dense expert as stored (rounded to the output dtype), so
@@ -160,6 +163,9 @@ def onebit_decision(summary: dict, g: dict, tasks: list[str], task_types: list[s
             # Norm weights are tiny and a 1-bit sign loses their scale structure: keep them dense.
             precision[task] = {k: (("dense" if k == "norm" else "1bit") if k in kept else "drop") for k in KINDS}
             why[task] = "auto: keeps " + ", ".join(f"{k} ({100 * shares[k]:.0f}%)" for k in kept) + " of its squared norm"
+        if g["bits"] == 2:  # a second sign bit (the residual's) wherever the preset keeps one
+            precision[task] = {k: ("2bit" if p == "1bit" else p) for k, p in precision[task].items()}
+            why[task] += "; 2 bits"
     return {
         "method": "1bit",
         "tasks": tasks,
@@ -167,6 +173,7 @@ def onebit_decision(summary: dict, g: dict, tasks: list[str], task_types: list[s
         "task_types": dict(zip(tasks, task_types)),
         "precision": precision,
         "why": why,
+        "bits": g["bits"],
         "scale": g["scale"],
         "granularity": g["granularity"],
         "lambda": g["lambda"],

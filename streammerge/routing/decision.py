@@ -58,12 +58,12 @@ class Decision:
             return "merged model (static)"
         if self.mode == "mix":
             mix = " + ".join(f"{w:.3f}*S_{t}" for t, w in self.weights)
-            where = f" on {len(method['routed_layers'])} routed layer(s)" if m == "mediator" else ""
+            where = f" on {_routed_where(method)}" if m == "mediator" else ""
             return f"weighted experts D + {mix}{where}"
         k = self.task
         prefix = "forced " if self.mode == "forced" else "top-1 "
         if m == "mediator":
-            return f"{prefix}{k}: D + S_{k} on {len(method['routed_layers'])} routed layer(s)"
+            return f"{prefix}{k}: D + S_{k} on {_routed_where(method)}"
         if m == "1bit":
             others = ", ".join(t for t in method["tasks"] if t != k)
             return f"{prefix}{k}: theta_0 + tau_{k} + {method['lambda']:g}*TIES({others})"
@@ -81,6 +81,13 @@ class Decision:
 
 
 STATIC = Decision("static")
+
+
+def _routed_where(method: dict) -> str:
+    """Where Mediator's experts apply: its routed layers, and the tensors outside them if routed
+    (stores built before route_outside have no such key: not routed)."""
+    where = f"{len(method['routed_layers'])} routed layer(s)"
+    return where + (" + embeddings/lm_head/norm" if method.get("route_outside") else "")
 
 
 def forced(task: str, tasks: Sequence[str]) -> Decision:

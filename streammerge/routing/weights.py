@@ -9,7 +9,8 @@ The pieces are read from the store once and kept on the device in compact form:
             exactly, else a copy in the store's dtype) and, per task, the sparse expert S_t as
             flat indices (int32 when they fit) and bf16 values;
   1bit      theta_0 of the encoded tensors (in the base's dtype) and, per task, packed sign
-            bits (uint8) with their scale (1bit / 1bit-row), or sparse / dense task vectors.
+            bits (uint8) with their scale (1bit / 1bit-row; 2bit: two of each), or sparse /
+            dense task vectors.
 
 A build reproduces the float32 arithmetic of `export --variant task:NAME` operation by
 operation (encodings/sparse.py `apply_sparse`, encodings/onebit.py `dynamic_merge_block`):
@@ -50,14 +51,15 @@ class _Sparse:
     def __init__(self, store, path: str, job: dict, device):
         torch, _ = require_torch()
         per_block = job["block_rows"] * row_elems(tuple(job["shape"]))
+        n = int(np.prod(job["shape"], dtype=np.int64)) if job["shape"] else 1
         offs, vals = [], []
         for b in range(job["nblocks"]):
-            off, val = decode_sparse(store.read_blob(path, b))
+            # the block's element count bounds (and checks) the blob's offsets
+            off, val = decode_sparse(store.read_blob(path, b), size=min(per_block, n - b * per_block))
             offs.append(off + b * per_block)
             vals.append(val)
         off = np.concatenate(offs) if offs else np.zeros(0, np.int64)
         val = np.concatenate(vals) if vals else np.zeros(0, np.float32)
-        n = int(np.prod(job["shape"], dtype=np.int64)) if job["shape"] else 1
         self.size = n
         itype = np.int32 if n < 2**31 else np.int64
         self.index = torch.from_numpy(off.astype(itype)).to(device)
@@ -164,12 +166,7 @@ class _TaskPiece:
         r0, r1 = rows if rows is not None else (0, shape[0] if shape else 1)
         out_shape = (r1 - r0, *shape[1:]) if rows is not None else shape
         if self.kind in ("1bit", "1bit-row"):
-            packed, cols = p["bits"], p["cols"]
-            if rows is not None:
-                packed = packed[r0:r1]
-            shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
-            bits = (packed.unsqueeze(-1) >> shifts) & 1
-            s = bits.reshape(packed.shape[0], -1)[:, :cols].to(torch.float32)
+            s = _unpack(p["bits"], p["cols"], rows).to(torch.float32)
             s.mul_(2).sub_(1)
             if self.kind == "1bit":
                 s.mul_(p["alpha"])
@@ -177,6 +174,13 @@ class _TaskPiece:
                 sc = p["scale"] if rows is None else p["scale"][r0:r1]
                 s.mul_(sc.reshape(-1, 1))
             return s.reshape(out_shape)
+        if self.kind == "2bit":  # +-b1 + +-b2, each as mask * 2b - b (encodings/onebit.py `two_bit_hat`)
+            h = None
+            for bits, scale in (("bits", "scale"), ("bits2", "scale2")):
+                b = (p[scale] if rows is None else p[scale][r0:r1]).reshape(-1, 1)
+                pm = _unpack(p[bits], p["cols"], rows).to(torch.float32).mul_(b * 2).sub_(b)
+                h = pm if h is None else h.add_(pm)
+            return h.reshape(out_shape)
         n = int(np.prod(out_shape, dtype=np.int64)) if out_shape else 1
         if self.kind == "sparse":
             flat = torch.zeros(n, dtype=torch.float32, device=device)
@@ -195,6 +199,16 @@ class _TaskPiece:
             elif hasattr(v, "element_size"):
                 n += v.numel() * v.element_size()
         return n
+
+
+def _unpack(packed, cols: int, rows: tuple[int, int] | None):
+    """0/1 uint8 (rows, cols) of little-endian packed bits (rows [r0, r1) when given)."""
+    torch, _ = require_torch()
+    if rows is not None:
+        packed = packed[rows[0] : rows[1]]
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    bits = (packed.unsqueeze(-1) >> shifts) & 1
+    return bits.reshape(packed.shape[0], -1)[:, :cols]
 
 
 CHUNK_ELEMENTS = 1 << 24  # a 1bit build works on row ranges of about this many elements
@@ -262,6 +276,14 @@ class OneBitWeights(WeightBuilder):
                 scale = np.asarray(store.array_at(f"{key}/{task}.scale")[:], dtype=np.float32)
                 parts["scale"] = torch.from_numpy(scale.copy()).to(device)
             return _TaskPiece(k, **parts)
+        if k == "2bit":
+            parts = {"cols": int(np.prod(shape[1:], dtype=np.int64))}
+            for name in ("bits", "bits2"):
+                packed = np.asarray(store.array_at(f"{key}/{task}.{name}")[:], dtype=np.uint8).reshape(shape[0], packed_cols(shape))
+                parts[name] = torch.from_numpy(np.ascontiguousarray(packed)).to(device)
+            for name in ("scale", "scale2"):
+                parts[name] = torch.from_numpy(np.asarray(store.array_at(f"{key}/{task}.{name}")[:], dtype=np.float32).copy()).to(device)
+            return _TaskPiece("2bit", **parts)
         if k == "sparse":
             return _TaskPiece("sparse", sparse=_Sparse(store, f"{key}/{task}.sparse", job, device))
         raw = store.array_at(f"{key}/{task}.dense")[:]

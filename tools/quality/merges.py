@@ -52,7 +52,7 @@ def recipe(m: Merge, root: Path) -> dict:
     return r
 
 
-SHORT = {"lambda": "lam", "coverage": "cov", "rho": "rho"}
+SHORT = {"lambda": "lam", "coverage": "cov", "rho": "rho", "bits": "bits"}
 
 
 def merges(full: bool = True) -> list[Merge]:
@@ -75,18 +75,26 @@ def merges(full: bool = True) -> list[Merge]:
                  ("auto", {"coverage": 0.95, "granularity": "row", "lambda": 0.0}), ("uniform", {"granularity": "row", "lambda": 0.5}),
                  ("uniform", {"granularity": "row", "lambda": 0.0, "scale": "rms"}), ("uniform", {"granularity": "row", "lambda": 0.5, "scale": "rms"}),
                  ("uniform", {"granularity": "row", "scale": "rms"}), ("uniform", {"lambda": 0.0, "scale": "rms"}),
-                 ("paper", {"granularity": "row", "lambda": 0.0, "scale": "rms"}), ("auto", {"granularity": "row", "lambda": 0.0, "scale": "rms"})]
+                 ("paper", {"granularity": "row", "lambda": 0.0, "scale": "rms"}), ("auto", {"granularity": "row", "lambda": 0.0, "scale": "rms"}),
+                 # a second sign bit per entry (the residual's), with its own scale per row
+                 ("uniform", {"bits": 2}), ("uniform", {"granularity": "row", "scale": "rms", "bits": 2}),
+                 ("uniform", {"granularity": "row", "lambda": 0.5, "scale": "rms", "bits": 2}),
+                 ("uniform", {"granularity": "row", "lambda": 0.0, "scale": "rms", "bits": 2})]
     for preset, extra in bits:
-        tag = "".join(f"-{SHORT.get(k, k)}{v:g}" if isinstance(v, float) else f"-{v}" for k, v in extra.items())
+        tag = "".join(f"-{SHORT.get(k, k)}{v:g}" if isinstance(v, (int, float)) else f"-{v}" for k, v in extra.items())
         label = f"preset {preset}" + "".join(f", {k} {v}" for k, v in extra.items())
         out.append(Merge(f"1bit-{preset}{tag}", "1bit", "1bit", label, params={"preset": preset, **extra}))
-    # route: a fraction of the layers (< 1) or a count (>= 1); 8 = every layer of the full model
+    # route: a fraction of the layers (< 1) or a count (>= 1); 8 = every layer of the full model.
+    # route_outside also routes embed_tokens, lm_head and the final norm (a third to two thirds of
+    # each task vector's squared norm here, 4% of the parameters).
+    outside = {"route_outside": True}
     meds = [(2, 0.1, {}), (4, 0.1, {}), (8, 0.05, {}), (8, 0.1, {}), (8, 0.15, {}), (8, 0.2, {}), (8, 0.3, {}),
-            (8, 0.1, {"average": "ties"})] if full else [(0.5, 0.1, {})]
+            (8, 0.4, {}), (8, 0.5, {}), (8, 0.1, {"average": "ties"}), (8, 0.2, outside), (8, 0.3, outside),
+            (8, 0.4, outside), (8, 0.5, outside)] if full else [(0.5, 0.1, {})]
     for route, rho, extra in meds:
-        tag = "".join(f"-{v}" for v in extra.values())
-        out.append(Merge(f"mediator-{route:g}-{rho:g}{tag}", "mediator", "mediator",
-                         f"route {route:g}, rho {rho:g}" + "".join(f", {k} {v}" for k, v in extra.items()),
+        tag = "".join("-outside" if k == "route_outside" else f"-{v}" for k, v in extra.items())
+        label = "".join(", routed outside" if k == "route_outside" else f", {k} {v}" for k, v in extra.items())
+        out.append(Merge(f"mediator-{route:g}-{rho:g}{tag}", "mediator", "mediator", f"route {route:g}, rho {rho:g}{label}",
                          params={"route": route, "rho": rho, **extra}))
     return out
 

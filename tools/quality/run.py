@@ -17,6 +17,8 @@ Steps (each cached under --cache, default bench-out/quality/<config>-<hash>/):
      merge, and every routing store (oracle task, fitted router, static fallback; Mediator under
      several entropy thresholds).
   4. write OUT/results.json, OUT/results.md (table + targets) and OUT/accuracy_vs_storage.png.
+     With --only NAMES, the rows evaluated replace theirs in an existing OUT/results.json (the
+     other rows are kept; the run is listed as a rerun); --fresh writes them alone.
 """
 
 from __future__ import annotations
@@ -54,10 +56,10 @@ def _quantiles(v: list[float]) -> dict:
     q = lambda f: round(v[int(f * (len(v) - 1))], 5)
     return {"p10": q(0.1), "p50": q(0.5), "p90": q(0.9), "max": round(v[-1], 5)}
 # simulated variants (whatif.py): (kind, the store they start from)
+# (Mediator's routed embeddings, once simulated here, are its route_outside option now.)
 WHATIF = {
-    "full": [("1bit-dense-embeddings", "1bit-uniform-row-lam0"), ("1bit-dense-embeddings", "1bit-uniform-row-lam0-rms"),
-             ("mediator-routed-outside", "mediator-8-0.1"), ("mediator-routed-outside", "mediator-8-0.2")],
-    "scratch": [("1bit-dense-embeddings", "1bit-uniform-row-lam0-rms"), ("mediator-routed-outside", "mediator-8-0.2")],
+    "full": [("1bit-dense-embeddings", "1bit-uniform-row-lam0"), ("1bit-dense-embeddings", "1bit-uniform-row-lam0-rms")],
+    "scratch": [("1bit-dense-embeddings", "1bit-uniform-row-lam0-rms")],
 }
 CHOSEN = {"full": {}, "scratch": {}, "smoke": {}}
 
@@ -118,7 +120,9 @@ def row(name, family, label, res, storage_bytes, **extra) -> dict:
             "ood": res.get("ood"), "storage_bytes": int(storage_bytes), "samples": res.get("samples"), **extra}
 
 
-def evaluate_all(cfg, root: Path, out: Path, device: str, only: set | None = None) -> dict:
+def evaluate_all(cfg, root: Path, out: Path, device: str, only: set | None = None, sweep: bool = True) -> dict:
+    """Every row (or those in `only`); sweep False skips Mediator's router x eta sweep (quick
+    exploration: the rows themselves are unchanged, the OOD table and target lack them)."""
     from quality.evaluate import (
         EvalSets,
         Memo,
@@ -182,7 +186,7 @@ def evaluate_all(cfg, root: Path, out: Path, device: str, only: set | None = Non
         say(r)
         log(f"{'':28s} oracle avg {100 * oracle['avg']:5.1f}, static fallback avg {100 * fallback['avg']:5.1f}, "
             f"router held-out {100 * ev.router_report['heldout']['accuracy']:.1f}")
-        if m.method == "mediator":
+        if m.method == "mediator" and sweep:
             by_router = {}
             for rname, kw in ROUTERS.items():
                 if kw:
@@ -235,14 +239,56 @@ def evaluate_all(cfg, root: Path, out: Path, device: str, only: set | None = Non
     return results
 
 
+def row_order(cfg) -> list[str]:
+    """Names of every row of a configuration, in table order."""
+    names = ["base", *(f"expert-{t}" for t in T.TASKS), "full-routing-oracle", "full-routing-router"]
+    for m in M.merges(cfg.name != "smoke"):
+        names += [m.name] + ([f"mergekit-{m.name}"] if m.mergekit else [])
+    return names
+
+
+def merge_previous(new: dict, old: dict, cfg, command: str) -> dict:
+    """An --only run's results merged into the previous full results: its rows replace theirs,
+    rows no longer configured are dropped, the rest are kept; a Mediator row re-evaluated
+    without the eta sweep (--no-sweep) keeps its earlier sweep. The evaluation time and the
+    command stay the full run's, this run is listed under `reruns`."""
+    order = row_order(cfg)
+    fresh = {r["name"] for r in new["rows"]}
+    rows = {r["name"]: r for r in old["rows"] if r["name"] not in fresh}
+    rows.update({r["name"]: r for r in new["rows"]})
+    out = dict(new)
+    out["rows"] = [rows[n] for n in order if n in rows]
+    for key in ("eta_sweep", "ood_routing"):
+        kept = {k: v for k, v in (old.get(key) or {}).items() if k in rows}
+        both = {**kept, **(new.get(key) or {})}
+        out[key] = {n: both[n] for n in order if n in both}
+    whatif_names = {f"{kind} ({store})" for kind, store in WHATIF.get(cfg.name, [])}
+    by_name = {w["name"]: w for w in (old.get("whatif") or []) if w["name"] in whatif_names}
+    by_name.update({w["name"]: w for w in new.get("whatif") or []})
+    out["whatif"] = [by_name[n] for n in (f"{k} ({s})" for k, s in WHATIF.get(cfg.name, [])) if n in by_name]
+    for key in ("norm_share", "kind_params", "task_vector_norms", "task_vector_cosines", "precision_auto"):
+        if key not in new and key in old:
+            out[key] = old[key]
+    for key in ("seconds", "generated_prompts", "generation_seconds", "eval_device"):
+        out[key] = old[key]
+    out["reruns"] = old.get("reruns", []) + [{
+        "command": command, "rows": sorted(fresh), "eval_device": new["eval_device"], "seconds": new["seconds"],
+        "generated_prompts": new["generated_prompts"], "sweep": "--no-sweep" not in command}]
+    out["command"] = old["command"]
+    out["targets"] = TB.targets(out)
+    return out
+
+
 def _n_params(path: Path) -> int:
     return model_bytes(path) // 2
 
 
 def write_outputs(results: dict, train_info: dict, out: Path, command: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    results["train"] = {k: train_info.get(k) for k in ("hash", "device", "seconds")}
-    results["train"]["pretrain_seconds"] = train_info.get("pretrain", {}).get("seconds")
+    if train_info is not None:
+        results["train"] = {k: train_info.get(k) for k in ("hash", "device", "seconds")}
+        results["train"]["pretrain_seconds"] = train_info.get("pretrain", {}).get("seconds")
+        results["train"]["lr_selection"] = train_info.get("finetune", {}).get("lr_selection")
     results["command"] = command
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     TB.plot(results, out / "accuracy_vs_storage.png")
@@ -250,6 +296,10 @@ def write_outputs(results: dict, train_info: dict, out: Path, command: str) -> N
           f"Command: `{command}`", "",
           (f"Training: {results['train']['device']}, {results['train']['seconds']} s. Evaluation: {results['eval_device']}, "
            f"{results['seconds']} s ({results['generated_prompts']} generations)."), "",
+          *[f"Rows re-evaluated since (same harness, same prompts): `{r['command']}` ({r['eval_device']}, {r['seconds']} s): "
+            + ", ".join(r["rows"]) + ("." if r.get("sweep", True) else " (without the eta sweep: their sweep below is the earlier run's).")
+            for r in results.get("reruns", [])],
+          *([""] if results.get("reruns") else []),
           TB.markdown_table(results), "", "Targets:", "", TB.targets_markdown(results["targets"]), "",
           ("Mediator on the out-of-distribution prompts: accuracy (share of OOD prompts routed to a probability-weighted "
            "mix of experts) by router and entropy threshold eta (1 = always top-1):"), "",
@@ -275,8 +325,18 @@ def main(argv=None) -> int:
     ap.add_argument("--pack", type=Path, help="after training, write one tar per model here")
     ap.add_argument("--import", dest="import_dir", type=Path, help="unpack tars written by --pack into the cache first")
     ap.add_argument("--only", help="comma-separated merge names to evaluate (default: all)")
+    ap.add_argument("--report-only", action="store_true", help="rewrite OUT/results.md and the plot from OUT/results.json")
+    ap.add_argument("--no-sweep", action="store_true", help="skip Mediator's router x eta sweep (quick exploration)")
+    ap.add_argument("--fresh", action="store_true", help="with --only: write only this run's rows instead of merging them "
+                    "into OUT/results.json")
     a = ap.parse_args(argv)
     quiet()
+    if a.report_only:
+        results = json.loads((a.out / "results.json").read_text())
+        results["targets"] = TB.targets(results)
+        write_outputs(results, None, a.out, results["command"])
+        print(TB.targets_markdown(results["targets"]))
+        return 0
     cfg = CONFIGS["smoke" if a.smoke else a.config]
     import torch
 
@@ -293,8 +353,14 @@ def main(argv=None) -> int:
         if a.pack:
             (a.pack / "scores.json").write_text(json.dumps(scores, indent=1))
         return 0
-    results = evaluate_all(cfg, root, a.out, a.device, set(a.only.split(",")) if a.only else None)
+    results = evaluate_all(cfg, root, a.out, a.device, set(a.only.split(",")) if a.only else None, sweep=not a.no_sweep)
     command = "python tools/quality/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    previous = a.out / "results.json"
+    if a.only and not a.fresh and previous.is_file():
+        old = json.loads(previous.read_text())
+        if old.get("config") == cfg.name:
+            results = merge_previous(results, old, cfg, command)
+            command = results["command"]
     write_outputs(results, info, a.out, command)
     print(TB.markdown_table(results))
     print(TB.targets_markdown(results["targets"]))

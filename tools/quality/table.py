@@ -56,12 +56,16 @@ def targets(results: dict) -> dict:
         }
     meds = [r for r in results["rows"] if r["family"] == "mediator"]
     if meds:
-        best = max(meds, key=lambda r: r["avg"])
+        # a Mediator that stores more than full routing is dominated by it: judged below that
+        best = max([r for r in meds if r["storage_bytes"] < full_bytes] or meds, key=lambda r: r["avg"])
+        best_any = max(meds, key=lambda r: r["avg"])
         chosen = rows.get(results.get("chosen", {}).get("mediator"), best)
         margin = chosen["avg"] - (best_static["avg"] if best_static else 0.0)
         out["mediator"] = {
             "row": chosen["name"], "share_of_full": share(chosen), "margin_over_best_static": margin,
-            "met": share(chosen) >= 0.95 and margin >= 0.10, "best_row": best["name"], "best_share_of_full": share(best),
+            "met": share(chosen) >= 0.95 and margin >= 0.10, "storage_share": chosen["storage_bytes"] / full_bytes,
+            "best_any_storage": {"row": best_any["name"], "share_of_full": share(best_any), "storage_share": best_any["storage_bytes"] / full_bytes,
+                                 "margin_over_best_static": best_any["avg"] - (best_static["avg"] if best_static else 0.0)},
         }
         ood = results.get("ood_routing", {}).get(chosen["name"])
         if ood:
@@ -85,17 +89,22 @@ def targets_markdown(t: dict) -> str:
     if "mediator" in t:
         m = t["mediator"]
         bs = t["best_static"]
+        a = m["best_any_storage"]
         lines.append(
             f"- Mediator >= 95% of full routing and >= 10 points over the best static merge: **{'met' if m['met'] else 'missed'}** "
-            f"({m['row']}: {100 * m['share_of_full']:.1f}% of full routing, {100 * m['margin_over_best_static']:+.1f} points "
-            f"over {bs['name']} at {100 * bs['avg']:.1f})"
+            f"({m['row']}, the best below full routing's storage: {100 * m['share_of_full']:.1f}% of full routing at "
+            f"{100 * m['storage_share']:.1f}% of its storage, {100 * m['margin_over_best_static']:+.1f} points over {bs['name']} at "
+            f"{100 * bs['avg']:.1f}" + ("" if m["share_of_full"] >= 0.95 else f"; {100 * (0.95 - m['share_of_full']):.1f} points short of 95%")
+            + (f". Best at any storage: {a['row']}, {100 * a['share_of_full']:.1f}% at {100 * a['storage_share']:.1f}% of full routing's storage"
+               if a["row"] != m["row"] else "") + ")"
         )
     if "ood" in t:
         o = t["ood"]
         b = o["best_in_sweep"]
         diff = round((o["uncertainty"] - o["top1"]) * o["n"])
+        verdict = ("met" if o["met"] else "missed") + (f" (by {diff:+d} prompts: within noise)" if abs(diff) < 5 else "")
         lines.append(
-            f"- OOD: uncertainty routing beats top-1: **{'met' if o['met'] else 'missed'}** "
+            f"- OOD: uncertainty routing beats top-1: **{verdict}** "
             f"({o['row']}, router {o['router']}, eta {o['eta']:g}: {100 * o['uncertainty']:.1f}% vs top-1 {100 * o['top1']:.1f}% "
             f"({diff:+d} of {o['n']} prompts; {100 * o['mixed']:.0f}% of them mixed); best of the sweep: {b['row']}, router {b['router']}, "
             f"eta {b['eta']}: {100 * b['ood']:.1f}% vs top-1 {100 * b['top1']:.1f}%)"

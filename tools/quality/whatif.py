@@ -1,14 +1,14 @@
-"""What-if rows: two changes to the routing methods that streammerge does not offer (yet),
-simulated on the same checkpoints to measure what they would buy. They are labelled as such in
+"""What-if rows: a change to the routing methods that streammerge does not offer (yet),
+simulated on the same checkpoints to measure what it would buy. They are labelled as such in
 the results and are not streammerge output.
 
   1bit + dense embeddings   1bit-Merging's task:k model (theta_0 + tau_hat_k, from a store built
                             with lambda 0), with the embedding kind (embed_tokens, lm_head) of
                             task k kept dense (its exact bf16 fine-tuned values) instead of 1-bit.
                             A `precision` override per module kind would give this.
-  Mediator + routed outside Mediator's task:k model (D + S_k on the routed layers), with the
-                            tensors outside the layers (embed_tokens, lm_head, final norm), which
-                            Mediator always averages, routed like a layer: D + top-rho(theta_k - D).
+
+(Mediator with the tensors outside the layers routed, simulated here before, is its
+`route_outside` option now: real rows of the table.)
 
 Evaluated with the oracle task (each test set through its task's model: the fitted routers are
 100 % accurate on the tests), so they compare with the `oracle` numbers of the real stores.
@@ -23,7 +23,6 @@ from pathlib import Path
 from . import tasks as T
 from .evaluate import EvalSets, Memo, exact, load_model
 
-OUTSIDE = ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight")
 EMBEDDING = ("model.embed_tokens.weight", "lm_head.weight")
 
 
@@ -50,24 +49,12 @@ def _load(path: Path) -> dict:
     return load_file(str(path / "model.safetensors"))
 
 
-def _top_rho(delta, rho: float):
-    import torch
-
-    flat = delta.flatten()
-    k = max(1, int(round(rho * flat.numel())))
-    idx = flat.abs().topk(k).indices
-    out = torch.zeros_like(flat)
-    out[idx] = flat[idx].to(torch.bfloat16).float()
-    return out.view_as(delta)
-
-
 def evaluate_whatif(kind: str, store: Path, root: Path, work: Path, sets: EvalSets, memo: Memo, device: str = "cpu") -> dict:
     """Per-task accuracy of the simulated task models (oracle task) and their storage bytes."""
-    import torch
-
+    if kind != "1bit-dense-embeddings":
+        raise ValueError(f"unknown what-if {kind!r}")
     work.mkdir(parents=True, exist_ok=True)
     storage = json.loads((store / "storage.json").read_text())
-    method = json.loads((store / "method.json").read_text())
     experts = {t: _load(root / t) for t in T.TASKS}
     acc, extra_bytes = {}, 0
     for t in T.TASKS:
@@ -76,17 +63,8 @@ def evaluate_whatif(kind: str, store: Path, root: Path, work: Path, sets: EvalSe
         if not stamp.is_file():
             shutil.rmtree(out, ignore_errors=True)
             _export_task(store, t, out)
-            if kind == "1bit-dense-embeddings":
-                patch = {n: experts[t][n] for n in EMBEDDING}
-                nbytes = sum(v.numel() * 2 for v in patch.values())
-            else:  # mediator-routed-outside
-                rho = float(method["rho"])
-                patch, nbytes = {}, 0
-                for n in OUTSIDE:
-                    d = torch.stack([experts[u][n].float() for u in T.TASKS]).mean(0).to(torch.bfloat16).float()
-                    s = _top_rho(experts[t][n].float() - d, rho)
-                    patch[n] = (d + s).to(torch.bfloat16)
-                    nbytes += int((s != 0).sum()) * 6  # int32 index + bf16 value, as Mediator stores them
+            patch = {n: experts[t][n] for n in EMBEDDING}
+            nbytes = sum(v.numel() * 2 for v in patch.values())
             _patch(out, patch)
             stamp.write_text(json.dumps({"extra_bytes": nbytes}))
         extra_bytes += json.loads(stamp.read_text())["extra_bytes"]
