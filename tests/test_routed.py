@@ -154,6 +154,11 @@ def test_mediator_route_outside_routes_embeddings(family, tmp_path):
         keep = topk_by_magnitude(delta, int(0.2 * delta.numel()))
         sparse = torch.where(keep, delta, torch.zeros_like(delta)).to(torch.bfloat16).float()
         assert torch.equal(w[name], (D.float() + sparse).to(torch.bfloat16).float()), name
+    # the task:math export holds the same D + S_math on every routed tensor, the outside ones too
+    run("export", store, tmp_path / "task", "--variant", "task:math")
+    task = load_model_tensors(tmp_path / "task")
+    for name in experts:
+        assert torch.equal(task[name].float(), w[name]), name
     storage = json.loads((store / "storage.json").read_text())
     # more experts than the same build without the outside tensors
     r2 = write_recipe(tmp_path / "r2.yaml", recipe("mediator", base, fts, route=1, rho=0.2))

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..analysis.summary import layer_index, module_kind
+from ..analysis.summary import module_kind
 from ..checkpoints import open_model
 from ..checkpoints.blocks import read_rows, row_elems
 from ..dtypes import float_type, to_float32
@@ -64,7 +64,8 @@ class TaskBlocks:
 
     def __init__(self, store: Store, decision: dict, task: str):
         self.store, self.decision, self.task = store, decision, task
-        self.routed = set(decision.get("routed_layers", ()))
+        # tensors with sparse experts: the routed layers' and, with route_outside, embeddings/lm_head/norm
+        self.routed = {j["name"] for j in store.jobs if j["stage"] == "experts"}
         self._base = None
 
     def _base_handles(self):
@@ -75,7 +76,7 @@ class TaskBlocks:
     def __call__(self, name: str, i: int, r0: int, r1: int) -> np.ndarray:
         if self.decision["method"] == "mediator":
             block = _f32(self.store, name, r0, r1)
-            if layer_index(name) in self.routed:
+            if name in self.routed:
                 apply_sparse(block.reshape(r1 - r0, -1), self.store.read_blob(f"experts/{name}/{self.task}", i))
             return block
         return self._onebit(name, i, r0, r1)
