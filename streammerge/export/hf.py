@@ -123,17 +123,16 @@ class OpenExport:
         if out_dir.exists() and not overwrite:
             raise StreammergeError(f"{out_dir}: already exists (use --overwrite to replace it)")
         self.out_type = float_type(dtype) if dtype else None
+        self._layout: dict[str, tuple[FloatType, int, int]] = {}  # name -> (output type, rows, elements per row)
         specs = []
-        self._row_bytes: dict[str, int] = {}  # tensors whose stored blocks are exported as they are
         for t in store.tensors:
             ftype = self.out_type or float_type(t["dtype"])
             row_elems = 1
             for d in t["shape"][1:]:
                 row_elems *= d
             rows = t["shape"][0] if t["shape"] else 1
+            self._layout[t["name"]] = (ftype, rows, row_elems)
             specs.append(TensorSpec(t["name"], ftype.st, tuple(t["shape"]), rows * row_elems * ftype.itemsize))
-            if ftype is float_type(t["dtype"]):
-                self._row_bytes[t["name"]] = row_elems * ftype.itemsize
         self.written: set[tuple[str, int]] = set()  # (tensor, block) mirrored during the build
         self._behind: WriteBehind | None = None  # the mirrored blocks' writes, started by the first
         self._lock = threading.Lock()
@@ -150,15 +149,17 @@ class OpenExport:
     def mirror(self, path: str, block: int, raw: np.ndarray) -> None:
         """Store.mirror: write block `block` of store array `path` if it is an exported tensor."""
         name = path[len("tensors/") :] if path.startswith("tensors/") else None
-        row_bytes = self._row_bytes.get(name)
-        if row_bytes is None:
+        if name not in self._layout:
+            return
+        ftype, _rows, row_elems = self._layout[name]
+        if ftype is not self.store.dtype(name):  # converted to another dtype: exported by `finish`
             return
         with self._lock:
             if self._behind is None:
                 self._behind = WriteBehind(self.writer.write)
         with self._naming_out_dir():
             data = memoryview(np.ascontiguousarray(raw)).cast("B")
-            self._behind.submit(name, block * self.store.tensor(name)["block_rows"] * row_bytes, data)
+            self._behind.submit(name, block * self.store.tensor(name)["block_rows"] * row_elems * ftype.itemsize, data)
         self.written.add((name, block))
 
     def _drain(self) -> None:
@@ -174,11 +175,7 @@ class OpenExport:
             _check_complete(self.store)
             dsk, task_bytes = {}, {}
             for t in self.store.tensors:
-                ftype = self.out_type or float_type(t["dtype"])
-                rows = t["shape"][0] if t["shape"] else 1
-                row_elems = 1
-                for d in t["shape"][1:]:
-                    row_elems *= d
+                ftype, rows, row_elems = self._layout[t["name"]]
                 for i in range(t["nblocks"]):
                     if block_fn is None and (t["name"], i) in self.written:
                         continue
