@@ -123,18 +123,28 @@ def write_new_file(path: Path, data: memoryview, size: int | None = None) -> Non
         raise
 
 
-class WriteBehind:
-    """Writes handed over by compute threads and done by one background thread, so that the disk
-    works while they compute (a thread blocked in an O_DIRECT write computes nothing).
+# Writes a WriteBehind holds at most (each a copy of one block): the planner counts them.
+WRITE_BEHIND_DEPTH = 4
 
-    `submit(key, pos, data)` copies `data` into one of `depth` reusable buffers (waiting for a
-    free one: at most `depth` writes are pending) and returns; the thread calls
-    `write(key, pos, view)`. The first error is raised by the next `submit` and by `close`,
-    which waits for every pending write.
+
+def store_writers(workers: int) -> int:
+    """Write-behind threads for a build with `workers` compute threads: one per 4, at most 4."""
+    return min(4, max(1, -(-workers // 4)))
+
+
+class WriteBehind:
+    """Writes handed over by compute threads and done, in order, by one background thread, so
+    that the disk works while they compute (a thread blocked in an O_DIRECT write computes
+    nothing).
+
+    `submit(data, write)` copies `data` into one of `depth` reusable buffers (waiting for a free
+    one: at most `depth` writes are pending) and returns; the thread then calls `write(view)` on
+    the copy. `call(fn)` queues `fn()` behind the writes already submitted (e.g. a completion
+    marker that must follow its data). The first error is raised by the next `submit` or
+    `call` and by `close`, which waits for everything pending.
     """
 
-    def __init__(self, write: Callable[[object, int, memoryview], None], depth: int = 4):
-        self._write = write
+    def __init__(self, depth: int = WRITE_BEHIND_DEPTH):
         self._free: queue.Queue = queue.Queue()
         for _ in range(depth):
             self._free.put(bytearray())
@@ -143,7 +153,7 @@ class WriteBehind:
         self._thread = threading.Thread(target=self._run, name="streammerge-write-behind", daemon=True)
         self._thread.start()
 
-    def submit(self, key, pos: int, data: memoryview) -> None:
+    def submit(self, data: memoryview, write: Callable[[memoryview], None]) -> None:
         if self._error is not None:
             raise self._error
         buf = self._free.get()
@@ -151,25 +161,31 @@ class WriteBehind:
             buf = bytearray(len(data))  # grows to the largest block once, then is reused
         view = memoryview(buf)[: len(data)]
         view[:] = data
-        self._todo.put((key, pos, view, buf))
+        self._todo.put((write, view, buf))
+
+    def call(self, fn: Callable[[], None]) -> None:
+        if self._error is not None:
+            raise self._error
+        self._todo.put((fn, None, None))
 
     def _run(self) -> None:
         while True:
             item = self._todo.get()
             if item is None:
                 return
-            key, pos, view, buf = item
+            fn, view, buf = item
             try:
                 if self._error is None:
-                    self._write(key, pos, view)
+                    fn() if view is None else fn(view)
             except BaseException as e:  # noqa: BLE001 - handed to the submitting threads
                 self._error = e
             finally:
-                view.release()
-                self._free.put(buf)
+                if view is not None:
+                    view.release()
+                    self._free.put(buf)
 
     def close(self) -> None:
-        """Wait for every pending write; raise the first error."""
+        """Wait for everything pending; raise the first error."""
         if self._thread.is_alive():
             self._todo.put(None)
             self._thread.join()

@@ -55,6 +55,25 @@ def test_every_registered_method_has_an_engine_case():
 def test_engine_equals_in_memory(method, synth_family, tmp_path):
     if method not in method_names():
         pytest.skip(f"{method} is not registered")
+    _check_engine_equals_in_memory(method, synth_family, tmp_path)
+
+
+@pytest.mark.parametrize("method", sorted(m for m in CASES if m in method_names() and get_method(m).row_groups))
+@pytest.mark.parametrize("group_elems", [1, 700])
+def test_row_groups_equal_in_memory(method, group_elems, synth_family, tmp_path, monkeypatch):
+    """Methods merged group of rows by group of rows (MergeMethod.row_groups): one row per call,
+    and several rows per call with a ragged last group, give the in-memory result."""
+    import streammerge.engine.build as engine_build
+
+    monkeypatch.setattr(engine_build, "ROW_GROUP_ELEMS", group_elems)
+    calls = []
+    merge = engine_build._merge_row_groups
+    monkeypatch.setattr(engine_build, "_merge_row_groups", lambda *a: calls.append(1) or merge(*a))
+    _check_engine_equals_in_memory(method, synth_family, tmp_path)
+    assert calls, "the row-group path ran"
+
+
+def _check_engine_equals_in_memory(method, synth_family, tmp_path):
     n_models, with_base, globals_, per_model = CASES[method]
     base, fts = synth_family("methods", dtype="bfloat16")
     recipe = {"merge_method": method}

@@ -3,12 +3,14 @@ against zarr reading and writing the same arrays, and the write-behind thread of
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 
 import numpy as np
 import pytest
 import zarr
+from zarr.storage import LocalStore
 
 from streammerge.errors import StoreError
 from streammerge.fsutil import WriteBehind, write_new_file
@@ -43,6 +45,37 @@ def test_chunks_written_by_the_store_read_back_by_zarr_and_by_the_store(tmp_path
     assert not [f for _d, _s, fs in os.walk(store.path) for f in fs if f.endswith(".partial")]
 
 
+@pytest.mark.parametrize("shape,dtype", [((10, 1536), "bfloat16"), ((7,), "float32"), ((), "float16"), ((5, 3, 700), "uint8")])
+def test_array_metadata_is_what_zarr_writes(tmp_path, shape, dtype):
+    """The store writes zarr.json itself; zarr-python, creating the same array, writes the same
+    document (so any zarr reader sees the array it would have made)."""
+    store = make_store(tmp_path, shape, 2, dtype)
+    ours = json.loads((store.path / "tensors" / "w" / "zarr.json").read_text())
+    storage = np.uint16 if dtype == "bfloat16" else np.dtype(dtype)
+    zarr.create_array(
+        LocalStore(tmp_path / "by-zarr"), shape=tuple(shape) or (1,), chunks=(2, *shape[1:]), dtype=storage,
+        compressors=None, fill_value=0, chunk_key_encoding={"name": "default", "separator": "."}, attributes=ours["attributes"],
+    )
+    theirs = json.loads((tmp_path / "by-zarr" / "zarr.json").read_text())
+    assert ours == theirs
+    assert json.loads((store.path / "tensors" / "zarr.json").read_text()) == {"attributes": {}, "zarr_format": 3, "node_type": "group"}
+    assert zarr.open_group(store.path, mode="r").attrs["streammerge"] == {"format": 1}
+
+
+def test_store_writes_and_reads_arrays_with_zarr_default_chunk_keys(tmp_path):
+    """Stores created before the "." chunk keys (zarr's default c/<i>/<j>) keep working."""
+    store = make_store(tmp_path, (9, 300), 4)
+    zarr.create_array(LocalStore(store.path / "tensors" / "w"), shape=(9, 300), chunks=(4, 300), dtype=np.uint16,
+                      compressors=None, fill_value=0, overwrite=True)
+    store = Store.open(store.path)
+    data = np.arange(9 * 300, dtype=np.uint16).reshape(9, 300)
+    for i in range(3):
+        store.write_block("tensors/w", i, data[4 * i : 4 * i + 4])
+    assert (store.path / "tensors" / "w" / "c" / "2" / "0").is_file()
+    np.testing.assert_array_equal(zarr.open_array(store.path / "tensors" / "w", mode="r")[...], data)
+    np.testing.assert_array_equal(store.read_block("w", 1, 9), data[1:])
+
+
 def test_store_reads_chunks_zarr_wrote_and_unwritten_chunks_as_zero(tmp_path):
     store = make_store(tmp_path, (9, 300), 4)
     a = zarr.open_array(store.path / "tensors" / "w", mode="r+")
@@ -57,7 +90,7 @@ def test_store_reads_chunks_zarr_wrote_and_unwritten_chunks_as_zero(tmp_path):
 def test_truncated_chunk_is_an_error_naming_the_file(tmp_path):
     store = make_store(tmp_path, (8, 512), 4)
     store.write_block("tensors/w", 0, np.ones((4, 512), np.uint16))
-    chunk = store.path / "tensors" / "w" / "c" / "0" / "0"
+    chunk = store.path / "tensors" / "w" / "c.0.0"
     os.truncate(chunk, 1000)
     with pytest.raises(StoreError, match="truncated") as e:
         store.read_block("w", 0, 4)
@@ -80,26 +113,62 @@ def test_write_new_file_pads_with_zeros_and_leaves_no_partial(tmp_path, size, da
 
 
 def test_write_behind_copies_the_data_keeps_order_and_raises_the_first_error(tmp_path):
-    written = []
-    behind = WriteBehind(lambda key, pos, view: written.append((key, pos, bytes(view))), depth=2)
+    events = []
+    behind = WriteBehind(depth=2)
     buf = np.zeros(1000, np.uint8)
     for i in range(20):
         buf[:] = i  # the caller reuses its buffer at once
-        behind.submit(i, i * 1000, memoryview(buf))
+        behind.submit(memoryview(buf), lambda view, i=i: events.append((i, bytes(view))))
+        behind.call(lambda i=i: events.append(("marker", i)))  # runs after the write before it
     behind.close()
-    assert written == [(i, i * 1000, bytes([i]) * 1000) for i in range(20)]
+    assert events == [e for i in range(20) for e in ((i, bytes([i]) * 1000), ("marker", i))]
 
     seen = threading.Event()
 
-    def failing(key, pos, view):
+    def failing(view):
         seen.set()
         raise OSError(28, "No space left on device")
 
-    behind = WriteBehind(failing, depth=1)
-    behind.submit("a", 0, memoryview(b"x"))
+    behind = WriteBehind(depth=1)
+    behind.submit(memoryview(b"x"), failing)
+    behind.call(lambda: events.append("after the error"))
     seen.wait(5)
     with pytest.raises(OSError, match="No space"):
         for _ in range(100):  # a later submit raises once the error is known
-            behind.submit("b", 0, memoryview(b"y"))
+            behind.submit(memoryview(b"y"), failing)
     with pytest.raises(OSError, match="No space"):
         behind.close()
+    assert "after the error" not in events, "nothing runs after a failed write (no marker for a lost chunk)"
+
+
+def test_store_writing_behind_several_writers_keeps_markers_after_their_chunks(tmp_path, monkeypatch):
+    store = make_store(tmp_path, (40, 300), 4)
+    data = np.arange(40 * 300, dtype=np.uint16).reshape(40, 300)
+    with store.writing_behind(writers=3):
+        for i in range(10):
+            store.write_block("tensors/w", i, data[4 * i : 4 * i + 4])
+            store.mark_done("merge", "tensors/w", i)
+    assert store.done_blocks("merge", "tensors/w") == set(range(10))
+    np.testing.assert_array_equal(store.read_block("w", 0, 40), data)
+
+    # A chunk write that fails: its block gets no marker, the error comes out of the context.
+    import streammerge.store.store as store_module
+
+    store = make_store(tmp_path / "again", (40, 300), 4)
+    real = store_module.write_new_file
+
+    def write(path, view, size=None):
+        if path.name.startswith("c.4."):
+            raise OSError(28, "No space left on device", str(path))
+        real(path, view, size)
+
+    monkeypatch.setattr(store_module, "write_new_file", write)
+    with pytest.raises(OSError, match="No space"):
+        with store.writing_behind(writers=3):
+            for i in range(10):
+                store.write_block("tensors/w", i, data[4 * i : 4 * i + 4])
+                store.mark_done("merge", "tensors/w", i)
+    done = store.done_blocks("merge", "tensors/w")
+    assert 4 not in done and {0, 1, 2, 3} <= done
+    for i in done:  # every marker stands for a complete chunk
+        np.testing.assert_array_equal(store.read_block("w", 4 * i, 4 * i + 4), data[4 * i : 4 * i + 4])

@@ -7,6 +7,7 @@ Generates (once, cached under --data) a base and three fine-tunes, then for each
 `streammerge build --export` and `mergekit-yaml` under `/usr/bin/time -v`, reporting wall time
 and peak RSS of the whole process; with --memcap, also runs each under a memory cgroup cap of
 that many MB (../shared/tools/memcap.sh) and reports whether it completed. Prints a markdown table.
+Every run of either tool starts alike: previous outputs removed, `sync`, inputs in the page cache.
 """
 
 from __future__ import annotations
@@ -130,13 +131,21 @@ def main() -> None:
             "--export", str(work / "sm-out"), "--workers", str(args.workers),
             "--memory-limit", args.memory_limit, "--no-progress", "--restart", "--overwrite",
         ]
-        subprocess.run(["cat", *map(str, data.rglob("*.safetensors"))], stdout=subprocess.DEVNULL)  # warm the page cache
-        # outputs of the previous run are removed before each run, untimed, as for mergekit below
-        r = median_run(sm, args.repeat, before=lambda: [shutil.rmtree(work / d, ignore_errors=True) for d in ("job.zarr", "sm-out")])
+        # Before each run of either tool, untimed: the previous run's outputs are removed, dirty
+        # pages written back (mergekit writes through the page cache; its writeback would land
+        # in the next run) and the inputs read into the page cache (this VM evicts idle pages).
+        def fresh(*outputs):
+            for d in outputs:
+                shutil.rmtree(work / d, ignore_errors=True)
+            os.sync()
+            subprocess.run(["cat", *map(str, data.rglob("*.safetensors"))], stdout=subprocess.DEVNULL)
+
+        r = median_run(sm, args.repeat, before=lambda: fresh("job.zarr", "sm-out"))
         if r["rc"] != 0:
             print(r["tail"], file=sys.stderr)
         row = {"method": method, "tool": "streammerge", **r}
         if args.memcap:
+            fresh("job.zarr", "sm-out")
             row["cap"] = capped(sm, args.memcap)
         rows.append(row)
         storage = work / "job.zarr" / "storage.json"
@@ -149,12 +158,12 @@ def main() -> None:
         routing = method.split(":")[0] in ("mediator", "1bit")
         if not args.skip_mergekit and mk.exists() and not routing:
             mk_cmd = [str(mk), str(recipe), str(work / "mk-out"), "--quiet", "-j", str(args.workers)]
-            r = median_run(mk_cmd, args.repeat, before=lambda: shutil.rmtree(work / "mk-out", ignore_errors=True))
+            r = median_run(mk_cmd, args.repeat, before=lambda: fresh("mk-out"))
             if r["rc"] != 0:
                 print(r["tail"], file=sys.stderr)
             row = {"method": method, "tool": "mergekit", **r}
             if args.memcap:
-                shutil.rmtree(work / "mk-out", ignore_errors=True)
+                fresh("mk-out")
                 row["cap"] = capped(mk_cmd, args.memcap)
             rows.append(row)
 

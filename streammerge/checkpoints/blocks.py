@@ -55,11 +55,18 @@ def read_rows(handle, r0: int, r1: int, out: np.ndarray) -> np.ndarray:
     n = (r1 - r0) * row_elems(handle.shape)
     dest = out.reshape(-1)[:n].reshape(block_shape(handle.shape, r0, r1))
     buf = read_raw(handle, r0, r1, _raw_buffer(n * ftype.itemsize))
-    raw = buf.view(ftype.storage)
+    convert(handle, buf.view(ftype.storage), dest.reshape(-1), r0 * row_elems(handle.shape))
+    return dest
+
+
+def convert(handle, raw: np.ndarray, dest: np.ndarray, first: int) -> np.ndarray:
+    """Flat raw storage values of `handle` (its elements first, first + 1, ...) into the flat
+    float32 array `dest`, refusing NaN/Inf unless the handle allows them."""
+    ftype = float_type(handle.dtype)
     if getattr(handle, "check_finite", True):
-        _convert_checked(raw, ftype, dest.reshape(-1), handle, r0 * row_elems(handle.shape))
+        _convert_checked(raw, ftype, dest, handle, first)
     else:
-        to_float32(raw.reshape(dest.shape), ftype, dest)
+        to_float32(raw, ftype, dest)
     return dest
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import json
 import os
 import re
@@ -156,10 +157,11 @@ class OpenExport:
             return
         with self._lock:
             if self._behind is None:
-                self._behind = WriteBehind(self.writer.write)
+                self._behind = WriteBehind()
+        pos = block * self.store.tensor(name)["block_rows"] * row_elems * ftype.itemsize
         with self._naming_out_dir():
             data = memoryview(np.ascontiguousarray(raw)).cast("B")
-            self._behind.submit(name, block * self.store.tensor(name)["block_rows"] * row_elems * ftype.itemsize, data)
+            self._behind.submit(data, functools.partial(self.writer.write, name, pos))
         self.written.add((name, block))
 
     def _drain(self) -> None:

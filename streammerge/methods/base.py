@@ -162,6 +162,12 @@ class MergeMethod:
     # kernel(x: DeviceTensor, params) returns what `merge` returns for every block at once.
     # None: the method runs on the CPU path whatever the device.
     kernel: Callable[[Any, TensorParams], Any] | None = None
+    # True: the engine may call `merge` on cache-sized groups of a block's rows (ROW_GROUP_ELEMS
+    # elements), converting the inputs and rounding the outputs group by group, so that a block
+    # travels through memory once instead of once per step (engine/build.py). A method sets it
+    # when `merge` gives the same rows for any run of rows it is handed (not only for the blocks
+    # its passes saw) and costs little per call.
+    row_groups: bool = False
 
     def param(self, name: str) -> Param | None:
         for p in self.params:
@@ -180,6 +186,11 @@ class MergeMethod:
 # Elementwise methods walk a block in slices of this many elements so that the handful of
 # temporaries they chain stays in cache: 2-3x faster than whole-block numpy ops here.
 CACHE_ELEMS = 1 << 17
+
+
+# Rows per call of a `row_groups` method: this many elements (at least one row). The inputs,
+# their float32 conversions and the method's temporaries then stay in the core's L2 cache.
+ROW_GROUP_ELEMS = CACHE_ELEMS
 
 
 def cache_slices(size: int, step: int = CACHE_ELEMS):

@@ -37,6 +37,7 @@ register(
     MergeMethod(
         name="linear",
         merge=linear,
+        row_groups=True,
         kernel=kernels.linear,
         base="unused",
         params=(

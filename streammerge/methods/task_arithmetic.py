@@ -45,6 +45,7 @@ register(
     MergeMethod(
         name="task_arithmetic",
         merge=task_arithmetic,
+        row_groups=True,
         kernel=kernels.task_arithmetic,
         base="required",
         params=(

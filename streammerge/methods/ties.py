@@ -505,6 +505,9 @@ def _make(spec: _Spec) -> MergeMethod:
         params=tuple(params),
         base="required",
         passes=fam.passes(),
+        # not the top-k methods: a tie at the threshold is cut inside one block of the passes'
+        # partition (TopK.keeper), so their merge must see the blocks the passes saw
+        row_groups=spec.sparsify not in (MAGNITUDE, OUTLIERS),
         kernel=kernels.family_kernel(spec),
         summary={
             MAGNITUDE: "TIES: top-k by magnitude, sign consensus, disjoint mean",

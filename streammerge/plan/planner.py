@@ -15,6 +15,7 @@ from ..checkpoints import ModelCheckpoint, TensorHandle, open_model
 from ..checkpoints.blocks import num_rows, row_elems
 from ..dtypes import float_type, is_float_st
 from ..errors import RecipeError, StreammergeError
+from ..fsutil import WRITE_BEHIND_DEPTH, store_writers
 from ..methods import MergeMethod, TensorParams, get_method
 from ..methods.base import Output
 from ..recipe import Recipe, layer_position, resolve_tensor_params
@@ -28,6 +29,12 @@ MAX_BLOCK_ELEMS = 4 * 2**20
 MIN_BLOCK_ELEMS = 64 * 2**10
 # float32 working arrays per block besides the inputs: the method's result and temporaries.
 WORK_ARRAYS = 3
+
+
+def writer_blocks(workers: int) -> int:
+    """Block copies waiting in the write-behind threads (fsutil.WriteBehind): the store's and
+    the export's, of at most WRITE_BEHIND_DEPTH blocks each."""
+    return (store_writers(workers) + 1) * WRITE_BEHIND_DEPTH
 
 
 @dataclass(frozen=True)
@@ -123,7 +130,7 @@ class Plan:
         """Peak resident bytes: baseline + per worker, the float32 inputs and work arrays of a block."""
         n_inputs = len(self.model_specs) + (1 if self.base_spec else 0)
         biggest = max((min(j.block_rows * j.row_elems, j.numel) for j in self.jobs), default=0)
-        return BASELINE_BYTES + self.workers * biggest * 4 * (n_inputs + WORK_ARRAYS)
+        return BASELINE_BYTES + biggest * 4 * (self.workers * (n_inputs + WORK_ARRAYS) + writer_blocks(self.workers))
 
     def with_block_rows(self, block_rows: dict[str, int]) -> "Plan":
         """The same plan cut as an existing store was (resuming keeps the store's chunking)."""
@@ -163,8 +170,8 @@ def _check_architectures(checkpoints: dict[str, ModelCheckpoint]) -> None:
 
 
 def block_elems_for(memory_limit: int, workers: int, n_inputs: int) -> int:
-    per_worker = max(0, memory_limit - BASELINE_BYTES) // max(1, workers)
-    elems = per_worker // (4 * (n_inputs + WORK_ARRAYS))
+    workers = max(1, workers)
+    elems = max(0, memory_limit - BASELINE_BYTES) // (4 * (workers * (n_inputs + WORK_ARRAYS) + writer_blocks(workers)))
     return int(max(MIN_BLOCK_ELEMS, min(MAX_BLOCK_ELEMS, elems)))
 
 

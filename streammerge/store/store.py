@@ -6,7 +6,7 @@ Layout of `job.zarr/`:
     manifest.json              what the job is: recipe text and hash, input fingerprints,
                                output tensors (name, shape, dtype, block rows), options
     tensors/<name>/            one zarr array per output tensor; chunks are row blocks, so
-                               one task writes exactly one chunk. bf16 is stored as uint16
+                               one task writes exactly one chunk (chunk file c.<block>[.0]). bf16 is stored as uint16
                                with attribute "dtype": "bfloat16". No compression: merged
                                weights barely compress and the codec would cost more than disk.
     stats/<stage>/<key>.npz    tensor-wide statistics a method's passes reduced (resume skips them)
@@ -25,6 +25,8 @@ litter and chunks without markers, which are cleaned and recomputed on resume.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -32,16 +34,15 @@ import os
 import socket
 import threading
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import zarr
-from zarr.storage import LocalStore
 
 from ..dtypes import FloatType, float_type
 from ..errors import StoreError
-from ..fsutil import atomic_write, pid_alive, write_new_file
+from ..fsutil import WRITE_BEHIND_DEPTH, WriteBehind, atomic_write, pid_alive, write_new_file
 
 FORMAT = 1
 MERGE_STAGE = "merge"
@@ -65,12 +66,14 @@ class Store:
     def __init__(self, path: Path, manifest: dict):
         self.path = Path(path)
         self.manifest = manifest
-        self._arrays: dict[str, zarr.Array] = {}
+        self._arrays: dict = {}  # path -> zarr.Array (array_at)
+        self._metas: dict[str, _ArrayMeta] = {}  # path -> what chunk I/O needs of its zarr.json
         self._tensors = {t["name"]: t for t in manifest["tensors"]}
         self._dirs: set[Path] = set()  # chunk directories known to exist
         # called as mirror(path, block, raw) after each array block is stored: an export opened
         # before the build writes the merged tensors as they are computed (export/hf.py)
         self.mirror = None
+        self._behind: list[WriteBehind] = []  # within `writing_behind`: the background writers
 
     # ---- pickling (dask.distributed) --------------------------------------------------------
     # A store pickles as its path and manifest digest (~150 bytes, not the manifest nor open
@@ -109,8 +112,8 @@ class Store:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         # attributes in the first write of zarr.json: a creation killed at any point is recognisable
-        root = zarr.create_group(LocalStore(path), zarr_format=3, attributes={"streammerge": {"format": FORMAT}})
-        _create_arrays(root, manifest["jobs"])
+        _write_node(path, _group_doc({"streammerge": {"format": FORMAT}}))
+        _create_arrays(path, manifest["jobs"])
         (path / "done").mkdir()
         (path / "stats").mkdir()
         # The manifest goes last: a store without one is an unfinished creation, not a job.
@@ -123,7 +126,7 @@ class Store:
         new = [j for j in jobs if j["key"] not in known]
         if not new:
             return
-        _create_arrays(zarr.open_group(LocalStore(self.path), mode="r+"), new)
+        _create_arrays(self.path, new)
         self.manifest["jobs"] = self.manifest["jobs"] + new
         names = {t["name"] for t in self.manifest["tensors"]}
         self.manifest["tensors"] = self.manifest["tensors"] + [t for t in tensors if t["name"] not in names]
@@ -162,16 +165,26 @@ class Store:
     def dtype(self, name: str) -> FloatType:
         return float_type(self._tensors[name]["dtype"])
 
-    def array(self, name: str) -> zarr.Array:
-        """The merged tensor `name` (what export writes)."""
+    def array(self, name: str):
+        """The merged tensor `name` as a zarr array."""
         return self.array_at(f"tensors/{name}")
 
-    def array_at(self, path: str) -> zarr.Array:
+    def array_at(self, path: str):
+        """The zarr array at `path` (zarr-python opens it: for whole-array reads)."""
         a = self._arrays.get(path)
         if a is None:
+            import zarr  # not on the build's path: 0.2 s to import
+            from zarr.storage import LocalStore
+
             a = zarr.open_array(LocalStore(self.path / path), mode="r+")
             self._arrays[path] = a
         return a
+
+    def _meta(self, path: str) -> "_ArrayMeta":
+        m = self._metas.get(path)
+        if m is None:
+            m = self._metas[path] = _ArrayMeta.load(self.path / path)
+        return m
 
     def write_blob(self, path: str, block: int, data: bytes) -> None:
         d = self.path / "blobs" / path
@@ -194,19 +207,56 @@ class Store:
         renamed into place; unlike it, whole pages bypass the page cache (fsutil.write_new_file:
         ~2.5 s of kernel time per GB saved here) and no event-loop thread is involved.
         """
-        arr = self.array_at(path)
+        arr = self._meta(path)
         data = memoryview(np.ascontiguousarray(raw, dtype=arr.dtype.newbyteorder("<"))).cast("B")
         full = int(np.prod(arr.chunks, dtype=np.int64)) * arr.dtype.itemsize
         if len(data) > full:
             raise ValueError(f"{path}: block {block} has {len(data)} bytes, more than its chunk ({full})")
-        write_new_file(self._chunk_file(path, arr, block, create=True), data, full)
+        chunk = self._chunk_file(path, arr, block, create=True)
+        behind = self._writer(block)
+        if behind is not None:
+            behind.submit(data, functools.partial(write_new_file, chunk, size=full))
+        else:
+            write_new_file(chunk, data, full)
         mirror = self.mirror
         if mirror is not None:
             mirror(path, block, raw)
 
-    def _chunk_file(self, path: str, arr: zarr.Array, block: int, create: bool = False) -> Path:
-        key = arr.metadata.encode_chunk_key((block,) + (0,) * (len(arr.chunks) - 1))
-        f = self.path / path / key
+    @contextlib.contextmanager
+    def writing_behind(self, writers: int = 1, depth: int = WRITE_BEHIND_DEPTH):
+        """Within: `write_block`'s chunk files and `mark_done`'s markers are written by
+        `writers` background threads while the caller's threads compute; everything of block i
+        (of any job) goes to thread i % writers, in the order it was handed over, so a marker
+        still follows its chunks. Several threads keep several writes in flight (a fast disk
+        wants them; one thread is enough for two workers). Leaving waits for every pending write
+        and raises the first error; a write error also surfaces in the next `write_block`."""
+        if self._behind:  # nested: the outer one drains
+            yield self
+            return
+        behind = self._behind = [WriteBehind(depth) for _ in range(max(1, writers))]
+        failed = False
+        try:
+            yield self
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            self._behind = []
+            errors = []
+            for b in behind:
+                try:
+                    b.close()
+                except BaseException as e:  # noqa: BLE001 - the first one is raised below
+                    errors.append(e)
+            if errors and not failed:  # else the error in flight is the one to report
+                raise errors[0]
+
+    def _writer(self, block: int) -> WriteBehind | None:
+        behind = self._behind
+        return behind[block % len(behind)] if behind else None
+
+    def _chunk_file(self, path: str, arr: "_ArrayMeta", block: int, create: bool = False) -> Path:
+        f = self.path / path / arr.chunk_key(block)
         if create and f.parent not in self._dirs:
             f.parent.mkdir(parents=True, exist_ok=True)
             self._dirs.add(f.parent)
@@ -219,7 +269,7 @@ class Store:
         written reads as the fill value 0, as in zarr): ~3x faster than zarr's read path here,
         which matters most when the chunks come from disk."""
         path = f"tensors/{name}"
-        arr = self.array_at(path)
+        arr = self._meta(path)
         cr = arr.chunks[0]
         row_bytes = int(np.prod(arr.chunks[1:], dtype=np.int64)) * arr.dtype.itemsize
         out = np.empty((r1 - r0, *arr.shape[1:]), dtype=arr.dtype)
@@ -250,8 +300,19 @@ class Store:
         return self.path / "done" / stage / key
 
     def mark_done(self, stage: str, key: str, block: int) -> None:
+        """Record block `block` of job (stage, key) as complete; within `writing_behind`, once
+        the writes submitted before it are done."""
+        behind = self._writer(block)
+        if behind is not None:
+            behind.call(functools.partial(self._mark_done, stage, key, block))
+        else:
+            self._mark_done(stage, key, block)
+
+    def _mark_done(self, stage: str, key: str, block: int) -> None:
         d = self._marker_dir(stage, key)
-        d.mkdir(parents=True, exist_ok=True)
+        if d not in self._dirs:
+            d.mkdir(parents=True, exist_ok=True)
+            self._dirs.add(d)
         # Creating an empty file is atomic: it exists completely or not at all.
         os.close(os.open(d / str(block), os.O_CREAT | os.O_WRONLY, 0o644))
 
@@ -326,9 +387,86 @@ class Store:
         return all(self.job_done(j) for j in self.jobs)
 
 
-def _create_arrays(root: zarr.Group, jobs: list[dict]) -> None:
+# ---- zarr v3 metadata ------------------------------------------------------------------------
+# The store's zarr.json documents are written here rather than by zarr-python, whose import
+# (0.2 s) and per-array creation (3 ms each, through its event loop) were a fifth of a 0.5B
+# build's serial start. They are the documents zarr-python writes for these arrays (uncompressed,
+# `bytes` codec, regular row-block chunks); tests/test_store_io.py has zarr open and read them.
+
+
+def _group_doc(attributes: dict) -> dict:
+    return {"attributes": attributes, "zarr_format": 3, "node_type": "group"}
+
+
+def _array_doc(shape, chunks, dtype: np.dtype, attributes: dict) -> dict:
+    return {
+        "shape": list(shape),
+        "data_type": np.dtype(dtype).name,
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(chunks)}},
+        # chunk files c.<i>.0 beside zarr.json, not c/<i>/0: one directory fewer to create per
+        # block (creating files is most of the kernel time of a build here)
+        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "."}},
+        "fill_value": 0,
+        # (single-byte types have no byte order, and zarr writes none)
+        "codecs": [{"name": "bytes", **({"configuration": {"endian": "little"}} if np.dtype(dtype).itemsize > 1 else {})}],
+        "attributes": attributes,
+        "zarr_format": 3,
+        "node_type": "array",
+        "storage_transformers": [],
+    }
+
+
+def _write_node(directory: Path, doc: dict) -> None:
+    """zarr.json in `directory`, whole or not at all (renamed into place, as zarr does; no fsync:
+    a store is only valid once its manifest, written last with one, is there)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f".zarr.json.{uuid.uuid4().hex}.partial"
+    tmp.write_bytes(json.dumps(doc, indent=2).encode())
+    os.replace(tmp, directory / "zarr.json")
+
+
+def _create_arrays(root: Path, jobs: list[dict]) -> None:
+    groups = set()
     for spec in _array_specs(jobs):
-        root.create_array(**spec)
+        parts = spec["name"].split("/")
+        for k in range(1, len(parts)):  # the groups between the root and the array, as zarr does
+            group = "/".join(parts[:k])
+            if group not in groups and not (root / group / "zarr.json").is_file():
+                _write_node(root / group, _group_doc({}))
+            groups.add(group)
+        _write_node(root / spec["name"], _array_doc(spec["shape"], spec["chunks"], spec["dtype"], spec["attributes"]))
+
+
+@dataclass(frozen=True)
+class _ArrayMeta:
+    """What chunk I/O needs of an array's zarr.json (any store: also those zarr-python created)."""
+
+    shape: tuple[int, ...]
+    chunks: tuple[int, ...]
+    dtype: np.dtype
+    encoding: str  # "default" (c<sep>i<sep>j) or "v2" (i<sep>j)
+    separator: str
+
+    @classmethod
+    def load(cls, directory: Path) -> "_ArrayMeta":
+        f = directory / "zarr.json"
+        try:
+            doc = json.loads(f.read_text())
+            enc = doc.get("chunk_key_encoding") or {"name": "default"}
+            name = enc.get("name", "default")
+            sep = (enc.get("configuration") or {}).get("separator", "/" if name == "default" else ".")
+            meta = cls(tuple(doc["shape"]), tuple(doc["chunk_grid"]["configuration"]["chunk_shape"]),
+                       np.dtype(doc["data_type"]), name, sep)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise StoreError(f"{f}: unreadable array metadata ({e})") from None
+        if name not in ("default", "v2") or [c["name"] for c in doc.get("codecs", [])] != ["bytes"]:
+            raise StoreError(f"{f}: not an array streammerge writes (chunk keys {name!r}, codecs {doc.get('codecs')})")
+        return meta
+
+    def chunk_key(self, block: int) -> str:
+        coords = [str(block)] + ["0"] * (len(self.chunks) - 1)
+        key = self.separator.join(coords)
+        return f"c{self.separator}{key}" if self.encoding == "default" else key
 
 
 def _array_specs(jobs: list[dict]):
@@ -349,8 +487,6 @@ def _array_specs(jobs: list[dict]):
                 shape=(shape[0], *trailing),
                 chunks=(j["block_rows"], *trailing),
                 dtype=storage,
-                compressors=None,
-                fill_value=0,
                 attributes={"dtype": logical, "tensor": j["name"], "tensor_shape": list(j["shape"])},
             )
 

@@ -1,0 +1,112 @@
+#!/usr/bin/env python
+"""Why uncertainty routing does not beat top-1 on the harness's out-of-distribution prompts.
+
+For Mediator stores already built by `run.py` (cached checkpoints, same prompts), this scores
+the OOD prompts per kind under weightings of the sparse experts that Mediator could apply, with
+the OOD target's router (logistic regression, weight decay 1):
+
+  top-1             D + S_k, k the router's argmax (eta 1)
+  Mediator          the default rule: D + sum_t p_t S_t when the normalised entropy > eta 0.5
+  uniform if H>eta  D + mean_t S_t (the averaged model) for the uncertain prompts
+  temp T if H>eta   D + sum_t p_t^(1/T) S_t / Z: flatter than p for the uncertain prompts
+  uniform all       D + mean_t S_t for every prompt
+
+and prints, per kind, the router's argmax and median entropy. What it shows (README, Merge
+quality): the kind that a mix of experts helps (two-digit arithmetic without `calc`: the
+averaged model solves 38-39 %, the math expert 22-23 %) is routed to math with confidence, and
+the kinds the router is unsure of (facts-format arithmetic, calc-format list sums) are best
+served by the top expert; so no entropy rule over these probabilities beats top-1.
+
+    python tools/quality/ood_probe.py [--stores mediator-8-0.5-outside,mediator-8-0.2-outside]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(ROOT / "tools"), str(ROOT)]
+
+from quality import tasks as T  # noqa: E402
+from quality.config import CONFIGS  # noqa: E402
+from quality.evaluate import EvalSets, Memo, RoutedEval, load_model  # noqa: E402
+from quality.run import OOD_ETA, OOD_ROUTER, ROUTERS  # noqa: E402
+from quality.train import cache_dir  # noqa: E402
+
+
+def probe(ev: RoutedEval, sets: EvalSets) -> tuple[list, dict]:
+    """(rule, OOD accuracy, per-kind accuracy) per rule, and per kind: (argmax task, its count,
+    prompts, median normalised entropy)."""
+    from streammerge.routing.decision import Decision, normalized_entropy
+
+    kinds = [k for k, _, _ in sets.ood]
+    prompts = [p for _, p, _ in sets.ood]
+    answers = [a for _, _, a in sets.ood]
+    P = np.asarray(ev.probs("ood", prompts))
+    H = np.array([normalized_entropy(p) for p in P])
+    tasks = ev.rm.tasks
+    top1 = [ev.rm.decide(p, eta=1.0) for p in P]
+
+    def mix(w) -> Decision:
+        return Decision("mix", tuple((t, round(float(x), 3)) for t, x in zip(tasks, w)))
+
+    uniform = mix(np.full(len(tasks), 1 / len(tasks)))
+
+    def tempered(p, temp):
+        q = np.asarray(p) ** (1 / temp)
+        return mix(q / q.sum())
+
+    rules = {
+        "top-1": top1,
+        f"Mediator (eta {OOD_ETA:g})": [ev.rm.decide(p, eta=OOD_ETA) for p in P],
+        f"uniform if H>{OOD_ETA:g}": [uniform if h > OOD_ETA else d for h, d in zip(H, top1)],
+        f"temp 2 if H>{OOD_ETA:g}": [tempered(p, 2.0) if h > OOD_ETA else d for h, p, d in zip(H, P, top1)],
+        "uniform all": [uniform] * len(P),
+    }
+    rows = []
+    for name, decisions in rules.items():
+        outs = ev._gen(decisions, prompts, sets.budget["ood"])
+        ok = np.array([o.strip() == a.strip() for o, a in zip(outs, answers)])
+        per = {k: float(ok[[i for i, kk in enumerate(kinds) if kk == k]].mean()) for k in T.OOD_KINDS}
+        rows.append((name, float(ok.mean()), per))
+    routing = {}
+    for k in T.OOD_KINDS:
+        ix = [i for i, kk in enumerate(kinds) if kk == k]
+        picks = np.bincount(P[ix].argmax(1), minlength=len(tasks))
+        routing[k] = (tasks[int(picks.argmax())], int(picks.max()), len(ix), float(np.median(H[ix])))
+    return rows, routing
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--stores", default="mediator-8-0.5-outside,mediator-8-0.2-outside", help="Mediator rows of run.py (built already)")
+    ap.add_argument("--config", default="full", choices=sorted(CONFIGS))
+    ap.add_argument("--cache", type=Path, default=ROOT / "bench-out" / "quality")
+    a = ap.parse_args(argv)
+    cfg = CONFIGS[a.config]
+    root = cache_dir(cfg, a.cache)
+    _, tok = load_model(root / "base", "cpu")
+    sets = EvalSets.make(cfg, tok)
+    memo = Memo()
+    for name in a.stores.split(","):
+        store = root / "merges" / name / "job.zarr"
+        if not store.is_dir():
+            print(f"{store}: not built (run tools/quality/run.py first)", file=sys.stderr)
+            return 1
+        ev = RoutedEval(store, sets, memo, router_kw=ROUTERS[OOD_ROUTER])
+        rows, routing = probe(ev, sets)
+        print(f"\n{name}, router {OOD_ROUTER}: " + "; ".join(
+            f"{k} -> {t} for {n}/{m} prompts, median entropy {h:.2f}" for k, (t, n, m, h) in routing.items()))
+        print("\n| rule | OOD | " + " | ".join(T.OOD_KINDS) + " |")
+        print("|---|---:|" + "---:|" * len(T.OOD_KINDS))
+        for rule, acc, per in rows:
+            print(f"| {rule} | {100 * acc:.1f} | " + " | ".join(f"{100 * per[k]:.0f}" for k in T.OOD_KINDS) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
