@@ -11,7 +11,8 @@ the OOD target's router (logistic regression, weight decay 1):
   temp T if H>eta   D + sum_t p_t^(1/T) S_t / Z: flatter than p for the uncertain prompts
   uniform all       D + mean_t S_t for every prompt
 
-and prints, per kind, the router's argmax and median entropy. What it shows (README, Merge
+and prints, per kind, the router's argmax and median entropy; first, how far each test set and
+OOD kind lies from the router's training prompts (`novelty`). What it shows (README, Merge
 quality): the kind that a mix of experts helps (two-digit arithmetic without `calc`: the
 averaged model solves 38-39 %, the math expert 22-23 %) is routed to math with confidence, and
 the kinds the router is unsure of (facts-format arithmetic, calc-format list sums) are best
@@ -81,6 +82,34 @@ def probe(ev: RoutedEval, sets: EvalSets) -> tuple[list, dict]:
     return rows, routing
 
 
+def novelty(root: Path, sets: EvalSets) -> dict:
+    """Median Mahalanobis distance to the nearest task's router prompts (class means, shared
+    covariance, in the base model's mean hidden states) of each test set and each OOD kind: how
+    far from what the router was fitted on a prompt lies, which its entropy does not see."""
+    import torch
+
+    from quality.evaluate import features
+
+    model, tok = load_model(root / "base", "cpu")
+    with torch.inference_mode():
+        feats = lambda prompts: np.asarray(features(model, tok, prompts), dtype=np.float64)  # noqa: E731
+        X = [feats(sets.router[t]) for t in T.TASKS]
+        groups = {f"test {t}": feats([p for p, _ in sets.tests[t]]) for t in T.TASKS}
+        for k in T.OOD_KINDS:
+            groups[f"OOD {k}"] = feats([p for kk, p, _ in sets.ood if kk == k])
+    mu = np.stack([x.mean(0) for x in X])
+    R = np.concatenate([x - m for x, m in zip(X, mu)])
+    cov = R.T @ R / len(R)
+    cov += 1e-3 * np.trace(cov) / len(cov) * np.eye(len(cov))
+    inv = np.linalg.inv(cov)
+
+    def dist(F):
+        d = F[:, None, :] - mu[None]
+        return np.sqrt(np.einsum("nkd,de,nke->nk", d, inv, d)).min(1)
+
+    return {name: float(np.median(dist(F))) for name, F in groups.items()}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stores", default="mediator-8-0.5-outside,mediator-8-0.2-outside", help="Mediator rows of run.py (built already)")
@@ -92,6 +121,10 @@ def main(argv=None) -> int:
     _, tok = load_model(root / "base", "cpu")
     sets = EvalSets.make(cfg, tok)
     memo = Memo()
+    print("Median Mahalanobis distance to the nearest task's router prompts (base model features):\n")
+    print("| prompts | distance |\n|---|---:|")
+    for name, d in novelty(root, sets).items():
+        print(f"| {name} | {d:.1f} |")
     for name in a.stores.split(","):
         store = root / "merges" / name / "job.zarr"
         if not store.is_dir():
