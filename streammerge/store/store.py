@@ -42,7 +42,13 @@ import numpy as np
 
 from ..dtypes import FloatType, float_type
 from ..errors import StoreError
-from ..fsutil import WRITE_BEHIND_DEPTH, WriteBehind, atomic_write, pid_alive, write_new_file
+from ..fsutil import (
+    WRITE_BEHIND_DEPTH,
+    WriteBehind,
+    atomic_write,
+    pid_alive,
+    write_new_file,
+)
 
 FORMAT = 1
 MERGE_STAGE = "merge"
