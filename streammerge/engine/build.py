@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..checkpoints.blocks import block_shape, convert, read_raw, read_rows, read_rows_at
-from ..dtypes import float_type, from_float32
+from ..dtypes import float_type
 from ..fsutil import store_writers
 from ..methods import Block, MergeMethod, Pass
 from ..methods.base import ROW_GROUP_ELEMS, Output
@@ -96,30 +96,27 @@ def _by_output(job: TensorJob, result) -> dict:
     return result if isinstance(result, dict) else {job.output_list[0].name: result}
 
 
+def _stored_types(out: Output) -> tuple[np.dtype, np.dtype]:
+    """(what a method's float32 values are cast to, what is stored) for `out`: bf16 is cast to
+    ml_dtypes.bfloat16 (round to nearest even) and stored as its uint16 bits."""
+    try:
+        ftype = float_type(out.dtype)
+        return ftype.logical, ftype.storage
+    except KeyError:  # not a float type: stored as returned
+        return np.dtype(out.dtype), np.dtype(out.dtype)
+
+
 def _storage(out: Output, value):
-    """A method's value for `out` as stored: floats rounded to nearest even, others as returned."""
+    """A method's value for `out` as stored."""
     if out.blob:
         return value
-    try:
-        return from_float32(value, float_type(out.dtype))
-    except KeyError:  # not a float type
-        return value.astype(out.dtype, copy=False)
-
-
-def _storage_dtype(out: Output) -> np.dtype:
-    try:
-        return float_type(out.dtype).storage
-    except KeyError:
-        return np.dtype(out.dtype)
+    logical, storage = _stored_types(out)
+    return value.astype(logical, copy=False).view(storage)
 
 
 def _storage_into(out: Output, value: np.ndarray, dest: np.ndarray) -> None:
-    """`_storage(out, value)` written into `dest` (the same rounding: numpy's cast)."""
-    try:
-        dest = dest.view(float_type(out.dtype).logical)
-    except KeyError:
-        pass
-    np.copyto(dest, value.reshape(dest.shape), casting="unsafe")
+    """`_storage(out, value)` written into `dest` (the same cast)."""
+    np.copyto(dest.view(_stored_types(out)[0]), value.reshape(dest.shape), casting="unsafe")
 
 
 def _write_outputs(store: Store, job: TensorJob, i: int, stored: dict) -> None:
@@ -153,7 +150,7 @@ def _merge_row_groups(method: MergeMethod, job: TensorJob, i: int, stats) -> dic
     for k, out in enumerate(job.output_list):
         trailing = job.shape[1:] if out.trailing is None else out.trailing
         n = (r1 - r0) * int(np.prod(trailing, dtype=np.int64))
-        stored[out.name] = buffer(("out", k), n, _storage_dtype(out)).reshape((r1 - r0, *trailing))
+        stored[out.name] = buffer(("out", k), n, _stored_types(out)[1]).reshape((r1 - r0, *trailing))
     step = max(1, ROW_GROUP_ELEMS // max(1, L))
     for a in range(r0, r1, step):
         b = min(r1, a + step)
