@@ -65,7 +65,7 @@ def test_row_groups_equal_in_memory(method, group_elems, synth_family, tmp_path,
     and several rows per call with a ragged last group, give the in-memory result."""
     import streammerge.engine.build as engine_build
 
-    monkeypatch.setattr(engine_build, "ROW_GROUP_ELEMS", group_elems)
+    monkeypatch.setattr(engine_build, "row_group_elems", lambda workers: group_elems)
     calls = []
     merge = engine_build._merge_row_groups
     monkeypatch.setattr(engine_build, "_merge_row_groups", lambda *a: calls.append(1) or merge(*a))

@@ -18,7 +18,7 @@ from ..checkpoints.blocks import block_shape, convert, read_raw, read_rows, read
 from ..dtypes import float_type
 from ..fsutil import store_writers
 from ..methods import Block, MergeMethod, Pass
-from ..methods.base import ROW_GROUP_ELEMS, Output
+from ..methods.base import Output, row_group_elems
 from ..plan.planner import Plan, TensorJob
 from ..store.store import Store
 from .scheduler import run_graph
@@ -134,7 +134,7 @@ def _merge_block(method: MergeMethod, job: TensorJob, i: int, stats) -> dict:
     return {out.name: _storage(out, result[out.name]) for out in job.output_list}
 
 
-def _merge_row_groups(method: MergeMethod, job: TensorJob, i: int, stats) -> dict:
+def _merge_row_groups(method: MergeMethod, job: TensorJob, i: int, stats, group_elems: int) -> dict:
     """What `_merge_block` returns, computed group of rows by group of rows (methods with
     `row_groups`): each input's block is read raw once, then per group converted to float32,
     merged and rounded into the outputs while it is in cache. The float32 block is never
@@ -151,7 +151,7 @@ def _merge_row_groups(method: MergeMethod, job: TensorJob, i: int, stats) -> dic
         trailing = job.shape[1:] if out.trailing is None else out.trailing
         n = (r1 - r0) * int(np.prod(trailing, dtype=np.int64))
         stored[out.name] = buffer(("out", k), n, _stored_types(out)[1]).reshape((r1 - r0, *trailing))
-    step = max(1, ROW_GROUP_ELEMS // max(1, L))
+    step = max(1, group_elems // max(1, L))
     for a in range(r0, r1, step):
         b = min(r1, a + step)
         lo, hi = (a - r0) * L, (b - r0) * L
@@ -167,11 +167,13 @@ def _merge_row_groups(method: MergeMethod, job: TensorJob, i: int, stats) -> dic
     return stored
 
 
-def _merge_task(method: MergeMethod, store: Store, job: TensorJob, i: int, stats) -> None:
+def _merge_task(method: MergeMethod, store: Store, job: TensorJob, i: int, stats, group_elems: int) -> None:
     if stats is None and method.passes:
         stats = store.load_stats(job.stage, job.store_key)
-    grouped = method.row_groups and not any(out.blob for out in job.output_list)
-    stored = (_merge_row_groups if grouped else _merge_block)(method, job, i, stats or {})
+    if method.row_groups and not any(out.blob for out in job.output_list):
+        stored = _merge_row_groups(method, job, i, stats or {}, group_elems)
+    else:
+        stored = _merge_block(method, job, i, stats or {})
     _write_outputs(store, job, i, stored)
     store.mark_done(job.stage, job.store_key, i)
 
@@ -192,6 +194,7 @@ def build_graph(plan: Plan, store: Store, device: str | None = None) -> tuple[di
     targets: list = []
     task_bytes: dict = {}
     skipped = 0
+    group_elems = row_group_elems(plan.workers)
     for job in plan.jobs:
         method = _method(plan, job)
         key = job.store_key
@@ -232,7 +235,7 @@ def build_graph(plan: Plan, store: Store, device: str | None = None) -> tuple[di
                 targets.append(stats_key)
         for i in todo:
             k = ("merge", job.stage, key, i)
-            dsk[k] = (_merge_task, method, store, job, i, stats_key)
+            dsk[k] = (_merge_task, method, store, job, i, stats_key, group_elems)
             targets.append(k)
             task_bytes[k] = _block_bytes(job, i)
     return dsk, targets, task_bytes, skipped
