@@ -150,13 +150,18 @@ class WriteBehind:
             self._free.put(bytearray())
         self._todo: queue.Queue = queue.Queue()
         self._error: BaseException | None = None
+        self._closed = False
         self._thread = threading.Thread(target=self._run, name="streammerge-write-behind", daemon=True)
         self._thread.start()
 
     def submit(self, data: memoryview, write: Callable[[memoryview], None]) -> None:
-        if self._error is not None:
-            raise self._error
-        buf = self._free.get()
+        while True:
+            self._check()
+            try:  # (not forever: a writer closed meanwhile gives no buffer back)
+                buf = self._free.get(timeout=0.1)
+                break
+            except queue.Empty:
+                continue
         if len(buf) < len(data):
             buf = bytearray(len(data))  # grows to the largest block once, then is reused
         view = memoryview(buf)[: len(data)]
@@ -164,9 +169,14 @@ class WriteBehind:
         self._todo.put((write, view, buf))
 
     def call(self, fn: Callable[[], None]) -> None:
+        self._check()
+        self._todo.put((fn, None, None))
+
+    def _check(self) -> None:
         if self._error is not None:
             raise self._error
-        self._todo.put((fn, None, None))
+        if self._closed:  # a task still running after its build was stopped: write nothing
+            raise RuntimeError("write-behind thread closed")
 
     def _run(self) -> None:
         while True:
@@ -185,7 +195,8 @@ class WriteBehind:
                     self._free.put(buf)
 
     def close(self) -> None:
-        """Wait for everything pending; raise the first error."""
+        """Wait for everything pending; raise the first error. Later submits and calls raise."""
+        self._closed = True
         if self._thread.is_alive():
             self._todo.put(None)
             self._thread.join()

@@ -146,8 +146,8 @@ def test_store_writing_behind_several_writers_keeps_markers_after_their_chunks(t
     data = np.arange(40 * 300, dtype=np.uint16).reshape(40, 300)
     with store.writing_behind(writers=3):
         for i in range(10):
-            store.write_block("tensors/w", i, data[4 * i : 4 * i + 4])
-            store.mark_done("merge", "tensors/w", i)
+            with store.committing("merge", "tensors/w", i) as block:
+                block.array("tensors/w", data[4 * i : 4 * i + 4])
     assert store.done_blocks("merge", "tensors/w") == set(range(10))
     np.testing.assert_array_equal(store.read_block("w", 0, 40), data)
 
@@ -165,9 +165,28 @@ def test_store_writing_behind_several_writers_keeps_markers_after_their_chunks(t
     monkeypatch.setattr(store_module, "write_new_file", write)
     with pytest.raises(OSError, match="No space"), store.writing_behind(writers=3):
         for i in range(10):
-            store.write_block("tensors/w", i, data[4 * i : 4 * i + 4])
-            store.mark_done("merge", "tensors/w", i)
+            with store.committing("merge", "tensors/w", i) as block:
+                block.array("tensors/w", data[4 * i : 4 * i + 4])
     done = store.done_blocks("merge", "tensors/w")
     assert 4 not in done and {0, 1, 2, 3} <= done
     for i in done:  # every marker stands for a complete chunk
         np.testing.assert_array_equal(store.read_block("w", 4 * i, 4 * i + 4), data[4 * i : 4 * i + 4])
+
+
+def test_a_task_still_running_when_the_writers_close_leaves_no_marker(tmp_path):
+    """A build stopped (error, SIGINT) leaves the tasks that were running to finish on their
+    own: one whose writer closed meanwhile writes nothing, not a marker without its chunk."""
+    store = make_store(tmp_path, (8, 300), 4)
+    data = np.ones((8, 300), np.uint16)
+    with store.writing_behind(writers=2):
+        running = store.committing("merge", "tensors/w", 0)
+        block = running.__enter__()
+    with pytest.raises(RuntimeError, match="closed"):
+        block.array("tensors/w", data[:4])
+    with pytest.raises(RuntimeError, match="closed"):
+        running.__exit__(None, None, None)
+    assert store.done_blocks("merge", "tensors/w") == set()
+    assert not any(f.startswith("c.0") for f in os.listdir(store.path / "tensors" / "w"))
+    with store.committing("merge", "tensors/w", 1) as block:  # outside a build: written at once
+        block.array("tensors/w", data[4:])
+    assert store.done_blocks("merge", "tensors/w") == {1}

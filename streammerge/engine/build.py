@@ -119,13 +119,12 @@ def _storage_into(out: Output, value: np.ndarray, dest: np.ndarray) -> None:
     np.copyto(dest.view(_stored_types(out)[0]), value.reshape(dest.shape), casting="unsafe")
 
 
-def _write_outputs(store: Store, job: TensorJob, i: int, stored: dict) -> None:
-    for out in job.output_list:
-        path = job.store_key if not out.name else f"{job.store_key}/{out.name}"
-        if out.blob:
-            store.write_blob(path, i, stored[out.name])
-        else:
-            store.write_block(path, i, stored[out.name])
+def _commit(store: Store, job: TensorJob, i: int, stored: dict) -> None:
+    """Block i's outputs (as stored) into the store, then its completion marker."""
+    with store.committing(job.stage, job.store_key, i) as block:
+        for out in job.output_list:
+            path = job.store_key if not out.name else f"{job.store_key}/{out.name}"
+            (block.blob if out.blob else block.array)(path, stored[out.name])
 
 
 def _merge_block(method: MergeMethod, job: TensorJob, i: int, stats) -> dict:
@@ -174,8 +173,7 @@ def _merge_task(method: MergeMethod, store: Store, job: TensorJob, i: int, stats
         stored = _merge_row_groups(method, job, i, stats or {}, group_elems)
     else:
         stored = _merge_block(method, job, i, stats or {})
-    _write_outputs(store, job, i, stored)
-    store.mark_done(job.stage, job.store_key, i)
+    _commit(store, job, i, stored)
 
 
 def _on_device(method: MergeMethod, job: TensorJob, device: str | None) -> bool:

@@ -254,15 +254,15 @@ def _write_results(store: Store, job: TensorJob, todo: list[int], result, stagin
             rounded[out.name] = _storage_rows(result[out.name], out.dtype)
     for i in todo:
         r0, r1 = job.block_range(i)
-        for out in outputs:
-            path = job.store_key if not out.name else f"{job.store_key}/{out.name}"
-            if out.blob:
-                store.write_blob(path, i, result[out.name][i])
-                continue
-            values, storage = rounded[out.name]
-            rows = values[r0:r1]
-            # Through the pinned buffers: a fresh pageable array per block costs page faults.
-            _, pinned, host = staging.next(rows.numel() * rows.element_size())
-            pinned.view(rows.dtype).view(rows.shape).copy_(rows)
-            store.write_block(path, i, host.view(storage))
-        store.mark_done(job.stage, job.store_key, i)
+        with store.committing(job.stage, job.store_key, i) as block:
+            for out in outputs:
+                path = job.store_key if not out.name else f"{job.store_key}/{out.name}"
+                if out.blob:
+                    block.blob(path, result[out.name][i])
+                    continue
+                values, storage = rounded[out.name]
+                rows = values[r0:r1]
+                # Through the pinned buffers: a fresh pageable array per block costs page faults.
+                _, pinned, host = staging.next(rows.numel() * rows.element_size())
+                pinned.view(rows.dtype).view(rows.shape).copy_(rows)
+                block.array(path, host.view(storage))

@@ -135,6 +135,7 @@ class OpenExport:
             self._layout[t["name"]] = (ftype, rows, row_elems)
             specs.append(TensorSpec(t["name"], ftype.st, tuple(t["shape"]), rows * row_elems * ftype.itemsize))
         self.written: set[tuple[str, int]] = set()  # (tensor, block) mirrored during the build
+        self._drained = False  # set once the mirrored writes are finished (finish, abort)
         self._behind: WriteBehind | None = None  # the mirrored blocks' writes, started by the first
         self._lock = threading.Lock()
         out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -156,16 +157,21 @@ class OpenExport:
         if ftype is not self.store.dtype(name):  # converted to another dtype: exported by `finish`
             return
         with self._lock:
+            if self._drained:  # a task still running after the build stopped: nothing to add
+                return
             if self._behind is None:
                 self._behind = WriteBehind()
+            behind = self._behind
         pos = block * self.store.tensor(name)["block_rows"] * row_elems * ftype.itemsize
         with self._naming_out_dir():
             data = memoryview(np.ascontiguousarray(raw)).cast("B")
-            self._behind.submit(data, functools.partial(self.writer.write, name, pos))
+            behind.submit(data, functools.partial(self.writer.write, name, pos))
         self.written.add((name, block))
 
     def _drain(self) -> None:
-        behind, self._behind = self._behind, None
+        with self._lock:
+            self._drained = True
+            behind, self._behind = self._behind, None
         if behind is not None:
             behind.close()
 

@@ -18,7 +18,7 @@ Layout of `job.zarr/`:
     hf/                        config.json, tokenizer and generation files copied from the base
     lock                       pid and host of the process writing the store
 
-A chunk is written (to `<key>.<uuid>.partial`, renamed into place, by `write_block`) before its
+A chunk is written (to `<key>.<uuid>.partial`, renamed into place, by `committing`) before its
 marker, so a marker always means a complete chunk; a killed process leaves at worst `.partial`
 litter and chunks without markers, which are cleaned and recomputed on resume.
 """
@@ -213,15 +213,32 @@ class Store:
         renamed into place; unlike it, whole pages bypass the page cache (fsutil.write_new_file:
         ~2.5 s of kernel time per GB saved here) and no event-loop thread is involved.
         """
+        self._write_chunk(path, block, raw, None)
+
+    @contextlib.contextmanager
+    def committing(self, stage: str, key: str, block: int):
+        """Block `block` of job (stage, key): write its outputs with the object this yields
+        (`.array(path, raw)`, `.blob(path, data)`); leaving without an error records the block
+        as complete. Within `writing_behind` the chunks and the marker go, in that order, to one
+        writer thread chosen here once, so even a task still running when the build is
+        interrupted never leaves a marker before its chunks (a writer closed meanwhile refuses
+        them)."""
+        commit = _BlockCommit(self, block, self._writer(block))
+        yield commit
+        if commit.writer is None:
+            self.mark_done(stage, key, block)
+        else:
+            commit.writer.call(functools.partial(self.mark_done, stage, key, block))
+
+    def _write_chunk(self, path: str, block: int, raw: np.ndarray, writer: WriteBehind | None) -> None:
         arr = self._meta(path)
         data = memoryview(np.ascontiguousarray(raw, dtype=arr.dtype.newbyteorder("<"))).cast("B")
         full = int(np.prod(arr.chunks, dtype=np.int64)) * arr.dtype.itemsize
         if len(data) > full:
             raise ValueError(f"{path}: block {block} has {len(data)} bytes, more than its chunk ({full})")
         chunk = self._chunk_file(path, arr, block, create=True)
-        behind = self._writer(block)
-        if behind is not None:
-            behind.submit(data, functools.partial(write_new_file, chunk, size=full))
+        if writer is not None:
+            writer.submit(data, functools.partial(write_new_file, chunk, size=full))
         else:
             write_new_file(chunk, data, full)
         mirror = self.mirror
@@ -230,12 +247,12 @@ class Store:
 
     @contextlib.contextmanager
     def writing_behind(self, writers: int = 1, depth: int = WRITE_BEHIND_DEPTH):
-        """Within: `write_block`'s chunk files and `mark_done`'s markers are written by
-        `writers` background threads while the caller's threads compute; everything of block i
-        (of any job) goes to thread i % writers, in the order it was handed over, so a marker
-        still follows its chunks. Several threads keep several writes in flight (a fast disk
-        wants them; one thread is enough for two workers). Leaving waits for every pending write
-        and raises the first error; a write error also surfaces in the next `write_block`."""
+        """Within: the chunk files and markers of `committing` are written by `writers` background
+        threads while the caller's threads compute; everything of block i (of any job) goes to
+        thread i % writers, in the order it was handed over, so a marker still follows its
+        chunks. Several threads keep several writes in flight (a fast disk wants them; one
+        thread is enough for two workers). Leaving waits for every pending write and raises the
+        first error; a write error also surfaces in the next block's writes."""
         if self._behind:  # nested: the outer one drains
             yield self
             return
@@ -306,15 +323,7 @@ class Store:
         return self.path / "done" / stage / key
 
     def mark_done(self, stage: str, key: str, block: int) -> None:
-        """Record block `block` of job (stage, key) as complete; within `writing_behind`, once
-        the writes submitted before it are done."""
-        behind = self._writer(block)
-        if behind is not None:
-            behind.call(functools.partial(self._mark_done, stage, key, block))
-        else:
-            self._mark_done(stage, key, block)
-
-    def _mark_done(self, stage: str, key: str, block: int) -> None:
+        """Record block `block` of job (stage, key) as complete (now: see `committing`)."""
         d = self._marker_dir(stage, key)
         if d not in self._dirs:
             d.mkdir(parents=True, exist_ok=True)
@@ -495,6 +504,21 @@ def _array_specs(jobs: list[dict]):
                 dtype=storage,
                 attributes={"dtype": logical, "tensor": j["name"], "tensor_shape": list(j["shape"])},
             )
+
+
+@dataclass
+class _BlockCommit:
+    """What `Store.committing` yields: the block's writes, through the writer chosen for it."""
+
+    store: Store
+    block: int
+    writer: WriteBehind | None
+
+    def array(self, path: str, raw: np.ndarray) -> None:
+        self.store._write_chunk(path, self.block, raw, self.writer)
+
+    def blob(self, path: str, data: bytes) -> None:
+        self.store.write_blob(path, self.block, data)
 
 
 class StoreLock:
