@@ -185,8 +185,12 @@ class WriteBehind:
                 return
             fn, view, buf = item
             try:
-                if self._error is None:
-                    fn() if view is None else fn(view)
+                if self._error is not None:
+                    pass  # after a failed write nothing runs: no marker for a lost chunk
+                elif view is None:
+                    fn()
+                else:
+                    fn(view)
             except BaseException as e:  # noqa: BLE001 - handed to the submitting threads
                 self._error = e
             finally:
