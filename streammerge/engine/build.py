@@ -123,7 +123,7 @@ def _commit(store: Store, job: TensorJob, i: int, stored: dict) -> None:
     """Block i's outputs (as stored) into the store, then its completion marker."""
     with store.committing(job.stage, job.store_key, i) as block:
         for out in job.output_list:
-            path = job.store_key if not out.name else f"{job.store_key}/{out.name}"
+            path = job.output_path(out)
             (block.blob if out.blob else block.array)(path, stored[out.name])
 
 

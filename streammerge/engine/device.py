@@ -256,7 +256,7 @@ def _write_results(store: Store, job: TensorJob, todo: list[int], result, stagin
         r0, r1 = job.block_range(i)
         with store.committing(job.stage, job.store_key, i) as block:
             for out in outputs:
-                path = job.store_key if not out.name else f"{job.store_key}/{out.name}"
+                path = job.output_path(out)
                 if out.blob:
                     block.blob(path, result[out.name][i])
                     continue

@@ -66,6 +66,10 @@ class TensorJob:
     def output_list(self) -> tuple[Output, ...]:
         return self.outputs if self.outputs is not None else (Output("", self.dtype),)
 
+    def output_path(self, out: Output) -> str:
+        """The store path of output `out`: the job's key for the tensor itself, else key/name."""
+        return self.store_key if not out.name else f"{self.store_key}/{out.name}"
+
     @property
     def rows(self) -> int:
         return num_rows(self.shape)

@@ -75,7 +75,7 @@ class Store:
         self._arrays: dict = {}  # path -> zarr.Array (array_at)
         self._metas: dict[str, _ArrayMeta] = {}  # path -> what chunk I/O needs of its zarr.json
         self._tensors = {t["name"]: t for t in manifest["tensors"]}
-        self._dirs: set[Path] = set()  # chunk directories known to exist
+        self._dirs: set[Path] = set()  # chunk and marker directories known to exist
         # called as mirror(path, block, raw) after each array block is stored: an export opened
         # before the build writes the merged tensors as they are computed (export/hf.py)
         self.mirror = None
