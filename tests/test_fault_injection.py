@@ -169,3 +169,30 @@ def test_lock_of_another_host_or_live_process_is_respected(job, tmp_path):
             StoreLock(tmp_path).__enter__()  # held: not stale
     assert not (tmp_path / "lock").exists()
     assert not list(tmp_path.glob(".lock.*"))
+
+
+def test_simultaneous_takeovers_of_a_stale_lock_let_one_writer_in(tmp_path):
+    """Several processes finding the same stale lock at once: exactly one takes it over. (Each
+    judging the lock stale, then deleting whatever lock is there, could delete the lock that
+    another had just taken, and two writers would hold the store.)"""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
+    start = time.time() + 3.0
+    # each process judges the lock stale, then waits 0.3 s before acting on it: the window in
+    # which another's takeover could land, made wide enough to be hit every run
+    script = (
+        "import sys, time\nfrom streammerge.errors import StoreError\nfrom streammerge.store import store\n"
+        "from streammerge.store.store import StoreLock\n"
+        "judge = store._lock_is_stale\n"
+        "def slow(*a):\n    r = judge(*a)\n    time.sleep(0.3)\n    return r\n"
+        "store._lock_is_stale = slow\n"
+        "time.sleep(max(0.0, float(sys.argv[2]) - time.time()))\n"
+        "try:\n    with StoreLock(sys.argv[1]):\n        print('held', flush=True)\n        time.sleep(2)\n"
+        "except StoreError:\n    print('busy', flush=True)\n"
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path), str(start)], stdout=subprocess.PIPE, text=True)
+             for _ in range(6)]
+    outs = [p.communicate(timeout=60)[0].strip() for p in procs]
+    assert sorted(outs) == ["busy"] * 5 + ["held"], outs
+    assert not (tmp_path / "lock").exists()

@@ -16,7 +16,7 @@ from ..errors import StoreError
 from ..export.hf import HF_FILES, copy_hf_files
 from ..plan.planner import Plan, make_plan
 from ..recipe import Recipe, load_recipe
-from ..store.store import FORMAT, Store, StoreLock
+from ..store.store import FORMAT, TAKEOVER_FILE, Store, StoreLock
 from .build import BuildReport, run_build
 
 CONVERTED_DIR = "converted"  # <store>/converted/<key>/: pickle checkpoints as safetensors (--allow-pickle)
@@ -248,8 +248,9 @@ def _nonfinite_allowed(plan: Plan) -> Plan:
 
 def _clear(store_path: Path, restart: bool) -> None:
     """Empty the directory for a new store; only ever deletes what a streammerge store contains."""
-    # the lock is ours to keep; converted/ is a cache of pickle conversions the plan already uses
-    entries = [p for p in store_path.iterdir() if p.name not in ("lock", CONVERTED_DIR)]
+    # the lock (and its takeover flock file) are ours to keep; converted/ is a cache of pickle
+    # conversions the plan already uses
+    entries = [p for p in store_path.iterdir() if p.name not in ("lock", TAKEOVER_FILE, CONVERTED_DIR)]
     if not entries:
         return
     zarr_json = store_path / "zarr.json"

@@ -547,32 +547,50 @@ class StoreLock:
             pid = stale.name.split(".")[2]
             if pid.isdigit() and int(pid) != me["pid"] and not pid_alive(int(pid)):
                 stale.unlink(missing_ok=True)
-        for _ in range(2):
-            try:
+        try:
+            self._link(me, tmp)
+        except FileExistsError:
+            # Taking over a dead owner's lock is judged and done under an flock, one process
+            # at a time: two processes that both judged the same lock stale could otherwise each
+            # delete "the" lock, the second deleting the one the first had just taken.
+            with _flocked(self.file.with_name(TAKEOVER_FILE)):
                 try:
-                    os.link(tmp, self.file)
+                    self._link(me, tmp)  # released meanwhile
                 except FileExistsError:
-                    raise
-                except OSError:  # no hard links on this filesystem: exclusive create, then write
-                    fd = os.open(self.file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-                    with os.fdopen(fd, "w") as f:
-                        json.dump(me, f)
-            except FileExistsError:
-                try:
-                    owner = json.loads(self.file.read_text())
-                except (OSError, ValueError):
-                    owner = {}
-                if owner.get("host") == me["host"] and _lock_is_stale(owner, str(self.file)):
+                    owner = self._owner()
+                    if not (owner.get("host") == me["host"] and _lock_is_stale(owner, str(self.file))):
+                        raise self._in_use(owner) from None
                     self.file.unlink(missing_ok=True)  # stale: its process is gone
-                    continue
-                raise StoreError(
-                    f"{self.file.parent}: in use by process {owner.get('pid', '?')} on {owner.get('host', '?')}"
-                    f" (if that process is gone, delete {self.file})"
-                ) from None
-            self.owned = True
-            _HELD.add(str(self.file))
-            return self
-        raise StoreError(f"{self.file.parent}: could not take the store lock")
+                    try:
+                        self._link(me, tmp)
+                    except FileExistsError:  # taken between the two by a process not taking over
+                        raise self._in_use(self._owner()) from None
+        self.owned = True
+        _HELD.add(str(self.file))
+        return self
+
+    def _link(self, me: dict, tmp: Path) -> None:
+        """Create `lock` from `tmp`, complete; FileExistsError if there is one."""
+        try:
+            os.link(tmp, self.file)
+        except FileExistsError:
+            raise
+        except OSError:  # no hard links on this filesystem: exclusive create, then write
+            fd = os.open(self.file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+
+    def _owner(self) -> dict:
+        try:
+            return json.loads(self.file.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def _in_use(self, owner: dict) -> StoreError:
+        return StoreError(
+            f"{self.file.parent}: in use by process {owner.get('pid', '?')} on {owner.get('host', '?')}"
+            f" (if that process is gone, delete {self.file})"
+        )
 
     def __exit__(self, *exc) -> None:
         if self.owned:
@@ -582,6 +600,24 @@ class StoreLock:
 
 
 _HELD: set[str] = set()  # lock files this process holds
+TAKEOVER_FILE = "lock.takeover"  # flocked while a stale lock is judged and replaced; kept
+
+
+@contextlib.contextmanager
+def _flocked(path: Path):
+    """An exclusive flock on `path` (created if missing) for the block; where flock does not
+    exist (not POSIX), nothing: takeovers are then not serialised."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _lock_is_stale(owner: dict, file: str) -> bool:
