@@ -525,6 +525,7 @@ def router() -> None:
 
     \b
       streammerge router fit job.zarr --prompts math=math.jsonl --prompts code=code.jsonl --prompts chat=chat.jsonl
+      streammerge router fit job.zarr --prompts ... --background general.jsonl
       streammerge router show job.zarr
     """
 
@@ -534,6 +535,10 @@ def router() -> None:
 @click.option("--prompts", "prompt_specs", multiple=True, required=True, metavar="TASK=FILE",
               help="Labelled prompts: JSON Lines with a 'prompt' (or 'text') field; TASK is one of the store's tasks "
               "(method.json). Repeat for each task.")
+@click.option("--background", "background", multiple=True, type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+              help="Prompts of none of the tasks (JSON Lines, as --prompts), e.g. general text like the base model's: "
+              "the router learns a 'none' class, whose expert is the merged model. Prompts unlike every task then "
+              "lean towards the merged model instead of being sent to one expert with confidence. Repeatable.")
 @click.option("--classifier", type=click.Choice(["mlp", "logreg"]), default="mlp", show_default=True,
               help="mlp: Twin-Merging's router (d->2d->2d->N, BatchNorm, LeakyReLU, dropout); logreg: logistic regression.")
 @click.option("--holdout", type=click.FloatRange(0, 1, max_open=True), default=0.2, show_default=True,
@@ -547,7 +552,7 @@ def router() -> None:
 @click.option("--device", default="auto", show_default=True, help="Where the merged model computes the features: " + _DEVICE_HELP)
 @_DTYPE_OPTION
 @user_errors
-def router_fit(store, prompt_specs, classifier, holdout, seed, epochs, lr, batch_size, max_tokens, device, compute_dtype):
+def router_fit(store, prompt_specs, background, classifier, holdout, seed, epochs, lr, batch_size, max_tokens, device, compute_dtype):
     """Fit the task router on labelled prompts; saved in STORE/inference/router/.
 
     Features are the mean last hidden state of the merged model (exported once to
@@ -558,8 +563,8 @@ def router_fit(store, prompt_specs, classifier, holdout, seed, epochs, lr, batch
 
     _quiet_transformers()
     rep = fit_router(
-        store, parse_labelled(prompt_specs), classifier=classifier, holdout=holdout, seed=seed, epochs=epochs, lr=lr,
-        batch_size=batch_size, max_tokens=max_tokens, device=device, dtype=compute_dtype,
+        store, parse_labelled(prompt_specs), background=background, classifier=classifier, holdout=holdout, seed=seed,
+        epochs=epochs, lr=lr, batch_size=batch_size, max_tokens=max_tokens, device=device, dtype=compute_dtype,
     )
     for t in rep["tasks_without_prompts"]:
         click.echo(f"warning: task {t} has no prompts: the router never picks it", err=True)
@@ -580,6 +585,7 @@ def router_fit(store, prompt_specs, classifier, holdout, seed, epochs, lr, batch
 @user_errors
 def router_show(store, as_json):
     """The fitted router: classifier, tasks, prompts, accuracy."""
+    from .routing.decision import NONE
     from .routing.router import router_dir
     from .store.store import Store
 
@@ -595,6 +601,9 @@ def router_show(store, as_json):
     click.echo(f"tasks       {', '.join(meta['tasks'])}")
     for t, info in meta["prompts"].items():
         click.echo(f"prompts     {t}: {info['prompts']} ({', '.join(info['files']) or 'given in Python'})")
+    if meta.get("background"):
+        bg = meta["background"]
+        click.echo(f"background  {bg['prompts']} ({', '.join(bg['files']) or 'given in Python'}): class {NONE}, the merged model")
     held = meta["heldout"]
     if held["accuracy"] is not None:
         click.echo(f"held-out    {100 * held['accuracy']:.1f}% of {held['n']}")

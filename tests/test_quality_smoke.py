@@ -51,6 +51,19 @@ def test_outputs_written(smoke):
     for r in res["rows"]:
         assert set(r["acc"]) == set(T.TASKS)
         assert all(0.0 <= v <= 1.0 for v in r["acc"].values())
+    # the OOD target: Mediator's router with a background class against both top-1s
+    ood = res["ood_routing"]["mediator-0.5-0.1"]
+    assert ood["router"] == Q.OOD_ROUTER and ood["plain_router"] == Q.PLAIN_ROUTER and 0 <= ood["top1_plain"] <= 1
+    assert set(res["eta_sweep"]["mediator-0.5-0.1"]) == set(Q.ROUTERS)
+
+
+def test_background_prompts_are_of_no_task():
+    d = SMOKE.difficulty
+    exclude = {p for t in T.TASKS for p, _ in T.test_set(t, 50, d)} | {p for _, p, _ in T.ood_set(20, d)}
+    bg = T.background_prompts(200, d, exclude)
+    assert len(set(bg)) == 200 and bg == T.background_prompts(200, d, exclude)
+    assert not set(bg) & exclude
+    assert not [p for p in bg if p.startswith(("calc ", "py ", "Q:", "en2zo:"))]  # no task's prompt format
 
 
 def test_experts_beat_the_base_on_their_own_task(smoke):

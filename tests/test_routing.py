@@ -28,8 +28,9 @@ SHAPE = synth.ModelShape(hidden=64, intermediate=128, layers=4, heads=4, kv_head
 TASKS = ["chat", "math", "code"]
 # CI runs on CPU; STREAMMERGE_TEST_DEVICE=cuda runs the same checks on a GPU (bit-exactness included)
 DEVICE = os.environ.get("STREAMMERGE_TEST_DEVICE", "cpu")
-# Separable prompts: each task writes "words" over its own characters only.
-ALPHABETS = {"chat": "abcdefghijk", "math": "0123456789+*=", "code": "{}()[];<>_#"}
+# Separable prompts: each task writes "words" over its own characters only; "general" text (a
+# router's background class, of none of the tasks) over characters of its own too.
+ALPHABETS = {"chat": "abcdefghijk", "math": "0123456789+*=", "code": "{}()[];<>_#", "general": "LMNOPQRSTUVWXYZ"}
 
 
 def run(*args, expect=0):
@@ -178,6 +179,30 @@ def test_route_decision_formula():
     assert route_decision(p, TASKS, "mediator", 0.5, 2).key == route_decision([0.5, 0.3, 0.2], TASKS, "mediator", 0.5, 2).key
 
 
+def test_route_decision_with_a_background_class():
+    """The last probability is "none of the tasks": its expert is the merged model (S = 0), and
+    it counts like a task's in the entropy, the top-m and the renormalisation."""
+    from streammerge.routing import normalized_entropy, route_decision
+    from streammerge.routing.decision import NONE
+
+    p = [0.3, 0.2, 0.1, 0.4]  # chat, math, code, none
+    h = -sum(x * math.log(x) for x in p) / math.log(4)
+    d = route_decision(p, TASKS, "mediator", eta=0.5, background=True)
+    assert d.mode == "mix" and d.entropy == pytest.approx(h) == pytest.approx(normalized_entropy(p))
+    assert dict(d.weights) == pytest.approx({"chat": 0.3, "math": 0.2, "code": 0.1})  # the rest, 0.4: D alone
+    assert dict(d.probs) == pytest.approx(dict(zip([*TASKS, NONE], p)))
+    d = route_decision(p, TASKS, "mediator", eta=0.5, top_m=2, background=True)  # none and chat: chat 0.3 / 0.7
+    assert d.mode == "mix" and dict(d.weights) == pytest.approx({"chat": 0.3 / 0.7})
+    d = route_decision(p, TASKS, "mediator", eta=0.99, background=True)  # confident enough: top-1 is none
+    assert d.mode == "static" and d.key == ("static",) and "none of the tasks" in d.applied({"method": "mediator"})
+    assert route_decision(p, TASKS, "mediator", eta=0.5, top_m=1, background=True).mode == "static"
+    assert route_decision([0.7, 0.1, 0.1, 0.1], TASKS, "mediator", eta=0.99, background=True).task == "chat"
+    assert route_decision(p, TASKS, "1bit", background=True).mode == "static"  # 1bit: top-1, none -> the merged model
+    assert route_decision([0.2, 0.5, 0.1, 0.2], TASKS, "1bit", background=True).task == "math"
+    with pytest.raises(ValueError, match="3 tasks and the background class"):
+        route_decision([0.5, 0.3, 0.2], TASKS, "mediator", background=True)
+
+
 # ---- the routed model's weights -------------------------------------------------------------
 
 
@@ -237,10 +262,14 @@ def test_uncertain_prompt_gets_weighted_merge(stores, routers, tmp_path):
     for f in meta["files"]:
         experts.update(load_file(tmp_path / "routed" / f))
 
+    from streammerge.routing import route_decision
+
     rm = RoutedModel.from_store(store, device=DEVICE, dtype="float32")
     probs = [0.5, 0.3, 0.2]  # normalised entropy 0.937 > eta = 0.5
-    for top_m, want_w in ((2, {"chat": 0.625, "math": 0.375}), (0, {"chat": 0.5, "math": 0.3, "code": 0.2})):
-        decision = rm.decide(probs, top_m=top_m)
+    with_none = route_decision([0.3, 0.2, 0.1, 0.4], TASKS, "mediator", background=True)  # weights sum to 0.6
+    for decision, want_w in ((rm.decide(probs, top_m=2), {"chat": 0.625, "math": 0.375}),
+                             (rm.decide(probs, top_m=0), {"chat": 0.5, "math": 0.3, "code": 0.2}),
+                             (with_none, {"chat": 0.3, "math": 0.2, "code": 0.1})):
         assert decision.mode == "mix" and dict(decision.weights) == pytest.approx(want_w)
         rm.apply(decision)
         params = dict(rm.model.named_parameters())
@@ -272,6 +301,39 @@ def test_uncertain_prompt_gets_weighted_merge(stores, routers, tmp_path):
     for g in gens:
         assert g.decision.mode == "mix" and sum(w for _, w in g.decision.weights) == pytest.approx(1.0)
         assert g.decision.entropy > 0 and 1 <= g.new_tokens <= 3
+
+
+def test_router_with_a_background_class(stores, tmp_path):
+    """`router fit --background`: prompts of none of the tasks become a last class; new prompts
+    like them get the merged model, the tasks' prompts still get their task."""
+    from streammerge.routing import STATIC, RoutedModel
+
+    store = tmp_path / "med.zarr"
+    shutil.copytree(stores["mediator"], store)
+    specs = []
+    for t in TASKS:
+        specs += ["--prompts", f"{t}={write_jsonl(tmp_path / f'{t}.jsonl', prompts_for(t, 50, 0))}"]
+    general = write_jsonl(tmp_path / "general.jsonl", prompts_for("general", 50, 0))
+    out = run("router", "fit", store, *specs, "--background", general, "--device", DEVICE, "--epochs", "30")
+    assert "(none) " in out and "held-out accuracy" in out
+    meta = json.loads((store / "inference" / "router" / "router.json").read_text())
+    assert meta["tasks"] == TASKS and meta["background"] == {"files": [str(general)], "prompts": 50}
+    assert meta["n_train"] + meta["n_heldout"] == 200 and len(meta["heldout"]["confusion"]) == 4
+    assert meta["heldout"]["accuracy"] >= 0.9, meta["heldout"]
+
+    rm = RoutedModel.from_store(store, device=DEVICE)
+    assert rm.router.classes == [*TASKS, "(none)"]
+    fresh = [(t, p) for t in [*TASKS, "general"] for p in prompts_for(t, 10, 99)]
+    decisions = rm.route([p for _, p in fresh])
+    got = [d.task if d.mode != "static" else "general" for d in decisions]
+    assert np.mean([g == t for (t, _), g in zip(fresh, got)]) >= 0.9, got
+    assert all(d.probs is not None and len(d.probs) == 4 for d in decisions)
+    assert any(d == STATIC for d in decisions)  # none of the tasks: the merged model
+
+    out = run("router", "show", store)
+    assert f"background  50 ({general}): class (none), the merged model" in out
+    out = run("generate", store, "--prompt", prompts_for("general", 1, 5)[0], "--show-routing", "--max-new-tokens", "2", "--device", DEVICE)
+    assert "(none) " in out.splitlines()[0] and "-> merged model (static): none of the tasks" in out.splitlines()[0]
 
 
 def test_decision_cache_and_switching(stores, routers, monkeypatch):

@@ -8,6 +8,15 @@ Mediator: normalised entropy H = -sum p log p / log N (0 for N = 1; 0 log 0 = 0)
     H >  eta: theta = D + sum_{t in top-m} p~_t S_t, p renormalised over the m most probable
               tasks (top_m = 0: all; ties by task order), applied in task order.
 
+A router fitted with background prompts (`router fit --background`) has one more class, "none
+of the tasks" (NONE, last), whose expert is the merged model itself: no task's weights, S = 0
+for Mediator. Its probability counts like a task's: in H (over N + 1 classes), in the top-m and
+in the renormalisation, so a prompt that looks like no task's gets a mix that leans towards the
+merged model, and one confidently of no task gets the merged model (STATIC). This is outlier
+exposure (Hendrycks et al., 2019) for the router: trained on task prompts only, a classifier
+extrapolates with confidence to prompts unlike all of them; trained with examples of "none",
+it learns where the tasks end.
+
 A decision is hashable by `key` (what the weight cache and the grouping of a batch use).
 """
 
@@ -55,7 +64,7 @@ class Decision:
     def applied(self, method: dict | None = None) -> str:
         m = (method or {}).get("method")
         if self.mode == "static":
-            return "merged model (static)"
+            return "merged model (static)" + (": none of the tasks" if self.probs is not None else "")
         if self.mode == "mix":
             mix = " + ".join(f"{w:.3f}*S_{t}" for t, w in self.weights)
             where = f" on {_routed_where(method)}" if m == "mediator" else ""
@@ -104,31 +113,44 @@ def normalized_entropy(probs: Sequence[float]) -> float:
     return max(0.0, h / math.log(n))
 
 
-def route_decision(probs: Sequence[float], tasks: Sequence[str], method: str, eta: float = 0.5, top_m: int = 0) -> Decision:
-    """The decision for one prompt's task probabilities (see the module docstring)."""
+NONE = "(none)"  # the background class: the prompt is of none of the tasks
+
+
+def route_decision(
+    probs: Sequence[float], tasks: Sequence[str], method: str, eta: float = 0.5, top_m: int = 0, background: bool = False
+) -> Decision:
+    """The decision for one prompt's probabilities (see the module docstring): one per task, in
+    task order, then with `background` the probability of none of them."""
     p = [float(x) for x in probs]
-    if len(p) != len(tasks):
-        raise ValueError(f"{len(p)} probabilities for {len(tasks)} tasks")
+    classes = [*tasks, NONE] if background else list(tasks)
+    if len(p) != len(classes):
+        raise ValueError(f"{len(p)} probabilities for {len(tasks)} tasks" + (" and the background class" if background else ""))
     if not p or any(not math.isfinite(x) or x < 0 for x in p):
         raise ValueError(f"probabilities must be finite and >= 0, got {p}")
     s = sum(p)
     if s <= 0:
         raise ValueError("probabilities sum to 0")
     p = [x / s for x in p]
-    named = tuple(zip(tasks, p))
+    named = tuple(zip(classes, p))
     order = sorted(range(len(p)), key=lambda i: (-p[i], i))
-    k = tasks[order[0]]
+    k = classes[order[0]]
+
+    def top1(**kw) -> Decision:
+        if k == NONE:
+            return Decision("static", probs=named, **kw)
+        return Decision("top1", ((k, 1.0),), probs=named, **kw)
+
     if method == "1bit":
-        return Decision("top1", ((k, 1.0),), probs=named)
+        return top1()
     if method != "mediator":
         raise ValueError(f"unknown routing method {method!r}")
     h = normalized_entropy(p)
     if h <= eta:
-        return Decision("top1", ((k, 1.0),), probs=named, entropy=h, eta=eta)
+        return top1(entropy=h, eta=eta)
     m = len(p) if not top_m or top_m >= len(p) else int(top_m)
     chosen = sorted(order[:m])
     total = sum(p[i] for i in chosen)
-    weights = tuple((tasks[i], p[i] / total) for i in chosen)
-    if len(weights) == 1:
-        return Decision("top1", ((k, 1.0),), probs=named, entropy=h, eta=eta)
+    weights = tuple((classes[i], p[i] / total) for i in chosen if classes[i] != NONE)  # NONE's expert: S = 0
+    if len(chosen) == 1:
+        return top1(entropy=h, eta=eta)
     return Decision("mix", weights, probs=named, entropy=h, eta=eta)

@@ -150,7 +150,8 @@ class RoutedModel:
 
     def decide(self, probs: Sequence[float], eta: float | None = None, top_m: int | None = None) -> Decision:
         return route_decision(
-            probs, self.tasks, self.method["method"], self.eta if eta is None else eta, self.top_m if top_m is None else top_m
+            probs, self.tasks, self.method["method"], self.eta if eta is None else eta, self.top_m if top_m is None else top_m,
+            background=self.router is not None and self.router.background,
         )
 
     def route(self, prompts: Sequence[str], eta: float | None = None, top_m: int | None = None) -> list[Decision]:

@@ -10,7 +10,10 @@ Classifiers:
   logreg  multinomial logistic regression: Linear d->N
 
 Trained with cross-entropy and Adam on labelled prompts (labels: the store's task names from
-method.json), a stratified held-out split reports accuracy. Seeded: the split, the
+method.json), a stratified held-out split reports accuracy. Background prompts (`background`:
+text of none of the tasks, e.g. general text like the base model's) add a last class, "none of
+the tasks" (decision.NONE), whose expert is the merged model; decision.py says how its
+probability is used and why. Seeded: the split, the
 initialisation, dropout and the mini-batch order all come from the seed (torch's global RNG is
 forked, not disturbed), so a fit on the same machine and device is reproducible.
 
@@ -31,6 +34,7 @@ import numpy as np
 
 from ..errors import StreammergeError
 from ..store.store import Store, atomic_write
+from .decision import NONE
 from .runtime import require_torch
 
 ROUTER_FORMAT = 1
@@ -42,11 +46,11 @@ DEFAULTS = {
 }
 
 
-def build_network(classifier: str, dim: int, n_tasks: int, dropout: float = 0.2):
+def build_network(classifier: str, dim: int, n_classes: int, dropout: float = 0.2):
     torch, _ = require_torch()
     nn = torch.nn
     if classifier == "logreg":
-        return nn.Sequential(nn.Linear(dim, n_tasks))
+        return nn.Sequential(nn.Linear(dim, n_classes))
     if classifier != "mlp":
         raise StreammergeError(f"unknown classifier {classifier!r} (use {' or '.join(CLASSIFIERS)})")
     h = 2 * dim
@@ -59,7 +63,7 @@ def build_network(classifier: str, dim: int, n_tasks: int, dropout: float = 0.2)
         nn.BatchNorm1d(h),
         nn.LeakyReLU(),
         nn.Dropout(dropout),
-        nn.Linear(h, n_tasks),
+        nn.Linear(h, n_classes),
     )
 
 
@@ -69,13 +73,22 @@ def router_dir(store: Store) -> Path:
 
 @dataclass
 class Router:
-    """A fitted router: features (n, d) -> task probabilities (n, N)."""
+    """A fitted router: features (n, d) -> probabilities (n, N), or (n, N + 1) with a background
+    class (the last column: none of the tasks)."""
 
     net: object
     mean: object  # (d,) float32
     std: object  # (d,) float32
     tasks: list[str]
     meta: dict
+
+    @property
+    def background(self) -> bool:
+        return bool(self.meta.get("background"))
+
+    @property
+    def classes(self) -> list[str]:
+        return [*self.tasks, NONE] if self.background else list(self.tasks)
 
     def to(self, device) -> "Router":
         self.net.to(device)
@@ -92,10 +105,10 @@ class Router:
             return self.net(x)
 
     def probs(self, features) -> np.ndarray:
-        """float64 (n, N) softmax probabilities."""
+        """float64 softmax probabilities, one column per class."""
         torch, _ = require_torch()
         if features.shape[0] == 0:
-            return np.zeros((0, len(self.tasks)))
+            return np.zeros((0, len(self.classes)))
         return torch.softmax(self.logits(features).double(), dim=-1).cpu().numpy()
 
     def save(self, store: Store) -> Path:
@@ -134,7 +147,8 @@ class Router:
         if tasks is not None and list(meta["tasks"]) != list(tasks):
             raise StreammergeError(f"{d}: router tasks {meta['tasks']} differ from the store's {list(tasks)}; fit it again")
         tensors = load_file(str(d / "router.safetensors"))
-        net = build_network(meta["classifier"], int(meta["dim"]), len(meta["tasks"]), float(meta.get("dropout", 0.0)))
+        n_classes = len(meta["tasks"]) + bool(meta.get("background"))
+        net = build_network(meta["classifier"], int(meta["dim"]), n_classes, float(meta.get("dropout", 0.0)))
         try:
             net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")}, strict=True)
         except RuntimeError as e:
@@ -173,7 +187,7 @@ def _batches(n: int, batch_size: int, rng) -> list[np.ndarray]:
 def train_classifier(
     features,
     labels: Sequence[int],
-    n_tasks: int,
+    n_classes: int,
     *,
     classifier: str = "mlp",
     epochs: int | None = None,
@@ -203,7 +217,7 @@ def train_classifier(
     devices = [x.device] if x.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        net = build_network(classifier, dim, n_tasks, dropout).to(x.device)
+        net = build_network(classifier, dim, n_classes, dropout).to(x.device)
         opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=weight_decay)
         loss_fn = torch.nn.CrossEntropyLoss()
         rng = np.random.default_rng(seed + 1)
@@ -221,16 +235,16 @@ def train_classifier(
     return net, mean, std, hyper
 
 
-def _accuracy(router: Router, feats, labels: np.ndarray, tasks: Sequence[str]) -> dict:
+def _accuracy(router: Router, feats, labels: np.ndarray, classes: Sequence[str]) -> dict:
     if len(labels) == 0:
         return {"accuracy": None, "per_task": {}, "n": 0}
     pred = router.probs(feats).argmax(axis=1)
     per = {}
-    for c, t in enumerate(tasks):
+    for c, t in enumerate(classes):
         m = labels == c
         if m.any():
             per[t] = float((pred[m] == c).mean())
-    confusion = np.zeros((len(tasks), len(tasks)), dtype=np.int64)
+    confusion = np.zeros((len(classes), len(classes)), dtype=np.int64)
     for a, b in zip(labels, pred):
         confusion[a, b] += 1
     return {"accuracy": float((pred == labels).mean()), "per_task": per, "n": int(len(labels)), "confusion": confusion.tolist()}
@@ -240,6 +254,7 @@ def fit_router(
     store_path,
     prompts: Sequence[tuple[str, object]],
     *,
+    background: Sequence[object] = (),
     classifier: str = "mlp",
     holdout: float = 0.2,
     seed: int = 0,
@@ -257,7 +272,9 @@ def fit_router(
     """Fit and save the router of a mediator / 1bit store from labelled prompt files.
 
     prompts: [(task, path to JSONL), ...] (a task may appear several times), or
-    [(task, [prompt, ...]), ...]. Returns the report that router.json also holds.
+    [(task, [prompt, ...]), ...]. background: JSONL paths or lists of prompts of none of the
+    tasks (the background class; none: no such class). Returns the report that router.json
+    also holds.
     """
     torch, _ = require_torch()
     from .prompts import read_prompts
@@ -277,20 +294,28 @@ def fit_router(
         raise StreammergeError(f"holdout must be within [0, 1), got {holdout}")
     store, method = open_routing_store(store_path)
     tasks = list(method["tasks"])
-    texts, labels, sources = [], [], {}
-    for task, src in prompts:
-        if task not in tasks:
-            raise StreammergeError(f"--prompts {task}=...: {task!r} is not a task of {store.path} (tasks: {', '.join(tasks)})")
+    texts, labels, sources = [], [], {}  # sources: class -> {files, prompts}
+
+    def add(cls: str, src) -> None:
         items = read_prompts(src) if isinstance(src, (str, Path)) else [str(p) for p in src]
         texts.extend(items)
-        labels.extend([tasks.index(task)] * len(items))
-        info = sources.setdefault(task, {"files": [], "prompts": 0})
+        labels.extend([len(tasks) if cls == NONE else tasks.index(cls)] * len(items))
+        info = sources.setdefault(cls, {"files": [], "prompts": 0})
         info["prompts"] += len(items)
         if isinstance(src, (str, Path)):
             info["files"].append(str(src))
+
+    for task, src in prompts:
+        if task not in tasks:
+            raise StreammergeError(f"--prompts {task}=...: {task!r} is not a task of {store.path} (tasks: {', '.join(tasks)})")
+        add(task, src)
     if not texts:
         raise StreammergeError("router: no prompts given (--prompts TASK=FILE)")
     missing = [t for t in tasks if t not in sources]
+    for src in background:
+        add(NONE, src)
+    bg_info = sources.pop(NONE, None)
+    classes = [*tasks, NONE] if bg_info else tasks
     t0 = time.perf_counter()
     if model is None:
         dev = resolve_device(device)
@@ -305,7 +330,7 @@ def fit_router(
     y = np.asarray(labels, dtype=np.int64)
     train, held = stratified_split(y, holdout, seed)
     net, mean, std, hyper = train_classifier(
-        feats[torch.as_tensor(train, device=feats.device)], y[train], len(tasks), classifier=classifier, epochs=epochs, lr=lr,
+        feats[torch.as_tensor(train, device=feats.device)], y[train], len(classes), classifier=classifier, epochs=epochs, lr=lr,
         batch_size=batch_size, dropout=dropout, weight_decay=weight_decay, seed=seed,
     )
     meta = {
@@ -324,14 +349,15 @@ def fit_router(
         **hyper,
         "store_digest": store.digest,
         "prompts": sources,
+        "background": bg_info,
         "n_train": int(len(train)),
         "n_heldout": int(len(held)),
         "tasks_without_prompts": missing,
     }
     router = Router(net, mean, std, tasks, meta)
     ix = lambda a: torch.as_tensor(a, device=feats.device)  # noqa: E731
-    meta["train"] = _accuracy(router, feats[ix(train)], y[train], tasks)
-    meta["heldout"] = _accuracy(router, feats[ix(held)], y[held], tasks)
+    meta["train"] = _accuracy(router, feats[ix(train)], y[train], classes)
+    meta["heldout"] = _accuracy(router, feats[ix(held)], y[held], classes)
     meta["seconds"] = {"features": round(t_feat, 3), "total": round(time.perf_counter() - t0, 3)}
     router.to("cpu")
     meta["path"] = str(router.save(store))

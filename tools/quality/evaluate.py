@@ -27,6 +27,7 @@ class EvalSets:
     tests: dict  # task -> [(prompt, answer)]
     ood: list  # [(kind, prompt, answer)]
     router: dict  # task -> [prompt] (labelled prompts to fit routers; from the fine-tuning pools, not the tests)
+    background: list = field(default_factory=list)  # [prompt] of none of the tasks (routers' background class)
     budget: dict = field(default_factory=dict)  # set name -> max new tokens
 
     @classmethod
@@ -46,7 +47,8 @@ class EvalSets:
                 if len(chosen) == cfg.n_router:
                     break
             router[t] = chosen
-        sets = cls(tests, ood, router)
+        exclude = {p for pairs in tests.values() for p, _ in pairs} | {p for _, p, _ in ood}
+        sets = cls(tests, ood, router, T.background_prompts(cfg.n_router, d, exclude))
         for name, pairs in [*tests.items(), ("ood", [(p, a) for _, p, a in ood])]:
             longest = max(len(tok(a, add_special_tokens=False)["input_ids"]) for _, a in pairs)
             sets.budget[name] = longest + 3
@@ -220,12 +222,16 @@ class RoutedEval:
 
     def refit(self, router_kw: dict | None = None) -> None:
         """Fit (again) the store's router on the labelled prompts, as `streammerge router fit`
-        does (router_kw: its classifier, epochs, weight_decay, ...)."""
+        does (router_kw: its classifier, epochs, weight_decay, ...; background: True fits the
+        background class on the sets' background prompts, as `--background` does)."""
         from streammerge.routing.router import Router, fit_router
 
         self.router_kw = dict(router_kw or {})
+        kw = dict(self.router_kw)
+        background = [self.sets.background] if kw.pop("background", False) else ()
         self._probs: dict[str, object] = {}
-        self.router_report = fit_router(self.store, [(t, self.sets.router[t]) for t in T.TASKS], model=self.rm, seed=0, **self.router_kw)
+        self.router_report = fit_router(self.store, [(t, self.sets.router[t]) for t in T.TASKS], background=background, model=self.rm,
+                                        seed=0, **kw)
         self.rm.router = Router.load(self.rm.store, self.rm.tasks).to(self.rm.device)
 
     def _gen(self, decisions, prompts, budget):

@@ -1,9 +1,10 @@
 #!/usr/bin/env python
-"""Why uncertainty routing does not beat top-1 on the harness's out-of-distribution prompts.
+"""Why uncertainty routing alone does not beat top-1 on the harness's out-of-distribution
+prompts, and what a router with a background class changes.
 
 For Mediator stores already built by `run.py` (cached checkpoints, same prompts), this scores
 the OOD prompts per kind under weightings of the sparse experts that Mediator could apply, with
-the OOD target's router (logistic regression, weight decay 1):
+the router fitted on the task prompts only (logistic regression, weight decay 1):
 
   top-1             D + S_k, k the router's argmax (eta 1)
   Mediator          the default rule: D + sum_t p_t S_t when the normalised entropy > eta 0.5
@@ -17,6 +18,11 @@ quality): the kind that a mix of experts helps (two-digit arithmetic without `ca
 averaged model solves 38-39 %, the math expert 22-23 %) is routed to math with confidence, and
 the kinds the router is unsure of (facts-format arithmetic, calc-format list sums) are best
 served by the top expert; so no entropy rule over these probabilities beats top-1.
+
+Then (`background`), for the same stores, top-1 against Mediator's rule (eta 0.5) with the
+router fitted without and with a background class (`router fit --background`: the harness's
+background prompts, beginnings of pretraining-like documents), on the harness's OOD draw and
+on a second draw of the same kinds (seed "ood-2"), with the in-distribution average beside.
 
     python tools/quality/ood_probe.py [--stores mediator-8-0.5-outside,mediator-8-0.2-outside]
 """
@@ -35,7 +41,7 @@ sys.path[:0] = [str(ROOT / "tools"), str(ROOT)]
 from quality import tasks as T  # noqa: E402
 from quality.config import CONFIGS  # noqa: E402
 from quality.evaluate import EvalSets, Memo, RoutedEval, load_model  # noqa: E402
-from quality.run import OOD_ETA, OOD_ROUTER, ROUTERS  # noqa: E402
+from quality.run import OOD_ETA, OOD_ROUTER, PLAIN_ROUTER, ROUTERS  # noqa: E402
 from quality.train import cache_dir  # noqa: E402
 
 
@@ -80,6 +86,47 @@ def probe(ev: RoutedEval, sets: EvalSets) -> tuple[list, dict]:
         picks = np.bincount(P[ix].argmax(1), minlength=len(tasks))
         routing[k] = (tasks[int(picks.argmax())], int(picks.max()), len(ix), float(np.median(H[ix])))
     return rows, routing
+
+
+DRAWS = ("ood", "ood-2")
+
+
+def background(store: Path, sets: EvalSets, memo: Memo, cfg) -> tuple[list[tuple], dict]:
+    """(router, draw, rule, OOD accuracy, per kind, in-distribution average, mixed share of OOD,
+    median p of none on arith) for top-1 and Mediator's rule, routers without and with the
+    background class, on two draws of the OOD prompts; and the per-prompt exact matches
+    {(router, rule): [bool] over both draws} for the paired comparisons."""
+    import dataclasses
+
+    from streammerge.routing.decision import NONE
+
+    out, correct = [], {}
+    for draw in DRAWS:
+        s = dataclasses.replace(sets, ood=T.ood_set(cfg.n_ood, cfg.difficulty, seed=draw))
+        prompts, answers = [p for _, p, _ in s.ood], [a for _, _, a in s.ood]
+        for rname in (PLAIN_ROUTER, OOD_ROUTER, "mlp+bg"):
+            ev = RoutedEval(store, s, memo, router_kw=ROUTERS[rname])
+            probs = np.asarray(ev.rm.probabilities(prompts))
+            classes = ev.rm.router.classes
+            arith = [i for i, (k, _, _) in enumerate(s.ood) if k == "arith"]
+            none = float(np.median(probs[arith, classes.index(NONE)])) if NONE in classes else None
+            for rule, eta in (("top-1", 1.0), (f"Mediator (eta {OOD_ETA:g})", OOD_ETA)):
+                e = ev.evaluate("router", eta=eta)
+                out.append((rname, draw, rule, e["ood_all"], e["ood"], e["avg"], e["mixed_share"]["ood"], none))
+                outs = ev._gen([ev.rm.decide(p, eta=eta) for p in probs], prompts, s.budget["ood"])  # memoised
+                correct.setdefault((rname, rule), []).extend(o.strip() == a.strip() for o, a in zip(outs, answers))
+    return out, correct
+
+
+def paired(x, y) -> tuple[int, int, float]:
+    """(prompts y solves and x does not, the reverse, two-sided exact McNemar p)."""
+    import math
+
+    x, y = np.asarray(x), np.asarray(y)
+    win, lose = int((y & ~x).sum()), int((x & ~y).sum())
+    n = win + lose
+    p = min(1.0, 2 * sum(math.comb(n, k) for k in range(max(win, lose), n + 1)) / 2**n) if n else 1.0
+    return win, lose, p
 
 
 def novelty(root: Path, sets: EvalSets) -> dict:
@@ -130,14 +177,34 @@ def main(argv=None) -> int:
         if not store.is_dir():
             print(f"{store}: not built (run tools/quality/run.py first)", file=sys.stderr)
             return 1
-        ev = RoutedEval(store, sets, memo, router_kw=ROUTERS[OOD_ROUTER])
+        ev = RoutedEval(store, sets, memo, router_kw=ROUTERS[PLAIN_ROUTER])
         rows, routing = probe(ev, sets)
-        print(f"\n{name}, router {OOD_ROUTER}: " + "; ".join(
+        print(f"\n{name}, router {PLAIN_ROUTER}: " + "; ".join(
             f"{k} -> {t} for {n}/{m} prompts, median entropy {h:.2f}" for k, (t, n, m, h) in routing.items()))
         print("\n| rule | OOD | " + " | ".join(T.OOD_KINDS) + " |")
         print("|---|---:|" + "---:|" * len(T.OOD_KINDS))
         for rule, acc, per in rows:
             print(f"| {rule} | {100 * acc:.1f} | " + " | ".join(f"{100 * per[k]:.0f}" for k in T.OOD_KINDS) + " |")
+    print("\n## With a background class\n")
+    print(f"Routers {PLAIN_ROUTER} (tasks only), {OOD_ROUTER} and mlp+bg (fitted with {len(sets.background)} background prompts too); "
+          "draw `ood` is the harness's OOD set, `ood-2` a second draw of the same kinds. `none` is the median probability "
+          "of the background class on the arith prompts. In-distribution: the average over the four test sets.")
+    for name in a.stores.split(","):
+        rows, correct = background(root / "merges" / name / "job.zarr", sets, memo, cfg)
+        print(f"\n{name}:\n")
+        print("| router | draw | rule | OOD | " + " | ".join(T.OOD_KINDS) + " | mixed | none (arith) | in-distribution |")
+        print("|---|---|---|---:|" + "---:|" * len(T.OOD_KINDS) + "---:|---:|---:|")
+        for rname, draw, rule, acc, per, avg, mixed, none in rows:
+            print(f"| {rname} | {draw} | {rule} | {100 * acc:.1f} | " + " | ".join(f"{100 * per[k]:.0f}" for k in T.OOD_KINDS)
+                  + f" | {100 * mixed:.0f}% | {'-' if none is None else f'{none:.2f}'} | {100 * avg:.1f} |")
+        med = correct[(OOD_ROUTER, f"Mediator (eta {OOD_ETA:g})")]
+        print(f"\nPaired, both draws ({len(med)} prompts): Mediator (eta {OOD_ETA:g}) with {OOD_ROUTER} "
+              f"solves {100 * np.mean(med):.1f} %, against")
+        for rname in (OOD_ROUTER, PLAIN_ROUTER):
+            base = correct[(rname, "top-1")]
+            win, lose, p = paired(base, med)
+            print(f"- top-1 with {rname}: {100 * np.mean(base):.1f} %; {win} prompts solved only by Mediator, {lose} only by "
+                  f"top-1 (two-sided exact McNemar p = {p:.4f})")
     return 0
 
 

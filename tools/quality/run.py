@@ -45,10 +45,17 @@ ETAS = (0.01, 0.1, 0.3, 0.5, 0.7, 1.0)  # Mediator's entropy threshold; 1 = alwa
 # options). The default MLP reaches 100 % held-out accuracy and is so confident that its
 # out-of-distribution entropies stay under 0.02: it never mixes. L2-regularised logistic
 # regression keeps the accuracy and spreads the probabilities where the prompt is ambiguous.
-ROUTERS = {"mlp": {}, "logreg-wd0.1": {"classifier": "logreg", "weight_decay": 0.1}, "logreg-wd1": {"classifier": "logreg", "weight_decay": 1.0}}
-# the OOD target is judged on this router at this eta (chosen before the sweep: the router
-# whose in-distribution entropies stay under the default eta 0.5), against top-1 (eta 1)
-OOD_ROUTER, OOD_ETA = "logreg-wd1", 0.5
+# "+bg": fitted with the background class too (EvalSets.background, `router fit --background`).
+ROUTERS = {
+    "mlp": {}, "logreg-wd0.1": {"classifier": "logreg", "weight_decay": 0.1}, "logreg-wd1": {"classifier": "logreg", "weight_decay": 1.0},
+    "mlp+bg": {"background": True}, "logreg-wd1+bg": {"classifier": "logreg", "weight_decay": 1.0, "background": True},
+}
+# The OOD target is judged on this router at this eta against top-1 (eta 1) with the same
+# router and with the same classifier fitted without the background class (PLAIN_ROUTER).
+# logreg-wd1 was chosen before any sweep (the router whose in-distribution entropies stay under
+# the default eta 0.5); its background variant after ood_probe.py showed why it alone could not
+# beat top-1 (README, Merge quality).
+OOD_ROUTER, OOD_ETA, PLAIN_ROUTER = "logreg-wd1+bg", 0.5, "logreg-wd1"
 
 
 def _quantiles(v: list[float]) -> dict:
@@ -204,6 +211,8 @@ def evaluate_all(cfg, root: Path, out: Path, device: str, only: set | None = Non
             u = by_router[OOD_ROUTER]["sweep"]
             extra.setdefault("ood_routing", {})[m.name] = {
                 "router": OOD_ROUTER, "eta": OOD_ETA, "uncertainty": u[f"{OOD_ETA:g}"]["ood_all"], "top1": u["1"]["ood_all"],
+                "plain_router": PLAIN_ROUTER, "top1_plain": by_router[PLAIN_ROUTER]["sweep"]["1"]["ood_all"],
+                "uncertainty_plain": by_router[PLAIN_ROUTER]["sweep"][f"{OOD_ETA:g}"]["ood_all"],
                 "mixed": u[f"{OOD_ETA:g}"]["mixed_share"]["ood"], "n": len(sets.ood),
             }
         if m.name in ("1bit-auto",) or (not full and m.method == "1bit"):

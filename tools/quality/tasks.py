@@ -210,7 +210,7 @@ def train_set(task: str, n: int, d: Difficulty, exclude: set[str], seed: int = 0
 OOD_KINDS = ("arith", "qa-arith", "calc-sum")
 
 
-def ood_set(n_per_kind: int, d: Difficulty) -> list[tuple[str, str, str]]:
+def ood_set(n_per_kind: int, d: Difficulty, seed: str = "ood") -> list[tuple[str, str, str]]:
     """(kind, prompt, answer): prompts no expert was fine-tuned on, each between two families or
     between a family and the pretraining corpus, so that a router is unsure which expert applies.
 
@@ -218,8 +218,11 @@ def ood_set(n_per_kind: int, d: Difficulty) -> list[tuple[str, str, str]]:
                                           corpus has single-digit facts; math is fine-tuned on "calc")
       qa-arith   "Q: What is 3 + 4? A:"   facts' question format, an arithmetic question
       calc-sum   "calc sum([3, 4, 5]) ="  math's format, code's list sum
+
+    The harness scores the default seed's draw; another seed draws a second sample of the same
+    kinds (ood_probe.py's replication).
     """
-    rng = random.Random("ood")
+    rng = random.Random(seed)
     out = []
     hi = min(99, max(9, d.max_operand))
     for kind in OOD_KINDS:
@@ -315,3 +318,25 @@ def corpus(n_docs: int, d: Difficulty, seed: int = 0, task_share: float = 0.0, n
         trng = random.Random(f"corpus-tasks-{seed}")
         docs = [task_document(trng, d, asked, exclude) if trng.random() < task_share else doc for doc in docs]
     return docs
+
+
+def background_prompts(n: int, d: Difficulty, exclude: set[str], seed: str = "background") -> list[str]:
+    """n distinct prompts of none of the tasks, for a router's background class: the first 3 to
+    10 words of pretraining-corpus documents (biographies, English and Zorbish sentences,
+    single-digit arithmetic facts, Python snippets; never a task's prompt format), never a
+    prompt of `exclude` (the test and OOD prompts). Drawn from their own seeds, so they are
+    not the documents the base was pretrained on, only of the same kinds: general text like
+    the base model's, which is what a user would give `router fit --background`."""
+    people = fact_base(d.people)
+    rng = random.Random(f"{seed}-docs")
+    cut = random.Random(f"{seed}-cut")
+    out, seen = [], set(exclude)
+    for _ in range(100 * n):
+        if len(out) == n:
+            break
+        words = corpus_document(rng, people, d).split(" ")
+        p = " ".join(words[: cut.randint(3, 10)])
+        if p not in seen:
+            seen.add(p)
+            out.append(p)
+    return out
