@@ -179,20 +179,27 @@ def test_simultaneous_takeovers_of_a_stale_lock_let_one_writer_in(tmp_path):
     dead.wait()
     (tmp_path / "lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
     start = time.time() + 3.0
+    release = tmp_path / "release"
     # each process judges the lock stale, then waits 0.3 s before acting on it: the window in
-    # which another's takeover could land, made wide enough to be hit every run
+    # which another's takeover could land, made wide enough to be hit every run. A holder keeps
+    # the lock until the others are done, however slowly they start.
     script = (
-        "import sys, time\nfrom streammerge.errors import StoreError\nfrom streammerge.store import store\n"
+        "import os, sys, time\nfrom streammerge.errors import StoreError\nfrom streammerge.store import store\n"
         "from streammerge.store.store import StoreLock\n"
         "judge = store._lock_is_stale\n"
         "def slow(*a):\n    r = judge(*a)\n    time.sleep(0.3)\n    return r\n"
         "store._lock_is_stale = slow\n"
         "time.sleep(max(0.0, float(sys.argv[2]) - time.time()))\n"
-        "try:\n    with StoreLock(sys.argv[1]):\n        print('held', flush=True)\n        time.sleep(2)\n"
+        "try:\n    with StoreLock(sys.argv[1]):\n        print('held', flush=True)\n"
+        "        t = time.time()\n        while not os.path.exists(sys.argv[3]) and time.time() - t < 60:\n            time.sleep(0.05)\n"
         "except StoreError:\n    print('busy', flush=True)\n"
     )
-    procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path), str(start)], stdout=subprocess.PIPE, text=True)
-             for _ in range(6)]
-    outs = [p.communicate(timeout=60)[0].strip() for p in procs]
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path), str(start), str(release)], stdout=subprocess.PIPE,
+                              text=True) for _ in range(6)]
+    t0 = time.time()
+    while sum(p.poll() is not None for p in procs) < 5 and time.time() - t0 < 60:
+        time.sleep(0.05)
+    release.touch()
+    outs = [p.communicate(timeout=90)[0].strip() for p in procs]
     assert sorted(outs) == ["busy"] * 5 + ["held"], outs
     assert not (tmp_path / "lock").exists()
