@@ -43,10 +43,13 @@ def _read_block(job: TensorJob, i: int, rows: np.ndarray | None = None) -> Block
         rows = _rows_in(rows, r0, r1)
         n = rows.size * job.row_elems
         arrays = [read_rows_at(h, rows, buffer(slot, n)) for slot, h in enumerate(job.inputs)]
+    return _as_block(job, arrays, r0, rows)
+
+
+def _as_block(job: TensorJob, arrays: list[np.ndarray], r0: int, rows: np.ndarray | None = None) -> Block:
+    """The inputs' arrays (base first, if any) as the Block a method merges, starting at row r0."""
     base = arrays.pop(0) if job.base is not None else None
-    return Block(
-        tensor=job.name, shape=job.shape, start=r0 * job.row_elems, base=base, models=tuple(arrays), rows=rows
-    )
+    return Block(tensor=job.name, shape=job.shape, start=r0 * job.row_elems, base=base, models=tuple(arrays), rows=rows)
 
 
 def _rows_in(rows: np.ndarray, r0: int, r1: int) -> np.ndarray:
@@ -158,9 +161,7 @@ def _merge_row_groups(method: MergeMethod, job: TensorJob, i: int, stats, group_
             convert(h, raw[lo:hi], buffer(slot, hi - lo), a * L).reshape(block_shape(h.shape, a, b))
             for slot, (h, raw) in enumerate(zip(job.inputs, raws))
         ]
-        base = arrays.pop(0) if job.base is not None else None
-        group = Block(tensor=job.name, shape=job.shape, start=a * L, base=base, models=tuple(arrays))
-        result = _by_output(job, method.merge(group, job.params, stats))
+        result = _by_output(job, method.merge(_as_block(job, arrays, a), job.params, stats))
         for out in job.output_list:
             _storage_into(out, result[out.name], stored[out.name][a - r0 : b - r0])
     return stored

@@ -17,6 +17,7 @@ Layout of `job.zarr/`:
                                output, chunked by the tensor's row blocks
     hf/                        config.json, tokenizer and generation files copied from the base
     lock                       pid and host of the process writing the store
+    lock.takeover              flocked while a dead owner's lock is taken over (StoreLock)
 
 A chunk is written (to `<key>.<uuid>.partial`, renamed into place, by `committing`) before its
 marker, so a marker always means a complete chunk; a killed process leaves at worst `.partial`

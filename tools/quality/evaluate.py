@@ -82,8 +82,13 @@ def greedy(model, tok, prompts: list[str], max_new_tokens: int, batch_size: int 
     return out
 
 
+def matches(outputs: list[str], answers: list[str]) -> list[bool]:
+    """Per prompt: the output equals the answer, both stripped (exact match)."""
+    return [o.strip() == a.strip() for o, a in zip(outputs, answers)]
+
+
 def exact(outputs: list[str], answers: list[str]) -> float:
-    return sum(o.strip() == a.strip() for o, a in zip(outputs, answers)) / max(1, len(answers))
+    return sum(matches(outputs, answers)) / max(1, len(answers))
 
 
 class Memo:

@@ -40,7 +40,7 @@ sys.path[:0] = [str(ROOT / "tools"), str(ROOT)]
 
 from quality import tasks as T  # noqa: E402
 from quality.config import CONFIGS  # noqa: E402
-from quality.evaluate import EvalSets, Memo, RoutedEval, load_model  # noqa: E402
+from quality.evaluate import EvalSets, Memo, RoutedEval, load_model, matches  # noqa: E402
 from quality.run import OOD_ETA, OOD_ROUTER, PLAIN_ROUTER, ROUTERS  # noqa: E402
 from quality.train import cache_dir  # noqa: E402
 
@@ -77,7 +77,7 @@ def probe(ev: RoutedEval, sets: EvalSets) -> tuple[list, dict]:
     rows = []
     for name, decisions in rules.items():
         outs = ev._gen(decisions, prompts, sets.budget["ood"])
-        ok = np.array([o.strip() == a.strip() for o, a in zip(outs, answers)])
+        ok = np.array(matches(outs, answers))
         per = {k: float(ok[[i for i, kk in enumerate(kinds) if kk == k]].mean()) for k in T.OOD_KINDS}
         rows.append((name, float(ok.mean()), per))
     routing = {}
@@ -106,7 +106,7 @@ def background(store: Path, sets: EvalSets, memo: Memo, cfg) -> tuple[list[tuple
         prompts, answers = [p for _, p, _ in s.ood], [a for _, _, a in s.ood]
         for rname in (PLAIN_ROUTER, OOD_ROUTER, "mlp+bg"):
             ev = RoutedEval(store, s, memo, router_kw=ROUTERS[rname])
-            probs = np.asarray(ev.rm.probabilities(prompts))
+            probs = np.asarray(ev.probs("ood", prompts))  # what evaluate() routes with
             classes = ev.rm.router.classes
             arith = [i for i, (k, _, _) in enumerate(s.ood) if k == "arith"]
             none = float(np.median(probs[arith, classes.index(NONE)])) if NONE in classes else None
@@ -114,7 +114,7 @@ def background(store: Path, sets: EvalSets, memo: Memo, cfg) -> tuple[list[tuple
                 e = ev.evaluate("router", eta=eta)
                 out.append((rname, draw, rule, e["ood_all"], e["ood"], e["avg"], e["mixed_share"]["ood"], none))
                 outs = ev._gen([ev.rm.decide(p, eta=eta) for p in probs], prompts, s.budget["ood"])  # memoised
-                correct.setdefault((rname, rule), []).extend(o.strip() == a.strip() for o, a in zip(outs, answers))
+                correct.setdefault((rname, rule), []).extend(matches(outs, answers))
     return out, correct
 
 
