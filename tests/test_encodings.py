@@ -14,8 +14,6 @@ from streammerge.encodings import onebit, sparse
 from streammerge.encodings.onebit import (
     dynamic_merge_block,
     fallback_merge_block,
-    onebit_encode_method,
-    onebit_fallback_method,
     onebit_outputs,
     pack_signs,
     pack_signs_flat,
@@ -32,9 +30,10 @@ from streammerge.encodings.sparse import (
     encode_sparse,
     expert_block,
     expert_outputs,
-    mediator_expert_method,
 )
 from streammerge.methods.base import Block, TensorParams
+from streammerge.methods.mediator import mediator_expert_method
+from streammerge.methods.onebit import onebit_encode_method, onebit_fallback_method
 
 P = TensorParams({}, ())
 

@@ -18,7 +18,8 @@ import torch
 import synth_checkpoints as synth
 from helpers import load_model_tensors, write_recipe
 from streammerge.engine.job import build
-from streammerge.methods import _topk, get_method, method_names
+from streammerge.methods import get_method, method_names
+from streammerge.ops import topk as _topk
 from streammerge.methods.inmemory import merge_tensor
 from streammerge.recipe import load_recipe
 from streammerge.plan.planner import make_plan

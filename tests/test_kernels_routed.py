@@ -11,18 +11,14 @@ import numpy as np
 import pytest
 
 from streammerge.encodings import onebit
-from streammerge.encodings.onebit import (
-    GROUP,
-    onebit_encode_method,
-    onebit_fallback_method,
-    tensor_scale,
-)
-from streammerge.encodings.sparse import mediator_expert_method
+from streammerge.encodings.onebit import GROUP, tensor_scale
 from streammerge.kernels import device_tensor, split_blocks
 from streammerge.kernels import onebit as onebit_kernels
 from streammerge.kernels.onebit import moment_sums, pairwise_rows, tensor_alpha
 from streammerge.methods.base import TensorParams
 from streammerge.methods.inmemory import run_passes, tensor_blocks
+from streammerge.methods.mediator import mediator_expert_method
+from streammerge.methods.onebit import onebit_encode_method, onebit_fallback_method
 
 torch = pytest.importorskip("torch")
 
@@ -120,7 +116,7 @@ def test_moment_sums_are_the_cpu_doubles(device, scale, monkeypatch):
     rng = np.random.default_rng(3)
     t = (rng.standard_normal((37, 1000)) * np.exp2(rng.integers(-12, 12, (37, 1000)))).astype(np.float32)
     got = moment_sums(torch.from_numpy(t).to(device), scale)
-    np.testing.assert_array_equal(got, onebit._moments(t, scale))
+    np.testing.assert_array_equal(got, onebit.moments(t, scale))
 
 
 @pytest.mark.parametrize("device", DEVICES)

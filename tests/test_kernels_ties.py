@@ -15,7 +15,7 @@ from streammerge.kernels import device_tensor, split_blocks
 from streammerge.kernels import ties as kernels
 from streammerge.methods import TensorParams, get_method
 from streammerge.methods.inmemory import merge_tensor
-from streammerge.methods.ties import _magnitude_k, _outlier_ks
+from streammerge.ops.sparsify import magnitude_k as _magnitude_k, outlier_ks as _outlier_ks
 
 torch = pytest.importorskip("torch")
 from streammerge.kernels.topk import magnitude_bits, nth_true, topk_mask
@@ -184,7 +184,7 @@ def test_della_rejects_what_the_cpu_rejects(shape, device, monkeypatch):
     with pytest.raises(StreammergeError, match="density"):
         kernel_merge(method, base, models, bad, device)
     if len(shape) == 1:
-        monkeypatch.setattr("streammerge.methods.ties.MAX_1D_RANKED", 300)
+        monkeypatch.setattr("streammerge.ops.sparsify.MAX_1D_RANKED", 300)
         ok = tensor_params(method, 3, weight=1.0, density=0.3)
         with pytest.raises(StreammergeError, match="1-D"):
             merge_tensor(method, TENSOR, base, list(models), ok)

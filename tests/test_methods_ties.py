@@ -11,7 +11,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from streammerge.methods import MergeMethod, TensorParams, _random, _topk, get_method
+from streammerge.methods import MergeMethod, TensorParams, get_method
+from streammerge.ops import random_streams as _random
+from streammerge.ops import topk as _topk
 from streammerge.methods.inmemory import merge_tensor
 
 torch = pytest.importorskip("torch")
@@ -301,7 +303,7 @@ SHAPES = [(256, 384), (1030, 512), (3000,)]  # whole-sample path, streamed path 
 
 
 def _magnitude_ks(name, n, dens, gammas):
-    from streammerge.methods.ties import _magnitude_k, _outlier_ks
+    from streammerge.ops.sparsify import magnitude_k as _magnitude_k, outlier_ks as _outlier_ks
 
     out = []
     for d, g in zip(dens, gammas):

@@ -25,7 +25,7 @@ flips, i.e. essentially never on real checkpoints.
 
 Denoised variant (denoise_q = q < 1): for each task t the "counted" entries are task t's top-k
 entries by |tau_t,p|, k = int(q * n), in the order (|tau| descending, flat index ascending) -
-the exact selection of `_topk.TopK`, so exactly k entries are selected and ties at the
+the exact selection of `ops.topk.TopK`, so exactly k entries are selected and ties at the
 threshold go to the lowest flat indices whatever the blocking. The denoised task vector is
 tau^_t = tau_t on its counted entries, 0 elsewhere (TIES's trimmed vector), and the denoised
 statistics are the same counts computed on tau^ instead of tau:
@@ -50,8 +50,8 @@ and per block, so they agree across block sizes to float64 rounding: relative er
 That is far below anything the report shows.
 
 Passes: with q < 1 the five `TopK` passes "conflict.topk.*" (sample, select0..3; one selection per task;
-sample + collect resolve ordinary data, see _topk.py) then "conflict.count"; with q >= 1 only
-"conflict.count". The count pass reads each block once, in chunks of `_topk.CHUNK` elements,
+sample + collect resolve ordinary data, see ops/topk.py) then "conflict.count"; with q >= 1 only
+"conflict.count". The count pass reads each block once, in chunks of `ops.topk.CHUNK` elements,
 and returns O(N^2) numbers per block.
 """
 
@@ -62,7 +62,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import StreammergeError
-from ..methods._topk import CHUNK, TopK, as_u32, block_size, chunks, flat, numel, scratch
+from ..ops.topk import CHUNK, TopK, as_u32, block_size, chunks, flat, numel, scratch
 from ..methods.base import Block, MergeMethod, Pass, Stats, TensorParams
 from ..methods.inmemory import run_passes
 

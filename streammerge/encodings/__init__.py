@@ -1,18 +1,20 @@
 """Compact per-task encodings of task vectors, for the routing methods (METHODS.md 3 and 4).
 
-onebit: 1-bit task vectors (sign bits + scale), sparse / dense alternatives per (task, tensor),
-        1bit-Merging's static fallback and dynamic merge.
-sparse: top-rho entries as per-block blobs (int32 offsets + bf16 values), Mediator's experts.
+onebit: 1-bit task vectors (sign bits + scale), sparse / dense alternatives per (task, tensor):
+        their layout, scales, pack/unpack, the outputs a job declares, reconstruction, and
+        1bit-Merging's dynamic merge of reconstructed blocks.
+sparse: top-rho entries as per-block blobs (int32 offsets or a bitmask + bf16 values), Mediator's
+        experts' format, their decoding and application.
 
-Pure numpy: methods here are `MergeMethod`s the engine runs block by block (not registered:
-the routed planner builds them per tensor).
+Formats only, pure numpy: they build on ops/ (streamed top-k, sign consensus) and
+methods/base.py's `Output`, and know nothing of kernels or methods. The jobs that write them
+(`MergeMethod`s with their device kernels) are built in methods/onebit.py and
+methods/mediator.py.
 """
 
 from .onebit import (
     dynamic_merge_block,
     fallback_merge_block,
-    onebit_encode_method,
-    onebit_fallback_method,
     onebit_outputs,
     pack_signs,
     reconstruct_from_outputs,
@@ -20,7 +22,7 @@ from .onebit import (
     ties_merge,
     unpack_signs,
 )
-from .sparse import apply_sparse, decode_sparse, encode_sparse, expert_block, expert_outputs, mediator_expert_method
+from .sparse import apply_sparse, decode_sparse, encode_sparse, expert_block, expert_outputs
 
 __all__ = [
     "apply_sparse",
@@ -30,9 +32,6 @@ __all__ = [
     "expert_block",
     "expert_outputs",
     "fallback_merge_block",
-    "mediator_expert_method",
-    "onebit_encode_method",
-    "onebit_fallback_method",
     "onebit_outputs",
     "pack_signs",
     "reconstruct_from_outputs",

@@ -59,7 +59,6 @@ on the stored encodings, so both agree bit for bit.
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
@@ -67,9 +66,9 @@ from typing import Any, Mapping, Sequence
 import ml_dtypes
 import numpy as np
 
-from ..methods._topk import CHUNK, TopK, block_size, flat, numel, scratch
-from ..methods.base import Block, MergeMethod, Output, Pass, Stats, TensorParams
-from .sparse import apply_sparse, bf16_round, check_tasks, encode_sparse, select_block, top_rho_k
+from ..methods.base import Output, Stats
+from ..ops.consensus import ties_merge
+from .sparse import apply_sparse, bf16_round, check_tasks
 
 SCALES = ("absmean", "rms")
 GRANULARITIES = ("tensor", "row")
@@ -77,7 +76,6 @@ KINDS = ("drop", "1bit", "1bit-row", "2bit", "sparse", "dense")
 GROUP = 1 << 14  # flat-aligned groups of the exact-order per-tensor sums
 
 _BF16 = np.dtype(ml_dtypes.bfloat16)
-_F1 = np.float32(1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,7 +127,7 @@ def unpack_signs_flat(blob, size: int) -> np.ndarray:
     return s
 
 
-def _moments(t: np.ndarray, scale: str) -> np.ndarray:
+def moments(t: np.ndarray, scale: str) -> np.ndarray:
     """float64 sums along axis 1 of |t| (absmean) or t^2 (rms); t float32 2-D."""
     y = t.astype(np.float64)
     if scale == "absmean":
@@ -139,7 +137,8 @@ def _moments(t: np.ndarray, scale: str) -> np.ndarray:
     return np.add.reduce(y, axis=1)
 
 
-def _scale_from(total: float | np.ndarray, n: int, scale: str):
+def scale_from(total: float | np.ndarray, n: int, scale: str):
+    """The float32 scale of a float64 moment sum over n entries: mean, or its root for rms."""
     if n == 0:
         return 0.0 if np.ndim(total) == 0 else np.zeros_like(total)
     m = np.asarray(total, dtype=np.float64) / n
@@ -151,18 +150,18 @@ def _scale_from(total: float | np.ndarray, n: int, scale: str):
 def row_scales(tau2d: np.ndarray, scale: str = "absmean") -> np.ndarray:
     """Per-row scale, float32 (rows,): mean|tau| or sqrt(mean tau^2) along axis 1 (float64 sums)."""
     t = np.asarray(tau2d, dtype=np.float32)
-    return _scale_from(_moments(t, scale), t.shape[1], scale)
+    return scale_from(moments(t, scale), t.shape[1], scale)
 
 
 def tensor_scale(tau: np.ndarray, scale: str = "absmean") -> float:
     """The per-tensor alpha of a whole tensor in memory, as the streamed pass computes it."""
     f = np.asarray(tau, dtype=np.float32).reshape(-1)
     full = (f.size // GROUP) * GROUP
-    parts = [_moments(f[:full].reshape(-1, GROUP), scale)] if full else []
+    parts = [moments(f[:full].reshape(-1, GROUP), scale)] if full else []
     if full < f.size:
-        parts.append(_moments(f[full:].reshape(1, -1), scale))
+        parts.append(moments(f[full:].reshape(1, -1), scale))
     total = math.fsum(np.concatenate(parts)) if parts else 0.0
-    return float(_scale_from(total, f.size, scale))
+    return float(scale_from(total, f.size, scale))
 
 
 def plus_minus(mask: np.ndarray, a: np.ndarray) -> np.ndarray:
@@ -237,7 +236,7 @@ def resolve_precision(precision: str, granularity: str, shape: Sequence[int], rh
     return "sparse", r
 
 
-def _check_common(tasks, precisions, scale, granularity, rho):
+def check_common(tasks, precisions, scale, granularity, rho):
     tasks = check_tasks(tasks)
     missing = [t for t in tasks if t not in precisions]
     if missing:
@@ -266,7 +265,7 @@ def onebit_outputs(tasks, precisions, shape, granularity: str = "tensor", rho: f
 
     Pass the same granularity as to the method: with granularity "row", "1bit" has a scale.
     """
-    tasks = _check_common(tasks, precisions, "absmean", granularity, rho)
+    tasks = check_common(tasks, precisions, "absmean", granularity, rho)
     shape = tuple(shape)
     outs: list[Output] = []
     for s in task_specs(tasks, precisions, shape, granularity, rho):
@@ -291,42 +290,6 @@ def onebit_outputs(tasks, precisions, shape, granularity: str = "tensor", rho: f
 
 # ---------------------------------------------------------------------------------------------
 # TIES over reconstructed task vectors, and the dynamic merge
-
-
-def ties_merge(taus_hat: Sequence[np.ndarray]) -> np.ndarray | None:
-    """Sign election + disjoint mean of float32 arrays (one shape), in list order; None if empty."""
-    hats = [np.asarray(h, dtype=np.float32) for h in taus_hat]
-    if not hats:
-        return None
-    s = np.array(hats[0], dtype=np.float32, copy=True)
-    for h in hats[1:]:
-        np.add(s, h, out=s)
-    return _ties_into(hats, s, np.empty_like(s), np.empty_like(s), np.empty(s.shape, bool), np.empty_like(s))
-
-
-def _ties_into(hats, s, S, D, mb, tmp) -> np.ndarray:
-    """TIES given s = sum of the hats in order (overwritten); S receives the merged delta.
-
-    elected = +1 where s >= 0 else -1; an entry counts iff h * elected > 0; S = sum of counted
-    entries in list order, D = their count (0 -> 1); returns S / D (in S).
-    """
-    np.greater_equal(s, 0, out=mb)
-    elected = s
-    np.multiply(mb, np.float32(2), out=elected)
-    np.subtract(elected, _F1, out=elected)
-    for i, h in enumerate(hats):
-        np.multiply(h, elected, out=tmp)
-        np.greater(tmp, 0, out=mb)
-        if i == 0:
-            np.multiply(h, mb, out=S)
-            np.copyto(D, mb)
-        else:
-            np.multiply(h, mb, out=tmp)
-            np.add(S, tmp, out=S)
-            np.add(D, mb, out=D)
-    np.add(D, np.equal(D, 0), out=D)  # no counted entry: divide by 1
-    np.divide(S, D, out=S)
-    return S
 
 
 def dynamic_merge_block(base: np.ndarray, taus_hat: Mapping[str, np.ndarray | None], k: str, lam: float = 1.0) -> np.ndarray:
@@ -462,309 +425,6 @@ def reconstruct_from_outputs(
     )
 
 
-# ---------------------------------------------------------------------------------------------
-# the streamed methods
-
-
-def _row_chunks(rows: int, cols: int):
-    step = max(1, CHUNK // max(1, cols))
-    for r0 in range(0, rows, step):
-        yield r0, min(rows, r0 + step)
-
-
-class _OneBit:
-    """What the encoder and the fallback share: precisions, passes, tau_hat per chunk."""
-
-    def __init__(self, tasks, precisions, scale, granularity, rho, shape):
-        self.tasks = _check_common(tasks, precisions, scale, granularity, rho)
-        self.precisions = {t: precisions[t] for t in self.tasks}
-        self.scale = scale
-        self.granularity = granularity
-        self.rho = float(rho)
-        self.shape = None if shape is None else tuple(shape)
-        self._specs: dict[tuple, list[TaskSpec]] = {}
-        self.tk = TopK("onebit.topk", self._values, self._plan)
-        # selections in task order: one per sparse task (whatever the shape)
-        self.sparse_tasks = [
-            (i, resolve_precision(self.precisions[t], granularity, (2, 2), rho)[1])
-            for i, t in enumerate(self.tasks)
-            if resolve_precision(self.precisions[t], granularity, (2, 2), rho)[0] == "sparse"
-        ]
-        self.sel_of = {i: j for j, (i, _) in enumerate(self.sparse_tasks)}
-
-    def specs(self, shape) -> list[TaskSpec]:
-        shape = tuple(shape)
-        if self.shape is not None and shape != self.shape:
-            raise ValueError(f"block of a tensor shaped {shape}, method made for {self.shape}")
-        sp = self._specs.get(shape)
-        if sp is None:
-            sp = self._specs[shape] = task_specs(self.tasks, self.precisions, shape, self.granularity, self.rho)
-        return sp
-
-    def _check(self, block: Block):
-        if block.base is None:
-            raise ValueError(f"{block.tensor}: 1-bit encodings need the base model")
-        if len(block.models) != len(self.tasks):
-            raise ValueError(f"{block.tensor}: {len(block.models)} models for {len(self.tasks)} tasks")
-
-    # -- passes -----------------------------------------------------------------------------
-    def _plan(self, params, stats, n):
-        return [(i, top_rho_k(r, n)) for i, r in self.sparse_tasks]
-
-    @staticmethod
-    def _values(block, params, stats, src, sl, out):
-        d = np.subtract(flat(block.models[src])[sl], flat(block.base)[sl], out=out)
-        return np.abs(d, out=d)
-
-    def _alpha_tasks(self, shape) -> list[TaskSpec]:
-        return [s for s in self.specs(shape) if s.kind == "1bit"]
-
-    def _alpha_needed(self, params, stats) -> bool:
-        if self.shape is not None:
-            return bool(self._alpha_tasks(self.shape))
-        kinds = [resolve_precision(self.precisions[t], self.granularity, (2, 2), self.rho)[0] for t in self.tasks]
-        # a 1-D tensor's 1bit-row (and 2bit) is one bit per tensor
-        return any(k.startswith("1bit") or k == "2bit" for k in kinds)
-
-    def _alpha_map(self, block: Block, params: TensorParams, stats: Stats):
-        specs = self._alpha_tasks(block.shape)
-        if not specs:
-            return None
-        self._check(block)
-        nb = block_size(block)
-        s0, e0 = block.start, block.start + nb
-        G = GROUP
-        g0, g1 = -(-s0 // G), e0 // G
-        if g0 > g1:  # inside one group
-            frags, full = [(s0, e0)], (0, 0)
-        else:
-            frags = [(s0, g0 * G), (g1 * G, e0)]
-            full = (g0 * G, g1 * G)
-        base = flat(block.base)
-        res = {}
-        for s in specs:
-            m = flat(block.models[s.index])
-            pieces = []
-            for a, b in frags:
-                if b > a:
-                    pieces.append((a, np.subtract(m[a - s0 : b - s0], base[a - s0 : b - s0])))
-            sums = []
-            step = max(1, CHUNK // G) * G
-            for a in range(full[0], full[1], step):
-                b = min(full[1], a + step)
-                t = np.subtract(m[a - s0 : b - s0], base[a - s0 : b - s0], out=scratch("ob.a", b - a))
-                sums.append(_moments(t.reshape(-1, G), self.scale))
-            res[s.task] = (pieces, np.concatenate(sums) if sums else np.zeros(0))
-        return (numel(block.shape), G, res)
-
-    def _alpha_reduce(self, partials, params: TensorParams, stats: Stats):
-        partials = [p for p in partials if p is not None]
-        if not partials:
-            return {}
-        n, G = partials[0][0], partials[0][1]
-        out = {}
-        for task in partials[0][2]:
-            sums = [p[2][task][1] for p in partials]
-            groups: dict[int, list] = {}
-            for p in partials:
-                for a, v in p[2][task][0]:
-                    groups.setdefault(a // G, []).append((a, v))
-            for g, lst in groups.items():
-                lst.sort(key=lambda x: x[0])
-                v = np.concatenate([x[1] for x in lst])
-                sums.append(_moments(v.reshape(1, -1), self.scale))
-            total = math.fsum(np.concatenate(sums)) if sums else 0.0
-            out[f"{task}.alpha"] = float(_scale_from(total, n, self.scale))
-        return out
-
-    @property
-    def passes(self) -> tuple[Pass, ...]:
-        return (*self.tk.passes, Pass("onebit.alpha", self._alpha_map, self._alpha_reduce, needed=self._alpha_needed))
-
-    # -- per block --------------------------------------------------------------------------
-    def geometry(self, block: Block):
-        shape = tuple(block.shape)
-        nb = block_size(block)
-        if len(shape) >= 2:
-            cols = cols_of(shape)
-            rows = nb // cols if cols else 0
-        else:
-            cols, rows = 1, nb
-        return rows, cols
-
-    def tau_chunk(self, block: Block, i: int, r0: int, r1: int, cols: int, name: str) -> np.ndarray:
-        a, b = r0 * cols, r1 * cols
-        t = scratch(name, b - a)
-        np.subtract(flat(block.models[i])[a:b], flat(block.base)[a:b], out=t)
-        return t.reshape(r1 - r0, cols)
-
-    # -- the encoder --------------------------------------------------------------------------
-    def encode(self, block: Block, params: TensorParams, stats: Stats) -> dict:
-        self._check(block)
-        specs = self.specs(block.shape)
-        rows, cols = self.geometry(block)
-        nd2 = len(block.shape) >= 2
-        out: dict = {}
-        for s in specs:
-            if s.kind == "drop":
-                continue
-            if s.kind in ("1bit", "1bit-row"):
-                if nd2:
-                    bits = np.empty((rows, -(-cols // 8)), dtype=np.uint8)
-                    sc = np.empty(rows, dtype=np.float32) if s.kind == "1bit-row" else None
-                    for r0, r1 in _row_chunks(rows, cols):
-                        t = self.tau_chunk(block, s.index, r0, r1, cols, "ob.t")
-                        bits[r0:r1] = pack_signs(t)
-                        if sc is not None:
-                            sc[r0:r1] = row_scales(t, self.scale)
-                    out[f"{s.task}.bits"] = bits
-                    if sc is not None:
-                        out[f"{s.task}.scale"] = sc
-                else:
-                    t = np.subtract(flat(block.models[s.index]), flat(block.base))
-                    out[f"{s.task}.bits"] = pack_signs_flat(t)
-            elif s.kind == "2bit":
-                pc = -(-cols // 8)
-                pieces = {"bits": np.empty((rows, pc), np.uint8), "bits2": np.empty((rows, pc), np.uint8),
-                          "scale": np.empty(rows, np.float32), "scale2": np.empty(rows, np.float32)}
-                for r0, r1 in _row_chunks(rows, cols):
-                    m1, m2, b1, b2 = two_bit_fit(self.tau_chunk(block, s.index, r0, r1, cols, "ob.t"), self.scale)
-                    pieces["bits"][r0:r1] = np.packbits(m1, axis=1, bitorder="little")
-                    pieces["bits2"][r0:r1] = np.packbits(m2, axis=1, bitorder="little")
-                    pieces["scale"][r0:r1], pieces["scale2"][r0:r1] = b1[:, 0], b2[:, 0]
-                out.update({f"{s.task}.{k}": v for k, v in pieces.items()})
-            elif s.kind == "sparse":
-                m, b = flat(block.models[s.index]), flat(block.base)
-
-                def diff(c0, c1, m=m, b=b):
-                    return np.subtract(m[c0:c1], b[c0:c1], out=scratch("ob.d", c1 - c0))
-
-                off, val = select_block(block, self.tk, params, stats, self.sel_of[s.index], diff)
-                out[f"{s.task}.sparse"] = encode_sparse(off, val, m.size)
-            else:  # dense: the engine rounds the float32 tau to bf16
-                out[f"{s.task}.dense"] = np.subtract(block.models[s.index], block.base)
-        return out
-
-    # -- the static fallback ------------------------------------------------------------------
-    def fallback(self, block: Block, params: TensorParams, stats: Stats, lam: float) -> np.ndarray:
-        self._check(block)
-        specs = [s for s in self.specs(block.shape) if s.kind != "drop"]
-        out = np.array(block.base, dtype=np.float32, copy=True)
-        if not specs:
-            return out
-        rows, cols = self.geometry(block)
-        keepers = {s.index: self.tk.keeper(block, params, stats, self.sel_of[s.index]) for s in specs if s.kind == "sparse"}
-        alphas = {s.index: np.float32(stats[f"{s.task}.alpha"]) for s in specs if s.kind == "1bit"}
-        o2 = out.reshape(rows, cols)
-        lam32 = np.float32(lam)
-        for r0, r1 in _row_chunks(rows, cols):
-            L = (r1 - r0) * cols
-            shp = (r1 - r0, cols)
-            hats = []
-            for s in specs:
-                t = self.tau_chunk(block, s.index, r0, r1, cols, f"fb.t{len(hats)}")
-                if s.kind in ("1bit", "1bit-row"):
-                    a = alphas[s.index] if s.kind == "1bit" else row_scales(t, self.scale)[:, None]
-                    # +-a as (t >= 0) * 2a - a: exact (2a is exact, 2a - a == a by Sterbenz)
-                    mb = np.greater_equal(t, 0, out=scratch("fb.sg", L, bool).reshape(shp))
-                    h = t  # tau is no longer needed
-                    np.multiply(mb, a * np.float32(2), out=h)
-                    np.subtract(h, a, out=h)
-                elif s.kind == "2bit":
-                    h = two_bit_hat(*two_bit_fit(t, self.scale))
-                elif s.kind == "sparse":
-                    u = np.abs(t, out=scratch("fb.u", L).reshape(shp)).reshape(-1).view(np.uint32)
-                    keep = keepers[s.index].mask(u, block.start + r0 * cols, out=scratch("fb.k", L, bool))
-                    h = np.where(keep.reshape(shp), bf16_round(t), np.float32(0))
-                else:
-                    h = bf16_round(t)
-                hats.append(h)
-            ssum = scratch("fb.s", L).reshape(shp)
-            np.copyto(ssum, hats[0])
-            for h in hats[1:]:
-                np.add(ssum, h, out=ssum)
-            T = _ties_into(
-                hats,
-                ssum,
-                scratch("fb.S", L).reshape(shp),
-                scratch("fb.D", L).reshape(shp),
-                scratch("fb.m", L, bool).reshape(shp),
-                scratch("fb.x", L).reshape(shp),
-            )
-            np.multiply(T, lam32, out=T)
-            np.add(o2[r0:r1], T, out=o2[r0:r1])
-        return out
-
-
-def onebit_encode_method(
-    tasks: Sequence[str],
-    precisions: Mapping[str, str],
-    scale: str = "absmean",
-    granularity: str = "tensor",
-    rho: float = 0.1,
-    *,
-    shape: Sequence[int] | None = None,
-) -> MergeMethod:
-    """The per-task encodings of one tensor (base required; Block.models = the fine-tunes in
-    task order): merge returns {output name: value} exactly as `onebit_outputs` declares them.
-
-    `shape` (optional, the tensor's) lets the alpha pass say exactly whether it is needed; the
-    method then refuses blocks of another shape.
-    """
-    # Imported here, not at the top: that module imports this one.
-    from ..kernels.onebit import onebit_encode
-
-    ob = _OneBit(tasks, precisions, scale, granularity, rho, shape)
-    return MergeMethod(
-        name="1bit.encode",
-        merge=ob.encode,
-        kernel=functools.partial(onebit_encode, ob),
-        base="required",
-        passes=ob.passes,
-        summary="1bit-Merging encodings: sign bits + scale, sparse top-rho or dense bf16 per task",
-    )
-
-
-def onebit_fallback_method(
-    tasks: Sequence[str],
-    precisions: Mapping[str, str],
-    scale: str = "absmean",
-    granularity: str = "tensor",
-    lam: float = 1.0,
-    rho: float = 0.1,
-    *,
-    shape: Sequence[int] | None = None,
-) -> MergeMethod:
-    """The static fallback theta_0 + lam * TIES(tau_hat_t over the tasks not dropped), float32.
-
-    tau_hat_t is what `reconstruct_task` rebuilds from the encoder's outputs (same precisions,
-    scale, granularity and rho), computed here straight from the fine-tunes.
-    """
-    # Imported here, not at the top: that module imports this one.
-    from ..kernels.onebit import onebit_fallback
-
-    ob = _OneBit(tasks, precisions, scale, granularity, rho, shape)
-    lam = float(lam)
-
-    return MergeMethod(
-        name="1bit.fallback",
-        merge=_Fallback(ob, lam),
-        kernel=functools.partial(onebit_fallback, ob, lam),
-        base="required",
-        passes=ob.passes,
-        summary="1bit-Merging static fallback: theta_0 + lambda * TIES over the 1-bit task vectors",
-    )
-
-
-class _Fallback:
-    def __init__(self, ob: _OneBit, lam: float):
-        self.ob = ob
-        self.lam = lam
-
-    def __call__(self, block: Block, params: TensorParams, stats: Stats) -> np.ndarray:
-        return self.ob.fallback(block, params, stats, self.lam)
-
-
 __all__ = [
     "GROUP",
     "KINDS",
@@ -773,8 +433,6 @@ __all__ = [
     "cols_of",
     "dynamic_merge_block",
     "fallback_merge_block",
-    "onebit_encode_method",
-    "onebit_fallback_method",
     "onebit_outputs",
     "pack_signs",
     "pack_signs_flat",

@@ -28,27 +28,24 @@ do not record n, so only a caller's `size` bounds their offsets.
 
 Selection (the "top-rho" of a tensor): exactly k = int(rho * n) entries of the whole tensor, the
 largest by magnitude, ties at the threshold broken by flat index (lowest first), found by the
-exact streamed TopK of methods/_topk.py, so the set does not depend on the row blocks.
+exact streamed TopK of ops/topk.py, so the set does not depend on the row blocks.
 
 Mediator's sparse experts (METHODS.md 3.4): D = mean_t theta_t (float32: summed in task order
 from theta_1, then divided by N; optionally rounded to the dtype the dense expert is stored in,
-see `mediator_expert_method`), S_t = top-rho of (theta_t - D), stored as above. At inference
+see methods/mediator.py's `mediator_expert_method`), S_t = top-rho of (theta_t - D), stored as above. At inference
 theta_t ~ D + S_t (`apply_sparse`).
 """
 
 from __future__ import annotations
 
-import functools
 import struct
-import threading
 from typing import Callable, Sequence
 
 import ml_dtypes
 import numpy as np
 
-from ..dtypes import float_type, from_float32
-from ..methods._topk import TopK, as_u32, block_size, chunks, flat, scratch
-from ..methods.base import Block, MergeMethod, Output, Stats, TensorParams
+from ..methods.base import Block, Output, Stats, TensorParams
+from ..ops.topk import TopK, as_u32, block_size, chunks, scratch
 
 MAGIC = b"SMSP"
 VERSION = 2
@@ -261,95 +258,8 @@ def check_tasks(tasks: Sequence[str]) -> list[str]:
     return tasks
 
 
-# ---------------------------------------------------------------------------------------------
-# Mediator's sparse experts
-
-_tls = threading.local()
-
-
-class _Experts:
-    def __init__(self, tasks: list[str], rho: float, dense_dtype: str | None):
-        self.tasks = tasks
-        self.rho = float(rho)
-        self.dense = None if dense_dtype is None else float_type(dense_dtype)
-        self.tk = TopK("experts.topk", self._values, self._plan)
-
-    def _plan(self, params: TensorParams, stats: Stats, n: int):
-        k = top_rho_k(self.rho, n)
-        return [(t, k) for t in range(len(self.tasks))]
-
-    def _mean(self, models: Sequence[np.ndarray], sl) -> np.ndarray:
-        """D at flat block positions `sl`: sum in task order from theta_1, / N, in float32."""
-        acc = np.array(flat(models[0])[sl], dtype=np.float32, copy=True)
-        for m in models[1:]:
-            acc += flat(m)[sl]
-        acc /= np.float32(len(models))
-        if self.dense is not None:
-            acc = from_float32(acc, self.dense).view(self.dense.logical).astype(np.float32)
-        return acc
-
-    def block_mean(self, block: Block) -> np.ndarray:
-        """D for the whole block, flat; cached per thread for the block object being worked on."""
-        c = getattr(_tls, "mean", None)
-        if c is not None and c[0] is block and c[1] is self:
-            return c[2]
-        D = self._mean(block.models, slice(None))
-        _tls.mean = (block, self, D)
-        return D
-
-    def _values(self, block: Block, params, stats, src: int, sl: slice, out):
-        if sl.step not in (None, 1):  # the sample: a strided subset
-            D = self._mean(block.models, sl)
-            d = np.subtract(flat(block.models[src])[sl], D, out=D)
-        else:
-            D = self.block_mean(block)
-            d = np.subtract(flat(block.models[src])[sl], D[sl], out=out)
-        return np.abs(d, out=d)
-
-    def merge(self, block: Block, params: TensorParams, stats: Stats) -> dict:
-        if len(block.models) != len(self.tasks):
-            raise ValueError(f"{block.tensor}: {len(block.models)} models for {len(self.tasks)} tasks")
-        D = self.block_mean(block)
-        out = {}
-        for t, task in enumerate(self.tasks):
-            mt = flat(block.models[t])
-
-            def diff(c0, c1, mt=mt):
-                return np.subtract(mt[c0:c1], D[c0:c1], out=scratch("sp.diff", c1 - c0))
-
-            off, val = select_block(block, self.tk, params, stats, t, diff)
-            out[task] = encode_sparse(off, val, mt.size)
-        _tls.mean = None
-        return out
-
-
-def mediator_expert_method(tasks: Sequence[str], rho: float, dense_dtype: str | None = None) -> MergeMethod:
-    """Mediator's per-task sparse experts of one routed tensor: merge returns {task: blob}.
-
-    Block.models are the N fine-tunes in task order (the base is not used). D is computed per
-    block as in the merged model's "mean" job; with `dense_dtype` (e.g. "bfloat16", the dtype
-    the dense expert is stored in) D is rounded to it first, so that the stored D plus S_t gives
-    theta_t back on the selected entries up to the bf16 rounding of S_t alone.
-    """
-    tasks = check_tasks(tasks)
-    if not 0 <= rho <= 1:
-        raise ValueError(f"rho must be within [0, 1], got {rho}")
-    # Imported here, not at the top: that module imports this one.
-    from ..kernels.sparse import mediator_experts
-
-    ex = _Experts(tasks, rho, dense_dtype)
-    return MergeMethod(
-        name="mediator.experts",
-        merge=ex.merge,
-        kernel=functools.partial(mediator_experts, ex.tasks, ex.rho, None if ex.dense is None else ex.dense.name),
-        base="unused",
-        passes=ex.tk.passes,
-        summary="Mediator sparse experts: top-rho of (theta_t - mean), per task, as sparse blobs",
-    )
-
-
 def expert_outputs(tasks: Sequence[str]) -> tuple[Output, ...]:
-    """The outputs of `mediator_expert_method`: one blob per task, named by the task."""
+    """The outputs of methods/mediator.py's `mediator_expert_method`: one blob per task, named by the task."""
     return tuple(Output(name=t, dtype="uint8", trailing=(), blob=True) for t in check_tasks(tasks))
 
 
@@ -382,7 +292,6 @@ __all__ = [
     "encode_sparse",
     "expert_block",
     "expert_outputs",
-    "mediator_expert_method",
     "select_block",
     "sparse_count",
     "top_rho_k",

@@ -1,4 +1,4 @@
-"""1bit-Merging's encode and fallback jobs on a device (encodings/onebit.py), whole tensors.
+"""1bit-Merging's encode and fallback jobs on a device (methods/onebit.py), whole tensors.
 
 The float32 operations are the numpy methods', in the same order: tau = theta_t - theta_0;
 sign bits tau >= 0 packed little-endian per row (1-D and 0-D tensors: per-block blobs by
@@ -11,7 +11,7 @@ float64 sums could change a bit. numpy's add.reduce sums each contiguous row pai
 accumulators, longer runs halved at a multiple of 8): the row sums are the same doubles. The
 per-tensor alpha then sums its GROUP-element group sums with math.fsum on the host, as the
 pass's reduce does, and the division, square root and float32 rounding are numpy's
-(`_scale_from`), so alpha and the per-row scales are bit-identical to the CPU path. Were numpy
+(`scale_from`), so alpha and the per-row scales are bit-identical to the CPU path. Were numpy
 to change its summation order, a float32 scale could differ (by one ulp) only where its float64
 sum, whose rounding error is ~1e-16 relative, falls that close to a float32 rounding boundary.
 """
@@ -25,6 +25,7 @@ import numpy as np
 
 from ..encodings import onebit as enc
 from ..encodings.sparse import top_rho_k
+from ..ops.consensus import consensus_torch, disjoint_mean_torch
 from . import DeviceTensor
 from .sparse import top_rho_blobs
 from .topk import magnitude_bits, topk_mask
@@ -113,7 +114,7 @@ def pairwise_rows(y):
 
 def moment_sums(t2d, scale: str) -> np.ndarray:
     """float64 row sums of |t| (absmean) or t^2 (rms) of a float32 (rows, n) tensor, as
-    encodings/onebit.py's `_moments` computes them; on the host."""
+    encodings/onebit.py's `moments` computes them; on the host."""
     import torch
 
     rows, n = t2d.shape
@@ -135,14 +136,14 @@ def tensor_alpha(tau, scale: str) -> float:
     if full < n:
         sums.append(moment_sums(f[full:].view(1, -1), scale))
     total = math.fsum(np.concatenate(sums)) if sums else 0.0
-    return float(enc._scale_from(total, n, scale))
+    return float(enc.scale_from(total, n, scale))
 
 
 def row_scales(tau2d, scale: str):
     """Per-row scales, float32 (rows,) on tau2d's device, as `encodings.onebit.row_scales`."""
     import torch
 
-    return torch.from_numpy(enc._scale_from(moment_sums(tau2d, scale), tau2d.shape[1], scale)).to(tau2d.device)
+    return torch.from_numpy(enc.scale_from(moment_sums(tau2d, scale), tau2d.shape[1], scale)).to(tau2d.device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,6 +175,26 @@ def pack_rows(mask):
     return (bits.view(rows, nbytes, 8) * weights).sum(-1, dtype=torch.uint8)
 
 
+def unpack_rows(packed, cols: int, rows: tuple[int, int] | None = None):
+    """0/1 uint8 (rows, cols) from `pack_rows` / `pack_signs` output (rows [r0, r1) when given):
+    np.unpackbits(..., bitorder="little") on the device."""
+    import torch
+
+    if rows is not None:
+        packed = packed[rows[0] : rows[1]]
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    bits = (packed.unsqueeze(-1) >> shifts) & 1
+    return bits.reshape(packed.shape[0], -1)[:, :cols]
+
+
+def scaled_signs(bits01, scale):
+    """+-1 * scale, float32, from 0/1 bits: `reconstruct_task`'s 1bit / 1bit-row (unpack_signs,
+    then the product; a zero scale gives -0 where the bit is 0, as on the host)."""
+    import torch
+
+    return bits01.to(torch.float32).mul_(2).sub_(1).mul_(scale)
+
+
 def _flat_bit_blobs(tau, x: DeviceTensor) -> list[bytes]:
     """1-D / 0-D sign bits: `pack_signs_flat` of each block's elements (a small tensor: on the host)."""
     t = tau.reshape(-1).cpu().numpy()
@@ -190,8 +211,8 @@ def _tau(x: DeviceTensor, s, rows: int, cols: int):
     return (x.models[s.index] - x.base).reshape(rows, cols)
 
 
-def _plus_minus(mask, a):
-    """+-a as mask * 2a - a, float32 (exact), as `encodings.onebit.plus_minus`."""
+def plus_minus(mask, a):
+    """+-a as mask * 2a - a, float32 (exact), as `encodings.onebit.plus_minus` (mask: bool or 0/1)."""
     return mask.float().mul_(a * 2).sub_(a)
 
 
@@ -202,20 +223,20 @@ def two_bit_fit(t, scale: str):
 
     m1 = t >= 0
     a1 = row_scales(t, "absmean")[:, None]
-    h1 = _plus_minus(m1, a1)
+    h1 = plus_minus(m1, a1)
     r = t - h1
     m2 = r >= 0
     a2 = row_scales(r, "absmean")[:, None]
     if scale == "absmean":
         return m1, m2, a1, a2
-    fit = h1.add_(_plus_minus(m2, a2))
+    fit = h1.add_(plus_minus(m2, a2))
     q_t, q_h = row_scales(t, "rms")[:, None], row_scales(fit, "rms")[:, None]
     f = torch.where(q_h > 0, q_t / torch.where(q_h > 0, q_h, 1.0), 1.0)
     return m1, m2, a1 * f, a2 * f
 
 
 def two_bit_hat(m1, m2, b1, b2):
-    return _plus_minus(m1, b1).add_(_plus_minus(m2, b2))
+    return plus_minus(m1, b1).add_(plus_minus(m2, b2))
 
 
 def _hat_maker(ob, s, x: DeviceTensor, rows: int, cols: int):
@@ -242,27 +263,6 @@ def _hat_maker(ob, s, x: DeviceTensor, rows: int, cols: int):
     return _bf16_round  # dense
 
 
-def _ties(hats):
-    """TIES over tau_hats in task order, as `encodings.onebit._ties_into`: s = their sum,
-    elected = +1 where s >= 0 else -1, an entry counts iff h * elected > 0, the counted entries
-    summed in order / their count (0 -> 1). `hats` is a function: hats() yields them afresh."""
-    total = None
-    for h in hats():
-        total = h if total is None else total.add_(h)
-    elected = (total >= 0) * 2.0 - 1.0
-    del total
-    merged = counts = None
-    for h in hats():
-        counted = (h * elected) > 0
-        if merged is None:
-            merged, counts = h.mul_(counted), counted.float()
-        else:
-            merged += h.mul_(counted)
-            counts += counted
-    counts += counts == 0  # no counted entry: divide by 1
-    return merged.div_(counts)
-
-
 # ---------------------------------------------------------------------------------------------
 # the kernels
 
@@ -273,7 +273,7 @@ def onebit_encode(ob, x: DeviceTensor, params) -> tuple[dict, dict]:
     outputs: {name: uint8 bits (rows, ceil(cols/8)) | float32 scales (rows,) | blobs per block |
     float32 tau for "dense"}, as `merge` returns them per block. stats: {"<task>.alpha": float}
     for the per-tensor 1-bit tasks, the alpha pass's stats, which exports and the router read
-    from the encode job (no pass runs on the device). `ob` is the method's encodings.onebit._OneBit.
+    from the encode job (no pass runs on the device). `ob` is the method's methods.onebit._OneBit.
     """
     _check(ob, x)
     rows, cols = _geometry(x)
@@ -311,6 +311,7 @@ def onebit_fallback(ob, lam: float, x: DeviceTensor, params):
         return x.base.clone()
     rows, cols = _geometry(x)
     makers = [(s, _hat_maker(ob, s, x, rows, cols)) for s in specs]
-    merged = _ties(lambda: (hat(_tau(x, s, rows, cols)) for s, hat in makers))
+    # the hats are rebuilt for each of the election's two passes instead of held at once
+    merged = disjoint_mean_torch(*consensus_torch(lambda: (hat(_tau(x, s, rows, cols)) for s, hat in makers)))
     merged *= float(np.float32(lam))
     return x.base + merged.view(x.base.shape)

@@ -3,7 +3,7 @@ della, della_linear (methods/ties.py, whose docstring defines them).
 
 Per model: tau = theta - base, its keep mask, the optional rescale, the weight; then TIES sign
 consensus or the plain sum, lambda, plus the base. The float32 operations and their order are
-those of `_Family.merge` and `_consensus` (comparisons may be rewritten: they round nothing), so
+those of `_Family.merge` and ops/consensus.py (comparisons may be rewritten: they round nothing), so
 the results are the same bits, with one exception, the L1 rescale:
 
     The CPU sums |tau| and |masked tau| in float64 in its own order (numpy's pairwise sums of
@@ -15,9 +15,9 @@ the results are the same bits, with one exception, the L1 rescale:
     sum, with odds of about 1e-16 / 6e-8 ~ 1e-8 per model and tensor on ordinary data.
 
 Masks, as the CPU passes select them:
-    magnitude (ties)          kernels/topk.py, k = _magnitude_k(density, n);
-    outliers (breadcrumbs*)   top-k2 minus top-k1, (k1, k2) = _outlier_ks(density, gamma, n);
-    random (dare_*, della*)   methods/_random.py's counter-based streams of numpy's PCG64: the
+    magnitude (ties)          kernels/topk.py, k = magnitude_k(density, n) (ops/sparsify.py);
+    outliers (breadcrumbs*)   top-k2 minus top-k1, (k1, k2) = outlier_ks(density, gamma, n);
+    random (dare_*, della*)   ops/random_streams.py's counter-based streams of numpy's PCG64: the
                               keep decisions (dare) and uniforms (della) are drawn on the CPU, in
                               chunks of HOST_CHUNK positions, and uploaded (1 byte per element for
                               dare, 4 for della); the device only compares. Generating PCG64 on
@@ -33,7 +33,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import StreammergeError
+from ..ops import random_streams
+from ..ops import sparsify as rules
+from ..ops.consensus import consensus_torch, disjoint_mean_torch
+from ..ops.sparsify import weight_sum
 from . import DeviceTensor
 from .topk import magnitude_bits, topk_mask
 
@@ -41,7 +44,7 @@ HOST_CHUNK = 1 << 24  # positions of a random stream drawn on the CPU and upload
 
 
 def family_kernel(spec):
-    """kernel(x, params) of the family's method `spec` (a methods.ties._Spec)."""
+    """kernel(x, params) of the family's method `spec` (an ops.sparsify.Spec)."""
 
     def kernel(x: DeviceTensor, params):
         return _merge(spec, x, params)
@@ -54,27 +57,23 @@ def family_kernel(spec):
 def _merge(spec, x: DeviceTensor, params):
     import torch
 
-    # Imported here, not at the top: methods/ties.py imports this module, and importing any
-    # method module first imports them all.
-    from ..methods import ties as fam
-
     base = x.base
     if not x.models:
         return base.clone()
     n = x.numel
     weights = [np.float32(w) for w in params.model_values("weight")]
-    dens = fam._densities(params)
+    dens = rules.densities(params)
     rescale = bool(params.globals["rescale"])
     l1 = rescale and params.globals["rescale_mode"] == "l1"
     ds = []
     for i, theta in enumerate(x.models):
         d = theta - base
-        state = fam._active(spec, dens[i], n)
+        state = rules.active(spec, dens[i], n)
         if state == "zero":
             d.mul_(0.0)
         elif state == "mask":
-            keep, div = _keep(fam, spec, x, params, i, d)
-            scale = _l1_scale(fam, d, keep) if l1 else None
+            keep, div = _keep(spec, x, params, i, d)
+            scale = _l1_scale(d, keep) if l1 else None
             d.mul_(keep)
             del keep
             if scale is not None:
@@ -101,31 +100,29 @@ def _scalar(value, like):
     return torch.tensor(float(value), dtype=torch.float32, device=like.device)
 
 
-def _keep(fam, spec, x: DeviceTensor, params, i: int, d):
+def _keep(spec, x: DeviceTensor, params, i: int, d):
     """(bool keep mask shaped like d, inverse_density divisor or None) of model i, as
     `_BlockMasks.mask` gives them for every chunk."""
     import torch
 
-    from ..methods import _random
-
-    density = fam._densities(params)[i]
+    density = rules.densities(params)[i]
     sparsify = spec.sparsify
-    if sparsify in (fam.MAGNITUDE, fam.OUTLIERS):
+    if sparsify in (rules.MAGNITUDE, rules.OUTLIERS):
         bits = magnitude_bits(d)
-        if sparsify == fam.MAGNITUDE:
-            keep = topk_mask(bits, fam._magnitude_k(density, x.numel))
+        if sparsify == rules.MAGNITUDE:
+            keep = topk_mask(bits, rules.magnitude_k(density, x.numel))
         else:
-            k1, k2 = fam._outlier_ks(density, float(params.per_model[i]["gamma"]), x.numel)
+            k1, k2 = rules.outlier_ks(density, float(params.per_model[i]["gamma"]), x.numel)
             keep = topk_mask(bits, k2)
             if k1 > 0:
                 keep &= ~topk_mask(bits, k1)
         return keep.view(d.shape), _scalar(np.float32(density), d)
-    key = _random.stream_key(params.seed, x.name, i, sparsify)
-    if sparsify == fam.RANDOM:
-        keep = _from_host(x, lambda start, count: _random.bernoulli_keep(key, start, count, density), torch.bool)
+    key = random_streams.stream_key(params.seed, x.name, i, sparsify)
+    if sparsify == rules.RANDOM:
+        keep = _from_host(x, lambda start, count: random_streams.bernoulli_keep(key, start, count, density), torch.bool)
         return keep.view(d.shape), (_scalar(np.float32(density), d) if density > 0 else None)
-    probs = _della_probs(fam, x, params, i, d)
-    uniforms = _from_host(x, lambda start, count: _random.uniform32(key, start, count), torch.float32)
+    probs = _della_probs(x, params, i, d)
+    uniforms = _from_host(x, lambda start, count: random_streams.uniform32(key, start, count), torch.float32)
     return torch.lt(uniforms.view(d.shape), probs), probs
 
 
@@ -140,37 +137,29 @@ def _from_host(x: DeviceTensor, draw, dtype):
     return out
 
 
-def _l1_scale(fam, d, keep):
+def _l1_scale(d, keep):
     """The l1 pass's float32 scale sum|tau| / sum|masked tau|, or None where it does not apply."""
     import torch
 
     mags = d.abs()
     before = np.float32(mags.sum(dtype=torch.float64).item())
     after = np.float32(mags.mul_(keep).sum(dtype=torch.float64).item())
-    if before < fam._EPS_RESCALE or after < fam._EPS_RESCALE:
+    if before < rules.EPS_RESCALE or after < rules.EPS_RESCALE:
         return None
     return before / after
 
 
-def _della_probs(fam, x: DeviceTensor, params, i: int, d):
+def _della_probs(x: DeviceTensor, params, i: int, d):
     """DELLA keep probabilities of model i: (density - eps) + rank_norm * 2 * eps in float32."""
     import torch
 
-    density = fam._densities(params)[i]
+    density = rules.densities(params)[i]
     eps = float(params.per_model[i]["epsilon"])
-    if density + eps >= 1 or density - eps <= 0:
-        raise StreammergeError(
-            f"{x.name}: della needs density +/- epsilon within (0, 1) "
-            f"(model {i}: density {density}, epsilon {eps})"
-        )
+    rules.check_della(x.name, i, density, eps)
     if len(x.shape) == 0:
         probs = torch.full_like(d, 0.5)
     elif len(x.shape) == 1:
-        if x.numel > fam.MAX_1D_RANKED:
-            raise StreammergeError(
-                f"{x.name}: della on a 1-D tensor of {x.numel} elements (ranks are tensor-wide; "
-                f"at most {fam.MAX_1D_RANKED} supported)"
-            )
+        rules.check_rank1d(x.name, x.numel)
         probs = _rank_norm(d.abs().view(1, -1)).view(d.shape)
     else:
         probs = _rank_norm(d.abs().movedim(1, -1)).movedim(-1, 1)
@@ -196,34 +185,11 @@ def _rank_norm(mags):
 
 
 def _consensus(ds: list, weights, normalize: bool):
-    """`_consensus` (and normalize) of methods/ties.py; frees each d of `ds` once used."""
-    import torch
-
-    if len(ds) == 1:
-        positive = ds[0] >= 0
-    else:
-        total = ds[0] + ds[1]
-        for d in ds[2:]:
-            total += d
-        positive = total >= 0
-        del total
-    merged = divisor = None
-    for i, w in enumerate(weights):
-        d, ds[i] = ds[i], None
-        # sign(d) == elected sign, which the CPU tests as d * (+1 or -1) > 0 (false for 0 and NaN)
-        agree = torch.where(positive, d > 0, d < 0)
-        if merged is None:
-            merged = d.mul_(agree)
-            divisor = agree * float(w)
-        else:
-            merged += d.mul_(agree)
-            divisor += agree * float(w)
-        del d, agree
+    """The consensus (and normalize) of `_Family.merge`: ops/consensus.py; the ds are consumed."""
+    merged, divisor = consensus_torch(lambda: ds, weights)
+    ds.clear()
     merged.add_(0.0)  # torch sums from +0: an all-zero sum is +0
-    if normalize:
-        divisor.add_(divisor == 0)
-        merged.div_(divisor)
-    return merged
+    return disjoint_mean_torch(merged, divisor) if normalize else merged
 
 
 def _sum(ds: list, weights, normalize: bool):
@@ -233,10 +199,5 @@ def _sum(ds: list, weights, normalize: bool):
         merged += d
     merged.add_(0.0)  # torch sums from +0: an all-zero sum is +0
     if normalize:
-        total = np.float32(0)
-        for w in weights:
-            total = np.float32(total + w)
-        if abs(total) < 1e-8:  # a zero divisor counts as 1
-            total = np.float32(1)
-        merged.div_(_scalar(total, merged))
+        merged.div_(_scalar(weight_sum(weights), merged))
     return merged

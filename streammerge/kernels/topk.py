@@ -1,4 +1,4 @@
-"""Exact top-k by magnitude on a device: the same selection as methods/_topk.py.
+"""Exact top-k by magnitude on a device: the same selection as ops/topk.py.
 
 The k largest entries in the order (value descending, flat index ascending): values compared as
 float32 bit patterns (non-negative floats order as their patterns; as int32 too, since the sign

@@ -16,7 +16,11 @@ random masks or tie-breaking.
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Literal, Mapping, Sequence
 
 import numpy as np
@@ -214,9 +218,32 @@ def register(method: MergeMethod) -> MergeMethod:
     return method
 
 
-def get_method(name: str) -> MergeMethod:
-    from . import _load_all  # noqa: F401  (importing the package registers every method)
+def load_methods() -> None:
+    """Import every method module of this package, which registers its methods.
 
+    A module is a method family when its name does not start with "_" and it is not one of the
+    infrastructure modules: adding a method is adding a file. The modules are found by name, at
+    the first lookup, so that nothing imported by a method (ops/, kernels/, encodings/) pulls in
+    the other methods or closes a circle through this package.
+    """
+    global _loaded
+    with _load_lock:  # engine threads look methods up by name (unpickling) concurrently
+        if _loaded:
+            return
+        package = __name__.rpartition(".")[0]
+        for info in pkgutil.iter_modules([str(Path(__file__).parent)]):
+            if not info.name.startswith("_") and info.name not in _INFRASTRUCTURE:
+                importlib.import_module(f"{package}.{info.name}")
+        _loaded = True
+
+
+_INFRASTRUCTURE = {"base", "inmemory"}
+_load_lock = threading.RLock()
+_loaded = False
+
+
+def get_method(name: str) -> MergeMethod:
+    load_methods()
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -224,6 +251,5 @@ def get_method(name: str) -> MergeMethod:
 
 
 def method_names() -> list[str]:
-    from . import _load_all  # noqa: F401
-
+    load_methods()
     return sorted(_REGISTRY)

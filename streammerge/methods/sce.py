@@ -17,14 +17,14 @@ index first). The weights are tensor-wide means: float64 sums here, float32 sums
 w_i can differ from mergekit's in the last bit (results agree to ~1e-7 relative).
 
 Passes: `sce.nnz` (count of non-zero variances, only with 0 < select_topk < 1), the five top-k
-passes over the variance (see _topk.py), `sce.weights` (sum of tau_i'^2 per model).
+passes over the variance (see ops/topk.py), `sce.weights` (sum of tau_i'^2 per model).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from ._topk import OptionalPass, TopK, block_size, flat, numel, scratch
+from ..ops.topk import OptionalPass, TopK, block_size, flat, numel, scratch
 from .base import Block, MergeMethod, Param, Stats, TensorParams, register
 from .ties import _F0, _F1, _F2, row_chunks
 

@@ -33,20 +33,20 @@ int8_mask (false; mergekit's mask dtype, no numerical effect). One addition:
 
 Sparsification:
   magnitude (ties)  exact top-k of |tau|, k = max(1, int(density*n)) over the whole tensor
-                    (density >= 1: dense; density <= 0: all dropped). See _topk.py.
+                    (density >= 1: dense; density <= 0: all dropped). See ops/topk.py.
   magnitude_outliers (breadcrumbs*)  ascending-sort positions [n_bot, n_bot + int(density*n))
                     with n_bot = max(0, n - int(density*n) - int(gamma*n)) are kept: two exact
                     top-k selections (the entries ranked below k1 = n - n_bot - target and
                     within k2 = n - n_bot, in descending order).
   random (dare_*)   keep with probability density, from a counter-based hash of
-                    (seed, tensor, model, flat index): see _random.py.
+                    (seed, tensor, model, flat index): see random_streams.py.
   della_magprune    per row (axis 1, as mergekit; a 1-D tensor is one row), keep probability
                     p = (density - eps) + 2 eps * rank/(len-1), rank of |tau| ascending
                     (ties by index); mergekit errors on rows of one element, we use p = density.
 
 Passes (static; each is an OptionalPass whose `needed` says when it has no work):
   ties, breadcrumbs, breadcrumbs_ties: "<name>.topk.sample", "<name>.topk.select0" (collect),
-      "<name>.topk.select1..3" (refinements: only after a bracket miss; see _topk.py), "l1"
+      "<name>.topk.select1..3" (refinements: only after a bracket miss; see ops/topk.py), "l1"
       (only with rescale in l1 mode). One selection per model for ties, two for breadcrumbs*.
   dare_ties, dare_linear: "l1" (only with rescale in l1 mode; it is the default for dare).
   della, della_linear: "della1d" (1-D tensors only: their single row spans the whole tensor, so
@@ -56,27 +56,32 @@ Every map returns O(1) numbers (or the bounded top-k candidates); merge is one r
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
-from ..errors import StreammergeError
 from ..kernels import ties as kernels
-from . import _random
-from ._topk import CHUNK, Keeper, OptionalPass, TopK, block_size, flat, numel, scratch
+from ..ops import random_streams
+from ..ops.consensus import consensus, disjoint_mean, sum_into
+from ..ops.sparsify import (
+    DELLA,
+    EPS_RESCALE,
+    MAGNITUDE,
+    OUTLIERS,
+    RANDOM,
+    Spec,
+    active,
+    check_della,
+    check_rank1d,
+    densities,
+    magnitude_k,
+    outlier_ks,
+    weight_sum,
+)
+from ..ops.topk import CHUNK, Keeper, OptionalPass, TopK, block_size, flat, numel, scratch
 from .base import Block, MergeMethod, Param, Pass, Stats, TensorParams, register
-
-MAGNITUDE = "magnitude"
-RANDOM = "random"
-OUTLIERS = "magnitude_outliers"
-DELLA = "della_magprune"
-
-MAX_1D_RANKED = 1 << 22  # della on a 1-D tensor keeps its ranks in stats
 
 _F0 = np.float32(0)
 _F1 = np.float32(1)
 _F2 = np.float32(2)
-_EPS_RESCALE = 1e-7
 
 
 def row_chunks(block: Block, nb: int):
@@ -89,47 +94,7 @@ def row_chunks(block: Block, nb: int):
 
 
 # ---------------------------------------------------------------------------------------------
-# per-model sparsification plan
-
-
-@dataclass(frozen=True)
-class _Spec:
-    name: str
-    consensus: bool
-    sparsify: str
-    default_normalize: bool
-    default_rescale: bool
-
-
-def _densities(params: TensorParams) -> list[float]:
-    return [float(d) for d in params.model_values("density")]
-
-
-def _magnitude_k(density: float, n: int) -> int:
-    return max(1, int(density * n))
-
-
-def _outlier_ks(density: float, gamma: float, n: int) -> tuple[int, int]:
-    """Descending ranks [k1, k2) kept by mergekit's magnitude_outliers (k1 == k2: none)."""
-    target = int(density * n)
-    n_top = int(gamma * n)
-    n_bot = max(0, n - target - n_top)
-    hi = min(n, max(n_bot, n_bot + target))  # python slice [n_bot : n_bot + target], clamped
-    lo = min(n, n_bot)
-    if hi <= lo:
-        return 0, 0
-    return n - hi, n - lo
-
-
-def _active(spec: _Spec, density: float, n: int) -> str:
-    """'dense' (untouched), 'zero' (all dropped) or 'mask'."""
-    if density >= 1:
-        return "dense"
-    if spec.sparsify == MAGNITUDE:
-        return "zero" if (density <= 0 or n == 0) else "mask"
-    if spec.sparsify == DELLA:
-        return "zero" if density <= 0 else "mask"
-    return "mask"
+# per-model sparsification (the rules: ops/sparsify.py)
 
 
 def _abs_delta(block: Block, i: int, sl: slice, out: np.ndarray | None = None) -> np.ndarray:
@@ -140,7 +105,7 @@ def _abs_delta(block: Block, i: int, sl: slice, out: np.ndarray | None = None) -
 class _Family:
     """Everything one method of the family needs: passes, per-block masks, merge."""
 
-    def __init__(self, spec: _Spec):
+    def __init__(self, spec: Spec):
         self.spec = spec
         self.topk = None
         if spec.sparsify in (MAGNITUDE, OUTLIERS):
@@ -153,15 +118,15 @@ class _Family:
 
     def _plan(self, params: TensorParams, stats: Stats, n: int) -> list[tuple[int, int]]:
         out = []
-        dens = _densities(params)
+        dens = densities(params)
         for i, d in enumerate(dens):
-            if _active(self.spec, d, n) != "mask":
+            if active(self.spec, d, n) != "mask":
                 continue
             if self.spec.sparsify == MAGNITUDE:
-                out.append((i, _magnitude_k(d, n)))
+                out.append((i, magnitude_k(d, n)))
             else:
                 gamma = float(params.per_model[i]["gamma"])
-                k1, k2 = _outlier_ks(d, gamma, n)
+                k1, k2 = outlier_ks(d, gamma, n)
                 out.append((i, k1))
                 out.append((i, k2))
         return out
@@ -179,7 +144,7 @@ class _Family:
     def _l1_models(self, params: TensorParams, n: int) -> list[int]:
         if not params.globals["rescale"] or params.globals["rescale_mode"] != "l1":
             return []
-        return [i for i, d in enumerate(_densities(params)) if _active(self.spec, d, n) == "mask"]
+        return [i for i, d in enumerate(densities(params)) if active(self.spec, d, n) == "mask"]
 
     def _l1_needed(self, params, stats) -> bool:
         return bool(params.globals["rescale"]) and params.globals["rescale_mode"] == "l1"
@@ -215,7 +180,7 @@ class _Family:
         for r in range(len(models)):
             before = np.float32(total[r, 0])
             after = np.float32(total[r, 1])
-            if not (before < _EPS_RESCALE or after < _EPS_RESCALE):
+            if not (before < EPS_RESCALE or after < EPS_RESCALE):
                 scale[r] = before / after  # float32 / float32, as mergekit
                 apply[r] = True
         return {
@@ -231,14 +196,10 @@ class _Family:
         if len(block.shape) != 1:
             return None
         n = numel(block.shape)
-        models = [i for i, d in enumerate(_densities(params)) if _active(self.spec, d, n) == "mask"]
+        models = [i for i, d in enumerate(densities(params)) if active(self.spec, d, n) == "mask"]
         if not models:
             return None
-        if n > MAX_1D_RANKED:
-            raise StreammergeError(
-                f"{block.tensor}: della on a 1-D tensor of {n} elements (ranks are tensor-wide; "
-                f"at most {MAX_1D_RANKED} supported)"
-            )
+        check_rank1d(block.tensor, n)
         return {i: _abs_delta(block, i, slice(None)) for i in models}
 
     def _rank1d_reduce(self, partials, params, stats):
@@ -260,8 +221,8 @@ class _Family:
         nb = block_size(block)
         N = len(block.models)
         weights = [np.float32(w) for w in params.model_values("weight")]
-        dens = _densities(params)
-        states = [_active(self.spec, d, n) for d in dens]
+        dens = densities(params)
+        states = [active(self.spec, d, n) for d in dens]
         ctx = _BlockMasks(self, block, params, stats)
         rescale = bool(params.globals["rescale"])
         mode = params.globals["rescale_mode"]
@@ -278,12 +239,7 @@ class _Family:
         bflat = flat(base)
         oflat = flat(out)
         mflat = [flat(m) for m in block.models]
-        # linear divisor: sum of weights in float32 from 0, |d| < 1e-8 counts as 1
-        lin_div = np.float32(0)
-        for w in weights:
-            lin_div = np.float32(lin_div + w)
-        if abs(lin_div) < 1e-8:
-            lin_div = _F1
+        lin_div = weight_sum(weights)
 
         for c0, c1 in row_chunks(block, nb):
             L = c1 - c0
@@ -309,11 +265,11 @@ class _Family:
                 ds.append(d)
             S = scratch("S", L)
             if self.spec.consensus:
-                D = scratch("D", L)
-                _consensus(ds, weights, S, D)
+                D, mb = scratch("D", L), scratch("mb", L, bool)
+                consensus(ds, sum_into(ds, scratch("sw", L)), S, D, mb, scratch("x", L), weights)
+                np.add(S, _F0, out=S)  # torch sums from +0: an all-zero sum is +0
                 if normalize:
-                    np.add(D, np.equal(D, 0, out=scratch("mb", L, bool)), out=D)
-                    np.divide(S, D, out=S)
+                    disjoint_mean(S, D, mb)
             else:
                 np.copyto(S, ds[0])
                 for d in ds[1:]:
@@ -325,40 +281,6 @@ class _Family:
                 np.multiply(S, lam32, out=S)
             np.add(b, S, out=oflat[c0:c1])
         return out
-
-
-def _consensus(ds: list[np.ndarray], weights, S: np.ndarray, D: np.ndarray) -> None:
-    """TIES sign consensus in mergekit's float32 order (ds are modified).
-
-    S = sum_i d_i * [sign(d_i) == elected], D = sum_i w_i * [sign(d_i) == elected],
-    elected = +1 where sum_i d_i >= 0 else -1; sums in model order from +0.
-    """
-    L = S.size
-    sw = scratch("sw", L)
-    if len(ds) == 1:
-        np.copyto(sw, ds[0])
-    else:
-        np.add(ds[0], ds[1], out=sw)
-        for d in ds[2:]:
-            np.add(sw, d, out=sw)
-    mb = scratch("mb", L, bool)
-    np.greater_equal(sw, 0, out=mb)
-    sgn = sw  # reuse: +1 / -1
-    np.multiply(mb, _F2, out=sgn)
-    np.subtract(sgn, _F1, out=sgn)
-    x = scratch("x", L)
-    for i, d in enumerate(ds):
-        np.multiply(d, sgn, out=x)
-        np.greater(x, 0, out=mb)  # sign(d) == elected (false for 0 and NaN)
-        if i == 0:
-            np.multiply(d, mb, out=S)
-            np.multiply(mb, weights[0], out=D)
-        else:
-            np.multiply(d, mb, out=d)
-            np.add(S, d, out=S)
-            np.multiply(mb, weights[i], out=x)
-            np.add(D, x, out=D)
-    np.add(S, _F0, out=S)  # torch sums from +0: an all-zero sum is +0
 
 
 def _rank_norm(mags: np.ndarray) -> np.ndarray:
@@ -404,8 +326,8 @@ class _BlockMasks:
         self.spec = fam.spec
         self.n = numel(block.shape)
         self._keepers: dict[int, list[Keeper]] | None = None
-        self.streams: dict[int, _random.Stream] = {}  # per model: one seeding per block
-        self.dens = _densities(params)
+        self.streams: dict[int, random_streams.Stream] = {}  # per model: one seeding per block
+        self.dens = densities(params)
 
     def keepers(self, i: int) -> list[Keeper]:
         if self._keepers is None:
@@ -445,8 +367,8 @@ class _BlockMasks:
             return m, div
         stream = self.streams.get(i)
         if stream is None:
-            key = _random.stream_key(self.params.seed, self.block.tensor, i, self.spec.sparsify)
-            stream = self.streams[i] = _random.Stream(key)
+            key = random_streams.stream_key(self.params.seed, self.block.tensor, i, self.spec.sparsify)
+            stream = self.streams[i] = random_streams.Stream(key)
         if sp == RANDOM:
             dens = self.dens[i]
             m = stream.bernoulli_keep(p0, L, dens, out=scratch("keep", L, bool))
@@ -454,11 +376,7 @@ class _BlockMasks:
         # della
         eps = float(self.params.per_model[i]["epsilon"])
         dens = self.dens[i]
-        if dens + eps >= 1 or dens - eps <= 0:
-            raise StreammergeError(
-                f"{self.block.tensor}: della needs density +/- epsilon within (0, 1) "
-                f"(model {i}: density {dens}, epsilon {eps})"
-            )
+        check_della(self.block.tensor, i, dens, eps)
         shape = self.block.shape
         if len(shape) >= 2:
             mags = d if absolute else np.abs(d)
@@ -476,7 +394,7 @@ class _BlockMasks:
         return np.less(u, probs, out=scratch("keep", L, bool)), probs
 
 
-def _make(spec: _Spec) -> MergeMethod:
+def _make(spec: Spec) -> MergeMethod:
     fam = _Family(spec)
     params = [
         Param("weight", float, scope="model", help="this model's task-vector coefficient"),
@@ -520,13 +438,13 @@ def _make(spec: _Spec) -> MergeMethod:
 
 
 SPECS = (
-    _Spec("ties", True, MAGNITUDE, True, False),
-    _Spec("dare_ties", True, RANDOM, False, True),
-    _Spec("dare_linear", False, RANDOM, False, True),
-    _Spec("breadcrumbs", False, OUTLIERS, False, False),
-    _Spec("breadcrumbs_ties", True, OUTLIERS, False, False),
-    _Spec("della", True, DELLA, True, True),
-    _Spec("della_linear", False, DELLA, False, True),
+    Spec("ties", True, MAGNITUDE, True, False),
+    Spec("dare_ties", True, RANDOM, False, True),
+    Spec("dare_linear", False, RANDOM, False, True),
+    Spec("breadcrumbs", False, OUTLIERS, False, False),
+    Spec("breadcrumbs_ties", True, OUTLIERS, False, False),
+    Spec("della", True, DELLA, True, True),
+    Spec("della_linear", False, DELLA, False, True),
 )
 
 METHODS = {s.name: register(_make(s)) for s in SPECS}

@@ -23,11 +23,13 @@ import numpy as np
 
 from ..analysis.conflict import conflict_method
 from ..analysis.summary import layer_index, module_kind
-from ..encodings.onebit import onebit_encode_method, onebit_fallback_method, onebit_outputs
-from ..encodings.sparse import expert_outputs, mediator_expert_method
+from ..encodings.onebit import onebit_outputs
+from ..encodings.sparse import expert_outputs
 from ..errors import RecipeError
 from ..kernels import linear as linear_kernels
 from ..methods import Block, MergeMethod, TensorParams, get_method
+from ..methods.mediator import mediator_expert_method
+from ..methods.onebit import onebit_encode_method, onebit_fallback_method
 from .planner import Plan, TensorJob
 
 KINDS = ("attention", "mlp", "norm", "embedding", "other")

@@ -13,7 +13,8 @@ The pieces are read from the store once and kept on the device in compact form:
             dense task vectors.
 
 A build reproduces the float32 arithmetic of `export --variant task:NAME` operation by
-operation (encodings/sparse.py `apply_sparse`, encodings/onebit.py `dynamic_merge_block`):
+operation (encodings/sparse.py `apply_sparse`, encodings/onebit.py `dynamic_merge_block`), with
+the torch decoding of kernels/onebit.py and the sign election of ops/consensus.py (`ties_torch`):
 elementwise IEEE float32 ops with no reassociation, so the result, rounded to the store's dtype
 (nearest even, as the export writes it), is bit-identical to the exported tensor; it is then cast
 to the model's compute dtype.
@@ -31,6 +32,9 @@ from ..dtypes import float_type
 from ..encodings.onebit import packed_cols, resolve_precision, unpack_signs_flat
 from ..encodings.sparse import decode_sparse
 from ..errors import StreammergeError
+from ..kernels.onebit import scaled_signs, two_bit_hat
+from ..kernels.onebit import unpack_rows as _unpack
+from ..ops.consensus import ties_torch
 from .decision import Decision
 from .runtime import require_torch, torch_dtype
 
@@ -165,22 +169,15 @@ class _TaskPiece:
         shape = tuple(shape)
         r0, r1 = rows if rows is not None else (0, shape[0] if shape else 1)
         out_shape = (r1 - r0, *shape[1:]) if rows is not None else shape
+        def row_scale(name):
+            return (p[name] if rows is None else p[name][r0:r1]).reshape(-1, 1)
+
         if self.kind in ("1bit", "1bit-row"):
-            s = _unpack(p["bits"], p["cols"], rows).to(torch.float32)
-            s.mul_(2).sub_(1)
-            if self.kind == "1bit":
-                s.mul_(p["alpha"])
-            else:
-                sc = p["scale"] if rows is None else p["scale"][r0:r1]
-                s.mul_(sc.reshape(-1, 1))
-            return s.reshape(out_shape)
-        if self.kind == "2bit":  # +-b1 + +-b2, each as mask * 2b - b (encodings/onebit.py `two_bit_hat`)
-            h = None
-            for bits, scale in (("bits", "scale"), ("bits2", "scale2")):
-                b = (p[scale] if rows is None else p[scale][r0:r1]).reshape(-1, 1)
-                pm = _unpack(p[bits], p["cols"], rows).to(torch.float32).mul_(b * 2).sub_(b)
-                h = pm if h is None else h.add_(pm)
-            return h.reshape(out_shape)
+            scale = p["alpha"] if self.kind == "1bit" else row_scale("scale")
+            return scaled_signs(_unpack(p["bits"], p["cols"], rows), scale).reshape(out_shape)
+        if self.kind == "2bit":
+            m1, m2 = (_unpack(p[bits], p["cols"], rows) for bits in ("bits", "bits2"))
+            return two_bit_hat(m1, m2, row_scale("scale"), row_scale("scale2")).reshape(out_shape)
         n = int(np.prod(out_shape, dtype=np.int64)) if out_shape else 1
         if self.kind == "sparse":
             flat = torch.zeros(n, dtype=torch.float32, device=device)
@@ -199,16 +196,6 @@ class _TaskPiece:
             elif hasattr(v, "element_size"):
                 n += v.numel() * v.element_size()
         return n
-
-
-def _unpack(packed, cols: int, rows: tuple[int, int] | None):
-    """0/1 uint8 (rows, cols) of little-endian packed bits (rows [r0, r1) when given)."""
-    torch, _ = require_torch()
-    if rows is not None:
-        packed = packed[rows[0] : rows[1]]
-    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
-    bits = (packed.unsqueeze(-1) >> shifts) & 1
-    return bits.reshape(packed.shape[0], -1)[:, :cols]
 
 
 CHUNK_ELEMENTS = 1 << 24  # a 1bit build works on row ranges of about this many elements
@@ -334,27 +321,6 @@ class OneBitWeights(WeightBuilder):
     def device_bytes(self) -> int:
         n = sum(b.numel() * b.element_size() for b in self.base.values())
         return n + sum(pc.nbytes for ps in self.pieces.values() for pc in ps.values() if pc is not None)
-
-
-def ties_torch(hats):
-    """TIES over float32 tau_hats, exactly encodings/onebit.py `_ties_into`: s = sum in order;
-    elected = +1 where s >= 0 else -1; an entry counts iff h * elected > 0; sum of the counted
-    entries in order / their count (0 -> 1)."""
-    torch, _ = require_torch()
-    s = hats[0].clone()
-    for h in hats[1:]:
-        s.add_(h)
-    elected = (s >= 0).to(torch.float32).mul_(2).sub_(1)
-    S = D = None
-    for h in hats:
-        mb = ((h * elected) > 0).to(torch.float32)
-        if S is None:
-            S, D = h * mb, mb
-        else:
-            S.add_(h * mb)
-            D.add_(mb)
-    D.add_((D == 0).to(torch.float32))
-    return S.div_(D)
 
 
 def make_builder(store, method: dict, device, dtype, merged: Callable[[str], object]) -> WeightBuilder:

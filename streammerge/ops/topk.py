@@ -78,7 +78,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..errors import StreammergeError
-from .base import Block, Pass, Stats, TensorParams
+from ..methods.base import Block, Pass, Stats, TensorParams
 
 SAMPLE_TARGET = 1 << 18  # about this many samples per tensor (one of < 2 * SAMPLE_TARGET: all)
 SAMPLE_ROWS = 256  # rows sampled at least (all, in a tensor with fewer)
