@@ -58,3 +58,23 @@ def from_float32(values: np.ndarray, ftype: FloatType) -> np.ndarray:
     if ftype is F32:
         return values
     return values.astype(ftype.logical).view(ftype.storage)
+
+
+def round_to(values: np.ndarray, ftype: FloatType) -> np.ndarray:
+    """float32 values rounded to `ftype` (nearest even) and back: what a store of `ftype` returns."""
+    return np.asarray(values, dtype=np.float32).astype(ftype.logical).astype(np.float32)
+
+
+# torch is imported inside these: importing this module never imports torch.
+
+
+def torch_dtype(name: str):
+    """The torch dtype of a canonical dtype name ("bfloat16", "float16", "float32")."""
+    import torch
+
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[float_type(name).name]
+
+
+def round_to_torch(t, name: str):
+    """`round_to` on a float32 torch tensor: rounded to dtype `name` (nearest even), float32 again."""
+    return t.to(torch_dtype(name)).float()

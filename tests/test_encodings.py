@@ -25,7 +25,6 @@ from streammerge.encodings.onebit import (
 )
 from streammerge.encodings.sparse import (
     apply_sparse,
-    bf16_round,
     decode_sparse,
     encode_sparse,
     expert_block,
@@ -36,6 +35,11 @@ from streammerge.methods.mediator import mediator_expert_method
 from streammerge.methods.onebit import onebit_encode_method, onebit_fallback_method
 
 P = TensorParams({}, ())
+
+
+def bf16_round(x):
+    """float32 -> nearest-even bfloat16 -> float32, by ml_dtypes (the reference rounding)."""
+    return np.asarray(x, np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,35 +15,18 @@ are equal. The page cache still serves repeated reads of a block.
 from __future__ import annotations
 
 import os
-import threading
 
 import numpy as np
 
+from ..buffers import thread_buffer
 from ..dtypes import float_type, to_float32
 from ..errors import CheckpointError
-
-_tls = threading.local()
+from ..geometry import block_shape, num_rows, row_elems  # noqa: F401  (the engine's row view)
 
 
 def _raw_buffer(nbytes: int) -> np.ndarray:
-    """A per-thread byte buffer of at least `nbytes` (fresh memory is slow to touch here)."""
-    buf = getattr(_tls, "raw", None)
-    if buf is None or buf.size < nbytes:
-        buf = _tls.raw = np.empty(max(nbytes, 1), dtype=np.uint8)
-    return buf[:nbytes]
-
-
-def row_elems(shape: tuple[int, ...]) -> int:
-    """Elements per row: a 0-d tensor is one row of one element; 1-D tensors have 1-element rows."""
-    return int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1
-
-
-def num_rows(shape: tuple[int, ...]) -> int:
-    return shape[0] if len(shape) >= 1 else 1
-
-
-def block_shape(shape: tuple[int, ...], r0: int, r1: int) -> tuple[int, ...]:
-    return (r1 - r0, *shape[1:]) if len(shape) >= 1 else (1,)
+    """This thread's byte buffer for raw reads (fresh memory is slow to touch here)."""
+    return thread_buffer("checkpoints.raw", nbytes, np.uint8)
 
 
 def read_rows(handle, r0: int, r1: int, out: np.ndarray) -> np.ndarray:
@@ -171,9 +154,7 @@ _CHECK_CHUNK = 1 << 18  # elements converted then checked at a time (1 MiB of fl
 
 def _convert_checked(raw: np.ndarray, ftype, dest: np.ndarray, handle, first: int) -> None:
     """to_float32 of flat `raw` into flat `dest`, raising CheckpointError at the first NaN/Inf."""
-    ok = getattr(_tls, "ok", None)
-    if ok is None:
-        ok = _tls.ok = np.empty(_CHECK_CHUNK, dtype=bool)
+    ok = thread_buffer("checkpoints.finite", _CHECK_CHUNK, bool)
     n = raw.shape[0]
     for s in range(0, n, _CHECK_CHUNK):
         e = min(n, s + _CHECK_CHUNK)

@@ -44,7 +44,7 @@ Conventions
 
 Merges (float32, tasks in the given order; tau_hat_t = the reconstruction of task t)
 ------
-* TIES over tau_hats (`ties_merge`): s = sum_t tau_hat_t; elected = +1 where s >= 0 else -1;
+* TIES over tau_hats (`ties_merge`, ops/consensus.py): s = sum_t tau_hat_t; elected = +1 where s >= 0 else -1;
   an entry counts iff tau_hat_t * elected > 0 (so zeros never count); merged = sum of counted
   entries / their count (count 0 -> divide by 1, result 0). Trimming: 1-bit vectors have one
   magnitude per tensor (or row), so a top-k trim is a no-op and none is done; sparse ones are
@@ -55,6 +55,10 @@ Merges (float32, tasks in the given order; tau_hat_t = the reconstruction of tas
   dropped}); when k is dropped for this tensor the first term is theta_0 alone.
 The fallback is computed from the fine-tunes with exactly the arithmetic of `reconstruct_task`
 on the stored encodings, so both agree bit for bit.
+
+This module is the format; the jobs that write it (`onebit_encode_method`,
+`onebit_fallback_method`) are built in methods/onebit.py, with kernels/onebit.py as their
+device path.
 """
 
 from __future__ import annotations
@@ -66,9 +70,11 @@ from typing import Any, Mapping, Sequence
 import ml_dtypes
 import numpy as np
 
+from ..dtypes import BF16, round_to
+from ..geometry import block_shape, row_elems
 from ..methods.base import Output, Stats
 from ..ops.consensus import ties_merge
-from .sparse import apply_sparse, bf16_round, check_tasks
+from .sparse import apply_sparse, check_tasks
 
 SCALES = ("absmean", "rms")
 GRANULARITIES = ("tensor", "row")
@@ -82,13 +88,8 @@ _BF16 = np.dtype(ml_dtypes.bfloat16)
 # shapes, signs, scales
 
 
-def cols_of(shape: Sequence[int]) -> int:
-    """Elements per row for packing: prod(shape[1:]) for ndim >= 2; 1-D and 0-D: 1 (see module doc)."""
-    return int(np.prod(shape[1:], dtype=np.int64)) if len(shape) >= 2 else 1
-
-
 def packed_cols(shape: Sequence[int]) -> int:
-    return -(-cols_of(shape) // 8)
+    return -(-row_elems(shape) // 8)
 
 
 def pack_signs(tau2d: np.ndarray) -> np.ndarray:
@@ -326,10 +327,6 @@ def fallback_merge_block(base: np.ndarray, taus_hat: Mapping[str, np.ndarray | N
 # reconstruction from stored pieces
 
 
-def _block_shape(shape: Sequence[int], rows: int) -> tuple[int, ...]:
-    return (rows, *shape[1:]) if len(shape) >= 1 else (1,)
-
-
 def reconstruct_task(
     precision: str,
     shape: Sequence[int],
@@ -355,14 +352,14 @@ def reconstruct_task(
     """
     shape = tuple(shape)
     kind, _ = resolve_precision(precision, granularity, shape, 0.0)
-    bshape = _block_shape(shape, rows)
+    bshape = block_shape(shape, 0, rows)
     nb = int(np.prod(bshape, dtype=np.int64))
     if kind == "drop":
         return None
     if kind == "2bit":
         if bits is None or bits2 is None or scale is None or scale2 is None:
             raise ValueError("2bit: bits, bits2, scale and scale2 are needed")
-        cols = cols_of(shape)
+        cols = row_elems(shape)
         m1, m2 = (np.unpackbits(np.asarray(b, dtype=np.uint8).reshape(rows, -1), axis=1, count=cols, bitorder="little") for b in (bits, bits2))
         b1, b2 = (np.asarray(x, dtype=np.float32).reshape(rows, 1) for x in (scale, scale2))
         return two_bit_hat(m1, m2, b1, b2).reshape(bshape)
@@ -370,7 +367,7 @@ def reconstruct_task(
         if bits is None:
             raise ValueError(f"{kind}: bits are needed")
         if len(shape) >= 2:
-            cols = cols_of(shape)
+            cols = row_elems(shape)
             s = unpack_signs(np.asarray(bits, dtype=np.uint8).reshape(rows, -1), cols)
         else:
             s = unpack_signs_flat(bits, nb).reshape(nb, 1)
@@ -394,7 +391,7 @@ def reconstruct_task(
     d = np.asarray(dense)
     if d.dtype == np.uint16:
         d = d.view(_BF16)
-    out = bf16_round(d.astype(np.float32)) if d.dtype != _BF16 else d.astype(np.float32)
+    out = round_to(d, BF16) if d.dtype != _BF16 else d.astype(np.float32)
     return out.reshape(bshape)
 
 
@@ -430,7 +427,6 @@ __all__ = [
     "KINDS",
     "SCALES",
     "TaskSpec",
-    "cols_of",
     "dynamic_merge_block",
     "fallback_merge_block",
     "onebit_outputs",

@@ -61,11 +61,6 @@ MAX_BLOCK = (1 << 31) - 1
 _BF16 = np.dtype(ml_dtypes.bfloat16)
 
 
-def bf16_round(x: np.ndarray) -> np.ndarray:
-    """float32 -> nearest-even bfloat16 -> float32 (what a bf16 store gives back)."""
-    return np.asarray(x, dtype=np.float32).astype(_BF16).astype(np.float32)
-
-
 # ---------------------------------------------------------------------------------------------
 # blob format
 
@@ -285,7 +280,6 @@ __all__ = [
     "MAGIC",
     "VERSION",
     "apply_sparse",
-    "bf16_round",
     "bitmask_bytes",
     "choose_layout",
     "decode_sparse",

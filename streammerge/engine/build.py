@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..buffers import thread_buffer as buffer
 from ..checkpoints.blocks import block_shape, convert, read_raw, read_rows, read_rows_at
 from ..dtypes import float_type
 from ..fsutil import store_writers
@@ -22,7 +23,6 @@ from ..methods.base import Output, row_group_elems
 from ..plan.planner import Plan, TensorJob
 from ..store.store import Store
 from .scheduler import run_graph
-from .workspace import buffer
 
 
 @dataclass

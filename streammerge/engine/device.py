@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..checkpoints.blocks import nonfinite_error, read_raw
-from ..dtypes import float_type
+from ..dtypes import float_type, torch_dtype
 from ..errors import StreammergeError
 from ..kernels import DeviceTensor
 from ..plan.planner import TensorJob
@@ -172,8 +172,8 @@ def _thread_resources(device: str, block_bytes: int):
 def _torch_storage(ftype_name: str):
     import torch
 
-    return {"bfloat16": (torch.int16, torch.bfloat16), "float16": (torch.float16, torch.float16),
-            "float32": (torch.float32, torch.float32)}[ftype_name]
+    value = torch_dtype(ftype_name)
+    return (torch.int16 if value == torch.bfloat16 else value), value  # bf16 travels as its bits
 
 
 def _upload(job: TensorJob, device: str, stream, staging: _Staging):

@@ -23,7 +23,7 @@ import numpy as np
 from ..analysis.summary import module_kind
 from ..checkpoints import open_model
 from ..checkpoints.blocks import read_rows, row_elems
-from ..dtypes import float_type, to_float32
+from ..dtypes import BF16, float_type, from_float32, to_float32
 from ..encodings.onebit import dynamic_merge_block, reconstruct_from_outputs, unpack_signs_flat
 from ..encodings.sparse import apply_sparse, decode_sparse
 from ..errors import StreammergeError
@@ -156,7 +156,7 @@ def _routing_tensors(store: Store) -> list[tuple[TensorSpec, callable]]:
                     for b in range(nblocks):
                         off, val = decode_sparse(store.read_blob(path, b))
                         w.write(f"{base_name}.index", pos * 8, off.astype(np.int64) + b * br * re_)
-                        w.write(f"{base_name}.value", pos * 2, val.astype(float_type("bfloat16").logical).view(np.uint16))
+                        w.write(f"{base_name}.value", pos * 2, from_float32(val, BF16))
                         pos += counts[b]
 
                 items.append((TensorSpec(f"{base_name}.index", "I64", (k,), 8 * k), write_sparse))

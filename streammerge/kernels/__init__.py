@@ -17,6 +17,10 @@ float32 operations in the same order as the numpy method, so outputs are bit-ide
 method whose kernel cannot be (a sum whose order differs) says by how much in its docstring.
 
 Modules here import torch inside their functions: importing a method never imports torch.
+
+Arrows: kernels import the rules they share with the numpy methods from ops/ (sparsification,
+the torch sign election, random streams) and the formats they write from encodings/; they
+never import methods/ (a method picks its kernel, methods/*.py -> kernels/*.py).
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
+
+from ..geometry import row_elems
 
 
 @dataclass(frozen=True)
@@ -55,16 +61,15 @@ class DeviceTensor:
 
     @property
     def row_elems(self) -> int:
-        rows = self.first.shape[0]
-        return self.numel // rows if rows else 0
+        return row_elems(self.shape)
 
     def block_starts(self) -> list[int]:
         """Flat index of each block's first element."""
         return [r0 * self.row_elems for r0, _ in self.bounds]
 
 
-def as_rows(a: np.ndarray) -> np.ndarray:
-    """The engine's row view of an array: 0-d -> (1,), otherwise unchanged."""
+def as_block(a: np.ndarray) -> np.ndarray:
+    """An array as the engine holds a whole tensor's rows: 0-d -> (1,), otherwise unchanged."""
     return a.reshape(1) if a.ndim == 0 else a
 
 
@@ -73,10 +78,10 @@ def device_tensor(name: str, base, models: Sequence, block_rows: int | None = No
     import torch
 
     def up(a):
-        return torch.from_numpy(np.ascontiguousarray(as_rows(np.asarray(a, np.float32)))).to(device)
+        return torch.from_numpy(np.ascontiguousarray(as_block(np.asarray(a, np.float32)))).to(device)
 
     shape = tuple(np.shape(models[0] if len(models) else base))
-    first = as_rows(np.asarray(models[0] if len(models) else base))
+    first = as_block(np.asarray(models[0] if len(models) else base))
     rows = first.shape[0]
     step = block_rows or max(rows, 1)
     bounds = tuple((r0, min(rows, r0 + step)) for r0 in range(0, max(rows, 1), step))
@@ -104,9 +109,3 @@ def split_blocks(result, x: DeviceTensor) -> list:
             for i, (r0, r1) in enumerate(x.bounds):
                 per_block[i][name] = rows[r0:r1]
     return per_block
-
-
-def to_torch_dtype(name: str):
-    import torch
-
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]

@@ -23,8 +23,10 @@ from functools import lru_cache
 
 import numpy as np
 
+from ..dtypes import round_to_torch
 from ..encodings import onebit as enc
 from ..encodings.sparse import top_rho_k
+from ..geometry import row_elems
 from ..ops.consensus import consensus_torch, disjoint_mean_torch
 from . import DeviceTensor
 from .sparse import top_rho_blobs
@@ -153,7 +155,7 @@ def row_scales(tau2d, scale: str):
 def _geometry(x: DeviceTensor) -> tuple[int, int]:
     """(rows, cols) of the tensor seen as the encoding's 2-D rows: 1-D / 0-D are (n, 1)."""
     if len(x.shape) >= 2:
-        return x.first.shape[0], enc.cols_of(x.shape)
+        return x.first.shape[0], row_elems(x.shape)
     return x.numel, 1
 
 
@@ -199,12 +201,6 @@ def _flat_bit_blobs(tau, x: DeviceTensor) -> list[bytes]:
     """1-D / 0-D sign bits: `pack_signs_flat` of each block's elements (a small tensor: on the host)."""
     t = tau.reshape(-1).cpu().numpy()
     return [enc.pack_signs_flat(t[r0:r1]) for r0, r1 in x.bounds]
-
-
-def _bf16_round(t):
-    import torch
-
-    return t.to(torch.bfloat16).float()
 
 
 def _tau(x: DeviceTensor, s, rows: int, cols: int):
@@ -259,8 +255,8 @@ def _hat_maker(ob, s, x: DeviceTensor, rows: int, cols: int):
         return lambda tau: two_bit_hat(*two_bit_fit(tau, ob.scale))
     if s.kind == "sparse":
         keep = topk_mask(magnitude_bits(_tau(x, s, rows, cols)), top_rho_k(s.rho, x.numel)).view(rows, cols)
-        return lambda tau: torch.where(keep, _bf16_round(tau), 0.0)
-    return _bf16_round  # dense
+        return lambda tau: torch.where(keep, round_to_torch(tau, "bfloat16"), 0.0)
+    return lambda tau: round_to_torch(tau, "bfloat16")  # dense
 
 
 # ---------------------------------------------------------------------------------------------

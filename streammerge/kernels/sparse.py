@@ -17,7 +17,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..encodings.sparse import encode_sparse, top_rho_k
-from . import DeviceTensor, to_torch_dtype
+from ..dtypes import round_to_torch
+from . import DeviceTensor
 from .linear import mean
 from .topk import magnitude_bits, topk_mask
 
@@ -45,6 +46,6 @@ def mediator_experts(tasks: list[str], rho: float, dense_dtype: str | None, x: D
         raise ValueError(f"{x.name}: {len(x.models)} models for {len(tasks)} tasks")
     D = mean(x, params)
     if dense_dtype not in (None, "float32"):
-        D = D.to(to_torch_dtype(dense_dtype)).float()
+        D = round_to_torch(D, dense_dtype)
     k = top_rho_k(rho, x.numel)
     return {task: top_rho_blobs(theta - D, k, x) for task, theta in zip(tasks, x.models)}

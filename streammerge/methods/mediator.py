@@ -19,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..dtypes import float_type, from_float32
+from ..dtypes import float_type, round_to
 from ..encodings import sparse
 from ..kernels.sparse import mediator_experts
 from ..ops.topk import TopK, flat, scratch
@@ -79,7 +79,7 @@ class _Experts:
             acc += flat(m)[sl]
         acc /= np.float32(len(models))
         if self.dense is not None:
-            acc = from_float32(acc, self.dense).view(self.dense.logical).astype(np.float32)
+            acc = round_to(acc, self.dense)
         return acc
 
     def block_mean(self, block: Block) -> np.ndarray:

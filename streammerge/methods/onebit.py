@@ -17,8 +17,10 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from ..dtypes import BF16, round_to
 from ..encodings import onebit as enc
 from ..encodings import sparse
+from ..geometry import row_elems
 from ..kernels.onebit import onebit_encode, onebit_fallback
 from ..ops.consensus import consensus, disjoint_mean, sum_into
 from ..ops.topk import CHUNK, TopK, block_size, flat, numel, scratch
@@ -181,7 +183,7 @@ class _OneBit:
         shape = tuple(block.shape)
         nb = block_size(block)
         if len(shape) >= 2:
-            cols = enc.cols_of(shape)
+            cols = row_elems(shape)
             rows = nb // cols if cols else 0
         else:
             cols, rows = 1, nb
@@ -270,9 +272,9 @@ class _OneBit:
                 elif s.kind == "sparse":
                     u = np.abs(t, out=scratch("fb.u", L).reshape(shp)).reshape(-1).view(np.uint32)
                     keep = keepers[s.index].mask(u, block.start + r0 * cols, out=scratch("fb.k", L, bool))
-                    h = np.where(keep.reshape(shp), sparse.bf16_round(t), np.float32(0))
+                    h = np.where(keep.reshape(shp), round_to(t, BF16), np.float32(0))
                 else:
-                    h = sparse.bf16_round(t)
+                    h = round_to(t, BF16)
                 hats.append(h)
             T, D, mb = scratch("fb.S", L).reshape(shp), scratch("fb.D", L).reshape(shp), scratch("fb.m", L, bool).reshape(shp)
             consensus(hats, sum_into(hats, scratch("fb.s", L).reshape(shp)), T, D, mb, scratch("fb.x", L).reshape(shp))

@@ -64,7 +64,7 @@ _ROW_CHUNK = 1 << 18  # elements per float64 scratch window
 _SEG = 4096  # rows are reduced in segments of this many elements (one einsum inner loop each)
 
 
-def as_rows(x: np.ndarray) -> np.ndarray:
+def as_2d(x: np.ndarray) -> np.ndarray:
     """View a block as (rows, elements per row); 0-d and 1-D blocks have one element per row."""
     if x.ndim <= 1:
         return x.reshape(-1, 1)
@@ -79,7 +79,7 @@ def row_dots(xs: Sequence[np.ndarray], pairs: Sequence[tuple[int, int]]) -> np.n
     from the row's start, each segment is summed by one einsum inner loop on an exact float64
     copy, and the segment sums are added per row.
     """
-    rows = [as_rows(x) for x in xs]
+    rows = [as_2d(x) for x in xs]
     n, width = rows[0].shape
     k = len(pairs)
     if n == 0 or width == 0:
@@ -422,7 +422,7 @@ def _nuslerp_map(block: Block, params: TensorParams, stats):
     if mode == "tensor":
         return exact_block_sums((v0, v1), ((0, 0), (1, 1), (0, 1)))
     if mode == "col":
-        r0, r1 = as_rows(v0), as_rows(v1)
+        r0, r1 = as_2d(v0), as_2d(v1)
         # Per-column partials (arrays over shape[1:]), float64; summed in block order.
         return np.stack(
             [
@@ -491,7 +491,7 @@ def nuslerp_merge(block: Block, params: TensorParams, stats) -> np.ndarray:
             stats["nuslerp_colinear"],
         )
         if mode == "col":
-            r0, r1 = as_rows(v0), as_rows(v1)
+            r0, r1 = as_2d(v0), as_2d(v1)
             c0, c1, sin_theta, colinear = (np.asarray(a).reshape(1, -1) for a in (c0, c1, sin_theta, colinear))
             out = _nuslerp_combine(r0, r1, c0, c1, sin_theta, colinear, t).reshape(v0.shape)
         else:

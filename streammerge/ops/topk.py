@@ -71,13 +71,14 @@ reduce changes nothing).
 from __future__ import annotations
 
 import math
-import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from ..buffers import thread_buffer
 from ..errors import StreammergeError
+from ..geometry import numel, row_elems
 from ..methods.base import Block, Pass, Stats, TensorParams
 
 SAMPLE_TARGET = 1 << 18  # about this many samples per tensor (one of < 2 * SAMPLE_TARGET: all)
@@ -106,29 +107,9 @@ PlanFn = Callable[[TensorParams, Stats, int], Sequence[tuple[int, int]]]
 OptionalPass = Pass
 
 
-_tls = threading.local()
-
-
 def scratch(name: str, size: int, dtype=np.float32) -> np.ndarray:
-    """A per-thread reusable buffer (first touch of fresh memory is slow: reuse it)."""
-    pool = getattr(_tls, "pool", None)
-    if pool is None:
-        pool = _tls.pool = {}
-    key = (name, np.dtype(dtype).str)
-    a = pool.get(key)
-    if a is None or a.size < size:
-        a = np.empty(max(size, CHUNK), dtype=dtype)
-        pool[key] = a
-    return a[:size]
-
-
-def numel(shape: Sequence[int]) -> int:
-    return int(np.prod(shape, dtype=np.int64)) if len(shape) else 1
-
-
-def row_len(shape: Sequence[int]) -> int:
-    """Elements per row (a 0-d or 1-D tensor has rows of one element)."""
-    return numel(shape[1:]) if len(shape) > 1 else 1
+    """This thread's reusable working array `name` (buffers.py), at least a chunk long."""
+    return thread_buffer(("scratch", name), size, dtype, at_least=CHUNK)
 
 
 def sample_grid(shape: Sequence[int]) -> tuple[int, int]:
@@ -141,7 +122,7 @@ def sample_grid(shape: Sequence[int]) -> tuple[int, int]:
     n = numel(shape)
     if n < 2 * SAMPLE_TARGET:
         return 1, 1
-    rows, L = n // row_len(shape), row_len(shape)
+    rows, L = n // row_elems(shape), row_elems(shape)
     want = min(rows, max(SAMPLE_ROWS, -(-SAMPLE_TARGET // L)))
     R = rows // want
     R -= 1 - R % 2
@@ -395,7 +376,7 @@ class TopK:
         sel = self.plan(params, stats, n)
         sources = sorted({src for src, k in sel if 0 < k < n})
         R, C = sample_grid(block.shape)
-        L = row_len(block.shape)
+        L = row_elems(block.shape)
         r0 = block.start // L
         held = block.rows if block.rows is not None else np.arange(r0, r0 + block_size(block) // L)
         rows = np.flatnonzero(held % R == 0)  # of the block's arrays
@@ -428,7 +409,7 @@ class TopK:
         sel = list(self.plan(params, stats, n))
         out: dict = {f"{self.name}.nsel": len(sel), f"{self.name}.n": n}
         R, C = sample_grid(shape)
-        L = row_len(shape)
+        L = row_elems(shape)
         cache: dict[int, np.ndarray] = {}
         for j, (src, k) in enumerate(sel):
             out[self._k(j, "src")] = int(src)

@@ -56,8 +56,10 @@ TORCH_DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
 def torch_dtype(name: str):
-    torch, _ = require_torch()
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    require_torch()  # a clear error where torch is missing
+    from ..dtypes import torch_dtype as by_name
+
+    return by_name(name)
 
 
 def store_dtype_name(store: Store) -> str:

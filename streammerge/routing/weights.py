@@ -181,8 +181,7 @@ class _TaskPiece:
         n = int(np.prod(out_shape, dtype=np.int64)) if out_shape else 1
         if self.kind == "sparse":
             flat = torch.zeros(n, dtype=torch.float32, device=device)
-            row_elems = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) >= 2 else 1
-            p["sparse"].add_into(flat, start=r0 * row_elems if rows is not None else 0)
+            p["sparse"].add_into(flat, start=r0 * row_elems(shape) if rows is not None else 0)
             return flat.reshape(out_shape)
         d = p["dense"] if rows is None else p["dense"][r0:r1]
         return d.to(torch.float32).reshape(out_shape)  # dense: bf16 task vector

@@ -1,0 +1,80 @@
+"""The small shared modules under everything (issue #20): one rounding helper per backend that
+agree bit for bit, one per-thread buffer pool, one row geometry."""
+
+from __future__ import annotations
+
+import threading
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from streammerge.buffers import thread_buffer
+from streammerge.dtypes import float_type, round_to, round_to_torch, torch_dtype
+from streammerge.geometry import block_shape, num_rows, numel, row_elems
+
+torch = pytest.importorskip("torch")
+
+LOGICAL = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}
+
+
+def hard_values(seed=0):
+    """float32 values with halfway cases for bf16/fp16 rounding, signed zeros, inf, nan, subnormals."""
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(4096) * np.exp(rng.uniform(-20, 20, 4096))).astype(np.float32)
+    halfway = (rng.integers(0, 1 << 16, 512, dtype=np.uint32) << 16 | np.uint32(0x8000)).view(np.float32)
+    special = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1e-40, -1e-45, 65504.0, 65520.0, 3.4e38], np.float32)
+    return np.concatenate([x, halfway[np.isfinite(halfway)], special])
+
+
+def assert_same_bits(got, want):
+    """Equal bit patterns, NaN compared as NaN (its payload is not part of the contract)."""
+    nan = np.isnan(want)
+    assert np.array_equal(np.isnan(got), nan)
+    assert np.array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))
+
+
+@pytest.mark.parametrize("name", ["bfloat16", "float16", "float32"])
+def test_rounding_numpy_and_torch_agree_bit_for_bit(name):
+    x = hard_values()
+    with np.errstate(over="ignore"):  # fp16 overflows to inf, as it should
+        want = x.astype(LOGICAL[name]).astype(np.float32)  # ml_dtypes / numpy: nearest even
+        got = round_to(x, float_type(name))
+    assert got.dtype == np.float32
+    assert_same_bits(got, want)
+    assert_same_bits(round_to_torch(torch.from_numpy(x.copy()), name).numpy(), want)
+
+
+def test_torch_dtype_names():
+    assert torch_dtype("bfloat16") is torch.bfloat16 and torch_dtype("bf16") is torch.bfloat16
+    assert torch_dtype("float16") is torch.float16 and torch_dtype("float32") is torch.float32
+    with pytest.raises(KeyError):
+        torch_dtype("int8")
+
+
+def test_thread_buffer_reuses_per_key_dtype_and_thread():
+    a = thread_buffer(("test", "a"), 100)
+    a[:] = 7
+    again = thread_buffer(("test", "a"), 50)
+    assert np.shares_memory(a, again) and again.shape == (50,) and (again == 7).all()
+    assert not np.shares_memory(a, thread_buffer(("test", "b"), 100))
+    assert not np.shares_memory(a, thread_buffer(("test", "a"), 100, np.float64))
+    bigger = thread_buffer(("test", "a"), 1000)
+    assert bigger.shape == (1000,) and thread_buffer(("test", "a"), 10).base is bigger.base
+    assert thread_buffer(("test", "c"), 3, at_least=64).base.size == 64
+    other = []
+    t = threading.Thread(target=lambda: other.append(thread_buffer(("test", "a"), 100)))
+    t.start()
+    t.join()
+    assert not np.shares_memory(other[0], thread_buffer(("test", "a"), 100))
+
+
+@pytest.mark.parametrize("shape", [(), (7,), (5, 3), (4, 3, 2), (0, 6)])
+def test_row_geometry_matches_the_engine_row_view(shape):
+    a = np.empty(shape)
+    rows = a.reshape(1) if a.ndim == 0 else a  # the engine's view: 0-d is one row of one element
+    assert numel(shape) == rows.size and num_rows(shape) == rows.shape[0]
+    assert row_elems(shape) == (int(np.prod(shape[1:])) if len(shape) > 1 else 1)
+    assert block_shape(shape, 0, num_rows(shape)) == rows.shape
+    if len(shape) >= 1 and shape[0] >= 2:
+        assert block_shape(shape, 1, 2) == rows[1:2].shape
