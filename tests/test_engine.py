@@ -248,3 +248,42 @@ def test_build_export_refuses_existing_output_before_building(synth_family, tmp_
     assert "already exists" in out and "--overwrite" in out
     status = json.loads(run_cli("status", tmp_path / "job.zarr", "--json"))
     assert status["stages"]["merge"]["done"] == 0, "nothing computed for an export that cannot be written"
+
+
+def test_graph_nodes_are_typed_and_name_their_keys(synth_family, tmp_path):
+    """engine/build.py's graph: one typed node per task, under its own key, wired pass by pass;
+    the distributed path check finds the files through the nodes' fields."""
+    from streammerge.engine.build import MergeBlock, PassMap, PassReduce, SaveStats, build_graph, graph_node
+    from streammerge.engine.job import manifest_for
+    from streammerge.engine.scheduler import graph_paths
+    from streammerge.plan.planner import make_plan
+    from streammerge.recipe import load_recipe
+
+    base, fts = synth_family("tiny")
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        {
+            "merge_method": "ties",
+            "base_model": str(base),
+            "models": [{"model": str(f), "parameters": {"weight": 0.5, "density": 0.5}} for f in fts],
+        },
+    )
+    plan = make_plan(load_recipe(recipe), block_elems=2048)
+    store = Store.create(tmp_path / "job.zarr", manifest_for(plan, recipe.read_text()))
+    dsk, targets, task_bytes, skipped = build_graph(plan, store)
+    for key in dsk:
+        assert graph_node(dsk, key).key == key
+    merges = [graph_node(dsk, k) for k in targets]
+    assert all(isinstance(n, MergeBlock) for n in merges) and skipped == 0
+    assert len(merges) == sum(job.nblocks for job in plan.jobs)
+    job = merges[0].job
+    npasses = len(plan.method.passes)
+    maps = [n for n in map(graph_node, [dsk] * len(dsk), dsk) if isinstance(n, PassMap) and n.job is job]
+    assert sorted((n.pass_index, n.block) for n in maps) == [(p, i) for p in range(npasses) for i in range(job.nblocks)]
+    stats = SaveStats(plan.method, job, store).key
+    reduce_last = PassReduce(plan.method, job, npasses - 1).key
+    assert dsk[stats][1] == reduce_last  # the stats are saved from the last reduce
+    assert all(dsk[MergeBlock(plan.method, job, store, i, 0).key][1] == stats for i in range(job.nblocks))
+    assert set(task_bytes) == {k for k in dsk if not isinstance(graph_node(dsk, k), (PassReduce, SaveStats))}
+    paths = graph_paths(dsk)
+    assert os.path.abspath(store.path) in paths and any(p.startswith(str(base)) for p in paths)

@@ -11,6 +11,7 @@ marker, so running it again resumes.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
@@ -70,29 +71,7 @@ def _method(plan: Plan, job: TensorJob) -> MergeMethod:
     return job.method or plan.method
 
 
-def _map_task(method: MergeMethod, job: TensorJob, pass_index: int, i: int, stats):
-    p = method.passes[pass_index]
-    if not p.needed(job.params, stats or {}):
-        return None  # nothing to read: the reduce passes the stats through
-    return p.map(_read_block(job, i, _pass_rows(p, job)), job.params, stats or {})
-
-
 PASS_BYTES = "_pass_bytes"  # stats key: input bytes the passes read (for the bytes-read figure)
-
-
-def _reduce_task(method: MergeMethod, job: TensorJob, pass_index: int, partials, stats):
-    stats = dict(stats or {})
-    p = method.passes[pass_index]
-    if p.needed(job.params, stats):
-        stats.update(p.reduce(partials, job.params, stats))
-        rows = _pass_rows(p, job)
-        stats[PASS_BYTES] = int(stats.get(PASS_BYTES, 0)) + sum(_block_bytes(job, i, rows) for i in range(job.nblocks))
-    return stats
-
-
-def _save_stats_task(store: Store, job: TensorJob, stats):
-    store.save_stats(job.stage, job.store_key, stats)
-    return stats
 
 
 def _by_output(job: TensorJob, result) -> dict:
@@ -167,14 +146,123 @@ def _merge_row_groups(method: MergeMethod, job: TensorJob, i: int, stats, group_
     return stored
 
 
-def _merge_task(method: MergeMethod, store: Store, job: TensorJob, i: int, stats, group_elems: int) -> None:
-    if stats is None and method.passes:
-        stats = store.load_stats(job.stage, job.store_key)
-    if method.row_groups and not any(out.blob for out in job.output_list):
-        stored = _merge_row_groups(method, job, i, stats or {}, group_elems)
-    else:
-        stored = _merge_block(method, job, i, stats or {})
-    _commit(store, job, i, stored)
+# ---- the graph's nodes ------------------------------------------------------------------------
+# One frozen dataclass per kind of task, as mergekit's Task: the node holds its arguments, is
+# called by dask with the results of its dependencies, and names its own dask key (a tuple:
+# dask keys must be). Readers of the graph look at the node, never at positions in a tuple.
+
+
+@dataclass(frozen=True, eq=False)
+class Node:
+    kind: ClassVar[str]
+    method: MergeMethod
+    job: TensorJob
+
+    @property
+    def key(self) -> tuple:
+        return (self.kind, self.job.stage, self.job.store_key, *self.index())
+
+    def index(self) -> tuple:
+        return ()
+
+
+@dataclass(frozen=True, eq=False)
+class PassMap(Node):
+    """Pass `pass_index` mapped over block `block`: called with the stats so far."""
+
+    kind = "pass"
+    pass_index: int
+    block: int
+
+    def index(self) -> tuple:
+        return (self.pass_index, self.block)
+
+    def __call__(self, stats):
+        p = self.method.passes[self.pass_index]
+        if not p.needed(self.job.params, stats or {}):
+            return None  # nothing to read: the reduce passes the stats through
+        return p.map(_read_block(self.job, self.block, _pass_rows(p, self.job)), self.job.params, stats or {})
+
+
+@dataclass(frozen=True, eq=False)
+class PassReduce(Node):
+    """Pass `pass_index`'s partials reduced into the stats: called with (partials, stats so far)."""
+
+    kind = "reduce"
+    pass_index: int
+
+    def index(self) -> tuple:
+        return (self.pass_index,)
+
+    def __call__(self, partials, stats):
+        job = self.job
+        stats = dict(stats or {})
+        p = self.method.passes[self.pass_index]
+        if p.needed(job.params, stats):
+            stats.update(p.reduce(partials, job.params, stats))
+            rows = _pass_rows(p, job)
+            stats[PASS_BYTES] = int(stats.get(PASS_BYTES, 0)) + sum(_block_bytes(job, i, rows) for i in range(job.nblocks))
+        return stats
+
+
+@dataclass(frozen=True, eq=False)
+class SaveStats(Node):
+    """The final stats saved in the store, before any merge task of the job reads them."""
+
+    kind = "stats"
+    store: Store
+
+    def __call__(self, stats):
+        self.store.save_stats(self.job.stage, self.job.store_key, stats)
+        return stats
+
+
+@dataclass(frozen=True, eq=False)
+class MergeBlock(Node):
+    """Block `block` merged, written and marked: called with the stats (None: load them)."""
+
+    kind = "merge"
+    store: Store
+    block: int
+    group_elems: int
+
+    def index(self) -> tuple:
+        return (self.block,)
+
+    def __call__(self, stats) -> None:
+        method, job = self.method, self.job
+        if stats is None and method.passes:
+            stats = self.store.load_stats(job.stage, job.store_key)
+        if method.row_groups and not any(out.blob for out in job.output_list):
+            stored = _merge_row_groups(method, job, self.block, stats or {}, self.group_elems)
+        else:
+            stored = _merge_block(method, job, self.block, stats or {})
+        _commit(self.store, job, self.block, stored)
+
+
+@dataclass(frozen=True, eq=False)
+class DeviceJob(Node):
+    """The whole job on a device (engine/device.py): its kernel once, then the `blocks` written."""
+
+    kind = "device"
+    store: Store
+    blocks: tuple[int, ...]
+    device: str
+
+    def __call__(self) -> None:
+        from .device import device_task
+
+        device_task(self.method, self.store, self.job, list(self.blocks), self.device)
+
+
+def _add(dsk: dict, node: Node, *deps) -> tuple:
+    """`node` into the graph, called with the results of the keys `deps`; returns its key."""
+    dsk[node.key] = (node, *deps)
+    return node.key
+
+
+def graph_node(dsk: dict, key) -> Node:
+    return dsk[key][0]
 
 
 def _on_device(method: MergeMethod, job: TensorJob, device: str | None) -> bool:
@@ -207,10 +295,7 @@ def build_graph(plan: Plan, store: Store, device: str | None = None) -> tuple[di
         if (has_outputs and not todo) or stats_saved and not todo:
             continue
         if has_outputs and _on_device(method, job, device):
-            from .device import device_task
-
-            k = ("device", job.stage, key)
-            dsk[k] = (device_task, method, store, job, todo, device)
+            k = _add(dsk, DeviceJob(method, job, store, tuple(todo), device))
             targets.append(k)
             task_bytes[k] = sum(_block_bytes(job, i) for i in range(job.nblocks))
             continue
@@ -221,20 +306,15 @@ def build_graph(plan: Plan, store: Store, device: str | None = None) -> tuple[di
                 maps = []
                 rows = _pass_rows(method.passes[p], job)
                 for i in range(job.nblocks):
-                    k = ("pass", job.stage, key, p, i)
-                    dsk[k] = (_map_task, method, job, p, i, prev)
+                    k = _add(dsk, PassMap(method, job, p, i), prev)
                     maps.append(k)
                     task_bytes[k] = _block_bytes(job, i, rows)
-                red = ("reduce", job.stage, key, p)
-                dsk[red] = (_reduce_task, method, job, p, maps, prev)
-                prev = red
-            stats_key = ("stats", job.stage, key)
-            dsk[stats_key] = (_save_stats_task, store, job, prev)
+                prev = _add(dsk, PassReduce(method, job, p), maps, prev)
+            stats_key = _add(dsk, SaveStats(method, job, store), prev)
             if not has_outputs:
                 targets.append(stats_key)
         for i in todo:
-            k = ("merge", job.stage, key, i)
-            dsk[k] = (_merge_task, method, store, job, i, stats_key, group_elems)
+            k = _add(dsk, MergeBlock(method, job, store, i, group_elems), stats_key)
             targets.append(k)
             task_bytes[k] = _block_bytes(job, i)
     return dsk, targets, task_bytes, skipped
@@ -258,20 +338,26 @@ def run_build(
                 dsk, targets, task_bytes, workers=workers, scheduler=scheduler, cluster=cluster, desc=desc, progress=progress
             )
     on_cpu = sorted({_method(plan, j).name for j in plan.jobs if device and not _on_device(_method(plan, j), j, device)})
-    blocks_run = sum(len(dsk[k][4]) if k[0] == "device" else 1 for k in targets)  # a device task: its blocks
+    blocks_run = sum(_blocks_written(graph_node(dsk, k)) for k in targets)
     return BuildReport(
         blocks_run=blocks_run,
         blocks_skipped=skipped,
-        input_bytes=_bytes_read(plan, store, task_bytes),
+        input_bytes=_bytes_read(plan, store, dsk, task_bytes),
         on_cpu=tuple(on_cpu),
     )
 
 
-def _bytes_read(plan: Plan, store: Store, task_bytes: dict) -> int:
+def _blocks_written(node: Node) -> int:
+    """Blocks a target task counts for in the report: a device job its blocks, others one."""
+    return len(node.blocks) if isinstance(node, DeviceJob) else 1
+
+
+def _bytes_read(plan: Plan, store: Store, dsk: dict, task_bytes: dict) -> int:
     """Input bytes this run really read: its merge tasks, and each pass that was needed, of the
     rows it declares (the progress bar counted every scheduled pass; skipped ones read nothing)."""
-    total = sum(n for key, n in task_bytes.items() if key[0] in ("merge", "device"))
-    scheduled = {(key[1], key[2]) for key in task_bytes if key[0] == "pass"}
+    nodes = [graph_node(dsk, key) for key in task_bytes]
+    total = sum(n for node, n in zip(nodes, task_bytes.values()) if isinstance(node, (MergeBlock, DeviceJob)))
+    scheduled = {(node.job.stage, node.job.store_key) for node in nodes if isinstance(node, PassMap)}
     for job in plan.jobs:
         if (job.stage, job.store_key) in scheduled:
             stats = store.load_stats(job.stage, job.store_key) or {}

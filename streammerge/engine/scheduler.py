@@ -25,6 +25,7 @@ when a scheduler or cluster is asked for.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -206,7 +207,10 @@ def graph_paths(dsk: dict) -> list[str]:
     for task in dsk.values():
         if not isinstance(task, tuple):
             continue
-        for arg in task[1:]:
+        args = list(task[1:])
+        if dataclasses.is_dataclass(task[0]):  # a typed node (engine/build.py) holds its arguments
+            args += [getattr(task[0], f.name) for f in dataclasses.fields(task[0])]
+        for arg in args:
             if id(arg) in seen:
                 continue
             seen.add(id(arg))
