@@ -44,6 +44,7 @@ from mergekit.merge_methods.base import TensorGroup  # noqa: E402
 
 from streammerge.methods import TensorParams, get_method  # noqa: E402
 from streammerge.methods import slerp as sl  # noqa: E402
+from streammerge.ops import exactsum as xs  # noqa: E402
 from streammerge.methods.inmemory import merge_tensor  # noqa: E402
 
 pytestmark = pytest.mark.mergekit
@@ -140,15 +141,15 @@ def test_exact_sums_are_exact_and_block_invariant():
     from fractions import Fraction
 
     exact = sum(Fraction(float(a)) * Fraction(float(b)) for a, b in zip(x.ravel(), y.ravel()))
-    rowsums = sl.row_dots((x, y), ((0, 1),))[:, 0]  # float64 per-row sums (the only rounding)
+    rowsums = xs.row_dots((x, y), ((0, 1),))[:, 0]  # float64 per-row sums (the only rounding)
     for r in (1, 7, 50):  # a row's sum does not depend on the rows around it
-        np.testing.assert_array_equal(sl.row_dots((x[:r], y[:r]), ((0, 1),))[:, 0], rowsums[:r])
+        np.testing.assert_array_equal(xs.row_dots((x[:r], y[:r]), ((0, 1),))[:, 0], rowsums[:r])
     for split in ([50], [1] * 50, [7, 13, 30]):
         parts, r0 = [], 0
         for rows in split:
-            parts.append(sl.exact_block_sums((x[r0 : r0 + rows], y[r0 : r0 + rows]), ((0, 1),)))
+            parts.append(xs.exact_block_sums((x[r0 : r0 + rows], y[r0 : r0 + rows]), ((0, 1),)))
             r0 += rows
-        (got,) = sl.exact_reduce(parts[::-1], 1)  # any order
+        (got,) = xs.exact_reduce(parts[::-1], 1)  # any order
         assert got == float(sum(Fraction(float(v)) for v in rowsums))  # correctly rounded
         assert abs(got - float(exact)) <= 1e-12 * float(abs(exact) + 1)
 
@@ -157,22 +158,22 @@ def test_exact_sums_are_exact_and_block_invariant():
 def test_exact_sums_exact_representation(shape, monkeypatch):
     """Partials are exact; rows are reduced in fixed segments (checked with a tiny scratch
     window so that rows span several windows and segments); any cut gives identical results."""
-    monkeypatch.setattr(sl, "_ROW_CHUNK", 1000)
-    monkeypatch.setattr(sl, "_SEG", 256)
+    monkeypatch.setattr(xs, "_ROW_CHUNK", 1000)
+    monkeypatch.setattr(xs, "_SEG", 256)
     from fractions import Fraction
 
     rng = np.random.default_rng(seed(shape))
     x = (rng.standard_normal(shape) * 10.0 ** rng.integers(-30, 30, shape)).astype(np.float32)
     x.reshape(-1)[::5] = 0
     y = rng.standard_normal(shape).astype(np.float32)
-    (part,) = [sl.exact_block_sums((x, y), ((0, 1),))]
+    (part,) = [xs.exact_block_sums((x, y), ((0, 1),))]
     num, exp = part[0]
-    rowsums = sl.row_dots((x, y), ((0, 1),))[:, 0]
+    rowsums = xs.row_dots((x, y), ((0, 1),))[:, 0]
     assert Fraction(num) * Fraction(2) ** exp == sum(Fraction(float(v)) for v in rowsums)
-    whole = sl.exact_reduce([part], 1)
+    whole = xs.exact_reduce([part], 1)
     for cut in (1, 2, 7):
-        parts = [sl.exact_block_sums((x[r : r + cut], y[r : r + cut]), ((0, 1),)) for r in range(0, shape[0], cut)]
-        np.testing.assert_array_equal(sl.exact_reduce(parts, 1), whole)
+        parts = [xs.exact_block_sums((x[r : r + cut], y[r : r + cut]), ((0, 1),)) for r in range(0, shape[0], cut)]
+        np.testing.assert_array_equal(xs.exact_reduce(parts, 1), whole)
     if len(shape) == 1:  # one element per row: the exact dot product itself
         exact = sum(Fraction(float(a)) * Fraction(float(b)) for a, b in zip(x, y))
         assert whole[0] == float(exact)
@@ -183,7 +184,7 @@ def test_torch_small_sums():
     for n in list(range(1, 40)) + [64, 100]:
         for _ in range(20):
             x = (rng.standard_normal(n) * 10.0 ** rng.integers(-3, 3, n)).astype(np.float32)
-            assert sl.torch_sum32(x) == torch.from_numpy(x).sum().item()
+            assert xs.torch_sum32(x) == torch.from_numpy(x).sum().item()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..ops.exactsum import F32, exact_block_sums, exact_reduce, row_dots, sqrt32, torch_sum32
 from .base import Block, MergeMethod, Param, Pass, TensorParams, register
-from .slerp import F32, exact_block_sums, exact_reduce, need_inputs, row_dots, sqrt32, torch_sum32
+from .slerp import need_inputs
 
 
 def _pairs(n: int) -> list[tuple[int, int]]:
