@@ -6,8 +6,9 @@ onebit: 1-bit task vectors (sign bits + scale), sparse / dense alternatives per 
 sparse: top-rho entries as per-block blobs (int32 offsets or a bitmask + bf16 values), Mediator's
         experts' format, their decoding and application.
 
-Formats only, pure numpy: they build on ops/ (streamed top-k, sign consensus) and
-methods/base.py's `Output`, and know nothing of kernels or methods. The jobs that write them
+Formats only, pure numpy: they use ops/consensus.py (1bit-Merging's TIES over decoded task
+vectors) and methods/base.py's `Output` (the arrays a job declares), and know nothing of
+kernels or methods. The jobs that write them
 (`MergeMethod`s with their device kernels) are built in methods/onebit.py and
 methods/mediator.py.
 """

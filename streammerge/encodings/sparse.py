@@ -39,13 +39,12 @@ theta_t ~ D + S_t (`apply_sparse`).
 from __future__ import annotations
 
 import struct
-from typing import Callable, Sequence
+from typing import Sequence
 
 import ml_dtypes
 import numpy as np
 
-from ..methods.base import Block, Output, Stats, TensorParams
-from ..ops.topk import TopK, as_u32, block_size, chunks, scratch
+from ..methods.base import Output
 
 MAGIC = b"SMSP"
 VERSION = 2
@@ -203,39 +202,6 @@ def apply_sparse(block2d: np.ndarray, blob, scale: float = 1.0) -> np.ndarray:
     return block2d
 
 
-# ---------------------------------------------------------------------------------------------
-# selecting a block's entries of a top-k selection
-
-
-def select_block(
-    block: Block,
-    tk: TopK,
-    params: TensorParams,
-    stats: Stats,
-    j: int,
-    diff: Callable[[int, int], np.ndarray],
-) -> tuple[np.ndarray, np.ndarray]:
-    """The entries of `block` kept by selection j of `tk`: (int64 within-block offsets, float32
-    values). `diff(c0, c1)` gives the signed quantity whose magnitude was ranked, for flat block
-    positions [c0, c1) (float32; may be a scratch buffer)."""
-    keeper = tk.keeper(block, params, stats, j)
-    nb = block_size(block)
-    if keeper.keeps_none or nb == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.float32)
-    offs, vals = [], []
-    for c0, c1 in chunks(nb):
-        d = diff(c0, c1)
-        u = as_u32(np.abs(d, out=scratch("sp.abs", c1 - c0)))
-        m = keeper.mask(u, block.start + c0, out=scratch("sp.keep", c1 - c0, bool))
-        idx = np.flatnonzero(m)
-        if idx.size:
-            vals.append(d[idx].astype(np.float32))
-            offs.append(idx + c0)
-    if not offs:
-        return np.zeros(0, np.int64), np.zeros(0, np.float32)
-    return np.concatenate(offs).astype(np.int64), np.concatenate(vals)
-
-
 def top_rho_k(rho: float, n: int) -> int:
     """Entries kept by a top-rho selection of n elements: int(rho * n), clamped to [0, n]."""
     return max(0, min(n, int(rho * n)))
@@ -286,7 +252,6 @@ __all__ = [
     "encode_sparse",
     "expert_block",
     "expert_outputs",
-    "select_block",
     "sparse_count",
     "top_rho_k",
 ]

@@ -22,7 +22,7 @@ import numpy as np
 from ..dtypes import float_type, round_to
 from ..encodings import sparse
 from ..kernels.sparse import mediator_experts
-from ..ops.topk import TopK, flat, scratch
+from ..ops.topk import TopK, flat, scratch, select_block
 from .base import Block, MergeMethod, Param, Stats, TensorParams, register
 
 register(
@@ -111,7 +111,7 @@ class _Experts:
             def diff(c0, c1, mt=mt):
                 return np.subtract(mt[c0:c1], D[c0:c1], out=scratch("sp.diff", c1 - c0))
 
-            off, val = sparse.select_block(block, self.tk, params, stats, t, diff)
+            off, val = select_block(block, self.tk, params, stats, t, diff)
             out[task] = sparse.encode_sparse(off, val, mt.size)
         _tls.mean = None
         return out

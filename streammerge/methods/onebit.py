@@ -23,7 +23,7 @@ from ..encodings import sparse
 from ..geometry import row_elems
 from ..kernels.onebit import onebit_encode, onebit_fallback
 from ..ops.consensus import consensus, disjoint_mean, sum_into
-from ..ops.topk import CHUNK, TopK, block_size, flat, numel, scratch
+from ..ops.topk import CHUNK, TopK, block_size, flat, numel, scratch, select_block
 from .base import Block, MergeMethod, Param, Pass, Stats, TensorParams, register
 
 register(
@@ -236,7 +236,7 @@ class _OneBit:
                 def diff(c0, c1, m=m, b=b):
                     return np.subtract(m[c0:c1], b[c0:c1], out=scratch("ob.d", c1 - c0))
 
-                off, val = sparse.select_block(block, self.tk, params, stats, self.sel_of[s.index], diff)
+                off, val = select_block(block, self.tk, params, stats, self.sel_of[s.index], diff)
                 out[f"{s.task}.sparse"] = sparse.encode_sparse(off, val, m.size)
             else:  # dense: the engine rounds the float32 tau to bf16
                 out[f"{s.task}.dense"] = np.subtract(block.models[s.index], block.base)

@@ -62,6 +62,8 @@ Using it (e.g. for the sparse top-rho encodings):
     passes = (*tk.passes, ...)              # plan(params, stats, n) -> [(src, k), ...]
     # in merge (or a later pass), for selection j:
     keep = tk.keeper(block, params, stats, j).mask(u_uint32, block.start + c0)
+    # or the kept entries of the block at once (offsets, values), as the encoders store them:
+    off, val = select_block(block, tk, params, stats, j, diff)
 
 Every pass is an `OptionalPass`: `needed(params, stats)` says whether it has work; an engine
 may skip a pass that is not needed (its map returns None for every block anyway and its
@@ -658,3 +660,32 @@ class TopK:
 
     def keepers(self, block: Block, params: TensorParams, stats: Stats) -> list[Keeper]:
         return [self.keeper(block, params, stats, j) for j in range(self.nsel(stats))]
+
+
+def select_block(
+    block: Block,
+    tk: TopK,
+    params: TensorParams,
+    stats: Stats,
+    j: int,
+    diff: Callable[[int, int], np.ndarray],
+) -> tuple[np.ndarray, np.ndarray]:
+    """The entries of `block` kept by selection j of `tk`: (int64 within-block offsets, float32
+    values). `diff(c0, c1)` gives the signed quantity whose magnitude was ranked, for flat block
+    positions [c0, c1) (float32; may be a scratch buffer)."""
+    keeper = tk.keeper(block, params, stats, j)
+    nb = block_size(block)
+    if keeper.keeps_none or nb == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.float32)
+    offs, vals = [], []
+    for c0, c1 in chunks(nb):
+        d = diff(c0, c1)
+        u = as_u32(np.abs(d, out=scratch("sp.abs", c1 - c0)))
+        m = keeper.mask(u, block.start + c0, out=scratch("sp.keep", c1 - c0, bool))
+        idx = np.flatnonzero(m)
+        if idx.size:
+            vals.append(d[idx].astype(np.float32))
+            offs.append(idx + c0)
+    if not offs:
+        return np.zeros(0, np.int64), np.zeros(0, np.float32)
+    return np.concatenate(offs).astype(np.int64), np.concatenate(vals)
