@@ -20,7 +20,7 @@ from streammerge.ops.consensus import (
 torch = pytest.importorskip("torch")
 
 
-def reference(hats, weights=None):
+def reference(hats, weights=None, weigh_values=False):
     """(S, D) from the definition, one float32 operation at a time, no buffers reused."""
     total = hats[0].copy()
     for h in hats[1:]:
@@ -29,8 +29,8 @@ def reference(hats, weights=None):
     S = D = None
     for i, h in enumerate(hats):
         counted = (h * elected) > 0  # NaN and zeros never count
-        kept = (h * counted).astype(np.float32)
         mass = counted.astype(np.float32) * np.float32(1 if weights is None else weights[i])
+        kept = (h * (mass if weigh_values else counted)).astype(np.float32)
         S = kept if S is None else (S + kept).astype(np.float32)
         D = mass if D is None else (D + mass).astype(np.float32)
     return S, D
@@ -56,10 +56,10 @@ def bits(a):
     return np.asarray(a, np.float32).view(np.uint32)
 
 
-def numpy_pair(hats, weights):
+def numpy_pair(hats, weights, weigh_values=False):
     total = sum_into(hats, np.empty_like(hats[0]))
     S, D, mb = np.empty_like(total), np.empty_like(total), np.empty(total.shape, bool)
-    consensus(hats, total, S, D, mb, np.empty_like(total), weights)
+    consensus(hats, total, S, D, mb, np.empty_like(total), weights, weigh_values)
     return S, D, mb
 
 
@@ -67,20 +67,22 @@ CASES = [(1, (17,)), (2, (5, 9)), (3, (64, 33)), (5, (3, 4, 7))]
 
 
 @pytest.mark.parametrize("n_models,shape", CASES)
-@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("weighted", ["no", "yes", "values"])  # values: SCE's h * (w * counted)
 def test_numpy_and_torch_election_agree_bit_for_bit(n_models, shape, weighted):
     hats = hats_of(n_models * 7 + len(shape), n_models, shape)
-    weights = [np.float32(w) for w in np.linspace(0.3, 1.7, n_models)] if weighted else None
+    # negative weights too: w * (not counted) is then -0, which signs the zero terms of S
+    weights = [np.float32(w) for w in np.linspace(-0.7, 1.7, n_models)] if weighted != "no" else None
+    values = weighted == "values"
     originals = [h.copy() for h in hats]
-    S_ref, D_ref = reference(hats, weights)
+    S_ref, D_ref = reference(hats, weights, values)
 
-    S, D, mb = numpy_pair(hats, weights)
+    S, D, mb = numpy_pair(hats, weights, values)
     assert np.array_equal(bits(S), bits(S_ref)) and np.array_equal(bits(D), bits(D_ref))
     assert all(np.array_equal(bits(h), bits(o)) for h, o in zip(hats, originals))  # inputs untouched
 
     for inplace in (True, False):
         ts = [torch.from_numpy(h.copy()) for h in hats]
-        St, Dt = consensus_torch(lambda ts=ts: ts, weights, inplace=inplace)
+        St, Dt = consensus_torch(lambda ts=ts: ts, weights, inplace=inplace, weigh_values=values)
         assert np.array_equal(bits(St.numpy()), bits(S)), inplace
         assert np.array_equal(bits(Dt.numpy()), bits(D)), inplace
         if not inplace:
@@ -106,6 +108,14 @@ def test_ties_merge_and_routing_ties_torch(n_models, shape):
     assert np.array_equal(bits(ties_torch(ts).numpy()), bits(want))
     assert all(np.array_equal(bits(t.numpy()), bits(h)) for t, h in zip(ts, hats))  # not modified
     assert ties_merge([]) is None
+
+
+def test_weigh_values_needs_weights():
+    hats = hats_of(1, 2, (4,))
+    with pytest.raises(ValueError, match="weights"):
+        numpy_pair(hats, None, True)
+    with pytest.raises(ValueError, match="weights"):
+        consensus_torch(lambda: [torch.from_numpy(h) for h in hats], None, weigh_values=True)
 
 
 def test_generator_hats_are_rebuilt_for_each_pass():

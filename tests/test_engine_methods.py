@@ -126,7 +126,7 @@ def _ties_recipe(tmp_path, base, fts):
 
 
 def test_pass_map_sees_only_its_declared_rows(synth_family, tmp_path):
-    from streammerge.engine.build import _map_task, _read_block
+    from streammerge.engine.build import PassMap, _read_block
 
     base, fts = synth_family("rows", shape=ROWS_SHAPE)
     plan = make_plan(load_recipe(_ties_recipe(tmp_path, base, fts)), block_elems=300_000)
@@ -143,7 +143,7 @@ def test_pass_map_sees_only_its_declared_rows(synth_family, tmp_path):
     rows = sample.rows(job.shape, job.params)
     assert job.nblocks > 1 and 0 < 2 * rows.size < job.rows
     for i in range(job.nblocks):
-        partial = _map_task(spied, job, 0, i, None)
+        partial = PassMap(spied, job, 0, i)(None)
         held, arrays = seen[-1]
         r0, r1 = job.block_range(i)
         np.testing.assert_array_equal(held, rows[(rows >= r0) & (rows < r1)])

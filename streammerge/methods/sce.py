@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..ops.consensus import consensus, sum_into
 from ..ops.topk import OptionalPass, TopK, block_size, flat, numel, scratch
 from .base import Block, MergeMethod, Param, Stats, TensorParams, register
-from .ties import _F0, _F1, _F2, row_chunks
+from .ties import _F0, row_chunks
 
 _CLAMP = np.float32(1e-6)
 
@@ -158,31 +159,10 @@ def sce_merge(block: Block, params: TensorParams, stats: Stats) -> np.ndarray:
     for c0, c1 in row_chunks(block, nb):
         L = c1 - c0
         tvs = _tvs(block, params, stats, keeper, c0, c1)
-        # erase mask: sign(tv) == elected, elected = + where sum_i tv_i >= 0
-        sw = scratch("sw", L)
-        np.copyto(sw, tvs[0])
-        for d in tvs[1:]:
-            np.add(sw, d, out=sw)
-        mb = scratch("mb", L, bool)
-        np.greater_equal(sw, 0, out=mb)
-        sgn = sw
-        np.multiply(mb, _F2, out=sgn)
-        np.subtract(sgn, _F1, out=sgn)
-        S = scratch("S", L)
-        D = scratch("D", L)
-        x = scratch("x", L)
-        ew = scratch("ew", L)
-        for i, d in enumerate(tvs):
-            np.multiply(d, sgn, out=x)
-            np.greater(x, 0, out=mb)
-            np.multiply(mb, w[i], out=ew)  # erased weight: w_i * mask
-            np.multiply(d, ew, out=x)  # tv * erased weight
-            if i == 0:
-                np.copyto(S, x)
-                np.copyto(D, ew)
-            else:
-                np.add(S, x, out=S)
-                np.add(D, ew, out=D)
+        # erase: sign(tv) == elected, elected = + where sum_i tv_i >= 0; S = sum tv * w_i * mask
+        S, D = scratch("S", L), scratch("D", L)
+        total = sum_into(tvs, scratch("sw", L))
+        consensus(tvs, total, S, D, scratch("mb", L, bool), scratch("x", L), w, weigh_values=True)
         np.add(S, _F0, out=S)  # torch sums from +0
         np.maximum(D, _CLAMP, out=D)
         np.divide(S, D, out=S)

@@ -80,7 +80,6 @@ from ..ops.topk import CHUNK, Keeper, OptionalPass, TopK, block_size, flat, nume
 from .base import Block, MergeMethod, Param, Pass, Stats, TensorParams, register
 
 _F0 = np.float32(0)
-_F1 = np.float32(1)
 _F2 = np.float32(2)
 
 

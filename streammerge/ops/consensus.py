@@ -8,8 +8,11 @@ For task vectors h_1..h_N (float32, one shape, in order) and optional weights w_
     S       = sum_i h_i * counted_i          (in order, from the first product)
     D       = sum_i w_i * counted_i          (w_i = 1 without weights: a count)
 
+or, with `weigh_values` (SCE's erase step, whose hats are not weighted yet),
+S = sum_i h_i * (w_i * counted_i).
+
 `disjoint_mean` then divides S by D, a zero divisor counting as 1. TIES merges
-(methods/ties.py and its kernel), 1bit-Merging's fallback and dynamic merge
+(methods/ties.py and its kernel), SCE (methods/sce.py), 1bit-Merging's fallback and dynamic merge
 (methods/onebit.py, kernels/onebit.py) and the routed runtime (routing/weights.py) all use
 these, so the CPU path, the device path and a served answer share one election. Both
 implementations do the same float32 operations in the same order (comparisons are written
@@ -41,11 +44,13 @@ def sum_into(hats: Sequence[np.ndarray], out: np.ndarray) -> np.ndarray:
     return out
 
 
-def consensus(hats, total, S, D, mb, tmp, weights=None) -> None:
+def consensus(hats, total, S, D, mb, tmp, weights=None, weigh_values: bool = False) -> None:
     """S and D of the module docstring, given total = sum_into(hats) (overwritten).
 
     mb (bool) and tmp (float32) are work buffers of the hats' shape; hats are not modified.
     """
+    if weigh_values and weights is None:
+        raise ValueError("weigh_values needs weights")
     np.greater_equal(total, 0, out=mb)
     elected = total  # reuse: +1 / -1
     np.multiply(mb, _F2, out=elected)
@@ -53,20 +58,20 @@ def consensus(hats, total, S, D, mb, tmp, weights=None) -> None:
     for i, h in enumerate(hats):
         np.multiply(h, elected, out=tmp)
         np.greater(tmp, 0, out=mb)
-        if i == 0:
-            np.multiply(h, mb, out=S)
+        if i == 0:  # D, then S, start from the first terms
             if weights is None:
                 np.copyto(D, mb)
             else:
                 np.multiply(mb, weights[0], out=D)
-        else:
-            np.multiply(h, mb, out=tmp)
-            np.add(S, tmp, out=S)
+            np.multiply(h, D if weigh_values else mb, out=S)
+        else:  # tmp holds w_i * counted_i, then the term of S
             if weights is None:
                 np.add(D, mb, out=D)
             else:
                 np.multiply(mb, weights[i], out=tmp)
                 np.add(D, tmp, out=D)
+            np.multiply(h, tmp if weigh_values else mb, out=tmp)
+            np.add(S, tmp, out=S)
 
 
 def disjoint_mean(S: np.ndarray, D: np.ndarray, mb: np.ndarray) -> np.ndarray:
@@ -91,7 +96,7 @@ def ties_merge(hats: Sequence[np.ndarray]) -> np.ndarray | None:
 # torch, on whole tensors
 
 
-def consensus_torch(hats: Callable[[], Iterable], weights=None, inplace: bool = True):
+def consensus_torch(hats: Callable[[], Iterable], weights=None, inplace: bool = True, weigh_values: bool = False):
     """(S, D) of the module docstring, as torch tensors on the hats' device.
 
     `hats()` yields the hats in order, afresh on each call (a list's `lambda: ds` does, or a
@@ -101,6 +106,8 @@ def consensus_torch(hats: Callable[[], Iterable], weights=None, inplace: bool = 
     """
     import torch
 
+    if weigh_values and weights is None:
+        raise ValueError("weigh_values needs weights")
     total = None
     for h in hats():
         total = h.clone() if total is None else total.add_(h)
@@ -110,14 +117,15 @@ def consensus_torch(hats: Callable[[], Iterable], weights=None, inplace: bool = 
     for i, h in enumerate(hats()):
         # h * elected > 0, written as a choice between comparisons (false for 0 and NaN)
         counted = torch.where(positive, h > 0, h < 0)
-        kept = h.mul_(counted) if inplace else h * counted
         mass = counted.float() if weights is None else counted * float(weights[i])
+        factor = mass if weigh_values else counted
+        kept = h.mul_(factor) if inplace else h * factor
         if S is None:
             S, D = kept, mass
         else:
             S += kept
             D += mass
-        del h, counted, kept, mass
+        del h, counted, kept, mass, factor
     return S, D
 
 
