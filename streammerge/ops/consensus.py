@@ -101,18 +101,22 @@ def consensus_torch(hats: Callable[[], Iterable], weights=None, inplace: bool = 
 
     `hats()` yields the hats in order, afresh on each call (a list's `lambda: ds` does, or a
     generator rebuilding them to save device memory); it is called twice. The first call's
-    tensors are left untouched; with `inplace` the second call's are multiplied by their mask
-    in place (the first becomes S), so no further copy of a hat is made.
+    tensors are left untouched (their sum is a new tensor); with `inplace` the second call's are
+    multiplied by their mask in place (the first becomes S), so no hat is copied.
     """
     import torch
 
     if weigh_values and weights is None:
         raise ValueError("weigh_values needs weights")
-    total = None
-    for h in hats():
-        total = h.clone() if total is None else total.add_(h)
+    it = iter(hats())
+    total, fresh = next(it), False
+    for h in it:
+        if fresh:
+            total.add_(h)
+        else:  # the first sum is a new tensor: the hats stay untouched, none is copied
+            total, fresh = total + h, True
     positive = total >= 0
-    del total
+    del total, it
     S = D = None
     for i, h in enumerate(hats()):
         # h * elected > 0, written as a choice between comparisons (false for 0 and NaN)
