@@ -76,7 +76,7 @@ else
             step "torch $(python -c 'import torch; print(torch.__version__)') is already installed"
         else
             install_torch
-            python -c "import torch" || fail "torch was installed but does not import (see above)"
+            python -W ignore -c "import torch" || fail "torch was installed but does not import (see above)"
         fi
     fi
     if [ "${STREAMMERGE_EXTRAS:-}" = "test" ]; then
