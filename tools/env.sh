@@ -7,7 +7,8 @@
 #   STREAMMERGE_TORCH=1           also torch (for `router fit` / `generate` / --device cuda)
 #   STREAMMERGE_TORCH_SPEC=SPEC   which torch to install when none is importable (torch==2.13.0)
 #   STREAMMERGE_TORCH_INDEX=URL   where to look for it first (default: PyTorch's CPU index on a
-#                                 machine without an NVIDIA GPU, pip's own configuration otherwise)
+#                                 machine without an NVIDIA GPU, pip's own configuration otherwise;
+#                                 empty: pip's configuration only)
 #   STREAMMERGE_INSTALL=0         use the environment as it is: no pip at all
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
