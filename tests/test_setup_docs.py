@@ -235,8 +235,9 @@ def _fake_venv(tmp_path: Path, gpu: bool, torch: bool = False) -> Path:
     return venv
 
 
-def _env_sh(venv: Path, fail: str = "__nothing__", extras: str = "test") -> tuple[subprocess.CompletedProcess, list[str]]:
+def _env_sh(venv: Path, fail: str = "__nothing__", extras: str = "test", **more: str) -> tuple[subprocess.CompletedProcess, list[str]]:
     env = {
+        **more,
         "PATH": f"{venv / 'bin'}:/usr/bin:/bin",
         "HOME": os.environ.get("HOME", "/tmp"),
         "STREAMMERGE_VENV": str(venv),
@@ -307,3 +308,17 @@ def test_env_without_extras_installs_no_torch(tmp_path):
     run, calls = _env_sh(_fake_venv(tmp_path, gpu=False), extras="")
     assert run.returncode == 0, run.stderr
     assert _torch_calls(calls) == [] and calls == [f"install --disable-pip-version-check -q -e {ROOT} tokenizers"]
+
+
+def test_env_torch_index_can_be_chosen(tmp_path):
+    index = "https://download.pytorch.org/whl/cu126"
+    run, calls = _env_sh(_fake_venv(tmp_path, gpu=True), STREAMMERGE_TORCH_INDEX=index)
+    assert run.returncode == 0, run.stderr
+    (torch,) = _torch_calls(calls)
+    assert f"--index-url {index}" in torch
+
+
+def test_env_install_0_uses_the_environment_as_it_is(tmp_path):
+    run, calls = _env_sh(_fake_venv(tmp_path, gpu=False), STREAMMERGE_INSTALL="0")
+    assert run.returncode == 0, run.stderr
+    assert calls == [] and "as it is (STREAMMERGE_INSTALL=0)" in run.stderr
