@@ -37,7 +37,9 @@ pip_install() {
     echo "done in $((SECONDS - t0)) s" >&2
 }
 
-has_nvidia_gpu() { nvidia-smi -L 2>/dev/null | grep -q '^GPU'; }
+# grep reads all of nvidia-smi's output (no -q): an early exit could kill nvidia-smi with SIGPIPE,
+# which pipefail would report as "no GPU".
+has_nvidia_gpu() { nvidia-smi -L 2>/dev/null | grep '^GPU' >/dev/null; }
 
 # A torch wheel fitting the machine. The pin keeps set-up from pulling whatever torch an index
 # offers (PyPI's Linux wheels bundle several GB of CUDA libraries); a machine without an NVIDIA
