@@ -11,12 +11,13 @@ from typing import Any
 import yaml
 
 from ..errors import RecipeError
+from ..limits import RECIPE, YamlLimitExceeded, bounded_yaml_loader
 from .messages import one_line
 
 __all__ = ["index_lines", "load_yaml"]
 
 
-def _check_duplicate_keys(root: yaml.Node, loader: yaml.SafeLoader) -> None:
+def _check_duplicate_keys(root: yaml.Node, loader) -> None:
     seen_nodes: set[int] = set()
     stack = [root]
     while stack:
@@ -49,7 +50,7 @@ class _YamlProblem(Exception):
         self.line, self.msg = line, msg
 
 
-def index_lines(root: yaml.Node, loader: yaml.SafeLoader) -> dict:
+def index_lines(root: yaml.Node, loader) -> dict:
     """path -> line (the key's line for mapping entries, the item's for list items)."""
     lines: dict = {(): root.start_mark.line + 1}
     todo = [((), root, 0)]
@@ -77,7 +78,9 @@ def index_lines(root: yaml.Node, loader: yaml.SafeLoader) -> dict:
 
 
 def load_yaml(text: str, source: str) -> tuple[Any, dict]:
-    loader = yaml.SafeLoader(text)
+    """The recipe's data and line index, under the `RECIPE` limits (size, values with aliases
+    expanded, nesting, entries per list or mapping) checked before anything is built."""
+    loader = bounded_yaml_loader(text, source, RECIPE, RecipeError)
     try:
         try:
             root = loader.get_single_node()
@@ -87,6 +90,8 @@ def load_yaml(text: str, source: str) -> tuple[Any, dict]:
             data = loader.construct_document(root)  # also flattens `<<:` merge keys in the nodes
         except _YamlProblem as e:
             raise RecipeError(f"{source}:{e.line}: {one_line(e.msg)}") from None
+        except YamlLimitExceeded as e:
+            raise RecipeError(f"{source}:{e.line}: {e.message}") from None
         except yaml.MarkedYAMLError as e:
             mark = e.problem_mark or e.context_mark
             line = mark.line + 1 if mark is not None else 1
