@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -48,6 +48,7 @@ __all__ = [
     "parse_request_body",
     "read_bounded",
     "read_json",
+    "value_error_text",
 ]
 
 
@@ -55,27 +56,35 @@ __all__ = [
 class Limits:
     """The bounds for one kind of file; `what` names the kind in messages ("a recipe")."""
 
-    what: str
+    what: str  # the subject of messages: "the recipe", "config.json"
     max_bytes: int
     max_nodes: int  # YAML: every value, aliases expanded; JSON: objects and arrays
     max_items: int  # entries of one list or mapping
     max_depth: int = 64
 
+    def named(self, what: str) -> "Limits":
+        """The same limits, with messages about `what` ("the index", "router.json")."""
+        return replace(self, what=what)
+
 
 # A recipe is a few kilobytes; the largest models have about 200 layers, so 4,096 entries is far
 # more than any gradient, slice list or model list can use.
-RECIPE = Limits("a recipe", max_bytes=1_000_000, max_nodes=200_000, max_items=4_096)
+RECIPE = Limits("the recipe", max_bytes=1_000_000, max_nodes=200_000, max_items=4_096)
 # config.json, router.json, method/analysis/storage json, zarr.json: kilobytes in practice.
-DOCUMENT = Limits("this JSON file", max_bytes=4_000_000, max_nodes=100_000, max_items=100_000)
+DOCUMENT = Limits("the file", max_bytes=4_000_000, max_nodes=100_000, max_items=100_000)
 # Files with one entry per tensor (the safetensors index, the store manifest): about 100 bytes
 # per tensor, and the largest checkpoints have about 100,000 tensors.
-LISTING = Limits("a tensor listing", max_bytes=32_000_000, max_nodes=2_000_000, max_items=2_000_000)
+LISTING = Limits("the file", max_bytes=32_000_000, max_nodes=2_000_000, max_items=2_000_000)
 # Bodies of HTTP requests (an OpenAI chat request): prompts, not models.
-REQUEST = Limits("a request body", max_bytes=4_000_000, max_nodes=100_000, max_items=100_000)
+REQUEST = Limits("the request body", max_bytes=4_000_000, max_nodes=100_000, max_items=100_000)
 
 
 def _n(x: int) -> str:
     return f"{x:,}"
+
+
+def _nested(limits: Limits) -> str:
+    return f"is nested too deeply (over the limit of {limits.max_depth} levels)"
 
 
 # --------------------------------------------------------------------------------------------
@@ -91,16 +100,14 @@ def read_bounded(path: Path, limits: Limits, error: type[StreammergeError] = Str
         with open(path, "rb") as f:
             data = f.read(limits.max_bytes + 1)
     except OSError as e:
-        raise error(f"{path}: cannot read: {e.strerror or e}") from None
+        raise error(f"{path}: cannot read {limits.what}: {e.strerror or e}") from None
     _check_size(len(data), str(path), limits, error)
     return data
 
 
 def _check_size(size: int, where: str, limits: Limits, error: type[StreammergeError]) -> None:
     if size > limits.max_bytes:
-        raise error(
-            f"{where}: larger than the {_n(limits.max_bytes)}-byte limit for {limits.what} (max_bytes)"
-        )
+        raise error(f"{where}: {limits.what} is larger than the limit of {_n(limits.max_bytes)} bytes")
 
 
 # --------------------------------------------------------------------------------------------
@@ -141,26 +148,26 @@ def parse_json(
     containers = data.count(b"{") + data.count(b"[")
     if containers > limits.max_nodes:
         raise error(
-            f"{where}: more than {_n(limits.max_nodes)} objects and arrays, the limit for "
-            f"{limits.what} (max_nodes)"
+            f"{where}: {limits.what} has more objects and arrays than the limit of {_n(limits.max_nodes)}"
         )
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise error(f"{where}: not valid UTF-8 (byte {e.start})") from None
+        raise error(f"{where}: {limits.what} is not valid UTF-8 (byte {e.start})") from None
     try:
         doc = loads(text)
     except RecursionError:
         raise _too_deep(text, where, limits, error) from None
     except json.JSONDecodeError as e:
-        raise error(f"{where}:{e.lineno}: not valid JSON ({e.msg})") from None
+        raise error(f"{where}:{e.lineno}: {limits.what} is not valid JSON ({e.msg})") from None
     except (ValueError, MemoryError) as e:
-        raise error(f"{where}: not valid JSON ({_first_line(e)})") from None
+        raise error(f"{where}: {limits.what} is not valid JSON ({value_error_text(e)})") from None
     _check_shape(doc, text, where, limits, error)
     return doc
 
 
-def _first_line(e: BaseException) -> str:
+def value_error_text(e: BaseException) -> str:
+    """A one-line, bounded reason for a ValueError raised by json.loads."""
     text = str(e)
     if "Exceeds the limit" in text and "digits" in text:
         return "an integer literal has too many digits"
@@ -182,8 +189,8 @@ def _check_shape(doc: Any, text: str, where: str, limits: Limits, error) -> None
             raise _too_deep(text, where, limits, error)
         if len(value) > limits.max_items:
             raise error(
-                f"{where}: {_json_path(path)} has {_n(len(value))} entries, more than the "
-                f"{_n(limits.max_items)} allowed in {limits.what} (max_items)"
+                f"{where}: {_json_path(path)} has {_n(len(value))} entries, over the limit of "
+                f"{_n(limits.max_items)} entries per array or object"
             )
         todo.extend((v, depth + 1, path + (k,)) for k, v in children if isinstance(v, (dict, list)))
 
@@ -209,7 +216,7 @@ def _too_deep(text: str, where: str, limits: Limits, error) -> StreammergeError:
         elif tok in "]}":
             depth -= 1
     at = f"{where}:{line}" if line else where
-    return error(f"{at}: nested deeper than {limits.max_depth} levels, the limit for {limits.what} (max_depth)")
+    return error(f"{at}: {limits.what} {_nested(limits)}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -241,6 +248,16 @@ class _BoundedComposer(Composer):
         self._height: dict[int, int] = {}  # id(collection node) -> expanded nesting depth
         self._open: list[list] = []  # per open collection: [entries composed, max child height, mapping?]
 
+    def get_single_node(self):
+        try:
+            return super().get_single_node()
+        except yaml.MarkedYAMLError as e:
+            # libyaml's scanner reads ahead through a run of '[' and stops at its own cap (1,000
+            # levels) before our count sees the events: the same limit, reported as ours.
+            if "maximum nesting depth" in str(e.problem) and e.problem_mark is not None:
+                raise self._too_deep(e.problem_mark.line + 1) from None
+            raise
+
     def compose_node(self, parent, index):
         event = self.peek_event()
         line = event.start_mark.line + 1
@@ -252,7 +269,7 @@ class _BoundedComposer(Composer):
             if entry[0] > lim.max_items * per_item:
                 kind = "mapping" if entry[2] else "list"
                 raise YamlLimitExceeded(
-                    line, f"a {kind} with more than {_n(lim.max_items)} entries, the limit for {lim.what} (max_items)"
+                    line, f"a {kind} with more entries than the limit of {_n(lim.max_items)}"
                 )
         if isinstance(event, AliasEvent):
             node = super().compose_node(parent, index)
@@ -288,8 +305,8 @@ class _BoundedComposer(Composer):
         if self._nodes > lim.max_nodes:
             raise YamlLimitExceeded(
                 line,
-                f"expands to more than {_n(lim.max_nodes)} values (aliases counted at their size), "
-                f"the limit for {lim.what} (max_nodes)",
+                f"{lim.what} expands to more values than the limit of {_n(lim.max_nodes)} "
+                "(an alias counts as the values it repeats)",
             )
         if len(self._open) + height > lim.max_depth:
             raise self._too_deep(line)
@@ -298,7 +315,7 @@ class _BoundedComposer(Composer):
 
     def _too_deep(self, line: int) -> YamlLimitExceeded:
         lim = self._limits
-        return YamlLimitExceeded(line, f"nested deeper than {lim.max_depth} levels, the limit for {lim.what} (max_depth)")
+        return YamlLimitExceeded(line, f"{lim.what} {_nested(lim)}")
 
 
 if getattr(yaml, "__with_libyaml__", False):
