@@ -23,6 +23,7 @@ This module imports nothing of streammerge but `errors`, so `recipe/`, `checkpoi
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -94,10 +95,12 @@ def _nested(limits: Limits) -> str:
 def read_bounded(path: Path, limits: Limits, error: type[StreammergeError] = StreammergeError) -> bytes:
     """The file's bytes, refused (one line) when larger than `limits.max_bytes`.
 
-    Reads at most max_bytes + 1 bytes, so a file growing meanwhile or a device is bounded too.
+    A regular file's size is checked before reading; then at most max_bytes + 1 bytes are read,
+    so a file growing meanwhile, or a pipe, is bounded too.
     """
     try:
         with open(path, "rb") as f:
+            _check_size(os.fstat(f.fileno()).st_size, str(path), limits, error)
             data = f.read(limits.max_bytes + 1)
     except OSError as e:
         raise error(f"{path}: cannot read {limits.what}: {e.strerror or e}") from None
