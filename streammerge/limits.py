@@ -96,14 +96,12 @@ def read_bounded(path: Path, limits: Limits, error: type[StreammergeError] = Str
     """The file's bytes, refused (one line) when larger than `limits.max_bytes`.
 
     A regular file's size is checked before reading; then at most max_bytes + 1 bytes are read,
-    so a file growing meanwhile, or a pipe, is bounded too.
+    so a file growing meanwhile, or a pipe, is bounded too. OSError passes through: callers
+    word a missing file their own way.
     """
-    try:
-        with open(path, "rb") as f:
-            _check_size(os.fstat(f.fileno()).st_size, str(path), limits, error)
-            data = f.read(limits.max_bytes + 1)
-    except OSError as e:
-        raise error(f"{path}: cannot read {limits.what}: {e.strerror or e}") from None
+    with open(path, "rb") as f:
+        _check_size(os.fstat(f.fileno()).st_size, str(path), limits, error)
+        data = f.read(limits.max_bytes + 1)
     _check_size(len(data), str(path), limits, error)
     return data
 
@@ -125,7 +123,11 @@ def read_json(
     loads: Callable[[str], Any] = json.loads,
 ) -> Any:
     """Read and parse a JSON file under `limits`; every problem is one line naming `path`."""
-    return parse_json(read_bounded(path, limits, error), str(path), limits, error, loads=loads)
+    try:
+        data = read_bounded(path, limits, error)
+    except OSError as e:
+        raise error(f"{path}: cannot read {limits.what}: {e.strerror or e}") from None
+    return parse_json(data, str(path), limits, error, loads=loads)
 
 
 def parse_request_body(body: bytes, where: str = "request body") -> Any:

@@ -251,7 +251,7 @@ def _written_by_us(zarr_json: Path) -> bool:
     """A zarr.json streammerge wrote names it; one over the JSON size limit is not ours."""
     try:
         return b"streammerge" in read_bounded(zarr_json, DOCUMENT, StoreError)
-    except StoreError:
+    except (OSError, StoreError):
         return False
 
 

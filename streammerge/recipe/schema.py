@@ -56,6 +56,7 @@ from pydantic_core import PydanticCustomError
 
 from ..dtypes import float_type
 from ..errors import RecipeError
+from ..limits import RECIPE, read_bounded
 from ..methods import get_method, method_names
 from ..methods.base import REQUIRED, MergeMethod
 from .entries import (
@@ -580,7 +581,7 @@ def load_recipe(path: str | Path, *, strict: bool = False) -> Recipe:
     """Read and validate a recipe file (errors name the file and line)."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        text = read_bounded(p, RECIPE, RecipeError).decode("utf-8")
     except FileNotFoundError:
         raise RecipeError(f"{p}: no such recipe file") from None
     except IsADirectoryError:
