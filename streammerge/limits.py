@@ -55,7 +55,7 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Limits:
-    """The bounds for one kind of file; `what` names the kind in messages ("a recipe")."""
+    """The bounds for one kind of file."""
 
     what: str  # the subject of messages: "the recipe", "config.json"
     max_bytes: int
@@ -323,25 +323,31 @@ class _BoundedComposer(Composer):
         return YamlLimitExceeded(line, f"{lim.what} {_nested(lim)}")
 
 
-if getattr(yaml, "__with_libyaml__", False):
-    # libyaml scans and parses about 20 times faster than PyYAML's Python parser; composing (where
-    # the bounds are counted) and constructing stay in Python.
-    from yaml.cyaml import CParser as _Parser
+class _PyBoundedLoader(_BoundedComposer, yaml.SafeLoader):
+    """PyYAML's Python scanner and parser under the bounded composer."""
 
-    class _BoundedLoader(_BoundedComposer, _Parser, SafeConstructor, Resolver):
+    def __init__(self, text: str, limits: Limits):
+        yaml.SafeLoader.__init__(self, text)
+        self._init_bounds(limits)
+
+
+_BoundedLoader: type = _PyBoundedLoader
+
+if getattr(yaml, "__with_libyaml__", False):
+    from yaml.cyaml import CParser
+
+    class _CBoundedLoader(_BoundedComposer, CParser, SafeConstructor, Resolver):
+        """libyaml's scanner and parser (about 20 times faster than PyYAML's) under the bounded
+        composer: composing, where the bounds are counted, and constructing stay in Python."""
+
         def __init__(self, text: str, limits: Limits):
-            _Parser.__init__(self, text)
+            CParser.__init__(self, text)
             Composer.__init__(self)
             SafeConstructor.__init__(self)
             Resolver.__init__(self)
             self._init_bounds(limits)
 
-else:  # pragma: no cover - PyYAML without libyaml
-
-    class _BoundedLoader(_BoundedComposer, yaml.SafeLoader):
-        def __init__(self, text: str, limits: Limits):
-            yaml.SafeLoader.__init__(self, text)
-            self._init_bounds(limits)
+    _BoundedLoader = _CBoundedLoader
 
 
 def bounded_yaml_loader(text: str, where: str, limits: Limits, error: type[StreammergeError] = StreammergeError):

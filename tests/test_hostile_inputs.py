@@ -317,3 +317,24 @@ def test_request_body_entry_point():
             parse_request_body(bad)
         msg = str(ei.value)
         assert msg.startswith("request body") and fragment in msg and "\n" not in msg, msg
+
+
+@pytest.mark.parametrize("loader", ["_PyBoundedLoader", "_CBoundedLoader"])
+def test_yaml_limits_do_not_depend_on_libyaml(monkeypatch, loader):
+    """The same refusals, at the same lines, with PyYAML's Python parser and with libyaml's."""
+    import streammerge.limits as limits
+
+    if not hasattr(limits, loader):
+        pytest.skip("PyYAML without libyaml")
+    monkeypatch.setattr(limits, "_BoundedLoader", getattr(limits, loader))
+    for text, expect in [
+        (alias_bomb(), "r.yaml:7: the recipe expands to more values than the limit of 200,000"),
+        (merge_key_bomb(), "r.yaml:7: the recipe expands to more values than the limit of 200,000"),
+        ("merge_method: linear\nx: &c [1, *c]\n", "r.yaml:2: the alias *c refers to a node that contains it"),
+        ("merge_method: linear\nmodels: " + "[" * 5_000 + "]" * 5_000 + "\n", "r.yaml:2: the recipe is nested too deeply"),
+        ("w: [" + ",".join(["1"] * 5_000) + "]\n", "r.yaml:1: a list with more entries than the limit of 4,096"),
+    ]:
+        with pytest.raises(StreammergeError) as ei:
+            parse_recipe(text, "r.yaml")
+        assert str(ei.value).startswith(expect), str(ei.value)
+    assert parse_recipe(gradient(RECIPE.max_items)({"base": "b", "fts": ["f"]}), "r.yaml").models[0].parameters["weight"] == [0.5] * RECIPE.max_items
