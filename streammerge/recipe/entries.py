@@ -45,6 +45,8 @@ __all__ = [
 
 
 class Strict(BaseModel):
+    """A recipe entry: an unknown key is refused by name, with the allowed keys and a close match."""
+
     model_config = ConfigDict(extra="forbid", validate_default=False)
 
     @model_validator(mode="before")
