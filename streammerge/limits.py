@@ -213,12 +213,12 @@ def _too_deep(text: str, where: str, limits: Limits, error) -> StreammergeError:
     depth, line = 0, None
     for m in _JSON_TOKEN.finditer(text):
         tok = m.group()
-        if tok in "[{":
+        if tok in ("[", "{"):
             depth += 1
             if depth > limits.max_depth:
                 line = text.count("\n", 0, m.start()) + 1
                 break
-        elif tok in "]}":
+        elif tok in ("]", "}"):
             depth -= 1
     at = f"{where}:{line}" if line else where
     return error(f"{at}: {limits.what} {_nested(limits)}")

@@ -291,6 +291,11 @@ def test_json_limits_at_their_edges():
     assert parse_json(deep(DOCUMENT.max_depth), "d.json") == json.loads(deep(DOCUMENT.max_depth))
     with pytest.raises(StreammergeError, match=r"^d.json:1: the file is nested too deeply"):
         parse_json(deep(DOCUMENT.max_depth + 1), "d.json")
+    # the line is where the nesting passes the limit; brackets and quotes inside strings do not count
+    text = '{"a": "", "b": "[[[[\\"{{",\n "c": ' + "[\n" * (DOCUMENT.max_depth + 1) + "]" * (DOCUMENT.max_depth + 1) + "}"
+    line = 2 + DOCUMENT.max_depth - 1
+    with pytest.raises(StreammergeError, match=rf"^d.json:{line}: the file is nested too deeply"):
+        parse_json(text.encode(), "d.json")
     wide = lambda n: json.dumps(list(range(n))).encode()  # noqa: E731
     assert len(parse_json(wide(DOCUMENT.max_items), "w.json")) == DOCUMENT.max_items
     with pytest.raises(StreammergeError, match=r"^w.json: \$ has 100,001 entries"):
