@@ -13,9 +13,9 @@ Layout (one place per concern):
   engine/       execution: a dask graph of typed nodes per (tensor, row block), progress
   export/       streaming sharded safetensors writer and HF model directory output
   report/, routing/  the routing build's report; inference with a router
-  dtypes.py, geometry.py, buffers.py  dtypes and rounding, row geometry, per-thread buffers
+  dtypes.py, geometry.py, workspace.py  dtypes and rounding, row geometry, per-thread buffers
 
-Imports point one way (tests/test_import_graph.py): dtypes/geometry/buffers/errors and
+Imports point one way (tests/test_import_graph.py): dtypes/geometry/workspace/errors and
 methods/base.py <- ops/ <- kernels/, encodings/, analysis/ <- methods/ <- plan/ <- engine/,
 export/ <- routing/, cli.py.
 """

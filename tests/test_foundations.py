@@ -9,7 +9,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from streammerge.buffers import thread_buffer
+from streammerge.workspace import thread_buffer
 from streammerge.dtypes import float_type, round_to, round_to_torch, torch_dtype
 from streammerge.geometry import block_shape, num_rows, numel, row_elems
 

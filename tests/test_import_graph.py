@@ -111,13 +111,8 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return sorted(found)
 
 
-# TODO(lead, at merge): remove once "hostile"'s recipe/ split (issue #20: resolve_tensor_params
-# moves to recipe/resolve.py) is on main; the check must then pass with no exception.
-KNOWN = [["streammerge.recipe.params", "streammerge.recipe.schema"]]
-
-
 def test_no_import_circles():
-    found = [c for c in cycles(import_graph()) if c not in KNOWN]
+    found = cycles(import_graph())
     assert not found, "import circles among streammerge modules:\n" + "\n".join(" <-> ".join(c) for c in found)
 
 

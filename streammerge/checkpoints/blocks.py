@@ -18,7 +18,7 @@ import os
 
 import numpy as np
 
-from ..buffers import thread_buffer
+from ..workspace import thread_buffer
 from ..dtypes import float_type, to_float32
 from ..errors import CheckpointError
 from ..geometry import block_shape, num_rows, row_elems  # noqa: F401  (the engine's row view)

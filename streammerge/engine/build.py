@@ -15,7 +15,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from ..buffers import thread_buffer as buffer
+from ..workspace import thread_buffer as buffer
 from ..checkpoints.blocks import block_shape, convert, read_raw, read_rows, read_rows_at
 from ..dtypes import float_type
 from ..fsutil import store_writers

@@ -78,7 +78,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..buffers import thread_buffer
+from ..workspace import thread_buffer
 from ..errors import StreammergeError
 from ..geometry import numel, row_elems
 from ..methods.base import Block, Pass, Stats, TensorParams
@@ -110,7 +110,7 @@ OptionalPass = Pass
 
 
 def scratch(name: str, size: int, dtype=np.float32) -> np.ndarray:
-    """This thread's reusable working array `name` (buffers.py), at least a chunk long."""
+    """This thread's reusable working array `name` (workspace.py), at least a chunk long."""
     return thread_buffer(("scratch", name), size, dtype, at_least=CHUNK)
 
 
