@@ -48,8 +48,9 @@ encodings. resident_bytes() reports the three.
 Exactness: `export --variant task:k` rounds W = D + S_k (1bit: theta_0 + tau_hat_k + lambda *
 TIES) to the store's dtype once; the delta path computes x D^T + x S_k^T in float32 without that
 rounding. The difference is one rounding of the changed weights, a relative 2^-9 (bf16) of each
-changed entry; on the test models the logits agree within LOGIT_ATOL + LOGIT_RTOL * |logit|
-(float32 compute) and greedy tokens are the same.
+changed entry: the logits agree with the export's within EXPORT_REL of the row's largest |logit|
+and with the unrounded float32 weights within EXACT_ATOL (float32 compute); greedy tokens are the
+export's on the test models.
 """
 
 from __future__ import annotations
@@ -64,8 +65,13 @@ from ..routing.decision import STATIC, Decision
 from ..routing.runtime import require_torch
 from ..routing.weights import CHUNK_ELEMENTS, OneBitWeights, _Sparse, _TaskPiece, _unpack, ties_torch
 
-LOGIT_ATOL = 1e-3  # the stated tolerance of the delta path against materialized weights (float32)
-LOGIT_RTOL = 1e-3
+# The stated tolerances of the delta path (float32 compute), see "Exactness" above: against the
+# model `export --variant task:k` writes (weights rounded to bf16 once), |logit difference| <=
+# EXPORT_REL * max |logit| of the row (measured on the test models: <= 1/140 for 1bit, whose every
+# weight is rounded, <= 1/1800 for Mediator); against the same float32 weights never rounded
+# (the export's numpy block functions), <= EXACT_ATOL (measured: 4e-7).
+EXPORT_REL = 1 / 64
+EXACT_ATOL = 1e-5
 
 
 def _rows_cols(shape) -> tuple[int, int]:
