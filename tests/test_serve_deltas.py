@@ -356,3 +356,26 @@ def test_compact_sparse_decodes_like_the_numpy_decoder(stores):
             x = torch.randn(5, cols)
             assert torch.allclose(torch.sparse.mm(cs.csr(), x.t()).t(), x @ want.t(), atol=1e-6)
     assert layouts == {True, False} or len(layouts) == 1
+
+
+@pytest.mark.parametrize("kind", ["1bit", "1bit-row", "2bit"])
+def test_signs_product_equals_the_reconstructed_task_vector(kind):
+    """The sign-bits x activation product (lambda 0 terms) against weights.py's tau_hat (itself
+    checked against the numpy decoder in test_routing), odd column count, row chunks of 3."""
+    from streammerge.routing.weights import _TaskPiece
+    from streammerge.serve.deltas import signs_product
+
+    g = torch.Generator().manual_seed(5)
+    rows, cols = 10, 21
+    packed = lambda: torch.randint(0, 256, (rows, (cols + 7) // 8), generator=g, dtype=torch.uint8)  # noqa: E731
+    parts = {"bits": packed(), "cols": cols}
+    if kind == "1bit":
+        parts["alpha"] = torch.tensor(0.37)
+    else:
+        parts["scale"] = torch.rand(rows, generator=g)
+    if kind == "2bit":
+        parts.update(bits2=packed(), scale2=torch.rand(rows, generator=g))
+    piece = _TaskPiece(kind, **parts)
+    x = torch.randn(6, cols, generator=g)
+    want = x @ piece.tau_hat((rows, cols), "cpu").t()
+    assert torch.allclose(signs_product(x, piece, 3), want, atol=1e-6, rtol=1e-5)

@@ -55,6 +55,7 @@ export's on the test models.
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from typing import Sequence
 
@@ -127,7 +128,10 @@ class CompactSparse:
         r = torch.div(idx, self.cols, rounding_mode="floor")
         crow = torch.zeros(self.rows + 1, dtype=torch.int64, device=idx.device)
         crow[1:] = torch.cumsum(torch.bincount(r, minlength=self.rows), 0)
-        return torch.sparse_csr_tensor(crow, idx - r * self.cols, self.value.float(), (self.rows, self.cols))
+        with warnings.catch_warnings():  # "CSR support is in beta": the operations used here are covered by tests
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.sparse_csr_tensor(crow, idx - r * self.cols, self.value.float(), (self.rows, self.cols),
+                                           check_invariants=False)
 
     def gather_rows(self, ids):
         """Dense float32 rows `ids` (any order, repeats allowed) of the delta: (len(ids), cols)."""
@@ -265,12 +269,19 @@ class OneBitTensor:
 
     def matmul(self, key: tuple, x):
         """x (m, cols) float32 -> x Delta^T (m, rows): the cached dense delta when it fits the
-        budget, else built and multiplied chunk by chunk."""
+        budget; else, for a sign-bits term (lambda 0), the signs' product scaled; else the delta
+        built and multiplied chunk by chunk."""
         torch, _ = require_torch()
-        step = self._chunk_rows()
-        if step >= self.rows or self.rows * self.cols * 4 <= self.cache.budget:
+        fits = self.rows * self.cols * 4 <= self.cache.budget
+        if fits:
             d = self.cache.get((self.name, key), lambda: self._dense(key), _tensor_bytes)
             return x @ d.t()
+        piece = self.pieces[key[1]] if key != STATIC.key and self.lam == 0 else None
+        if piece is not None and piece.kind in SIGN_KINDS and len(self.shape) >= 2:
+            return signs_product(x, piece, self._chunk_rows())
+        step = self._chunk_rows()
+        if step >= self.rows:
+            return x @ self._dense(key).t()
         out = torch.empty((x.shape[0], self.rows), dtype=torch.float32, device=x.device)
         for r0 in range(0, self.rows, step):
             r1 = min(self.rows, r0 + step)
@@ -289,6 +300,41 @@ class OneBitTensor:
         if not self.has_delta(key):
             return None
         return self._dense(key).reshape(self.shape)
+
+
+SIGN_KINDS = {"1bit": (("bits", "alpha"),), "1bit-row": (("bits", "scale"),), "2bit": (("bits", "scale"), ("bits2", "scale2"))}
+_SIGNS = {}  # device -> (256, 8) float32: the +-1 of each bit of a byte (little bit order)
+
+
+def _sign_table(device):
+    torch, _ = require_torch()
+    t = _SIGNS.get(device)
+    if t is None:
+        bits = (torch.arange(256, device=device).unsqueeze(1) >> torch.arange(8, device=device)) & 1
+        t = _SIGNS[device] = bits.to(torch.float32).mul_(2).sub_(1)
+    return t
+
+
+def signs_product(x, piece: _TaskPiece, step: int):
+    """x (m, cols) float32 times tau_hat^T of a sign-bits piece (1bit: alpha * s; 1bit-row:
+    scale_r * s; 2bit: the sum of two such), without tau_hat: the +-1 signs of each row chunk
+    are looked up a byte at a time, multiplied, then the product is scaled per output row.
+    Equals x @ piece.tau_hat(shape).T up to float32 rounding (the scale applied after the sum)."""
+    torch, _ = require_torch()
+    table = _sign_table(x.device)
+    cols = piece.parts["cols"]
+    out = None
+    for bits_name, scale_name in SIGN_KINDS[piece.kind]:
+        packed, scale = piece.parts[bits_name], piece.parts[scale_name]
+        rows = packed.shape[0]
+        y = torch.empty((x.shape[0], rows), dtype=torch.float32, device=x.device)
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            signs = table[packed[r0:r1].long()].view(r1 - r0, -1)[:, :cols]
+            torch.matmul(x, signs.t(), out=y[:, r0:r1])
+        y.mul_(scale if scale.dim() == 0 else scale.view(1, -1))
+        out = y if out is None else out.add_(y)
+    return out
 
 
 _ROW_PARTS = {"bits", "bits2", "scale", "scale2", "dense"}  # parts with one entry per tensor row
