@@ -15,7 +15,8 @@ step (1 token per row) and as a prefill (--prefill tokens per row), for:
   swap       per-decision dense weights: RoutedModel's weight swap (decisions prebuilt), one
              forward per task group
 
-Each figure is the best of --repeat runs (the machine may be shared). Also reports resident
+Each figure is the CPU time of one forward on ONE torch thread (time.process_time), best of
+--repeat runs: on a shared machine wall time mostly measures the neighbours. Also reports resident
 bytes (model / encodings / cache) of the runtime.
 """
 
@@ -66,9 +67,9 @@ def best(fn, repeat: int) -> float:
     fn()  # warm-up (and the cache's fill)
     times = []
     for _ in range(repeat):
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         fn()
-        times.append(time.perf_counter() - t0)
+        times.append(time.process_time() - t0)
     return min(times)
 
 
@@ -134,6 +135,8 @@ def main() -> None:
     import torch
 
     import synth_checkpoints as synth
+
+    torch.set_num_threads(1)
 
     root = a.workdir or Path(tempfile.mkdtemp(prefix="bench-deltas-"))
     root.mkdir(parents=True, exist_ok=True)

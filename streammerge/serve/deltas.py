@@ -24,7 +24,10 @@ Delta terms:
             its tasks (D + sum p_t S_t), STATIC rows none (D). S_t stays sparse: `_Sparse`'s
             positions as the store keeps them (a bitmask of the tensor where that is smaller
             than int32 offsets, as the blob encoder chooses) plus bf16 values, decoded each
-            forward into a CSR matrix for torch.sparse.mm.
+            forward into a CSR matrix for torch.sparse.mm. With several tasks in a batch of at
+            most STACK_MAX_TOKENS tokens (decoding steps) the terms are one STACKED term: one
+            sparse product with [S_1; ...; S_N] for all rows, then each row's weighted sum of
+            its tasks' parts (N times the multiply-adds, read once: fewer, larger calls).
   1bit      one term per decision present in the batch: task k is tau_hat_k + lambda *
             TIES({tau_hat_j : j != k}), STATIC is lambda * TIES(all) (the store's fallback
             merged model, METHODS.md 4.4). The terms are built from the packed sign bits and
@@ -186,6 +189,10 @@ def _tensor_bytes(t) -> int:
     return t.numel() * t.element_size()
 
 
+STACKED = ("stacked",)  # the Mediator term of every task at once
+STACK_MAX_TOKENS = 128  # above this many tokens a term per task is faster (tools/bench_deltas.py)
+
+
 class MediatorTensor:
     """A routed tensor of a Mediator store: D is the model's own tensor; per task the sparse S_t.
     Terms are tasks (linear in the decision's weights)."""
@@ -206,6 +213,34 @@ class MediatorTensor:
         """x (m, cols) float32 -> x S_task^T (m, rows)."""
         torch, _ = require_torch()
         return torch.sparse.mm(self._csr(task), x.t()).t()
+
+    def _stacked(self):
+        """[S_t1; S_t2; ...] (N * rows x cols) as one CSR matrix, tasks in order."""
+        torch, _ = require_torch()
+        parts = [self.experts[t].csr() for t in self.experts]
+        crows = [parts[0].crow_indices()]
+        for p in parts[1:]:
+            crows.append(p.crow_indices()[1:] + crows[-1][-1])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.sparse_csr_tensor(torch.cat(crows), torch.cat([p.col_indices() for p in parts]),
+                                           torch.cat([p.values() for p in parts]), (len(parts) * self.rows, self.cols),
+                                           check_invariants=False)
+
+    @property
+    def rows(self) -> int:
+        return _rows_cols(self.shape)[0]
+
+    @property
+    def cols(self) -> int:
+        return _rows_cols(self.shape)[1]
+
+    def matmul_stacked(self, x, weights):
+        """x (m, cols) float32, weights (m, N) -> sum_t weights[:, t] * (x S_t^T): every task's
+        product in one sparse multiplication, then each row's mix of them."""
+        torch, _ = require_torch()
+        z = torch.sparse.mm(self.cache.get((self.name, STACKED), self._stacked, _tensor_bytes), x.t())
+        return torch.einsum("nrm,mn->mr", z.view(len(self.experts), self.rows, -1), weights)
 
     def gather(self, task, ids):
         return self.experts[task].gather_rows(ids)
@@ -380,10 +415,16 @@ class DeltaLinear(_Routed):
         y = torch.nn.functional.linear(x, m.weight, m.bias)
         w = self.tensors.get("weight")
         if w is not None:
-            for key, rows, weights in self.rt.terms(w, x.shape[0]):
+            tokens = x.numel() // x.shape[-1]
+            for key, rows, weights in self.rt.terms(w, x.shape[0], stack=tokens <= STACK_MAX_TOKENS):
                 xs = x if rows is None else x.index_select(0, rows)
-                d = w.matmul(key, xs.reshape(-1, xs.shape[-1]).float()).reshape(*xs.shape[:-1], -1)
-                _add_rows(y, rows, d, weights)
+                flat = xs.reshape(-1, xs.shape[-1]).float()
+                if key == STACKED:  # weights: (rows, N), one row's weights for each of its tokens
+                    d = w.matmul_stacked(flat, weights.repeat_interleave(tokens // x.shape[0], dim=0))
+                    weights = None
+                else:
+                    d = w.matmul(key, flat)
+                _add_rows(y, rows, d.reshape(*xs.shape[:-1], -1), weights)
         b = self.tensors.get("bias")
         if b is not None:
             for decision, rows in self.rt.groups(x.shape[0]):
@@ -489,6 +530,7 @@ class DeltaRuntime:
         params = dict(model.named_parameters(remove_duplicate=False))
         self.tensors = self._load(params)  # store tensor name -> MediatorTensor | OneBitTensor
         self._decisions: list[Decision] | None = None
+        self._n_rows: int | None = None
         self._plan: dict = {}
         self._patched = self._patch(params)
         if memory_budget is not None:
@@ -556,14 +598,12 @@ class DeltaRuntime:
         if self._decisions is None or [d.key for d in decisions] != [d.key for d in self._decisions]:
             self._plan = {}  # the same decisions as the last forward (a decoding step): same plan
         self._decisions = decisions
+        self._n_rows = None if len({d.key for d in decisions}) <= 1 else len(decisions)
 
     @property
     def n_rows(self) -> int | None:
         """Rows the decisions are for (None: one decision for any batch, or none set: static)."""
-        d = self._decisions
-        if d is None or len({x.key for x in d}) <= 1:
-            return None
-        return len(d)
+        return self._n_rows
 
     def groups(self, batch: int) -> list:
         """[(decision, rows or None for all)] for a batch of `batch` rows."""
@@ -582,14 +622,16 @@ class DeltaRuntime:
             by_key.setdefault(d.key, []).append(i)
         return [(decs[idx[0]], torch.tensor(idx, dtype=torch.long, device=self.device)) for idx in by_key.values()]
 
-    def terms(self, tensor, batch: int) -> list:
-        """[(term key, rows or None, row weights or None)] of the delta products of `tensor`."""
-        key = ("terms", id(tensor), batch)
+    def terms(self, tensor, batch: int, stack: bool = False) -> list:
+        """[(term key, rows or None, row weights or None)] of the delta products of `tensor`;
+        stack: Mediator may give one STACKED term (weights: rows x tasks) when several tasks
+        are present."""
+        key = ("terms", id(tensor), batch, stack)
         if key not in self._plan:
-            self._plan[key] = self._terms(tensor, batch)
+            self._plan[key] = self._terms(tensor, batch, stack)
         return self._plan[key]
 
-    def _terms(self, tensor, batch: int) -> list:
+    def _terms(self, tensor, batch: int, stack: bool = False) -> list:
         torch, _ = require_torch()
         groups = self.groups(batch)
         if self.kind == "1bit":  # a term per decision: its delta is nonlinear in the tasks
@@ -603,6 +645,14 @@ class DeltaRuntime:
             for task, w in d.weights:
                 uses[task][0].extend(idx)
                 uses[task][1].extend([w if d.mode == "mix" else 1.0] * len(idx))
+        present = [t for t, (idx, _) in uses.items() if idx]
+        if stack and len(present) > 1:
+            weights = torch.zeros((batch, len(self.tasks)), dtype=torch.float32)
+            for i, t in enumerate(self.tasks):
+                idx, ws = uses[t]
+                if idx:
+                    weights[idx, i] = torch.tensor(ws, dtype=torch.float32)
+            return [(STACKED, None, weights.to(self.device))]
         out = []
         for task, (idx, ws) in uses.items():
             if not idx:
