@@ -309,8 +309,10 @@ def test_resident_bytes_match_the_storage_figure(stores, which):
     assert rt.resident_bytes()["cache"] == 0
 
 
-@pytest.mark.parametrize("which", ["mediator", "1bit"])
+@pytest.mark.parametrize("which", ["mediator", "1bit", "1bit-l0"])
 def test_cache_within_budget_gives_the_same_logits(stores, which):
+    """A budget caches decoded terms (1bit: full weights; lambda 0: the STATIC row has none and
+    runs the shared weight); the logits are those of the uncached path."""
     store = stores[which]
     rt0, m0 = runtime(store)
     enc = rt0.resident_bytes()

@@ -43,10 +43,13 @@ one. The alternative, one dense delta per decision built once, is what the cache
 serving / the report of this change).
 
 Cache: with `memory_budget` (bytes the weights may take on the device: model + encodings +
-cache), the decoded form of a term (Mediator: the CSR matrix of S_t; 1bit: the dense float32
-delta of a decision) is kept, least recently used first out, in what the model and the
-encodings leave. Without a budget nothing is cached: resident weights are the model plus the
-encodings. resident_bytes() reports the three.
+cache), the decoded form of a term is kept, least recently used first out, in what the model
+and the encodings leave: Mediator the CSR matrix of S_t (and of the stacked [S_1; ...; S_N]);
+1bit a decision's full weight theta_0 + delta of each Linear, so that its rows run one product
+with it, as the weight swap does, instead of shared + delta (in the compute dtype: on bf16 that
+is the export's rounding). Without a budget nothing is cached: resident weights are the model
+plus the encodings. resident_bytes() reports the three. Measured faster in every case of
+tools/bench_deltas.py (see below).
 
 Exactness: `export --variant task:k` rounds W = D + S_k (1bit: theta_0 + tau_hat_k + lambda *
 TIES) to the store's dtype once; the delta path computes x D^T + x S_k^T in float32 without that
@@ -299,15 +302,19 @@ class OneBitTensor:
     def _chunk_rows(self) -> int:
         return max(1, CHUNK_ELEMENTS // max(1, self.cols))
 
+    def full_fits(self) -> bool:
+        """Whether a decision's full weight fits the cache (then Linear layers use full())."""
+        return self.rows * self.cols * 4 <= self.cache.budget
+
+    def full(self, key: tuple, shared):
+        """theta_0 + the decision's delta, in the shared weight's dtype (cached)."""
+        build = lambda: (shared.float() + self._dense(key).view(shared.shape)).to(shared.dtype)  # noqa: E731
+        return self.cache.get((self.name, key), build, _tensor_bytes)
+
     def matmul(self, key: tuple, x):
-        """x (m, cols) float32 -> x Delta^T (m, rows): the cached dense delta when it fits the
-        budget; else, for a sign-bits term (lambda 0), the signs' product scaled; else the delta
-        built and multiplied chunk by chunk."""
+        """x (m, cols) float32 -> x Delta^T (m, rows), from the encodings: for a sign-bits term
+        (lambda 0) the signs' product scaled; else the delta built and multiplied chunk by chunk."""
         torch, _ = require_torch()
-        fits = self.rows * self.cols * 4 <= self.cache.budget
-        if fits:
-            d = self.cache.get((self.name, key), lambda: self._dense(key), _tensor_bytes)
-            return x @ d.t()
         piece = self.pieces[key[1]] if key != STATIC.key and self.lam == 0 else None
         if piece is not None and piece.kind in SIGN_KINDS and len(self.shape) >= 2:
             return signs_product(x, piece, self._chunk_rows())
@@ -409,11 +416,16 @@ class DeltaLinear(_Routed):
         torch, _ = require_torch()
         m = self.module
         self._check(x.shape[0])
-        y = torch.nn.functional.linear(x, m.weight, m.bias)
         w = self.tensors.get("weight")
-        if w is not None:
-            tokens = x.numel() // x.shape[-1]
-            for key, rows, weights in self.rt.terms(w, x.shape[0], stack=tokens <= STACK_MAX_TOKENS):
+        tokens = x.numel() // x.shape[-1]
+        terms = self.rt.terms(w, x.shape[0], stack=tokens <= STACK_MAX_TOKENS) if w is not None else []
+        if terms and isinstance(w, OneBitTensor) and w.full_fits():
+            y = self._full_weights(x, w, terms)
+            terms = []
+        else:
+            y = torch.nn.functional.linear(x, m.weight, m.bias)
+        if terms:
+            for key, rows, weights in terms:
                 xs = x if rows is None else x.index_select(0, rows)
                 flat = xs.reshape(-1, xs.shape[-1]).float()
                 if key == STACKED:  # weights: (rows, N), one row's weights for each of its tokens
@@ -433,6 +445,23 @@ class DeltaLinear(_Routed):
                     y.add_(db)
                 else:
                     y[rows] = y[rows] + db
+        return y
+
+    def _full_weights(self, x, w, terms):
+        """Each term's rows with its decision's full (cached) weight, the other rows with the
+        shared one: one product per row, as the weight swap does, instead of shared + delta."""
+        torch, _ = require_torch()
+        m, F = self.module, torch.nn.functional
+        if len(terms) == 1 and terms[0][1] is None:
+            return F.linear(x, w.full(terms[0][0], m.weight), m.bias)
+        y = torch.empty((*x.shape[:-1], m.out_features), dtype=x.dtype, device=x.device)
+        covered = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        for key, rows, _ in terms:
+            y.index_copy_(0, rows, F.linear(x.index_select(0, rows), w.full(key, m.weight), m.bias))
+            covered[rows] = True
+        rest = torch.nonzero(~covered, as_tuple=True)[0]
+        if rest.numel():
+            y.index_copy_(0, rest, F.linear(x.index_select(0, rest), m.weight, m.bias))
         return y
 
 
