@@ -385,3 +385,32 @@ def test_signs_product_equals_the_reconstructed_task_vector(kind):
     x = torch.randn(6, cols, generator=g)
     want = x @ piece.tau_hat((rows, cols), "cpu").t()
     assert torch.allclose(signs_product(x, piece, 3), want, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["1bit", "1bit-row", "2bit", "dense", "sparse"])
+def test_gathered_rows_of_a_piece(kind):
+    """Embedding rows of a 1bit task vector: the piece restricted to some rows reconstructs
+    exactly those rows of weights.py's tau_hat."""
+    from streammerge.routing.weights import _Sparse, _TaskPiece
+    from streammerge.serve.deltas import _gathered
+
+    g = torch.Generator().manual_seed(7)
+    rows, cols = 12, 19
+    packed = lambda: torch.randint(0, 256, (rows, (cols + 7) // 8), generator=g, dtype=torch.uint8)  # noqa: E731
+    if kind in ("1bit", "1bit-row", "2bit"):
+        parts = {"bits": packed(), "cols": cols}
+        parts.update({"alpha": torch.tensor(0.3)} if kind == "1bit" else {"scale": torch.rand(rows, generator=g)})
+        if kind == "2bit":
+            parts.update(bits2=packed(), scale2=torch.rand(rows, generator=g))
+    elif kind == "dense":
+        parts = {"dense": torch.randn(rows, cols, generator=g).bfloat16()}
+    else:
+        sp = object.__new__(_Sparse)
+        sp.size = rows * cols
+        sp.index = torch.sort(torch.randperm(rows * cols, generator=g)[:40]).values.to(torch.int32)
+        sp.value = torch.randn(40, generator=g).bfloat16()
+        parts = {"sparse": sp}
+    piece = _TaskPiece(kind, **parts)
+    ids = torch.tensor([0, 3, 4, 11])
+    want = piece.tau_hat((rows, cols), "cpu")[ids]
+    assert torch.equal(_gathered(piece, ids, rows).tau_hat((len(ids), cols), "cpu"), want)
