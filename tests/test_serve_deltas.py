@@ -331,6 +331,10 @@ def test_cache_within_budget_gives_the_same_logits(stores, which):
                 assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (got - want).abs().max()
         used = rt.resident_bytes()
         assert 0 < used["cache"] and sum(used.values()) <= budget, used
+    rt.set_memory_budget(None)  # no budget: the cache is emptied, the logits stay
+    assert rt.resident_bytes()["cache"] == 0
+    with torch.inference_mode():
+        assert torch.allclose(m(input_ids=ids).logits, want, atol=1e-5, rtol=1e-5)
 
 
 def test_compact_sparse_decodes_like_the_numpy_decoder(stores):

@@ -189,12 +189,20 @@ class _Cache:
         value = build()
         size = nbytes(value)
         if size <= self.budget:
-            while self.items and self.bytes + size > self.budget:
-                _, (_, old) = self.items.popitem(last=False)
-                self.bytes -= old
+            self._evict(self.budget - size)
             self.items[key] = (value, size)
             self.bytes += size
         return value
+
+    def resize(self, budget: int) -> None:
+        self.budget = max(0, int(budget))
+        self._evict(self.budget)
+
+    def _evict(self, keep: int) -> None:
+        """Least recently used out until at most `keep` bytes are held."""
+        while self.items and self.bytes > keep:
+            _, (_, old) = self.items.popitem(last=False)
+            self.bytes -= old
 
 
 def _tensor_bytes(t) -> int:
@@ -553,7 +561,8 @@ class DeltaRuntime:
     computes, for batch row b, the weights of decision b (set_rows). See the module docstring.
 
     Interface for serving (stable): __init__(model, store, method, device, dtype,
-    memory_budget=None), set_rows(decisions), resident_bytes(), tasks, close().
+    memory_budget=None), set_rows(decisions), resident_bytes(), tasks, close(), and
+    set_memory_budget(bytes) to change the budget later (no second runtime needed).
     """
 
     def __init__(self, model, store, method: dict, device, dtype, memory_budget: int | None = None):
@@ -562,7 +571,6 @@ class DeltaRuntime:
         self.kind = method["method"]
         self.tasks: list[str] = list(method["tasks"])
         self.device, self.dtype = device, dtype
-        self.memory_budget = memory_budget
         self.cache = _Cache(0)
         params = dict(model.named_parameters(remove_duplicate=False))
         self.tensors = self._load(params)  # store tensor name -> MediatorTensor | OneBitTensor
@@ -570,9 +578,14 @@ class DeltaRuntime:
         self._n_rows: int | None = None
         self._plan: dict = {}
         self._patched = self._patch(params)
-        if memory_budget is not None:
-            used = self.resident_bytes()
-            self.cache.budget = max(0, int(memory_budget) - used["model"] - used["encodings"])
+        self.set_memory_budget(memory_budget)
+
+    def set_memory_budget(self, memory_budget: int | None) -> None:
+        """Bytes the weights may take (model + encodings + cache; None: no cache); the cache
+        gets what the model and the encodings leave, least recently used terms out first."""
+        self.memory_budget = memory_budget
+        used = self.resident_bytes()
+        self.cache.resize(0 if memory_budget is None else int(memory_budget) - used["model"] - used["encodings"])
 
     # ---- loading --------------------------------------------------------------------------------
     def _load(self, params: dict) -> dict:
