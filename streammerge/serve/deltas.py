@@ -81,7 +81,7 @@ import numpy as np
 from ..errors import StreammergeError
 from ..routing.decision import STATIC, Decision
 from ..routing.runtime import require_torch
-from ..routing.weights import CHUNK_ELEMENTS, OneBitWeights, _Sparse, _TaskPiece, _unpack, ties_torch
+from ..routing.weights import CHUNK_ELEMENTS, OneBitWeights, _Sparse, _TaskPiece, ties_torch
 
 # The stated tolerances of the delta path (float32 compute), see "Exactness" above: against the
 # model `export --variant task:k` writes (weights rounded to bf16 once), |logit difference| <=
@@ -90,6 +90,21 @@ from ..routing.weights import CHUNK_ELEMENTS, OneBitWeights, _Sparse, _TaskPiece
 # (the export's numpy block functions), <= EXACT_ATOL (measured: 4e-7).
 EXPORT_REL = 1 / 64
 EXACT_ATOL = 1e-5
+
+
+_TABLES: dict = {}
+
+
+def _byte_table(device, kind: str):
+    """(256, 8): the bits of each byte value in little bit order, as bool ("bits") or as float32
+    +-1 ("signs"). Looking bytes up in it unpacks 4x faster than shifting and masking."""
+    torch, _ = require_torch()
+    t = _TABLES.get((device, kind))
+    if t is None:
+        bits = (torch.arange(256, device=device).unsqueeze(1) >> torch.arange(8, device=device)) & 1
+        t = bits.bool() if kind == "bits" else bits.to(torch.float32).mul_(2).sub_(1)
+        _TABLES[(device, kind)] = t
+    return t
 
 
 def _rows_cols(shape) -> tuple[int, int]:
@@ -135,7 +150,7 @@ class CompactSparse:
         torch, _ = require_torch()
         if self.offsets is not None:
             return self.offsets.long()
-        bits = _unpack(self.bitmask.view(1, -1), self.size, None)[0]
+        bits = _byte_table(self.bitmask.device, "bits").index_select(0, self.bitmask.long()).view(-1)[: self.size]
         return torch.nonzero(bits, as_tuple=True)[0]
 
     def csr(self):
@@ -361,16 +376,6 @@ class OneBitTensor:
 
 
 SIGN_KINDS = {"1bit": (("bits", "alpha"),), "1bit-row": (("bits", "scale"),), "2bit": (("bits", "scale"), ("bits2", "scale2"))}
-_SIGNS = {}  # device -> (256, 8) float32: the +-1 of each bit of a byte (little bit order)
-
-
-def _sign_table(device):
-    torch, _ = require_torch()
-    t = _SIGNS.get(device)
-    if t is None:
-        bits = (torch.arange(256, device=device).unsqueeze(1) >> torch.arange(8, device=device)) & 1
-        t = _SIGNS[device] = bits.to(torch.float32).mul_(2).sub_(1)
-    return t
 
 
 def signs_product(x, piece: _TaskPiece, step: int):
@@ -379,7 +384,7 @@ def signs_product(x, piece: _TaskPiece, step: int):
     are looked up a byte at a time, multiplied, then the product is scaled per output row.
     Equals x @ piece.tau_hat(shape).T up to float32 rounding (the scale applied after the sum)."""
     torch, _ = require_torch()
-    table = _sign_table(x.device)
+    table = _byte_table(x.device, "signs")
     cols = piece.parts["cols"]
     out = None
     for bits_name, scale_name in SIGN_KINDS[piece.kind]:
@@ -388,7 +393,7 @@ def signs_product(x, piece: _TaskPiece, step: int):
         y = torch.empty((x.shape[0], rows), dtype=torch.float32, device=x.device)
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)
-            signs = table[packed[r0:r1].long()].view(r1 - r0, -1)[:, :cols]
+            signs = table.index_select(0, packed[r0:r1].reshape(-1).long()).view(r1 - r0, -1)[:, :cols]
             torch.matmul(x, signs.t(), out=y[:, r0:r1])
         y.mul_(scale if scale.dim() == 0 else scale.view(1, -1))
         out = y if out is None else out.add_(y)
