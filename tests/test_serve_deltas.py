@@ -13,7 +13,7 @@ import torch
 from click.testing import CliRunner
 
 import synth_checkpoints as synth
-from helpers import load_model_tensors, write_recipe
+from helpers import write_recipe
 from streammerge.cli import main as cli
 from streammerge.routing import STATIC, Decision, forced
 
@@ -125,7 +125,8 @@ def mix_reference(store, weights, root):
             continue
         w = sd[name].flatten().clone()
         for t, p in weights.items():
-            w[experts[f"{name}::{t}.index"].long()] += torch.tensor(p, dtype=torch.float32) * experts[f"{name}::{t}.value"].float()
+            value = experts[f"{name}::{t}.value"].float()
+            w[experts[f"{name}::{t}.index"].long()] += torch.tensor(p, dtype=torch.float32) * value
         new[name] = w.reshape(sd[name].shape)
     assert new
     ref.load_state_dict(new, strict=False)

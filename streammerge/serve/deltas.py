@@ -602,7 +602,8 @@ class DeltaRuntime:
                     continue
                 name, shape = job["name"], tuple(job["shape"])
                 _param(params, name)
-                experts = {t: CompactSparse(_Sparse(self.store, f"{job['key']}/{t}", job, self.device), shape) for t in self.tasks}
+                experts = {t: CompactSparse(_Sparse(self.store, f"{job['key']}/{t}", job, self.device), shape)
+                           for t in self.tasks}
                 out[name] = MediatorTensor(name, shape, experts, self.cache)
             return out
         enc = OneBitWeights(self.store, self.method, self.device, self.dtype)
