@@ -21,6 +21,7 @@ tokens whatever else is in the batch).
 
 from __future__ import annotations
 
+import inspect
 import random
 from dataclasses import dataclass
 from typing import Sequence
@@ -48,6 +49,9 @@ class ModelRunner:
         self.eos = self._eos_ids()
         cfg = model.config
         self.context_length = int(getattr(cfg, "max_position_embeddings", 0) or 2048)
+        # transformers 5 renamed `past_key_values` to `cache` (the old name warns, then goes)
+        params = inspect.signature(model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
         # the batch: rows in order, their cache, attention mask and next position
         self.rows: list[Request] = []
         self.cache = None
@@ -55,7 +59,8 @@ class ModelRunner:
         self.next_pos = None  # (B,) long: each row's count of real tokens in the cache
 
     @classmethod
-    def from_store(cls, path, device="auto", dtype="auto", memory_budget: int | None = None) -> "ModelRunner":
+    def from_store(cls, path, device="auto", dtype="auto", memory_budget: int | None = None, eta: float | None = None,
+                   top_m: int | None = None) -> "ModelRunner":
         from ..routing.router import Router, router_dir
         from ..routing.runtime import load_merged_model, open_routing_store, resolve_device, resolve_dtype
         from .deltas import DeltaRuntime
@@ -66,7 +71,7 @@ class ModelRunner:
         router = Router.load(store, method["tasks"]).to(dev) if (router_dir(store) / "router.json").is_file() else None
         model, tok = load_merged_model(store, dev, dt)
         runtime = DeltaRuntime(model, store, method, dev, dt, memory_budget)
-        return cls(model, tok, runtime, method, dev, router=router)
+        return cls(model, tok, runtime, method, dev, router=router, eta=eta, top_m=top_m)
 
     def _eos_ids(self) -> set[int]:
         ids = set()
@@ -117,7 +122,7 @@ class ModelRunner:
         self.runtime.set_rows([req.decision])
         cache = DynamicCache()
         with torch.inference_mode():
-            out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
         token = self._sample(out.logits[:, -1, :], [req])[0]
         self._join(req, cache)
         return token
@@ -131,7 +136,7 @@ class ModelRunner:
         self.runtime.set_rows([r.decision for r in self.rows])
         with torch.inference_mode():
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=self.next_pos.unsqueeze(1),
-                             past_key_values=self.cache, use_cache=True)
+                             use_cache=True, **{self._cache_kw: self.cache})
         self.mask = mask
         self.next_pos = self.next_pos + 1
         return self._sample(out.logits[:, -1, :], self.rows)
