@@ -151,7 +151,7 @@ class Scheduler:
         rows = len(self.running) + len(admitted)
         if rows >= self.max_batch:
             return False
-        if self.kv_budget is None:
+        if rows == 0 or self.kv_budget is None:  # alone it always runs (the API refuses what cannot fit)
             return True
         longest = max([req.reserved_tokens] + [r.reserved_tokens for r in (*self.running, *admitted)])
         return (rows + 1) * longest * self.kv_bytes_per_token <= self.kv_budget

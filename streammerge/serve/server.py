@@ -48,6 +48,6 @@ def serve(store: Path, host: str, port: int, device: str, dtype: str, max_batch:
     print(f"serving {', '.join(models)} on http://{host}:{port}/v1 ({runner.device}, max batch {max_batch})",
           file=sys.stderr, flush=True)
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+        uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
     finally:
         engine.stop()
