@@ -75,6 +75,7 @@ class Engine:
         if not rows:
             return
         self.metrics.observe("streammerge_batch_size", len(rows))
+        self.metrics.observe("streammerge_batch_decisions", len({r.decision.key for r in rows}))
         try:
             tokens = self.runner.decode([r.tokens[-1] for r in rows])
         except Exception as e:
@@ -173,6 +174,7 @@ class Engine:
         m.histogram("streammerge_request_latency_seconds", "Time from arrival to the last token.", LATENCY_BUCKETS)
         m.histogram("streammerge_time_to_first_token_seconds", "Time from arrival to the first token.", LATENCY_BUCKETS)
         m.histogram("streammerge_batch_size", "Rows in each decode step.", BATCH_BUCKETS)
+        m.histogram("streammerge_batch_decisions", "Distinct routing decisions in each decode step.", BATCH_BUCKETS)
         m.gauge("streammerge_requests", "Requests waiting and running now.",
                 lambda: {(("state", k),): v for k, v in self.scheduler.load().items()})
         m.gauge("streammerge_resident_bytes", "Bytes resident on the device, by part.",
