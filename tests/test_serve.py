@@ -251,7 +251,7 @@ def test_sampling_stop_and_seed(server, tokenizer, exports):
     a, b = (c.completions.create(model="job:task:chat", prompt=prompt, max_tokens=12, temperature=1.0, seed=42).choices[0].text
             for _ in range(2))
     others = {c.completions.create(model="job:task:chat", prompt=prompt, max_tokens=12, temperature=1.0, seed=s).choices[0].text
-              for s in range(4)}
+              for s in range(2)}
     assert a == b and len(others) > 1  # a seed gives the same tokens; other seeds differ
 
 
@@ -346,10 +346,10 @@ def test_concurrent_mixed_requests_equal_each_alone(server):
     whatever their decisions; each answer (greedy) equals the same request sent alone."""
     c = server.client()
     jobs = []
-    for i in range(18):
+    for i in range(16):
         t = TASKS[i % 3]
         model = "job" if i % 2 else f"job:task:{TASKS[(i + 1) % 3]}"
-        jobs.append(dict(model=model, prompt=prompts_for(t, 1, 100 + i)[0], max_tokens=6 + i % 5, temperature=0))
+        jobs.append(dict(model=model, prompt=prompts_for(t, 1, 100 + i)[0], max_tokens=4 + i % 3, temperature=0))
     alone = [c.completions.create(**j) for j in jobs]
     before = server.metrics()
     with cf.ThreadPoolExecutor(len(jobs)) as pool:
@@ -377,3 +377,31 @@ def _steps(text: str, histogram: str, min_size: int) -> int:
             counts[le] = float(line.rsplit(" ", 1)[1])
     below = max((v for k, v in counts.items() if k != "+Inf" and float(k) < min_size), default=0)
     return int(counts.get("+Inf", 0) - below)
+
+
+def test_1bit_store_served(stores, routers, tokenizer, tmp_path):
+    """A 1bit store (lambda 0.8: theta_0 + tau_k + lambda * TIES(others)): forced greedy ==
+    `export --variant task:k`, static == `--variant merged`, and a concurrent mixed batch equals
+    each request alone."""
+    from transformers import AutoModelForCausalLM
+
+    store = stores["1bit"]
+    srv = Server(store, tmp_path / "log", "--name", "bit")
+    try:
+        c = srv.client()
+        prompt = prompts_for("code", 1, 9)[0]
+        ids = tokenizer(prompt)["input_ids"]
+        for variant, model in [("task:code", "bit:task:code"), ("merged", "bit:static")]:
+            run("export", store, tmp_path / variant.replace(":", "_"), "--variant", variant)
+            ref = AutoModelForCausalLM.from_pretrained(str(tmp_path / variant.replace(":", "_")), dtype=torch.float32).eval()
+            r = c.completions.create(model=model, prompt=prompt, max_tokens=10, temperature=0)
+            want, n = greedy_text(ref, tokenizer, ids, 10)
+            assert (r.choices[0].text, r.usage.completion_tokens) == (want, n), variant
+        jobs = [dict(model=m, prompt=prompts_for(t, 1, 30 + i)[0], max_tokens=5, temperature=0)
+                for i, (t, m) in enumerate([*((t, m) for t in TASKS for m in ("bit", f"bit:task:{t}")), ("chat", "bit:static")])]
+        alone = [c.completions.create(**j).choices[0].text for j in jobs]
+        with cf.ThreadPoolExecutor(len(jobs)) as pool:
+            together = list(pool.map(lambda j: c.completions.create(**j).choices[0].text, jobs))
+        assert together == alone
+    finally:
+        srv.stop()
