@@ -7,8 +7,8 @@ Text is held back while it could still become a stop string, or ends in an incom
 character; a stop string ends the request and is not part of the text (OpenAI's rule); EOS is
 not part of the text either.
 
-A request that fails (its prefill raises) finishes with an error event and the others go on; a
-decode step that raises fails the rows of that step. The thread never dies of a request.
+A request that fails (its prefill raises, alone) finishes with an error event and the others go
+on; a decode step that raises fails the rows of that step. The thread never dies of a request.
 """
 
 from __future__ import annotations
@@ -95,17 +95,29 @@ class Engine:
             d = r.decision
             self.metrics.inc("streammerge_decisions_total", mode=d.mode, task=d.task or "-")
             r.emit(("routing", d))
-            if r.aborted:
-                continue  # the scheduler finishes it at the next step
-            try:
-                token = self.runner.prefill(r)
-            except Exception as e:
-                self.runner.remove([r])
-                self._fail([r], e)
-                continue
-            self.metrics.inc("streammerge_prompt_tokens_total", len(r.prompt_ids))
-            self.scheduler.started(r)
-            self._token(r, token)
+        live = [r for r in reqs if not r.aborted]  # the aborted: the scheduler finishes them next step
+        if live:
+            self._prefill(live)
+
+    def _prefill(self, reqs: Sequence[Request]) -> None:
+        """Prefill together; if that fails, each alone, so only the request at fault fails."""
+        try:
+            tokens = self.runner.prefill(reqs)
+        except Exception as e:
+            self.runner.remove(reqs)
+            if len(reqs) > 1:
+                for r in reqs:
+                    self._prefill([r])
+            else:
+                self._fail(reqs, e)
+            return
+        for r, t in zip(reqs, tokens):
+            self._started(r, t)
+
+    def _started(self, r: Request, token: int) -> None:
+        self.metrics.inc("streammerge_prompt_tokens_total", len(r.prompt_ids))
+        self.scheduler.started(r)
+        self._token(r, token)
 
     def _token(self, r: Request, token: int) -> None:
         now = time.monotonic()

@@ -8,8 +8,9 @@ static pass's KV cache is not reused: the routed layers' keys and values differ)
 
 The batch's KV cache is one transformers DynamicCache, rows left-padded to the longest row with an
 attention mask; each row's position ids count its own tokens, so a row computes what it would
-alone. A request joins by prefilling alone (batch of one) and padding into the batch cache; a
-request leaves by dropping its row, and columns that every remaining row pads are trimmed.
+alone. The requests admitted in a step are prefilled together (left-padded, one forward) and
+padded into the batch cache; a request leaves by dropping its row, and columns that every
+remaining row pads are trimmed.
 
 Weights: the runtime (deltas.DeltaRuntime) computes row b with decision b's weights in the
 same forward; `set_rows` is called with one decision per row before every forward.
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from ..routing.decision import STATIC, forced, route_decision
-from ..routing.runtime import encode_for_features, mean_hidden_features, pad_id, require_torch
+from ..routing.runtime import encode_for_features, mean_hidden_features, pad_batch, pad_id, require_torch
 from .scheduler import Request, Sampling
 
 
@@ -112,20 +113,23 @@ class ModelRunner:
                                         background=self.router.background)
 
     # ---- the batch ------------------------------------------------------------------------------
-    def prefill(self, req: Request) -> int:
-        """Run the prompt with the request's weights, join the batch; returns the first token."""
+    def prefill(self, reqs: Sequence[Request]) -> list[int]:
+        """Run the prompts, each with its request's weights, in one forward (left-padded, each
+        row's positions its own), and join the batch; returns each request's first token."""
         torch = self.torch
         from transformers import DynamicCache
 
-        req.runner_state = RowState(self._generator(req.sampling))
-        ids = torch.tensor([req.prompt_ids], dtype=torch.long, device=self.device)
-        self.runtime.set_rows([req.decision])
+        for r in reqs:
+            r.runner_state = RowState(self._generator(r.sampling))
+        ids, mask = pad_batch([r.prompt_ids for r in reqs], self.pad, "left", self.device)
+        self.runtime.set_rows([r.decision for r in reqs])
         cache = DynamicCache()
         with torch.inference_mode():
-            out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
-        token = self._sample(out.logits[:, -1, :], [req])[0]
-        self._join(req, cache)
-        return token
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                             use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
+        tokens = self._sample(out.logits[:, -1, :], reqs)
+        self._join(reqs, [(layer.keys, layer.values) for layer in cache.layers], mask)
+        return tokens
 
     def decode(self, last_tokens: Sequence[int]) -> list[int]:
         """One token for every row (in self.rows order), in one forward."""
@@ -141,24 +145,18 @@ class ModelRunner:
         self.next_pos = self.next_pos + 1
         return self._sample(out.logits[:, -1, :], self.rows)
 
-    def _join(self, req: Request, cache) -> None:
+    def _join(self, reqs: Sequence[Request], layers: list, mask) -> None:
+        """Add rows (their cache layers and (n, L) mask) to the batch, left-padding the narrower."""
         torch = self.torch
-        k_new = [(layer.keys, layer.values) for layer in cache.layers]
-        n = k_new[0][0].shape[-2]
-        if not self.rows:
-            self.rows = [req]
-            self.mask = torch.ones((1, n), dtype=torch.long, device=self.device)
-            self.next_pos = torch.tensor([n], dtype=torch.long, device=self.device)
-            self.cache = cache
-            return
-        old = [(layer.keys, layer.values) for layer in self.cache.layers]
-        width = max(self.mask.shape[1], n)
-        layers = [(torch.cat([_left_pad(k0, width), _left_pad(k1, width)]), torch.cat([_left_pad(v0, width), _left_pad(v1, width)]))
-                  for (k0, v0), (k1, v1) in zip(old, k_new)]
-        new_mask = torch.ones((1, n), dtype=torch.long, device=self.device)
-        self.mask = torch.cat([_left_pad(self.mask, width), _left_pad(new_mask, width)])
-        self.next_pos = torch.cat([self.next_pos, torch.tensor([n], dtype=torch.long, device=self.device)])
-        self.rows.append(req)
+        next_pos = mask.sum(dim=1)
+        if self.rows:
+            width = max(self.mask.shape[1], mask.shape[1])
+            layers = [(torch.cat([_left_pad(k0, width), _left_pad(k1, width)]), torch.cat([_left_pad(v0, width), _left_pad(v1, width)]))
+                      for (k0, v0), (k1, v1) in zip(((la.keys, la.values) for la in self.cache.layers), layers)]
+            mask = torch.cat([_left_pad(self.mask, width), _left_pad(mask, width)])
+            next_pos = torch.cat([self.next_pos, next_pos])
+        self.rows = [*self.rows, *reqs]
+        self.mask, self.next_pos = mask, next_pos
         self.cache = self._cache_of(layers)
 
     def remove(self, reqs: Sequence[Request]) -> None:
