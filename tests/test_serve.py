@@ -288,7 +288,8 @@ def test_bad_input_table(server):
         (chat, {"model": "job", "messages": "hi"}, 400, "messages"),
         (chat, {"model": "job", "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages"),
         (chat, {"model": "job", "messages": []}, 400, "messages"),
-        (url, b'{"model": "job", "prompt": "' + b"a" * (2 << 20) + b'"}', 413, None),
+        (url, b'{"model": "job", "prompt": "' + b"a" * 4_000_000 + b'"}', 413, None),
+        (url, b'{"model": "job", "prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, None),  # nesting bomb
     ]
     for target, body, status, param in cases:
         kw = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) else {"json": body}

@@ -28,9 +28,11 @@ from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ..errors import StreammergeError
+from ..limits import REQUEST, parse_request_body
 from .scheduler import QueueFull, Request, Sampling
 
-MAX_BODY = 1 << 20  # bytes of a request body
+MAX_BODY = REQUEST.max_bytes  # bytes of a request body
 DEFAULT_MAX_TOKENS = 16  # /v1/completions' default, as OpenAI's
 
 
@@ -101,7 +103,8 @@ def _validation_error(e: ValidationError) -> APIError:
 
 
 async def _read_json(request: HTTPRequest, limit: int) -> dict:
-    """The body as a JSON object, read no further than `limit` bytes."""
+    """The body as a JSON object: read no further than `limit` bytes (413), parsed under the
+    request limits of limits.py (nesting, containers: 400)."""
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
         raise APIError(413, f"request body of {length} bytes is over the limit of {limit}", code="body_too_large")
@@ -112,11 +115,11 @@ async def _read_json(request: HTTPRequest, limit: int) -> dict:
             raise APIError(413, f"request body is over the limit of {limit} bytes", code="body_too_large")
         chunks.append(chunk)
     try:
-        data = json.loads(b"".join(chunks))
-    except (ValueError, RecursionError) as e:
-        raise APIError(400, f"malformed JSON body: {' '.join(str(e).split())[:200]}", code="invalid_json") from None
+        data = parse_request_body(b"".join(chunks))
+    except StreammergeError as e:
+        raise APIError(400, str(e), code="invalid_json") from None
     if not isinstance(data, dict):
-        raise APIError(400, "the body must be a JSON object", code="invalid_json")
+        raise APIError(400, "request body: a JSON object is needed", code="invalid_json")
     return data
 
 
