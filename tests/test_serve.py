@@ -84,15 +84,20 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def serve_command(store: Path, *args) -> tuple[list[str], dict]:
+    """(argv, env) of `python -m streammerge serve STORE ARGS` importing this checkout."""
+    cmd = [sys.executable, "-m", "streammerge", "serve", str(store), "--device", "cpu", *map(str, args)]
+    launcher = os.environ.get("SERVE_DEV_LAUNCHER")  # DEV-ONLY
+    if launcher:  # DEV-ONLY
+        cmd = [sys.executable, launcher, *cmd[3:]]  # DEV-ONLY
+    return cmd, {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+
+
 class Server:
     def __init__(self, store: Path, log: Path, *args):
         self.port = _free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "streammerge", "serve", str(store), "--port", str(self.port), "--device", "cpu", *map(str, args)]
-        launcher = os.environ.get("SERVE_DEV_LAUNCHER")  # DEV-ONLY
-        if launcher:  # DEV-ONLY
-            cmd = [sys.executable, launcher, *cmd[3:]]  # DEV-ONLY
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+        cmd, env = serve_command(store, "--port", self.port, *args)
         self.log = log
         self.proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 90
@@ -302,6 +307,18 @@ def test_bad_input_table(server):
         c.completions.create(model="job", prompt=long_prompt, max_tokens=1)
     assert e.value.code == "context_length_exceeded"
     assert c.completions.create(**ok).choices[0].text is not None  # still serving
+
+
+def test_serve_command_errors(store, tmp_path):
+    """Bad options end in one line and exit 1, before anything listens."""
+    for args, msg in [(["--memory-budget", "10KB"], "memory budget 10000 bytes: the model and the encodings alone take"),
+                      (["--name", "a:b"], "--name 'a:b': a model name has no ':'")]:
+        cmd, env = serve_command(store, "--port", _free_port(), *args)
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        assert res.returncode == 1 and res.stderr.startswith(f"error: {msg}") and res.stderr.count("\n") == 1, res.stderr
+    cmd, env = serve_command(tmp_path / "missing.zarr")
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1 and res.stderr.startswith("error: ") and res.stderr.count("\n") == 1, res.stderr
 
 
 def test_api_key_capacity_and_disconnect(store, tmp_path):

@@ -27,6 +27,7 @@ import random
 from dataclasses import dataclass
 from typing import Sequence
 
+from ..errors import StreammergeError
 from ..routing.decision import STATIC, forced, route_decision
 from ..routing.runtime import encode_for_features, mean_hidden_features, pad_batch, pad_id, require_torch
 from .scheduler import Request, Sampling
@@ -58,10 +59,14 @@ class ModelRunner:
         self.cache = None
         self.mask = None  # (B, T) long
         self.next_pos = None  # (B,) long: each row's count of real tokens in the cache
+        self.kv_budget: int | None = None  # bytes the KV cache may take (None: no limit)
 
     @classmethod
     def from_store(cls, path, device="auto", dtype="auto", memory_budget: int | None = None, eta: float | None = None,
                    top_m: int | None = None) -> "ModelRunner":
+        """The runner of a store. `memory_budget` (bytes) bounds weights + decoded-term cache +
+        KV cache: what the model and the encodings leave is split in halves, one for the
+        runtime's cache of decoded terms, one for the KV cache (`kv_budget`)."""
         from ..routing.router import Router, router_dir
         from ..routing.runtime import load_merged_model, open_routing_store, resolve_device, resolve_dtype
         from .deltas import DeltaRuntime
@@ -71,8 +76,18 @@ class ModelRunner:
         dt = resolve_dtype(dtype, dev, store)
         router = Router.load(store, method["tasks"]).to(dev) if (router_dir(store) / "router.json").is_file() else None
         model, tok = load_merged_model(store, dev, dt)
-        runtime = DeltaRuntime(model, store, method, dev, dt, memory_budget)
-        return cls(model, tok, runtime, method, dev, router=router, eta=eta, top_m=top_m)
+        runtime = DeltaRuntime(model, store, method, dev, dt, None)
+        kv_budget = None
+        if memory_budget is not None:
+            weights = sum(runtime.resident_bytes().values())
+            if memory_budget <= weights:
+                raise StreammergeError(f"memory budget {memory_budget} bytes: the model and the encodings alone take {weights}")
+            kv_budget = (memory_budget - weights) // 2
+            runtime.close()  # again, now that the cache's share is known
+            runtime = DeltaRuntime(model, store, method, dev, dt, memory_budget - kv_budget)
+        runner = cls(model, tok, runtime, method, dev, router=router, eta=eta, top_m=top_m)
+        runner.kv_budget = kv_budget
+        return runner
 
     def _eos_ids(self) -> set[int]:
         ids = set()

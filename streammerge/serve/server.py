@@ -17,20 +17,13 @@ def model_name(store: Path, name: str | None) -> str:
 
 def build_engine(store: Path, device: str, dtype: str, max_batch: int, max_queue: int, memory_budget: int | None,
                  eta: float | None = None, top_m: int | None = None):
-    """(engine, runner), the engine not started. The KV cache gets what the budget leaves after
-    the resident weights."""
+    """(engine, runner), the engine not started."""
     from .engine import Engine
     from .runner import ModelRunner
     from .scheduler import Scheduler
 
     runner = ModelRunner.from_store(store, device=device, dtype=dtype, memory_budget=memory_budget, eta=eta, top_m=top_m)
-    kv_budget = None
-    if memory_budget is not None:
-        weights = sum(runner.runtime.resident_bytes().values())
-        kv_budget = memory_budget - weights
-        if kv_budget <= 0:
-            raise StreammergeError(f"--memory-budget {memory_budget} bytes: the weights alone take {weights}")
-    scheduler = Scheduler(max_batch, runner.kv_bytes_per_token, kv_budget, max_queue)
+    scheduler = Scheduler(max_batch, runner.kv_bytes_per_token, runner.kv_budget, max_queue)
     return Engine(runner, scheduler), runner
 
 
