@@ -83,8 +83,7 @@ class ModelRunner:
             if memory_budget <= weights:
                 raise StreammergeError(f"memory budget {memory_budget} bytes: the model and the encodings alone take {weights}")
             kv_budget = (memory_budget - weights) // 2
-            runtime.close()  # again, now that the cache's share is known
-            runtime = DeltaRuntime(model, store, method, dev, dt, memory_budget - kv_budget)
+            runtime.set_memory_budget(memory_budget - kv_budget)
         runner = cls(model, tok, runtime, method, dev, router=router, eta=eta, top_m=top_m)
         runner.kv_budget = kv_budget
         return runner
