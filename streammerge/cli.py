@@ -482,17 +482,43 @@ def report(store: Path, out, as_json: bool) -> None:
 
 
 @main.command()
-def methods() -> None:
-    """List the merge methods and their parameters."""
+@click.argument("name", required=False)
+@user_errors
+def methods(name) -> None:
+    """List the merge methods and their parameters; with NAME, one method and an example recipe.
+
+    \b
+      streammerge methods          # every method, its parameters and their ranges
+      streammerge methods ties     # one method, with an example recipe
+    """
     from .methods import get_method, method_names
+
+    if name is None:
+        for n in method_names():
+            _print_method(get_method(n))
+        return
+    try:
+        m = get_method(name)
+    except KeyError:
+        import difflib
+
+        near = difflib.get_close_matches(name, method_names(), n=1)
+        hint = f"did you mean {near[0]!r}? " if near else ""
+        raise StreammergeError(f"methods: unknown merge method {name!r} ({hint}available: {', '.join(method_names())})") from None
+    from .recipe.example import example_recipe
+
+    _print_method(m)
+    click.echo("\nexample recipe:\n")
+    click.echo("    " + example_recipe(m).rstrip("\n").replace("\n", "\n    "))
+
+
+def _print_method(m) -> None:
     from .methods.base import REQUIRED
 
-    for name in method_names():
-        m = get_method(name)
-        click.echo(f"{name}: {m.summary}  (base model: {m.base})")
-        for p in m.params:
-            default = "required" if p.default is REQUIRED else repr(p.default)
-            click.echo(f"    {p.name:<18} {p.kind.__name__:<6} {p.scope:<6} default {default}  {p.help}")
+    click.echo(f"{m.name}: {m.summary}  (base model: {m.base})")
+    for p in m.params:
+        default = "required" if p.default is REQUIRED else repr(p.default)
+        click.echo(f"    {p.name:<18} {p.kind.__name__:<6} {p.scope:<6} default {default:<9} range {p.range_text():<24} {p.help}")
 
 
 # ---- inference for routing stores (streammerge/routing): router fit / show, generate ----------

@@ -29,7 +29,7 @@ from streammerge.checkpoints.safetensors_header import (
     read_header,
     value_error_text,
 )
-from streammerge.errors import CheckpointError
+from streammerge.errors import CheckpointError, ModelNotFound
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -109,6 +109,16 @@ def _os_error(e: OSError, fallback: Any) -> CheckpointError:
     return CheckpointError(f"{where}: cannot access: {e.strerror or e}")
 
 
+def looks_like_path(spec: str, root: Path | None = None) -> bool:
+    """Whether `spec` was meant as a directory rather than a Hub id `org/name`: it starts with
+    ./ ../ / or ~, or its first part is an existing directory (under `root`, default the cwd),
+    as `models/ft9` is when `models/` holds the other checkpoints."""
+    if spec.startswith(("./", "../", "/", "~")):
+        return True
+    first = spec.split("/", 1)[0]
+    return "/" in spec and first not in ("", ".", "..") and ((root or Path.cwd()) / first).is_dir()
+
+
 def resolve_model_dir(spec: str) -> Path:
     """A local directory (relative to the cwd), else `org/name[@rev]` from the offline HF cache."""
     try:
@@ -138,14 +148,14 @@ def _resolve_model_dir(spec: str) -> Path:
         )
 
     m = _REPO_ID.match(spec)
-    if not m or ".." in spec.split("@")[0] or (m.group("rev") and not _safe_rel(m.group("rev"))):
+    if not m or ".." in spec.split("@")[0] or (m.group("rev") and not _safe_rel(m.group("rev"))) or looks_like_path(spec):
         where = "" if local.is_absolute() else f" ({Path.cwd() / local})"
-        raise CheckpointError(f"{spec}: no such model directory{where}")
+        raise ModelNotFound(f"{spec}: no such model directory{where}")
     org, name, rev = m.group("org"), m.group("name"), m.group("rev") or "main"
     cache, source = _hf_cache_dir()
     repo_dir = cache / f"models--{org}--{name}"
     if not repo_dir.is_dir():
-        raise CheckpointError(
+        raise ModelNotFound(
             f"{spec}: no such directory, and no Hugging Face cache entry at {repo_dir} "
             f"(offline lookup in {source}; download it first, e.g. `huggingface-cli download "
             f"{org}/{name}`)"

@@ -11,10 +11,10 @@ import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from ..checkpoints import ModelCheckpoint, TensorHandle, open_model
+from ..checkpoints import ModelCheckpoint, TensorHandle, looks_like_path, open_model
 from ..checkpoints.blocks import num_rows, row_elems
 from ..dtypes import float_type, is_float_st
-from ..errors import RecipeError, StreammergeError
+from ..errors import ModelNotFound, RecipeError, StreammergeError
 from ..fsutil import WRITE_BEHIND_DEPTH, store_writers
 from ..methods import MergeMethod, TensorParams, get_method
 from ..methods.base import Output
@@ -144,12 +144,34 @@ class Plan:
 
 def _open(spec: str, recipe_dir: Path | None, pickle_cache: Path | None = None) -> ModelCheckpoint:
     # mergekit resolves model paths against the working directory; we also accept paths
-    # relative to the recipe file so recipes can travel with their models.
+    # relative to the recipe file so recipes can travel with their models (and a missing one
+    # there, `models/ft9` beside an existing `models/`, is reported as that path).
     if recipe_dir is not None and not Path(spec).is_absolute() and not Path(spec).exists():
         candidate = recipe_dir / spec
-        if candidate.exists():
+        if candidate.exists() or (not looks_like_path(spec) and looks_like_path(spec, recipe_dir)):
             return open_model(str(candidate), pickle_cache=pickle_cache)
     return open_model(spec, pickle_cache=pickle_cache)
+
+
+def _open_named(recipe: Recipe, spec: str, recipe_dir: Path | None, pickle_cache: Path | None) -> ModelCheckpoint:
+    """`_open`, with a model that is not found reported at the recipe line naming it."""
+    try:
+        return _open(spec, recipe_dir, pickle_cache)
+    except ModelNotFound as e:
+        raise recipe.error(_named_at(recipe, spec), str(e)) from None
+
+
+def _named_at(recipe: Recipe, spec: str) -> tuple:
+    """The recipe path of the first entry naming `spec` (base_model, a models[] or sources[] entry, the tokenizer)."""
+    if recipe.base_model == spec:
+        return ("base_model",)
+    for i in [None] if recipe.models else range(len(recipe.slices or [])):
+        path = recipe.model_entry_path(spec, slice_index=i)
+        if path[-1] != "base_model":
+            return path + ("model",)
+        if len(path) > 1:  # a slice's base_model (("base_model",) alone: not in this slice)
+            return path
+    return ("tokenizer", "source") if recipe.tokenizer is not None else ("tokenizer_source",)
 
 
 def _check_architectures(checkpoints: dict[str, ModelCheckpoint]) -> None:
@@ -203,7 +225,7 @@ def make_plan(
         raise RecipeError("recipes with `modules` are not supported yet: use `models` or `slices`")
 
     checkpoints: dict[str, ModelCheckpoint] = {
-        spec: _open(spec, recipe_dir, pickle_cache) for spec in recipe.model_specs()
+        spec: _open_named(recipe, spec, recipe_dir, pickle_cache) for spec in recipe.model_specs()
     }
     if not allow_crimes:
         _check_architectures(checkpoints)
@@ -216,7 +238,7 @@ def make_plan(
         )
     if tok.source and tok.source != "base":
         if tok.source not in checkpoints:
-            checkpoints[tok.source] = _open(tok.source, recipe_dir, pickle_cache)
+            checkpoints[tok.source] = _open_named(recipe, tok.source, recipe_dir, pickle_cache)
         hf_source = checkpoints[tok.source]
 
     groups = _groups(recipe, checkpoints)
