@@ -14,10 +14,6 @@ class CheckpointError(StreammergeError):
     """A model checkpoint is missing, malformed or hostile."""
 
 
-class ModelNotFound(CheckpointError):
-    """A recipe's model names no local directory (and, for a Hub id, no cached download)."""
-
-
 class RecipeError(StreammergeError):
     """The recipe YAML is invalid."""
 

@@ -169,3 +169,31 @@ def test_missing_hub_id_still_suggests_a_download(in_family, monkeypatch, tmp_pa
     r = write(in_family / "h.yaml", TIES.format(ft2="someorg/somemodel", weight=0.5, density=0.5))
     line = one_error_line(invoke("plan", r))
     assert line.startswith(f"error: {r}:6: models[1].model: someorg/somemodel: ") and "huggingface-cli download" in line
+
+
+# ---- resuming a changed recipe -------------------------------------------------------------------
+
+
+def test_resume_after_a_parameter_change_names_model_parameter_and_values(in_family):
+    r = write(in_family / "c.yaml", TIES.format(ft2="models/ft2", weight=0.5, density=0.5))
+    store = in_family / "c.zarr"
+    assert invoke("build", r, "--store", store, "--no-progress").exit_code == 0
+    write(r, TIES.format(ft2="models/ft2", weight=0.5, density=0.7))
+    line = one_error_line(invoke("build", r, "--store", store, "--no-progress"))
+    assert "models[1] (models/ft2).parameters.density 0.5 -> 0.7" in line, line
+    assert "--restart" in line
+
+
+def test_describe_changes_lists_each_difference():
+    from streammerge.recipe.diff import describe_changes
+
+    old = {"merge_method": "ties", "models": [{"model": "a", "parameters": {"weight": 1.0}}, {"model": "b"}],
+           "parameters": {"lambda": 1.0}}
+    new = {"merge_method": "ties", "models": [{"model": "a", "parameters": {"weight": 2.0}}, {"model": "c"}],
+           "parameters": {"lambda": 1.0, "normalize": True}}
+    assert describe_changes(old, new) == (
+        "models[0] (a).parameters.weight 1.0 -> 2.0; models[1].model 'b' -> 'c'; parameters.normalize (unset) -> True"
+    )
+    assert describe_changes(old, old) == "formatting"
+    more = {**new, "dtype": "float16", "base_model": "x"}
+    assert describe_changes(old, more).endswith("; and 2 more")

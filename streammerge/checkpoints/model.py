@@ -29,7 +29,7 @@ from streammerge.checkpoints.safetensors_header import (
     read_header,
     value_error_text,
 )
-from streammerge.errors import CheckpointError, ModelNotFound
+from streammerge.errors import CheckpointError
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -150,12 +150,12 @@ def _resolve_model_dir(spec: str) -> Path:
     m = _REPO_ID.match(spec)
     if not m or ".." in spec.split("@")[0] or (m.group("rev") and not _safe_rel(m.group("rev"))) or looks_like_path(spec):
         where = "" if local.is_absolute() else f" ({Path.cwd() / local})"
-        raise ModelNotFound(f"{spec}: no such model directory{where}")
+        raise CheckpointError(f"{spec}: no such model directory{where}")
     org, name, rev = m.group("org"), m.group("name"), m.group("rev") or "main"
     cache, source = _hf_cache_dir()
     repo_dir = cache / f"models--{org}--{name}"
     if not repo_dir.is_dir():
-        raise ModelNotFound(
+        raise CheckpointError(
             f"{spec}: no such directory, and no Hugging Face cache entry at {repo_dir} "
             f"(offline lookup in {source}; download it first, e.g. `huggingface-cli download "
             f"{org}/{name}`)"

@@ -16,6 +16,7 @@ from ..errors import StoreError
 from ..export.hf import HF_FILES, copy_hf_files
 from ..plan.planner import Plan, make_plan
 from ..recipe import Recipe, load_recipe
+from ..recipe.diff import describe_changes
 from ..store.store import FORMAT, TAKEOVER_FILE, Store, StoreLock
 from .build import BuildReport, run_build
 
@@ -80,9 +81,8 @@ def tensors_manifest(jobs) -> list[dict]:
 def what_changed(old: dict, new: dict) -> str | None:
     """A one-line description of why a store no longer matches the job, or None if it does."""
     if old["recipe"]["hash"] != new["recipe"]["hash"]:
-        a, b = old["recipe"]["canonical"], new["recipe"]["canonical"]
-        keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-        return f"the recipe changed since the store was started (fields: {', '.join(keys) or 'formatting'})"
+        changes = describe_changes(old["recipe"]["canonical"], new["recipe"]["canonical"])
+        return f"the recipe changed since the store was started ({changes})"
     if old.get("seed") != new.get("seed"):
         return f"the seed changed since the store was started ({old.get('seed')} -> {new.get('seed')})"
     for spec, info in new["inputs"].items():

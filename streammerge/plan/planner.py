@@ -11,10 +11,10 @@ import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from ..checkpoints import ModelCheckpoint, TensorHandle, looks_like_path, open_model
+from ..checkpoints import ModelCheckpoint, TensorHandle, looks_like_path, open_model, resolve_model_dir
 from ..checkpoints.blocks import num_rows, row_elems
 from ..dtypes import float_type, is_float_st
-from ..errors import ModelNotFound, RecipeError, StreammergeError
+from ..errors import CheckpointError, RecipeError, StreammergeError
 from ..fsutil import WRITE_BEHIND_DEPTH, store_writers
 from ..methods import MergeMethod, TensorParams, get_method
 from ..methods.base import Output
@@ -142,23 +142,25 @@ class Plan:
         return Plan(**{**self.__dict__, "jobs": jobs})
 
 
-def _open(spec: str, recipe_dir: Path | None, pickle_cache: Path | None = None) -> ModelCheckpoint:
+def _local_spec(spec: str, recipe_dir: Path | None) -> str:
     # mergekit resolves model paths against the working directory; we also accept paths
     # relative to the recipe file so recipes can travel with their models (and a missing one
     # there, `models/ft9` beside an existing `models/`, is reported as that path).
     if recipe_dir is not None and not Path(spec).is_absolute() and not Path(spec).exists():
         candidate = recipe_dir / spec
         if candidate.exists() or (not looks_like_path(spec) and looks_like_path(spec, recipe_dir)):
-            return open_model(str(candidate), pickle_cache=pickle_cache)
-    return open_model(spec, pickle_cache=pickle_cache)
+            return str(candidate)
+    return spec
 
 
 def _open_named(recipe: Recipe, spec: str, recipe_dir: Path | None, pickle_cache: Path | None) -> ModelCheckpoint:
-    """`_open`, with a model that is not found reported at the recipe line naming it."""
+    """Open the model `spec` of `recipe`; one that cannot be found is reported at the recipe line naming it."""
+    local = _local_spec(spec, recipe_dir)
     try:
-        return _open(spec, recipe_dir, pickle_cache)
-    except ModelNotFound as e:
+        resolve_model_dir(local)
+    except CheckpointError as e:
         raise recipe.error(_named_at(recipe, spec), str(e)) from None
+    return open_model(local, pickle_cache=pickle_cache)
 
 
 def _named_at(recipe: Recipe, spec: str) -> tuple:
