@@ -237,7 +237,7 @@ def _apply(options):
 @user_errors
 def plan(recipe: Path, workers: int, memory_limit: int, seed: int, block_elements, as_json: bool) -> None:
     """Dry run: list tensors, bytes, blocks and the memory estimate; reads only headers."""
-    from .plan.planner import make_plan
+    from .plan.planner import BASELINE_BYTES, make_plan
     from .recipe import load_recipe
 
     p = make_plan(
@@ -256,6 +256,7 @@ def plan(recipe: Path, workers: int, memory_limit: int, seed: int, block_element
         "tensors": len(p.jobs),
         "blocks": p.nblocks,
         "input_bytes": p.input_bytes,
+        "read_bytes": p.read_bytes,
         "output_bytes": p.output_bytes,
         "block_elements": p.block_elems,
         "workers": workers,
@@ -276,8 +277,13 @@ def plan(recipe: Path, workers: int, memory_limit: int, seed: int, block_element
     click.echo(f"tensors       {len(p.jobs)}")
     click.echo(f"blocks        {p.nblocks} (up to {p.block_elems:,} elements each)")
     click.echo(f"input         {human(p.input_bytes)}")
+    multi = p.read_bytes > p.input_bytes  # a method with passes reads (some of) its inputs again
+    click.echo(f"read          {'up to ' if multi else ''}{human(p.read_bytes)} from disk"
+               f"{', passes included' if multi else ''} (what the progress bar and build summary count)")
     click.echo(f"output        {human(p.output_bytes)}")
-    click.echo(f"memory        ~{human(p.memory_estimate())} with {workers} worker(s)")
+    mem = p.memory_estimate()
+    click.echo(f"memory        ~{human(mem)} with {workers} worker(s): {human(BASELINE_BYTES)} for the process (Python, numpy, "
+               f"dask, zarr) + {human(mem - BASELINE_BYTES)} of float32 blocks (inputs and work arrays per worker, writes queued)")
     for w in p.warnings:
         click.echo(f"warning: {w}", err=True)
 

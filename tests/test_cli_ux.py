@@ -197,3 +197,56 @@ def test_describe_changes_lists_each_difference():
     assert describe_changes(old, old) == "formatting"
     more = {**new, "dtype": "float16", "base_model": "x"}
     assert describe_changes(old, more).endswith("; and 2 more")
+
+
+# ---- one definition of bytes: plan, progress bar, summary ----------------------------------------
+
+BAR = re.compile(r"merge:\s+(\d+)%\|[^|]*\|\s*([\d.]+[kMG]?)/([\d.]+[kMG]?)")
+
+
+def bars(output: str) -> list[tuple[int, str, str]]:
+    """Every rendering of the progress bar: (percent, done, total) as tqdm prints them."""
+    return [(int(p), a, b) for p, a, b in BAR.findall(output.replace("\r", "\n"))]
+
+
+def summary_read(output: str) -> str:
+    return re.search(r"([\d.]+ [KMG]iB) read in", output).group(1)
+
+
+def test_plan_bar_and_summary_count_the_same_bytes(in_family):
+    import json
+
+    from tqdm import tqdm
+
+    r = write(in_family / "b.yaml", TIES.format(ft2="models/ft2", weight=0.5, density=0.5))
+    plan = json.loads(invoke("plan", r, "--json").output)
+    assert plan["read_bytes"] > plan["input_bytes"]  # ties reads its inputs again for top-k
+    res = invoke("build", r, "--store", in_family / "b.zarr", "--progress")
+    assert res.exit_code == 0, res.output
+    seen = bars(res.output)
+    # the bar starts at the plan's figure (every pass counted) ...
+    assert seen[0][0] == 0 and seen[0][2] == tqdm.format_sizeof(plan["read_bytes"], divisor=1024)
+    # ... passes found not needed leave its total, and it ends at what the summary reports
+    pct, done, total = seen[-1]
+    assert pct == 100 and done == total
+    assert float(total[:-1]) == pytest.approx(float(summary_read(res.output).split()[0]), abs=0.01)
+    assert total.endswith("M") and summary_read(res.output).endswith("MiB")
+
+
+def test_resumed_bar_starts_where_the_work_is(in_family):
+    import shutil
+
+    r = write(in_family / "rb.yaml", TIES.format(ft2="models/ft2", weight=0.5, density=0.5))
+    store = in_family / "rb.zarr"
+    first = invoke("build", r, "--store", store, "--progress")
+    assert first.exit_code == 0, first.output
+    whole = bars(first.output)[-1][2]
+    markers = sorted((store / "done" / "merge" / "tensors").iterdir())
+    for d in markers[: len(markers) // 2]:  # as if interrupted with half the tensors written
+        shutil.rmtree(d)
+    res = invoke("build", r, "--store", store, "--progress")
+    assert res.exit_code == 0, res.output
+    seen = bars(res.output)
+    assert 0 < seen[0][0] < 100 and seen[0][2] == whole, seen
+    assert seen[-1] == (100, whole, whole)
+    assert "already done" in res.output

@@ -11,13 +11,15 @@ import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
+
 from ..checkpoints import ModelCheckpoint, TensorHandle, looks_like_path, open_model, resolve_model_dir
 from ..checkpoints.blocks import num_rows, row_elems
 from ..dtypes import float_type, is_float_st
 from ..errors import CheckpointError, RecipeError, StreammergeError
 from ..fsutil import WRITE_BEHIND_DEPTH, store_writers
 from ..methods import MergeMethod, TensorParams, get_method
-from ..methods.base import Output
+from ..methods.base import Output, Pass
 from ..recipe import Recipe, layer_position, resolve_tensor_params
 
 LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -102,6 +104,29 @@ class TensorJob:
     def output_bytes(self) -> int:
         return self.numel * float_type(self.dtype).itemsize
 
+    def block_bytes(self, i: int, rows: np.ndarray | None = None) -> int:
+        """Bytes read from disk for block i of every input (only `rows` of it, when given)."""
+        r0, r1 = self.block_range(i)
+        nrows = r1 - r0 if rows is None else rows_in(rows, r0, r1).size
+        return sum(nrows * self.row_elems * float_type(h.dtype).itemsize for h in self.inputs)
+
+    def pass_rows(self, p: Pass) -> np.ndarray | None:
+        """The only rows pass `p` reads (None: all)."""
+        return None if p.rows is None else p.rows(self.shape, self.params)
+
+    def read_bytes(self, method: MergeMethod) -> int:
+        """Bytes read from disk to build this job, the one figure plan, progress bar and build
+        summary report: every pass over the inputs (of the rows it declares), then the merge.
+        An upper bound before the build: a pass found not needed reads nothing."""
+        passes = sum(self.block_bytes(i, self.pass_rows(p)) for p in method.passes for i in range(self.nblocks))
+        merges = self.input_bytes if self.output_list and method.merge is not None else 0
+        return passes + merges
+
+
+def rows_in(rows: np.ndarray, r0: int, r1: int) -> np.ndarray:
+    """The entries of the ascending `rows` within [r0, r1)."""
+    return rows[np.searchsorted(rows, r0) : np.searchsorted(rows, r1)]
+
 
 @dataclass
 class Plan:
@@ -125,6 +150,11 @@ class Plan:
     @property
     def output_bytes(self) -> int:
         return sum(j.output_bytes for j in self.jobs)
+
+    @property
+    def read_bytes(self) -> int:
+        """Bytes the build reads from disk, counting passes (TensorJob.read_bytes), at most."""
+        return sum(j.read_bytes(j.method or self.method) for j in self.jobs)
 
     @property
     def nblocks(self) -> int:
