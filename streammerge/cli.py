@@ -356,7 +356,7 @@ def _build(recipe, store_path, export_dir, workers, memory_limit, seed, block_el
     verb = "resumed" if result.resumed else "built"
     rate = r.input_bytes / result.seconds if result.seconds > 0 else 0
     click.echo(
-        f"{verb} {store_path}: {r.blocks_run} block(s) computed, {r.blocks_skipped} already done, "
+        f"{verb} {Path(store_path).absolute()}: {r.blocks_run} block(s) computed, {r.blocks_skipped} already done, "
         f"{human(r.input_bytes)} read in {result.seconds:.1f}s ({human(rate)}/s)"
     )
     _print_storage(result.store)
@@ -448,7 +448,14 @@ def _export(store, out, shard_size, dtype, workers, overwrite, progress, client=
 
 
 def _print_exported(info: dict) -> None:
-    click.echo(f"exported {info['path']}: {len(info['files'])} shard(s), {human(info['total_size'])} in {info['seconds']:.1f}s")
+    if info.get("already"):
+        click.echo(f"exported {Path(info['path']).absolute()}: already this store's complete export; nothing written")
+        return
+    extra = info.get("extra_files") or []  # routed: the routing files beside the model's shards
+    besides = f" + {', '.join(extra)}" if extra else ""
+    size = info["total_size"] + info.get("extra_size", 0)
+    click.echo(f"exported {Path(info['path']).absolute()}: {len(info['files'])} shard(s){besides}, {human(size)} "
+               f"in {info['seconds']:.1f}s")
 
 
 @main.command()

@@ -250,3 +250,46 @@ def test_resumed_bar_starts_where_the_work_is(in_family):
     assert 0 < seen[0][0] < 100 and seen[0][2] == whole, seen
     assert seen[-1] == (100, whole, whole)
     assert "already done" in res.output
+
+
+# ---- paths and files -----------------------------------------------------------------------------
+
+
+def test_built_and_exported_print_absolute_paths(in_family):
+    r = write(in_family / "p.yaml", TIES.format(ft2="models/ft2", weight=0.5, density=0.5))
+    res = invoke("build", r.name, "--store", "p.zarr", "--export", "p-out", "--no-progress")
+    assert res.exit_code == 0, res.output
+    assert f"built {in_family / 'p.zarr'}: " in res.output
+    assert f"exported {in_family / 'p-out'}: 1 shard(s), " in res.output
+    res = invoke("export", "p.zarr", "p-out2", "--no-progress")
+    assert res.exit_code == 0 and f"exported {in_family / 'p-out2'}: " in res.output, res.output
+
+
+def test_build_export_again_on_a_finished_store_says_so(in_family):
+    r = write(in_family / "a.yaml", TIES.format(ft2="models/ft2", weight=0.5, density=0.5))
+    args = ["build", r, "--store", in_family / "a.zarr", "--export", in_family / "a-out", "--no-progress",
+            "--shard-size", "100KB"]
+    assert invoke(*args).exit_code == 0
+    before = {f.name: f.stat().st_mtime_ns for f in (in_family / "a-out").iterdir()}
+    res = invoke(*args)
+    assert res.exit_code == 0, res.output
+    assert f"exported {in_family / 'a-out'}: already this store's complete export; nothing written" in res.output
+    assert {f.name: f.stat().st_mtime_ns for f in (in_family / "a-out").iterdir()} == before
+    # other options (another dtype), or an export that lost a shard, are not that export: refused as before
+    res = invoke(*args, "--dtype", "float32")
+    assert res.exit_code == 1 and "already exists" in res.output, res.output
+    next((in_family / "a-out").glob("model-00002-*.safetensors")).unlink()
+    res = invoke(*args)
+    assert res.exit_code == 1 and "already exists" in res.output, res.output
+
+
+def test_routed_export_summary_lists_the_routing_files(in_family):
+    res = invoke("methods", "1bit")
+    r = write(in_family / "ob.yaml", res.output.split("example recipe:\n", 1)[1])
+    assert invoke("build", r, "--store", in_family / "ob.zarr", "--no-progress").exit_code == 0
+    res = invoke("export", in_family / "ob.zarr", in_family / "ob-out", "--variant", "routed", "--no-progress")
+    assert res.exit_code == 0, res.output
+    line = next(x for x in res.output.splitlines() if x.startswith("exported "))
+    written = sorted(f.name for f in (in_family / "ob-out").iterdir() if f.name.startswith("routing"))
+    assert written == ["routing.json", "routing.safetensors"]
+    assert line.startswith(f"exported {in_family / 'ob-out'}: 1 shard(s) + routing.safetensors, routing.json, "), line

@@ -174,6 +174,11 @@ def build(
             store = Store.create(store_path, manifest)
             litter = 0
         run = dict(workers=workers, progress=progress, scheduler=scheduler, cluster=cluster, device=device)
+        exported = None
+        if resumed and export is not None and _exported_already(store, export):
+            # the same `build --export OUT` run again on a finished store: nothing to build or write
+            exported = {"path": str(export["out_dir"]), "already": True}
+            export = None
         # routing methods add their tensors in phase B: their export opens once the build is done
         exporting = _open_export(store, export) if export is not None and not full_plan.method.pipeline else None
         try:
@@ -187,13 +192,21 @@ def build(
         finally:
             store.mirror = None
         seconds = time.perf_counter() - t0
-        exported = None
         if export is not None:
             t1 = time.perf_counter()
             exporting = exporting or _open_export(store, export, mirror=False)
             exported = exporting.finish(workers=workers, progress=progress, scheduler=scheduler, cluster=cluster)
             exported["seconds"] = time.perf_counter() - t1
     return JobResult(store, report, seconds, resumed, litter, plan.warnings, exported)
+
+
+def _exported_already(store: Store, export: dict) -> bool:
+    """Whether the export asked for (OpenExport keywords) exists as this finished store's complete export."""
+    from ..export.hf import is_export_of
+
+    out = Path(export["out_dir"])
+    return (not export.get("overwrite") and out.is_dir() and store.is_complete()
+            and is_export_of(store, out, dtype=export.get("dtype"), shard_size=export["shard_size"]))
 
 
 def _open_export(store: Store, export: dict, mirror: bool = True):

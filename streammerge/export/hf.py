@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..checkpoints.safetensors_header import read_header
 from ..dtypes import FloatType, float_type, from_float32, to_float32
 from ..engine.scheduler import run_graph
 from ..errors import StreammergeError
@@ -89,15 +90,43 @@ def export_store(
     cluster: str | None = None,
     block_fn=None,
     extra=None,
+    variant: str = "merged",
 ) -> dict:
     """Write the store's model (tensors/) as a HF directory.
 
     `block_fn(name, block, r0, r1) -> float32 rows` replaces the stored values (export variants);
-    `extra(tmp_dir)` writes additional files into the output before it is renamed into place.
+    `extra(tmp_dir)` writes additional files into the output before it is renamed into place and
+    returns their names (the summary lists them).
     """
     _check_complete(store)
-    export = OpenExport(store, out_dir, shard_size=shard_size, dtype=dtype, overwrite=overwrite)
+    export = OpenExport(store, out_dir, shard_size=shard_size, dtype=dtype, overwrite=overwrite, variant=variant)
     return export.finish(workers=workers, progress=progress, scheduler=scheduler, cluster=cluster, block_fn=block_fn, extra=extra)
+
+
+def _provenance(store: Store, variant: str, dtype: str | None, shard_size: int) -> dict[str, str]:
+    """The metadata of every shard: the store and export options it came from, so that running
+    the same `build --export OUT` again can tell OUT is already this store's finished export."""
+    options = f"variant={variant};dtype={dtype or 'store'};shard_size={shard_size}"
+    return {"format": "pt", "streammerge_store": store.digest, "streammerge_export": options}
+
+
+def is_export_of(store: Store, out_dir: Path, *, variant: str = "merged", dtype: str | None = None,
+                 shard_size: int = 5 * 10**9) -> bool:
+    """Whether `out_dir` is a complete export of `store` with these options: config.json and every
+    shard present, each whole (its header's tensors tile the file) and recording them, together
+    holding every tensor of the store. The export is renamed into place only once complete."""
+    out_dir = Path(out_dir)
+    index = out_dir / "model.safetensors.index.json"
+    want = _provenance(store, variant, dtype, shard_size)
+    try:
+        names = set(json.loads(index.read_text())["weight_map"].values()) if index.is_file() else {"model.safetensors"}
+        headers = [read_header(out_dir / n) for n in sorted(names)]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, StreammergeError):
+        return False
+    tensors = {t for h in headers for t in h.tensors}
+    return (out_dir / "config.json").is_file() and all(h.metadata == want for h in headers) and tensors == {
+        t["name"] for t in store.tensors
+    }
 
 
 def _check_complete(store: Store) -> None:
@@ -118,7 +147,8 @@ class OpenExport:
     page cache.
     """
 
-    def __init__(self, store: Store, out_dir: Path, *, shard_size: int = 5 * 10**9, dtype: str | None = None, overwrite: bool = False):
+    def __init__(self, store: Store, out_dir: Path, *, shard_size: int = 5 * 10**9, dtype: str | None = None, overwrite: bool = False,
+                 variant: str = "merged"):
         self.store = store
         self.out_dir = out_dir = Path(out_dir)
         if out_dir.exists() and not overwrite:
@@ -143,7 +173,7 @@ class OpenExport:
         self.tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
             with self._naming_out_dir():
-                self.writer = ShardedWriter(self.tmp, specs, shard_size)
+                self.writer = ShardedWriter(self.tmp, specs, shard_size, metadata=_provenance(store, variant, dtype, shard_size))
         except BaseException:
             shutil.rmtree(self.tmp, ignore_errors=True)
             raise
@@ -198,15 +228,15 @@ class OpenExport:
                     )
                 self.writer.finish()
                 _write_side_files(self.store, self.tmp, self.out_type)
-                if extra is not None:
-                    extra(self.tmp)
+                extra_files = list(extra(self.tmp)) if extra is not None else []
+                extra_size = sum((self.tmp / f).stat().st_size for f in extra_files)
                 _fsync_dir(self.tmp)
                 _replace_dir(self.tmp, self.out_dir)
         except BaseException:
             self.abort()
             raise
         return {"files": self.writer.files, "total_size": self.writer.total_size, "path": str(self.out_dir),
-                "blocks_during_build": len(self.written)}
+                "extra_files": extra_files, "extra_size": extra_size, "blocks_during_build": len(self.written)}
 
     def abort(self) -> None:
         try:

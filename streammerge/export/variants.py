@@ -187,6 +187,7 @@ def _routing_tensors(store: Store) -> list[tuple[TensorSpec, callable]]:
 def export_variant(store: Store, out_dir: Path, variant: str, **kw) -> dict:
     if variant == "merged":
         return export_store(store, out_dir, **kw)
+    kw["variant"] = variant
     decision = load_decision(store)
     if variant.startswith("task:"):
         task = variant[5:]
@@ -196,7 +197,7 @@ def export_variant(store: Store, out_dir: Path, variant: str, **kw) -> dict:
     if variant != "routed":
         raise StreammergeError(f"unknown export variant {variant!r}: use merged, task:NAME or routed")
 
-    def extra(tmp: Path) -> None:
+    def extra(tmp: Path) -> list[str]:
         items = _routing_tensors(store)
         w = ShardedWriter(tmp, [spec for spec, _ in items], kw.get("shard_size", 5 * 10**9), prefix="routing")
         try:
@@ -222,6 +223,8 @@ def export_variant(store: Store, out_dir: Path, variant: str, **kw) -> dict:
             },
         }
         (tmp / "routing.json").write_text(json.dumps(meta, indent=1) + "\n")
+        index = [f"{w.prefix}.safetensors.index.json"] if len(w.files) > 1 else []
+        return [*w.files, *index, "routing.json"]
 
     block_fn = BaseBlocks(store) if decision["method"] == "1bit" else None
     return export_store(store, out_dir, block_fn=block_fn, extra=extra, **kw)
