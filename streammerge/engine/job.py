@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import StoreError
-from ..export.hf import HF_FILES, copy_hf_files
+from ..export.hf import HF_FILES, copy_hf_files, is_export_of, record_export
 from ..plan.planner import Plan, make_plan
 from ..recipe import Recipe, load_recipe
 from ..recipe.diff import describe_changes
@@ -196,17 +196,16 @@ def build(
             t1 = time.perf_counter()
             exporting = exporting or _open_export(store, export, mirror=False)
             exported = exporting.finish(workers=workers, progress=progress, scheduler=scheduler, cluster=cluster)
+            record_export(store, exporting.out_dir, dtype=export.get("dtype"), shard_size=export.get("shard_size", 5 * 10**9))
             exported["seconds"] = time.perf_counter() - t1
     return JobResult(store, report, seconds, resumed, litter, plan.warnings, exported)
 
 
 def _exported_already(store: Store, export: dict) -> bool:
     """Whether the export asked for (OpenExport keywords) exists as this finished store's complete export."""
-    from ..export.hf import is_export_of
-
     out = Path(export["out_dir"])
     return (not export.get("overwrite") and out.is_dir() and store.is_complete()
-            and is_export_of(store, out, dtype=export.get("dtype"), shard_size=export["shard_size"]))
+            and is_export_of(store, out, dtype=export.get("dtype"), shard_size=export.get("shard_size", 5 * 10**9)))
 
 
 def _open_export(store: Store, export: dict, mirror: bool = True):

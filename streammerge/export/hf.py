@@ -23,7 +23,7 @@ from ..checkpoints.safetensors_header import read_header
 from ..dtypes import FloatType, float_type, from_float32, to_float32
 from ..engine.scheduler import run_graph
 from ..errors import StreammergeError
-from ..fsutil import WriteBehind, pid_alive
+from ..fsutil import WriteBehind, atomic_write, pid_alive
 from ..store.store import Store
 from .safetensors_writer import ShardedWriter, TensorSpec
 
@@ -90,7 +90,6 @@ def export_store(
     cluster: str | None = None,
     block_fn=None,
     extra=None,
-    variant: str = "merged",
 ) -> dict:
     """Write the store's model (tensors/) as a HF directory.
 
@@ -99,34 +98,56 @@ def export_store(
     returns their names (the summary lists them).
     """
     _check_complete(store)
-    export = OpenExport(store, out_dir, shard_size=shard_size, dtype=dtype, overwrite=overwrite, variant=variant)
+    export = OpenExport(store, out_dir, shard_size=shard_size, dtype=dtype, overwrite=overwrite)
     return export.finish(workers=workers, progress=progress, scheduler=scheduler, cluster=cluster, block_fn=block_fn, extra=extra)
 
 
-def _provenance(store: Store, variant: str, dtype: str | None, shard_size: int) -> dict[str, str]:
-    """The metadata of every shard: the store and export options it came from, so that running
-    the same `build --export OUT` again can tell OUT is already this store's finished export."""
-    options = f"variant={variant};dtype={dtype or 'store'};shard_size={shard_size}"
-    return {"format": "pt", "streammerge_store": store.digest, "streammerge_export": options}
+EXPORTS_FILE = "exports.json"  # in the store: the `build --export` outputs it completed, to recognise them
 
 
-def is_export_of(store: Store, out_dir: Path, *, variant: str = "merged", dtype: str | None = None,
-                 shard_size: int = 5 * 10**9) -> bool:
-    """Whether `out_dir` is a complete export of `store` with these options: config.json and every
-    shard present, each whole (its header's tensors tile the file) and recording them, together
-    holding every tensor of the store. The export is renamed into place only once complete."""
-    out_dir = Path(out_dir)
+def _export_options(dtype: str | None, shard_size: int) -> str:
+    return f"dtype={dtype or 'store'};shard_size={shard_size}"
+
+
+def _shard_files(out_dir: Path) -> list[str]:
     index = out_dir / "model.safetensors.index.json"
-    want = _provenance(store, variant, dtype, shard_size)
+    if index.is_file():
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    return ["model.safetensors"]
+
+
+def record_export(store: Store, out_dir: Path, *, dtype: str | None, shard_size: int) -> None:
+    """Note in the store that `out_dir` is its complete export with these options (each shard's
+    size and header digest), so that the same `build --export OUT` run again can say so. The
+    export itself carries nothing of the store: exports of equal content stay byte-identical."""
+    out_dir = Path(out_dir)
+    shards = {}
+    for name in _shard_files(out_dir):
+        h = read_header(out_dir / name)
+        shards[name] = [h.file_size, h.header_sha256]
+    path = store.path / EXPORTS_FILE
+    known = json.loads(path.read_text()) if path.is_file() else {}
+    known[str(out_dir.absolute())] = {"options": _export_options(dtype, shard_size), "shards": shards}
+    atomic_write(path, json.dumps(known, indent=1).encode())
+
+
+def is_export_of(store: Store, out_dir: Path, *, dtype: str | None = None, shard_size: int = 5 * 10**9) -> bool:
+    """Whether `out_dir` is the complete export of `store` with these options that `record_export`
+    noted: config.json and the same shards, each still whole (its header's tensors tile the file)."""
+    out_dir = Path(out_dir)
     try:
-        names = set(json.loads(index.read_text())["weight_map"].values()) if index.is_file() else {"model.safetensors"}
-        headers = [read_header(out_dir / n) for n in sorted(names)]
+        known = json.loads((store.path / EXPORTS_FILE).read_text()).get(str(out_dir.absolute()))
+        if not known or known["options"] != _export_options(dtype, shard_size) or not (out_dir / "config.json").is_file():
+            return False
+        if _shard_files(out_dir) != sorted(known["shards"]):
+            return False
+        for name, (size, sha) in known["shards"].items():
+            h = read_header(out_dir / name)
+            if [h.file_size, h.header_sha256] != [size, sha]:
+                return False
     except (OSError, ValueError, KeyError, TypeError, AttributeError, StreammergeError):
         return False
-    tensors = {t for h in headers for t in h.tensors}
-    return (out_dir / "config.json").is_file() and all(h.metadata == want for h in headers) and tensors == {
-        t["name"] for t in store.tensors
-    }
+    return True
 
 
 def _check_complete(store: Store) -> None:
@@ -147,8 +168,7 @@ class OpenExport:
     page cache.
     """
 
-    def __init__(self, store: Store, out_dir: Path, *, shard_size: int = 5 * 10**9, dtype: str | None = None, overwrite: bool = False,
-                 variant: str = "merged"):
+    def __init__(self, store: Store, out_dir: Path, *, shard_size: int = 5 * 10**9, dtype: str | None = None, overwrite: bool = False):
         self.store = store
         self.out_dir = out_dir = Path(out_dir)
         if out_dir.exists() and not overwrite:
@@ -173,7 +193,7 @@ class OpenExport:
         self.tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
             with self._naming_out_dir():
-                self.writer = ShardedWriter(self.tmp, specs, shard_size, metadata=_provenance(store, variant, dtype, shard_size))
+                self.writer = ShardedWriter(self.tmp, specs, shard_size)
         except BaseException:
             shutil.rmtree(self.tmp, ignore_errors=True)
             raise

@@ -187,7 +187,6 @@ def _routing_tensors(store: Store) -> list[tuple[TensorSpec, callable]]:
 def export_variant(store: Store, out_dir: Path, variant: str, **kw) -> dict:
     if variant == "merged":
         return export_store(store, out_dir, **kw)
-    kw["variant"] = variant
     decision = load_decision(store)
     if variant.startswith("task:"):
         task = variant[5:]
