@@ -12,7 +12,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .. import __version__
+from ..checkpoints.buffers import copy_buffer
 from ..errors import StoreError
+from ..limits import DOCUMENT, read_bounded
 from ..export.hf import HF_FILES, copy_hf_files, is_export_of, record_export
 from ..plan.planner import Plan, make_plan
 from ..recipe import Recipe, load_recipe
@@ -47,6 +49,7 @@ def manifest_for(plan: Plan, recipe_text: str) -> dict:
         },
         "hf_source": str(plan.hf_source.directory),
         "tensors": tensors_manifest(plan.jobs),
+        "buffers": [b.manifest() for b in plan.buffers],
         "jobs": jobs_manifest(plan.jobs),
     }
 
@@ -173,6 +176,9 @@ def build(
             copy_hf_files(plan.hf_source.directory, store_path / "hf", plan.config_overrides)
             store = Store.create(store_path, manifest)
             litter = 0
+        for i, b in enumerate(plan.buffers):
+            if not store.has_buffer(i):
+                copy_buffer(b, store.buffer_path(i))
         run = dict(workers=workers, progress=progress, scheduler=scheduler, cluster=cluster, device=device)
         exported = None
         if resumed and export is not None and _exported_already(store, export):
@@ -258,6 +264,14 @@ def _nonfinite_allowed(plan: Plan) -> Plan:
     return replace(plan, checkpoints=checkpoints, jobs=jobs)
 
 
+def _written_by_us(zarr_json: Path) -> bool:
+    """A zarr.json streammerge wrote names it; one over the JSON size limit is not ours."""
+    try:
+        return b"streammerge" in read_bounded(zarr_json, DOCUMENT, StoreError)
+    except (OSError, StoreError):
+        return False
+
+
 def _clear(store_path: Path, restart: bool) -> None:
     """Empty the directory for a new store; only ever deletes what a streammerge store contains."""
     # the lock (and its takeover flock file) are ours to keep; converted/ is a cache of pickle
@@ -266,7 +280,7 @@ def _clear(store_path: Path, restart: bool) -> None:
     if not entries:
         return
     zarr_json = store_path / "zarr.json"
-    ours = Store.exists(store_path) or (zarr_json.is_file() and "streammerge" in zarr_json.read_text())
+    ours = Store.exists(store_path) or (zarr_json.is_file() and _written_by_us(zarr_json))
     # A creation killed (or out of space) while copying hf/, before zarr.json: only hf/ files.
     hf = store_path / "hf"
     ours = ours or all(

@@ -15,6 +15,7 @@ import numpy as np
 
 from ..checkpoints import ModelCheckpoint, TensorHandle, looks_like_path, open_model, resolve_model_dir
 from ..checkpoints.blocks import num_rows, row_elems
+from ..checkpoints.buffers import Buffer, agreed_buffer
 from ..dtypes import float_type, is_float_st
 from ..errors import CheckpointError, RecipeError, StreammergeError
 from ..fsutil import WRITE_BEHIND_DEPTH, store_writers
@@ -142,6 +143,7 @@ class Plan:
     hf_source: ModelCheckpoint  # where config.json and tokenizer files come from
     warnings: list[str] = field(default_factory=list)
     config_overrides: dict = field(default_factory=dict)  # config.json keys the output changes
+    buffers: list[Buffer] = field(default_factory=list)  # non-float tensors, copied (checkpoints/buffers.py)
 
     @property
     def input_bytes(self) -> int:
@@ -289,6 +291,7 @@ def make_plan(
             ]
 
     jobs = []
+    buffers = []
     for out_name, group, layer_offset, t in _output_tensors(groups, checkpoints):
         specs = ([group.base] if group.base else []) + group.models
         names = [_input_name(out_name, group, spec, layer_offset) for spec in specs]
@@ -297,9 +300,10 @@ def make_plan(
             h = checkpoints[spec].tensors.get(in_name)
             if h is None:
                 raise StreammergeError(f"{checkpoints[spec].directory}: tensor {in_name} is missing")
-            if not is_float_st(h.dtype):
-                raise StreammergeError(f"{h.path}: tensor {in_name} has dtype {h.dtype}; only BF16, F16 and F32 can be merged")
             handles.append(h)
+        if not all(is_float_st(h.dtype) for h in handles):
+            buffers.append(agreed_buffer(out_name, handles, specs))
+            continue
         shape = _common_shape(out_name, handles, checkpoints, specs, warnings, config_overrides)
         params = resolve_tensor_params(
             recipe,
@@ -347,6 +351,7 @@ def make_plan(
         hf_source=hf_source,
         warnings=warnings,
         config_overrides=config_overrides,
+        buffers=buffers,
     )
 
 
