@@ -25,7 +25,7 @@ from ..checkpoints.safetensors_header import read_header
 from ..dtypes import FloatType, float_type, from_float32, to_float32
 from ..engine.scheduler import run_graph
 from ..errors import StoreError, StreammergeError
-from ..limits import DOCUMENT, read_json
+from ..limits import DOCUMENT, LISTING, read_json
 from ..fsutil import WriteBehind, atomic_write, pid_alive
 from ..store.store import Store
 from .card import write_card
@@ -116,7 +116,7 @@ def _export_options(dtype: str | None, shard_size: int) -> str:
 def _shard_files(out_dir: Path) -> list[str]:
     index = out_dir / "model.safetensors.index.json"
     if index.is_file():
-        return sorted(set(read_json(index, DOCUMENT.named("the index"))["weight_map"].values()))
+        return sorted(set(read_json(index, LISTING.named("the index"))["weight_map"].values()))
     return ["model.safetensors"]
 
 
