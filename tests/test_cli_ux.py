@@ -293,3 +293,22 @@ def test_routed_export_summary_lists_the_routing_files(in_family):
     written = sorted(f.name for f in (in_family / "ob-out").iterdir() if f.name.startswith("routing"))
     assert written == ["routing.json", "routing.safetensors"]
     assert line.startswith(f"exported {in_family / 'ob-out'}: 1 shard(s) + routing.safetensors, routing.json, "), line
+
+
+def test_plan_says_what_it_reads_and_what_the_memory_estimate_includes(in_family):
+    import json
+
+    from streammerge.cli import human
+    from streammerge.plan.planner import BASELINE_BYTES
+
+    r = write(in_family / "pm.yaml", TIES.format(ft2="models/ft2", weight=0.5, density=0.5))
+    plan = json.loads(invoke("plan", r, "--json").output)
+    res = invoke("plan", r)
+    assert res.exit_code == 0, res.output
+    lines = {line.split()[0]: line for line in res.output.splitlines() if line.strip()}
+    assert lines["read"].startswith(f"read          up to {human(plan['read_bytes'])} from disk, passes included")
+    blocks = plan["memory_estimate_bytes"] - BASELINE_BYTES
+    assert lines["memory"] == (
+        f"memory        ~{human(plan['memory_estimate_bytes'])} with 2 worker(s): {human(BASELINE_BYTES)} for the process "
+        f"(Python, numpy, dask, zarr) + {human(blocks)} of float32 blocks (inputs and work arrays per worker, writes queued)"
+    )

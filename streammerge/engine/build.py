@@ -270,7 +270,7 @@ def _bytes_done(plan: Plan, store: Store) -> int:
 
 def _bytes_read(plan: Plan, store: Store, task_bytes: dict) -> int:
     """Input bytes this run really read: its merge tasks, and each pass that was needed, of the
-    rows it declares (the progress bar counted every scheduled pass; skipped ones read nothing)."""
+    rows it declares: where the progress bar ends (a pass found not needed leaves its total)."""
     total = sum(n for key, n in task_bytes.items() if key[0] in ("merge", "device"))
     scheduled = {(key[1], key[2]) for key in task_bytes if key[0] == "pass"}
     for job in plan.jobs:
