@@ -99,7 +99,7 @@ def export_store(
 
     `block_fn(name, block, r0, r1) -> float32 rows` replaces the stored values (export variants);
     `extra(tmp_dir)` writes additional files into the output before it is renamed into place and
-    returns their names (the summary lists them).
+    returns their names, a directory's with a trailing / (the summary lists them).
     """
     _check_complete(store)
     export = OpenExport(store, out_dir, shard_size=shard_size, dtype=dtype, overwrite=overwrite)
@@ -152,6 +152,13 @@ def is_export_of(store: Store, out_dir: Path, *, dtype: str | None = None, shard
     except (OSError, ValueError, KeyError, TypeError, AttributeError, StreammergeError):
         return False
     return True
+
+
+def _tree_size(path: Path) -> int:
+    """Bytes of a file, or of every file under a directory."""
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return path.stat().st_size
 
 
 def _check_complete(store: Store) -> None:
@@ -255,8 +262,8 @@ class OpenExport:
                     _export_buffer(self.store, self.writer, i, b)
                 self.writer.finish()
                 _write_side_files(self.store, self.tmp, self.out_type)
-                extra_files = list(extra(self.tmp)) if extra is not None else []
-                extra_size = sum((self.tmp / f).stat().st_size for f in extra_files)
+                extra_files = list(extra(self.tmp) or ()) if extra is not None else []
+                extra_size = sum(_tree_size(self.tmp / f) for f in extra_files)
                 _fsync_dir(self.tmp)
                 _replace_dir(self.tmp, self.out_dir)
         except BaseException:

@@ -276,7 +276,7 @@ def _export_lora(store: Store, out_dir: Path, decision: dict, rank: int, **kw) -
         raise StreammergeError(f"--rank {rank}: must be at least 1")
     reports: dict[str, dict] = {}
 
-    def extra(tmp: Path) -> None:
+    def extra(tmp: Path) -> list[str]:
         for task in decision["tasks"]:
             sources = task_delta_sources(store, decision, task)
             tensors, config, report = factor_into_adapter(sources, rank, str(Path(out_dir).resolve()), [t["name"] for t in store.tensors])
@@ -296,6 +296,7 @@ def _export_lora(store: Store, out_dir: Path, decision: dict, rank: int, **kw) -
             "router": "router/" if router.is_dir() else None,
         }
         (tmp / "lora.json").write_text(json.dumps(meta, indent=1) + "\n")
+        return ["adapters/", *(["router/"] if router.is_dir() else []), "lora.json"]
 
     block_fn = BaseBlocks(store) if decision["method"] == "1bit" else None
     info = export_store(store, out_dir, block_fn=block_fn, extra=extra, **kw)
