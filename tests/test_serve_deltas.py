@@ -180,12 +180,8 @@ def row_logits(model, ids):
         return model(input_ids=ids.unsqueeze(0)).logits[0]
 
 
-@pytest.mark.parametrize("which,stacked", [("mediator", True), ("mediator", False), ("mediator-tied", True)])
-def test_mediator_mixed_batch_equals_exports(stores, tmp_path_factory, monkeypatch, which, stacked):
-    """stacked: the tasks' sparse products in one (decoding-sized batches), else one per task."""
-    import streammerge.serve.deltas as deltas
-
-    monkeypatch.setattr(deltas, "STACK_MAX_TOKENS", 1 << 20 if stacked else 0)
+@pytest.mark.parametrize("which", ["mediator", "mediator-tied"])
+def test_mediator_mixed_batch_equals_exports(stores, tmp_path_factory, which):
     store, root = stores[which], tmp_path_factory.mktemp("exp")
     rt, model = runtime(store)
     mix = Decision("mix", (("chat", 0.5), ("code", 0.3), ("math", 0.2)))
