@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from .errors import StreammergeError
+from .limits import DOCUMENT, read_json
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
 
@@ -363,7 +364,7 @@ def _print_storage(store) -> None:
     p = store.path / "storage.json"
     if not p.is_file():
         return
-    info = json.loads(p.read_text())
+    info = read_json(p, DOCUMENT.named("storage.json"))
     click.echo("storage:")
     for c in info["components"]:
         click.echo(f"  {c['name']:<40} {human(c['bytes']):>12}")
@@ -411,22 +412,25 @@ def status(store: Path, as_json: bool) -> None:
     default="merged",
     show_default=True,
     help="Routing stores (mediator, 1bit): merged (the static model), task:NAME (the model routed to task NAME), "
-    "or routed (model shards + experts/encodings + routing.json for a runtime).",
+    "routed (model shards + experts/encodings + routing.json for a runtime), or lora (model shards + one PEFT "
+    "LoRA adapter per task under adapters/, for serving engines' multi-LoRA routing).",
 )
+@click.option("--rank", type=click.IntRange(1), default=32, show_default=True,
+              help="With --variant lora: the adapters' rank (each approximates its task's model by a randomized SVD).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 @_apply(_dask_options)
 @user_errors
-def export(store, out, shard_size, dtype, workers, overwrite, variant, progress, scheduler, cluster):
+def export(store, out, shard_size, dtype, workers, overwrite, variant, rank, progress, scheduler, cluster):
     """Write a finished store as a Hugging Face model directory (sharded safetensors)."""
     from .engine.scheduler import dask_client
     from .store.store import Store
 
     st = Store.open(store)
     with dask_client(scheduler, cluster) as client:  # None: the threaded scheduler
-        _export(st, out, shard_size, dtype, workers, overwrite, progress, client, variant=variant)
+        _export(st, out, shard_size, dtype, workers, overwrite, progress, client, variant=variant, rank=rank)
 
 
-def _export(store, out, shard_size, dtype, workers, overwrite, progress, client=None, variant="merged"):
+def _export(store, out, shard_size, dtype, workers, overwrite, progress, client=None, variant="merged", rank=32):
     import time
 
     from .export.variants import export_variant
@@ -434,15 +438,59 @@ def _export(store, out, shard_size, dtype, workers, overwrite, progress, client=
     t0 = time.perf_counter()
     click.get_current_context().meta[_WRITING] = out  # a full disk from here on is out's
     info = export_variant(
-        store, out, variant, shard_size=shard_size, dtype=dtype, workers=workers, overwrite=overwrite, progress=progress,
-        scheduler=client,
+        store, out, variant, rank=rank, shard_size=shard_size, dtype=dtype, workers=workers, overwrite=overwrite,
+        progress=progress, scheduler=client,
     )
     info["seconds"] = time.perf_counter() - t0
     _print_exported(info)
+    for task, errs in info.get("lora", {}).items():
+        if errs:
+            click.echo(f"adapter {task}: {len(errs)} tensor(s), relative error median {errs[len(errs) // 2]:.4f}, "
+                       f"worst {errs[-1]:.4f}")
 
 
 def _print_exported(info: dict) -> None:
     click.echo(f"exported {info['path']}: {len(info['files'])} shard(s), {human(info['total_size'])} in {info['seconds']:.1f}s")
+
+
+@main.command("extract-lora")
+@click.argument("finetune")
+@click.option("--base", required=True, help="The base model the fine-tune was trained from (directory or org/name).")
+@click.option("--out", "-o", "out", required=True, type=click.Path(path_type=Path), metavar="ADAPTER_DIR",
+              help="Directory for the PEFT adapter (adapter_config.json, adapter_model.safetensors).")
+@click.option("--rank", "-r", required=True, type=click.IntRange(1), help="LoRA rank (the largest; see --sv-epsilon).")
+@click.option("--sv-epsilon", type=click.FloatRange(0), default=0.0, show_default=True,
+              help="Drop singular values at or below this (absolute, as mergekit-extract-lora): lower ranks per tensor.")
+@click.option("--include", multiple=True, metavar="REGEX", help="Only tensors whose name matches (repeatable).")
+@click.option("--exclude", multiple=True, metavar="REGEX", help="Skip tensors whose name matches (repeatable).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the randomized SVD's sketches.")
+@click.option("--overwrite", is_flag=True, help="Replace ADAPTER_DIR if it exists (only once the new one is complete).")
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
+@user_errors
+def extract_lora_cmd(finetune, base, out, rank, sv_epsilon, include, exclude, seed, overwrite, progress):
+    """Factor FINETUNE - BASE into a LoRA adapter (PEFT format), out of core.
+
+    Every 2-D weight's task vector is approximated at rank R by a randomized SVD whose passes
+    stream the tensor's row blocks (memory: the rank-R sketches and one block). Embeddings and
+    lm_head, when changed, are saved whole (modules_to_save). The relative error of each tensor
+    is printed and kept in ADAPTER_DIR/extraction.json. Load the result with
+    `peft.PeftModel.from_pretrained(base_model, ADAPTER_DIR)`.
+    """
+    from .export.lora import extract_lora
+
+    if progress is None:
+        progress = sys.stderr.isatty()
+    info = extract_lora(finetune, base, out, rank, sv_epsilon=sv_epsilon, include=list(include), exclude=list(exclude),
+                        seed=seed, overwrite=overwrite, progress=progress)
+    factored = {n: t for n, t in info["tensors"].items() if t.get("rank")}
+    errs = sorted(t["rel_error"] for t in factored.values())
+    worst = max(factored, key=lambda n: factored[n]["rel_error"])
+    click.echo(f"extracted {len(factored)} tensor(s) at rank <= {rank} into {out.resolve()}")
+    click.echo(f"relative error ||delta - BA|| / ||delta||: median {errs[len(errs) // 2]:.4f}, "
+               f"worst {errs[-1]:.4f} ({worst})")
+    whole = [n for n, t in info["tensors"].items() if t.get("saved_whole")]
+    if whole:
+        click.echo(f"saved whole (modules_to_save): {', '.join(whole)}")
 
 
 @main.command()
@@ -593,7 +641,7 @@ def router_show(store, as_json):
     p = router_dir(st) / "router.json"
     if not p.is_file():
         raise StreammergeError(f"{store}: no router fitted; run `streammerge router fit {store} --prompts TASK=FILE ...`")
-    meta = json.loads(p.read_text())
+    meta = read_json(p, DOCUMENT.named("router.json"))
     if as_json:
         click.echo(json.dumps(meta, indent=1))
         return

@@ -12,7 +12,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .. import __version__
+from ..checkpoints.buffers import copy_buffer
+from ..checkpoints.chat_template import write_chat_template
 from ..errors import StoreError
+from ..limits import DOCUMENT, read_bounded
 from ..export.hf import HF_FILES, copy_hf_files
 from ..plan.planner import Plan, make_plan
 from ..recipe import Recipe, load_recipe
@@ -46,6 +49,7 @@ def manifest_for(plan: Plan, recipe_text: str) -> dict:
         },
         "hf_source": str(plan.hf_source.directory),
         "tensors": tensors_manifest(plan.jobs),
+        "buffers": [b.manifest() for b in plan.buffers],
         "jobs": jobs_manifest(plan.jobs),
     }
 
@@ -171,8 +175,13 @@ def build(
         else:
             _clear(store_path, restart)
             copy_hf_files(plan.hf_source.directory, store_path / "hf", plan.config_overrides)
+            if plan.chat_template is not None:
+                write_chat_template(store_path / "hf", plan.chat_template)
             store = Store.create(store_path, manifest)
             litter = 0
+        for i, b in enumerate(plan.buffers):
+            if not store.has_buffer(i):
+                copy_buffer(b, store.buffer_path(i))
         run = dict(workers=workers, progress=progress, scheduler=scheduler, cluster=cluster, device=device)
         # routing methods add their tensors in phase B: their export opens once the build is done
         exporting = _open_export(store, export) if export is not None and not full_plan.method.pipeline else None
@@ -246,6 +255,14 @@ def _nonfinite_allowed(plan: Plan) -> Plan:
     return replace(plan, checkpoints=checkpoints, jobs=jobs)
 
 
+def _written_by_us(zarr_json: Path) -> bool:
+    """A zarr.json streammerge wrote names it; one over the JSON size limit is not ours."""
+    try:
+        return b"streammerge" in read_bounded(zarr_json, DOCUMENT, StoreError)
+    except (OSError, StoreError):
+        return False
+
+
 def _clear(store_path: Path, restart: bool) -> None:
     """Empty the directory for a new store; only ever deletes what a streammerge store contains."""
     # the lock (and its takeover flock file) are ours to keep; converted/ is a cache of pickle
@@ -254,7 +271,7 @@ def _clear(store_path: Path, restart: bool) -> None:
     if not entries:
         return
     zarr_json = store_path / "zarr.json"
-    ours = Store.exists(store_path) or (zarr_json.is_file() and "streammerge" in zarr_json.read_text())
+    ours = Store.exists(store_path) or (zarr_json.is_file() and _written_by_us(zarr_json))
     # A creation killed (or out of space) while copying hf/, before zarr.json: only hf/ files.
     hf = store_path / "hf"
     ours = ours or all(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import hashlib
 import json
 import os
 import re
@@ -19,11 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
+from ..checkpoints.buffers import raw_chunks
 from ..dtypes import FloatType, float_type, from_float32, to_float32
 from ..engine.scheduler import run_graph
-from ..errors import StreammergeError
+from ..errors import StoreError, StreammergeError
+from ..limits import DOCUMENT, read_json
 from ..fsutil import WriteBehind, pid_alive
 from ..store.store import Store
+from .card import write_card
 from .safetensors_writer import ShardedWriter, TensorSpec
 
 # Files a model directory needs besides its weights: copied from the base (or tokenizer_source).
@@ -57,7 +61,7 @@ def copy_hf_files(source_dir: Path, dest_dir: Path, config_overrides: dict | Non
             copied.append(name)
     cfg_path = dest_dir / "config.json"
     if config_overrides and cfg_path.is_file():
-        cfg = json.loads(cfg_path.read_text())
+        cfg = read_json(cfg_path, DOCUMENT.named("config.json"))
         cfg.update(config_overrides)
         cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return copied
@@ -134,6 +138,7 @@ class OpenExport:
             rows = t["shape"][0] if t["shape"] else 1
             self._layout[t["name"]] = (ftype, rows, row_elems)
             specs.append(TensorSpec(t["name"], ftype.st, tuple(t["shape"]), rows * row_elems * ftype.itemsize))
+        specs += [TensorSpec(b["name"], b["dtype"], tuple(b["shape"]), b["nbytes"]) for b in store.buffers]
         self.written: set[tuple[str, int]] = set()  # (tensor, block) mirrored during the build
         self._drained = False  # set once the mirrored writes are finished (finish, abort)
         self._behind: WriteBehind | None = None  # the mirrored blocks' writes, started by the first
@@ -196,6 +201,8 @@ class OpenExport:
                     run_graph(
                         dsk, list(dsk), task_bytes, workers=workers, scheduler=scheduler, cluster=cluster, desc="export", progress=progress
                     )
+                for i, b in enumerate(self.store.buffers):
+                    _export_buffer(self.store, self.writer, i, b)
                 self.writer.finish()
                 _write_side_files(self.store, self.tmp, self.out_type)
                 if extra is not None:
@@ -228,7 +235,19 @@ class OpenExport:
             raise
 
 
+def _export_buffer(store: Store, writer: ShardedWriter, i: int, b: dict) -> None:
+    """Copy a non-float tensor from the store, checking it is what the build copied."""
+    sha, pos = hashlib.sha256(), 0
+    for data in raw_chunks(store.buffer_path(i), 0, b["nbytes"]):
+        sha.update(data)
+        writer.write(b["name"], pos, np.frombuffer(data, np.uint8))
+        pos += len(data)
+    if sha.hexdigest() != b["sha256"]:
+        raise StoreError(f"{store.buffer_path(i)}: tensor {b['name']} is not the one the build copied (sha256 differs)")
+
+
 def _write_side_files(store: Store, dest: Path, out_type: FloatType | None) -> None:
+    write_card(store, dest)
     hf = store.path / "hf"
     if hf.is_dir():
         for f in hf.iterdir():
@@ -236,7 +255,7 @@ def _write_side_files(store: Store, dest: Path, out_type: FloatType | None) -> N
                 shutil.copyfile(f, dest / f.name)
     cfg_path = dest / "config.json"
     if cfg_path.is_file():
-        cfg = json.loads(cfg_path.read_text())
+        cfg = read_json(cfg_path, DOCUMENT.named("config.json"))
         dtypes = {t["dtype"] for t in store.tensors}
         name = out_type.name if out_type else (dtypes.pop() if len(dtypes) == 1 else "float32")
         # transformers < 5 reads `torch_dtype`, >= 5 writes `dtype`: keep both in agreement.

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from ..checkpoints import ModelCheckpoint, TensorHandle, open_model
 from ..checkpoints.blocks import num_rows, row_elems
+from ..checkpoints.buffers import Buffer, agreed_buffer
+from ..checkpoints.chat_template import resolve_chat_template
 from ..dtypes import float_type, is_float_st
 from ..errors import RecipeError, StreammergeError
 from ..fsutil import WRITE_BEHIND_DEPTH, store_writers
@@ -117,6 +119,8 @@ class Plan:
     hf_source: ModelCheckpoint  # where config.json and tokenizer files come from
     warnings: list[str] = field(default_factory=list)
     config_overrides: dict = field(default_factory=dict)  # config.json keys the output changes
+    buffers: list[Buffer] = field(default_factory=list)  # non-float tensors, copied (checkpoints/buffers.py)
+    chat_template: str | None = None  # written into the output's tokenizer files (export/chat_template.py)
 
     @property
     def input_bytes(self) -> int:
@@ -224,6 +228,13 @@ def make_plan(
     block_elems = block_elems or block_elems_for(memory_limit, workers, n_inputs)
     out_dtype_name = recipe.out_dtype or recipe.dtype
     warnings: list[str] = list(recipe.warnings)
+    try:
+        chat_template = resolve_chat_template(recipe.chat_template, [ck.directory for ck in checkpoints.values()])
+    except ValueError as e:
+        raise recipe.error(("chat_template",), str(e)) from None
+    if chat_template is not None and not (hf_source.directory / "tokenizer_config.json").is_file():
+        warnings.append(f"chat_template: {hf_source.spec} has no tokenizer_config.json; the chat template is not written")
+        chat_template = None
     config_overrides: dict = {}
     if recipe.slices:
         config_overrides["num_hidden_layers"] = sum(len(g.layers) for g in groups)
@@ -235,6 +246,7 @@ def make_plan(
             ]
 
     jobs = []
+    buffers = []
     for out_name, group, layer_offset, t in _output_tensors(groups, checkpoints):
         specs = ([group.base] if group.base else []) + group.models
         names = [_input_name(out_name, group, spec, layer_offset) for spec in specs]
@@ -243,9 +255,10 @@ def make_plan(
             h = checkpoints[spec].tensors.get(in_name)
             if h is None:
                 raise StreammergeError(f"{checkpoints[spec].directory}: tensor {in_name} is missing")
-            if not is_float_st(h.dtype):
-                raise StreammergeError(f"{h.path}: tensor {in_name} has dtype {h.dtype}; only BF16, F16 and F32 can be merged")
             handles.append(h)
+        if not all(is_float_st(h.dtype) for h in handles):
+            buffers.append(agreed_buffer(out_name, handles, specs))
+            continue
         shape = _common_shape(out_name, handles, checkpoints, specs, warnings, config_overrides)
         params = resolve_tensor_params(
             recipe,
@@ -293,6 +306,8 @@ def make_plan(
         hf_source=hf_source,
         warnings=warnings,
         config_overrides=config_overrides,
+        buffers=buffers,
+        chat_template=chat_template,
     )
 
 
