@@ -47,10 +47,10 @@ forward of the same batch; swap = RoutedModel's per-decision dense weights, one 
 group; 2-core shared box, about +-15 %):
                        decoding step (1 token/row)      prefill (32 tokens/row)
                        no cache   cache   swap          no cache   cache   swap
-  Mediator (rho 0.1)   4.9        1.5     2.5           1.8        1.5     1.1
-  1bit lambda 0        4.1        2.5     2.4           2.2        1.3     1.1
-  1bit lambda 1        49         3.0     2.8           5.2        1.3     1.1
-The cache held 21 MB (Mediator: CSR) / 164 MB (1bit: 3 decisions' full
+  Mediator (rho 0.1)   5.5        1.7     2.6           1.7        1.4     1.0
+  1bit lambda 0        4.4        2.9     2.9           2.2        1.2     1.0
+  1bit lambda 1        47         2.7     2.6           5.8        1.2     1.0
+The cache held 21 MB (Mediator: CSR; 14 MB with the int32 indices since, same speed) / 164 MB (1bit: 3 decisions' full
 float32 weights) against encodings of 5.7 / 5.9 MB and a 30 MB bf16 model. Served from the
 encodings, lambda != 0 costs 12x lambda 0's time per decoding step (N tau_hats + the election
 per term per forward); cached, the same as lambda 0.
@@ -162,10 +162,12 @@ class CompactSparse:
         r = torch.div(idx, self.cols, rounding_mode="floor")
         crow = torch.zeros(self.rows + 1, dtype=torch.int64, device=idx.device)
         crow[1:] = torch.cumsum(torch.bincount(r, minlength=self.rows), 0)
+        col = idx - r * self.cols
+        if self.count < 2**31 and self.cols < 2**31:  # int32 indices: 12 bytes an entry instead of 20
+            crow, col = crow.to(torch.int32), col.to(torch.int32)
         with warnings.catch_warnings():  # "CSR support is in beta": the operations used here are covered by tests
             warnings.simplefilter("ignore", UserWarning)
-            return torch.sparse_csr_tensor(crow, idx - r * self.cols, self.value.float(), (self.rows, self.cols),
-                                           check_invariants=False)
+            return torch.sparse_csr_tensor(crow, col, self.value.float(), (self.rows, self.cols), check_invariants=False)
 
     def gather_rows(self, ids):
         """Dense float32 rows `ids` (any order, repeats allowed) of the delta: (len(ids), cols)."""
