@@ -32,7 +32,8 @@ Delta terms:
             merged model, METHODS.md 4.4). The terms are built from the packed sign bits and
             scales in row chunks (weights.py `_TaskPiece.tau_hat`, `ties_torch`) and multiplied
             chunk by chunk; never stored unpacked outside the cache below. With lambda = 0 a term
-            is tau_hat_k alone (bits x scale) and STATIC has no delta.
+            is tau_hat_k alone and STATIC has no delta; a sign-bits term (1bit, 1bit-row, 2bit)
+            is then `signs_product`: the +-1 of each byte looked up, multiplied, then scaled.
 
 1bit's lambda * TIES(others) is nonlinear in the tasks: no sum of per-task compressed deltas
 gives it. It is served the same way as tau_hat_k: computed per forward from the encodings, in
@@ -50,17 +51,17 @@ group; 2-core shared box, about +-15 %):
   Mediator (rho 0.1)   5.5        1.7     2.6           1.7        1.4     1.0
   1bit lambda 0        4.4        2.9     2.9           2.2        1.2     1.0
   1bit lambda 1        47         2.7     2.6           5.8        1.2     1.0
-The cache held 21 MB (Mediator: CSR; 14 MB with the int32 indices since, same speed) / 164 MB (1bit: 3 decisions' full
-float32 weights) against encodings of 5.7 / 5.9 MB and a 30 MB bf16 model. Served from the
+The cache held 21 MB (Mediator: CSR; 14 MB with the int32 indices since, same speed) / 164 MB
+(1bit: 3 decisions' full float32 weights) against encodings of 5.7 / 5.9 MB and a 30 MB bf16
+model. Served from the
 encodings, lambda != 0 costs 12x lambda 0's time per decoding step (N tau_hats + the election
 per term per forward); cached, the same as lambda 0.
 
 Cache: with `memory_budget` (bytes the weights may take on the device: model + encodings +
 cache), the decoded form of a term is kept, least recently used first out, in what the model
-and the encodings leave: Mediator the CSR matrix of S_t;
-1bit a decision's full weight theta_0 + delta of each Linear, so that its rows run one product
-with it, as the weight swap does, instead of shared + delta (in the compute dtype: on bf16 that
-is the export's rounding). Without a budget nothing is cached: resident weights are the model
+and the encodings leave: Mediator the CSR matrix of S_t; 1bit a decision's full weight theta_0 +
+delta of each Linear, so that its rows run one product with it, as the weight swap does, instead
+of shared + delta (in the compute dtype: on bf16 that is the export's rounding). Without a budget nothing is cached: resident weights are the model
 plus the encodings. resident_bytes() reports the three. Measured faster in every case of
 tools/bench_deltas.py (see above).
 
