@@ -170,7 +170,8 @@ def _merge_row_groups(method: MergeMethod, job: TensorJob, i: int, stats, group_
 def _merge_task(method: MergeMethod, store: Store, job: TensorJob, i: int, stats, group_elems: int) -> None:
     if stats is None and method.passes:
         stats = store.load_stats(job.stage, job.store_key)
-    if method.row_groups and not any(out.blob for out in job.output_list):
+    # the row-group path reads raw bytes: inputs without them (LoRA-applied weights) read blocks
+    if method.row_groups and not any(out.blob for out in job.output_list) and all(h.has_raw for h in job.inputs):
         stored = _merge_row_groups(method, job, i, stats or {}, group_elems)
     else:
         stored = _merge_block(method, job, i, stats or {})

@@ -11,10 +11,11 @@ import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from ..checkpoints import ModelCheckpoint, TensorHandle, open_model
+from ..checkpoints import ModelCheckpoint, TensorHandle, open_model, resolve_model_dir
+from ..checkpoints.lora import ADAPTER_CONFIG, adapter_dir, apply_adapter, declared_base, is_adapter_dir
 from ..checkpoints.blocks import num_rows, row_elems
 from ..dtypes import float_type, is_float_st
-from ..errors import RecipeError, StreammergeError
+from ..errors import CheckpointError, RecipeError, StreammergeError
 from ..fsutil import WRITE_BEHIND_DEPTH, store_writers
 from ..methods import MergeMethod, TensorParams, get_method
 from ..methods.base import Output
@@ -142,14 +143,51 @@ class Plan:
         return Plan(**{**self.__dict__, "jobs": jobs})
 
 
-def _open(spec: str, recipe_dir: Path | None, pickle_cache: Path | None = None) -> ModelCheckpoint:
+def _locate(spec: str, recipe_dir: Path | None) -> str:
     # mergekit resolves model paths against the working directory; we also accept paths
     # relative to the recipe file so recipes can travel with their models.
     if recipe_dir is not None and not Path(spec).is_absolute() and not Path(spec).exists():
         candidate = recipe_dir / spec
         if candidate.exists():
-            return open_model(str(candidate), pickle_cache=pickle_cache)
-    return open_model(spec, pickle_cache=pickle_cache)
+            return str(candidate)
+    return spec
+
+
+def _open(
+    spec: str, recipe_dir: Path | None, pickle_cache: Path | None = None, default_base: str | None = None
+) -> ModelCheckpoint:
+    """The model `spec` names. mergekit's `BASE+ADAPTER`, or a PEFT adapter directory alone, is
+    its base with the LoRA adapter applied (checkpoints/lora.py); an adapter's own base is its
+    config's base_model_name_or_path if that resolves, else `default_base` (the recipe's)."""
+    located = _locate(spec, recipe_dir)
+    if "+" in spec and not Path(located).exists():
+        base_spec, adapter_spec = spec.split("+", 1)
+        directory = resolve_model_dir(_locate(adapter_spec, recipe_dir))
+        if not is_adapter_dir(directory):
+            raise CheckpointError(f"{directory}: not a PEFT adapter directory (no {ADAPTER_CONFIG}), in {spec}")
+    else:
+        directory = adapter_dir(located)
+        if directory is None:
+            return open_model(located, pickle_cache=pickle_cache)
+        base_spec = _adapter_base(directory, spec, recipe_dir, default_base)
+    base = open_model(_locate(base_spec, recipe_dir), pickle_cache=pickle_cache)
+    return apply_adapter(base, directory, spec=spec, pickle_cache=pickle_cache)
+
+
+def _adapter_base(directory: Path, spec: str, recipe_dir: Path | None, default_base: str | None) -> str:
+    declared = declared_base(directory)
+    if declared is not None:
+        try:
+            resolve_model_dir(_locate(declared, recipe_dir))
+            return declared
+        except CheckpointError:
+            pass
+    if default_base is not None and default_base != spec:
+        return default_base
+    raise CheckpointError(
+        f"{directory / ADAPTER_CONFIG}: base_model_name_or_path {declared!r} is neither a local directory nor a "
+        "cached Hugging Face model, and the recipe has no other base_model to apply the adapter to"
+    )
 
 
 def _check_architectures(checkpoints: dict[str, ModelCheckpoint]) -> None:
@@ -203,7 +241,7 @@ def make_plan(
         raise RecipeError("recipes with `modules` are not supported yet: use `models` or `slices`")
 
     checkpoints: dict[str, ModelCheckpoint] = {
-        spec: _open(spec, recipe_dir, pickle_cache) for spec in recipe.model_specs()
+        spec: _open(spec, recipe_dir, pickle_cache, recipe.base_model) for spec in recipe.model_specs()
     }
     if not allow_crimes:
         _check_architectures(checkpoints)
@@ -216,7 +254,7 @@ def make_plan(
         )
     if tok.source and tok.source != "base":
         if tok.source not in checkpoints:
-            checkpoints[tok.source] = _open(tok.source, recipe_dir, pickle_cache)
+            checkpoints[tok.source] = _open(tok.source, recipe_dir, pickle_cache, recipe.base_model)
         hf_source = checkpoints[tok.source]
 
     groups = _groups(recipe, checkpoints)

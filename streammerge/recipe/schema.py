@@ -23,7 +23,8 @@ in `Recipe.warnings` (an error with `strict=True`):
 
 Beyond mergekit: dtype aliases (bf16, fp16, half, fp32, float) are accepted; mergekit only knows
 the full names (with or without "torch."). Differences the other way: a model reference is a
-string (mergekit also takes a mapping and "model+lora" for a LoRA, which is rejected; "path@revision" is passed on as is),
+string (mergekit also takes a mapping, which is rejected; "model+lora" names a model and a LoRA adapter applied to it,
+see checkpoints/lora.py; "path@revision" is passed on as is),
 and parameter values of the wrong type are not coerced except from strings (see
 `params.validate_value`).
 
@@ -169,12 +170,12 @@ def _setting(raw: Any) -> Any:
 def _model_name(v: Any) -> Any:
     if isinstance(v, str) and not v.strip():
         raise PydanticCustomError("empty", "{msg}", {"msg": "a model name or path must not be empty", "subloc": ()})
-    if isinstance(v, str) and "+" in v:
+    if isinstance(v, str) and "+" in v and (v.count("+") != 1 or not all(p.strip() for p in v.split("+"))):
         raise PydanticCustomError(
             "lora",
             "{msg}",
-            {"msg": f"{v!r} is mergekit's 'model+lora' form; streammerge does not apply LoRA adapters "
-             "(merge the adapter into its model first)", "subloc": ()},
+            {"msg": f"{v!r}: mergekit's 'model+lora' form is one model path and one adapter path joined by '+'",
+             "subloc": ()},
         )
     if isinstance(v, dict):
         raise PydanticCustomError(

@@ -1,0 +1,349 @@
+"""LoRA adapters as merge inputs (checkpoints/lora.py), against peft and mergekit.
+
+Adapters are made with peft on a tiny transformers Llama (every factor random, so every delta is
+nonzero) and saved; the reference for each is peft's own `merge_and_unload()` of it, saved as
+a model (what mergekit's `model+lora` does). streammerge streams base + scale * B @ A per block;
+merged with task_arithmetic, ties and mediator it must give the bits the same method gives on
+the merge_and_unload'd models: task_arithmetic against an in-memory torch computation, ties and
+mediator against streammerge's build of the merged models (the methods' own references are in
+test_methods_ties.py and test_routed.py), and mergekit's build of a `model+lora` recipe.
+Bit-identity holds because the delta is computed as peft does ((B @ A) * scale in float32, the
+same BLAS order here: checked directly by test_lora_handle_rows_equal_peft) and rounded to the
+base dtype as merge_and_unload's in-place add does.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+import synth_checkpoints as synth
+from helpers import load_model_tensors, torch_task_arithmetic, write_recipe
+from streammerge.checkpoints.blocks import read_rows, read_rows_at
+from streammerge.checkpoints.lora import LoraHandle
+from streammerge.cli import main as cli
+from streammerge.engine.job import build
+from streammerge.export.hf import export_store
+from streammerge.plan.planner import _open
+from streammerge.store.store import Store
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+SHAPE = synth.ModelShape(hidden=64, intermediate=96, layers=2, heads=4, kv_heads=2, vocab=96)
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ADAPTERS = {
+    "plain": dict(r=4, lora_alpha=8, target_modules=ALL_LINEAR),
+    # rslora, an embedding LoRA (lora_embedding_A/B, stored transposed) and a full lm_head
+    "rslora-embed": dict(r=8, lora_alpha=16, use_rslora=True, target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"],
+                         modules_to_save=["lm_head"]),
+    # per-module rank and alpha
+    "patterns": dict(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj", "o_proj", "up_proj"],
+                     rank_pattern={"v_proj": 2}, alpha_pattern={"o_proj": 12}),
+}
+
+
+def run(*args, expect=0):
+    res = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    assert res.exit_code == expect, res.output
+    return res.output
+
+
+def make_adapter(base: Path, out: Path, seed: int, **config) -> Path:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(**config))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:  # peft starts B (embeddings: A) at zero
+                p.normal_(0.0, 0.1)
+            elif "modules_to_save" in name:
+                p.add_(torch.randn_like(p.float()).to(p.dtype) * 0.01)
+    model.save_pretrained(out)
+    return out
+
+
+def merge_and_unload(base: Path, adapter: Path, out: Path) -> Path:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).merge_and_unload()
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    """{dtype: (base dir, {name: adapter dir}, {name: merge_and_unload'd model dir})}."""
+    out = {}
+    for dtype in ("bfloat16", "float32"):
+        root = tmp_path_factory.mktemp(f"lora-{dtype}")
+        base = synth.make_base(root / "base", SHAPE, dtype=dtype)
+        adapters = {n: make_adapter(base, root / n, i, **cfg) for i, (n, cfg) in enumerate(ADAPTERS.items())}
+        merged = {n: merge_and_unload(base, a, root / f"{n}-merged") for n, a in adapters.items()}
+        out[dtype] = base, adapters, merged
+    return out
+
+
+def streammerge_export(recipe: dict, tmp_path: Path, **kw) -> dict[str, torch.Tensor]:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = write_recipe(tmp_path / "recipe.yaml", recipe)
+    build(path, tmp_path / "job.zarr", workers=2, progress=False, block_elems=1000, **kw)
+    export_store(Store.open(tmp_path / "job.zarr"), tmp_path / "out")
+    return load_model_tensors(tmp_path / "out")
+
+
+def assert_identical(got: dict, want: dict) -> None:
+    assert set(got) == set(want)
+    for name in want:
+        assert got[name].dtype == want[name].dtype, name
+        assert torch.equal(got[name], want[name]), f"{name}: max |diff| {(got[name].float() - want[name].float()).abs().max()}"
+
+
+def ref_spec(form: str, base: Path, adapter: Path) -> str:
+    return str(adapter) if form == "dir" else f"{base}+{adapter}"
+
+
+# ---- the handle ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_lora_handle_rows_equal_peft(family, dtype):
+    """Every tensor read through the adapter (whole, in blocks, and at scattered rows) is
+    merge_and_unload's tensor, bit for bit; targeted ones are LoraHandles, modules_to_save the
+    adapter's copy."""
+    base, adapters, merged = family[dtype]
+    for name, adapter in adapters.items():
+        ck = _open(str(adapter), None)
+        want = load_model_tensors(merged[name])
+        assert set(ck.tensors) == set(want)
+        n_lora = 0
+        for tname, h in ck.tensors.items():
+            ref = want[tname].float().numpy()
+            rows = h.shape[0]
+            whole = read_rows(h, 0, rows, np.empty(h.numel, np.float32))
+            assert np.array_equal(whole, ref), (name, tname)
+            halves = np.concatenate([read_rows(h, 0, rows // 3, np.empty(h.numel, np.float32)),
+                                     read_rows(h, rows // 3, rows, np.empty(h.numel, np.float32))])
+            assert np.array_equal(halves, ref), (name, tname)
+            picked = np.array([0, 2, 3, rows - 1])
+            assert np.array_equal(read_rows_at(h, picked, np.empty(h.numel, np.float32)), ref[picked]), (name, tname)
+            if isinstance(h, LoraHandle):
+                n_lora += 1
+                assert not h.has_raw and h.a is not None
+        assert n_lora == {"plain": 14, "rslora-embed": 7, "patterns": 8}[name]
+    ck = _open(str(adapters["rslora-embed"]), None)
+    assert ck.tensors["model.embed_tokens.weight"].transposed
+    assert "adapter_model.safetensors" in ck.tensors["lm_head.weight"].path
+
+
+# ---- methods ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("form", ["dir", "plus"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_task_arithmetic_equals_merged_models_in_memory(family, tmp_path, dtype, form):
+    base, adapters, merged = family[dtype]
+    weights = [0.5, 0.3, 0.7]
+    recipe = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(base),
+        "models": [{"model": ref_spec(form, base, a), "parameters": {"weight": w}} for a, w in zip(adapters.values(), weights)],
+        "dtype": dtype,
+    }
+    got = streammerge_export(recipe, tmp_path)
+    b = load_model_tensors(base)
+    ms = [load_model_tensors(m) for m in merged.values()]
+    want = {n: torch_task_arithmetic(b[n], [m[n] for m in ms], weights).to(b[n].dtype) for n in b}
+    assert_identical(got, want)
+
+
+def test_device_path_reads_lora_rows(family, tmp_path):
+    """engine/device._upload: LoRA inputs go up as float32 rows (device "cpu" runs the kernels)."""
+    base, adapters, merged = family["bfloat16"]
+    models = [{"model": str(a), "parameters": {"weight": 0.5}} for a in adapters.values()]
+    recipe = {"merge_method": "task_arithmetic", "base_model": str(base), "models": models, "dtype": "bfloat16"}
+    got = streammerge_export(recipe, tmp_path / "lora", device="cpu")
+    merged_models = [{"model": str(m), "parameters": {"weight": 0.5}} for m in merged.values()]
+    want = streammerge_export({**recipe, "models": merged_models}, tmp_path / "merged")
+    assert_identical(got, want)
+
+
+@pytest.mark.parametrize("form", ["dir", "plus"])
+def test_ties_equals_merged_models(family, tmp_path, form):
+    base, adapters, merged = family["bfloat16"]
+    recipe = {
+        "merge_method": "ties",
+        "base_model": str(base),
+        "models": [{"model": ref_spec(form, base, a), "parameters": {"weight": 1.0, "density": 0.4}} for a in adapters.values()],
+        "parameters": {"normalize": True},
+        "dtype": "bfloat16",
+    }
+    got = streammerge_export(recipe, tmp_path / "lora")
+    merged_models = [{"model": str(m), "parameters": {"weight": 1.0, "density": 0.4}} for m in merged.values()]
+    want = streammerge_export({**recipe, "models": merged_models}, tmp_path / "merged")
+    assert_identical(got, want)
+    b = load_model_tensors(base)
+    assert any(not torch.equal(got[n], b[n]) for n in b)
+
+
+def test_mediator_equals_merged_models(family, tmp_path):
+    base, adapters, merged = family["bfloat16"]
+
+    def recipe(specs):
+        models = [{"model": str(s), "parameters": {"task": t}} for s, t in zip(specs, ["chat", "math", "code"])]
+        return {"merge_method": "mediator", "base_model": str(base), "models": models, "parameters": {"route": 1, "rho": 0.2}}
+
+    results = {}
+    for kind, specs in (("lora", adapters.values()), ("merged", merged.values())):
+        d = tmp_path / kind
+        d.mkdir()
+        r = write_recipe(d / "r.yaml", recipe(specs))
+        run("build", r, "--store", d / "job.zarr", "--block-elements", "1000")
+        for variant in ("merged", "task:math"):
+            run("export", d / "job.zarr", d / variant.replace(":", "-"), "--variant", variant)
+        results[kind] = {
+            "analysis": json.loads((d / "job.zarr" / "analysis.json").read_text()),
+            "decision": json.loads((d / "job.zarr" / "method.json").read_text()),
+            "merged": load_model_tensors(d / "merged"),
+            "math": load_model_tensors(d / "task-math"),
+        }
+    lora, ref = results["lora"], results["merged"]
+    assert lora["analysis"] == ref["analysis"] and lora["decision"] == ref["decision"]
+    assert_identical(lora["merged"], ref["merged"])
+    assert_identical(lora["math"], ref["math"])
+    # the dense part is the average of the three merge_and_unload'd models, computed in memory
+    ms = [load_model_tensors(m) for m in merged.values()]
+    for name, t in lora["merged"].items():
+        assert torch.equal(t, ((ms[0][name].float() + ms[1][name].float() + ms[2][name].float()) / 3).to(t.dtype)), name
+
+
+@pytest.mark.mergekit
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_mergekit_model_plus_lora_recipe(family, tmp_path, dtype):
+    """mergekit's own build of a `model+lora` recipe (it merges each adapter with peft into a
+    cache first) and streammerge's streamed one are the same bits."""
+    pytest.importorskip("mergekit")
+    import yaml
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    base, adapters, _ = family[dtype]
+    recipe = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(base),
+        "models": [{"model": f"{base}+{a}", "parameters": {"weight": w}} for a, w in zip(adapters.values(), [0.6, 0.3, 0.5])],
+        "dtype": "float32",  # mergekit's compute dtype (without it, bf16 arithmetic): streammerge's
+        "out_dtype": dtype,
+    }
+    config = MergeConfiguration.model_validate(yaml.safe_load(yaml.safe_dump(recipe)))
+    options = MergeOptions(quiet=True, write_model_card=False, copy_tokenizer=False, lora_merge_cache=str(tmp_path / "cache"))
+    run_merge(config, str(tmp_path / "mk"), options)
+    assert_identical(streammerge_export(recipe, tmp_path / "sm"), load_model_tensors(tmp_path / "mk"))
+
+
+# ---- resume and bad adapters ------------------------------------------------------------------
+
+
+def copy_adapter(src: Path, dest: Path) -> Path:
+    shutil.copytree(src, dest)
+    return dest
+
+
+@pytest.mark.parametrize("changed", ["adapter_config.json", "adapter_model.safetensors"])
+def test_resume_refuses_a_changed_adapter(family, tmp_path, changed):
+    base, adapters, _ = family["bfloat16"]
+    adapter = copy_adapter(adapters["plain"], tmp_path / "adapter")
+    recipe = write_recipe(tmp_path / "r.yaml", {
+        "merge_method": "task_arithmetic", "base_model": str(base),
+        "models": [{"model": str(adapter), "parameters": {"weight": 1.0}}],
+    })
+    store = tmp_path / "job.zarr"
+    run("build", recipe, "--store", store)
+    assert "resumed" in run("build", recipe, "--store", store)
+    if changed == "adapter_config.json":  # the scale changes: lora_alpha
+        _edit_config(lora_alpha=4)(adapter)
+    else:
+        _edit_tensors(lambda t: t.update({Q_B: t[Q_B] * 2}))(adapter)
+    out = run("build", recipe, "--store", store, expect=1)
+    assert f"input {adapter}: adapter/{changed} changed since the store was started" in out
+
+
+def _edit_config(**changes):
+    def edit(d: Path):
+        cfg = json.loads((d / "adapter_config.json").read_text())
+        (d / "adapter_config.json").write_text(json.dumps({**cfg, **changes}))
+    return edit
+
+
+def _edit_tensors(fn):
+    def edit(d: Path):
+        tensors = load_file(d / "adapter_model.safetensors")
+        fn(tensors)
+        save_file(tensors, d / "adapter_model.safetensors")
+    return edit
+
+
+Q_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+Q_B = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+
+
+def _pickled(d: Path):
+    tensors = load_file(d / "adapter_model.safetensors")
+    torch.save(tensors, d / "adapter_model.bin")
+    (d / "adapter_model.safetensors").unlink()
+
+
+BAD = {
+    # case: (edit of a copy of the "plain" adapter, file the error names, words it must contain)
+    "rank": (_edit_config(r=8), "adapter_model.safetensors", "rank mismatch"),
+    "shape": (_edit_tensors(lambda t: t.update({Q_A: torch.zeros(4, 32), Q_B: t[Q_B]})), "adapter_model.safetensors",
+              "shape mismatch"),
+    "absent-module": (_edit_tensors(lambda t: t.update({Q_A.replace("q_proj", "zz_proj"): t[Q_A].clone(),
+                                                        Q_B.replace("q_proj", "zz_proj"): t[Q_B].clone()})),
+                      "adapter_model.safetensors", "targets model.layers.0.self_attn.zz_proj, which the base model"),
+    "architecture": (_edit_config(auto_mapping={"base_model_class": "GPT2LMHeadModel", "parent_library": "x"}), "adapter_config.json",
+                     "another architecture"),
+    "pickle": (_pickled, "adapter_model.bin", "--allow-pickle"),
+    "dora": (_edit_config(use_dora=True), "adapter_config.json", "DoRA"),
+    "ia3": (_edit_config(peft_type="IA3"), "adapter_config.json", "only LoRA adapters"),
+    "half-pair": (_edit_tensors(lambda t: t.pop(Q_B)), "adapter_model.safetensors", "has lora_A but no lora_B"),
+    "nonfinite": (_edit_tensors(lambda t: t[Q_B].__setitem__((3, 1), float("nan"))), "adapter_model.safetensors",
+                  "non-finite value (nan)"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_adapter_is_one_line_naming_the_file(family, tmp_path, case):
+    base, adapters, _ = family["bfloat16"]
+    edit, fname, words = BAD[case]
+    adapter = copy_adapter(adapters["plain"], tmp_path / "adapter")
+    edit(adapter)
+    recipe = write_recipe(tmp_path / "r.yaml", {
+        "merge_method": "task_arithmetic", "base_model": str(base),
+        "models": [{"model": str(adapter), "parameters": {"weight": 1.0}}],
+    })
+    out = run("build", recipe, "--store", tmp_path / "job.zarr", expect=1).strip()
+    assert len(out.splitlines()) == 1 and out.startswith("error: "), out
+    assert str(adapter / fname) in out or (case == "nonfinite" and "adapter_model.safetensors" in out), out
+    assert words in out, out
+
+
+def test_pickled_adapter_with_allow_pickle_equals_safetensors(family, tmp_path):
+    base, adapters, merged = family["bfloat16"]
+    adapter = copy_adapter(adapters["plain"], tmp_path / "adapter")
+    _pickled(adapter)
+    recipe = {"merge_method": "task_arithmetic", "base_model": str(base),
+              "models": [{"model": f"{base}+{adapter}", "parameters": {"weight": 1.0}}]}
+    got = streammerge_export(recipe, tmp_path / "lora", allow_pickle=True)
+    assert_identical(got, load_model_tensors(merged["plain"]))
