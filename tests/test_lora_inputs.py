@@ -146,6 +146,24 @@ def test_lora_handle_rows_equal_peft(family, dtype):
     assert "adapter_model.safetensors" in ck.tensors["lm_head.weight"].path
 
 
+def test_fan_in_fan_out_adapter_rows_equal_peft(tmp_path):
+    """GPT-2's Conv1D weights are stored (in, out): peft's fan_in_fan_out delta is (B @ A).T."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64, n_positions=16)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "base")
+    adapter = make_adapter(tmp_path / "base", tmp_path / "adapter", 5, r=4, lora_alpha=8, fan_in_fan_out=True,
+                           target_modules=["c_attn", "c_fc"])
+    want = load_model_tensors(merge_and_unload(tmp_path / "base", adapter, tmp_path / "merged"))
+    ck = _open(str(adapter), None)
+    loras = [n for n, h in ck.tensors.items() if isinstance(h, LoraHandle)]
+    assert len(loras) == 4 and all(ck.tensors[n].transposed for n in loras)
+    for name, h in ck.tensors.items():
+        got = read_rows(h, 0, h.shape[0], np.empty(h.numel, np.float32))
+        assert np.array_equal(got, want[name].float().numpy()), name
+
+
 # ---- methods ---------------------------------------------------------------------------------
 
 
@@ -318,6 +336,7 @@ BAD = {
     "dora": (_edit_config(use_dora=True), "adapter_config.json", "DoRA"),
     "ia3": (_edit_config(peft_type="IA3"), "adapter_config.json", "only LoRA adapters"),
     "half-pair": (_edit_tensors(lambda t: t.pop(Q_B)), "adapter_model.safetensors", "has lora_A but no lora_B"),
+    "pattern": (_edit_config(rank_pattern={"v_proj(": 2}), "adapter_config.json", "not a valid regular expression"),
     "nonfinite": (_edit_tensors(lambda t: t[Q_B].__setitem__((3, 1), float("nan"))), "adapter_model.safetensors",
                   "non-finite value (nan)"),
 }
@@ -347,3 +366,14 @@ def test_pickled_adapter_with_allow_pickle_equals_safetensors(family, tmp_path):
               "models": [{"model": f"{base}+{adapter}", "parameters": {"weight": 1.0}}]}
     got = streammerge_export(recipe, tmp_path / "lora", allow_pickle=True)
     assert_identical(got, load_model_tensors(merged["plain"]))
+
+
+def test_allow_nonfinite_lets_an_adapters_nan_through(family, tmp_path):
+    base, adapters, merged = family["bfloat16"]
+    adapter = copy_adapter(adapters["plain"], tmp_path / "adapter")
+    _edit_tensors(lambda t: t[Q_B].__setitem__((3, 1), float("nan")))(adapter)
+    recipe = {"merge_method": "task_arithmetic", "base_model": str(base),
+              "models": [{"model": str(adapter), "parameters": {"weight": 1.0}}]}
+    got = streammerge_export(recipe, tmp_path / "out", allow_nonfinite=True)
+    q = got["model.layers.0.self_attn.q_proj.weight"]
+    assert torch.isnan(q[3]).all() and not torch.isnan(q[:3]).any() and not torch.isnan(q[4:]).any()

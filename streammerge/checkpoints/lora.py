@@ -224,7 +224,7 @@ def apply_adapter(
         tensors[target] = _replacement(tensors, target, h, weights)
     for module, (a, b, embedding) in pairs.items():
         target = f"{module}.weight"
-        tensors[target] = _lora(cfg, tensors, module, target, a, b, embedding, weights, base)
+        tensors[target] = _lora(cfg, config_path, tensors, module, target, a, b, embedding, weights, base)
     fingerprint = base.fingerprint()
     fingerprint[f"adapter/{ADAPTER_CONFIG}"] = _file_fingerprint(config_path)
     fingerprint[f"adapter/{weights.name}"] = {
@@ -326,15 +326,21 @@ def _replacement(tensors: dict, target: str, h: TensorHandle, weights: Path):
     return LoraHandle(target, h, None, None, 0.0, False, old.dtype)
 
 
-def _pattern_value(patterns: dict, module: str, default):
+def _pattern_value(patterns: dict, module: str, default, where: str):
     """peft's per-module override: the first pattern matching the end of the module name."""
     for pattern, value in patterns.items():
-        if re.match(rf"(.*\.)?({pattern})$", module):
-            return value
+        try:
+            if not re.match(rf"(.*\.)?({pattern})$", module):
+                continue
+        except re.error as e:
+            raise CheckpointError(f"{where}: pattern {_q(pattern)} is not a valid regular expression ({e})") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
+            raise CheckpointError(f"{where}: pattern {_q(pattern)} must map to a positive number, got {_q(value)}")
+        return value
     return default
 
 
-def _lora(cfg, tensors, module, target, a, b, embedding, weights, base_ck) -> LoraHandle:
+def _lora(cfg, config_path, tensors, module, target, a, b, embedding, weights, base_ck) -> LoraHandle:
     base = tensors.get(target)
     if base is None:
         raise _absent(weights, "targets", module, base_ck)
@@ -343,8 +349,8 @@ def _lora(cfg, tensors, module, target, a, b, embedding, weights, base_ck) -> Lo
     if len(base.shape) != 2:
         raise CheckpointError(f"{weights}: targets {module}, whose weight {target} is not a matrix ({list(base.shape)})")
     transposed = embedding or bool(cfg.get("fan_in_fan_out"))
-    r = _pattern_value(cfg.get("rank_pattern") or {}, module, cfg["r"])
-    alpha = _pattern_value(cfg.get("alpha_pattern") or {}, module, cfg["lora_alpha"])
+    r = _pattern_value(cfg.get("rank_pattern") or {}, module, cfg["r"], f"{config_path}: rank_pattern")
+    alpha = _pattern_value(cfg.get("alpha_pattern") or {}, module, cfg["lora_alpha"], f"{config_path}: alpha_pattern")
     if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[0] != r or b.shape[1] != r:
         raise CheckpointError(
             f"{weights}: {module}: rank mismatch: lora_A is {list(a.shape)} and lora_B {list(b.shape)}, but "
