@@ -116,11 +116,14 @@ def ref_spec(form: str, base: Path, adapter: Path) -> str:
 # ---- the handle ------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("chunk", [None, 100], ids=["one-chunk", "row-chunks"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_lora_handle_rows_equal_peft(family, dtype):
+def test_lora_handle_rows_equal_peft(family, dtype, chunk, monkeypatch):
     """Every tensor read through the adapter (whole, in blocks, and at scattered rows) is
     merge_and_unload's tensor, bit for bit; targeted ones are LoraHandles, modules_to_save the
-    adapter's copy."""
+    adapter's copy. With a small chunk the delta is added a row or two at a time."""
+    if chunk is not None:
+        monkeypatch.setattr("streammerge.checkpoints.lora._CHUNK", chunk)
     base, adapters, merged = family[dtype]
     for name, adapter in adapters.items():
         ck = _open(str(adapter), None)
@@ -144,6 +147,42 @@ def test_lora_handle_rows_equal_peft(family, dtype):
     ck = _open(str(adapters["rslora-embed"]), None)
     assert ck.tensors["model.embed_tokens.weight"].transposed
     assert "adapter_model.safetensors" in ck.tensors["lm_head.weight"].path
+
+
+def test_high_rank_rows_do_not_depend_on_the_rows_read_with_them(family, tmp_path):
+    """At rank 64 BLAS sums a lone row's products in another order than a block's: every row,
+    read alone, in threes or whole, must still be torch's full product (as peft computes it)."""
+    base, _, _ = family["float32"]
+    r, alpha = 64, 32
+    q, emb = "model.layers.0.self_attn.q_proj", "model.embed_tokens"
+    g = torch.Generator().manual_seed(7)
+    b = load_model_tensors(base)
+    factors = {
+        f"base_model.model.{q}.lora_A.weight": torch.randn(r, 64, generator=g),
+        f"base_model.model.{q}.lora_B.weight": torch.randn(64, r, generator=g),
+        f"base_model.model.{emb}.lora_embedding_A": torch.randn(r, 96, generator=g),
+        f"base_model.model.{emb}.lora_embedding_B": torch.randn(64, r, generator=g),
+    }
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    save_file(factors, adapter / "adapter_model.safetensors")
+    (adapter / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "base_model_name_or_path": str(base), "target_modules": ["q_proj", "embed_tokens"]}))
+    want = {
+        f"{q}.weight": b[f"{q}.weight"] + (factors[f"base_model.model.{q}.lora_B.weight"] @ factors[f"base_model.model.{q}.lora_A.weight"]) * (alpha / r),
+        f"{emb}.weight": b[f"{emb}.weight"]
+        + (factors[f"base_model.model.{emb}.lora_embedding_B"] @ factors[f"base_model.model.{emb}.lora_embedding_A"]).T * (alpha / r),
+    }
+    ck = _open(str(adapter), None)
+    for name, ref in want.items():
+        h, ref = ck.tensors[name], ref.numpy()
+        rows = h.shape[0]
+        buf = np.empty(h.numel, np.float32)
+        assert np.array_equal(read_rows(h, 0, rows, buf), ref), name
+        for i in range(rows):
+            assert np.array_equal(read_rows_at(h, np.array([i]), buf), ref[i : i + 1]), (name, i)
+        threes = np.concatenate([read_rows(h, i, min(rows, i + 3), np.empty(h.numel, np.float32)) for i in range(0, rows, 3)])
+        assert np.array_equal(threes, ref), name
 
 
 def test_fan_in_fan_out_adapter_rows_equal_peft(tmp_path):
