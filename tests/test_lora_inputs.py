@@ -416,3 +416,31 @@ def test_allow_nonfinite_lets_an_adapters_nan_through(family, tmp_path):
     got = streammerge_export(recipe, tmp_path / "out", allow_nonfinite=True)
     q = got["model.layers.0.self_attn.q_proj.weight"]
     assert torch.isnan(q[3]).all() and not torch.isnan(q[:3]).any() and not torch.isnan(q[4:]).any()
+
+
+def test_local_cluster_reads_adapters(family, tmp_path):
+    """Worker processes get LoraHandles (pickled: paths and shapes, no data) and read the same
+    bits; the shared-filesystem check covers the adapter files."""
+    pytest.importorskip("distributed")
+    from helpers import file_digest
+    from streammerge.engine.build import build_graph
+    from streammerge.engine.job import manifest_for
+    from streammerge.engine.scheduler import graph_paths
+    from streammerge.plan.planner import make_plan
+    from streammerge.recipe import load_recipe
+
+    base, adapters, _ = family["bfloat16"]
+    recipe = write_recipe(tmp_path / "r.yaml", {
+        "merge_method": "ties", "base_model": str(base), "dtype": "bfloat16",
+        "models": [{"model": str(a), "parameters": {"weight": 0.5, "density": 0.5}} for a in adapters.values()],
+    })
+    opts = ["--block-elements", "2048", "--workers", "2", "--no-progress"]
+    run("build", recipe, "--store", tmp_path / "thr.zarr", "--export", tmp_path / "thr-out", *opts)
+    run("build", recipe, "--store", tmp_path / "dist.zarr", "--export", tmp_path / "dist-out", "--cluster", "local:2", *opts)
+    assert file_digest(tmp_path / "dist-out") == file_digest(tmp_path / "thr-out")
+
+    plan = make_plan(load_recipe(recipe), block_elems=2048)
+    dsk, *_ = build_graph(plan, Store.create(tmp_path / "g.zarr", manifest_for(plan, recipe.read_text())))
+    paths = graph_paths(dsk)
+    for a in adapters.values():
+        assert str((a / "adapter_model.safetensors").resolve()) in paths
