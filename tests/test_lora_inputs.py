@@ -149,6 +149,20 @@ def test_lora_handle_rows_equal_peft(family, dtype, chunk, monkeypatch):
     assert "adapter_model.safetensors" in ck.tensors["lm_head.weight"].path
 
 
+def test_full_tensor_in_another_dtype_is_rounded_as_peft_loads_it(family, tmp_path):
+    """A modules_to_save copy stored in float32 for a bf16 base is loaded into the bf16 module."""
+    base, adapters, _ = family["bfloat16"]
+    adapter = copy_adapter(adapters["rslora-embed"], tmp_path / "adapter")
+    key = "base_model.model.lm_head.weight"
+    _edit_tensors(lambda t: t.update({key: t[key].float() + torch.randn(t[key].shape, generator=torch.Generator().manual_seed(3)) * 1e-3}))(adapter)
+    want = load_model_tensors(merge_and_unload(base, adapter, tmp_path / "merged"))["lm_head.weight"]
+    h = _open(str(adapter), None).tensors["lm_head.weight"]
+    assert isinstance(h, LoraHandle) and h.a is None and h.base.dtype == "F32" and h.dtype == "BF16"
+    got = read_rows(h, 0, h.shape[0], np.empty(h.numel, np.float32))
+    assert np.array_equal(got, want.float().numpy())
+    assert not np.array_equal(got, load_file(adapter / "adapter_model.safetensors")[key].numpy())
+
+
 def test_high_rank_rows_do_not_depend_on_the_rows_read_with_them(family, tmp_path):
     """At rank 64 BLAS sums a lone row's products in another order than a block's: every row,
     read alone, in threes or whole, must still be torch's full product (as peft computes it)."""

@@ -239,7 +239,7 @@ def apply_adapter(
     tensors = dict(base.tensors)
     pairs, replacements = _classify(handles, weights)
     for target, h in replacements.items():
-        tensors[target] = _replacement(tensors, target, h, weights)
+        tensors[target] = _replacement(tensors, target, h, weights, base)
     for module, (a, b, embedding) in pairs.items():
         target = f"{module}.weight"
         tensors[target] = _lora(cfg, config_path, tensors, module, target, a, b, embedding, weights, base)
@@ -323,16 +323,15 @@ def _classify(handles: dict[str, TensorHandle], weights: Path):
     return pairs, replacements
 
 
-def _absent(weights: Path, what: str, target: str, base: ModelCheckpoint | None = None) -> CheckpointError:
-    where = f"the base model {base.directory}" if base is not None else "the base model"
-    return CheckpointError(f"{weights}: {what} {target}, which {where} does not have")
+def _absent(weights: Path, what: str, target: str, base: ModelCheckpoint) -> CheckpointError:
+    return CheckpointError(f"{weights}: {what} {target}, which the base model {base.directory} does not have")
 
 
-def _replacement(tensors: dict, target: str, h: TensorHandle, weights: Path):
+def _replacement(tensors: dict, target: str, h: TensorHandle, weights: Path, base: ModelCheckpoint):
     """The adapter's full copy of `target` (same trailing shape; the vocabulary may differ)."""
     old = tensors.get(target)
     if old is None:
-        raise _absent(weights, "holds a full tensor for", target)
+        raise _absent(weights, "holds a full tensor for", target, base)
     if len(h.shape) != len(old.shape) or h.shape[1:] != old.shape[1:] or (len(h.shape) == 1 and h.shape != old.shape):
         raise CheckpointError(
             f"{weights}: tensor {target} has shape {list(h.shape)}, but the base's is {list(old.shape)}"
