@@ -44,7 +44,8 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_PICKLE = "adapter_model.bin"
 PEFT_PREFIX = "base_model.model."  # what PeftModel puts before the base model's own names
-_CHUNK = 1 << 16  # delta elements computed and added at a time (256 KiB of float32)
+_CHUNK = 1 << 20  # delta elements computed and added at a time (4 MiB of float32; smaller chunks
+# cost more in BLAS calls than they save: 2^16 took 5x as long on the 1024 x 2816 tensor)
 
 # adapter_config.json settings under which the merged weight is not W + scale * B @ A; a truthy
 # value is refused (peft's defaults are all falsy).
