@@ -25,7 +25,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 import synth_checkpoints as synth
-from helpers import load_model_tensors, torch_task_arithmetic, write_recipe
+from helpers import load_model_tensors, torch_linear, torch_task_arithmetic, write_recipe
 from streammerge.checkpoints.blocks import read_rows, read_rows_at
 from streammerge.checkpoints.lora import LoraHandle
 from streammerge.cli import main as cli
@@ -247,6 +247,33 @@ def test_device_path_reads_lora_rows(family, tmp_path):
     merged_models = [{"model": str(m), "parameters": {"weight": 0.5}} for m in merged.values()]
     want = streammerge_export({**recipe, "models": merged_models}, tmp_path / "merged")
     assert_identical(got, want)
+
+
+def test_without_base_model_the_adapters_declared_base_is_used(family, tmp_path):
+    """linear (no base): each adapter goes on its adapter_config.json's base_model_name_or_path."""
+    base, adapters, merged = family["bfloat16"]
+    weights = [0.2, 0.5, 0.3]
+    recipe = {"merge_method": "linear", "dtype": "bfloat16",
+              "models": [{"model": str(a), "parameters": {"weight": w}} for a, w in zip(adapters.values(), weights)]}
+    got = streammerge_export(recipe, tmp_path)
+    ms = [load_model_tensors(m) for m in merged.values()]
+    want = {n: torch_linear([m[n] for m in ms], weights).to(torch.bfloat16) for n in ms[0]}
+    assert_identical(got, want)
+
+
+def test_an_unresolvable_declared_base_is_one_line(family, tmp_path):
+    _, adapters, _ = family["bfloat16"]
+    adapter = copy_adapter(adapters["plain"], tmp_path / "adapter")
+    _edit_config(base_model_name_or_path="nobody/no-such-model")(adapter)
+    recipe = write_recipe(tmp_path / "r.yaml", {"merge_method": "linear", "models": [{"model": str(adapter), "parameters": {"weight": 1.0}}]})
+    out = run("build", recipe, "--store", tmp_path / "job.zarr", expect=1).strip()
+    assert len(out.splitlines()) == 1 and out.startswith(f"error: {adapter / 'adapter_config.json'}: base_model_name_or_path: nobody/no-such-model"), out
+    assert "give the recipe a base_model" in out
+    # the recipe's base_model comes first: the adapter's own path is not needed then
+    base = family["bfloat16"][0]
+    recipe = write_recipe(tmp_path / "r.yaml", {"merge_method": "task_arithmetic", "base_model": str(base),
+                                                "models": [{"model": str(adapter), "parameters": {"weight": 1.0}}]})
+    run("build", recipe, "--store", tmp_path / "job.zarr")
 
 
 @pytest.mark.parametrize("form", ["dir", "plus"])

@@ -157,8 +157,9 @@ def _open(
     spec: str, recipe_dir: Path | None, pickle_cache: Path | None = None, default_base: str | None = None
 ) -> ModelCheckpoint:
     """The model `spec` names. mergekit's `BASE+ADAPTER`, or a PEFT adapter directory alone, is
-    its base with the LoRA adapter applied (checkpoints/lora.py); an adapter's own base is its
-    config's base_model_name_or_path if that resolves, else `default_base` (the recipe's)."""
+    its base with the LoRA adapter applied (checkpoints/lora.py). An adapter directory's base is
+    `default_base` (the recipe's base_model), else its config's base_model_name_or_path: a path
+    written in the adapter's own files is followed only when the recipe names no base."""
     located = _locate(spec, recipe_dir)
     if "+" in spec and not Path(located).exists():
         base_spec, adapter_spec = spec.split("+", 1)
@@ -169,25 +170,25 @@ def _open(
         directory = adapter_dir(located)
         if directory is None:
             return open_model(located, pickle_cache=pickle_cache)
-        base_spec = _adapter_base(directory, spec, recipe_dir, default_base)
+        if default_base not in (None, spec):
+            base_spec = default_base
+        else:
+            return _open_declared_base(spec, directory, recipe_dir, pickle_cache)
     base = open_model(_locate(base_spec, recipe_dir), pickle_cache=pickle_cache)
     return apply_adapter(base, directory, spec=spec, pickle_cache=pickle_cache)
 
 
-def _adapter_base(directory: Path, spec: str, recipe_dir: Path | None, default_base: str | None) -> str:
-    declared = declared_base(directory)
-    if declared is not None:
-        try:
-            resolve_model_dir(_locate(declared, recipe_dir))
-            return declared
-        except CheckpointError:
-            pass
-    if default_base is not None and default_base != spec:
-        return default_base
-    raise CheckpointError(
-        f"{directory / ADAPTER_CONFIG}: base_model_name_or_path {declared!r} is neither a local directory nor a "
-        "cached Hugging Face model, and the recipe has no other base_model to apply the adapter to"
-    )
+def _open_declared_base(spec: str, directory: Path, recipe_dir: Path | None, pickle_cache: Path | None) -> ModelCheckpoint:
+    """Adapter `directory` applied to the base its adapter_config.json names."""
+    where = directory / ADAPTER_CONFIG
+    base_spec = declared_base(directory)
+    if base_spec is None:
+        raise CheckpointError(f"{where}: names no base_model_name_or_path, and the recipe has no base_model to apply the adapter to")
+    try:
+        base = open_model(_locate(base_spec, recipe_dir), pickle_cache=pickle_cache)
+    except CheckpointError as e:
+        raise CheckpointError(f"{where}: base_model_name_or_path: {e} (or give the recipe a base_model)") from None
+    return apply_adapter(base, directory, spec=spec, pickle_cache=pickle_cache)
 
 
 def _check_architectures(checkpoints: dict[str, ModelCheckpoint]) -> None:
