@@ -30,14 +30,14 @@ import os
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import numpy as np
 
 from ..dtypes import float_type, is_float_st
 from ..errors import CheckpointError
 from .blocks import read_rows, read_rows_at
-from .model import ModelCheckpoint, TensorHandle, _open_shard, _read_json_file, resolve_model_dir
+from .model import ModelCheckpoint, TensorHandle, _open_shard, _read_json_file, open_model, resolve_model_dir
 from .safetensors_header import DTYPE_BITS, _q
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -218,6 +218,44 @@ def declared_base(directory: Path) -> str | None:
     """The adapter config's base_model_name_or_path (what peft loads the adapter onto)."""
     base = read_adapter_config(directory).get("base_model_name_or_path")
     return base if isinstance(base, str) and base.strip() else None
+
+
+def open_input(
+    spec: str, *, locate: Callable[[str], str] = str, default_base: str | None = None, pickle_cache: Path | None = None
+) -> ModelCheckpoint:
+    """The model a recipe's `spec` names: a model (`open_model`), or mergekit's `BASE+ADAPTER`,
+    or a PEFT adapter directory alone, applied to its base. An adapter directory's base is
+    `default_base` (the recipe's base_model), else its config's base_model_name_or_path: a path
+    written in the adapter's own files is followed only when the recipe names no base.
+    `locate` maps a path as written to where it is (the planner: relative to the recipe too)."""
+    located = locate(spec)
+    if "+" in spec and not Path(located).exists():
+        base_spec, adapter_spec = spec.split("+", 1)
+        directory = resolve_model_dir(locate(adapter_spec))
+        if not is_adapter_dir(directory):
+            raise CheckpointError(f"{directory}: not a PEFT adapter directory (no {ADAPTER_CONFIG}), in {spec}")
+    else:
+        directory = adapter_dir(located)
+        if directory is None:
+            return open_model(located, pickle_cache=pickle_cache)
+        if default_base in (None, spec):
+            return _on_declared_base(spec, directory, locate, pickle_cache)
+        base_spec = default_base
+    base = open_model(locate(base_spec), pickle_cache=pickle_cache)
+    return apply_adapter(base, directory, spec=spec, pickle_cache=pickle_cache)
+
+
+def _on_declared_base(spec: str, directory: Path, locate: Callable[[str], str], pickle_cache: Path | None) -> ModelCheckpoint:
+    """Adapter `directory` applied to the base its adapter_config.json names."""
+    where = directory / ADAPTER_CONFIG
+    base_spec = declared_base(directory)
+    if base_spec is None:
+        raise CheckpointError(f"{where}: names no base_model_name_or_path, and the recipe has no base_model to apply the adapter to")
+    try:
+        base = open_model(locate(base_spec), pickle_cache=pickle_cache)
+    except CheckpointError as e:
+        raise CheckpointError(f"{where}: base_model_name_or_path: {e} (or give the recipe a base_model)") from None
+    return apply_adapter(base, directory, spec=spec, pickle_cache=pickle_cache)
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,11 +11,11 @@ import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from ..checkpoints import ModelCheckpoint, TensorHandle, open_model, resolve_model_dir
-from ..checkpoints.lora import ADAPTER_CONFIG, adapter_dir, apply_adapter, declared_base, is_adapter_dir
+from ..checkpoints import ModelCheckpoint, TensorHandle
 from ..checkpoints.blocks import num_rows, row_elems
+from ..checkpoints.lora import open_input
 from ..dtypes import float_type, is_float_st
-from ..errors import CheckpointError, RecipeError, StreammergeError
+from ..errors import RecipeError, StreammergeError
 from ..fsutil import WRITE_BEHIND_DEPTH, store_writers
 from ..methods import MergeMethod, TensorParams, get_method
 from ..methods.base import Output
@@ -156,39 +156,8 @@ def _locate(spec: str, recipe_dir: Path | None) -> str:
 def _open(
     spec: str, recipe_dir: Path | None, pickle_cache: Path | None = None, default_base: str | None = None
 ) -> ModelCheckpoint:
-    """The model `spec` names. mergekit's `BASE+ADAPTER`, or a PEFT adapter directory alone, is
-    its base with the LoRA adapter applied (checkpoints/lora.py). An adapter directory's base is
-    `default_base` (the recipe's base_model), else its config's base_model_name_or_path: a path
-    written in the adapter's own files is followed only when the recipe names no base."""
-    located = _locate(spec, recipe_dir)
-    if "+" in spec and not Path(located).exists():
-        base_spec, adapter_spec = spec.split("+", 1)
-        directory = resolve_model_dir(_locate(adapter_spec, recipe_dir))
-        if not is_adapter_dir(directory):
-            raise CheckpointError(f"{directory}: not a PEFT adapter directory (no {ADAPTER_CONFIG}), in {spec}")
-    else:
-        directory = adapter_dir(located)
-        if directory is None:
-            return open_model(located, pickle_cache=pickle_cache)
-        if default_base not in (None, spec):
-            base_spec = default_base
-        else:
-            return _open_declared_base(spec, directory, recipe_dir, pickle_cache)
-    base = open_model(_locate(base_spec, recipe_dir), pickle_cache=pickle_cache)
-    return apply_adapter(base, directory, spec=spec, pickle_cache=pickle_cache)
-
-
-def _open_declared_base(spec: str, directory: Path, recipe_dir: Path | None, pickle_cache: Path | None) -> ModelCheckpoint:
-    """Adapter `directory` applied to the base its adapter_config.json names."""
-    where = directory / ADAPTER_CONFIG
-    base_spec = declared_base(directory)
-    if base_spec is None:
-        raise CheckpointError(f"{where}: names no base_model_name_or_path, and the recipe has no base_model to apply the adapter to")
-    try:
-        base = open_model(_locate(base_spec, recipe_dir), pickle_cache=pickle_cache)
-    except CheckpointError as e:
-        raise CheckpointError(f"{where}: base_model_name_or_path: {e} (or give the recipe a base_model)") from None
-    return apply_adapter(base, directory, spec=spec, pickle_cache=pickle_cache)
+    """The model `spec` names: a model, or a LoRA adapter applied to its base (checkpoints/lora.py)."""
+    return open_input(spec, locate=lambda s: _locate(s, recipe_dir), default_base=default_base, pickle_cache=pickle_cache)
 
 
 def _check_architectures(checkpoints: dict[str, ModelCheckpoint]) -> None:
