@@ -238,6 +238,23 @@ def test_task_arithmetic_equals_merged_models_in_memory(family, tmp_path, dtype,
     assert_identical(got, want)
 
 
+def test_row_groups_slice_lora_rows(family, tmp_path, monkeypatch):
+    """engine/build._merge_row_groups: whole-tensor blocks merged 200 elements at a time, the
+    base read raw and the adapters as float32 rows."""
+    monkeypatch.setattr("streammerge.engine.build.row_group_elems", lambda workers: 200)
+    base, adapters, merged = family["bfloat16"]
+    weights = [0.5, 0.3, 0.7]
+    recipe = {"merge_method": "task_arithmetic", "base_model": str(base), "dtype": "bfloat16",
+              "models": [{"model": str(a), "parameters": {"weight": w}} for a, w in zip(adapters.values(), weights)]}
+    path = write_recipe(tmp_path / "recipe.yaml", recipe)
+    build(path, tmp_path / "job.zarr", workers=2, progress=False, block_elems=100_000)
+    export_store(Store.open(tmp_path / "job.zarr"), tmp_path / "out")
+    b = load_model_tensors(base)
+    ms = [load_model_tensors(m) for m in merged.values()]
+    want = {n: torch_task_arithmetic(b[n], [m[n] for m in ms], weights).to(b[n].dtype) for n in b}
+    assert_identical(load_model_tensors(tmp_path / "out"), want)
+
+
 def test_device_path_reads_lora_rows(family, tmp_path):
     """engine/device._upload: LoRA inputs go up as float32 rows (device "cpu" runs the kernels)."""
     base, adapters, merged = family["bfloat16"]
