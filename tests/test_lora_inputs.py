@@ -7,9 +7,13 @@ merged with task_arithmetic, ties and mediator it must give the bits the same me
 the merge_and_unload'd models: task_arithmetic against an in-memory torch computation, ties and
 mediator against streammerge's build of the merged models (the methods' own references are in
 test_methods_ties.py and test_routed.py), and mergekit's build of a `model+lora` recipe.
-Bit-identity holds because the delta is computed as peft does ((B @ A) * scale in float32, the
-same BLAS order here: checked directly by test_lora_handle_rows_equal_peft) and rounded to the
-base dtype as merge_and_unload's in-place add does.
+Bit-identity holds because the delta is computed as peft does ((B @ A) * scale in float32, each
+row by one gemm over the full width, which sums the rank's products in torch's order here:
+checked directly by test_lora_handle_rows_equal_peft and, at rank 64, by
+test_high_rank_rows_do_not_depend_on_the_rows_read_with_them) and rounded to the base dtype as
+merge_and_unload's in-place add does. Where another BLAS sums in another order, the bound is
+that of a float32 dot product of length r (|error| <= r * 2**-24 * sum_k |B_ik A_kj| * scale),
+then at most one step of the base dtype after its rounding.
 """
 
 from __future__ import annotations
