@@ -144,6 +144,8 @@ def test_lora_handle_rows_equal_peft(family, dtype, chunk, monkeypatch):
             assert np.array_equal(halves, ref), (name, tname)
             picked = np.array([0, 2, 3, rows - 1])
             assert np.array_equal(read_rows_at(h, picked, np.empty(h.numel, np.float32)), ref[picked]), (name, tname)
+            none = np.array([], dtype=np.int64)  # a pass's rows may miss a block
+            assert read_rows_at(h, none, np.empty(h.numel, np.float32)).shape == (0, *h.shape[1:])
             if isinstance(h, LoraHandle):
                 n_lora += 1
                 assert not h.has_raw and h.a is not None

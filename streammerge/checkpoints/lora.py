@@ -36,7 +36,7 @@ import numpy as np
 
 from ..dtypes import float_type, is_float_st
 from ..errors import CheckpointError
-from .blocks import read_rows, read_rows_at
+from .blocks import read_rows, read_rows_at, row_elems
 from .model import ModelCheckpoint, TensorHandle, _open_shard, _read_json_file, open_model, resolve_model_dir
 from .safetensors_header import DTYPE_BITS, _q
 
@@ -125,7 +125,7 @@ class LoraHandle:
         `transposed` its rows are A[:, rows].T @ B.T. Of the tall factor only the rows needed
         are read (B's, or A's columns), and the delta is added `_CHUNK` elements at a time, so
         that the temporaries stay small whatever the block size."""
-        flat = dest.reshape(rows.size, -1)
+        flat = dest.reshape(rows.size, row_elems(self.shape))
         if self.a is not None and rows.size:
             a = _whole(self._part(self.a))
             b = self._part(self.b)
