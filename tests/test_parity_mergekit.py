@@ -2,7 +2,7 @@
 
 mergekit (PyPI, a test-only dependency) runs in-process on tiny random checkpoints (Llama with
 GQA, Qwen2-style q/k/v biases, tied embeddings; bf16 and fp32). Expectations per method family
-follow ../shared/METHODS.md "Parity"; each tolerance has its reason next to it.
+follow docs/methods.md, "Agreement with mergekit"; each tolerance has its reason next to it.
 """
 
 from __future__ import annotations

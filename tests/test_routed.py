@@ -1,6 +1,6 @@
 """Mediator and 1bit-Merging builds end to end: analysis, decisions, exports, report, storage.
 
-References are independent in-memory torch computations of ../shared/METHODS.md's formulas on
+References are independent in-memory torch computations of docs/methods.md's formulas on
 the same checkpoints (loaded with the safetensors library).
 """
 

@@ -44,7 +44,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MEMCAP = ROOT.parent / "shared" / "tools" / "memcap.sh"
+MEMCAP = ROOT / "tools" / "memcap.sh"
 LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 FULL_LAYERS = 80
 WEIGHTS = (0.5, 0.3, 0.2)

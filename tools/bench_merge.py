@@ -6,7 +6,7 @@
 Generates (once, cached under --data) a base and three fine-tunes, then for each method runs
 `streammerge build --export` and `mergekit-yaml` under `/usr/bin/time -v`, reporting wall time
 and peak RSS of the whole process; with --memcap, also runs each under a memory cgroup cap of
-that many MB (../shared/tools/memcap.sh) and reports whether it completed. Prints a markdown table.
+that many MB (tools/memcap.sh) and reports whether it completed. Prints a markdown table.
 Every run of either tool starts alike: previous outputs removed, `sync`, inputs in the page cache.
 """
 
@@ -82,7 +82,7 @@ def timed(cmd: list[str], env=None) -> dict:
 
 
 def capped(cmd: list[str], mb: int) -> dict:
-    memcap = ROOT.parent / "shared" / "tools" / "memcap.sh"
+    memcap = ROOT / "tools" / "memcap.sh"
     if not memcap.exists():
         return {"ok": None, "note": "memcap.sh not found"}
     p = subprocess.run(["bash", str(memcap), str(mb), *cmd], capture_output=True, text=True)

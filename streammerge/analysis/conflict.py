@@ -1,4 +1,4 @@
-"""Per-tensor sign-conflict analysis of N task vectors, as streamed passes (METHODS.md section 2).
+"""Per-tensor sign-conflict analysis of N task vectors, as streamed passes (docs/methods.md section 2).
 
 `conflict_method(n_tasks, denoise_q)` is a stats-only `MergeMethod` (merge=None, base required):
 the engine maps its passes over every row block of a tensor and reduces the partials in block

@@ -4,7 +4,7 @@ Groups of parameters P (a layer, a module kind in a layer, a kind over the whole
 tensors outside the layers) get, from the per-tensor stats summed over the group's tensors:
 
     n         |P|, the number of parameters
-    d         elected-sign conflict rate (METHODS.md section 2):
+    d         elected-sign conflict rate (docs/methods.md section 2):
               d = (1 / (N |P|)) * sum_t sum_p 1[tau_t,p != 0 and sign(tau_t,p) != s_p]
               = sum_t elected_conflict[t] / (N * n).  Denoised variant: the same with
               elected_conflict_denoised (conflicts among the counted entries, see conflict.py),

@@ -1,4 +1,4 @@
-"""Compact per-task encodings of task vectors, for the routing methods (METHODS.md 3 and 4).
+"""Compact per-task encodings of task vectors, for the routing methods (docs/methods.md 3 and 4).
 
 onebit: 1-bit task vectors (sign bits + scale), sparse / dense alternatives per (task, tensor),
         1bit-Merging's static fallback and dynamic merge.

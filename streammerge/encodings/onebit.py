@@ -1,4 +1,4 @@
-"""1-bit task vectors (BitDelta style) and 1bit-Merging's merges (METHODS.md section 4).
+"""1-bit task vectors (BitDelta style) and 1bit-Merging's merges (docs/methods.md section 4).
 
 A task vector tau = theta_t - theta_0 of one tensor is stored as its signs and a scale:
 tau ~ alpha * sign(tau).

@@ -30,7 +30,7 @@ Selection (the "top-rho" of a tensor): exactly k = int(rho * n) entries of the w
 largest by magnitude, ties at the threshold broken by flat index (lowest first), found by the
 exact streamed TopK of methods/_topk.py, so the set does not depend on the row blocks.
 
-Mediator's sparse experts (METHODS.md 3.4): D = mean_t theta_t (float32: summed in task order
+Mediator's sparse experts (docs/methods.md 3.4): D = mean_t theta_t (float32: summed in task order
 from theta_1, then divided by N; optionally rounded to the dtype the dense expert is stored in,
 see `mediator_expert_method`), S_t = top-rho of (theta_t - D), stored as above. At inference
 theta_t ~ D + S_t (`apply_sparse`).

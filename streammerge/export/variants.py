@@ -2,7 +2,7 @@
 
     merged     the static model in tensors/ (Mediator: averaged layers and dense experts;
                1bit-Merging: the fallback theta_0 + lambda * TIES(all))
-    task:NAME  the model a router would run for task NAME (METHODS.md sections 3.5 and 4.4):
+    task:NAME  the model a router would run for task NAME (docs/methods.md sections 3.5 and 4.4):
                Mediator: D + S_NAME on routed layers, the averaged layers elsewhere;
                1bit-Merging: theta_0 + tau_NAME + lambda * TIES({tau_j : j != NAME}) with every
                tau reconstructed from its encoding

@@ -1,4 +1,4 @@
-"""Mediator (../shared/METHODS.md section 3): a routing method, registered for its recipe parameters.
+"""Mediator (docs/methods.md section 3): a routing method, registered for its recipe parameters.
 
 The build is a pipeline (plan/routed.py): conflict analysis of every layer, then the
 low-conflict layers averaged and the high-conflict ones stored as a dense expert (the mean of

@@ -1,4 +1,4 @@
-"""1bit-Merging (../shared/METHODS.md section 4): a routing method, registered for its recipe parameters.
+"""1bit-Merging (docs/methods.md section 4): a routing method, registered for its recipe parameters.
 
 The build is a pipeline (plan/routed.py): conflict/norm analysis, a per (task, module kind)
 precision plan, 1-bit task vectors (sign bits + scale) and the static fallback

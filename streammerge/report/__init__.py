@@ -1,6 +1,6 @@
 """`streammerge report`: what a routing build (Mediator, 1bit-Merging) measured and decided.
 
-A routing build writes three JSON files at the store root (../shared/METHODS.md sections 2-4):
+A routing build writes three JSON files at the store root (docs/methods.md sections 2-4):
 
     analysis.json   conflict scores d per layer and module kind, task-vector norms, cosines,
                     the share of each task's squared norm per module kind

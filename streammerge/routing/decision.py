@@ -1,5 +1,5 @@
 """Routing decisions: from the router's task probabilities to the weights a prompt runs with
-(METHODS.md sections 3.5 and 4.4).
+(docs/methods.md sections 3.5 and 4.4).
 
 1bit-Merging: always top-1: task k = argmax p (ties: the first task), weights
     theta_0 + tau_hat_k + lambda * TIES({tau_hat_j : j != k}).

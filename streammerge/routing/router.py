@@ -1,4 +1,4 @@
-"""The task router (METHODS.md section 5): features, classifier, fitting, saving, loading.
+"""The task router (docs/methods.md section 5): features, classifier, fitting, saving, loading.
 
 Features: the mean over positions of the last hidden state (after the final norm) of the store's
 merged model on the raw prompt (tokenizer special tokens, no chat template), standardised with
