@@ -24,6 +24,7 @@ from ..engine.scheduler import run_graph
 from ..errors import StreammergeError
 from ..fsutil import WriteBehind, pid_alive
 from ..store.store import Store
+from .card import write_card
 from .safetensors_writer import ShardedWriter, TensorSpec
 
 # Files a model directory needs besides its weights: copied from the base (or tokenizer_source).
@@ -229,6 +230,7 @@ class OpenExport:
 
 
 def _write_side_files(store: Store, dest: Path, out_type: FloatType | None) -> None:
+    write_card(store, dest)
     hf = store.path / "hf"
     if hf.is_dir():
         for f in hf.iterdir():
