@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from .errors import StreammergeError
+from .limits import DOCUMENT, read_json
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
 
@@ -363,7 +364,7 @@ def _print_storage(store) -> None:
     p = store.path / "storage.json"
     if not p.is_file():
         return
-    info = json.loads(p.read_text())
+    info = read_json(p, DOCUMENT.named("storage.json"))
     click.echo("storage:")
     for c in info["components"]:
         click.echo(f"  {c['name']:<40} {human(c['bytes']):>12}")
@@ -593,7 +594,7 @@ def router_show(store, as_json):
     p = router_dir(st) / "router.json"
     if not p.is_file():
         raise StreammergeError(f"{store}: no router fitted; run `streammerge router fit {store} --prompts TASK=FILE ...`")
-    meta = json.loads(p.read_text())
+    meta = read_json(p, DOCUMENT.named("router.json"))
     if as_json:
         click.echo(json.dumps(meta, indent=1))
         return

@@ -223,7 +223,7 @@ def test_static_store_and_bad_input_are_one_line_errors(tmp_path):
     broken = make_store(tmp_path, "1bit", mode="broken")
     (broken / "analysis.json").write_text("{not json")
     res = run("report", broken, "--json", ok=False)
-    assert res.exit_code == 1 and "analysis.json: unreadable" in res.output and len(res.output.strip().splitlines()) == 1
+    assert res.exit_code == 1 and "analysis.json:1: analysis.json is not valid JSON" in res.output and len(res.output.strip().splitlines()) == 1
     res = run("report", broken, ok=False)
     assert res.exit_code == 2 and "-o OUTDIR" in res.output
 

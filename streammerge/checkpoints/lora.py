@@ -36,6 +36,7 @@ import numpy as np
 
 from ..dtypes import float_type, is_float_st
 from ..errors import CheckpointError
+from ..limits import DOCUMENT
 from .blocks import read_rows, read_rows_at, row_elems
 from .model import ModelCheckpoint, TensorHandle, _open_shard, _read_json_file, open_model, resolve_model_dir
 from .safetensors_header import DTYPE_BITS, _q
@@ -193,7 +194,7 @@ def adapter_dir(spec: str) -> Path | None:
 
 def read_adapter_config(directory: Path) -> dict:
     path = directory / ADAPTER_CONFIG
-    cfg = _read_json_file(path, ADAPTER_CONFIG)
+    cfg = _read_json_file(path, ADAPTER_CONFIG, DOCUMENT)
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{path}: {ADAPTER_CONFIG} must be a JSON object")
     peft_type = cfg.get("peft_type")

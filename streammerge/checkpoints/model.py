@@ -27,14 +27,13 @@ from streammerge.checkpoints.safetensors_header import (
     duplicates_of,
     loads_strict,
     read_header,
-    value_error_text,
 )
 from streammerge.errors import CheckpointError
+from streammerge.limits import DOCUMENT, LISTING, Limits, read_json
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
-MAX_JSON_BYTES = 100_000_000  # index.json / config.json: real ones are kilobytes
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 # org/name[@revision]; HF names are [A-Za-z0-9._-], a revision may be a branch with slashes.
@@ -188,33 +187,13 @@ def _resolve_model_dir(spec: str) -> Path:
 # opening
 
 
-def _read_json_file(path: Path, what: str, strict: bool = True) -> Any:
-    """Parse a small JSON file; any problem is a one-line CheckpointError.
+def _read_json_file(path: Path, what: str, limits: Limits, strict: bool = True) -> Any:
+    """Parse a JSON file of the model directory under `limits`; any problem is one line.
 
     strict: record duplicate keys (see `duplicates_of`) and refuse NaN/Infinity. config.json is
     read leniently, as transformers writes it (json.dumps may emit NaN).
     """
-    try:
-        size = path.stat().st_size
-        if size > MAX_JSON_BYTES:
-            raise CheckpointError(f"{path}: {what} is {size} bytes, over the {MAX_JSON_BYTES // 1_000_000} MB limit")
-        data = path.read_bytes()
-    except CheckpointError:
-        raise
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read {what}: {e.strerror or e}") from None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise CheckpointError(f"{path}: {what} is not valid UTF-8 (byte {e.start})") from None
-    try:
-        return loads_strict(text) if strict else json.loads(text)
-    except RecursionError:
-        raise CheckpointError(f"{path}: {what} is nested too deeply") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: {what} is not valid JSON ({e.msg} at char {e.pos})") from None
-    except (ValueError, MemoryError) as e:
-        raise CheckpointError(f"{path}: {what} is not valid JSON ({value_error_text(e)})") from None
+    return read_json(path, limits.named(what), CheckpointError, loads=loads_strict if strict else json.loads)
 
 
 def _check_shard_name(index_path: Path, tensor: str, fname: Any) -> str:
@@ -239,7 +218,7 @@ def _check_shard_name(index_path: Path, tensor: str, fname: Any) -> str:
 def _read_index(directory: Path) -> dict[str, str]:
     """weight_map of model.safetensors.index.json: tensor name -> shard file name."""
     index_path = directory / INDEX_NAME
-    doc = _read_json_file(index_path, "the index")
+    doc = _read_json_file(index_path, "the index", LISTING)
     if not isinstance(doc, dict):
         raise CheckpointError(f"{index_path}: the index must be a JSON object")
     if duplicates_of(doc):
@@ -342,7 +321,7 @@ def _open_model(spec: str, directory: Path) -> ModelCheckpoint:
     if config_path.is_symlink() and not config_path.exists():
         raise CheckpointError(f"{config_path}: is a dangling symlink (incomplete download?)")
     if config_path.exists():
-        config = _read_json_file(config_path, "config.json", strict=False)
+        config = _read_json_file(config_path, "config.json", DOCUMENT, strict=False)
         if not isinstance(config, dict):
             raise CheckpointError(f"{config_path}: config.json must be a JSON object")
 

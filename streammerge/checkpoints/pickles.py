@@ -24,6 +24,7 @@ from pathlib import Path
 
 from ..errors import CheckpointError
 from ..fsutil import pid_alive
+from ..limits import LISTING, read_json
 
 CONVERTER_VERSION = 1
 PICKLE_INDEX = "pytorch_model.bin.index.json"
@@ -38,7 +39,7 @@ def _pickle_files(directory: Path, suffixes: tuple[str, ...]) -> list[str]:
     index = directory / PICKLE_INDEX
     if index.is_file():
         try:
-            doc = json.loads(index.read_text())
+            doc = read_json(index, LISTING.named("the pickle index"), CheckpointError)
             wm = doc["weight_map"]
             names = sorted(set(wm.values()))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from streammerge.errors import CheckpointError
+from streammerge.limits import value_error_text
 
 MAX_HEADER_BYTES = 100_000_000  # the limit the reference implementation enforces ("100 MB")
 METADATA_KEY = "__metadata__"
@@ -129,15 +130,6 @@ def _num(n: int) -> str:
     if abs(n) < 10**20:
         return str(n)
     return f"{'-' if n < 0 else ''}~2^{abs(n).bit_length() - 1}"
-
-
-def value_error_text(e: BaseException) -> str:
-    """A one-line, bounded reason for a ValueError raised by json.loads."""
-    text = str(e)
-    if "Exceeds the limit" in text and "digits" in text:
-        return "an integer literal has too many digits"
-    first = text.splitlines()[0] if text else type(e).__name__
-    return first[:200]
 
 
 def _is_int(value: Any) -> bool:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import StoreError
+from ..limits import DOCUMENT, read_bounded
 from ..export.hf import HF_FILES, copy_hf_files
 from ..plan.planner import Plan, make_plan
 from ..recipe import Recipe, load_recipe
@@ -246,6 +247,14 @@ def _nonfinite_allowed(plan: Plan) -> Plan:
     return replace(plan, checkpoints=checkpoints, jobs=jobs)
 
 
+def _written_by_us(zarr_json: Path) -> bool:
+    """A zarr.json streammerge wrote names it; one over the JSON size limit is not ours."""
+    try:
+        return b"streammerge" in read_bounded(zarr_json, DOCUMENT, StoreError)
+    except (OSError, StoreError):
+        return False
+
+
 def _clear(store_path: Path, restart: bool) -> None:
     """Empty the directory for a new store; only ever deletes what a streammerge store contains."""
     # the lock (and its takeover flock file) are ours to keep; converted/ is a cache of pickle
@@ -254,7 +263,7 @@ def _clear(store_path: Path, restart: bool) -> None:
     if not entries:
         return
     zarr_json = store_path / "zarr.json"
-    ours = Store.exists(store_path) or (zarr_json.is_file() and "streammerge" in zarr_json.read_text())
+    ours = Store.exists(store_path) or (zarr_json.is_file() and _written_by_us(zarr_json))
     # A creation killed (or out of space) while copying hf/, before zarr.json: only hf/ files.
     hf = store_path / "hf"
     ours = ours or all(

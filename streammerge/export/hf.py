@@ -22,6 +22,7 @@ import numpy as np
 from ..dtypes import FloatType, float_type, from_float32, to_float32
 from ..engine.scheduler import run_graph
 from ..errors import StreammergeError
+from ..limits import DOCUMENT, read_json
 from ..fsutil import WriteBehind, pid_alive
 from ..store.store import Store
 from .card import write_card
@@ -58,7 +59,7 @@ def copy_hf_files(source_dir: Path, dest_dir: Path, config_overrides: dict | Non
             copied.append(name)
     cfg_path = dest_dir / "config.json"
     if config_overrides and cfg_path.is_file():
-        cfg = json.loads(cfg_path.read_text())
+        cfg = read_json(cfg_path, DOCUMENT.named("config.json"))
         cfg.update(config_overrides)
         cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return copied
@@ -238,7 +239,7 @@ def _write_side_files(store: Store, dest: Path, out_type: FloatType | None) -> N
                 shutil.copyfile(f, dest / f.name)
     cfg_path = dest / "config.json"
     if cfg_path.is_file():
-        cfg = json.loads(cfg_path.read_text())
+        cfg = read_json(cfg_path, DOCUMENT.named("config.json"))
         dtypes = {t["dtype"] for t in store.tensors}
         name = out_type.name if out_type else (dtypes.pop() if len(dtypes) == 1 else "float32")
         # transformers < 5 reads `torch_dtype`, >= 5 writes `dtype`: keep both in agreement.

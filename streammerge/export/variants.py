@@ -27,6 +27,7 @@ from ..dtypes import float_type, to_float32
 from ..encodings.onebit import dynamic_merge_block, reconstruct_from_outputs, unpack_signs_flat
 from ..encodings.sparse import apply_sparse, decode_sparse
 from ..errors import StreammergeError
+from ..limits import DOCUMENT, read_json
 from ..store.store import Store
 from .hf import export_store
 from .safetensors_writer import ShardedWriter, TensorSpec
@@ -41,7 +42,7 @@ def load_decision(store: Store) -> dict:
             f"{store.path}: export variants other than 'merged' need a mediator or 1bit store "
             f"(this one was built with {store.manifest['method']})"
         )
-    return json.loads(p.read_text())
+    return read_json(p, DOCUMENT.named("method.json"))
 
 
 def _f32(store: Store, name: str, r0: int, r1: int) -> np.ndarray:

@@ -30,15 +30,11 @@ A missing value for a parameter without default is an error naming the model and
 
 from __future__ import annotations
 
-import math
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
-from ..methods.base import REQUIRED, MergeMethod, Param, TensorParams
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .schema import Recipe
+from ..methods.base import Param
 
 __all__ = [
     "Conditional",
@@ -47,7 +43,6 @@ __all__ = [
     "evaluate_setting",
     "layer_position",
     "parse_setting",
-    "resolve_tensor_params",
     "setting_values",
     "validate_value",
 ]
@@ -266,7 +261,7 @@ def layer_position(layer_index: int | None, num_layers: int) -> float:
     when the slice has a single layer (mergekit's `plan_slice`). Tensors outside the layers
     (embeddings, final norm, lm_head: `layer_index=None`) take t = 0 (mergekit plans them with
     a ConfigReader whose t is 0; they use the first slice's settings before the layers and the
-    last slice's after, see `resolve_tensor_params`).
+    last slice's after, see `resolve.resolve_tensor_params`).
     """
     if layer_index is None:
         return 0.0
@@ -275,79 +270,3 @@ def layer_position(layer_index: int | None, num_layers: int) -> float:
     if num_layers == 1:
         return 1.0
     return layer_index / (num_layers - 1)
-
-
-def _fmt_t(t: float) -> str:
-    return f"{t:.6g}" if isinstance(t, float) and math.isfinite(t) else str(t)
-
-
-def resolve_tensor_params(
-    recipe: "Recipe",
-    method: MergeMethod | None,
-    tensor_name: str,
-    t: float,
-    models: Sequence[str],
-    seed: int = 0,
-    *,
-    slice_index: int | None = None,
-    module: str | None = None,
-    input_names: Sequence[str] | None = None,
-) -> TensorParams:
-    """Resolve every parameter of `method` for one output tensor.
-
-    `models`: the models the method sees for this tensor, in order (Block.models; usually
-    `recipe.input_models(slice_index, module)`). `slice_index`: which output slice the tensor
-    belongs to when the recipe uses `slices:` (mergekit resolves embeddings with the first
-    slice and the final norm / lm_head with the last one); ignored with `models:`. `module`:
-    the module name with `modules:`. `input_names`: each model's own name for the tensor
-    (aligned with `models`): mergekit matches per-model filters against the *input* tensor
-    name, which differs from the output name when a slice takes layers from elsewhere
-    (layer_range [8, 12] feeds output layer 0 from input layer 8); defaults to `tensor_name`.
-
-    Raises RecipeError (one line, with the recipe line) for a missing required value or a
-    value that fails validation after interpolation.
-    """
-    method = method or recipe.method
-    if input_names is None:
-        input_names = [tensor_name] * len(models)
-    elif len(input_names) != len(models):
-        raise ValueError("input_names must be aligned with models")
-    model_params = [p for p in method.params if p.scope == "model"]
-    global_params = [p for p in method.params if p.scope != "model"]
-
-    shared_sources = recipe.parameter_sources(None, slice_index=slice_index, module=module)
-    globals_ = {
-        p.name: _resolve_one(recipe, method, p, shared_sources, tensor_name, t, None, None)
-        for p in global_params
-    }
-    per_model = []
-    for m, name in zip(models, input_names):
-        sources = recipe.parameter_sources(m, slice_index=slice_index, module=module)
-        where = recipe.model_entry_path(m, slice_index=slice_index, module=module)
-        per_model.append(
-            {p.name: _resolve_one(recipe, method, p, sources, name, t, m, where) for p in model_params}
-        )
-    return TensorParams(globals=globals_, per_model=tuple(per_model), seed=seed)
-
-
-def _resolve_one(recipe, method, param: Param, sources, tensor_name, t, model, where) -> Any:
-    for path, settings in sources:
-        if settings is None or param.name not in settings:
-            continue
-        setting = settings[param.name]
-        try:
-            value = evaluate_setting(setting, tensor_name, t, validate=lambda v: validate_value(param, v))
-        except ValueError as e:
-            raise recipe.error(
-                path + (param.name,), f"for tensor {tensor_name!r} (t={_fmt_t(t)}): {e}"
-            ) from None
-        if value is not None:
-            return value
-    if param.default is REQUIRED:
-        who = f"model {model!r}" if model is not None else "the merge"
-        raise recipe.error(
-            where if where is not None else (),
-            f"no value of required parameter {param.name!r} ({method.name}) applies to tensor "
-            f"{tensor_name!r} for {who}: no filter matched and there is no default",
-        )
-    return param.default

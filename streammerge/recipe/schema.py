@@ -41,23 +41,13 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
-import re
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Any
 
-import yaml
 from pydantic import (
     BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Discriminator,
     PrivateAttr,
-    StrictBool,
-    StrictFloat,
-    StrictInt,
     StrictStr,
-    Tag,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -67,16 +57,33 @@ from pydantic_core import PydanticCustomError
 
 from ..dtypes import float_type
 from ..errors import RecipeError
+from ..limits import RECIPE, read_bounded
 from ..methods import get_method, method_names
 from ..methods.base import REQUIRED, MergeMethod
-from .params import (
-    SettingError,
-    map_setting,
-    parse_setting,
-    setting_may_apply,
-    setting_values,
-    validate_value,
+from .entries import (
+    InputModel,
+    InputSlice,
+    ModelRef,
+    OutputModule,
+    OutputSlice,
+    Parameters,
+    Strict,
+    TokenEmbedding,
+    TokenizerConfig,
+    TokenizerSettings,
+    check_models_list,
 )
+from .messages import (
+    LocatedError,
+    Path_,
+    describe,
+    format_path,
+    format_validation_error,
+    line_for,
+    one_line,
+)
+from .params import map_setting, setting_may_apply, setting_values, validate_value
+from .yaml_lines import load_yaml
 
 __all__ = [
     "InputModel",
@@ -92,292 +99,6 @@ __all__ = [
     "recipe_hash",
 ]
 
-Path_ = tuple  # a location in the recipe: keys and list indices, e.g. ("models", 1, "parameters")
-
-
-class _LocatedError(RecipeError):
-    """A semantic error at a recipe path; parse_recipe turns it into `file:line: path: msg`."""
-
-    def __init__(self, path: Path_, message: str):
-        self.path = tuple(path)
-        self.message = message
-        super().__init__(f"{format_path(self.path)}: {message}" if self.path else message)
-
-
-_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-
-
-def format_path(path: Path_) -> str:
-    out = ""
-    for el in path:
-        if isinstance(el, int):
-            out += f"[{el}]"
-        elif isinstance(el, str) and _IDENT.match(el):
-            out += f".{el}" if out else el
-        else:
-            out += f"[{el!r}]"
-    return out
-
-
-def _describe(v: Any) -> str:
-    if v is None:
-        return "nothing (null)"
-    if isinstance(v, dict):
-        return "a mapping"
-    if isinstance(v, list):
-        text = repr(v)
-        return f"the list {text}" if len(text) <= 40 else "a list"
-    text = repr(v)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-# --------------------------------------------------------------------------------------------
-# pydantic models
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=False)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _known_keys(cls, data: Any) -> Any:
-        # Our own check (rather than extra="forbid" alone) to name the allowed keys.
-        if isinstance(data, dict):
-            for key in data:
-                if key not in cls.model_fields:
-                    allowed = ", ".join(cls.model_fields)
-                    near = difflib.get_close_matches(str(key), list(cls.model_fields), n=1)
-                    hint = f"did you mean {near[0]!r}? " if near else ""
-                    raise PydanticCustomError(
-                        "unknown_key",
-                        "{msg}",
-                        {"msg": f"unknown key {key!r} ({hint}expected one of: {allowed})", "subloc": (key,)},
-                    )
-        elif not isinstance(data, BaseModel):
-            raise PydanticCustomError(
-                "not_mapping", "{msg}", {"msg": f"expected a mapping, got {_describe(data)}", "subloc": ()}
-            )
-        return data
-
-
-def _setting(raw: Any) -> Any:
-    try:
-        return parse_setting(raw)
-    except SettingError as e:
-        raise PydanticCustomError("setting", "{msg}", {"msg": e.message, "subloc": e.subloc}) from None
-
-
-def _model_name(v: Any) -> Any:
-    if isinstance(v, str) and not v.strip():
-        raise PydanticCustomError("empty", "{msg}", {"msg": "a model name or path must not be empty", "subloc": ()})
-    if isinstance(v, str) and "+" in v and (v.count("+") != 1 or not all(p.strip() for p in v.split("+"))):
-        raise PydanticCustomError(
-            "lora",
-            "{msg}",
-            {"msg": f"{v!r}: mergekit's 'model+lora' form is one model path and one adapter path joined by '+'",
-             "subloc": ()},
-        )
-    if isinstance(v, dict):
-        raise PydanticCustomError(
-            "model_ref",
-            "{msg}",
-            {"msg": "expected a model name or path (a string; 'path@revision' is allowed)", "subloc": ()},
-        )
-    return v
-
-
-Setting = Annotated[Any, BeforeValidator(_setting)]
-Parameters = dict[StrictStr, Setting]
-ModelRef = Annotated[StrictStr, BeforeValidator(_model_name)]
-
-
-class InputModel(_Strict):
-    """One entry of `models:`."""
-
-    model: ModelRef
-    parameters: Parameters | None = None
-
-
-class InputSlice(_Strict):
-    """One entry of a slice's `sources:`: layers [start, end) of `model`."""
-
-    model: ModelRef
-    layer_range: tuple[int, int]
-    parameters: Parameters | None = None
-
-    @field_validator("layer_range", mode="before")
-    @classmethod
-    def _layer_range(cls, v: Any) -> Any:
-        ok = (
-            isinstance(v, (list, tuple))
-            and len(v) == 2
-            and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
-        )
-        if not ok:
-            raise PydanticCustomError(
-                "layer_range", "{msg}", {"msg": f"expected [start, end] (two integers), got {_describe(v)}", "subloc": ()}
-            )
-        a, b = v
-        if a < 0 or b <= a:
-            raise PydanticCustomError(
-                "layer_range",
-                "{msg}",
-                {"msg": f"expected 0 <= start < end (layers start..end-1), got [{a}, {b}]", "subloc": ()},
-            )
-        return (a, b)
-
-    @property
-    def num_layers(self) -> int:
-        return self.layer_range[1] - self.layer_range[0]
-
-
-class OutputSlice(_Strict):
-    """One entry of `slices:`: output layers built from the same number of layers of each source."""
-
-    sources: list[InputSlice]
-    base_model: ModelRef | None = None  # mergekit: overrides the top-level base for this slice
-    residual_weight: StrictFloat | StrictInt | None = None  # accepted like mergekit, which never reads it
-    parameters: Parameters | None = None
-
-    @field_validator("sources")
-    @classmethod
-    def _sources(cls, v: list[InputSlice]) -> list[InputSlice]:
-        if not v:
-            raise PydanticCustomError("empty", "{msg}", {"msg": "a slice needs at least one source", "subloc": ()})
-        n = v[0].num_layers
-        for j, src in enumerate(v):
-            if src.num_layers != n:
-                raise PydanticCustomError(
-                    "layer_count",
-                    "{msg}",
-                    {
-                        "msg": f"covers {src.num_layers} layers but sources[0] covers {n}; "
-                        "every source of a slice needs the same number of layers",
-                        "subloc": (j, "layer_range"),
-                    },
-                )
-        _no_duplicates([s.model for s in v], lambda j: (j, "model"), "sources")
-        return v
-
-    @property
-    def num_layers(self) -> int:
-        return self.sources[0].num_layers
-
-
-def _no_duplicates(names: list[str], subloc, where: str) -> None:
-    seen: dict[str, int] = {}
-    for j, m in enumerate(names):
-        if m in seen:
-            raise PydanticCustomError(
-                "duplicate",
-                "{msg}",
-                {"msg": f"model {m!r} appears twice (also {where}[{seen[m]}]); mergekit rejects duplicate inputs",
-                 "subloc": subloc(j)},
-            )
-        seen[m] = j
-
-
-def _check_models_list(v: list[InputModel] | None) -> list[InputModel] | None:
-    if v:
-        _no_duplicates([e.model for e in v], lambda j: (j, "model"), "models")
-    return v
-
-
-class OutputModule(_Strict):
-    """One entry of `modules:` (multi-module architectures): either `models` or `slices`."""
-
-    slices: list[OutputSlice] | None = None
-    models: list[InputModel] | None = None
-    parameters: Parameters | None = None
-
-    @field_validator("models")
-    @classmethod
-    def _models(cls, v: list[InputModel] | None) -> list[InputModel] | None:
-        return _check_models_list(v)
-
-    @model_validator(mode="after")
-    def _one_of(self) -> "OutputModule":
-        if bool(self.slices) == bool(self.models):
-            raise PydanticCustomError(
-                "module", "{msg}", {"msg": "a module needs exactly one of 'models' or 'slices' (non-empty)", "subloc": ()}
-            )
-        return self
-
-
-class ModelTokenSource(_Strict):
-    kind: Literal["model_token"]
-    model: ModelRef
-    token_id: StrictInt | None = None
-    token: StrictStr | None = None
-
-    @model_validator(mode="after")
-    def _one_token(self) -> "ModelTokenSource":
-        if (self.token_id is None) == (self.token is None):
-            raise PydanticCustomError(
-                "token", "{msg}", {"msg": "give exactly one of 'token_id' or 'token'", "subloc": ()}
-            )
-        return self
-
-
-class ZeroSource(_Strict):
-    kind: Literal["zero"]
-
-
-def _token_source_tag(v: Any) -> str | None:
-    if isinstance(v, str):
-        return "model"
-    if isinstance(v, dict):
-        return v.get("kind") if v.get("kind") in ("model_token", "zero") else None
-    if isinstance(v, BaseModel):
-        return v.kind  # type: ignore[attr-defined]
-    return None
-
-
-TokenSource = Annotated[
-    Union[
-        Annotated[ModelRef, Tag("model")],
-        Annotated[ModelTokenSource, Tag("model_token")],
-        Annotated[ZeroSource, Tag("zero")],
-    ],
-    Discriminator(
-        _token_source_tag,
-        custom_error_type="token_source",
-        custom_error_message="expected a model name, {kind: zero} or {kind: model_token, model: ..., token_id: ...}",
-    ),
-]
-
-
-class TokenEmbedding(_Strict):
-    """`tokenizer.tokens.<token>`: where the embedding of an added token comes from."""
-
-    source: TokenSource | None = None
-    force: StrictBool = False
-
-
-class TokenizerConfig(_Strict):
-    """mergekit's newer `tokenizer:` section."""
-
-    source: ModelRef = "union"  # "union", "base" or a model
-    tokens: dict[StrictStr, TokenEmbedding] | None = None
-    pad_to_multiple_of: StrictInt | None = None
-
-    @field_validator("pad_to_multiple_of")
-    @classmethod
-    def _pad(cls, v: int | None) -> int | None:
-        if v is not None and v < 1:
-            raise PydanticCustomError("pad", "{msg}", {"msg": f"must be a positive integer, got {v}", "subloc": ()})
-        return v
-
-
-@dataclass(frozen=True)
-class TokenizerSettings:
-    """The tokenizer to build, from `tokenizer_source` or `tokenizer` (None: keep the base's)."""
-
-    source: str | None  # "union", "base", a model, or None
-    tokens: dict[str, TokenEmbedding] = field(default_factory=dict)
-    pad_to_multiple_of: int | None = None
-
-
 # mergekit parameters that never change the result, accepted (with a warning) when the
 # streammerge method does not declare them: {name: methods (mergekit names) it is allowed for}.
 _GTA_FAMILY = frozenset(
@@ -390,7 +111,7 @@ _NOOP_PARAMS: dict[str, frozenset[str]] = {
 }
 
 
-class Recipe(_Strict):
+class Recipe(Strict):
     """A validated merge recipe (mergekit's `MergeConfiguration`, plus `name`)."""
 
     merge_method: StrictStr
@@ -413,7 +134,7 @@ class Recipe(_Strict):
     @field_validator("models")
     @classmethod
     def _models(cls, v: list[InputModel] | None) -> list[InputModel] | None:
-        return _check_models_list(v)
+        return check_models_list(v)
 
     @field_validator("dtype", "out_dtype")
     @classmethod
@@ -453,21 +174,21 @@ class Recipe(_Strict):
 
         def warn(path: Path_, msg: str) -> None:
             if strict:
-                raise _LocatedError(path, msg)
+                raise LocatedError(path, msg)
             warnings.append((tuple(path), msg))
 
         given = [k for k in ("models", "slices", "modules") if getattr(self, k)]
         if len(given) != 1:
             path = (given[1],) if len(given) > 1 else ()
-            raise _LocatedError(
+            raise LocatedError(
                 path, "a recipe needs exactly one of 'models', 'slices' or 'modules' (non-empty)"
             )
         if self.tokenizer_source is not None and self.tokenizer is not None:
-            raise _LocatedError(("tokenizer",), "give either 'tokenizer_source' or 'tokenizer', not both")
+            raise LocatedError(("tokenizer",), "give either 'tokenizer_source' or 'tokenizer', not both")
         tok = self.tokenizer_settings()
         if tok.source == "base" and self.base_model is None:
             where = ("tokenizer", "source") if self.tokenizer is not None else ("tokenizer_source",)
-            raise _LocatedError(where, "the tokenizer source 'base' needs a base_model")
+            raise LocatedError(where, "the tokenizer source 'base' needs a base_model")
 
         method = self.method
         for path, settings, per_model in self._parameter_blocks():
@@ -510,7 +231,7 @@ class Recipe(_Strict):
             valid = ", ".join(p.name for p in method.params) or "none"
             near = difflib.get_close_matches(name, [p.name for p in method.params], n=1)
             hint = f"did you mean {near[0]!r}? " if near else ""
-            raise _LocatedError(path, f"unknown parameter {name!r} for merge method {method.name} ({hint}valid: {valid})")
+            raise LocatedError(path, f"unknown parameter {name!r} for merge method {method.name} ({hint}valid: {valid})")
         if per_model and param.scope != "model":
             warn(
                 path,
@@ -522,7 +243,7 @@ class Recipe(_Strict):
             try:
                 validate_value(param, value)
             except ValueError as e:
-                raise _LocatedError(path + sub, str(e)) from None
+                raise LocatedError(path + sub, str(e)) from None
         settings[name] = map_setting(setting, lambda v: validate_value(param, v))
 
     def _groups(self):
@@ -566,19 +287,19 @@ class Recipe(_Strict):
             if method.base == "required" and base is None:
                 # point at the slice when other slices have their own base_model
                 per_slice = any(x.base_model for x in slices)
-                raise _LocatedError(
+                raise LocatedError(
                     spath if per_slice else ("merge_method",),
                     f"merge method {method.name} needs a base_model",
                 )
             if method.base != "unused" and base is not None and base not in [src.model for src in s.sources]:
                 # mergekit: "Base input is not present in merge inputs"; the base's layers come
                 # from its entry in the sources.
-                raise _LocatedError(
+                raise LocatedError(
                     spath + ("sources",),
                     f"the base model {base!r} must be one of this slice's sources (it gives the base's layer_range)",
                 )
         elif method.base == "required" and base is None:
-            raise _LocatedError(("merge_method",), f"merge method {method.name} needs a base_model")
+            raise LocatedError(("merge_method",), f"merge method {method.name} needs a base_model")
 
         inputs = self.input_models(slice_index, module)
         for p in method.params:
@@ -601,11 +322,11 @@ class Recipe(_Strict):
                                 f"({method.name}); set it in {format_path(where + ('parameters',))} "
                                 "or in the top-level parameters"
                             )
-                        raise _LocatedError(where, msg)
+                        raise LocatedError(where, msg)
             else:
                 sources = self.parameter_sources(None, slice_index=slice_index, module=module)
                 if not any(st and p.name in st and setting_may_apply(st[p.name]) for _, st in sources):
-                    raise _LocatedError(
+                    raise LocatedError(
                         ("parameters",) if self.parameters is not None else (),
                         f"missing required parameter {p.name!r} of merge method {method.name}",
                     )
@@ -782,7 +503,7 @@ class Recipe(_Strict):
         """The recipe line of `path` (or of its nearest enclosing entry), when parsed from text."""
         if not self._lines:
             return None
-        return _line_for(self._lines, tuple(path))
+        return line_for(self._lines, tuple(path))
 
     def _format(self, path: Path_, msg: str) -> str:
         text = f"{format_path(path)}: {msg}" if path else msg
@@ -793,7 +514,7 @@ class Recipe(_Strict):
 
     def error(self, path: Path_, msg: str) -> RecipeError:
         """A one-line RecipeError located at `path` of this recipe."""
-        return RecipeError(_one_line(self._format(tuple(path), msg)))
+        return RecipeError(one_line(self._format(tuple(path), msg)))
 
     def canonical_data(self) -> dict:
         data = self.model_dump(mode="python", exclude_none=True, exclude_defaults=True)
@@ -830,169 +551,6 @@ def _clean(v: Any) -> Any:
     return v
 
 
-# --------------------------------------------------------------------------------------------
-# YAML -> nodes, lines, errors
-
-
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
-
-
-def _line_for(lines: dict, path: Path_) -> int:
-    """The line of the longest prefix of `path` present in the index (unknown elements skipped)."""
-    cur: Path_ = ()
-    for el in path:
-        cand = cur + (el,)
-        if cand in lines:
-            cur = cand
-    return lines.get(cur, 1)
-
-
-def _data_path(data: Any, loc: Path_) -> Path_:
-    """The elements of a pydantic loc that are real keys/indices in the data (drops union tags)."""
-    out: list = []
-    cur = data
-    for el in loc:
-        if isinstance(cur, dict) and el in cur:
-            out.append(el)
-            cur = cur[el]
-        elif isinstance(cur, list) and isinstance(el, int) and 0 <= el < len(cur):
-            out.append(el)
-            cur = cur[el]
-        elif isinstance(cur, (dict, list)):
-            continue
-        else:
-            break
-    return tuple(out)
-
-
-_EXPECTED = {
-    "string_type": "a string",
-    "int_type": "an integer",
-    "int_parsing": "an integer",
-    "int_from_float": "an integer",
-    "float_type": "a number",
-    "float_parsing": "a number",
-    "bool_type": "true or false",
-    "bool_parsing": "true or false",
-    "list_type": "a list",
-    "tuple_type": "a list",
-    "dict_type": "a mapping",
-    "model_type": "a mapping",
-    "model_attributes_type": "a mapping",
-}
-
-
-def _format_validation_error(err: dict, data: Any, lines: dict) -> tuple[int, str]:
-    loc = tuple(err["loc"])
-    typ = err["type"]
-    ctx = err.get("ctx") or {}
-    if "subloc" in ctx:
-        loc = loc + tuple(ctx["subloc"])
-    path = _data_path(data, loc)
-    if typ == "missing":
-        key = loc[-1]
-        parent = _data_path(data, loc[:-1])
-        text = f"missing required key {key!r}"
-        path = parent
-    elif "msg" in ctx:
-        text = ctx["msg"]
-    elif typ in _EXPECTED:
-        text = f"expected {_EXPECTED[typ]}, got {_describe(err.get('input'))}"
-    elif typ == "extra_forbidden":
-        text = f"unknown key {loc[-1]!r}"
-    else:
-        text = err.get("msg", typ).removeprefix("Value error, ")
-    line = _line_for(lines, path)
-    return line, (f"{format_path(path)}: {text}" if path else text)
-
-
-def _check_duplicate_keys(root: yaml.Node, loader: yaml.SafeLoader) -> None:
-    seen_nodes: set[int] = set()
-    stack = [root]
-    while stack:
-        node = stack.pop()
-        if id(node) in seen_nodes:
-            continue
-        seen_nodes.add(id(node))
-        if isinstance(node, yaml.MappingNode):
-            keys: dict[tuple, int] = {}
-            for k, v in node.value:
-                stack.append(v)
-                if isinstance(k, yaml.ScalarNode):
-                    if k.tag == "tag:yaml.org,2002:merge":
-                        continue
-                    ident = (k.tag, k.value)
-                    if ident in keys:
-                        raise _YamlProblem(
-                            k.start_mark.line + 1,
-                            f"duplicate key {k.value!r} (first given at line {keys[ident]})",
-                        )
-                    keys[ident] = k.start_mark.line + 1
-                else:
-                    stack.append(k)
-        elif isinstance(node, yaml.SequenceNode):
-            stack.extend(node.value)
-
-
-class _YamlProblem(Exception):
-    def __init__(self, line: int, msg: str):
-        self.line, self.msg = line, msg
-
-
-def _index_lines(root: yaml.Node, loader: yaml.SafeLoader) -> dict:
-    """path -> line (the key's line for mapping entries, the item's for list items)."""
-    lines: dict = {(): root.start_mark.line + 1}
-    todo = [((), root, 0)]
-    while todo:
-        path, node, depth = todo.pop()
-        if depth > 64:
-            continue
-        if isinstance(node, yaml.MappingNode):
-            for k, v in node.value:
-                if not isinstance(k, yaml.ScalarNode):
-                    continue
-                try:
-                    key = loader.construct_object(k)
-                except yaml.YAMLError:
-                    continue
-                p = path + (key,)
-                lines[p] = k.start_mark.line + 1
-                todo.append((p, v, depth + 1))
-        elif isinstance(node, yaml.SequenceNode):
-            for i, v in enumerate(node.value):
-                p = path + (i,)
-                lines[p] = v.start_mark.line + 1
-                todo.append((p, v, depth + 1))
-    return lines
-
-
-def _load_yaml(text: str, source: str) -> tuple[Any, dict]:
-    loader = yaml.SafeLoader(text)
-    try:
-        try:
-            root = loader.get_single_node()
-            if root is None:
-                raise RecipeError(f"{source}:1: the recipe is empty")
-            _check_duplicate_keys(root, loader)
-            data = loader.construct_document(root)  # also flattens `<<:` merge keys in the nodes
-        except _YamlProblem as e:
-            raise RecipeError(f"{source}:{e.line}: {_one_line(e.msg)}") from None
-        except yaml.MarkedYAMLError as e:
-            mark = e.problem_mark or e.context_mark
-            line = mark.line + 1 if mark is not None else 1
-            what = " ".join(x for x in (e.context, e.problem) if x)
-            raise RecipeError(f"{source}:{line}: invalid YAML: {_one_line(what)}") from None
-        except yaml.YAMLError as e:
-            raise RecipeError(f"{source}: invalid YAML: {_one_line(e)}") from None
-        except RecursionError:
-            raise RecipeError(f"{source}: invalid YAML: nested too deeply") from None
-        lines = _index_lines(root, loader)
-    finally:
-        loader.dispose()
-    return data, lines
-
-
 def parse_recipe(text: str, source: str = "<recipe>", *, strict: bool = False) -> Recipe:
     """Parse and validate a recipe. Raises RecipeError: `source:line: path: what is wrong`.
 
@@ -1000,21 +558,21 @@ def parse_recipe(text: str, source: str = "<recipe>", *, strict: bool = False) -
     """
     if not isinstance(text, str):
         raise TypeError("parse_recipe takes the YAML text")
-    data, lines = _load_yaml(text, source)
+    data, lines = load_yaml(text, source)
     if not isinstance(data, dict):
         raise RecipeError(
-            f"{source}:{lines[()]}: a recipe is a mapping (merge_method: ..., models: ...), got {_describe(data)}"
+            f"{source}:{lines[()]}: a recipe is a mapping (merge_method: ..., models: ...), got {describe(data)}"
         )
     try:
         recipe = Recipe.model_validate(data, context={"strict": strict})
     except ValidationError as e:
-        errs = [_format_validation_error(err, data, lines) for err in e.errors()]
+        errs = [format_validation_error(err, data, lines) for err in e.errors()]
         line, text_ = min(errs, key=lambda x: x[0])
-        raise RecipeError(_one_line(f"{source}:{line}: {text_}")) from None
-    except _LocatedError as e:
-        line = _line_for(lines, e.path)
+        raise RecipeError(one_line(f"{source}:{line}: {text_}")) from None
+    except LocatedError as e:
+        line = line_for(lines, e.path)
         where = f"{format_path(e.path)}: " if e.path else ""
-        raise RecipeError(_one_line(f"{source}:{line}: {where}{e.message}")) from None
+        raise RecipeError(one_line(f"{source}:{line}: {where}{e.message}")) from None
     recipe._source = source
     recipe._lines = lines
     return recipe
@@ -1024,7 +582,7 @@ def load_recipe(path: str | Path, *, strict: bool = False) -> Recipe:
     """Read and validate a recipe file (errors name the file and line)."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        text = read_bounded(p, RECIPE, RecipeError).decode("utf-8")
     except FileNotFoundError:
         raise RecipeError(f"{p}: no such recipe file") from None
     except IsADirectoryError:

@@ -15,7 +15,6 @@ page (html.py) and the PNG figures (figures.py) into a directory.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -23,6 +22,7 @@ import uuid
 from pathlib import Path
 
 from ..errors import StreammergeError
+from ..limits import DOCUMENT, read_json
 
 ROUTING_METHODS = ("mediator", "1bit")
 INDEX = "index.html"
@@ -95,10 +95,7 @@ def _read(store_path: Path, name: str):
     path = store_path / name
     if not path.is_file():
         return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise StreammergeError(f"{path}: unreadable ({e})") from None
+    return read_json(path, DOCUMENT.named(name))
 
 
 def _check(store_path: Path, analysis, method, storage) -> None:

@@ -33,6 +33,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import StreammergeError
+from ..limits import DOCUMENT, read_json
 from ..store.store import Store, atomic_write
 from .decision import NONE
 from .runtime import require_torch
@@ -136,10 +137,9 @@ class Router:
                 f"{store.path}: no router fitted; run `streammerge router fit {store.path} --prompts TASK=FILE ...` "
                 "(or pass a task explicitly)"
             )
-        try:
-            meta = json.loads((d / "router.json").read_text())
-        except (OSError, ValueError) as e:
-            raise StreammergeError(f"{d / 'router.json'}: unreadable ({e})") from None
+        meta = read_json(d / "router.json", DOCUMENT.named("router.json"))
+        if not isinstance(meta, dict):
+            raise StreammergeError(f"{d / 'router.json'}: router.json must be a JSON object")
         if meta.get("format") != ROUTER_FORMAT:
             raise StreammergeError(f"{d / 'router.json'}: router format {meta.get('format')!r} is not supported")
         if meta.get("store_digest") != store.digest:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import StreammergeError
+from ..limits import DOCUMENT, read_json
 from ..store.store import Store, atomic_write
 
 INFERENCE_DIR = "inference"
@@ -120,10 +121,10 @@ def ensure_merged_export(store: Store, workers: int = 2) -> Path:
     stamp = d / f"{MERGED_DIR}.json"
     if out.is_dir() and stamp.is_file():
         try:
-            if json.loads(stamp.read_text()).get("store_digest") == store.digest:
+            if read_json(stamp, DOCUMENT.named(stamp.name)).get("store_digest") == store.digest:
                 return out
-        except (OSError, ValueError):
-            pass
+        except (StreammergeError, AttributeError):
+            pass  # rewritten below
     d.mkdir(parents=True, exist_ok=True)
     stamp.unlink(missing_ok=True)
     export_variant(store, out, "merged", overwrite=True, workers=workers, progress=False)

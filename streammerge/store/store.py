@@ -43,6 +43,7 @@ import numpy as np
 
 from ..dtypes import FloatType, float_type
 from ..errors import StoreError
+from ..limits import DOCUMENT, LISTING, read_json
 from ..fsutil import (
     WRITE_BEHIND_DEPTH,
     WriteBehind,
@@ -149,10 +150,9 @@ class Store:
             raise StoreError(f"{path}: no such store")
         if not mpath.is_file():
             raise StoreError(f"{path}: not a streammerge store (no manifest.json)")
-        try:
-            manifest = json.loads(mpath.read_text())
-        except (OSError, ValueError) as e:
-            raise StoreError(f"{mpath}: unreadable manifest ({e})") from None
+        manifest = read_json(mpath, LISTING.named("the manifest"), StoreError)
+        if not isinstance(manifest, dict):
+            raise StoreError(f"{mpath}: the manifest must be a JSON object")
         if manifest.get("format") != FORMAT:
             raise StoreError(f"{path}: store format {manifest.get('format')!r} is not supported (expected {FORMAT})")
         return cls(path, manifest)
@@ -468,7 +468,7 @@ class _ArrayMeta:
     def load(cls, directory: Path) -> "_ArrayMeta":
         f = directory / "zarr.json"
         try:
-            doc = json.loads(f.read_text())
+            doc = read_json(f, DOCUMENT.named("zarr.json"), StoreError)
             enc = doc.get("chunk_key_encoding") or {"name": "default"}
             name = enc.get("name", "default")
             sep = (enc.get("configuration") or {}).get("separator", "/" if name == "default" else ".")
@@ -583,9 +583,10 @@ class StoreLock:
 
     def _owner(self) -> dict:
         try:
-            return json.loads(self.file.read_text())
-        except (OSError, ValueError):
+            owner = read_json(self.file, DOCUMENT.named("the lock"), StoreError)
+        except StoreError:
             return {}
+        return owner if isinstance(owner, dict) else {}
 
     def _in_use(self, owner: dict) -> StoreError:
         return StoreError(
