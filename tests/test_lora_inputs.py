@@ -447,6 +447,7 @@ BAD = {
     "ia3": (_edit_config(peft_type="IA3"), "adapter_config.json", "only LoRA adapters"),
     "half-pair": (_edit_tensors(lambda t: t.pop(Q_B)), "adapter_model.safetensors", "has lora_A but no lora_B"),
     "pattern": (_edit_config(rank_pattern={"v_proj(": 2}), "adapter_config.json", "not a valid regular expression"),
+    "huge-config": (_edit_config(padding="x" * 5_000_000), "adapter_config.json", "larger than the limit"),
     "nonfinite": (_edit_tensors(lambda t: t[Q_B].__setitem__((3, 1), float("nan"))), "adapter_model.safetensors",
                   "non-finite value (nan)"),
 }
