@@ -403,8 +403,10 @@ def _lora(cfg, config_path, tensors, module, target, a, b, embedding, weights, b
         raise _absent(weights, "targets", module, base_ck)
     if isinstance(base, LoraHandle):  # a replacement in another dtype: the delta goes on its copy
         base = base.base
-    if len(base.shape) != 2:
-        raise CheckpointError(f"{weights}: targets {module}, whose weight {target} is not a matrix ({list(base.shape)})")
+    if len(base.shape) != 2 or not is_float_st(base.dtype):
+        raise CheckpointError(
+            f"{weights}: targets {module}, whose weight {target} is not a float matrix ({base.dtype} {list(base.shape)})"
+        )
     transposed = embedding or bool(cfg.get("fan_in_fan_out"))
     r = _pattern_value(cfg.get("rank_pattern") or {}, module, cfg["r"], f"{config_path}: rank_pattern")
     alpha = _pattern_value(cfg.get("alpha_pattern") or {}, module, cfg["lora_alpha"], f"{config_path}: alpha_pattern")

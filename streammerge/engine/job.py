@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .. import __version__
+from ..checkpoints.buffers import copy_buffer
 from ..errors import StoreError
 from ..limits import DOCUMENT, read_bounded
 from ..export.hf import HF_FILES, copy_hf_files
@@ -47,6 +48,7 @@ def manifest_for(plan: Plan, recipe_text: str) -> dict:
         },
         "hf_source": str(plan.hf_source.directory),
         "tensors": tensors_manifest(plan.jobs),
+        "buffers": [b.manifest() for b in plan.buffers],
         "jobs": jobs_manifest(plan.jobs),
     }
 
@@ -174,6 +176,9 @@ def build(
             copy_hf_files(plan.hf_source.directory, store_path / "hf", plan.config_overrides)
             store = Store.create(store_path, manifest)
             litter = 0
+        for i, b in enumerate(plan.buffers):
+            if not store.has_buffer(i):
+                copy_buffer(b, store.buffer_path(i))
         run = dict(workers=workers, progress=progress, scheduler=scheduler, cluster=cluster, device=device)
         # routing methods add their tensors in phase B: their export opens once the build is done
         exporting = _open_export(store, export) if export is not None and not full_plan.method.pipeline else None

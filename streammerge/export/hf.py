@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import hashlib
 import json
 import os
 import re
@@ -19,9 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..checkpoints.buffers import raw_chunks
 from ..dtypes import FloatType, float_type, from_float32, to_float32
 from ..engine.scheduler import run_graph
-from ..errors import StreammergeError
+from ..errors import StoreError, StreammergeError
 from ..limits import DOCUMENT, read_json
 from ..fsutil import WriteBehind, pid_alive
 from ..store.store import Store
@@ -136,6 +138,7 @@ class OpenExport:
             rows = t["shape"][0] if t["shape"] else 1
             self._layout[t["name"]] = (ftype, rows, row_elems)
             specs.append(TensorSpec(t["name"], ftype.st, tuple(t["shape"]), rows * row_elems * ftype.itemsize))
+        specs += [TensorSpec(b["name"], b["dtype"], tuple(b["shape"]), b["nbytes"]) for b in store.buffers]
         self.written: set[tuple[str, int]] = set()  # (tensor, block) mirrored during the build
         self._drained = False  # set once the mirrored writes are finished (finish, abort)
         self._behind: WriteBehind | None = None  # the mirrored blocks' writes, started by the first
@@ -198,6 +201,8 @@ class OpenExport:
                     run_graph(
                         dsk, list(dsk), task_bytes, workers=workers, scheduler=scheduler, cluster=cluster, desc="export", progress=progress
                     )
+                for i, b in enumerate(self.store.buffers):
+                    _export_buffer(self.store, self.writer, i, b)
                 self.writer.finish()
                 _write_side_files(self.store, self.tmp, self.out_type)
                 if extra is not None:
@@ -228,6 +233,17 @@ class OpenExport:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise OSError(e.errno, e.strerror, str(self.out_dir)) from e
             raise
+
+
+def _export_buffer(store: Store, writer: ShardedWriter, i: int, b: dict) -> None:
+    """Copy a non-float tensor from the store, checking it is what the build copied."""
+    sha, pos = hashlib.sha256(), 0
+    for data in raw_chunks(store.buffer_path(i), 0, b["nbytes"]):
+        sha.update(data)
+        writer.write(b["name"], pos, np.frombuffer(data, np.uint8))
+        pos += len(data)
+    if sha.hexdigest() != b["sha256"]:
+        raise StoreError(f"{store.buffer_path(i)}: tensor {b['name']} is not the one the build copied (sha256 differs)")
 
 
 def _write_side_files(store: Store, dest: Path, out_type: FloatType | None) -> None:

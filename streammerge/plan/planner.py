@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..checkpoints import ModelCheckpoint, TensorHandle
 from ..checkpoints.blocks import num_rows, row_elems
+from ..checkpoints.buffers import Buffer, agreed_buffer
 from ..checkpoints.lora import open_input
 from ..dtypes import float_type, is_float_st
 from ..errors import RecipeError, StreammergeError
@@ -118,6 +119,7 @@ class Plan:
     hf_source: ModelCheckpoint  # where config.json and tokenizer files come from
     warnings: list[str] = field(default_factory=list)
     config_overrides: dict = field(default_factory=dict)  # config.json keys the output changes
+    buffers: list[Buffer] = field(default_factory=list)  # non-float tensors, copied (checkpoints/buffers.py)
 
     @property
     def input_bytes(self) -> int:
@@ -243,6 +245,7 @@ def make_plan(
             ]
 
     jobs = []
+    buffers = []
     for out_name, group, layer_offset, t in _output_tensors(groups, checkpoints):
         specs = ([group.base] if group.base else []) + group.models
         names = [_input_name(out_name, group, spec, layer_offset) for spec in specs]
@@ -251,9 +254,10 @@ def make_plan(
             h = checkpoints[spec].tensors.get(in_name)
             if h is None:
                 raise StreammergeError(f"{checkpoints[spec].directory}: tensor {in_name} is missing")
-            if not is_float_st(h.dtype):
-                raise StreammergeError(f"{h.path}: tensor {in_name} has dtype {h.dtype}; only BF16, F16 and F32 can be merged")
             handles.append(h)
+        if not all(is_float_st(h.dtype) for h in handles):
+            buffers.append(agreed_buffer(out_name, handles, specs))
+            continue
         shape = _common_shape(out_name, handles, checkpoints, specs, warnings, config_overrides)
         params = resolve_tensor_params(
             recipe,
@@ -301,6 +305,7 @@ def make_plan(
         hf_source=hf_source,
         warnings=warnings,
         config_overrides=config_overrides,
+        buffers=buffers,
     )
 
 

@@ -401,7 +401,19 @@ class Store:
         return done, total
 
     def is_complete(self) -> bool:
-        return all(self.job_done(j) for j in self.jobs)
+        return all(self.job_done(j) for j in self.jobs) and all(self.has_buffer(i) for i in range(len(self.buffers)))
+
+    # ---- buffers: non-float tensors, copied whole (checkpoints/buffers.py) -----------------
+    @property
+    def buffers(self) -> list[dict]:
+        return self.manifest.get("buffers", [])  # stores made before buffers were copied have none
+
+    def buffer_path(self, i: int) -> Path:
+        return self.path / "buffers" / str(i)
+
+    def has_buffer(self, i: int) -> bool:
+        p = self.buffer_path(i)
+        return p.is_file() and p.stat().st_size == self.buffers[i]["nbytes"]
 
 
 # ---- zarr v3 metadata ------------------------------------------------------------------------
