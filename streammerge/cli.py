@@ -446,6 +446,46 @@ def _print_exported(info: dict) -> None:
     click.echo(f"exported {info['path']}: {len(info['files'])} shard(s), {human(info['total_size'])} in {info['seconds']:.1f}s")
 
 
+@main.command("extract-lora")
+@click.argument("finetune")
+@click.option("--base", required=True, help="The base model the fine-tune was trained from (directory or org/name).")
+@click.option("--out", "-o", "out", required=True, type=click.Path(path_type=Path), metavar="ADAPTER_DIR",
+              help="Directory for the PEFT adapter (adapter_config.json, adapter_model.safetensors).")
+@click.option("--rank", "-r", required=True, type=click.IntRange(1), help="LoRA rank (the largest; see --sv-epsilon).")
+@click.option("--sv-epsilon", type=click.FloatRange(0), default=0.0, show_default=True,
+              help="Drop singular values at or below this (absolute, as mergekit-extract-lora): lower ranks per tensor.")
+@click.option("--include", multiple=True, metavar="REGEX", help="Only tensors whose name matches (repeatable).")
+@click.option("--exclude", multiple=True, metavar="REGEX", help="Skip tensors whose name matches (repeatable).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the randomized SVD's sketches.")
+@click.option("--overwrite", is_flag=True, help="Replace ADAPTER_DIR if it exists (only once the new one is complete).")
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
+@user_errors
+def extract_lora_cmd(finetune, base, out, rank, sv_epsilon, include, exclude, seed, overwrite, progress):
+    """Factor FINETUNE - BASE into a LoRA adapter (PEFT format), out of core.
+
+    Every 2-D weight's task vector is approximated at rank R by a randomized SVD whose passes
+    stream the tensor's row blocks (memory: the rank-R sketches and one block). Embeddings and
+    lm_head, when changed, are saved whole (modules_to_save). The relative error of each tensor
+    is printed and kept in ADAPTER_DIR/extraction.json. Load the result with
+    `peft.PeftModel.from_pretrained(base_model, ADAPTER_DIR)`.
+    """
+    from .export.lora import extract_lora
+
+    if progress is None:
+        progress = sys.stderr.isatty()
+    info = extract_lora(finetune, base, out, rank, sv_epsilon=sv_epsilon, include=list(include), exclude=list(exclude),
+                        seed=seed, overwrite=overwrite, progress=progress)
+    factored = {n: t for n, t in info["tensors"].items() if t.get("rank")}
+    errs = sorted(t["rel_error"] for t in factored.values())
+    worst = max(factored, key=lambda n: factored[n]["rel_error"])
+    click.echo(f"extracted {len(factored)} tensor(s) at rank <= {rank} into {out.resolve()}")
+    click.echo(f"relative error ||delta - BA|| / ||delta||: median {errs[len(errs) // 2]:.4f}, "
+               f"worst {errs[-1]:.4f} ({worst})")
+    whole = [n for n, t in info["tensors"].items() if t.get("saved_whole")]
+    if whole:
+        click.echo(f"saved whole (modules_to_save): {', '.join(whole)}")
+
+
 @main.command()
 @click.argument("store", type=click.Path(path_type=Path))
 @click.option("--out", "-o", "out", type=click.Path(path_type=Path), metavar="OUTDIR",

@@ -1,0 +1,259 @@
+"""LoRA adapters out of a fine-tune: its task vectors factored into a PEFT adapter, out of core.
+
+For every targeted weight W (out x in), the task vector delta = W_finetune - W_base is
+approximated by B @ A (B: out x r, A: r x in) with a randomized SVD (Halko, Martinsson & Tropp
+2011, range finder with power iterations, their algorithms 4.4 and 5.1). Each of its products
+with delta streams delta's row blocks, read from both checkpoints as any merge reads them, so
+memory holds the (out + in) x (r + oversampling) sketches and one row block, never delta
+itself: a 70B layer's MLP weight costs what its sketches cost. The passes over delta: one for
+the range, two per power iteration, one to project, one to measure the error, and all of them
+read the inputs again (from the page cache when it holds them).
+
+The error of each tensor, ||delta - B A||_F / ||delta||_F, is measured exactly in the last
+pass and written beside the adapter (`extraction.json`), and printed.
+
+The adapter is what `peft` saves: `adapter_model.safetensors` with
+`base_model.model.<module>.lora_A.weight` / `lora_B.weight` (singular values split as their
+square roots between A and B, as mergekit-extract-lora does) and `adapter_config.json` with
+lora_alpha = r, so the scaling is 1; tensors given a smaller rank by `sv_epsilon` are listed in
+rank_pattern and alpha_pattern. Embeddings and lm_head are not factored: when they changed they
+are saved whole as `modules_to_save`, again as mergekit does by default.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from .. import __version__
+from ..checkpoints import open_model
+from ..checkpoints.blocks import read_rows
+from ..errors import StreammergeError
+
+OVERSAMPLE = 8  # extra sketch columns: the range finder's error bound falls fast with them
+POWER_ITERATIONS = 2  # each sharpens the sketch's spectrum (s_i^(2q+1)); two suffice for task vectors
+BLOCK_ELEMS = 1 << 22  # elements per row block read (4 Mi: 16 MiB of float32 per input)
+EMBEDDING = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|lm_head|embed_out|output)\.weight$")
+
+RowBlocks = Callable[[], Iterator[tuple[int, int, np.ndarray]]]
+
+
+@dataclass(frozen=True)
+class LowRank:
+    a: np.ndarray  # rank x in, float32
+    b: np.ndarray  # out x rank, float32
+    singular_values: np.ndarray  # the kept ones, descending
+    rel_error: float  # ||delta - b @ a||_F / ||delta||_F (0 for a zero delta)
+
+
+def _orth(y: np.ndarray) -> np.ndarray:
+    q, _ = np.linalg.qr(y, mode="reduced")
+    return q
+
+
+def streamed_low_rank(blocks: RowBlocks, shape: tuple[int, int], rank: int, rng: np.random.Generator,
+                      sv_epsilon: float = 0.0, power_iterations: int = POWER_ITERATIONS) -> LowRank:
+    """Rank-`rank` factors of the matrix whose row blocks `blocks()` yields as (r0, r1, rows),
+    in order, anew at every call (one call per pass). Sketches are float64; each block's product
+    is taken in float32 and accumulated in float64."""
+    m, n = shape
+    k = min(rank + OVERSAMPLE, m, n)
+    omega = rng.standard_normal((n, k)).astype(np.float32)
+    y = np.empty((m, k), np.float64)
+    for r0, r1, d in blocks():
+        y[r0:r1] = d @ omega
+    for _ in range(power_iterations):
+        q = _orth(y).astype(np.float32)
+        z = np.zeros((n, k), np.float64)
+        for r0, r1, d in blocks():
+            z += d.T @ q[r0:r1]
+        z = _orth(z).astype(np.float32)
+        for r0, r1, d in blocks():
+            y[r0:r1] = d @ z
+    q = _orth(y)
+    q32 = q.astype(np.float32)
+    proj = np.zeros((k, n), np.float64)
+    for r0, r1, d in blocks():
+        proj += q32[r0:r1].T @ d
+    ub, s, vt = np.linalg.svd(proj, full_matrices=False)
+    r = min(rank, int(s.size))
+    if sv_epsilon > 0:
+        r = min(r, int((s > sv_epsilon).sum()))
+    r = max(r, 1)  # PEFT has no rank-0 module; a zero delta gives zero factors
+    root = np.sqrt(s[:r])
+    b = ((q @ ub[:, :r]) * root).astype(np.float32)
+    a = (root[:, None] * vt[:r]).astype(np.float32)
+    err2 = norm2 = 0.0
+    for r0, r1, d in blocks():
+        norm2 += float(np.square(d, dtype=np.float64).sum())
+        err2 += float(np.square(d - b[r0:r1] @ a, dtype=np.float64).sum())
+    return LowRank(a, b, s[:r].astype(np.float32), float(np.sqrt(err2 / norm2)) if norm2 > 0 else 0.0)
+
+
+def _delta_blocks(ft, base, rows_per_block: int) -> RowBlocks:
+    m = ft.shape[0]
+    cols = int(np.prod(ft.shape[1:], dtype=np.int64))
+    buf_ft = np.empty(rows_per_block * cols, np.float32)
+    buf_base = np.empty(rows_per_block * cols, np.float32)
+
+    def blocks():
+        for r0 in range(0, m, rows_per_block):
+            r1 = min(m, r0 + rows_per_block)
+            d = read_rows(ft, r0, r1, buf_ft).reshape(r1 - r0, cols)
+            d -= read_rows(base, r0, r1, buf_base).reshape(r1 - r0, cols)
+            yield r0, r1, d
+
+    return blocks
+
+
+def _seed_for(name: str, seed: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little")
+
+
+def extract_lora(finetune: str, base: str, out: Path, rank: int, *, sv_epsilon: float = 0.0,
+                 include: list[str] = (), exclude: list[str] = (), seed: int = 0, overwrite: bool = False,
+                 progress=None) -> dict:
+    """Write a PEFT LoRA adapter approximating `finetune` - `base` into `out`; returns the report."""
+    if rank < 1:
+        raise StreammergeError(f"--rank {rank}: must be at least 1")
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise StreammergeError(f"{out}: already exists (use --overwrite to replace it)")
+    ft_ck, base_ck = open_model(finetune), open_model(base)
+    inc, exc = _regexes("--include", include), _regexes("--exclude", exclude)
+
+    def wanted(name: str) -> bool:
+        return (not inc or any(p.search(name) for p in inc)) and not any(p.search(name) for p in exc)
+
+    lora: list[tuple[str, object, object]] = []
+    whole: list[tuple[str, object, object]] = []
+    for name, h in ft_ck.tensors.items():
+        if not name.endswith(".weight") or len(h.shape) != 2 or not wanted(name):
+            continue
+        bh = base_ck.tensors.get(name)
+        if bh is None:
+            raise StreammergeError(f"{base_ck.directory}: tensor {name} of {finetune} is not in the base model")
+        if tuple(bh.shape) != tuple(h.shape):
+            raise StreammergeError(
+                f"{ft_ck.directory}: tensor {name} is {list(h.shape)} but {list(bh.shape)} in the base model {base}"
+            )
+        (whole if EMBEDDING.search(name) else lora).append((name, h, bh))
+    if not lora:
+        raise StreammergeError(f"{finetune}: no 2-D weight to extract (check --include / --exclude)")
+
+    tensors: dict[str, np.ndarray] = {}
+    report: dict[str, dict] = {}
+    ranks: dict[str, int] = {}
+    bar = _bar(progress, len(lora) + len(whole))
+    for name, h, bh in lora:
+        module = name[: -len(".weight")]
+        rows_per_block = max(1, BLOCK_ELEMS // h.shape[1])
+        rng = np.random.default_rng(_seed_for(name, seed))
+        lr = streamed_low_rank(_delta_blocks(h, bh, rows_per_block), tuple(h.shape), rank, rng, sv_epsilon)
+        tensors[f"base_model.model.{module}.lora_A.weight"] = lr.a
+        tensors[f"base_model.model.{module}.lora_B.weight"] = lr.b
+        ranks[module] = lr.a.shape[0]
+        report[name] = {"rank": lr.a.shape[0], "rel_error": lr.rel_error, "top_singular_value": float(lr.singular_values[0])}
+        bar.update(1)
+    modules_to_save = []
+    for name, h, bh in whole:  # saved whole when the fine-tune changed them
+        changed = any(np.any(d) for _r0, _r1, d in _delta_blocks(h, bh, max(1, BLOCK_ELEMS // h.shape[1]))())
+        if changed:
+            module = name[: -len(".weight")]
+            rows = np.empty(h.shape, np.float32)
+            read_rows(h, 0, h.shape[0], rows)
+            tensors[f"base_model.model.{module}.weight"] = rows
+            modules_to_save.append(module.rsplit(".", 1)[-1])
+            report[name] = {"rank": None, "saved_whole": True}
+        bar.update(1)
+    bar.close()
+
+    max_rank = max(ranks.values())
+    pattern = {m: r for m, r in ranks.items() if r != max_rank}
+    config = {
+        "peft_type": "LORA",
+        "base_model_name_or_path": base,
+        "task_type": "CAUSAL_LM",
+        "r": max_rank,
+        "lora_alpha": max_rank,
+        "rank_pattern": pattern,
+        "alpha_pattern": dict(pattern),
+        "target_modules": sorted({m.rsplit(".", 1)[-1] for m in ranks}),
+        "modules_to_save": sorted(set(modules_to_save)) or None,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "inference_mode": True,
+    }
+    summary = {
+        "streammerge_version": __version__,
+        "finetune": finetune,
+        "base": base,
+        "rank": rank,
+        "sv_epsilon": sv_epsilon,
+        "seed": seed,
+        "tensors": report,
+    }
+    _write_adapter(out, tensors, config, summary, overwrite)
+    return summary
+
+
+def _regexes(flag: str, texts) -> list[re.Pattern]:
+    out = []
+    for text in texts:
+        try:
+            out.append(re.compile(text))
+        except re.error as e:
+            raise StreammergeError(f"{flag} {text!r}: not a regular expression ({e})") from None
+    return out
+
+
+def _write_adapter(out: Path, tensors: dict, config: dict, summary: dict, overwrite: bool) -> None:
+    """Written under a hidden name beside `out`, renamed into place when complete."""
+    from safetensors.numpy import save_file
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp / "adapter_model.safetensors",
+                  metadata={"format": "pt"})
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        (tmp / "extraction.json").write_text(json.dumps(summary, indent=1) + "\n")
+        if out.exists() and overwrite:
+            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _bar(progress, total: int):
+    if not progress:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="extract-lora", unit="tensor")
