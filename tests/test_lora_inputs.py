@@ -516,3 +516,17 @@ def test_local_cluster_reads_adapters(family, tmp_path):
     paths = graph_paths(dsk)
     for a in adapters.values():
         assert str((a / "adapter_model.safetensors").resolve()) in paths
+
+
+def test_extract_lora_output_reads_as_peft_loads_it(family, tmp_path):
+    """The two halves of the issue meet: an adapter written by `extract-lora` (rank_pattern,
+    embeddings saved whole), as a merge input, is what peft's merge_and_unload makes of it."""
+    base, _, merged = family["bfloat16"]
+    adapter = tmp_path / "extracted"
+    run("extract-lora", merged["rslora-embed"], "--base", base, "-o", adapter, "--rank", 8, "--sv-epsilon", 1e-3)
+    want = load_model_tensors(merge_and_unload(base, adapter, tmp_path / "peft-merged"))
+    recipe = {"merge_method": "task_arithmetic", "base_model": str(base), "dtype": "float32", "out_dtype": "bfloat16",
+              "models": [{"model": str(adapter), "parameters": {"weight": 1.0}}]}
+    assert_identical(streammerge_export(recipe, tmp_path / "sm"), want)
+    ck = _open(str(adapter), None, default_base=str(base))
+    assert sum(isinstance(h, LoraHandle) for h in ck.tensors.values()) >= 6
