@@ -412,22 +412,25 @@ def status(store: Path, as_json: bool) -> None:
     default="merged",
     show_default=True,
     help="Routing stores (mediator, 1bit): merged (the static model), task:NAME (the model routed to task NAME), "
-    "or routed (model shards + experts/encodings + routing.json for a runtime).",
+    "routed (model shards + experts/encodings + routing.json for a runtime), or lora (model shards + one PEFT "
+    "LoRA adapter per task under adapters/, for serving engines' multi-LoRA routing).",
 )
+@click.option("--rank", type=click.IntRange(1), default=32, show_default=True,
+              help="With --variant lora: the adapters' rank (each approximates its task's model by a randomized SVD).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 @_apply(_dask_options)
 @user_errors
-def export(store, out, shard_size, dtype, workers, overwrite, variant, progress, scheduler, cluster):
+def export(store, out, shard_size, dtype, workers, overwrite, variant, rank, progress, scheduler, cluster):
     """Write a finished store as a Hugging Face model directory (sharded safetensors)."""
     from .engine.scheduler import dask_client
     from .store.store import Store
 
     st = Store.open(store)
     with dask_client(scheduler, cluster) as client:  # None: the threaded scheduler
-        _export(st, out, shard_size, dtype, workers, overwrite, progress, client, variant=variant)
+        _export(st, out, shard_size, dtype, workers, overwrite, progress, client, variant=variant, rank=rank)
 
 
-def _export(store, out, shard_size, dtype, workers, overwrite, progress, client=None, variant="merged"):
+def _export(store, out, shard_size, dtype, workers, overwrite, progress, client=None, variant="merged", rank=32):
     import time
 
     from .export.variants import export_variant
@@ -435,11 +438,15 @@ def _export(store, out, shard_size, dtype, workers, overwrite, progress, client=
     t0 = time.perf_counter()
     click.get_current_context().meta[_WRITING] = out  # a full disk from here on is out's
     info = export_variant(
-        store, out, variant, shard_size=shard_size, dtype=dtype, workers=workers, overwrite=overwrite, progress=progress,
-        scheduler=client,
+        store, out, variant, rank=rank, shard_size=shard_size, dtype=dtype, workers=workers, overwrite=overwrite,
+        progress=progress, scheduler=client,
     )
     info["seconds"] = time.perf_counter() - t0
     _print_exported(info)
+    for task, errs in info.get("lora", {}).items():
+        if errs:
+            click.echo(f"adapter {task}: {len(errs)} tensor(s), relative error median {errs[len(errs) // 2]:.4f}, "
+                       f"worst {errs[-1]:.4f}")
 
 
 def _print_exported(info: dict) -> None:

@@ -115,7 +115,7 @@ def test_changed_embeddings_are_saved_whole_and_load(models, tmp_path):
     out = run("extract-lora", models["noisy"], "--base", models["base"], "-o", tmp_path / "a", "--rank", 4)
     assert "model.embed_tokens.weight" in out
     cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
-    assert cfg["modules_to_save"] == ["embed_tokens"]
+    assert cfg["modules_to_save"] == ["model.embed_tokens"]
     base = transformers.LlamaForCausalLM.from_pretrained(models["base"]).eval()
     model = peft.PeftModel.from_pretrained(base, tmp_path / "a").merge_and_unload()
     want = load_file(models["noisy"] / "model.safetensors")["model.embed_tokens.weight"]

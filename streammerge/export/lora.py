@@ -119,6 +119,82 @@ def _seed_for(name: str, seed: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little")
 
 
+@dataclass(frozen=True)
+class DeltaSource:
+    """One tensor's task vector, as row blocks (re-iterable), and the target tensor whole (for
+    tensors saved as modules_to_save)."""
+
+    name: str
+    shape: tuple[int, ...]
+    blocks: RowBlocks
+    whole: Callable[[], np.ndarray]
+
+
+def factor_into_adapter(sources: list[DeltaSource], rank: int, base_name: str, model_tensors, *,
+                        sv_epsilon: float = 0.0, seed: int = 0, progress=None) -> tuple[dict, dict, dict]:
+    """(adapter tensors, adapter_config, per-tensor report) for the task vectors of `sources`:
+    2-D weights but embeddings factored at rank <= `rank`; embeddings, lm_head and 1-D tensors
+    saved whole where their task vector is not zero (modules_to_save). `model_tensors` names
+    every tensor of the model the adapter is for (see `_targets`)."""
+    tensors: dict[str, np.ndarray] = {}
+    report: dict[str, dict] = {}
+    ranks: dict[str, int] = {}
+    modules_to_save: set[str] = set()
+    bar = _bar(progress, len(sources))
+    for src in sources:
+        module = src.name[: -len(".weight")] if src.name.endswith(".weight") else src.name
+        if len(src.shape) == 2 and src.name.endswith(".weight") and not EMBEDDING.search(src.name):
+            rng = np.random.default_rng(_seed_for(src.name, seed))
+            lr = streamed_low_rank(src.blocks, tuple(src.shape), rank, rng, sv_epsilon)
+            tensors[f"base_model.model.{module}.lora_A.weight"] = lr.a
+            tensors[f"base_model.model.{module}.lora_B.weight"] = lr.b
+            ranks[module] = lr.a.shape[0]
+            report[src.name] = {"rank": lr.a.shape[0], "rel_error": lr.rel_error,
+                                "top_singular_value": float(lr.singular_values[0])}
+        elif src.name.endswith(".weight") and any(np.any(d) for _r0, _r1, d in src.blocks()):
+            tensors[f"base_model.model.{module}.weight"] = np.ascontiguousarray(src.whole(), dtype=np.float32)
+            modules_to_save.add(module)  # full names: peft wants weights for every module a leaf name would match
+            report[src.name] = {"rank": None, "saved_whole": True}
+        bar.update(1)
+    bar.close()
+    max_rank = max(ranks.values(), default=rank)
+    pattern = {m: r for m, r in ranks.items() if r != max_rank}
+    config = {
+        "peft_type": "LORA",
+        "base_model_name_or_path": base_name,
+        "task_type": "CAUSAL_LM",
+        "r": max_rank,
+        "lora_alpha": max_rank,
+        "rank_pattern": pattern,
+        "alpha_pattern": dict(pattern),
+        "target_modules": _targets(set(ranks), model_tensors),
+        "modules_to_save": sorted(modules_to_save) or None,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "inference_mode": True,
+    }
+    return tensors, config, report
+
+
+def _targets(factored: set[str], model_tensors) -> list[str]:
+    """PEFT target_modules: a leaf name (q_proj) where every module of the model with that leaf
+    is factored, as engines expect; the factored modules' full names for a leaf some modules of
+    which are not (a leaf name would give those modules LoRA layers the adapter has no weights for)."""
+    modules: dict[str, set[str]] = {}
+    for name in model_tensors:
+        if name.endswith(".weight"):
+            module = name[: -len(".weight")]
+            modules.setdefault(module.rsplit(".", 1)[-1], set()).add(module)
+    out: set[str] = set()
+    for leaf in {m.rsplit(".", 1)[-1] for m in factored}:
+        mine = {m for m in factored if m.rsplit(".", 1)[-1] == leaf}
+        out |= {leaf} if modules.get(leaf, set()) <= mine else mine
+    return sorted(out)
+
+
 def extract_lora(finetune: str, base: str, out: Path, rank: int, *, sv_epsilon: float = 0.0,
                  include: list[str] = (), exclude: list[str] = (), seed: int = 0, overwrite: bool = False,
                  progress=None) -> dict:
@@ -134,8 +210,7 @@ def extract_lora(finetune: str, base: str, out: Path, rank: int, *, sv_epsilon: 
     def wanted(name: str) -> bool:
         return (not inc or any(p.search(name) for p in inc)) and not any(p.search(name) for p in exc)
 
-    lora: list[tuple[str, object, object]] = []
-    whole: list[tuple[str, object, object]] = []
+    sources = []
     for name, h in ft_ck.tensors.items():
         if not name.endswith(".weight") or len(h.shape) != 2 or not wanted(name):
             continue
@@ -146,56 +221,13 @@ def extract_lora(finetune: str, base: str, out: Path, rank: int, *, sv_epsilon: 
             raise StreammergeError(
                 f"{ft_ck.directory}: tensor {name} is {list(h.shape)} but {list(bh.shape)} in the base model {base}"
             )
-        (whole if EMBEDDING.search(name) else lora).append((name, h, bh))
-    if not lora:
+        rows = max(1, BLOCK_ELEMS // h.shape[1])
+        sources.append(DeltaSource(name, tuple(h.shape), _delta_blocks(h, bh, rows),
+                                   lambda h=h: read_rows(h, 0, h.shape[0], np.empty(h.shape, np.float32))))
+    if not any(len(s.shape) == 2 and not EMBEDDING.search(s.name) for s in sources):
         raise StreammergeError(f"{finetune}: no 2-D weight to extract (check --include / --exclude)")
-
-    tensors: dict[str, np.ndarray] = {}
-    report: dict[str, dict] = {}
-    ranks: dict[str, int] = {}
-    bar = _bar(progress, len(lora) + len(whole))
-    for name, h, bh in lora:
-        module = name[: -len(".weight")]
-        rows_per_block = max(1, BLOCK_ELEMS // h.shape[1])
-        rng = np.random.default_rng(_seed_for(name, seed))
-        lr = streamed_low_rank(_delta_blocks(h, bh, rows_per_block), tuple(h.shape), rank, rng, sv_epsilon)
-        tensors[f"base_model.model.{module}.lora_A.weight"] = lr.a
-        tensors[f"base_model.model.{module}.lora_B.weight"] = lr.b
-        ranks[module] = lr.a.shape[0]
-        report[name] = {"rank": lr.a.shape[0], "rel_error": lr.rel_error, "top_singular_value": float(lr.singular_values[0])}
-        bar.update(1)
-    modules_to_save = []
-    for name, h, bh in whole:  # saved whole when the fine-tune changed them
-        changed = any(np.any(d) for _r0, _r1, d in _delta_blocks(h, bh, max(1, BLOCK_ELEMS // h.shape[1]))())
-        if changed:
-            module = name[: -len(".weight")]
-            rows = np.empty(h.shape, np.float32)
-            read_rows(h, 0, h.shape[0], rows)
-            tensors[f"base_model.model.{module}.weight"] = rows
-            modules_to_save.append(module.rsplit(".", 1)[-1])
-            report[name] = {"rank": None, "saved_whole": True}
-        bar.update(1)
-    bar.close()
-
-    max_rank = max(ranks.values())
-    pattern = {m: r for m, r in ranks.items() if r != max_rank}
-    config = {
-        "peft_type": "LORA",
-        "base_model_name_or_path": base,
-        "task_type": "CAUSAL_LM",
-        "r": max_rank,
-        "lora_alpha": max_rank,
-        "rank_pattern": pattern,
-        "alpha_pattern": dict(pattern),
-        "target_modules": sorted({m.rsplit(".", 1)[-1] for m in ranks}),
-        "modules_to_save": sorted(set(modules_to_save)) or None,
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "use_rslora": False,
-        "use_dora": False,
-        "inference_mode": True,
-    }
+    tensors, config, report = factor_into_adapter(sources, rank, base, ft_ck.tensors, sv_epsilon=sv_epsilon, seed=seed,
+                                                  progress=progress)
     summary = {
         "streammerge_version": __version__,
         "finetune": finetune,
@@ -219,18 +251,24 @@ def _regexes(flag: str, texts) -> list[re.Pattern]:
     return out
 
 
-def _write_adapter(out: Path, tensors: dict, config: dict, summary: dict, overwrite: bool) -> None:
-    """Written under a hidden name beside `out`, renamed into place when complete."""
+def write_adapter_files(directory: Path, tensors: dict, config: dict, summary: dict) -> None:
+    """adapter_model.safetensors, adapter_config.json and extraction.json into `directory`."""
     from safetensors.numpy import save_file
 
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, directory / "adapter_model.safetensors",
+              metadata={"format": "pt"})
+    (directory / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    (directory / "extraction.json").write_text(json.dumps(summary, indent=1) + "\n")
+
+
+def _write_adapter(out: Path, tensors: dict, config: dict, summary: dict, overwrite: bool) -> None:
+    """Written under a hidden name beside `out`, renamed into place when complete."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp / "adapter_model.safetensors",
-                  metadata={"format": "pt"})
-        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        (tmp / "extraction.json").write_text(json.dumps(summary, indent=1) + "\n")
+        write_adapter_files(tmp, tensors, config, summary)
         if out.exists() and overwrite:
             old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
             os.replace(out, old)

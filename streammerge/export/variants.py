@@ -16,6 +16,7 @@ Every variant streams block by block like the plain export.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -30,9 +31,11 @@ from ..errors import StreammergeError
 from ..limits import DOCUMENT, read_json
 from ..store.store import Store
 from .hf import export_store
+from .lora import DeltaSource, factor_into_adapter, write_adapter_files
 from .safetensors_writer import ShardedWriter, TensorSpec
 
 ROUTING_FORMAT = 1
+DEFAULT_LORA_RANK = 32
 
 
 def load_decision(store: Store) -> dict:
@@ -185,7 +188,7 @@ def _routing_tensors(store: Store) -> list[tuple[TensorSpec, callable]]:
     return items
 
 
-def export_variant(store: Store, out_dir: Path, variant: str, **kw) -> dict:
+def export_variant(store: Store, out_dir: Path, variant: str, rank: int = DEFAULT_LORA_RANK, **kw) -> dict:
     if variant == "merged":
         return export_store(store, out_dir, **kw)
     decision = load_decision(store)
@@ -194,8 +197,10 @@ def export_variant(store: Store, out_dir: Path, variant: str, **kw) -> dict:
         if task not in decision["tasks"]:
             raise StreammergeError(f"{store.path}: no task {task!r} (tasks: {', '.join(decision['tasks'])})")
         return export_store(store, out_dir, block_fn=TaskBlocks(store, decision, task), **kw)
+    if variant == "lora":
+        return _export_lora(store, out_dir, decision, rank, **kw)
     if variant != "routed":
-        raise StreammergeError(f"unknown export variant {variant!r}: use merged, task:NAME or routed")
+        raise StreammergeError(f"unknown export variant {variant!r}: use merged, task:NAME, routed or lora")
 
     def extra(tmp: Path) -> None:
         items = _routing_tensors(store)
@@ -226,3 +231,73 @@ def export_variant(store: Store, out_dir: Path, variant: str, **kw) -> dict:
 
     block_fn = BaseBlocks(store) if decision["method"] == "1bit" else None
     return export_store(store, out_dir, block_fn=block_fn, extra=extra, **kw)
+
+
+def task_delta_sources(store: Store, decision: dict, task: str) -> list[DeltaSource]:
+    """Task `task`'s weights minus the shipped model's (Mediator: the averaged model, so the
+    sparse experts; 1bit: the base model), for every tensor routing changes, block by block."""
+    task_rows = TaskBlocks(store, decision, task)
+    if decision["method"] == "mediator":
+        stage = "experts"
+
+        def shipped(name, i, r0, r1):
+            return _f32(store, name, r0, r1)
+    else:
+        stage = "encode"
+        shipped = BaseBlocks(store)
+    sources = []
+    for job in store.jobs:
+        if job["stage"] != stage:
+            continue
+        name = job["name"]
+        t = store.tensor(name)
+        shape, br, n = tuple(t["shape"]), t["block_rows"], t["nblocks"]
+        rows = shape[0] if shape else 1
+
+        def blocks(name=name, br=br, n=n, rows=rows):
+            for i in range(n):
+                r0, r1 = i * br, min(rows, (i + 1) * br)
+                yield r0, r1, (task_rows(name, i, r0, r1) - shipped(name, i, r0, r1)).reshape(r1 - r0, -1)
+
+        def whole(name=name, br=br, n=n, rows=rows, shape=shape):
+            parts = [task_rows(name, i, i * br, min(rows, (i + 1) * br)).reshape(-1) for i in range(n)]
+            return np.concatenate(parts).reshape(shape)
+
+        sources.append(DeltaSource(name, shape, blocks, whole))
+    return sources
+
+
+def _export_lora(store: Store, out_dir: Path, decision: dict, rank: int, **kw) -> dict:
+    """The shipped model (as `routed`), one PEFT adapter per task under adapters/<task>/ that
+    approximates that task's model against it, and the router (router/) when one was fitted."""
+    if rank < 1:
+        raise StreammergeError(f"--rank {rank}: must be at least 1")
+    reports: dict[str, dict] = {}
+
+    def extra(tmp: Path) -> None:
+        for task in decision["tasks"]:
+            sources = task_delta_sources(store, decision, task)
+            tensors, config, report = factor_into_adapter(sources, rank, str(Path(out_dir).resolve()), [t["name"] for t in store.tensors])
+            summary = {"store": str(store.path), "task": task, "rank": rank, "tensors": report}
+            write_adapter_files(tmp / "adapters" / task, tensors, config, summary)
+            reports[task] = report
+        router = store.path / "inference" / "router"  # routing/router.py router_dir (routing imports export)
+        if router.is_dir():
+            shutil.copytree(router, tmp / "router")
+        meta = {
+            "format": ROUTING_FORMAT,
+            "method": decision["method"],
+            "tasks": decision["tasks"],
+            "rank": rank,
+            "model_shards": "model*.safetensors: " + ("the averaged model" if decision["method"] == "mediator" else "the base model theta_0"),
+            "adapters": {t: f"adapters/{t}" for t in decision["tasks"]},
+            "router": "router/" if router.is_dir() else None,
+        }
+        (tmp / "lora.json").write_text(json.dumps(meta, indent=1) + "\n")
+
+    block_fn = BaseBlocks(store) if decision["method"] == "1bit" else None
+    info = export_store(store, out_dir, block_fn=block_fn, extra=extra, **kw)
+    info["lora"] = {
+        task: sorted(r["rel_error"] for r in rep.values() if r.get("rank")) for task, rep in reports.items()
+    }
+    return info
