@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..checkpoints.buffers import copy_buffer
+from ..checkpoints.chat_template import write_chat_template
 from ..errors import StoreError
 from ..limits import DOCUMENT, read_bounded
 from ..export.hf import HF_FILES, copy_hf_files
@@ -174,6 +175,8 @@ def build(
         else:
             _clear(store_path, restart)
             copy_hf_files(plan.hf_source.directory, store_path / "hf", plan.config_overrides)
+            if plan.chat_template is not None:
+                write_chat_template(store_path / "hf", plan.chat_template)
             store = Store.create(store_path, manifest)
             litter = 0
         for i, b in enumerate(plan.buffers):

@@ -14,6 +14,7 @@ from pathlib import Path
 from ..checkpoints import ModelCheckpoint, TensorHandle
 from ..checkpoints.blocks import num_rows, row_elems
 from ..checkpoints.buffers import Buffer, agreed_buffer
+from ..checkpoints.chat_template import resolve_chat_template
 from ..checkpoints.lora import open_input
 from ..dtypes import float_type, is_float_st
 from ..errors import RecipeError, StreammergeError
@@ -120,6 +121,7 @@ class Plan:
     warnings: list[str] = field(default_factory=list)
     config_overrides: dict = field(default_factory=dict)  # config.json keys the output changes
     buffers: list[Buffer] = field(default_factory=list)  # non-float tensors, copied (checkpoints/buffers.py)
+    chat_template: str | None = None  # written into the output's tokenizer files (export/chat_template.py)
 
     @property
     def input_bytes(self) -> int:
@@ -234,6 +236,13 @@ def make_plan(
     block_elems = block_elems or block_elems_for(memory_limit, workers, n_inputs)
     out_dtype_name = recipe.out_dtype or recipe.dtype
     warnings: list[str] = list(recipe.warnings)
+    try:
+        chat_template = resolve_chat_template(recipe.chat_template, [ck.directory for ck in checkpoints.values()])
+    except ValueError as e:
+        raise recipe.error(("chat_template",), str(e)) from None
+    if chat_template is not None and not (hf_source.directory / "tokenizer_config.json").is_file():
+        warnings.append(f"chat_template: {hf_source.spec} has no tokenizer_config.json; the chat template is not written")
+        chat_template = None
     config_overrides: dict = {}
     if recipe.slices:
         config_overrides["num_hidden_layers"] = sum(len(g.layers) for g in groups)
@@ -306,6 +315,7 @@ def make_plan(
         warnings=warnings,
         config_overrides=config_overrides,
         buffers=buffers,
+        chat_template=chat_template,
     )
 
 
