@@ -1,0 +1,747 @@
+"""Per-row routed weights in one forward pass: the delta-aware runtime behind `streammerge serve`.
+
+    rt = DeltaRuntime(model, store, method, device, dtype, memory_budget=None)
+    rt.set_rows([forced("math", tasks), STATIC, mix_decision])   # one decision per batch row
+    logits = model(input_ids=ids).logits                          # row b ran with decision b
+
+The model is the store's merged model as `load_merged_model` gives it. For Mediator it stays as
+it is: its routed tensors are the dense experts D. For 1bit-Merging the runtime points every
+encoded tensor at theta_0 (the base model's tensor, read from the base checkpoint), so the shared
+weights are the base model.
+
+Per forward, a module that holds a routed tensor computes the shared product once for the whole
+batch, then adds each row group's delta, taken from the compressed encodings on the device:
+  Linear     y = x W^T (+ b), then y[rows] += w_row * (x[rows] Delta^T) for each delta term
+  Embedding  y = W[ids], then y[rows] += w_row * Delta[ids[rows]] (rows of Delta, gathered)
+  any other  (norm weights, 1-D tensors) the module runs once per row group with its own
+             tensor (static + delta: a tensor of a few thousand numbers)
+The modules stay where they are, so parameter names, state_dict and hooks are unchanged; only
+their `forward` is replaced (DeltaLinear, DeltaEmbedding, DeltaGrouped). `close()` restores it.
+
+Delta terms:
+  Mediator  one term per task present in the batch, over the rows using it, with the rows'
+            weights: top-1 / forced rows weight 1 (D + S_k), an uncertain row p_t for each of
+            its tasks (D + sum p_t S_t), STATIC rows none (D). S_t stays sparse: `_Sparse`'s
+            positions as the store keeps them (a bitmask of the tensor where that is smaller
+            than int32 offsets, as the blob encoder chooses) plus bf16 values, decoded each
+            forward into a CSR matrix for torch.sparse.mm. With several tasks in a batch of at
+            most STACK_MAX_TOKENS tokens (decoding steps) the terms are one STACKED term: one
+            sparse product with [S_1; ...; S_N] for all rows, then each row's weighted sum of
+            its tasks' parts (N times the multiply-adds, read once: fewer, larger calls).
+  1bit      one term per decision present in the batch: task k is tau_hat_k + lambda *
+            TIES({tau_hat_j : j != k}), STATIC is lambda * TIES(all) (the store's fallback
+            merged model, METHODS.md 4.4). The terms are built from the packed sign bits and
+            scales in row chunks (weights.py `_TaskPiece.tau_hat`, `ties_torch`) and multiplied
+            chunk by chunk; never stored unpacked outside the cache below. With lambda = 0 a term
+            is tau_hat_k alone (bits x scale) and STATIC has no delta.
+
+1bit's lambda * TIES(others) is nonlinear in the tasks: no sum of per-task compressed deltas
+gives it. It is served the same way as tau_hat_k: computed per forward from the encodings, in
+chunks (no memory beyond the encodings), at the cost of decoding all N tasks' bits and electing
+signs instead of one sign product. The alternative, one dense weight per decision built once, is
+what the cache does when `memory_budget` leaves room: 4 bytes per routed parameter (float32
+compute) per hot decision, N + 1 decisions at most (STATIC included).
+
+Measured (tools/bench_deltas.py --hidden 256 --intermediate 688 --vocab 2048 --repeat 9: one
+forward of 32 rows over 3 tasks, CPU time on one thread, ratio to the static model's forward of
+the same batch; swap = RoutedModel's per-decision dense weights, one forward per task group):
+                       decoding step (1 token/row)      prefill (32 tokens/row)
+                       no cache   cache   swap          no cache   cache   swap
+  Mediator (rho 0.1)   5.5        1.9     2.7           2.3        1.4     1.1
+  1bit lambda 0        5.4        2.5     2.6           2.3        1.3     1.1
+  1bit lambda 1        40         3.1     2.8           4.9        1.5     1.1
+The cache held 5.3 MB (Mediator) / 41 MB (1bit, 3 decisions) against encodings of 1.4 / 1.5 MB
+and a 7.5 MB bf16 model. lambda != 0 without a cache costs 7x lambda 0's time per decoding step.
+
+Cache: with `memory_budget` (bytes the weights may take on the device: model + encodings +
+cache), the decoded form of a term is kept, least recently used first out, in what the model
+and the encodings leave: Mediator the CSR matrix of S_t (and of the stacked [S_1; ...; S_N]);
+1bit a decision's full weight theta_0 + delta of each Linear, so that its rows run one product
+with it, as the weight swap does, instead of shared + delta (in the compute dtype: on bf16 that
+is the export's rounding). Without a budget nothing is cached: resident weights are the model
+plus the encodings. resident_bytes() reports the three. Measured faster in every case of
+tools/bench_deltas.py (see below).
+
+Exactness: `export --variant task:k` rounds W = D + S_k (1bit: theta_0 + tau_hat_k + lambda *
+TIES) to the store's dtype once; the delta path computes x D^T + x S_k^T in float32 without that
+rounding. The difference is one rounding of the changed weights, a relative 2^-9 (bf16) of each
+changed entry: the logits agree with the export's within EXPORT_REL of the row's largest |logit|
+and with the unrounded float32 weights within EXACT_ATOL (float32 compute); greedy tokens are the
+export's on the test models.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import StreammergeError
+from ..routing.decision import STATIC, Decision
+from ..routing.runtime import require_torch
+from ..routing.weights import CHUNK_ELEMENTS, OneBitWeights, _Sparse, _TaskPiece, ties_torch
+
+# The stated tolerances of the delta path (float32 compute), see "Exactness" above: against the
+# model `export --variant task:k` writes (weights rounded to bf16 once), |logit difference| <=
+# EXPORT_REL * max |logit| of the row (measured on the test models: <= 1/140 for 1bit, whose every
+# weight is rounded, <= 1/1800 for Mediator); against the same float32 weights never rounded
+# (the export's numpy block functions), <= EXACT_ATOL (measured: 4e-7).
+EXPORT_REL = 1 / 64
+EXACT_ATOL = 1e-5
+
+
+_TABLES: dict = {}
+
+
+def _byte_table(device, kind: str):
+    """(256, 8): the bits of each byte value in little bit order, as bool ("bits") or as float32
+    +-1 ("signs"). Looking bytes up in it unpacks 4x faster than shifting and masking."""
+    torch, _ = require_torch()
+    t = _TABLES.get((device, kind))
+    if t is None:
+        bits = (torch.arange(256, device=device).unsqueeze(1) >> torch.arange(8, device=device)) & 1
+        t = bits.bool() if kind == "bits" else bits.to(torch.float32).mul_(2).sub_(1)
+        _TABLES[(device, kind)] = t
+    return t
+
+
+def _rows_cols(shape) -> tuple[int, int]:
+    """A tensor as a matrix: (rows, elements per row); 0-D and 1-D tensors are one row."""
+    shape = tuple(shape)
+    if len(shape) < 2:
+        return 1, int(np.prod(shape, dtype=np.int64)) if shape else 1
+    return shape[0], int(np.prod(shape[1:], dtype=np.int64))
+
+
+# ---- compressed sparse deltas -----------------------------------------------------------------
+
+
+class CompactSparse:
+    """One sparse delta of one tensor (rows x cols), resident in its stored size: the positions
+    as a bitmask of the flat tensor when that is smaller than int32 offsets (density above
+    1/32, as encodings/sparse.py chooses per blob), else int32 offsets; bf16 values."""
+
+    def __init__(self, sparse: _Sparse, shape):
+        torch, _ = require_torch()
+        self.rows, self.cols = _rows_cols(shape)
+        self.size = sparse.size
+        index = sparse.index
+        self.count = index.numel()
+        if (self.size + 7) // 8 < 4 * self.count:
+            mask = torch.zeros(-(-self.size // 8) * 8, dtype=torch.uint8, device=index.device)
+            mask[index.long()] = 1
+            shifts = torch.arange(8, dtype=torch.uint8, device=index.device)
+            self.bitmask = (mask.view(-1, 8) << shifts).sum(dim=1, dtype=torch.uint8)
+            self.offsets = None
+        else:
+            self.bitmask = None
+            self.offsets = index.to(torch.int32)
+        self.value = sparse.value  # bf16
+
+    @property
+    def nbytes(self) -> int:
+        pos = self.bitmask if self.bitmask is not None else self.offsets
+        return pos.numel() * pos.element_size() + self.value.numel() * self.value.element_size()
+
+    def flat_index(self):
+        """The sorted flat positions (int64)."""
+        torch, _ = require_torch()
+        if self.offsets is not None:
+            return self.offsets.long()
+        bits = _byte_table(self.bitmask.device, "bits").index_select(0, self.bitmask.long()).view(-1)[: self.size]
+        return torch.nonzero(bits, as_tuple=True)[0]
+
+    def csr(self):
+        """The delta as a float32 CSR matrix (rows x cols) for torch.sparse.mm."""
+        torch, _ = require_torch()
+        idx = self.flat_index()
+        r = torch.div(idx, self.cols, rounding_mode="floor")
+        crow = torch.zeros(self.rows + 1, dtype=torch.int64, device=idx.device)
+        crow[1:] = torch.cumsum(torch.bincount(r, minlength=self.rows), 0)
+        with warnings.catch_warnings():  # "CSR support is in beta": the operations used here are covered by tests
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.sparse_csr_tensor(crow, idx - r * self.cols, self.value.float(), (self.rows, self.cols),
+                                           check_invariants=False)
+
+    def gather_rows(self, ids):
+        """Dense float32 rows `ids` (any order, repeats allowed) of the delta: (len(ids), cols)."""
+        torch, _ = require_torch()
+        uniq, inverse = torch.unique(ids, return_inverse=True)
+        idx = self.flat_index()
+        r = torch.div(idx, self.cols, rounding_mode="floor")
+        pos = torch.searchsorted(uniq, r).clamp_(max=uniq.numel() - 1)
+        keep = uniq[pos] == r
+        out = torch.zeros((uniq.numel(), self.cols), dtype=torch.float32, device=idx.device)
+        out[pos[keep], (idx - r * self.cols)[keep]] = self.value[keep].float()
+        return out[inverse]
+
+    def dense(self):
+        """The whole delta, float32 (rows x cols): for small tensors only."""
+        torch, _ = require_torch()
+        flat = torch.zeros(self.size, dtype=torch.float32, device=self.value.device)
+        flat[self.flat_index()] = self.value.float()
+        return flat.view(self.rows, self.cols)
+
+
+# ---- the routed tensors of each method --------------------------------------------------------
+
+
+class _Cache:
+    """Decoded delta terms, least recently used out, within a byte budget."""
+
+    def __init__(self, budget: int):
+        self.budget = max(0, int(budget))
+        self.items: OrderedDict[tuple, tuple[object, int]] = OrderedDict()
+        self.bytes = 0
+
+    def get(self, key, build, nbytes):
+        hit = self.items.get(key)
+        if hit is not None:
+            self.items.move_to_end(key)
+            return hit[0]
+        value = build()
+        size = nbytes(value)
+        if size <= self.budget:
+            self._evict(self.budget - size)
+            self.items[key] = (value, size)
+            self.bytes += size
+        return value
+
+    def resize(self, budget: int) -> None:
+        self.budget = max(0, int(budget))
+        self._evict(self.budget)
+
+    def _evict(self, keep: int) -> None:
+        """Least recently used out until at most `keep` bytes are held."""
+        while self.items and self.bytes > keep:
+            _, (_, old) = self.items.popitem(last=False)
+            self.bytes -= old
+
+
+def _tensor_bytes(t) -> int:
+    if t.layout != require_torch()[0].strided:  # sparse CSR
+        return sum(x.numel() * x.element_size() for x in (t.crow_indices(), t.col_indices(), t.values()))
+    return t.numel() * t.element_size()
+
+
+STACKED = ("stacked",)  # the Mediator term of every task at once
+STACK_MAX_TOKENS = 128  # above this many tokens a term per task is faster (tools/bench_deltas.py)
+
+
+class MediatorTensor:
+    """A routed tensor of a Mediator store: D is the model's own tensor; per task the sparse S_t.
+    Terms are tasks (linear in the decision's weights)."""
+
+    def __init__(self, name: str, shape, experts: dict, cache: _Cache):
+        self.name, self.shape = name, tuple(shape)
+        self.rows, self.cols = _rows_cols(shape)
+        self.experts = experts  # task -> CompactSparse
+        self.cache = cache
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.nbytes for e in self.experts.values())
+
+    def _csr(self, task):
+        return self.cache.get((self.name, task), self.experts[task].csr, _tensor_bytes)
+
+    def matmul(self, task, x):
+        """x (m, cols) float32 -> x S_task^T (m, rows)."""
+        torch, _ = require_torch()
+        return torch.sparse.mm(self._csr(task), x.t()).t()
+
+    def _stacked(self):
+        """[S_t1; S_t2; ...] (N * rows x cols) as one CSR matrix, tasks in order."""
+        torch, _ = require_torch()
+        parts = [self.experts[t].csr() for t in self.experts]
+        crows = [parts[0].crow_indices()]
+        for p in parts[1:]:
+            crows.append(p.crow_indices()[1:] + crows[-1][-1])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.sparse_csr_tensor(torch.cat(crows), torch.cat([p.col_indices() for p in parts]),
+                                           torch.cat([p.values() for p in parts]), (len(parts) * self.rows, self.cols),
+                                           check_invariants=False)
+
+    def matmul_stacked(self, x, weights):
+        """x (m, cols) float32, weights (m, N) -> sum_t weights[:, t] * (x S_t^T): every task's
+        product in one sparse multiplication, then each row's mix of them."""
+        torch, _ = require_torch()
+        z = torch.sparse.mm(self.cache.get((self.name, STACKED), self._stacked, _tensor_bytes), x.t())
+        z = z.view(len(self.experts), self.rows, -1)
+        out = z[0] * weights[:, 0]  # (rows, m); a loop of multiply-adds: 3x faster than einsum here
+        for t in range(1, z.shape[0]):
+            out.addcmul_(z[t], weights[:, t])
+        return out.t()
+
+    def gather(self, task, ids):
+        return self.experts[task].gather_rows(ids)
+
+    def decision_delta(self, decision: Decision):
+        """The whole delta of a decision (small tensors): sum_t w_t S_t, or None for STATIC."""
+        if decision.mode == "static":
+            return None
+        out = None
+        for task, w in decision.weights:
+            d = self.experts[task].dense()
+            d = d if decision.mode != "mix" else d * w
+            out = d if out is None else out.add_(d)
+        return out
+
+
+class OneBitTensor:
+    """An encoded tensor of a 1bit store: the model holds theta_0; a term is a decision (task k
+    or STATIC), its delta built from the encodings in row chunks."""
+
+    def __init__(self, name: str, shape, pieces: dict, lam: float, device, cache: _Cache):
+        self.name, self.shape = name, tuple(shape)
+        self.pieces = pieces  # task -> _TaskPiece | None (dropped)
+        self.lam, self.device, self.cache = lam, device, cache
+        self.rows, self.cols = _rows_cols(shape)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(pc.nbytes for pc in self.pieces.values() if pc is not None)
+
+    def has_delta(self, key: tuple) -> bool:
+        if key == STATIC.key:
+            return self.lam != 0 and any(pc is not None for pc in self.pieces.values())
+        return self.pieces[key[1]] is not None or (self.lam != 0 and any(
+            pc is not None for t, pc in self.pieces.items() if t != key[1]))
+
+    def _combine(self, key: tuple, hat):
+        """The delta of decision `key` from hat(task) -> float32 tau_hat (of the same rows)."""
+        k = key[1] if key != STATIC.key else None
+        d = hat(k) if k is not None and self.pieces[k] is not None else None
+        if self.lam != 0:
+            others = [hat(t) for t, pc in self.pieces.items() if t != k and pc is not None]
+            if others:
+                torch, _ = require_torch()
+                t = ties_torch(others).mul_(torch.tensor(self.lam, dtype=torch.float32, device=self.device))
+                d = t if d is None else d.add_(t)
+        return d
+
+    def delta_rows(self, key: tuple, r0: int, r1: int):
+        """The delta of rows [r0, r1) as (r1 - r0, cols) float32 (None: no delta)."""
+        torch, _ = require_torch()
+        rows = (r0, r1) if len(self.shape) >= 2 else None
+        d = self._combine(key, lambda t: self.pieces[t].tau_hat(self.shape, self.device, rows))
+        return None if d is None else d.reshape(r1 - r0, self.cols)
+
+    def _dense(self, key: tuple):
+        return self.delta_rows(key, 0, self.rows)
+
+    def _chunk_rows(self) -> int:
+        return max(1, CHUNK_ELEMENTS // max(1, self.cols))
+
+    def full_fits(self) -> bool:
+        """Whether a decision's full weight fits the cache (then Linear layers use full())."""
+        return self.rows * self.cols * 4 <= self.cache.budget
+
+    def full(self, key: tuple, shared):
+        """theta_0 + the decision's delta, in the shared weight's dtype (cached)."""
+        build = lambda: (shared.float() + self._dense(key).view(shared.shape)).to(shared.dtype)  # noqa: E731
+        return self.cache.get((self.name, key), build, _tensor_bytes)
+
+    def matmul(self, key: tuple, x):
+        """x (m, cols) float32 -> x Delta^T (m, rows), from the encodings: for a sign-bits term
+        (lambda 0) the signs' product scaled; else the delta built and multiplied chunk by chunk."""
+        torch, _ = require_torch()
+        piece = self.pieces[key[1]] if key != STATIC.key and self.lam == 0 else None
+        if piece is not None and piece.kind in SIGN_KINDS and len(self.shape) >= 2:
+            return signs_product(x, piece, self._chunk_rows())
+        step = self._chunk_rows()
+        if step >= self.rows:
+            return x @ self._dense(key).t()
+        out = torch.empty((x.shape[0], self.rows), dtype=torch.float32, device=x.device)
+        for r0 in range(0, self.rows, step):
+            r1 = min(self.rows, r0 + step)
+            torch.matmul(x, self.delta_rows(key, r0, r1).t(), out=out[:, r0:r1])
+        return out
+
+    def gather(self, key: tuple, ids):
+        """Rows `ids` of the delta (embeddings): the pieces' rows gathered, then combined."""
+        uniq, inverse = require_torch()[0].unique(ids, return_inverse=True)
+        shape = (uniq.numel(), *self.shape[1:])
+        d = self._combine(key, lambda t: _gathered(self.pieces[t], uniq, self.rows).tau_hat(shape, self.device))
+        return d.reshape(uniq.numel(), self.cols)[inverse]
+
+    def decision_delta(self, decision: Decision):
+        key = decision.key
+        if not self.has_delta(key):
+            return None
+        return self._dense(key).reshape(self.shape)
+
+
+SIGN_KINDS = {"1bit": (("bits", "alpha"),), "1bit-row": (("bits", "scale"),), "2bit": (("bits", "scale"), ("bits2", "scale2"))}
+
+
+def signs_product(x, piece: _TaskPiece, step: int):
+    """x (m, cols) float32 times tau_hat^T of a sign-bits piece (1bit: alpha * s; 1bit-row:
+    scale_r * s; 2bit: the sum of two such), without tau_hat: the +-1 signs of each row chunk
+    are looked up a byte at a time, multiplied, then the product is scaled per output row.
+    Equals x @ piece.tau_hat(shape).T up to float32 rounding (the scale applied after the sum)."""
+    torch, _ = require_torch()
+    table = _byte_table(x.device, "signs")
+    cols = piece.parts["cols"]
+    out = None
+    for bits_name, scale_name in SIGN_KINDS[piece.kind]:
+        packed, scale = piece.parts[bits_name], piece.parts[scale_name]
+        rows = packed.shape[0]
+        y = torch.empty((x.shape[0], rows), dtype=torch.float32, device=x.device)
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            signs = table.index_select(0, packed[r0:r1].reshape(-1).long()).view(r1 - r0, -1)[:, :cols]
+            torch.matmul(x, signs.t(), out=y[:, r0:r1])
+        y.mul_(scale if scale.dim() == 0 else scale.view(1, -1))
+        out = y if out is None else out.add_(y)
+    return out
+
+
+_ROW_PARTS = {"bits", "bits2", "scale", "scale2", "dense"}  # parts with one entry per tensor row
+
+
+def _gathered(piece: _TaskPiece, ids, rows: int) -> _TaskPiece:
+    """The piece restricted to rows `ids` (sorted, unique) of its tensor."""
+    torch, _ = require_torch()
+    if piece.kind == "sparse":  # flat positions: keep the entries of those rows, renumbered
+        sp, cols = piece.parts["sparse"], piece.parts["sparse"].size // rows
+        r = torch.div(sp.index.long(), cols, rounding_mode="floor")
+        pos = torch.searchsorted(ids, r).clamp_(max=ids.numel() - 1)
+        keep = ids[pos] == r
+        sub = object.__new__(_Sparse)
+        sub.size = ids.numel() * cols
+        sub.index = (pos[keep] * cols + (sp.index.long() - r * cols)[keep]).to(sp.index.dtype)
+        sub.value = sp.value[keep]
+        return _TaskPiece("sparse", sparse=sub)
+    return _TaskPiece(piece.kind, **{k: (v[ids] if k in _ROW_PARTS else v) for k, v in piece.parts.items()})
+
+
+# ---- the modules' forwards --------------------------------------------------------------------
+
+
+class _Routed:
+    """The replacement forward of one module: its routed tensors and the runtime's row plan."""
+
+    def __init__(self, runtime: "DeltaRuntime", module, tensors: dict):
+        self.rt, self.module = runtime, module
+        self.tensors = tensors  # attribute name ("weight", "bias", ...) -> MediatorTensor | OneBitTensor
+
+    def _check(self, batch: int) -> None:
+        n = self.rt.n_rows
+        if n is not None and n != batch:
+            raise StreammergeError(f"set_rows gave {n} decisions for a batch of {batch} rows")
+
+
+class DeltaLinear(_Routed):
+    def __call__(self, x):
+        torch, _ = require_torch()
+        m = self.module
+        self._check(x.shape[0])
+        w = self.tensors.get("weight")
+        tokens = x.numel() // x.shape[-1]
+        terms = self.rt.terms(w, x.shape[0], stack=tokens <= STACK_MAX_TOKENS) if w is not None else []
+        if terms and isinstance(w, OneBitTensor) and w.full_fits():
+            y = self._full_weights(x, w, terms)
+            terms = []
+        else:
+            y = torch.nn.functional.linear(x, m.weight, m.bias)
+        if terms:
+            for key, rows, weights in terms:
+                xs = x if rows is None else x.index_select(0, rows)
+                flat = xs.reshape(-1, xs.shape[-1]).float()
+                if key == STACKED:  # weights: (rows, N), one row's weights for each of its tokens
+                    d = w.matmul_stacked(flat, weights.repeat_interleave(tokens // x.shape[0], dim=0))
+                    weights = None
+                else:
+                    d = w.matmul(key, flat)
+                _add_rows(y, rows, d.reshape(*xs.shape[:-1], -1), weights)
+        b = self.tensors.get("bias")
+        if b is not None:
+            for decision, rows in self.rt.groups(x.shape[0]):
+                db = self.rt.small_delta(b, decision)
+                if db is None:
+                    continue
+                db = db.reshape(-1).to(y.dtype)
+                if rows is None:
+                    y.add_(db)
+                else:
+                    y[rows] = y[rows] + db
+        return y
+
+    def _full_weights(self, x, w, terms):
+        """Each term's rows with its decision's full (cached) weight, the other rows with the
+        shared one: one product per row, as the weight swap does, instead of shared + delta."""
+        torch, _ = require_torch()
+        m, F = self.module, torch.nn.functional
+        if len(terms) == 1 and terms[0][1] is None:
+            return F.linear(x, w.full(terms[0][0], m.weight), m.bias)
+        y = torch.empty((*x.shape[:-1], m.out_features), dtype=x.dtype, device=x.device)
+        covered = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        for key, rows, _ in terms:
+            y.index_copy_(0, rows, F.linear(x.index_select(0, rows), w.full(key, m.weight), m.bias))
+            covered[rows] = True
+        rest = torch.nonzero(~covered, as_tuple=True)[0]
+        if rest.numel():
+            y.index_copy_(0, rest, F.linear(x.index_select(0, rest), m.weight, m.bias))
+        return y
+
+
+class DeltaEmbedding(_Routed):
+    def __call__(self, ids):
+        torch, _ = require_torch()
+        m = self.module
+        self._check(ids.shape[0])
+        y = torch.nn.functional.embedding(ids, m.weight, m.padding_idx, m.max_norm, m.norm_type, m.scale_grad_by_freq, m.sparse)
+        w = self.tensors["weight"]
+        for key, rows, weights in self.rt.terms(w, ids.shape[0]):
+            sel = ids if rows is None else ids.index_select(0, rows)
+            d = w.gather(key, sel.reshape(-1)).view(*sel.shape, -1)
+            _add_rows(y, rows, d, weights)
+        return y
+
+
+class DeltaGrouped(_Routed):
+    """Any other module (norms: 1-D weights): run once per row group with the group's tensors,
+    on a shallow copy of the module (thread-safe: the module itself is not touched)."""
+
+    def __init__(self, runtime, module, tensors):
+        super().__init__(runtime, module, tensors)
+        self.forward = type(module).forward
+
+    def __call__(self, x, *args, **kwargs):
+        torch, _ = require_torch()
+        self._check(x.shape[0])
+        out = None
+        for decision, rows in self.rt.groups(x.shape[0]):
+            params = {}
+            for attr, t in self.tensors.items():
+                d = self.rt.small_delta(t, decision)
+                if d is not None:
+                    base = getattr(self.module, attr)
+                    params[attr] = (base.float() + d.view(base.shape)).to(base.dtype)
+            if not params and rows is None:
+                return self.forward(self.module, x, *args, **kwargs)
+            shadow = _with_params(self.module, params)
+            xs = x if rows is None else x.index_select(0, rows)
+            o = self.forward(shadow, xs, *args, **kwargs)
+            if rows is None:
+                return o
+            if out is None:
+                out = torch.empty((x.shape[0], *o.shape[1:]), dtype=o.dtype, device=o.device)
+            out.index_copy_(0, rows, o)
+        return out
+
+
+def _with_params(module, params: dict):
+    import copy
+
+    if not params:
+        return module
+    shadow = copy.copy(module)
+    shadow._parameters = dict(module._parameters)
+    shadow._parameters.update(params)
+    return shadow
+
+
+def _add_rows(y, rows, d, weights) -> None:
+    """y[rows] += weights[:, None...] * d (all of y when rows is None)."""
+    if weights is not None:
+        d = d * weights.view(-1, *([1] * (d.dim() - 1)))
+    d = d.to(y.dtype)
+    if rows is None:
+        y.add_(d)
+    else:
+        y.index_add_(0, rows, d)
+
+
+# ---- the runtime ------------------------------------------------------------------------------
+
+
+class DeltaRuntime:
+    """Wraps a loaded transformers model (the store's merged model; for 1bit-Merging its encoded
+    tensors are pointed at theta_0, the base model's) so that ONE forward pass over a batch
+    computes, for batch row b, the weights of decision b (set_rows). See the module docstring.
+
+    Interface for serving (stable): __init__(model, store, method, device, dtype,
+    memory_budget=None), set_rows(decisions), resident_bytes(), tasks, close(), and
+    set_memory_budget(bytes) to change the budget later (no second runtime needed).
+    """
+
+    def __init__(self, model, store, method: dict, device, dtype, memory_budget: int | None = None):
+        torch, _ = require_torch()
+        self.model, self.store, self.method = model, store, method
+        self.kind = method["method"]
+        self.tasks: list[str] = list(method["tasks"])
+        self.device, self.dtype = device, dtype
+        self.cache = _Cache(0)
+        params = dict(model.named_parameters(remove_duplicate=False))
+        self.tensors = self._load(params)  # store tensor name -> MediatorTensor | OneBitTensor
+        self._decisions: list[Decision] | None = None
+        self._n_rows: int | None = None
+        self._plan: dict = {}
+        self._patched = self._patch(params)
+        self.set_memory_budget(memory_budget)
+
+    def set_memory_budget(self, memory_budget: int | None) -> None:
+        """Bytes the weights may take (model + encodings + cache; None: no cache); the cache
+        gets what the model and the encodings leave, least recently used terms out first."""
+        self.memory_budget = memory_budget
+        used = self.resident_bytes()
+        self.cache.resize(0 if memory_budget is None else int(memory_budget) - used["model"] - used["encodings"])
+
+    # ---- loading --------------------------------------------------------------------------------
+    def _load(self, params: dict) -> dict:
+        torch, _ = require_torch()
+        out = {}
+        if self.kind == "mediator":
+            for job in self.store.jobs:
+                if job["stage"] != "experts":
+                    continue
+                name, shape = job["name"], tuple(job["shape"])
+                _param(params, name)
+                experts = {t: CompactSparse(_Sparse(self.store, f"{job['key']}/{t}", job, self.device), shape)
+                           for t in self.tasks}
+                out[name] = MediatorTensor(name, shape, experts, self.cache)
+            return out
+        enc = OneBitWeights(self.store, self.method, self.device, self.dtype)
+        for name in enc.names:
+            p = _param(params, name)
+            p.data = enc.base.pop(name).to(self.dtype).reshape(p.shape)  # theta_0 replaces the merged tensor
+            out[name] = OneBitTensor(name, enc.shape[name], enc.pieces[name], enc.lam, self.device, self.cache)
+        return out
+
+    def _patch(self, params: dict) -> list:
+        """Replace the forward of every module that holds a routed tensor."""
+        torch, _ = require_torch()
+        by_id = {id(params[n]): t for n, t in self.tensors.items()}
+        patched, seen = [], set()
+        for _, module in self.model.named_modules(remove_duplicate=False):
+            if id(module) in seen:
+                continue
+            mine = {a: by_id[id(p)] for a, p in module.named_parameters(recurse=False) if id(p) in by_id}
+            if not mine:
+                continue
+            seen.add(id(module))
+            if isinstance(module, torch.nn.Linear):
+                fwd = DeltaLinear(self, module, mine)
+            elif isinstance(module, torch.nn.Embedding) and set(mine) == {"weight"}:
+                fwd = DeltaEmbedding(self, module, mine)
+            else:
+                fwd = DeltaGrouped(self, module, mine)
+            module.forward = fwd
+            patched.append(module)
+        return patched
+
+    def close(self) -> None:
+        """Give the modules their own forward back (the weights stay: merged / theta_0)."""
+        for m in self._patched:
+            del m.forward
+        self._patched = []
+
+    # ---- the rows of the next forward -----------------------------------------------------------
+    def set_rows(self, decisions: Sequence[Decision]) -> None:
+        """One decision per batch row of the next forward(s)."""
+        decisions = list(decisions)
+        for d in decisions:
+            for task, _ in d.weights:
+                if task not in self.tasks:
+                    raise StreammergeError(f"no task {task!r} (tasks: {', '.join(self.tasks)})")
+            if self.kind == "1bit" and d.mode == "mix":
+                raise StreammergeError("1bit-Merging routes top-1 only (no weighted decisions)")
+        if self._decisions is None or [d.key for d in decisions] != [d.key for d in self._decisions]:
+            self._plan = {}  # the same decisions as the last forward (a decoding step): same plan
+        self._decisions = decisions
+        self._n_rows = None if len({d.key for d in decisions}) <= 1 else len(decisions)
+
+    @property
+    def n_rows(self) -> int | None:
+        """Rows the decisions are for (None: one decision for any batch, or none set: static)."""
+        return self._n_rows
+
+    def groups(self, batch: int) -> list:
+        """[(decision, rows or None for all)] for a batch of `batch` rows."""
+        key = ("groups", batch)
+        if key not in self._plan:
+            self._plan[key] = self._groups(batch)
+        return self._plan[key]
+
+    def _groups(self, batch: int) -> list:
+        torch, _ = require_torch()
+        decs = self._decisions or [STATIC]
+        if len({d.key for d in decs}) == 1:
+            return [(decs[0], None)]
+        by_key: OrderedDict[tuple, list[int]] = OrderedDict()
+        for i, d in enumerate(decs):
+            by_key.setdefault(d.key, []).append(i)
+        return [(decs[idx[0]], torch.tensor(idx, dtype=torch.long, device=self.device)) for idx in by_key.values()]
+
+    def terms(self, tensor, batch: int, stack: bool = False) -> list:
+        """[(term key, rows or None, row weights or None)] of the delta products of `tensor`;
+        stack: Mediator may give one STACKED term (weights: rows x tasks) when several tasks
+        are present."""
+        key = ("terms", id(tensor), batch, stack)
+        if key not in self._plan:
+            self._plan[key] = self._terms(tensor, batch, stack)
+        return self._plan[key]
+
+    def _terms(self, tensor, batch: int, stack: bool = False) -> list:
+        torch, _ = require_torch()
+        groups = self.groups(batch)
+        if self.kind == "1bit":  # a term per decision: its delta is nonlinear in the tasks
+            return [(d.key, rows, None) for d, rows in groups if tensor.has_delta(d.key)]
+        uses: OrderedDict[str, tuple[list, list]] = OrderedDict((t, ([], [])) for t in self.tasks)
+        whole = groups[0][1] is None
+        for d, rows in groups:
+            if d.mode == "static":
+                continue
+            idx = list(range(batch)) if rows is None else rows.tolist()
+            for task, w in d.weights:
+                uses[task][0].extend(idx)
+                uses[task][1].extend([w if d.mode == "mix" else 1.0] * len(idx))
+        present = [t for t, (idx, _) in uses.items() if idx]
+        if stack and len(present) > 1:
+            weights = torch.zeros((batch, len(self.tasks)), dtype=torch.float32)
+            for i, t in enumerate(self.tasks):
+                idx, ws = uses[t]
+                if idx:
+                    weights[idx, i] = torch.tensor(ws, dtype=torch.float32)
+            return [(STACKED, None, weights.to(self.device))]
+        out = []
+        for task, (idx, ws) in uses.items():
+            if not idx:
+                continue
+            rows = None if whole else torch.tensor(idx, dtype=torch.long, device=self.device)
+            weights = None if all(w == 1.0 for w in ws) else torch.tensor(ws, dtype=torch.float32, device=self.device)
+            out.append((task, rows, weights))
+        return out
+
+    def small_delta(self, tensor, decision: Decision):
+        """A small routed tensor's delta for a decision (cached with the plan), or None."""
+        key = ("small", id(tensor), decision.key)
+        if key not in self._plan:
+            self._plan[key] = tensor.decision_delta(decision)
+        return self._plan[key]
+
+    # ---- memory ---------------------------------------------------------------------------------
+    def resident_bytes(self) -> dict:
+        """Bytes on the device: the model's tensors, the encodings, the cache of decoded terms."""
+        seen, model = set(), 0
+        for t in [*self.model.parameters(), *self.model.buffers()]:
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                model += t.numel() * t.element_size()
+        enc = sum(t.nbytes for t in self.tensors.values())
+        return {"model": model, "encodings": enc, "cache": self.cache.bytes}
+
+
+def _param(params: dict, name: str):
+    p = params.get(name)
+    if p is None:
+        raise StreammergeError(
+            f"tensor {name} of the store is not a parameter of the loaded model "
+            "(routing needs the checkpoint's tensor names as the model's parameter names)"
+        )
+    return p

@@ -1,0 +1,421 @@
+"""The delta-aware runtime (serve/deltas.py): one forward over a batch whose rows run different
+routing decisions, checked row by row against the models `streammerge export` writes, loaded
+with transformers (float32), and against the formula from the routed export for weighted rows.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import synth_checkpoints as synth
+from helpers import write_recipe
+from streammerge.cli import main as cli
+from streammerge.routing import STATIC, Decision, forced
+
+TASKS = ["chat", "math", "code"]
+# Qwen2-style (q/k/v biases: Linear biases are routed too), untied; a tied Llama for the tied case
+SHAPE = synth.ModelShape(hidden=64, intermediate=128, layers=4, heads=4, kv_heads=2, vocab=256, qkv_bias=True)
+TIED = synth.ModelShape(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, vocab=256, tied_embeddings=True)
+
+
+def run(*args, expect=0):
+    res = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    assert res.exit_code == expect, res.output
+    return res.output
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    root = tmp_path_factory.mktemp("deltas")
+    fams = {
+        "qwen": synth.make_family(root / "qwen", SHAPE, n_finetunes=3, dtype="bfloat16", delta_scale=0.004),
+        "tied": synth.make_family(root / "tied", TIED, n_finetunes=3, dtype="bfloat16", delta_scale=0.004),
+    }
+
+    def build(name, fam, method, **params):
+        base, fts = fams[fam]
+        r = {
+            "merge_method": method,
+            "base_model": str(base),
+            "models": [{"model": str(f), "parameters": {"task": t}} for f, t in zip(fts, TASKS)],
+            "parameters": params,
+        }
+        store = root / f"{name}.zarr"
+        run("build", write_recipe(root / f"{name}.yaml", r), "--store", store, "--block-elements", "1000")
+        return store
+
+    return {
+        "root": root,
+        # two routed layers plus embeddings / lm_head / final norm
+        "mediator": build("med", "qwen", "mediator", route=2, rho=0.1, route_outside=True),
+        "mediator-tied": build("medt", "tied", "mediator", route=1, rho=0.2, route_outside=True),
+        "1bit": build("bit", "qwen", "1bit", preset="uniform", **{"lambda": 0.8}),
+        "1bit-l0": build("bit0", "qwen", "1bit", preset="uniform", **{"lambda": 0.0}),
+        "1bit-paper": build("bitp", "tied", "1bit", preset="paper", granularity="row", **{"lambda": 0.5}),
+    }
+
+
+_exports: dict = {}
+
+
+def exported(store, variant, root):
+    """The exported variant loaded with transformers in float32 (cached per store)."""
+    from transformers import AutoModelForCausalLM
+
+    key = (str(store), variant)
+    if key not in _exports:
+        out = root / f"{store.stem}-{variant.replace(':', '-')}"
+        run("export", store, out, "--variant", variant)
+        _exports[key] = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    return _exports[key]
+
+
+def runtime(store, memory_budget=None):
+    from streammerge.routing.runtime import load_merged_model, open_routing_store
+    from streammerge.serve.deltas import DeltaRuntime
+
+    s, method = open_routing_store(store)
+    model, _ = load_merged_model(s, torch.device("cpu"), torch.float32)
+    return DeltaRuntime(model, s, method, torch.device("cpu"), torch.float32, memory_budget), model
+
+
+def assert_close(got, want, what):
+    """Against the exported model (weights rounded to bf16 once): the stated tolerance."""
+    from streammerge.serve.deltas import EXPORT_REL
+
+    err = (got - want).abs().max().item()
+    assert err <= EXPORT_REL * want.abs().max().item(), (what, err)
+    return err
+
+
+def assert_exact(got, want, what):
+    """Against float32 weights that were never rounded: the same arithmetic up to the order of
+    float32 sums."""
+    from streammerge.serve.deltas import EXACT_ATOL
+
+    err = (got - want).abs().max().item()
+    assert err <= EXACT_ATOL, (what, err)
+
+
+def mix_reference(store, weights, root):
+    """D + sum_t w_t S_t in float32 from the routed export's documented index / value tensors,
+    loaded into the merged export."""
+    from safetensors.torch import load_file
+
+    routed = root / f"{store.stem}-routed"
+    if not routed.is_dir():
+        run("export", store, routed, "--variant", "routed")
+    meta = json.loads((routed / "routing.json").read_text())
+    experts = {}
+    for f in meta["files"]:
+        experts.update(load_file(routed / f))
+    ref = exported(store, "merged", root)
+    import copy
+
+    ref = copy.deepcopy(ref)
+    sd = ref.state_dict()
+    new = {}
+    for name in sd:
+        if f"{name}::{TASKS[0]}.index" not in experts:
+            continue
+        w = sd[name].flatten().clone()
+        for t, p in weights.items():
+            value = experts[f"{name}::{t}.value"].float()
+            w[experts[f"{name}::{t}.index"].long()] += torch.tensor(p, dtype=torch.float32) * value
+        new[name] = w.reshape(sd[name].shape)
+    assert new
+    ref.load_state_dict(new, strict=False)
+    return ref
+
+
+def unrounded(store, task, root):
+    """The merged export with the routed tensors replaced by their float32 values before the
+    export rounds them: the export's own numpy block functions (variants.TaskBlocks; for 1bit's
+    STATIC the fallback merge of the reconstructed task vectors), task None = STATIC."""
+    import copy
+
+    from streammerge.encodings.onebit import fallback_merge_block
+    from streammerge.export.variants import TaskBlocks, base_checkpoint, load_decision, read_base_rows, task_tau
+    from streammerge.analysis.summary import module_kind
+    from streammerge.store.store import Store
+
+    s = Store.open(store)
+    decision = load_decision(s)
+    fn = TaskBlocks(s, decision, task) if task else None
+    base = base_checkpoint(s).tensors if decision["method"] == "1bit" else None
+    new = {}
+    for job in s.jobs:
+        if job["stage"] not in ("experts", "encode"):
+            continue
+        name, shape, br = job["name"], tuple(job["shape"]), job["block_rows"]
+        rows = shape[0] if shape else 1
+        blocks = []
+        for i in range(job["nblocks"]):
+            r0, r1 = i * br, min(rows, (i + 1) * br)
+            if fn is not None:
+                blocks.append(np.asarray(fn(name, i, r0, r1), np.float32).reshape(-1))
+            elif base is not None:
+                b = read_base_rows(base[name], r0, r1)
+                taus = {t: task_tau(s, decision, name, t, module_kind(name), i, r0, r1, b.shape) for t in TASKS}
+                blocks.append(fallback_merge_block(b, taus, decision["lambda"]).reshape(-1))
+        if blocks:
+            new[name] = torch.from_numpy(np.concatenate(blocks)).reshape(shape)
+    ref = copy.deepcopy(exported(store, "merged", root))
+    ref.load_state_dict(new, strict=False)
+    return ref
+
+
+def batch_ids(n, seq=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 250, (n, seq), generator=g)
+
+
+def row_logits(model, ids):
+    with torch.inference_mode():
+        return model(input_ids=ids.unsqueeze(0)).logits[0]
+
+
+@pytest.mark.parametrize("which,stacked", [("mediator", True), ("mediator", False), ("mediator-tied", True)])
+def test_mediator_mixed_batch_equals_exports(stores, tmp_path_factory, monkeypatch, which, stacked):
+    """stacked: the tasks' sparse products in one (decoding-sized batches), else one per task."""
+    import streammerge.serve.deltas as deltas
+
+    monkeypatch.setattr(deltas, "STACK_MAX_TOKENS", 1 << 20 if stacked else 0)
+    store, root = stores[which], tmp_path_factory.mktemp("exp")
+    rt, model = runtime(store)
+    mix = Decision("mix", (("chat", 0.5), ("code", 0.3), ("math", 0.2)))
+    decisions = [forced("math", TASKS), STATIC, forced("chat", TASKS), mix, forced("code", TASKS), forced("math", TASKS)]
+    ids = batch_ids(len(decisions))
+    rt.set_rows(decisions)
+    with torch.inference_mode():
+        got = model(input_ids=ids).logits
+    refs = {"static": exported(store, "merged", root), "mix": mix_reference(store, dict(mix.weights), root)}
+    for t in TASKS:
+        refs[t] = exported(store, f"task:{t}", root)
+    errs = []
+    for b, d in enumerate(decisions):
+        if d.mode == "mix":
+            assert_exact(got[b], row_logits(refs["mix"], ids[b]), (b, d.key))
+            continue
+        ref = refs[d.task] if d.task else refs[d.mode]
+        errs.append(assert_close(got[b], row_logits(ref, ids[b]), (b, d.key)))
+        assert_exact(got[b], row_logits(unrounded(store, d.task, root), ids[b]), (b, d.key))
+    # the deltas matter: a task row is far from the static model's logits
+    assert (got[0] - row_logits(refs["static"], ids[0])).abs().max() > 100 * max(errs[0], 1e-6)
+    # static rows run the merged model exactly (no delta added)
+    assert torch.equal(got[1], row_logits(refs["static"], ids[1]))
+    # route_outside: embeddings and lm_head are routed, their forward replaced
+    patched = {type(m.forward).__name__ for m in rt._patched}
+    assert {"DeltaLinear", "DeltaEmbedding", "DeltaGrouped"} <= patched, patched
+
+
+@pytest.mark.parametrize("which", ["1bit", "1bit-l0", "1bit-paper"])
+def test_onebit_mixed_batch_equals_exports(stores, tmp_path_factory, which):
+    store, root = stores[which], tmp_path_factory.mktemp("exp")
+    rt, model = runtime(store)
+    decisions = [forced("code", TASKS), STATIC, forced("chat", TASKS), forced("math", TASKS), forced("code", TASKS)]
+    ids = batch_ids(len(decisions), seed=1)
+    rt.set_rows(decisions)
+    with torch.inference_mode():
+        got = model(input_ids=ids).logits
+    for b, d in enumerate(decisions):
+        ref = exported(store, f"task:{d.task}" if d.task else "merged", root)
+        assert_close(got[b], row_logits(ref, ids[b]), (b, d.key))
+        assert_exact(got[b], row_logits(unrounded(store, d.task, root), ids[b]), (b, d.key))
+    if which == "1bit-l0":  # lambda 0: the static model is theta_0 itself, no delta
+        base = synth_base(store)
+        assert torch.equal(got[1], row_logits(base, ids[1]))
+    with pytest.raises(Exception, match="top-1 only"):
+        rt.set_rows([Decision("mix", (("chat", 0.5), ("math", 0.5)))])
+
+
+def synth_base(store):
+    from transformers import AutoModelForCausalLM
+
+    from streammerge.store.store import Store
+
+    s = Store.open(store)
+    d = s.manifest["inputs"][s.manifest["recipe"]["canonical"]["base_model"]]["directory"]
+    return AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("which", ["mediator", "1bit"])
+def test_greedy_generation_equals_exported_task_model(stores, tmp_path_factory, which):
+    """model.generate over a batch whose rows are forced to different tasks: each row's tokens
+    are the exported task model's greedy tokens for that row alone."""
+    store, root = stores[which], tmp_path_factory.mktemp("exp")
+    rt, model = runtime(store)
+    decisions = [forced(t, TASKS) for t in TASKS] + [STATIC]
+    ids = batch_ids(len(decisions), seq=5, seed=2)
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, temperature=None, top_p=None, top_k=None)
+    rt.set_rows(decisions)
+    with torch.inference_mode():
+        got = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)
+        for b, d in enumerate(decisions):
+            ref = exported(store, f"task:{d.task}" if d.task else "merged", root)
+            want = ref.generate(input_ids=ids[b : b + 1], attention_mask=torch.ones_like(ids[b : b + 1]), **kw)
+            n = want.shape[1]  # the reference alone stops at EOS; the batch pads a finished row
+            assert got[b, :n].tolist() == want[0].tolist() and set(got[b, n:].tolist()) <= {0}, (b, d.key)
+        # one decision for the whole batch: any batch size
+        rt.set_rows([forced("math", TASKS)])
+        one = model.generate(input_ids=ids[:2], attention_mask=torch.ones_like(ids[:2]), **kw)
+        want = exported(store, "task:math", root).generate(input_ids=ids[:2], attention_mask=torch.ones_like(ids[:2]), **kw)
+        assert one.tolist() == want.tolist()
+
+
+def test_wrong_batch_and_unknown_task(stores):
+    from streammerge.errors import StreammergeError
+
+    rt, model = runtime(stores["mediator"])
+    rt.set_rows([forced("math", TASKS), STATIC])
+    with pytest.raises(StreammergeError, match="2 decisions for a batch of 3 rows"), torch.inference_mode():
+        model(input_ids=batch_ids(3))
+    with pytest.raises(StreammergeError, match="no task 'poetry'"):
+        rt.set_rows([Decision("forced", (("poetry", 1.0),))])
+    rt.close()  # the modules' own forwards again: the merged model
+    with torch.inference_mode():
+        assert torch.equal(model(input_ids=batch_ids(3)).logits, exported_merged_logits(stores["mediator"], batch_ids(3)))
+
+
+def exported_merged_logits(store, ids):
+    from streammerge.routing.runtime import load_merged_model, open_routing_store
+
+    s, _ = open_routing_store(store)
+    m, _ = load_merged_model(s, torch.device("cpu"), torch.float32)
+    with torch.inference_mode():
+        return m(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("which", ["mediator", "1bit", "1bit-paper"])
+def test_resident_bytes_match_the_storage_figure(stores, which):
+    """The encodings on the device take what the build's storage table says the routed parts
+    take (within 10 %); the model is one model; nothing is cached without a budget."""
+    store = stores[which]
+    rt, model = runtime(store)
+    info = json.loads((store / "storage.json").read_text())
+    routed = sum(c["bytes"] for c in info["components"][1:])
+    got = rt.resident_bytes()
+    assert abs(got["encodings"] - routed) <= 0.1 * routed, (got, routed)
+    n_model = sum(p.numel() * 4 for p in {id(p): p for p in model.parameters()}.values())
+    assert n_model <= got["model"] <= n_model + sum(b.numel() * b.element_size() for b in model.buffers())
+    assert got["cache"] == 0
+    rt.set_rows([forced("math", TASKS), STATIC])
+    with torch.inference_mode():
+        model(input_ids=batch_ids(2))
+    assert rt.resident_bytes()["cache"] == 0
+
+
+@pytest.mark.parametrize("which", ["mediator", "1bit", "1bit-l0"])
+def test_cache_within_budget_gives_the_same_logits(stores, which):
+    """A budget caches decoded terms (1bit: full weights; lambda 0: the STATIC row has none and
+    runs the shared weight); the logits are those of the uncached path."""
+    store = stores[which]
+    rt0, m0 = runtime(store)
+    enc = rt0.resident_bytes()
+    decisions = [forced("math", TASKS), STATIC, forced("chat", TASKS)]
+    ids = batch_ids(3, seed=4)
+    rt0.set_rows(decisions)
+    with torch.inference_mode():
+        want = m0(input_ids=ids).logits
+    small = enc["model"] + enc["encodings"] + 20_000  # room for a few decoded terms only
+    for budget in (small, 1 << 34):
+        rt, m = runtime(store, memory_budget=budget)
+        rt.set_rows(decisions)
+        with torch.inference_mode():
+            for _ in range(2):
+                got = m(input_ids=ids).logits
+                assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (got - want).abs().max()
+        used = rt.resident_bytes()
+        assert 0 < used["cache"] and sum(used.values()) <= budget, used
+    rt.set_memory_budget(None)  # no budget: the cache is emptied, the logits stay
+    assert rt.resident_bytes()["cache"] == 0
+    with torch.inference_mode():
+        assert torch.allclose(m(input_ids=ids).logits, want, atol=1e-5, rtol=1e-5)
+
+
+def test_compact_sparse_decodes_like_the_numpy_decoder(stores):
+    """Both position layouts (bitmask, offsets) give back _Sparse's entries: dense, rows, CSR."""
+    from streammerge.encodings.sparse import decode_sparse
+    from streammerge.routing.runtime import open_routing_store
+    from streammerge.routing.weights import _Sparse
+    from streammerge.serve.deltas import CompactSparse
+
+    s, method = open_routing_store(stores["mediator"])
+    layouts = set()
+    for job in [j for j in s.jobs if j["stage"] == "experts"][:6]:
+        shape = tuple(job["shape"])
+        for t in TASKS:
+            sp = _Sparse(s, f"{job['key']}/{t}", job, "cpu")
+            cs = CompactSparse(sp, shape)
+            layouts.add(cs.bitmask is not None)
+            rows, cols = (shape[0], int(np.prod(shape[1:]))) if len(shape) > 1 else (1, shape[0])
+            want = torch.zeros(rows * cols)
+            per_block = job["block_rows"] * cols
+            for b in range(job["nblocks"]):
+                off, val = decode_sparse(s.read_blob(f"{job['key']}/{t}", b))
+                want[torch.from_numpy(off.astype(np.int64)) + b * per_block] = torch.from_numpy(val.astype(np.float32))
+            want = want.view(rows, cols)
+            assert torch.equal(cs.dense(), want)
+            assert torch.equal(cs.csr().to_dense(), want)
+            ids = torch.tensor([rows - 1, 0, rows - 1, rows // 2])
+            assert torch.equal(cs.gather_rows(ids), want[ids])
+            x = torch.randn(5, cols)
+            assert torch.allclose(torch.sparse.mm(cs.csr(), x.t()).t(), x @ want.t(), atol=1e-6)
+    assert layouts == {True, False} or len(layouts) == 1
+
+
+@pytest.mark.parametrize("kind", ["1bit", "1bit-row", "2bit"])
+def test_signs_product_equals_the_reconstructed_task_vector(kind):
+    """The sign-bits x activation product (lambda 0 terms) against weights.py's tau_hat (itself
+    checked against the numpy decoder in test_routing), odd column count, row chunks of 3."""
+    from streammerge.routing.weights import _TaskPiece
+    from streammerge.serve.deltas import signs_product
+
+    g = torch.Generator().manual_seed(5)
+    rows, cols = 10, 21
+    packed = lambda: torch.randint(0, 256, (rows, (cols + 7) // 8), generator=g, dtype=torch.uint8)  # noqa: E731
+    parts = {"bits": packed(), "cols": cols}
+    if kind == "1bit":
+        parts["alpha"] = torch.tensor(0.37)
+    else:
+        parts["scale"] = torch.rand(rows, generator=g)
+    if kind == "2bit":
+        parts.update(bits2=packed(), scale2=torch.rand(rows, generator=g))
+    piece = _TaskPiece(kind, **parts)
+    x = torch.randn(6, cols, generator=g)
+    want = x @ piece.tau_hat((rows, cols), "cpu").t()
+    assert torch.allclose(signs_product(x, piece, 3), want, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["1bit", "1bit-row", "2bit", "dense", "sparse"])
+def test_gathered_rows_of_a_piece(kind):
+    """Embedding rows of a 1bit task vector: the piece restricted to some rows reconstructs
+    exactly those rows of weights.py's tau_hat."""
+    from streammerge.routing.weights import _Sparse, _TaskPiece
+    from streammerge.serve.deltas import _gathered
+
+    g = torch.Generator().manual_seed(7)
+    rows, cols = 12, 19
+    packed = lambda: torch.randint(0, 256, (rows, (cols + 7) // 8), generator=g, dtype=torch.uint8)  # noqa: E731
+    if kind in ("1bit", "1bit-row", "2bit"):
+        parts = {"bits": packed(), "cols": cols}
+        parts.update({"alpha": torch.tensor(0.3)} if kind == "1bit" else {"scale": torch.rand(rows, generator=g)})
+        if kind == "2bit":
+            parts.update(bits2=packed(), scale2=torch.rand(rows, generator=g))
+    elif kind == "dense":
+        parts = {"dense": torch.randn(rows, cols, generator=g).bfloat16()}
+    else:
+        sp = object.__new__(_Sparse)
+        sp.size = rows * cols
+        sp.index = torch.sort(torch.randperm(rows * cols, generator=g)[:40]).values.to(torch.int32)
+        sp.value = torch.randn(40, generator=g).bfloat16()
+        parts = {"sparse": sp}
+    piece = _TaskPiece(kind, **parts)
+    ids = torch.tensor([0, 3, 4, 11])
+    want = piece.tau_hat((rows, cols), "cpu")[ids]
+    assert torch.equal(_gathered(piece, ids, rows).tau_hat((len(ids), cols), "cpu"), want)

@@ -1,0 +1,170 @@
+#!/usr/bin/env python
+"""Forward time of one mixed-task batch through the delta-aware runtime (serve/deltas.py).
+
+    python tools/bench_deltas.py [--hidden 512 --intermediate 1376 --layers 4 --vocab 4096]
+                                 [--rows 32 --prefill 32 --repeat 5] [--workdir DIR] [--json OUT]
+
+Generates a synthetic base + 3 fine-tunes (tools/synth_checkpoints.py), builds a Mediator store
+(half the layers routed, rho 0.1) and two 1bit stores (preset uniform, lambda 0 and 1), then
+times one forward of a batch of --rows rows, routed round-robin to the 3 tasks, as a decoding
+step (1 token per row) and as a prefill (--prefill tokens per row), for:
+
+  static     the merged model (1bit: theta_0), plain transformers, no deltas: the floor
+  delta      DeltaRuntime, no cache: the deltas decoded from the encodings every forward
+  delta+c    DeltaRuntime with an unlimited memory budget: decoded terms cached (warm)
+  swap       per-decision dense weights: RoutedModel's weight swap (decisions prebuilt), one
+             forward per task group
+
+Each figure is the CPU time of one forward on ONE torch thread (time.process_time), best of
+--repeat runs: on a shared machine wall time mostly measures the neighbours. Also reports resident
+bytes (model / encodings / cache) of the runtime.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+sys.path.insert(0, str(ROOT))
+
+TASKS = ["chat", "math", "code"]
+
+
+def cli(*args) -> None:
+    from streammerge.cli import main
+
+    try:
+        main([str(a) for a in args], standalone_mode=False)
+    except SystemExit as e:
+        if e.code:
+            raise
+
+
+def build(root: Path, name: str, method: str, base: Path, fts: list[Path], params: dict) -> Path:
+    import yaml
+
+    recipe = {
+        "merge_method": method,
+        "base_model": str(base),
+        "models": [{"model": str(f), "parameters": {"task": t}} for f, t in zip(fts, TASKS)],
+        "parameters": params,
+        "dtype": "bfloat16",
+    }
+    (root / f"{name}.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    store = root / f"{name}.zarr"
+    if not (store / "method.json").is_file():
+        cli("build", root / f"{name}.yaml", "--store", store)
+    return store
+
+
+def best(fn, repeat: int) -> float:
+    fn()  # warm-up (and the cache's fill)
+    times = []
+    for _ in range(repeat):
+        t0 = time.process_time()
+        fn()
+        times.append(time.process_time() - t0)
+    return min(times)
+
+
+def bench_store(store: Path, rows: int, prefill: int, repeat: int) -> dict:
+    import torch
+
+    from streammerge.routing import STATIC, RoutedModel, forced
+    from streammerge.routing.runtime import load_merged_model, open_routing_store
+    from streammerge.serve.deltas import DeltaRuntime
+
+    cpu = torch.device("cpu")
+    s, method = open_routing_store(store)
+    decisions = [forced(TASKS[b % len(TASKS)], TASKS) for b in range(rows)]
+    out = {}
+    for label, seq in (("decode", 1), ("prefill", prefill)):
+        ids = torch.randint(3, 1000, (rows, seq), generator=torch.Generator().manual_seed(0))
+        res = {}
+
+        def fwd(model):
+            with torch.inference_mode():
+                model(input_ids=ids, use_cache=False)
+
+        static, _ = load_merged_model(s, cpu, torch.float32)
+        if method["method"] == "1bit":  # the floor for 1bit is theta_0: point the static model at it
+            DeltaRuntime(static, s, method, cpu, torch.float32).close()
+        res["static"] = best(lambda: fwd(static), repeat)
+        del static
+        for name, budget in (("delta", None), ("delta+c", 1 << 40)):
+            model, _ = load_merged_model(s, cpu, torch.float32)
+            rt = DeltaRuntime(model, s, method, cpu, torch.float32, memory_budget=budget)
+            rt.set_rows(decisions)
+            res[name] = best(lambda: fwd(model), repeat)
+            res[f"{name} bytes"] = rt.resident_bytes()
+            del model, rt
+        rm = RoutedModel.from_store(store, device="cpu", dtype="float32", router=False)
+        groups = {t: torch.tensor([b for b, d in enumerate(decisions) if d.task == t]) for t in TASKS}
+
+        def swap():
+            for t, idx in groups.items():
+                rm.apply(t)
+                with torch.inference_mode():
+                    rm.model(input_ids=ids[idx], use_cache=False)
+
+        res["swap"] = best(swap, repeat)
+        rm.apply(STATIC)
+        del rm
+        out[label] = res
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--intermediate", type=int, default=1376)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--vocab", type=int, default=4096)
+    ap.add_argument("--rows", type=int, default=32)
+    ap.add_argument("--prefill", type=int, default=32)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--workdir", type=Path)
+    ap.add_argument("--json", type=Path)
+    a = ap.parse_args()
+    import torch
+
+    import synth_checkpoints as synth
+
+    torch.set_num_threads(1)
+
+    root = a.workdir or Path(tempfile.mkdtemp(prefix="bench-deltas-"))
+    root.mkdir(parents=True, exist_ok=True)
+    shape = synth.ModelShape(hidden=a.hidden, intermediate=a.intermediate, layers=a.layers, heads=8, kv_heads=4, vocab=a.vocab)
+    if not (root / "base").is_dir():
+        synth.make_family(root, shape, n_finetunes=3, dtype="bfloat16", delta_scale=0.004)
+    base, fts = root / "base", [root / f"ft{i}" for i in (1, 2, 3)]
+    stores = {
+        "mediator": build(root, "med", "mediator", base, fts, {"route": 0.5, "rho": 0.1}),
+        "1bit lambda 0": build(root, "bit0", "1bit", base, fts, {"preset": "uniform", "lambda": 0.0}),
+        "1bit lambda 1": build(root, "bit1", "1bit", base, fts, {"preset": "uniform", "lambda": 1.0}),
+    }
+    print(f"model hidden {a.hidden}, intermediate {a.intermediate}, {a.layers} layers, vocab {a.vocab}; "
+          f"batch {a.rows} rows over {len(TASKS)} tasks; torch threads {torch.get_num_threads()}; best of {a.repeat}")
+    results = {}
+    print("| store | step | static ms | delta ms | delta+cache ms | swap ms | delta/static | delta+cache/static | swap/static | encodings MB | cache MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, store in stores.items():
+        r = bench_store(store, a.rows, a.prefill, a.repeat)
+        results[name] = r
+        for step, x in r.items():
+            st = x["static"]
+            print(f"| {name} | {step} | {1e3 * st:.1f} | {1e3 * x['delta']:.1f} | {1e3 * x['delta+c']:.1f} | {1e3 * x['swap']:.1f} | "
+                  f"{x['delta'] / st:.2f} | {x['delta+c'] / st:.2f} | {x['swap'] / st:.2f} | "
+                  f"{x['delta bytes']['encodings'] / 1e6:.1f} | {x['delta+c bytes']['cache'] / 1e6:.1f} |", flush=True)
+    if a.json:
+        a.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
