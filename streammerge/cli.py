@@ -238,7 +238,7 @@ def _apply(options):
 @user_errors
 def plan(recipe: Path, workers: int, memory_limit: int, seed: int, block_elements, as_json: bool) -> None:
     """Dry run: list tensors, bytes, blocks and the memory estimate; reads only headers."""
-    from .plan.planner import make_plan
+    from .plan.planner import BASELINE_BYTES, make_plan
     from .recipe import load_recipe
 
     p = make_plan(
@@ -257,6 +257,7 @@ def plan(recipe: Path, workers: int, memory_limit: int, seed: int, block_element
         "tensors": len(p.jobs),
         "blocks": p.nblocks,
         "input_bytes": p.input_bytes,
+        "read_bytes": p.read_bytes,
         "output_bytes": p.output_bytes,
         "block_elements": p.block_elems,
         "workers": workers,
@@ -277,8 +278,13 @@ def plan(recipe: Path, workers: int, memory_limit: int, seed: int, block_element
     click.echo(f"tensors       {len(p.jobs)}")
     click.echo(f"blocks        {p.nblocks} (up to {p.block_elems:,} elements each)")
     click.echo(f"input         {human(p.input_bytes)}")
+    multi = p.read_bytes > p.input_bytes  # a method with passes reads (some of) its inputs again
+    click.echo(f"read          {'up to ' if multi else ''}{human(p.read_bytes)} from disk"
+               f"{', passes included' if multi else ''} (what the progress bar and build summary count)")
     click.echo(f"output        {human(p.output_bytes)}")
-    click.echo(f"memory        ~{human(p.memory_estimate())} with {workers} worker(s)")
+    mem = p.memory_estimate()
+    click.echo(f"memory        ~{human(mem)} with {workers} worker(s): {human(BASELINE_BYTES)} for the process (Python, numpy, "
+               f"dask, zarr) + {human(mem - BASELINE_BYTES)} of float32 blocks (inputs and work arrays per worker, writes queued)")
     for w in p.warnings:
         click.echo(f"warning: {w}", err=True)
 
@@ -351,7 +357,7 @@ def _build(recipe, store_path, export_dir, workers, memory_limit, seed, block_el
     verb = "resumed" if result.resumed else "built"
     rate = r.input_bytes / result.seconds if result.seconds > 0 else 0
     click.echo(
-        f"{verb} {store_path}: {r.blocks_run} block(s) computed, {r.blocks_skipped} already done, "
+        f"{verb} {Path(store_path).absolute()}: {r.blocks_run} block(s) computed, {r.blocks_skipped} already done, "
         f"{human(r.input_bytes)} read in {result.seconds:.1f}s ({human(rate)}/s)"
     )
     _print_storage(result.store)
@@ -450,7 +456,14 @@ def _export(store, out, shard_size, dtype, workers, overwrite, progress, client=
 
 
 def _print_exported(info: dict) -> None:
-    click.echo(f"exported {info['path']}: {len(info['files'])} shard(s), {human(info['total_size'])} in {info['seconds']:.1f}s")
+    if info.get("already"):
+        click.echo(f"exported {Path(info['path']).absolute()}: already this store's complete export; nothing written")
+        return
+    extra = info.get("extra_files") or []  # routed: the routing files beside the model's shards
+    besides = f" + {', '.join(extra)}" if extra else ""
+    size = info["total_size"] + info.get("extra_size", 0)
+    click.echo(f"exported {Path(info['path']).absolute()}: {len(info['files'])} shard(s){besides}, {human(size)} "
+               f"in {info['seconds']:.1f}s")
 
 
 @main.command("extract-lora")
@@ -530,17 +543,43 @@ def report(store: Path, out, as_json: bool) -> None:
 
 
 @main.command()
-def methods() -> None:
-    """List the merge methods and their parameters."""
+@click.argument("name", required=False)
+@user_errors
+def methods(name) -> None:
+    """List the merge methods and their parameters; with NAME, one method and an example recipe.
+
+    \b
+      streammerge methods          # every method, its parameters and their ranges
+      streammerge methods ties     # one method, with an example recipe
+    """
     from .methods import get_method, method_names
+
+    if name is None:
+        for n in method_names():
+            _print_method(get_method(n))
+        return
+    try:
+        m = get_method(name)
+    except KeyError:
+        import difflib
+
+        near = difflib.get_close_matches(name, method_names(), n=1)
+        hint = f"did you mean {near[0]!r}? " if near else ""
+        raise StreammergeError(f"methods: unknown merge method {name!r} ({hint}available: {', '.join(method_names())})") from None
+    from .recipe.example import example_recipe
+
+    _print_method(m)
+    click.echo("\nexample recipe:\n")
+    click.echo("    " + example_recipe(m).rstrip("\n").replace("\n", "\n    "))
+
+
+def _print_method(m) -> None:
     from .methods.base import REQUIRED
 
-    for name in method_names():
-        m = get_method(name)
-        click.echo(f"{name}: {m.summary}  (base model: {m.base})")
-        for p in m.params:
-            default = "required" if p.default is REQUIRED else repr(p.default)
-            click.echo(f"    {p.name:<18} {p.kind.__name__:<6} {p.scope:<6} default {default}  {p.help}")
+    click.echo(f"{m.name}: {m.summary}  (base model: {m.base})")
+    for p in m.params:
+        default = "required" if p.default is REQUIRED else repr(p.default)
+        click.echo(f"    {p.name:<18} {p.kind.__name__:<6} {p.scope:<6} default {default:<9} range {p.range_text():<24} {p.help}")
 
 
 # ---- inference for routing stores (streammerge/routing): router fit / show, generate ----------

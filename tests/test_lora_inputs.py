@@ -31,11 +31,10 @@ from safetensors.torch import load_file, save_file
 import synth_checkpoints as synth
 from helpers import load_model_tensors, torch_linear, torch_task_arithmetic, write_recipe
 from streammerge.checkpoints.blocks import read_rows, read_rows_at
-from streammerge.checkpoints.lora import LoraHandle
+from streammerge.checkpoints.lora import LoraHandle, open_input
 from streammerge.cli import main as cli
 from streammerge.engine.job import build
 from streammerge.export.hf import export_store
-from streammerge.plan.planner import _open
 from streammerge.store.store import Store
 
 peft = pytest.importorskip("peft")
@@ -130,7 +129,7 @@ def test_lora_handle_rows_equal_peft(family, dtype, chunk, monkeypatch):
         monkeypatch.setattr("streammerge.checkpoints.lora._CHUNK", chunk)
     base, adapters, merged = family[dtype]
     for name, adapter in adapters.items():
-        ck = _open(str(adapter), None)
+        ck = open_input(str(adapter))
         want = load_model_tensors(merged[name])
         assert set(ck.tensors) == set(want)
         n_lora = 0
@@ -150,7 +149,7 @@ def test_lora_handle_rows_equal_peft(family, dtype, chunk, monkeypatch):
                 n_lora += 1
                 assert not h.has_raw and h.a is not None
         assert n_lora == {"plain": 14, "rslora-embed": 7, "patterns": 8}[name]
-    ck = _open(str(adapters["rslora-embed"]), None)
+    ck = open_input(str(adapters["rslora-embed"]))
     assert ck.tensors["model.embed_tokens.weight"].transposed
     assert "adapter_model.safetensors" in ck.tensors["lm_head.weight"].path
 
@@ -162,7 +161,7 @@ def test_full_tensor_in_another_dtype_is_rounded_as_peft_loads_it(family, tmp_pa
     key = "base_model.model.lm_head.weight"
     _edit_tensors(lambda t: t.update({key: t[key].float() + torch.randn(t[key].shape, generator=torch.Generator().manual_seed(3)) * 1e-3}))(adapter)
     want = load_model_tensors(merge_and_unload(base, adapter, tmp_path / "merged"))["lm_head.weight"]
-    h = _open(str(adapter), None).tensors["lm_head.weight"]
+    h = open_input(str(adapter)).tensors["lm_head.weight"]
     assert isinstance(h, LoraHandle) and h.a is None and h.base.dtype == "F32" and h.dtype == "BF16"
     got = read_rows(h, 0, h.shape[0], np.empty(h.numel, np.float32))
     assert np.array_equal(got, want.float().numpy())
@@ -193,7 +192,7 @@ def test_high_rank_rows_do_not_depend_on_the_rows_read_with_them(family, tmp_pat
         f"{emb}.weight": b[f"{emb}.weight"]
         + (factors[f"base_model.model.{emb}.lora_embedding_B"] @ factors[f"base_model.model.{emb}.lora_embedding_A"]).T * (alpha / r),
     }
-    ck = _open(str(adapter), None)
+    ck = open_input(str(adapter))
     for name, ref in want.items():
         h, ref = ck.tensors[name], ref.numpy()
         rows = h.shape[0]
@@ -215,7 +214,7 @@ def test_fan_in_fan_out_adapter_rows_equal_peft(tmp_path):
     adapter = make_adapter(tmp_path / "base", tmp_path / "adapter", 5, r=4, lora_alpha=8, fan_in_fan_out=True,
                            target_modules=["c_attn", "c_fc"])
     want = load_model_tensors(merge_and_unload(tmp_path / "base", adapter, tmp_path / "merged"))
-    ck = _open(str(adapter), None)
+    ck = open_input(str(adapter))
     loras = [n for n, h in ck.tensors.items() if isinstance(h, LoraHandle)]
     assert len(loras) == 4 and all(ck.tensors[n].transposed for n in loras)
     for name, h in ck.tensors.items():
@@ -469,6 +468,14 @@ def test_bad_adapter_is_one_line_naming_the_file(family, tmp_path, case):
     assert words in out, out
 
 
+def test_a_missing_adapter_is_reported_at_its_recipe_line(family, tmp_path):
+    base, _, _ = family["bfloat16"]
+    recipe = write_recipe(tmp_path / "r.yaml", {"merge_method": "task_arithmetic", "base_model": str(base),
+                                                "models": [{"model": f"{base}+{tmp_path / 'nope'}", "parameters": {"weight": 1.0}}]})
+    out = run("build", recipe, "--store", tmp_path / "job.zarr", expect=1).strip()
+    assert out == f"error: {recipe}:4: models[0].model: {tmp_path / 'nope'}: no such model directory", out
+
+
 def test_pickled_adapter_with_allow_pickle_equals_safetensors(family, tmp_path):
     base, adapters, merged = family["bfloat16"]
     adapter = copy_adapter(adapters["plain"], tmp_path / "adapter")
@@ -528,5 +535,5 @@ def test_extract_lora_output_reads_as_peft_loads_it(family, tmp_path):
     recipe = {"merge_method": "task_arithmetic", "base_model": str(base), "dtype": "float32", "out_dtype": "bfloat16",
               "models": [{"model": str(adapter), "parameters": {"weight": 1.0}}]}
     assert_identical(streammerge_export(recipe, tmp_path / "sm"), want)
-    ck = _open(str(adapter), None, default_base=str(base))
+    ck = open_input(str(adapter), default_base=str(base))
     assert sum(isinstance(h, LoraHandle) for h in ck.tensors.values()) >= 6

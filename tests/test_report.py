@@ -129,7 +129,7 @@ def test_mediator_report_html_and_figures(tmp_path):
     # routed layers: highlighted rows, and why
     assert page.count('<tr class="routed">') == 2
     assert "top-K by d_l (K = 2; rank 1 of 8)" in page and "top-K by d_l (K = 2; rank 2 of 8)" in page
-    assert "Routed layers</dt><dd>0, 7 (2 of 8" in page
+    assert "Routed layers</dt><dd>2 of 8: layers 0, 7 (top-K" in page
     # per-layer d_l and kind d, 3 decimals
     for lay in a["layers"]:
         assert f'<td class="n">{lay["d"]:.3f}</td>' in page
@@ -266,3 +266,23 @@ def test_many_layers(tmp_path, num_layers):
     page = (tmp_path / "rep" / "index.html").read_text()
     assert page.count('<tr class="routed">') == 2
     check_png(tmp_path / "rep" / "conflict_heatmap.png")
+
+
+def test_1bit_report_has_its_own_captions(tmp_path):
+    # 1bit routes task vectors per prompt by module kind, not layers: no "routed layers in red"
+    page = (tmp_path / "r1").joinpath("index.html")
+    run("report", make_store(tmp_path, "1bit"), "-o", tmp_path / "r1")
+    text = page.read_text()
+    assert "routed layers in red" not in text and "framed in red" not in text
+    assert "not by layer, so no layer is marked" in text and "1-bit task vector" in text
+    run("report", make_store(tmp_path, "mediator"), "-o", tmp_path / "rm")
+    assert "routed layers in red" in (tmp_path / "rm" / "index.html").read_text()
+
+
+def test_one_routed_layer_0_reads_as_one_layer(tmp_path):
+    meta = method_doc("mediator")
+    meta["routed_layers"] = [0]
+    meta["selection"]["k"] = 1
+    run("report", make_store(tmp_path, "mediator", meta=meta), "-o", tmp_path / "rep")
+    page = (tmp_path / "rep" / "index.html").read_text()
+    assert "Routed layers</dt><dd>1 of 8: layer 0 (top-K" in page

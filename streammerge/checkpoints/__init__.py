@@ -4,6 +4,7 @@ from streammerge.checkpoints.model import (
     ModelCheckpoint,
     TensorHandle,
     open_model,
+    looks_like_path,
     resolve_model_dir,
 )
 from streammerge.checkpoints.safetensors_header import (
@@ -25,5 +26,6 @@ __all__ = [
     "open_model",
     "parse_header",
     "read_header",
+    "looks_like_path",
     "resolve_model_dir",
 ]

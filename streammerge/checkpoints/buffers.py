@@ -60,16 +60,26 @@ def digest(h: TensorHandle) -> str:
 
 
 def agreed_buffer(name: str, handles: list[TensorHandle], specs: list[str]) -> Buffer:
-    """The buffer all inputs hold, or a one-line error naming the first input that differs."""
+    """The buffer all inputs hold, or a one-line error naming the first input that differs.
+    `handles` hold at least one tensor that is not BF16, F16 or F32."""
     first = handles[0]
-    if first.dtype not in BUFFER_DTYPES:
-        raise CheckpointError(f"{first.path}: tensor {first.name} has dtype {first.dtype}; BF16, F16 and F32 are merged, "
-                              f"{', '.join(sorted(BUFFER_DTYPES))} copied, other types are not supported")
+    if first.dtype in BUFFER_DTYPES:
+        odd = next((h for h in handles if h.dtype != first.dtype), None)
+    elif first.dtype in ("BF16", "F16", "F32"):
+        odd = next(h for h in handles if h.dtype not in ("BF16", "F16", "F32"))
+    else:
+        odd = first
+    if odd is not None:
+        other = f" but {first.dtype} in {specs[0]}" if odd is not first else ""
+        raise CheckpointError(
+            f"{odd.path}: tensor {odd.name} has dtype {odd.dtype}{other}; only BF16, F16 and F32 are merged, and "
+            f"integer or boolean tensors ({', '.join(sorted(BUFFER_DTYPES))}) copied when every input holds the same one"
+        )
     want = digest(first)
     for h, spec in zip(handles[1:], specs[1:]):
-        if (h.dtype, h.shape) != (first.dtype, first.shape):
+        if h.shape != first.shape:
             raise CheckpointError(
-                f"{h.path}: tensor {h.name} is {h.dtype} {list(h.shape)} but {first.dtype} {list(first.shape)} in {specs[0]}; "
+                f"{h.path}: tensor {h.name} has shape {list(h.shape)} but {list(first.shape)} in {specs[0]}; "
                 "non-float tensors are copied, not merged, so every input must hold the same one"
             )
         if digest(h) != want:

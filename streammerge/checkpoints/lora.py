@@ -229,21 +229,28 @@ def open_input(
     `default_base` (the recipe's base_model), else its config's base_model_name_or_path: a path
     written in the adapter's own files is followed only when the recipe names no base.
     `locate` maps a path as written to where it is (the planner: relative to the recipe too)."""
-    located = locate(spec)
-    if "+" in spec and not Path(located).exists():
-        base_spec, adapter_spec = spec.split("+", 1)
-        directory = resolve_model_dir(locate(adapter_spec))
+    paths = spec_paths(spec, locate)
+    if len(paths) == 2:
+        base_path, adapter_path = paths
+        directory = resolve_model_dir(adapter_path)
         if not is_adapter_dir(directory):
             raise CheckpointError(f"{directory}: not a PEFT adapter directory (no {ADAPTER_CONFIG}), in {spec}")
     else:
-        directory = adapter_dir(located)
+        directory = adapter_dir(paths[0])
         if directory is None:
-            return open_model(located, pickle_cache=pickle_cache)
+            return open_model(paths[0], pickle_cache=pickle_cache)
         if default_base in (None, spec):
             return _on_declared_base(spec, directory, locate, pickle_cache)
-        base_spec = default_base
-    base = open_model(locate(base_spec), pickle_cache=pickle_cache)
-    return apply_adapter(base, directory, spec=spec, pickle_cache=pickle_cache)
+        base_path = locate(default_base)
+    return apply_adapter(open_model(base_path, pickle_cache=pickle_cache), directory, spec=spec, pickle_cache=pickle_cache)
+
+
+def spec_paths(spec: str, locate: Callable[[str], str] = str) -> list[str]:
+    """The located paths a recipe's model reference names: [model], or mergekit's
+    `BASE+ADAPTER` as [base, adapter] (unless a directory is really named so)."""
+    if "+" in spec and not Path(locate(spec)).exists():
+        return [locate(part) for part in spec.split("+", 1)]
+    return [locate(spec)]
 
 
 def _on_declared_base(spec: str, directory: Path, locate: Callable[[str], str], pickle_cache: Path | None) -> ModelCheckpoint:

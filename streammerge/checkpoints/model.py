@@ -116,6 +116,16 @@ def _os_error(e: OSError, fallback: Any) -> CheckpointError:
     return CheckpointError(f"{where}: cannot access: {e.strerror or e}")
 
 
+def looks_like_path(spec: str, root: Path | None = None) -> bool:
+    """Whether `spec` was meant as a directory rather than a Hub id `org/name`: it starts with
+    ./ ../ / or ~, or its first part is an existing directory (under `root`, default the cwd),
+    as `models/ft9` is when `models/` holds the other checkpoints."""
+    if spec.startswith(("./", "../", "/", "~")):
+        return True
+    first = spec.split("/", 1)[0]
+    return "/" in spec and first not in ("", ".", "..") and ((root or Path.cwd()) / first).is_dir()
+
+
 def resolve_model_dir(spec: str) -> Path:
     """A local directory (relative to the cwd), else `org/name[@rev]` from the offline HF cache."""
     try:
@@ -145,7 +155,7 @@ def _resolve_model_dir(spec: str) -> Path:
         )
 
     m = _REPO_ID.match(spec)
-    if not m or ".." in spec.split("@")[0] or (m.group("rev") and not _safe_rel(m.group("rev"))):
+    if not m or ".." in spec.split("@")[0] or (m.group("rev") and not _safe_rel(m.group("rev"))) or looks_like_path(spec):
         where = "" if local.is_absolute() else f" ({Path.cwd() / local})"
         raise CheckpointError(f"{spec}: no such model directory{where}")
     org, name, rev = m.group("org"), m.group("name"), m.group("rev") or "main"

@@ -17,10 +17,11 @@ import numpy as np
 from ..checkpoints.blocks import block_shape, convert, read_raw, read_rows, read_rows_at
 from ..dtypes import float_type
 from ..fsutil import store_writers
-from ..methods import Block, MergeMethod, Pass
+from ..methods import Block, MergeMethod
 from ..methods.base import Output, row_group_elems
-from ..plan.planner import Plan, TensorJob
+from ..plan.planner import Plan, TensorJob, rows_in
 from ..store.store import Store
+from .progress import NOTHING_READ
 from .scheduler import run_graph
 from .workspace import buffer
 
@@ -40,7 +41,7 @@ def _read_block(job: TensorJob, i: int, rows: np.ndarray | None = None) -> Block
         n = (r1 - r0) * job.row_elems
         arrays = [read_rows(h, r0, r1, buffer(slot, n)) for slot, h in enumerate(job.inputs)]
     else:
-        rows = _rows_in(rows, r0, r1)
+        rows = rows_in(rows, r0, r1)
         n = rows.size * job.row_elems
         arrays = [read_rows_at(h, rows, buffer(slot, n)) for slot, h in enumerate(job.inputs)]
     return _as_block(job, arrays, r0, rows)
@@ -52,20 +53,6 @@ def _as_block(job: TensorJob, arrays: list[np.ndarray], r0: int, rows: np.ndarra
     return Block(tensor=job.name, shape=job.shape, start=r0 * job.row_elems, base=base, models=tuple(arrays), rows=rows)
 
 
-def _rows_in(rows: np.ndarray, r0: int, r1: int) -> np.ndarray:
-    return rows[np.searchsorted(rows, r0) : np.searchsorted(rows, r1)]
-
-
-def _pass_rows(p: Pass, job: TensorJob) -> np.ndarray | None:
-    return None if p.rows is None else p.rows(job.shape, job.params)
-
-
-def _block_bytes(job: TensorJob, i: int, rows: np.ndarray | None = None) -> int:
-    r0, r1 = job.block_range(i)
-    nrows = r1 - r0 if rows is None else _rows_in(rows, r0, r1).size
-    return sum(nrows * job.row_elems * float_type(h.dtype).itemsize for h in job.inputs)
-
-
 def _method(plan: Plan, job: TensorJob) -> MergeMethod:
     return job.method or plan.method
 
@@ -73,8 +60,8 @@ def _method(plan: Plan, job: TensorJob) -> MergeMethod:
 def _map_task(method: MergeMethod, job: TensorJob, pass_index: int, i: int, stats):
     p = method.passes[pass_index]
     if not p.needed(job.params, stats or {}):
-        return None  # nothing to read: the reduce passes the stats through
-    return p.map(_read_block(job, i, _pass_rows(p, job)), job.params, stats or {})
+        return NOTHING_READ  # the reduce passes the stats through; the progress bar drops its bytes
+    return p.map(_read_block(job, i, job.pass_rows(p)), job.params, stats or {})
 
 
 PASS_BYTES = "_pass_bytes"  # stats key: input bytes the passes read (for the bytes-read figure)
@@ -85,8 +72,8 @@ def _reduce_task(method: MergeMethod, job: TensorJob, pass_index: int, partials,
     p = method.passes[pass_index]
     if p.needed(job.params, stats):
         stats.update(p.reduce(partials, job.params, stats))
-        rows = _pass_rows(p, job)
-        stats[PASS_BYTES] = int(stats.get(PASS_BYTES, 0)) + sum(_block_bytes(job, i, rows) for i in range(job.nblocks))
+        rows = job.pass_rows(p)
+        stats[PASS_BYTES] = int(stats.get(PASS_BYTES, 0)) + sum(job.block_bytes(i, rows) for i in range(job.nblocks))
     return stats
 
 
@@ -217,19 +204,19 @@ def build_graph(plan: Plan, store: Store, device: str | None = None) -> tuple[di
             k = ("device", job.stage, key)
             dsk[k] = (device_task, method, store, job, todo, device)
             targets.append(k)
-            task_bytes[k] = sum(_block_bytes(job, i) for i in range(job.nblocks))
+            task_bytes[k] = sum(job.block_bytes(i) for i in todo)
             continue
         stats_key = None
         if not stats_saved:
             prev = None
             for p in range(len(method.passes)):
                 maps = []
-                rows = _pass_rows(method.passes[p], job)
+                rows = job.pass_rows(method.passes[p])
                 for i in range(job.nblocks):
                     k = ("pass", job.stage, key, p, i)
                     dsk[k] = (_map_task, method, job, p, i, prev)
                     maps.append(k)
-                    task_bytes[k] = _block_bytes(job, i, rows)
+                    task_bytes[k] = job.block_bytes(i, rows)
                 red = ("reduce", job.stage, key, p)
                 dsk[red] = (_reduce_task, method, job, p, maps, prev)
                 prev = red
@@ -241,7 +228,7 @@ def build_graph(plan: Plan, store: Store, device: str | None = None) -> tuple[di
             k = ("merge", job.stage, key, i)
             dsk[k] = (_merge_task, method, store, job, i, stats_key, group_elems)
             targets.append(k)
-            task_bytes[k] = _block_bytes(job, i)
+            task_bytes[k] = job.block_bytes(i)
     return dsk, targets, task_bytes, skipped
 
 
@@ -260,7 +247,8 @@ def run_build(
     if targets:
         with store.writing_behind(store_writers(workers)):
             run_graph(
-                dsk, targets, task_bytes, workers=workers, scheduler=scheduler, cluster=cluster, desc=desc, progress=progress
+                dsk, targets, task_bytes, workers=workers, scheduler=scheduler, cluster=cluster, desc=desc, progress=progress,
+                done_bytes=_bytes_done(plan, store),
             )
     on_cpu = sorted({_method(plan, j).name for j in plan.jobs if device and not _on_device(_method(plan, j), j, device)})
     blocks_run = sum(len(dsk[k][4]) if k[0] == "device" else 1 for k in targets)  # a device task: its blocks
@@ -272,9 +260,22 @@ def run_build(
     )
 
 
+def _bytes_done(plan: Plan, store: Store) -> int:
+    """Input bytes of the work the store already holds (where a resumed progress bar starts):
+    its finished blocks, and the passes of the tensors whose stats are saved."""
+    total = 0
+    for job in plan.jobs:
+        method = _method(plan, job)
+        if method.passes:
+            total += int((store.load_stats(job.stage, job.store_key) or {}).get(PASS_BYTES, 0))
+        if job.output_list and method.merge is not None:
+            total += sum(job.block_bytes(i) for i in store.done_blocks(job.stage, job.store_key))
+    return total
+
+
 def _bytes_read(plan: Plan, store: Store, task_bytes: dict) -> int:
     """Input bytes this run really read: its merge tasks, and each pass that was needed, of the
-    rows it declares (the progress bar counted every scheduled pass; skipped ones read nothing)."""
+    rows it declares: where the progress bar ends (a pass found not needed leaves its total)."""
     total = sum(n for key, n in task_bytes.items() if key[0] in ("merge", "device"))
     scheduled = {(key[1], key[2]) for key in task_bytes if key[0] == "pass"}
     for job in plan.jobs:

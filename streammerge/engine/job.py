@@ -16,9 +16,10 @@ from ..checkpoints.buffers import copy_buffer
 from ..checkpoints.chat_template import write_chat_template
 from ..errors import StoreError
 from ..limits import DOCUMENT, read_bounded
-from ..export.hf import HF_FILES, copy_hf_files
+from ..export.hf import HF_FILES, copy_hf_files, is_export_of, record_export
 from ..plan.planner import Plan, make_plan
 from ..recipe import Recipe, load_recipe
+from ..recipe.diff import describe_changes
 from ..store.store import FORMAT, TAKEOVER_FILE, Store, StoreLock
 from .build import BuildReport, run_build
 
@@ -84,9 +85,8 @@ def tensors_manifest(jobs) -> list[dict]:
 def what_changed(old: dict, new: dict) -> str | None:
     """A one-line description of why a store no longer matches the job, or None if it does."""
     if old["recipe"]["hash"] != new["recipe"]["hash"]:
-        a, b = old["recipe"]["canonical"], new["recipe"]["canonical"]
-        keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-        return f"the recipe changed since the store was started (fields: {', '.join(keys) or 'formatting'})"
+        changes = describe_changes(old["recipe"]["canonical"], new["recipe"]["canonical"])
+        return f"the recipe changed since the store was started ({changes})"
     if old.get("seed") != new.get("seed"):
         return f"the seed changed since the store was started ({old.get('seed')} -> {new.get('seed')})"
     for spec, info in new["inputs"].items():
@@ -183,6 +183,11 @@ def build(
             if not store.has_buffer(i):
                 copy_buffer(b, store.buffer_path(i))
         run = dict(workers=workers, progress=progress, scheduler=scheduler, cluster=cluster, device=device)
+        exported = None
+        if resumed and export is not None and _exported_already(store, export):
+            # the same `build --export OUT` run again on a finished store: nothing to build or write
+            exported = {"path": str(export["out_dir"]), "already": True}
+            export = None
         # routing methods add their tensors in phase B: their export opens once the build is done
         exporting = _open_export(store, export) if export is not None and not full_plan.method.pipeline else None
         try:
@@ -196,13 +201,20 @@ def build(
         finally:
             store.mirror = None
         seconds = time.perf_counter() - t0
-        exported = None
         if export is not None:
             t1 = time.perf_counter()
             exporting = exporting or _open_export(store, export, mirror=False)
             exported = exporting.finish(workers=workers, progress=progress, scheduler=scheduler, cluster=cluster)
+            record_export(store, exporting.out_dir, dtype=export.get("dtype"), shard_size=export.get("shard_size", 5 * 10**9))
             exported["seconds"] = time.perf_counter() - t1
     return JobResult(store, report, seconds, resumed, litter, plan.warnings, exported)
+
+
+def _exported_already(store: Store, export: dict) -> bool:
+    """Whether the export asked for (OpenExport keywords) exists as this finished store's complete export."""
+    out = Path(export["out_dir"])
+    return (not export.get("overwrite") and out.is_dir() and store.is_complete()
+            and is_export_of(store, out, dtype=export.get("dtype"), shard_size=export.get("shard_size", 5 * 10**9)))
 
 
 def _open_export(store: Store, export: dict, mirror: bool = True):

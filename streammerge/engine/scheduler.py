@@ -110,8 +110,10 @@ def run_graph(
     cluster: str | None = None,
     desc: str,
     progress: bool | None = None,
+    done_bytes: int = 0,
 ) -> None:
-    """Compute `targets` of the dask graph `dsk`, with a bytes/s progress bar (`task_bytes[key]`).
+    """Compute `targets` of the dask graph `dsk`, with a bytes/s progress bar (`task_bytes[key]`;
+    it starts at `done_bytes`, the work already done).
 
     `workers` is the thread count of the default threaded scheduler; under dask.distributed the
     cluster's workers are used instead.
@@ -123,15 +125,15 @@ def run_graph(
 
         from .progress import BytesProgress
 
-        with BytesProgress(task_bytes, desc, enabled=progress):
+        with BytesProgress(task_bytes, desc, enabled=progress, done_bytes=done_bytes):
             dask.threaded.get(dsk, targets, num_workers=workers)
         return
     with dask_client(scheduler, cluster) as client:
         check_workers_see(client, graph_paths(dsk))
-        _run_distributed(client, dsk, targets, task_bytes, desc, progress)
+        _run_distributed(client, dsk, targets, task_bytes, desc, progress, done_bytes)
 
 
-def _run_distributed(client, dsk: dict, targets: list, task_bytes: dict, desc: str, progress) -> None:
+def _run_distributed(client, dsk: dict, targets: list, task_bytes: dict, desc: str, progress, done_bytes: int = 0) -> None:
     from distributed import as_completed
 
     from .progress import BytesProgress
@@ -143,7 +145,7 @@ def _run_distributed(client, dsk: dict, targets: list, task_bytes: dict, desc: s
     futures = client.get(_as_expr(dsk), list(targets), sync=False)
     pending = {f.key: f for f in futures}
     del futures
-    bar = BytesProgress(task_bytes, desc, enabled=progress).bar
+    bar = BytesProgress(task_bytes, desc, enabled=progress, done_bytes=done_bytes).bar
     counted: set = set()
     try:
         for fut in as_completed(list(pending.values())):

@@ -21,11 +21,12 @@ from pathlib import Path
 import numpy as np
 
 from ..checkpoints.buffers import raw_chunks
+from ..checkpoints.safetensors_header import read_header
 from ..dtypes import FloatType, float_type, from_float32, to_float32
 from ..engine.scheduler import run_graph
 from ..errors import StoreError, StreammergeError
-from ..limits import DOCUMENT, read_json
-from ..fsutil import WriteBehind, pid_alive
+from ..limits import DOCUMENT, LISTING, read_json
+from ..fsutil import WriteBehind, atomic_write, pid_alive
 from ..store.store import Store
 from .card import write_card
 from .safetensors_writer import ShardedWriter, TensorSpec
@@ -97,11 +98,67 @@ def export_store(
     """Write the store's model (tensors/) as a HF directory.
 
     `block_fn(name, block, r0, r1) -> float32 rows` replaces the stored values (export variants);
-    `extra(tmp_dir)` writes additional files into the output before it is renamed into place.
+    `extra(tmp_dir)` writes additional files into the output before it is renamed into place and
+    returns their names, a directory's with a trailing / (the summary lists them).
     """
     _check_complete(store)
     export = OpenExport(store, out_dir, shard_size=shard_size, dtype=dtype, overwrite=overwrite)
     return export.finish(workers=workers, progress=progress, scheduler=scheduler, cluster=cluster, block_fn=block_fn, extra=extra)
+
+
+EXPORTS_FILE = "exports.json"  # in the store: the `build --export` outputs it completed, to recognise them
+
+
+def _export_options(dtype: str | None, shard_size: int) -> str:
+    return f"dtype={dtype or 'store'};shard_size={shard_size}"
+
+
+def _shard_files(out_dir: Path) -> list[str]:
+    index = out_dir / "model.safetensors.index.json"
+    if index.is_file():
+        return sorted(set(read_json(index, LISTING.named("the index"))["weight_map"].values()))
+    return ["model.safetensors"]
+
+
+def record_export(store: Store, out_dir: Path, *, dtype: str | None, shard_size: int) -> None:
+    """Note in the store that `out_dir` is its complete export with these options (each shard's
+    size and header digest), so that the same `build --export OUT` run again can say so. The
+    export itself carries nothing of the store: exports of equal content stay byte-identical."""
+    out_dir = Path(out_dir)
+    shards = {}
+    for name in _shard_files(out_dir):
+        h = read_header(out_dir / name)
+        shards[name] = [h.file_size, h.header_sha256]
+    path = store.path / EXPORTS_FILE
+    known = read_json(path, DOCUMENT.named(EXPORTS_FILE)) if path.is_file() else {}
+    known[str(out_dir.absolute())] = {"options": _export_options(dtype, shard_size), "shards": shards}
+    atomic_write(path, json.dumps(known, indent=1).encode())
+
+
+def is_export_of(store: Store, out_dir: Path, *, dtype: str | None = None, shard_size: int = 5 * 10**9) -> bool:
+    """Whether `out_dir` is the complete export of `store` with these options that `record_export`
+    noted: config.json and the same shards, each still whole (its header's tensors tile the file)."""
+    out_dir = Path(out_dir)
+    try:
+        known = read_json(store.path / EXPORTS_FILE, DOCUMENT.named(EXPORTS_FILE)).get(str(out_dir.absolute()))
+        if not known or known["options"] != _export_options(dtype, shard_size) or not (out_dir / "config.json").is_file():
+            return False
+        if _shard_files(out_dir) != sorted(known["shards"]):
+            return False
+        for name, (size, sha) in known["shards"].items():
+            h = read_header(out_dir / name)
+            if [h.file_size, h.header_sha256] != [size, sha]:
+                return False
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, StreammergeError):
+        return False
+    return True
+
+
+def _tree_size(path: Path) -> int:
+    """Bytes of a file, or of every file under a directory."""
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return path.stat().st_size
 
 
 def _check_complete(store: Store) -> None:
@@ -205,15 +262,15 @@ class OpenExport:
                     _export_buffer(self.store, self.writer, i, b)
                 self.writer.finish()
                 _write_side_files(self.store, self.tmp, self.out_type)
-                if extra is not None:
-                    extra(self.tmp)
+                extra_files = list(extra(self.tmp) or ()) if extra is not None else []
+                extra_size = sum(_tree_size(self.tmp / f) for f in extra_files)
                 _fsync_dir(self.tmp)
                 _replace_dir(self.tmp, self.out_dir)
         except BaseException:
             self.abort()
             raise
         return {"files": self.writer.files, "total_size": self.writer.total_size, "path": str(self.out_dir),
-                "blocks_during_build": len(self.written)}
+                "extra_files": extra_files, "extra_size": extra_size, "blocks_during_build": len(self.written)}
 
     def abort(self) -> None:
         try:

@@ -202,7 +202,7 @@ def export_variant(store: Store, out_dir: Path, variant: str, rank: int = DEFAUL
     if variant != "routed":
         raise StreammergeError(f"unknown export variant {variant!r}: use merged, task:NAME, routed or lora")
 
-    def extra(tmp: Path) -> None:
+    def extra(tmp: Path) -> list[str]:
         items = _routing_tensors(store)
         w = ShardedWriter(tmp, [spec for spec, _ in items], kw.get("shard_size", 5 * 10**9), prefix="routing")
         try:
@@ -228,6 +228,8 @@ def export_variant(store: Store, out_dir: Path, variant: str, rank: int = DEFAUL
             },
         }
         (tmp / "routing.json").write_text(json.dumps(meta, indent=1) + "\n")
+        index = [f"{w.prefix}.safetensors.index.json"] if len(w.files) > 1 else []
+        return [*w.files, *index, "routing.json"]
 
     block_fn = BaseBlocks(store) if decision["method"] == "1bit" else None
     return export_store(store, out_dir, block_fn=block_fn, extra=extra, **kw)
@@ -274,7 +276,7 @@ def _export_lora(store: Store, out_dir: Path, decision: dict, rank: int, **kw) -
         raise StreammergeError(f"--rank {rank}: must be at least 1")
     reports: dict[str, dict] = {}
 
-    def extra(tmp: Path) -> None:
+    def extra(tmp: Path) -> list[str]:
         for task in decision["tasks"]:
             sources = task_delta_sources(store, decision, task)
             tensors, config, report = factor_into_adapter(sources, rank, str(Path(out_dir).resolve()), [t["name"] for t in store.tensors])
@@ -294,6 +296,7 @@ def _export_lora(store: Store, out_dir: Path, decision: dict, rank: int, **kw) -
             "router": "router/" if router.is_dir() else None,
         }
         (tmp / "lora.json").write_text(json.dumps(meta, indent=1) + "\n")
+        return ["adapters/", *(["router/"] if router.is_dir() else []), "lora.json"]
 
     block_fn = BaseBlocks(store) if decision["method"] == "1bit" else None
     info = export_store(store, out_dir, block_fn=block_fn, extra=extra, **kw)

@@ -42,6 +42,21 @@ class Param:
     max: float | None = None
     choices: tuple[str, ...] | None = None
     help: str = ""
+    # A value `streammerge methods NAME` puts in its example recipe (None: the default, if any).
+    example: Any = None
+
+    def range_text(self) -> str:
+        """The values this parameter accepts, as `streammerge methods` shows them."""
+        if self.kind is bool:
+            return "true/false"
+        if self.kind is str:
+            return "|".join(self.choices) if self.choices else "text"
+        lo, hi = (None if b is None else f"{b:g}" for b in (self.min, self.max))
+        if lo is not None and hi is not None:
+            return f"[{lo}, {hi}]"
+        if lo is not None or hi is not None:
+            return f">= {lo}" if hi is None else f"<= {hi}"
+        return "any " + ("integer" if self.kind is int else "number")
 
     def validate(self, value: Any) -> Any:
         """Coerce `value` to this parameter's kind; raise ValueError with a readable reason."""
@@ -168,6 +183,8 @@ class MergeMethod:
     # when `merge` gives the same rows for any run of rows it is handed (not only for the blocks
     # its passes saw) and costs little per call.
     row_groups: bool = False
+    # How many input models besides the base the example recipe of `streammerge methods NAME` lists.
+    example_models: int = 2
 
     def param(self, name: str) -> Param | None:
         for p in self.params:

@@ -41,7 +41,7 @@ register(
         kernel=kernels.linear,
         base="unused",
         params=(
-            Param("weight", float, scope="model", help="this model's coefficient"),
+            Param("weight", float, scope="model", example=0.5, help="this model's coefficient; negative allowed, as in mergekit"),
             Param("normalize", bool, True, help="divide by the sum of the weights"),
         ),
         summary="weighted average of the models",

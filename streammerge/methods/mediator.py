@@ -19,7 +19,7 @@ register(
         params=(
             Param("task", str, None, scope="model", help="task name of this fine-tune (default: its directory name)"),
             Param("route", float, 0.25, min=0, help="layers routed: a fraction of the layers (< 1) or a count (>= 1), by highest conflict"),
-            Param("route_threshold", float, -1.0, help="if >= 0: route every layer whose conflict d_l exceeds it (overrides route)"),
+            Param("route_threshold", float, -1.0, help="if >= 0: route every layer whose conflict d_l exceeds it (overrides route); negative: off"),
             Param("conflict", str, "elected", choices=("elected", "pairwise"), help="conflict score used to rank layers"),
             Param("denoise_q", float, 1.0, min=0, max=1, help="count only each task's top-q fraction by magnitude (1: all entries)"),
             Param(

@@ -40,9 +40,10 @@ def nearswap_merge(block: Block, params: TensorParams, stats) -> np.ndarray:
 register(
     MergeMethod(
         name="nearswap",
+        example_models=1,
         merge=nearswap_merge,
         base="required",
-        params=(Param("t", float, REQUIRED, help="similarity threshold: swap in values closer than about t"),),
+        params=(Param("t", float, REQUIRED, min=0, example=0.001, help="similarity threshold: swap in values closer than about t"),),
         summary="per element, move the base toward the other model where they are within t",
     )
 )

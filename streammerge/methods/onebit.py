@@ -28,7 +28,7 @@ register(
             Param("bits", int, 1, min=1, max=2, help="sign bits per entry of a 1-bit precision: 2 adds the residual's sign and a second scale per row"),
             Param("scale", str, "absmean", choices=("absmean", "rms"), help="1-bit scale: mean|tau| (least squares) or ||tau||/sqrt(n) (keeps the norm)"),
             Param("granularity", str, "tensor", choices=("tensor", "row"), help="one scale per tensor or per output row"),
-            Param("lambda", float, 1.0, help="weight of the other tasks' TIES merge (dynamic) and of the static fallback"),
+            Param("lambda", float, 1.0, min=0, help="weight of the other tasks' TIES merge (dynamic) and of the static fallback"),
             Param("rho", float, 0.1, min=0, max=1, help="density of 'sparse' precision entries"),
         ),
         summary="1-bit task vectors targeted by module kind, merged per prompt by a router; static fallback theta_0 + TIES",

@@ -27,9 +27,10 @@ def passthrough_merge(block: Block, params: TensorParams, stats) -> np.ndarray:
 register(
     MergeMethod(
         name="passthrough",
+        example_models=1,
         merge=passthrough_merge,
         base="unused",
-        params=(Param("scale", float, None, scope="model", help="multiply the tensor by this factor (default: none)"),),
+        params=(Param("scale", float, None, scope="model", help="multiply the tensor by this factor (default: none; any number)"),),
         summary="copy a single input tensor, optionally scaled",
     )
 )

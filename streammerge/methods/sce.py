@@ -195,7 +195,7 @@ register(
         name="sce",
         merge=sce_merge,
         params=(
-            Param("select_topk", float, 1.0, help="fraction of elements kept by variance across models"),
+            Param("select_topk", float, 1.0, min=0, max=1, help="fraction of elements kept by variance across models"),
             Param("int8_mask", bool, False, help="mergekit's mask dtype; no numerical effect"),
         ),
         base="required",

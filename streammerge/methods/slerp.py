@@ -360,10 +360,11 @@ def slerp_merge(block: Block, params: TensorParams, stats) -> np.ndarray:
 register(
     MergeMethod(
         name="slerp",
+        example_models=1,
         merge=slerp_merge,
         base="required",
         params=(
-            Param("t", float, REQUIRED, help="interpolation factor: 0 gives the base model, 1 the other model"),
+            Param("t", float, REQUIRED, min=0, max=1, example=0.5, help="interpolation factor: 0 gives the base model, 1 the other model"),
         ),
         passes=(Pass("slerp_dots", _slerp_map, _slerp_reduce),),
         summary="spherical interpolation between the base and one other model (whole-tensor angle)",
@@ -508,7 +509,7 @@ register(
         merge=nuslerp_merge,
         base="optional",
         params=(
-            Param("weight", float, REQUIRED, scope="model", help="relative weight; t = w2 / (w1 + w2)"),
+            Param("weight", float, REQUIRED, scope="model", min=0, example=0.5, help="relative weight; t = w2 / (w1 + w2)"),
             Param(
                 "nuslerp_row_wise",
                 bool,
@@ -718,9 +719,9 @@ register(
         merge=multislerp_merge,
         base="optional",
         params=(
-            Param("weight", float, REQUIRED, scope="model", help="this model's barycentric weight"),
+            Param("weight", float, REQUIRED, scope="model", min=0, example=0.5, help="this model's barycentric weight"),
             Param("normalize_weights", bool, True, help="divide the weights by their sum"),
-            Param("eps", float, 1e-8, help="numerical-stability constant"),
+            Param("eps", float, 1e-8, min=0, help="numerical-stability constant"),
         ),
         passes=(
             Pass("multislerp_gram", _ms_map_gram, _ms_reduce_gram),
@@ -830,8 +831,8 @@ register(
         merge=karcher_merge,
         base="unused",
         params=(
-            Param("max_iter", int, 10, help="maximum number of Karcher-mean iterations"),
-            Param("tol", float, 1e-5, help="convergence tolerance (and minimum norm of a usable input)"),
+            Param("max_iter", int, 10, min=0, help="maximum number of Karcher-mean iterations"),
+            Param("tol", float, 1e-5, min=0, help="convergence tolerance (and minimum norm of a usable input)"),
         ),
         passes=(Pass("karcher_gram", _karcher_map, _karcher_reduce),),
         summary="weighted Karcher (Riemannian) mean of the models on the hypersphere, rescaled by mean norm",

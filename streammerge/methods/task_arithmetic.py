@@ -49,9 +49,9 @@ register(
         kernel=kernels.task_arithmetic,
         base="required",
         params=(
-            Param("weight", float, scope="model", help="this model's task-vector coefficient"),
+            Param("weight", float, scope="model", example=0.5, help="this model's task-vector coefficient; negative subtracts it, as in mergekit (task negation)"),
             Param("normalize", bool, False, help="divide the summed task vectors by the sum of weights"),
-            Param("lambda", float, 1.0, help="scale applied to the summed task vectors"),
+            Param("lambda", float, 1.0, help="scale applied to the summed task vectors (any number, as in mergekit)"),
         ),
         summary="base + lambda * weighted sum of task vectors",
     )

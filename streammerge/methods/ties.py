@@ -479,13 +479,14 @@ class _BlockMasks:
 def _make(spec: _Spec) -> MergeMethod:
     fam = _Family(spec)
     params = [
-        Param("weight", float, scope="model", help="this model's task-vector coefficient"),
-        Param("density", float, 1.0, scope="model", help="fraction of the task vector kept"),
+        Param("weight", float, scope="model", example=0.5, help="this model's task-vector coefficient; negative subtracts it, as in mergekit (task negation)"),
+        Param("density", float, 1.0, scope="model", min=0, max=1, example=0.5, help="fraction of the task vector kept"),
     ]
     if spec.sparsify == OUTLIERS:
-        params.append(Param("gamma", float, 0.01, scope="model", help="fraction of largest entries dropped"))
+        params.append(Param("gamma", float, 0.01, scope="model", min=0, max=1, help="fraction of largest entries dropped"))
     if spec.sparsify == DELLA:
-        params.append(Param("epsilon", float, 0.15, scope="model", help="keep-probability spread around density"))
+        params.append(Param("epsilon", float, 0.15, scope="model", min=0, max=0.5,
+                            help="keep-probability spread around density (density +/- epsilon within (0, 1))"))
     params += [
         Param("normalize", bool, spec.default_normalize, help="divide by the sum of the (kept) weights"),
         Param("rescale", bool, spec.default_rescale, help="rescale the sparsified task vectors"),
@@ -496,7 +497,7 @@ def _make(spec: _Spec) -> MergeMethod:
             choices=("l1", "inverse_density"),
             help="l1: keep the tensor's L1 norm (mergekit); inverse_density: divide by the keep probability (paper)",
         ),
-        Param("lambda", float, 1.0, help="scale applied to the merged task vector"),
+        Param("lambda", float, 1.0, help="scale applied to the merged task vector (any number, as in mergekit)"),
         Param("int8_mask", bool, False, help="mergekit's mask dtype; no numerical effect"),
     ]
     return MergeMethod(

@@ -11,16 +11,18 @@ import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from ..checkpoints import ModelCheckpoint, TensorHandle
+import numpy as np
+
+from ..checkpoints import ModelCheckpoint, TensorHandle, looks_like_path, resolve_model_dir
 from ..checkpoints.blocks import num_rows, row_elems
 from ..checkpoints.buffers import Buffer, agreed_buffer
 from ..checkpoints.chat_template import resolve_chat_template
-from ..checkpoints.lora import open_input
+from ..checkpoints.lora import open_input, spec_paths
 from ..dtypes import float_type, is_float_st
-from ..errors import RecipeError, StreammergeError
+from ..errors import CheckpointError, RecipeError, StreammergeError
 from ..fsutil import WRITE_BEHIND_DEPTH, store_writers
 from ..methods import MergeMethod, TensorParams, get_method
-from ..methods.base import Output
+from ..methods.base import Output, Pass
 from ..recipe import Recipe, layer_position, resolve_tensor_params
 
 LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -105,6 +107,29 @@ class TensorJob:
     def output_bytes(self) -> int:
         return self.numel * float_type(self.dtype).itemsize
 
+    def block_bytes(self, i: int, rows: np.ndarray | None = None) -> int:
+        """Bytes read from disk for block i of every input (only `rows` of it, when given)."""
+        r0, r1 = self.block_range(i)
+        nrows = r1 - r0 if rows is None else rows_in(rows, r0, r1).size
+        return sum(nrows * self.row_elems * float_type(h.dtype).itemsize for h in self.inputs)
+
+    def pass_rows(self, p: Pass) -> np.ndarray | None:
+        """The only rows pass `p` reads (None: all)."""
+        return None if p.rows is None else p.rows(self.shape, self.params)
+
+    def read_bytes(self, method: MergeMethod) -> int:
+        """Bytes read from disk to build this job, the one figure plan, progress bar and build
+        summary report: every pass over the inputs (of the rows it declares), then the merge.
+        An upper bound before the build: a pass found not needed reads nothing."""
+        passes = sum(self.block_bytes(i, self.pass_rows(p)) for p in method.passes for i in range(self.nblocks))
+        merges = self.input_bytes if self.output_list and method.merge is not None else 0
+        return passes + merges
+
+
+def rows_in(rows: np.ndarray, r0: int, r1: int) -> np.ndarray:
+    """The entries of the ascending `rows` within [r0, r1)."""
+    return rows[np.searchsorted(rows, r0) : np.searchsorted(rows, r1)]
+
 
 @dataclass
 class Plan:
@@ -132,6 +157,11 @@ class Plan:
         return sum(j.output_bytes for j in self.jobs)
 
     @property
+    def read_bytes(self) -> int:
+        """Bytes the build reads from disk, counting passes (TensorJob.read_bytes), at most."""
+        return sum(j.read_bytes(j.method or self.method) for j in self.jobs)
+
+    @property
     def nblocks(self) -> int:
         return sum(j.nblocks for j in self.jobs)
 
@@ -147,21 +177,40 @@ class Plan:
         return Plan(**{**self.__dict__, "jobs": jobs})
 
 
-def _locate(spec: str, recipe_dir: Path | None) -> str:
+def _local_spec(spec: str, recipe_dir: Path | None) -> str:
     # mergekit resolves model paths against the working directory; we also accept paths
-    # relative to the recipe file so recipes can travel with their models.
+    # relative to the recipe file so recipes can travel with their models (and a missing one
+    # there, `models/ft9` beside an existing `models/`, is reported as that path).
     if recipe_dir is not None and not Path(spec).is_absolute() and not Path(spec).exists():
         candidate = recipe_dir / spec
-        if candidate.exists():
+        if candidate.exists() or (not looks_like_path(spec) and looks_like_path(spec, recipe_dir)):
             return str(candidate)
     return spec
 
 
-def _open(
-    spec: str, recipe_dir: Path | None, pickle_cache: Path | None = None, default_base: str | None = None
-) -> ModelCheckpoint:
-    """The model `spec` names: a model, or a LoRA adapter applied to its base (checkpoints/lora.py)."""
-    return open_input(spec, locate=lambda s: _locate(s, recipe_dir), default_base=default_base, pickle_cache=pickle_cache)
+def _open_named(recipe: Recipe, spec: str, recipe_dir: Path | None, pickle_cache: Path | None) -> ModelCheckpoint:
+    """Open the model `spec` of `recipe` (a model, or a LoRA adapter on its base: checkpoints/lora.py);
+    one that cannot be found is reported at the recipe line naming it."""
+    locate = lambda s: _local_spec(s, recipe_dir)  # noqa: E731
+    try:
+        for path in spec_paths(spec, locate):
+            resolve_model_dir(path)
+    except CheckpointError as e:
+        raise recipe.error(_named_at(recipe, spec), str(e)) from None
+    return open_input(spec, locate=locate, default_base=recipe.base_model, pickle_cache=pickle_cache)
+
+
+def _named_at(recipe: Recipe, spec: str) -> tuple:
+    """The recipe path of the first entry naming `spec` (base_model, a models[] or sources[] entry, the tokenizer)."""
+    if recipe.base_model == spec:
+        return ("base_model",)
+    for i in [None] if recipe.models else range(len(recipe.slices or [])):
+        path = recipe.model_entry_path(spec, slice_index=i)
+        if path[-1] != "base_model":
+            return path + ("model",)
+        if len(path) > 1:  # a slice's base_model (("base_model",) alone: not in this slice)
+            return path
+    return ("tokenizer", "source") if recipe.tokenizer is not None else ("tokenizer_source",)
 
 
 def _check_architectures(checkpoints: dict[str, ModelCheckpoint]) -> None:
@@ -215,7 +264,7 @@ def make_plan(
         raise RecipeError("recipes with `modules` are not supported yet: use `models` or `slices`")
 
     checkpoints: dict[str, ModelCheckpoint] = {
-        spec: _open(spec, recipe_dir, pickle_cache, recipe.base_model) for spec in recipe.model_specs()
+        spec: _open_named(recipe, spec, recipe_dir, pickle_cache) for spec in recipe.model_specs()
     }
     if not allow_crimes:
         _check_architectures(checkpoints)
@@ -228,7 +277,7 @@ def make_plan(
         )
     if tok.source and tok.source != "base":
         if tok.source not in checkpoints:
-            checkpoints[tok.source] = _open(tok.source, recipe_dir, pickle_cache, recipe.base_model)
+            checkpoints[tok.source] = _open_named(recipe, tok.source, recipe_dir, pickle_cache)
         hf_source = checkpoints[tok.source]
 
     groups = _groups(recipe, checkpoints)

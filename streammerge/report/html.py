@@ -20,6 +20,17 @@ CAPTIONS = {
     "norm_shares.png": "Share of each task's squared task-vector norm per module kind.",
     "storage.png": "Bytes per stored component, the total, and full task-specific routing (N fine-tuned models).",
 }
+# Stores that route no layers (1bit-Merging routes whole task vectors per prompt, by module kind):
+# their per-layer figures mark nothing, and say why.
+CAPTIONS_NO_LAYER_ROUTING = {
+    **CAPTIONS,
+    "layer_conflict.png": "Conflict d_l per layer, for reference: this method routes each prompt to a task's "
+    "1-bit task vector by module kind, not by layer, so no layer is marked.",
+    "conflict_heatmap.png": "Sign conflict d per layer (columns) and module kind (rows); the precision table below "
+    "says which module kinds each task keeps.",
+    "storage.png": "Bytes per stored component (the base model and each task's 1-bit task vector), the total, and "
+    "full task-specific routing (N fine-tuned models).",
+}
 
 CSS = """
 body { font: 15px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #222;
@@ -129,7 +140,7 @@ def _summary(rep: dict) -> str:
         else:
             rule = esc(sel.get("mode") or "?")
         items += [
-            ("Routed layers", (", ".join(esc(r) for r in routed) or "none") + f" ({len(routed)} of {esc(s['num_layers'])}; {rule})"),
+            ("Routed layers", _routed_text(routed, s["num_layers"]) + f" ({rule})"),
             ("Other layers", "averaged: " + esc(m.get("average") or "mean")),
             ("Sparse experts", f"ρ = {esc(m.get('rho', '–'))} (top-ρ of θ<sub>t</sub> − D per routed layer and task)"),
             ("Inference", f"top-1 expert when normalised entropy ≤ η = {esc(m.get('eta', '–'))}, else a weighted mix of "
@@ -153,15 +164,24 @@ def _summary(rep: dict) -> str:
     return out
 
 
+def _routed_text(routed: list, num_layers) -> str:
+    """`2 of 24: layers 0, 23`: the count first, so a routed layer 0 never reads as "0 routed"."""
+    if not routed:
+        return f"none of {esc(num_layers)}"
+    which = ("layer " if len(routed) == 1 else "layers ") + ", ".join(esc(r) for r in routed)
+    return f"{len(routed)} of {esc(num_layers)}: {which}"
+
+
 def _k(k) -> str:
     if isinstance(k, float) and 0 < k < 1:
         return f"{100 * k:g}% of layers"
     return str(k)
 
 
-def _figures(written: list[str], num_layers: int) -> str:
+def _figures(written: list[str], num_layers: int, layer_routing: bool = True) -> str:
     from .figures import FIGURES
 
+    captions = CAPTIONS if layer_routing else CAPTIONS_NO_LAYER_ROUTING
     if not written:
         return '<p class="muted">No figures (no data for them in this store).</p>'
     out = ['<div class="figs">']
@@ -169,8 +189,8 @@ def _figures(written: list[str], num_layers: int) -> str:
         if name in written:
             # per-layer figures of deep models get the whole width
             wide = ' class="wide"' if name in ("layer_conflict.png", "conflict_heatmap.png") and num_layers > 24 else ""
-            out.append(f'<figure{wide}><img src="{esc(name)}" alt="{esc(CAPTIONS[name])}">'
-                       f"<figcaption>{esc(CAPTIONS[name])}</figcaption></figure>")
+            out.append(f'<figure{wide}><img src="{esc(name)}" alt="{esc(captions[name])}">'
+                       f"<figcaption>{esc(captions[name])}</figcaption></figure>")
     out.append("</div>")
     return "\n".join(out)
 
@@ -361,7 +381,7 @@ def render(rep: dict, figures: list[str]) -> str:
         "<h2>Summary</h2>",
         _summary(rep),
         "<h2>Figures</h2>",
-        _figures(figures, len(rep["analysis"].get("layers") or [])),
+        _figures(figures, len(rep["analysis"].get("layers") or []), rep["summary"]["method"] != "1bit"),
         f"<h2>{conflict_heading}</h2>",
         _layers(rep),
         _kinds(rep),

@@ -16,6 +16,8 @@ Layout of `job.zarr/`:
     <key>/...                  arrays of other stages (encodings, experts): one zarr array per
                                output, chunked by the tensor's row blocks
     hf/                        config.json, tokenizer and generation files copied from the base
+    exports.json               the `build --export` outputs completed (shard sizes and header digests):
+                               the same command run again recognises them
     lock                       pid and host of the process writing the store
     lock.takeover              flocked while a dead owner's lock is taken over (StoreLock)
 
