@@ -1,4 +1,4 @@
-"""The `streammerge` command line: plan, build, status, export, report, methods, router, generate."""
+"""The `streammerge` command line: plan, build, status, export, report, methods, router, generate, serve."""
 
 from __future__ import annotations
 
@@ -781,6 +781,48 @@ def generate(store, prompt_texts, input_path, output_path, show_routing, max_new
             f"{t.new_tokens} tokens in {t.generate_s:.1f}s)"
         )
 
+
+
+@main.command()
+@click.argument("store", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind. Only this machine can connect unless you give another (then use --api-key).")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--device", default="auto", show_default=True, help=_DEVICE_HELP)
+@_DTYPE_OPTION
+@click.option("--max-batch", type=click.IntRange(1), default=32, show_default=True,
+              help="Requests decoded together in one forward pass; more wait in the queue.")
+@click.option("--max-queue", type=click.IntRange(0), default=256, show_default=True,
+              help="Requests waiting beyond --max-batch; a request beyond that gets 429 with Retry-After.")
+@click.option("--memory-budget", type=SIZE, default=None,
+              help="Device memory for weights plus KV cache (e.g. 20GB); requests wait while their KV cache "
+              "would not fit. Default: no limit but --max-batch.")
+@click.option("--api-key", default=None, envvar="STREAMMERGE_API_KEY", show_envvar=True,
+              help="Require 'Authorization: Bearer KEY' on every route but /health.")
+@click.option("--name", default=None, help="Model name clients use (default: the store's name without .zarr).")
+@click.option("--eta", type=click.FloatRange(0, 1), default=None, help="Mediator: entropy threshold (default: method.json's).")
+@click.option("--top-m", type=click.IntRange(0), default=None, help="Mediator: experts mixed when uncertain (default: method.json's).")
+@user_errors
+def serve(store, host, port, device, compute_dtype, max_batch, max_queue, memory_budget, api_key, name, eta, top_m):
+    """Serve a mediator or 1bit store behind an OpenAI-compatible HTTP API.
+
+    \b
+    Models (NAME: --name, default the store's name):
+      NAME           routed per request by the store's router (router fit first)
+      NAME:task:T    forced to task T
+      NAME:static    the merged model
+    \b
+    Routes: POST /v1/completions, POST /v1/chat/completions (the base tokenizer's chat template),
+    GET /v1/models, GET /health, GET /metrics (Prometheus). Responses carry a `routing` field.
+    \b
+      streammerge serve job.zarr --port 8000
+      curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
+           -d '{"model": "job", "prompt": "What is 17*23?", "max_tokens": 32, "temperature": 0}'
+    """
+    from .serve.server import serve as run_server
+
+    _quiet_transformers()
+    run_server(store, host, port, device, compute_dtype, max_batch, max_queue, memory_budget, api_key, name, eta, top_m)
 
 if __name__ == "__main__":
     main()

@@ -30,7 +30,7 @@ Delta terms:
             its tasks' parts (N times the multiply-adds, read once: fewer, larger calls).
   1bit      one term per decision present in the batch: task k is tau_hat_k + lambda *
             TIES({tau_hat_j : j != k}), STATIC is lambda * TIES(all) (the store's fallback
-            merged model, METHODS.md 4.4). The terms are built from the packed sign bits and
+            merged model, docs/methods.md section 4.4). The terms are built from the packed sign bits and
             scales in row chunks (weights.py `_TaskPiece.tau_hat`, `ties_torch`) and multiplied
             chunk by chunk; never stored unpacked outside the cache below. With lambda = 0 a term
             is tau_hat_k alone (bits x scale) and STATIC has no delta.

@@ -1,0 +1,193 @@
+"""The engine: one thread that drives the steps (scheduler -> runner -> requests) and turns each
+new token into the request's events.
+
+Events a request's `emit` receives, in order: ("routing", decision) once, ("text", delta) for
+each piece of text that is final, then ("done", finish_reason, usage) or ("error", message).
+Text is held back while it could still become a stop string, or ends in an incomplete
+character; a stop string ends the request and is not part of the text (OpenAI's rule); EOS is
+not part of the text either.
+
+A request that fails (its prefill raises, alone) finishes with an error event and the others go
+on; a decode step that raises fails the rows of that step. The thread never dies of a request.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import traceback
+from typing import Sequence
+
+from .metrics import BATCH_BUCKETS, LATENCY_BUCKETS, Metrics
+from .scheduler import Request, Scheduler
+
+
+class Engine:
+    def __init__(self, runner, scheduler: Scheduler, metrics: Metrics | None = None):
+        self.runner, self.scheduler = runner, scheduler
+        self.tokenizer = runner.tokenizer
+        self.metrics = metrics or Metrics()
+        self._declare_metrics()
+        self._thread: threading.Thread | None = None
+        self.steps = 0
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="streammerge-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self.scheduler.close()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def submit(self, req: Request) -> None:
+        self.scheduler.submit(req)  # QueueFull propagates: the API answers 429
+
+    def abort(self, req: Request) -> None:
+        self.scheduler.abort(req)
+
+    # ---- the loop -------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            step = self.scheduler.schedule(timeout=1.0)
+            if step is None:
+                if self.scheduler.closed:
+                    return
+                continue
+            try:
+                self._step(step)
+            except Exception as e:  # a bug in a step must not end the server: fail what ran
+                self._fail(list(self.runner.rows), e)
+
+    def _step(self, step) -> None:
+        if step.dropped:
+            self.runner.remove(step.dropped)
+            for r in step.dropped:
+                self.metrics.inc("streammerge_requests_total", outcome="abort")
+        if step.admitted:
+            self._admit(step.admitted)
+        rows = list(self.runner.rows)
+        if not rows:
+            return
+        self.metrics.observe("streammerge_batch_size", len(rows))
+        self.metrics.observe("streammerge_batch_decisions", len({r.decision.key for r in rows}))
+        try:
+            tokens = self.runner.decode([r.tokens[-1] for r in rows])
+        except Exception as e:
+            self._fail(rows, e)
+            return
+        self.steps += 1
+        for r, t in zip(rows, tokens):
+            self._token(r, t)
+
+    def _admit(self, reqs: Sequence[Request]) -> None:
+        try:
+            self.runner.decide(reqs)
+        except Exception as e:
+            self._fail(reqs, e)
+            return
+        for r in reqs:
+            d = r.decision
+            self.metrics.inc("streammerge_decisions_total", mode=d.mode, task=d.task or "-")
+            r.emit(("routing", d))
+        live = [r for r in reqs if not r.aborted]  # the aborted: the scheduler finishes them next step
+        if live:
+            self._prefill(live)
+
+    def _prefill(self, reqs: Sequence[Request]) -> None:
+        """Prefill together; if that fails, each alone, so only the request at fault fails."""
+        try:
+            tokens = self.runner.prefill(reqs)
+        except Exception as e:
+            self.runner.remove(reqs)
+            if len(reqs) > 1:
+                for r in reqs:
+                    self._prefill([r])
+            else:
+                self._fail(reqs, e)
+            return
+        for r, t in zip(reqs, tokens):
+            self._started(r, t)
+
+    def _started(self, r: Request, token: int) -> None:
+        self.metrics.inc("streammerge_prompt_tokens_total", len(r.prompt_ids))
+        self.scheduler.started(r)
+        self._token(r, token)
+
+    def _token(self, r: Request, token: int) -> None:
+        now = time.monotonic()
+        if r.first_token_at is None:
+            r.first_token_at = now
+            self.metrics.observe("streammerge_time_to_first_token_seconds", now - r.arrived)
+        self.metrics.inc("streammerge_generated_tokens_total")
+        r.generated += 1
+        if token in self.runner.eos:
+            self._finish(r, "stop")
+            return
+        r.tokens.append(token)
+        if self._text(r):
+            self._finish(r, "stop")
+        elif len(r.tokens) >= r.sampling.max_tokens:
+            self._finish(r, "length")
+
+    def _text(self, r: Request) -> bool:
+        """Emit the text that is final; True when a stop string ended the request."""
+        text = self.tokenizer.decode(r.tokens, skip_special_tokens=True)
+        stops = r.sampling.stop
+        hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+        if hits:
+            r.text = text[: min(hits)]
+            self._emit_text(r, len(r.text))
+            return True
+        r.text = text
+        safe = len(text) - (max(map(len, stops)) - 1 if stops else 0)
+        while safe > r.sent and text[safe - 1] == "\ufffd":  # an incomplete character, for now
+            safe -= 1
+        self._emit_text(r, safe)
+        return False
+
+    @staticmethod
+    def _emit_text(r: Request, upto: int) -> None:
+        if upto > r.sent:
+            r.emit(("text", r.text[r.sent : upto]))
+            r.sent = upto
+
+    def _finish(self, r: Request, reason: str) -> None:
+        self._emit_text(r, len(r.text))
+        self.runner.remove([r])
+        self.scheduler.finish(r, reason)
+        n, m = len(r.prompt_ids), r.generated
+        usage = {"prompt_tokens": n, "completion_tokens": m, "total_tokens": n + m}
+        self.metrics.inc("streammerge_requests_total", outcome=reason)
+        self.metrics.observe("streammerge_request_latency_seconds", time.monotonic() - r.arrived)
+        r.emit(("done", reason, usage))
+
+    def _fail(self, reqs: Sequence[Request], e: BaseException) -> None:
+        traceback.print_exception(e)  # the operator's log; the client gets one line
+        msg = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+        self.runner.remove(reqs)
+        for r in reqs:
+            self.scheduler.finish(r, "error")
+            self.metrics.inc("streammerge_requests_total", outcome="error")
+            r.emit(("error", msg))
+
+    # ---- metrics --------------------------------------------------------------------------------
+    def _declare_metrics(self) -> None:
+        m = self.metrics
+        m.counter("streammerge_requests_total", "Requests finished, by outcome (stop, length, abort, error).")
+        m.counter("streammerge_prompt_tokens_total", "Prompt tokens prefilled.")
+        m.counter("streammerge_generated_tokens_total", "Tokens generated.")
+        m.counter("streammerge_decisions_total", "Routing decisions, by mode and task.")
+        m.histogram("streammerge_request_latency_seconds", "Time from arrival to the last token.", LATENCY_BUCKETS)
+        m.histogram("streammerge_time_to_first_token_seconds", "Time from arrival to the first token.", LATENCY_BUCKETS)
+        m.histogram("streammerge_batch_size", "Rows in each decode step.", BATCH_BUCKETS)
+        m.histogram("streammerge_batch_decisions", "Distinct routing decisions in each decode step.", BATCH_BUCKETS)
+        m.gauge("streammerge_requests", "Requests waiting and running now.",
+                lambda: {(("state", k),): v for k, v in self.scheduler.load().items()})
+        m.gauge("streammerge_resident_bytes", "Bytes resident on the device, by part.",
+                lambda: {(("part", k),): v for k, v in self.runner.resident_bytes().items()})

@@ -1,0 +1,251 @@
+"""The model side of serving: the store's model, tokenizer and router, the running batch's KV
+cache, routing, prefill, ONE batched decode forward per step, sampling.
+
+Routing: a routed request's router features are the mean last hidden state of the static
+(merged) model on its raw prompt (router.py); all requests admitted in a step are featurised in
+one forward with every row STATIC. Its prompt is then prefilled with its decision's weights (the
+static pass's KV cache is not reused: the routed layers' keys and values differ).
+
+The batch's KV cache is one transformers DynamicCache, rows left-padded to the longest row with an
+attention mask; each row's position ids count its own tokens, so a row computes what it would
+alone. The requests admitted in a step are prefilled together (left-padded, one forward) and
+padded into the batch cache; a request leaves by dropping its row, and columns that every
+remaining row pads are trimmed.
+
+Weights: the runtime (deltas.DeltaRuntime) computes row b with decision b's weights in the
+same forward; `set_rows` is called with one decision per row before every forward.
+
+Sampling per request: greedy at temperature 0; else softmax(logits / temperature), nucleus
+(top_p) filtered, drawn with the request's own torch.Generator (seeded: `seed` gives the same
+tokens whatever else is in the batch).
+"""
+
+from __future__ import annotations
+
+import inspect
+import random
+from dataclasses import dataclass
+from typing import Sequence
+
+from ..errors import StreammergeError
+from ..routing.decision import STATIC, forced, route_decision
+from ..routing.runtime import encode_for_features, mean_hidden_features, pad_batch, pad_id, require_torch
+from .scheduler import Request, Sampling
+
+
+@dataclass
+class RowState:
+    generator: object | None  # torch.Generator for sampling; None when greedy
+
+
+class ModelRunner:
+    def __init__(self, model, tokenizer, runtime, method: dict, device, router=None, eta: float | None = None,
+                 top_m: int | None = None):
+        self.torch, _ = require_torch()
+        self.model, self.tokenizer, self.runtime = model, tokenizer, runtime
+        self.method, self.tasks = method, list(method["tasks"])
+        self.device, self.router = device, router
+        self.eta = float(method.get("eta", 0.5)) if eta is None else float(eta)
+        self.top_m = int(method.get("top_m", 0) or 0) if top_m is None else int(top_m)
+        self.pad = pad_id(tokenizer)
+        self.eos = self._eos_ids()
+        cfg = model.config
+        self.context_length = int(getattr(cfg, "max_position_embeddings", 0) or 2048)
+        # transformers 5 renamed `past_key_values` to `cache` (the old name warns, then goes)
+        params = inspect.signature(model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        # the batch: rows in order, their cache, attention mask and next position
+        self.rows: list[Request] = []
+        self.cache = None
+        self.mask = None  # (B, T) long
+        self.next_pos = None  # (B,) long: each row's count of real tokens in the cache
+        self.kv_budget: int | None = None  # bytes the KV cache may take (None: no limit)
+
+    @classmethod
+    def from_store(cls, path, device="auto", dtype="auto", memory_budget: int | None = None, eta: float | None = None,
+                   top_m: int | None = None) -> "ModelRunner":
+        """The runner of a store. `memory_budget` (bytes) bounds weights + decoded-term cache +
+        KV cache: what the model and the encodings leave is split in halves, one for the
+        runtime's cache of decoded terms, one for the KV cache (`kv_budget`)."""
+        from ..routing.router import Router, router_dir
+        from ..routing.runtime import load_merged_model, open_routing_store, resolve_device, resolve_dtype
+        from .deltas import DeltaRuntime
+
+        store, method = open_routing_store(path)
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype, dev, store)
+        router = Router.load(store, method["tasks"]).to(dev) if (router_dir(store) / "router.json").is_file() else None
+        model, tok = load_merged_model(store, dev, dt)
+        runtime = DeltaRuntime(model, store, method, dev, dt, None)
+        kv_budget = None
+        if memory_budget is not None:
+            weights = sum(runtime.resident_bytes().values())
+            if memory_budget <= weights:
+                raise StreammergeError(f"memory budget {memory_budget} bytes: the model and the encodings alone take {weights}")
+            kv_budget = (memory_budget - weights) // 2
+            runtime.set_memory_budget(memory_budget - kv_budget)
+        runner = cls(model, tok, runtime, method, dev, router=router, eta=eta, top_m=top_m)
+        runner.kv_budget = kv_budget
+        return runner
+
+    def _eos_ids(self) -> set[int]:
+        ids = set()
+        for src in (getattr(self.model, "generation_config", None), self.model.config, self.tokenizer):
+            v = getattr(src, "eos_token_id", None)
+            if isinstance(v, int):
+                ids.add(v)
+            elif isinstance(v, (list, tuple)):
+                ids.update(int(x) for x in v)
+        return ids
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Keys and values of one token over all layers."""
+        cfg = self.model.config
+        heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        elem = next(self.model.parameters()).element_size()
+        return 2 * cfg.num_hidden_layers * heads * head_dim * elem
+
+    # ---- routing --------------------------------------------------------------------------------
+    def decide(self, reqs: Sequence[Request]) -> None:
+        """Set each request's decision: forced, static, or routed (one STATIC forward for all
+        routed ones)."""
+        routed = [r for r in reqs if r.target[0] == "routed"]
+        for r in reqs:
+            if r.target[0] == "static":
+                r.decision = STATIC
+            elif r.target[0] == "task":
+                r.decision = forced(r.target[1], self.tasks)
+        if not routed:
+            return
+        seqs = encode_for_features(self.tokenizer, [r.features_text for r in routed], self.router.meta.get("max_tokens"))
+        self.runtime.set_rows([STATIC] * len(seqs))
+        feats = mean_hidden_features(self.model, seqs, self.pad, batch_size=len(seqs))
+        for r, p in zip(routed, self.router.probs(feats)):
+            r.decision = route_decision(p, self.tasks, self.method["method"], self.eta, self.top_m,
+                                        background=self.router.background)
+
+    # ---- the batch ------------------------------------------------------------------------------
+    def prefill(self, reqs: Sequence[Request]) -> list[int]:
+        """Run the prompts, each with its request's weights, in one forward (left-padded, each
+        row's positions its own), and join the batch; returns each request's first token."""
+        torch = self.torch
+        from transformers import DynamicCache
+
+        for r in reqs:
+            r.runner_state = RowState(self._generator(r.sampling))
+        ids, mask = pad_batch([r.prompt_ids for r in reqs], self.pad, "left", self.device)
+        self.runtime.set_rows([r.decision for r in reqs])
+        cache = DynamicCache()
+        with torch.inference_mode():
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                             use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
+        tokens = self._sample(out.logits[:, -1, :], reqs)
+        self._join(reqs, [(layer.keys, layer.values) for layer in cache.layers], mask)
+        return tokens
+
+    def decode(self, last_tokens: Sequence[int]) -> list[int]:
+        """One token for every row (in self.rows order), in one forward."""
+        torch = self.torch
+        ids = torch.tensor(list(last_tokens), dtype=torch.long, device=self.device).unsqueeze(1)
+        ones = torch.ones((len(self.rows), 1), dtype=torch.long, device=self.device)
+        mask = torch.cat([self.mask, ones], dim=1)
+        self.runtime.set_rows([r.decision for r in self.rows])
+        with torch.inference_mode():
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=self.next_pos.unsqueeze(1),
+                             use_cache=True, **{self._cache_kw: self.cache})
+        self.mask = mask
+        self.next_pos = self.next_pos + 1
+        return self._sample(out.logits[:, -1, :], self.rows)
+
+    def _join(self, reqs: Sequence[Request], layers: list, mask) -> None:
+        """Add rows (their cache layers and (n, L) mask) to the batch, left-padding the narrower."""
+        torch = self.torch
+        next_pos = mask.sum(dim=1)
+        if self.rows:
+            width = max(self.mask.shape[1], mask.shape[1])
+            layers = [(torch.cat([_left_pad(k0, width), _left_pad(k1, width)]), torch.cat([_left_pad(v0, width), _left_pad(v1, width)]))
+                      for (k0, v0), (k1, v1) in zip(((la.keys, la.values) for la in self.cache.layers), layers)]
+            mask = torch.cat([_left_pad(self.mask, width), _left_pad(mask, width)])
+            next_pos = torch.cat([self.next_pos, next_pos])
+        self.rows = [*self.rows, *reqs]
+        self.mask, self.next_pos = mask, next_pos
+        self.cache = self._cache_of(layers)
+
+    def remove(self, reqs: Sequence[Request]) -> None:
+        """Drop the requests' rows (those not in the batch are ignored) and trim the padding."""
+        gone = {id(r) for r in reqs}
+        keep = [i for i, r in enumerate(self.rows) if id(r) not in gone]
+        if len(keep) == len(self.rows):
+            return
+        if not keep:
+            self.rows, self.cache, self.mask, self.next_pos = [], None, None, None
+            return
+        torch = self.torch
+        idx = torch.tensor(keep, dtype=torch.long, device=self.device)
+        mask = self.mask.index_select(0, idx)
+        start = int((mask.sum(dim=0) > 0).nonzero()[0])  # leading columns every kept row pads
+        self.mask = mask[:, start:]
+        self.next_pos = self.next_pos.index_select(0, idx)
+        self.rows = [self.rows[i] for i in keep]
+        layers = [(layer.keys.index_select(0, idx)[..., start:, :], layer.values.index_select(0, idx)[..., start:, :])
+                  for layer in self.cache.layers]
+        self.cache = self._cache_of(layers)
+
+    @staticmethod
+    def _cache_of(layers):
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        for i, (k, v) in enumerate(layers):
+            cache.update(k.contiguous(), v.contiguous(), i)
+        return cache
+
+    # ---- sampling -------------------------------------------------------------------------------
+    def _generator(self, s: Sampling):
+        if s.temperature <= 0:
+            return None
+        g = self.torch.Generator(device=self.device)
+        g.manual_seed(s.seed if s.seed is not None else random.SystemRandom().randrange(2**63))
+        return g
+
+    def _sample(self, logits, reqs: Sequence[Request]) -> list[int]:
+        torch = self.torch
+        logits = logits.float()
+        greedy = logits.argmax(dim=-1).tolist()
+        out = []
+        for i, r in enumerate(reqs):
+            s = r.sampling
+            if s.temperature <= 0:
+                out.append(int(greedy[i]))
+                continue
+            probs = torch.softmax(logits[i] / s.temperature, dim=-1)
+            if s.top_p < 1.0:
+                sorted_p, order = probs.sort(descending=True)
+                # keep the smallest prefix whose mass reaches top_p (the first token always)
+                drop = (sorted_p.cumsum(0) - sorted_p) >= s.top_p
+                sorted_p[drop] = 0.0
+                probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+            out.append(int(torch.multinomial(probs, 1, generator=r.runner_state.generator)))
+        return out
+
+    def resident_bytes(self) -> dict:
+        out = dict(self.runtime.resident_bytes())
+        cache = self.cache  # read from the API's thread while the engine's replaces it
+        out["kv_cache"] = sum(2 * layer.keys.numel() * layer.keys.element_size() for layer in cache.layers) if cache else 0
+        return out
+
+
+def _left_pad(t, width: int):
+    """Pad dim -2 (the sequence of a (B, H, T, D) cache) or the last dim (a (B, T) mask) on the
+    left with zeros up to `width`."""
+    torch = require_torch()[0]
+    dim = -2 if t.dim() == 4 else -1
+    extra = width - t.shape[dim]
+    if extra == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = extra
+    return torch.cat([torch.zeros(shape, dtype=t.dtype, device=t.device), t], dim=dim)
+

@@ -1,0 +1,183 @@
+"""Request state and what goes into each step (pure Python: no torch, testable with a fake runner).
+
+    waiting --admit--> routing --prefilled--> running --EOS / stop / max_tokens--> finished
+       \\-- abort (client gone) or error, from any state ----------------------------^
+
+A step is: the requests admitted now (the runner routes them if they need it and prefills
+them) and the running ones (the runner decodes one token for each, in ONE batched forward).
+Requests join and leave the running batch between steps (continuous batching).
+
+Admission keeps two budgets: `max_batch` rows, and the KV cache memory. The runner keeps the
+batch's cache left-padded to its longest row, so a batch of B rows whose longest reservation is
+L tokens holds B * L token slots whatever the other rows' lengths: a request reserves its prompt
+plus max_tokens, and is admitted only while (rows + 1) * max(reservations) * kv_bytes_per_token
+fits the budget. Beyond capacity, requests wait in a queue of at most `max_queue`; a request that
+finds the queue full is refused (QueueFull: the server answers 429 with Retry-After).
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+WAITING, ROUTING, RUNNING, FINISHED = "waiting", "routing", "running", "finished"
+
+
+class QueueFull(Exception):
+    """The waiting queue is at its limit: refuse the request (429)."""
+
+
+@dataclass
+class Sampling:
+    max_tokens: int
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+_ids = itertools.count(1)
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation. `target` is what the model name asked for: ("routed",), ("task", name)
+    or ("static",); `features_text` is what the router reads (the raw prompt, or a chat's last
+    user message). `emit` receives the request's events (engine.py) from the engine thread."""
+
+    prompt_ids: list[int]
+    sampling: Sampling
+    target: tuple
+    features_text: str = ""
+    emit: Callable[[tuple], None] = lambda event: None
+    id: int = field(default_factory=lambda: next(_ids))
+    state: str = WAITING
+    decision: Any = None
+    tokens: list[int] = field(default_factory=list)  # generated, EOS excluded
+    generated: int = 0  # tokens generated, EOS included
+    text: str = ""  # the text of `tokens`, cut at a stop string
+    sent: int = 0  # characters of `text` emitted
+    finish_reason: str | None = None
+    arrived: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    aborted: bool = False
+    runner_state: Any = None  # the runner's per-request data (sampling generator, text offsets)
+
+    @property
+    def reserved_tokens(self) -> int:
+        return len(self.prompt_ids) + self.sampling.max_tokens
+
+
+@dataclass
+class Step:
+    admitted: list[Request]  # to route (if routed) and prefill, then join the batch
+    running: list[Request]  # to decode one token each, together
+    dropped: list[Request]  # aborted since the last step: leave the batch
+
+
+class Scheduler:
+    def __init__(self, max_batch: int, kv_bytes_per_token: int, kv_budget: int | None = None, max_queue: int = 256):
+        if max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
+        self.max_batch = int(max_batch)
+        self.kv_bytes_per_token = int(kv_bytes_per_token)
+        self.kv_budget = kv_budget
+        self.max_queue = int(max_queue)
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self._dropped: list[Request] = []
+        self._cv = threading.Condition()
+        self.closed = False
+
+    # ---- called by the API (any thread) ----------------------------------------------------------
+    def fits_alone(self, req: Request) -> bool:
+        """Whether the request could ever be admitted (alone, into an empty batch)."""
+        return self.kv_budget is None or req.reserved_tokens * self.kv_bytes_per_token <= self.kv_budget
+
+    def submit(self, req: Request) -> None:
+        with self._cv:
+            if self.closed:
+                raise QueueFull("the server is shutting down")
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests are already waiting (limit {self.max_queue})")
+            req.state = WAITING
+            self.waiting.append(req)
+            self._cv.notify()
+
+    def abort(self, req: Request) -> None:
+        """The client is gone: the request leaves at the next step and its slot is free."""
+        with self._cv:
+            if req.state == FINISHED or req.aborted:
+                return
+            req.aborted = True
+            if req.state == WAITING:
+                self.waiting.remove(req)
+                self._finish(req, "abort")
+            else:
+                self._dropped.append(req)
+            self._cv.notify()
+
+    def close(self) -> None:
+        with self._cv:
+            self.closed = True
+            self._cv.notify_all()
+
+    # ---- called by the engine thread ------------------------------------------------------------
+    def schedule(self, timeout: float | None = None) -> Step | None:
+        """The next step; blocks while there is nothing to do (None: closed, or the timeout)."""
+        with self._cv:
+            while not (self.waiting or self.running or self._dropped) and not self.closed:
+                if not self._cv.wait(timeout):
+                    return None
+            if self.closed:
+                return None
+            dropped, self._dropped = self._dropped, []
+            for r in dropped:
+                if r in self.running:
+                    self.running.remove(r)
+                self._finish(r, "abort")
+            admitted = []
+            while self.waiting and self._admissible(self.waiting[0], admitted):
+                r = self.waiting.popleft()
+                r.state = ROUTING
+                admitted.append(r)
+            return Step(admitted, list(self.running), dropped)
+
+    def _admissible(self, req: Request, admitted: list[Request]) -> bool:
+        rows = len(self.running) + len(admitted)
+        if rows >= self.max_batch:
+            return False
+        if rows == 0 or self.kv_budget is None:  # alone it always runs (the API refuses what cannot fit)
+            return True
+        longest = max([req.reserved_tokens] + [r.reserved_tokens for r in (*self.running, *admitted)])
+        return (rows + 1) * longest * self.kv_bytes_per_token <= self.kv_budget
+
+    def started(self, req: Request) -> None:
+        """Prefilled: the request joins the running batch (unless aborted meanwhile)."""
+        with self._cv:
+            if req.state == FINISHED:
+                return
+            req.state = RUNNING
+            self.running.append(req)
+
+    def finish(self, req: Request, reason: str) -> None:
+        with self._cv:
+            if req in self.running:
+                self.running.remove(req)
+            if req in self._dropped:
+                self._dropped.remove(req)
+            self._finish(req, reason)
+
+    @staticmethod
+    def _finish(req: Request, reason: str) -> None:
+        if req.state != FINISHED:
+            req.state = FINISHED
+            req.finish_reason = reason
+
+    def load(self) -> dict:
+        with self._cv:
+            return {"waiting": len(self.waiting), "running": len(self.running)}

@@ -1,0 +1,231 @@
+#!/usr/bin/env python
+"""Benchmark `streammerge serve`: the same mixed-task prompts at several concurrencies.
+
+    python tools/bench_serve.py [--methods mediator,1bit] [--concurrency 1,8,32] [--prompts-per-task 16]
+                                [--max-tokens 32] [--hidden 256 --layers 4 --vocab 2048] [--device cpu] [--json out.json]
+
+Generates a synthetic base + 3 fine-tunes, builds a store per method and fits its router (as
+tools/bench_routing.py does), starts `streammerge serve` as a subprocess per store and sends
+the 3 tasks' prompts, shuffled, over HTTP with C requests in flight (greedy, max_tokens each):
+
+  static   every request to NAME:static (the merged model, served the same way)
+  forced   each request to NAME:task:<its task> (mixed decisions, no router)
+  routed   each request to NAME (router + mixed decisions)
+  swap     the old weight-swap path in this process: RoutedModel.generate over the same prompts,
+           batch size C, grouped by decision (one decision at a time, weights swapped between)
+
+Reports tokens/s (completion tokens / wall time), p50 / p95 request latency, and the server's
+resident bytes (/metrics: model, encodings, cache, KV cache) against the storage figure `build`
+prints (storage.json), plus the server process' RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+sys.path.insert(0, str(ROOT))
+
+from bench_routing import TASKS, build_store, prompts_for  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, store: Path, device: str, max_batch: int, log: Path):
+        import httpx
+
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "streammerge", "serve", str(store), "--port", str(self.port), "--device", device,
+             "--max-batch", str(max_batch), "--name", "bench"],
+            stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + 300
+        while True:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"server exited:\n{log.read_text()}")
+            try:
+                if httpx.get(self.base + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise SystemExit(f"server did not start:\n{log.read_text()}")
+            time.sleep(0.3)
+
+    def resident(self) -> dict:
+        import httpx
+
+        out = {}
+        for line in httpx.get(self.base + "/metrics").text.splitlines():
+            if line.startswith("streammerge_resident_bytes{"):
+                out[line.split('part="')[1].split('"')[0]] = float(line.rsplit(" ", 1)[1])
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            out["process_rss"] = next(int(x.split()[1]) * 1024 for x in f if x.startswith("VmRSS"))
+        return out
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def run_load(base: str, reqs: list[dict], concurrency: int) -> dict:
+    import httpx
+
+    client = httpx.Client(timeout=600, limits=httpx.Limits(max_connections=concurrency + 4))
+
+    def one(body):
+        t0 = time.perf_counter()
+        r = client.post(base + "/v1/completions", json=body)
+        r.raise_for_status()
+        return time.perf_counter() - t0, r.json()["usage"]["completion_tokens"]
+
+    t0 = time.perf_counter()
+    with cf.ThreadPoolExecutor(concurrency) as pool:
+        res = list(pool.map(one, reqs))
+    wall = time.perf_counter() - t0
+    client.close()
+    lat = sorted(x for x, _ in res)
+    tokens = sum(n for _, n in res)
+    return {"tok_s": tokens / wall, "p50_s": statistics.median(lat), "p95_s": lat[min(len(lat) - 1, int(0.95 * len(lat)))],
+            "tokens": tokens, "wall_s": wall}
+
+
+def bench_swap(store: Path, prompts: list[tuple[str, str]], batch: int, max_tokens: int, device: str) -> dict:
+    """The old path: RoutedModel.generate (decisions grouped, weights swapped per group)."""
+    from streammerge.routing import RoutedModel
+
+    rm = RoutedModel.from_store(store, device=device)
+    texts = [p for _, p in prompts]
+    rm.generate(texts[:batch], max_new_tokens=2, batch_size=batch)  # warm-up: builds the decisions
+    rm.reset_timings()
+    t0 = time.perf_counter()
+    rm.generate(texts, max_new_tokens=max_tokens, min_new_tokens=max_tokens, batch_size=batch)
+    wall = time.perf_counter() - t0
+    return {"tok_s": rm.timings.new_tokens / wall, "tokens": rm.timings.new_tokens, "wall_s": wall}
+
+
+def bench_method(method: str, store: Path, work: Path, args) -> list[dict]:
+    from streammerge.routing import fit_router
+
+    fit_router(store, [(t, prompts_for(t, args.train_prompts, 0)) for t in TASKS], device=args.device)
+    prompts = [(t, p) for t in TASKS for p in prompts_for(t, args.prompts_per_task, 1)]
+    random.Random(2).shuffle(prompts)
+    storage = json.loads((store / "storage.json").read_text())["total_bytes"]
+    rows = []
+    srv = Server(store, args.device, max(args.concurrency), work / f"{method}-server.log")
+    try:
+        models = {"static": lambda t: "bench:static", "forced": lambda t: f"bench:task:{t}", "routed": lambda t: "bench"}
+        for mode, model in models.items():
+            reqs = [{"model": model(t), "prompt": p, "max_tokens": args.max_tokens, "temperature": 0} for t, p in prompts]
+            run_load(srv.base, reqs[: max(args.concurrency)], max(args.concurrency))  # warm-up
+            for c in args.concurrency:
+                r = run_load(srv.base, reqs, c)
+                rows.append({"method": method, "mode": mode, "concurrency": c, **r})
+                print(f"{method:8} {mode:7} c={c:<3} {r['tok_s']:8.1f} tok/s  p50 {r['p50_s']:.2f}s  p95 {r['p95_s']:.2f}s",
+                      flush=True)
+        res = srv.resident()
+    finally:
+        srv.stop()
+    weights = sum(v for k, v in res.items() if k not in ("kv_cache", "process_rss"))
+    for row in rows:
+        row.update(resident=res, storage_bytes=storage, weights_over_storage=weights / storage)
+    for c in args.concurrency:
+        r = bench_swap(store, prompts, c, args.max_tokens, args.device)
+        rows.append({"method": method, "mode": "swap", "concurrency": c, **r})
+        print(f"{method:8} swap    c={c:<3} {r['tok_s']:8.1f} tok/s", flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--methods", default="mediator,1bit")
+    ap.add_argument("--work", type=Path, default=None, help="Working directory (default: a temporary one, removed).")
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--intermediate", type=int, default=1024)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--kv-heads", type=int, default=4)
+    ap.add_argument("--vocab", type=int, default=2048)
+    ap.add_argument("--train-prompts", type=int, default=40)
+    ap.add_argument("--prompts-per-task", type=int, default=16)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--concurrency", default="1,8,32")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    args.concurrency = [int(x) for x in args.concurrency.split(",")]
+
+    from transformers.utils import logging as hf_logging
+
+    import synth_checkpoints as synth
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    tmp = None
+    if args.work is None:
+        tmp = tempfile.TemporaryDirectory(prefix="bench-serve-")
+        work = Path(tmp.name)
+    else:
+        work = args.work
+        work.mkdir(parents=True, exist_ok=True)
+    try:
+        shape = synth.ModelShape(hidden=args.hidden, intermediate=args.intermediate, layers=args.layers, heads=args.heads,
+                                 kv_heads=args.kv_heads, vocab=args.vocab)
+        if not (work / "family" / "ft3" / "config.json").is_file():
+            base, fts = synth.make_family(work / "family", shape, n_finetunes=3, dtype="bfloat16", delta_scale=0.004)
+        else:
+            base, fts = work / "family" / "base", [work / "family" / f"ft{i}" for i in (1, 2, 3)]
+        rows = []
+        for method in args.methods.split(","):
+            rows += bench_method(method, build_store(work, method, base, fts), work, args)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+    print(f"\nmodel: {shape.n_params / 1e6:.2f}M params; device {args.device}; {args.prompts_per_task} prompts/task x 3 tasks, "
+          f"max_tokens {args.max_tokens}, greedy\n")
+    print("| method | mode | concurrency | tok/s | vs static | p50 s | p95 s |")
+    print("|---|---|---|---|---|---|---|")
+    static = {(r["method"], r["concurrency"]): r["tok_s"] for r in rows if r["mode"] == "static"}
+    for r in rows:
+        p = (f"{r['p50_s']:.2f} | {r['p95_s']:.2f}") if "p50_s" in r else "- | -"
+        print(f"| {r['method']} | {r['mode']} | {r['concurrency']} | {r['tok_s']:.1f} | "
+              f"{100 * r['tok_s'] / static[(r['method'], r['concurrency'])]:.0f}% | {p} |")
+    print("\n| method | storage (build) | resident weights (model + encodings + cache) | ratio | process RSS |")
+    print("|---|---|---|---|---|")
+    for m in args.methods.split(","):
+        r = next(x for x in rows if x["method"] == m and "resident" in x)
+        res = r["resident"]
+        w = sum(v for k, v in res.items() if k not in ("kv_cache", "process_rss"))
+        print(f"| {m} | {r['storage_bytes'] / 2**20:.2f} MiB | {w / 2**20:.2f} MiB "
+              f"({', '.join(f'{k} {v / 2**20:.2f}' for k, v in res.items() if k != 'process_rss')}) | "
+              f"{r['weights_over_storage']:.2f} | {res['process_rss'] / 2**20:.0f} MiB |")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
