@@ -180,12 +180,8 @@ def row_logits(model, ids):
         return model(input_ids=ids.unsqueeze(0)).logits[0]
 
 
-@pytest.mark.parametrize("which,stacked", [("mediator", True), ("mediator", False), ("mediator-tied", True)])
-def test_mediator_mixed_batch_equals_exports(stores, tmp_path_factory, monkeypatch, which, stacked):
-    """stacked: the tasks' sparse products in one (decoding-sized batches), else one per task."""
-    import streammerge.serve.deltas as deltas
-
-    monkeypatch.setattr(deltas, "STACK_MAX_TOKENS", 1 << 20 if stacked else 0)
+@pytest.mark.parametrize("which", ["mediator", "mediator-tied"])
+def test_mediator_mixed_batch_equals_exports(stores, tmp_path_factory, which):
     store, root = stores[which], tmp_path_factory.mktemp("exp")
     rt, model = runtime(store)
     mix = Decision("mix", (("chat", 0.5), ("code", 0.3), ("math", 0.2)))
@@ -419,3 +415,30 @@ def test_gathered_rows_of_a_piece(kind):
     ids = torch.tensor([0, 3, 4, 11])
     want = piece.tau_hat((rows, cols), "cpu")[ids]
     assert torch.equal(_gathered(piece, ids, rows).tau_hat((len(ids), cols), "cpu"), want)
+
+
+@pytest.mark.parametrize("which", ["mediator", "1bit"])
+def test_bf16_compute_follows_the_float32_path(stores, which):
+    """The compute dtype GPUs use: bf16 model, float32 delta products added in bf16; with and
+    without the cache. The logits stay within bf16 arithmetic noise of the float32 path."""
+    from streammerge.routing.runtime import load_merged_model, open_routing_store
+    from streammerge.serve.deltas import DeltaRuntime
+
+    s, method = open_routing_store(stores[which])
+    decisions = [forced("math", TASKS), STATIC, forced("chat", TASKS)]
+    ids = batch_ids(3, seed=9)
+    rt32, m32 = runtime(stores[which])
+    rt32.set_rows(decisions)
+    with torch.inference_mode():
+        want = m32(input_ids=ids).logits
+        rt32.set_rows([STATIC])
+        static = m32(input_ids=ids).logits
+    effect = (want[[0, 2]] - static[[0, 2]]).abs().max()  # what the task rows' deltas change
+    for budget in (None, 1 << 34):
+        model, _ = load_merged_model(s, torch.device("cpu"), torch.bfloat16)
+        rt = DeltaRuntime(model, s, method, torch.device("cpu"), torch.bfloat16, budget)
+        rt.set_rows(decisions)
+        with torch.inference_mode():
+            got = model(input_ids=ids).logits.float()
+        err = (got - want).abs().max()
+        assert err <= want.abs().max() / 32 and err < effect / 2, (budget, err, effect)

@@ -152,7 +152,8 @@ def main() -> None:
     print(f"model hidden {a.hidden}, intermediate {a.intermediate}, {a.layers} layers, vocab {a.vocab}; "
           f"batch {a.rows} rows over {len(TASKS)} tasks; torch threads {torch.get_num_threads()}; best of {a.repeat}")
     results = {}
-    print("| store | step | static ms | delta ms | delta+cache ms | swap ms | delta/static | delta+cache/static | swap/static | encodings MB | cache MB |")
+    print("| store | step | static ms | delta ms | delta+cache ms | swap ms | delta/static | delta+cache/static | swap/static "
+          "| encodings MB | cache MB |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, store in stores.items():
         r = bench_store(store, a.rows, a.prefill, a.repeat)

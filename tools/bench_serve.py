@@ -48,7 +48,7 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, store: Path, device: str, max_batch: int, log: Path):
+    def __init__(self, store: Path, device: str, max_batch: int, log: Path, memory_budget: str | None = None):
         import httpx
 
         self.port = free_port()
@@ -56,7 +56,8 @@ class Server:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "streammerge", "serve", str(store), "--port", str(self.port), "--device", device,
-             "--max-batch", str(max_batch), "--name", "bench"],
+             "--max-batch", str(max_batch), "--name", "bench"]
+            + (["--memory-budget", memory_budget] if memory_budget else []),
             stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 300
         while True:
@@ -135,7 +136,7 @@ def bench_method(method: str, store: Path, work: Path, args) -> list[dict]:
     random.Random(2).shuffle(prompts)
     storage = json.loads((store / "storage.json").read_text())["total_bytes"]
     rows = []
-    srv = Server(store, args.device, max(args.concurrency), work / f"{method}-server.log")
+    srv = Server(store, args.device, max(args.concurrency), work / f"{method}-server.log", args.memory_budget)
     try:
         models = {"static": lambda t: "bench:static", "forced": lambda t: f"bench:task:{t}", "routed": lambda t: "bench"}
         for mode, model in models.items():
@@ -143,7 +144,7 @@ def bench_method(method: str, store: Path, work: Path, args) -> list[dict]:
             run_load(srv.base, reqs[: max(args.concurrency)], max(args.concurrency))  # warm-up
             for c in args.concurrency:
                 r = run_load(srv.base, reqs, c)
-                rows.append({"method": method, "mode": mode, "concurrency": c, **r})
+                rows.append({"method": method, "mode": mode, "concurrency": c, "memory_budget": args.memory_budget, **r})
                 print(f"{method:8} {mode:7} c={c:<3} {r['tok_s']:8.1f} tok/s  p50 {r['p50_s']:.2f}s  p95 {r['p95_s']:.2f}s",
                       flush=True)
         res = srv.resident()
@@ -152,7 +153,7 @@ def bench_method(method: str, store: Path, work: Path, args) -> list[dict]:
     weights = sum(v for k, v in res.items() if k not in ("kv_cache", "process_rss"))
     for row in rows:
         row.update(resident=res, storage_bytes=storage, weights_over_storage=weights / storage)
-    for c in args.concurrency:
+    for c in ([] if args.skip_swap else args.concurrency):
         r = bench_swap(store, prompts, c, args.max_tokens, args.device)
         rows.append({"method": method, "mode": "swap", "concurrency": c, **r})
         print(f"{method:8} swap    c={c:<3} {r['tok_s']:8.1f} tok/s", flush=True)
@@ -174,6 +175,9 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--memory-budget", default=None,
+                    help="Passed to `serve --memory-budget` (e.g. 8GB): lets the runtime cache decoded deltas.")
+    ap.add_argument("--skip-swap", action="store_true", help="Leave out the old weight-swap path.")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     args.concurrency = [int(x) for x in args.concurrency.split(",")]

@@ -24,16 +24,16 @@ Delta terms:
             its tasks (D + sum p_t S_t), STATIC rows none (D). S_t stays sparse: `_Sparse`'s
             positions as the store keeps them (a bitmask of the tensor where that is smaller
             than int32 offsets, as the blob encoder chooses) plus bf16 values, decoded each
-            forward into a CSR matrix for torch.sparse.mm. With several tasks in a batch of at
-            most STACK_MAX_TOKENS tokens (decoding steps) the terms are one STACKED term: one
-            sparse product with [S_1; ...; S_N] for all rows, then each row's weighted sum of
-            its tasks' parts (N times the multiply-adds, read once: fewer, larger calls).
+            forward into a CSR matrix for torch.sparse.mm. (One sparse product of the stacked
+            [S_1; ...; S_N] for all rows, then each row's mix, was measured no faster on CPU at
+            32 tokens and slower above: not kept.)
   1bit      one term per decision present in the batch: task k is tau_hat_k + lambda *
             TIES({tau_hat_j : j != k}), STATIC is lambda * TIES(all) (the store's fallback
             merged model, docs/methods.md section 4.4). The terms are built from the packed sign bits and
             scales in row chunks (weights.py `_TaskPiece.tau_hat`, `ties_torch`) and multiplied
             chunk by chunk; never stored unpacked outside the cache below. With lambda = 0 a term
-            is tau_hat_k alone (bits x scale) and STATIC has no delta.
+            is tau_hat_k alone and STATIC has no delta; a sign-bits term (1bit, 1bit-row, 2bit)
+            is then `signs_product`: the +-1 of each byte looked up, multiplied, then scaled.
 
 1bit's lambda * TIES(others) is nonlinear in the tasks: no sum of per-task compressed deltas
 gives it. It is served the same way as tau_hat_k: computed per forward from the encodings, in
@@ -42,25 +42,28 @@ signs instead of one sign product. The alternative, one dense weight per decisio
 what the cache does when `memory_budget` leaves room: 4 bytes per routed parameter (float32
 compute) per hot decision, N + 1 decisions at most (STATIC included).
 
-Measured (tools/bench_deltas.py --hidden 256 --intermediate 688 --vocab 2048 --repeat 9: one
-forward of 32 rows over 3 tasks, CPU time on one thread, ratio to the static model's forward of
-the same batch; swap = RoutedModel's per-decision dense weights, one forward per task group):
+Measured (tools/bench_deltas.py --repeat 5: hidden 512, intermediate 1376, 4 layers, vocab
+4096; one forward of 32 rows over 3 tasks; CPU time on one thread; ratio to the static model's
+forward of the same batch; swap = RoutedModel's per-decision dense weights, one forward per task
+group; 2-core shared box, about +-15 %):
                        decoding step (1 token/row)      prefill (32 tokens/row)
                        no cache   cache   swap          no cache   cache   swap
-  Mediator (rho 0.1)   5.5        1.9     2.7           2.3        1.4     1.1
-  1bit lambda 0        5.4        2.5     2.6           2.3        1.3     1.1
-  1bit lambda 1        40         3.1     2.8           4.9        1.5     1.1
-The cache held 5.3 MB (Mediator) / 41 MB (1bit, 3 decisions) against encodings of 1.4 / 1.5 MB
-and a 7.5 MB bf16 model. lambda != 0 without a cache costs 7x lambda 0's time per decoding step.
+  Mediator (rho 0.1)   5.5        1.7     2.6           1.7        1.4     1.0
+  1bit lambda 0        4.4        2.9     2.9           2.2        1.2     1.0
+  1bit lambda 1        47         2.7     2.6           5.8        1.2     1.0
+The cache held 21 MB (Mediator: CSR; 14 MB with the int32 indices since, same speed) / 164 MB
+(1bit: 3 decisions' full float32 weights) against encodings of 5.7 / 5.9 MB and a 30 MB bf16
+model. Served from the
+encodings, lambda != 0 costs 12x lambda 0's time per decoding step (N tau_hats + the election
+per term per forward); cached, the same as lambda 0.
 
 Cache: with `memory_budget` (bytes the weights may take on the device: model + encodings +
 cache), the decoded form of a term is kept, least recently used first out, in what the model
-and the encodings leave: Mediator the CSR matrix of S_t (and of the stacked [S_1; ...; S_N]);
-1bit a decision's full weight theta_0 + delta of each Linear, so that its rows run one product
-with it, as the weight swap does, instead of shared + delta (in the compute dtype: on bf16 that
-is the export's rounding). Without a budget nothing is cached: resident weights are the model
+and the encodings leave: Mediator the CSR matrix of S_t; 1bit a decision's full weight theta_0 +
+delta of each Linear, so that its rows run one product with it, as the weight swap does, instead
+of shared + delta (in the compute dtype: on bf16 that is the export's rounding). Without a budget nothing is cached: resident weights are the model
 plus the encodings. resident_bytes() reports the three. Measured faster in every case of
-tools/bench_deltas.py (see below).
+tools/bench_deltas.py (see above).
 
 Exactness: `export --variant task:k` rounds W = D + S_k (1bit: theta_0 + tau_hat_k + lambda *
 TIES) to the store's dtype once; the delta path computes x D^T + x S_k^T in float32 without that
@@ -160,10 +163,12 @@ class CompactSparse:
         r = torch.div(idx, self.cols, rounding_mode="floor")
         crow = torch.zeros(self.rows + 1, dtype=torch.int64, device=idx.device)
         crow[1:] = torch.cumsum(torch.bincount(r, minlength=self.rows), 0)
+        col = idx - r * self.cols
+        if self.count < 2**31 and self.cols < 2**31:  # int32 indices: 12 bytes an entry instead of 20
+            crow, col = crow.to(torch.int32), col.to(torch.int32)
         with warnings.catch_warnings():  # "CSR support is in beta": the operations used here are covered by tests
             warnings.simplefilter("ignore", UserWarning)
-            return torch.sparse_csr_tensor(crow, idx - r * self.cols, self.value.float(), (self.rows, self.cols),
-                                           check_invariants=False)
+            return torch.sparse_csr_tensor(crow, col, self.value.float(), (self.rows, self.cols), check_invariants=False)
 
     def gather_rows(self, ids):
         """Dense float32 rows `ids` (any order, repeats allowed) of the delta: (len(ids), cols)."""
@@ -226,10 +231,6 @@ def _tensor_bytes(t) -> int:
     return t.numel() * t.element_size()
 
 
-STACKED = ("stacked",)  # the Mediator term of every task at once
-STACK_MAX_TOKENS = 128  # above this many tokens a term per task is faster (tools/bench_deltas.py)
-
-
 class MediatorTensor:
     """A routed tensor of a Mediator store: D is the model's own tensor; per task the sparse S_t.
     Terms are tasks (linear in the decision's weights)."""
@@ -251,30 +252,6 @@ class MediatorTensor:
         """x (m, cols) float32 -> x S_task^T (m, rows)."""
         torch, _ = require_torch()
         return torch.sparse.mm(self._csr(task), x.t()).t()
-
-    def _stacked(self):
-        """[S_t1; S_t2; ...] (N * rows x cols) as one CSR matrix, tasks in order."""
-        torch, _ = require_torch()
-        parts = [self.experts[t].csr() for t in self.experts]
-        crows = [parts[0].crow_indices()]
-        for p in parts[1:]:
-            crows.append(p.crow_indices()[1:] + crows[-1][-1])
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            return torch.sparse_csr_tensor(torch.cat(crows), torch.cat([p.col_indices() for p in parts]),
-                                           torch.cat([p.values() for p in parts]), (len(parts) * self.rows, self.cols),
-                                           check_invariants=False)
-
-    def matmul_stacked(self, x, weights):
-        """x (m, cols) float32, weights (m, N) -> sum_t weights[:, t] * (x S_t^T): every task's
-        product in one sparse multiplication, then each row's mix of them."""
-        torch, _ = require_torch()
-        z = torch.sparse.mm(self.cache.get((self.name, STACKED), self._stacked, _tensor_bytes), x.t())
-        z = z.view(len(self.experts), self.rows, -1)
-        out = z[0] * weights[:, 0]  # (rows, m); a loop of multiply-adds: 3x faster than einsum here
-        for t in range(1, z.shape[0]):
-            out.addcmul_(z[t], weights[:, t])
-        return out.t()
 
     def gather(self, task, ids):
         return self.experts[task].gather_rows(ids)
@@ -441,8 +418,7 @@ class DeltaLinear(_Routed):
         m = self.module
         self._check(x.shape[0])
         w = self.tensors.get("weight")
-        tokens = x.numel() // x.shape[-1]
-        terms = self.rt.terms(w, x.shape[0], stack=tokens <= STACK_MAX_TOKENS) if w is not None else []
+        terms = self.rt.terms(w, x.shape[0]) if w is not None else []
         if terms and isinstance(w, OneBitTensor) and w.full_fits():
             y = self._full_weights(x, w, terms)
             terms = []
@@ -451,12 +427,7 @@ class DeltaLinear(_Routed):
         if terms:
             for key, rows, weights in terms:
                 xs = x if rows is None else x.index_select(0, rows)
-                flat = xs.reshape(-1, xs.shape[-1]).float()
-                if key == STACKED:  # weights: (rows, N), one row's weights for each of its tokens
-                    d = w.matmul_stacked(flat, weights.repeat_interleave(tokens // x.shape[0], dim=0))
-                    weights = None
-                else:
-                    d = w.matmul(key, flat)
+                d = w.matmul(key, xs.reshape(-1, xs.shape[-1]).float())
                 _add_rows(y, rows, d.reshape(*xs.shape[:-1], -1), weights)
         b = self.tensors.get("bias")
         if b is not None:
@@ -678,16 +649,14 @@ class DeltaRuntime:
             by_key.setdefault(d.key, []).append(i)
         return [(decs[idx[0]], torch.tensor(idx, dtype=torch.long, device=self.device)) for idx in by_key.values()]
 
-    def terms(self, tensor, batch: int, stack: bool = False) -> list:
-        """[(term key, rows or None, row weights or None)] of the delta products of `tensor`;
-        stack: Mediator may give one STACKED term (weights: rows x tasks) when several tasks
-        are present."""
-        key = ("terms", id(tensor), batch, stack)
+    def terms(self, tensor, batch: int) -> list:
+        """[(term key, rows or None, row weights or None)] of the delta products of `tensor`."""
+        key = ("terms", id(tensor), batch)
         if key not in self._plan:
-            self._plan[key] = self._terms(tensor, batch, stack)
+            self._plan[key] = self._terms(tensor, batch)
         return self._plan[key]
 
-    def _terms(self, tensor, batch: int, stack: bool = False) -> list:
+    def _terms(self, tensor, batch: int) -> list:
         torch, _ = require_torch()
         groups = self.groups(batch)
         if self.kind == "1bit":  # a term per decision: its delta is nonlinear in the tasks
@@ -701,14 +670,6 @@ class DeltaRuntime:
             for task, w in d.weights:
                 uses[task][0].extend(idx)
                 uses[task][1].extend([w if d.mode == "mix" else 1.0] * len(idx))
-        present = [t for t, (idx, _) in uses.items() if idx]
-        if stack and len(present) > 1:
-            weights = torch.zeros((batch, len(self.tasks)), dtype=torch.float32)
-            for i, t in enumerate(self.tasks):
-                idx, ws = uses[t]
-                if idx:
-                    weights[idx, i] = torch.tensor(ws, dtype=torch.float32)
-            return [(STACKED, None, weights.to(self.device))]
         out = []
         for task, (idx, ws) in uses.items():
             if not idx:
