@@ -182,7 +182,8 @@ _build_options = [
         show_default=True,
         help="Memory budget for the whole process; sets the rows per block (e.g. 800MB, 4GiB).",
     ),
-    click.option("--seed", type=int, default=0, show_default=True, help="Seed for random methods (DARE, DELLA)."),
+    click.option("--seed", "--random-seed", "seed", type=int, default=0, show_default=True,
+                 help="Seed for random methods (DARE, DELLA)."),
     click.option(
         "--block-elements",
         type=click.IntRange(1),
@@ -291,11 +292,14 @@ def plan(recipe: Path, workers: int, memory_limit: int, seed: int, block_element
 
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--store", "store_path", required=True, type=click.Path(path_type=Path), help="Job store directory (created, or resumed).")
-@click.option("--export", "export_dir", type=click.Path(path_type=Path), help="Also export the result to this directory.")
+@click.argument("out", required=False, type=click.Path(path_type=Path))
+@click.option("--store", "store_path", type=click.Path(path_type=Path),
+              help="Job store directory (created, or resumed). Default with OUT: OUT.zarr beside it.")
+@click.option("--export", "export_dir", type=click.Path(path_type=Path), help="Also export the result to this directory (= OUT).")
 @_apply(_build_options)
 @click.option("--restart", is_flag=True, help="Discard an existing store for this path and start over.")
-@click.option("--shard-size", type=SIZE, default="5GB", show_default=True, help="With --export: max bytes per shard.")
+@click.option("--shard-size", "--out-shard-size", "shard_size", type=SIZE, default="5GB", show_default=True,
+              help="With an output: max bytes per shard.")
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), help="With --export: output dtype.")
 @click.option("--overwrite", is_flag=True, help="With --export: replace an existing output directory.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
@@ -308,21 +312,42 @@ def plan(recipe: Path, workers: int, memory_limit: int, seed: int, block_element
     "(same bits as the CPU path); methods without a GPU kernel, and tensors too large for the GPU, stay "
     "on the CPU. auto: cuda when a GPU is present. Without a GPU, cuda falls back to the CPU with a message.",
 )
+@click.option("--cuda", is_flag=True, help="mergekit's flag: the same as --device cuda.")
+@click.option("--copy-tokenizer", is_flag=True, hidden=True)  # mergekit's default, and ours: accepted, changes nothing
+@click.option("--lazy-unpickle", is_flag=True, hidden=True)  # mergekit's flag: accepted with a note (see below)
 @_apply(_dask_options)
 @_safety_options("allow_nonfinite", "allow_pickle", "allow_crimes")
 @user_errors
 def build(
-    recipe, store_path, export_dir, workers, memory_limit, seed, block_elements, restart, shard_size, dtype, overwrite, progress,
-    device, scheduler, cluster,
+    recipe, out, store_path, export_dir, workers, memory_limit, seed, block_elements, restart, shard_size, dtype, overwrite,
+    progress, device, cuda, copy_tokenizer, lazy_unpickle, scheduler, cluster,
 ):
-    """Run (or resume) the merge described by RECIPE into a job store.
+    """Run (or resume) the merge described by RECIPE; with OUT, export the merged model there.
 
-    Running it again on the same store resumes where it stopped. A store whose recipe or
-    inputs changed is refused; --restart discards it.
+    `streammerge build recipe.yaml merged/` works as `mergekit-yaml recipe.yaml merged/` does;
+    the job store (resume state) is then merged.zarr beside it unless --store says otherwise.
+    Running the same command again resumes where it stopped, and exits at once when OUT is
+    already this store's complete export. A store whose recipe or inputs changed is refused;
+    --restart discards it. mergekit's --out-shard-size, --random-seed, --cuda, --allow-crimes
+    and --copy-tokenizer (tokenizer files are always copied) work here; --lazy-unpickle is
+    accepted and does nothing (inputs are always read lazily; pickles need --allow-pickle).
     """
     from .engine.device import choose_device
     from .engine.scheduler import dask_client
 
+    if out is not None and export_dir is not None and Path(out) != Path(export_dir):
+        raise click.UsageError(f"OUT ({out}) and --export ({export_dir}) name different directories: give one")
+    export_dir = export_dir if export_dir is not None else out
+    if store_path is None:
+        if export_dir is None:
+            raise click.UsageError("give an output directory (streammerge build RECIPE OUT) or a job store (--store PATH)")
+        store_path = export_dir.parent / f"{export_dir.name}.zarr"
+        click.echo(f"store: {store_path.absolute()} (resume state: run the same command again to resume)", err=True)
+    if lazy_unpickle:
+        click.echo("note: --lazy-unpickle does nothing here: inputs are always read lazily (pickles need --allow-pickle)",
+                   err=True)
+    if cuda:
+        device = "cuda"
     choice = choose_device(device)
     if choice.message:
         click.echo(f"note: {choice.message}", err=True)
