@@ -736,8 +736,8 @@ INVALID = [
         3, "models[0].model", "expected a model name or path", False,
     ),
     (
-        "merge_method: linear\nmodels:\n  - model: a+loras/a\n    parameters: {weight: 1}\n",
-        3, "models[0].model", "'model+lora' form", False,
+        "merge_method: linear\nmodels:\n  - model: a+loras/a+loras/b\n    parameters: {weight: 1}\n",
+        3, "models[0].model", "'model+lora' form is one model path and one adapter path", True,
     ),
     (
         "merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: 1}\nchat_template: 3\n",

@@ -32,8 +32,11 @@ def _raw_buffer(nbytes: int) -> np.ndarray:
 def read_rows(handle, r0: int, r1: int, out: np.ndarray) -> np.ndarray:
     """Rows [r0, r1) of `handle` converted into float32 `out` (flat or shaped, >= the block size).
 
-    Returns a view of `out` shaped (r1 - r0, *shape[1:]).
+    Returns a view of `out` shaped (r1 - r0, *shape[1:]). A handle without raw storage
+    (`has_raw` False: checkpoints.lora.LoraHandle) computes its rows itself.
     """
+    if not handle.has_raw:
+        return handle.read_rows(r0, r1, out)
     ftype = float_type(handle.dtype)
     n = (r1 - r0) * row_elems(handle.shape)
     dest = out.reshape(-1)[:n].reshape(block_shape(handle.shape, r0, r1))
@@ -54,7 +57,9 @@ def convert(handle, raw: np.ndarray, dest: np.ndarray, first: int) -> np.ndarray
 
 
 def read_raw(handle, r0: int, r1: int, buf: np.ndarray) -> np.ndarray:
-    """The stored bytes of rows [r0, r1) of `handle` into the uint8 array `buf` (exactly that size)."""
+    """The stored bytes of rows [r0, r1) of `handle` into the uint8 array `buf` (exactly that size).
+
+    Only for handles with `has_raw`: others have no stored bytes to read (read_rows them)."""
     ftype = float_type(handle.dtype)
     start = handle.offset + r0 * row_elems(handle.shape) * ftype.itemsize
     # Opened per block (~20 us): no descriptor cache to bound or to keep valid across threads.
@@ -102,6 +107,8 @@ def read_rows_at(handle, rows: np.ndarray, out: np.ndarray) -> np.ndarray:
     (110-140 ms against 31-38 ms for 293 of 2048 rows of 11 KiB, 4 inputs). A WILLNEED on a run
     already cached costs about as much as reading it, hence not on every run.
     """
+    if not handle.has_raw:
+        return handle.read_rows_at(rows, out)
     ftype = float_type(handle.dtype)
     L = row_elems(handle.shape)
     row_bytes = L * ftype.itemsize

@@ -18,7 +18,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from streammerge.checkpoints.safetensors_header import (
     DTYPE_BITS,
@@ -55,6 +55,9 @@ class TensorHandle:
     # read_rows refuses NaN/Inf in this tensor; False under `build --allow-nonfinite` (travels
     # with the task to any worker, thread or process)
     check_finite: bool = True
+    # Its rows are stored bytes: read_raw may read them (a LoraHandle's are computed; zarr-style,
+    # the capability is declared so the engine's raw fast paths know to read float32 rows instead)
+    has_raw: ClassVar[bool] = True
 
     @property
     def numel(self) -> int:
@@ -63,6 +66,11 @@ class TensorHandle:
     @property
     def nbytes(self) -> int:
         return self.numel * DTYPE_BITS[self.dtype] // 8
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        """The files a read opens."""
+        return (self.path,)
 
 
 @dataclass(frozen=True)

@@ -106,11 +106,16 @@ def _merge_row_groups(method: MergeMethod, job: TensorJob, i: int, stats, group_
     """What `_merge_block` returns, computed group of rows by group of rows (methods with
     `row_groups`): each input's block is read raw once, then per group converted to float32,
     merged and rounded into the outputs while it is in cache. The float32 block is never
-    materialised: for task_arithmetic this halves the memory traffic (README, Benchmarks)."""
+    materialised: for task_arithmetic this halves the memory traffic (README, Benchmarks).
+    An input without raw bytes (`has_raw` False: a LoRA-applied weight) is read as float32 rows
+    once, and sliced per group."""
     r0, r1 = job.block_range(i)
     L = job.row_elems
     raws = []
     for slot, h in enumerate(job.inputs):
+        if not h.has_raw:
+            raws.append(read_rows(h, r0, r1, buffer(("rows", slot), (r1 - r0) * L)).reshape(-1))
+            continue
         ftype = float_type(h.dtype)
         buf = buffer(("raw", slot), (r1 - r0) * L * ftype.itemsize, np.uint8)
         raws.append(read_raw(h, r0, r1, buf).view(ftype.storage))
@@ -124,7 +129,7 @@ def _merge_row_groups(method: MergeMethod, job: TensorJob, i: int, stats, group_
         b = min(r1, a + step)
         lo, hi = (a - r0) * L, (b - r0) * L
         arrays = [
-            convert(h, raw[lo:hi], buffer(slot, hi - lo), a * L).reshape(block_shape(h.shape, a, b))
+            (convert(h, raw[lo:hi], buffer(slot, hi - lo), a * L) if h.has_raw else raw[lo:hi]).reshape(block_shape(h.shape, a, b))
             for slot, (h, raw) in enumerate(zip(job.inputs, raws))
         ]
         result = _by_output(job, method.merge(_as_block(job, arrays, a), job.params, stats))

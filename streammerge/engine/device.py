@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..checkpoints.blocks import nonfinite_error, read_raw
+from ..checkpoints.blocks import nonfinite_error, read_raw, read_rows
 from ..dtypes import float_type, torch_dtype
 from ..errors import StreammergeError
 from ..kernels import DeviceTensor
@@ -183,14 +183,19 @@ def _upload(job: TensorJob, device: str, stream, staging: _Staging):
     rows_shape = (job.rows, *job.shape[1:]) if job.shape else (1,)
     out = []
     for h in job.inputs:
-        ftype = float_type(h.dtype)
+        # stored bytes go up as they are and are widened on the device; a handle without them
+        # (a LoRA-applied weight) is read as float32 rows on the host
+        ftype = float_type(h.dtype if h.has_raw else "float32")
         raw_dtype, value_dtype = _torch_storage(ftype.name)
         raw = torch.empty(job.numel, dtype=raw_dtype, device=device)
         for i in range(job.nblocks):
             r0, r1 = job.block_range(i)
             n = (r1 - r0) * job.row_elems
             slot, pinned, host = staging.next(n * ftype.itemsize)
-            read_raw(h, r0, r1, host)
+            if h.has_raw:
+                read_raw(h, r0, r1, host)
+            else:
+                read_rows(h, r0, r1, host.view(np.float32))
             raw[r0 * job.row_elems : r1 * job.row_elems].copy_(pinned.view(raw_dtype), non_blocking=True)
             staging.copied(slot, stream)
         values = raw.view(value_dtype).float() if value_dtype is not torch.float32 else raw

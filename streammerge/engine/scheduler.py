@@ -221,9 +221,9 @@ def graph_paths(dsk: dict) -> list[str]:
             elif isinstance(arg, ShardedWriter):
                 paths.add(os.path.abspath(arg.directory))
             elif isinstance(arg, TensorJob):
-                paths.update(h.path for h in arg.inputs)
+                paths.update(p for h in arg.inputs for p in h.paths)
             elif isinstance(arg, TensorHandle):
-                paths.add(arg.path)
+                paths.update(arg.paths)
     return sorted(paths)
 
 

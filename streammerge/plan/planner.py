@@ -13,10 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..checkpoints import ModelCheckpoint, TensorHandle, looks_like_path, open_model, resolve_model_dir
+from ..checkpoints import ModelCheckpoint, TensorHandle, looks_like_path, resolve_model_dir
 from ..checkpoints.blocks import num_rows, row_elems
 from ..checkpoints.buffers import Buffer, agreed_buffer
 from ..checkpoints.chat_template import resolve_chat_template
+from ..checkpoints.lora import open_input, spec_paths
 from ..dtypes import float_type, is_float_st
 from ..errors import CheckpointError, RecipeError, StreammergeError
 from ..fsutil import WRITE_BEHIND_DEPTH, store_writers
@@ -188,13 +189,15 @@ def _local_spec(spec: str, recipe_dir: Path | None) -> str:
 
 
 def _open_named(recipe: Recipe, spec: str, recipe_dir: Path | None, pickle_cache: Path | None) -> ModelCheckpoint:
-    """Open the model `spec` of `recipe`; one that cannot be found is reported at the recipe line naming it."""
-    local = _local_spec(spec, recipe_dir)
+    """Open the model `spec` of `recipe` (a model, or a LoRA adapter on its base: checkpoints/lora.py);
+    one that cannot be found is reported at the recipe line naming it."""
+    locate = lambda s: _local_spec(s, recipe_dir)  # noqa: E731
     try:
-        resolve_model_dir(local)
+        for path in spec_paths(spec, locate):
+            resolve_model_dir(path)
     except CheckpointError as e:
         raise recipe.error(_named_at(recipe, spec), str(e)) from None
-    return open_model(local, pickle_cache=pickle_cache)
+    return open_input(spec, locate=locate, default_base=recipe.base_model, pickle_cache=pickle_cache)
 
 
 def _named_at(recipe: Recipe, spec: str) -> tuple:

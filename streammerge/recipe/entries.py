@@ -81,12 +81,12 @@ def _setting(raw: Any) -> Any:
 def _model_name(v: Any) -> Any:
     if isinstance(v, str) and not v.strip():
         raise PydanticCustomError("empty", "{msg}", {"msg": "a model name or path must not be empty", "subloc": ()})
-    if isinstance(v, str) and "+" in v:
+    if isinstance(v, str) and "+" in v and (v.count("+") != 1 or not all(p.strip() for p in v.split("+"))):
         raise PydanticCustomError(
             "lora",
             "{msg}",
-            {"msg": f"{v!r} is mergekit's 'model+lora' form; streammerge does not apply LoRA adapters "
-             "(merge the adapter into its model first)", "subloc": ()},
+            {"msg": f"{v!r}: mergekit's 'model+lora' form is one model path and one adapter path joined by '+'",
+             "subloc": ()},
         )
     if isinstance(v, dict):
         raise PydanticCustomError(

@@ -23,7 +23,8 @@ in `Recipe.warnings` (an error with `strict=True`):
 
 Beyond mergekit: dtype aliases (bf16, fp16, half, fp32, float) are accepted; mergekit only knows
 the full names (with or without "torch."). Differences the other way: a model reference is a
-string (mergekit also takes a mapping and "model+lora" for a LoRA, which is rejected; "path@revision" is passed on as is),
+string (mergekit also takes a mapping, which is rejected; "model+lora" names a model and a LoRA adapter applied to it,
+see checkpoints/lora.py; "path@revision" is passed on as is),
 and parameter values of the wrong type are not coerced except from strings (see
 `params.validate_value`).
 
