@@ -47,6 +47,18 @@ def is_float_st(st: str) -> bool:
     return st in _BY_ST
 
 
+# FP8 storage types (safetensors name -> ml_dtypes type). They are never computed in or written:
+# checkpoints/fp8.py dequantizes them on read with their block scales. Decoding is a lookup in
+# a 256-entry float32 table, the same values torch's float8_e4m3fn / float8_e5m2 give.
+FP8_TYPES = {"F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn), "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2)}
+_FP8_TABLES = {st: np.arange(256, dtype=np.uint8).view(t).astype(np.float32) for st, t in FP8_TYPES.items()}
+
+
+def fp8_to_float32(raw: np.ndarray, st: str, out: np.ndarray) -> np.ndarray:
+    """The FP8 values of the uint8 array `raw` (safetensors dtype `st`) into float32 `out`."""
+    return np.take(_FP8_TABLES[st], raw, out=out)
+
+
 def to_float32(raw: np.ndarray, ftype: FloatType, out: np.ndarray) -> np.ndarray:
     """Convert raw storage values into the float32 array `out` (same shape), without allocating."""
     np.copyto(out, raw.view(ftype.logical), casting="unsafe")

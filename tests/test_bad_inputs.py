@@ -303,7 +303,7 @@ CASES = [
     # models that disagree
     Case("tensor missing in one model", _without(DOWN), ("{d}/bad", DOWN, "is missing")),
     Case("shape mismatch", _reshaped, ("{d}/bad", DOWN, "has shape [128, 64]", "[64, 128]")),
-    Case("integer tensor", _int_dtype, ("{d}/bad/model.safetensors", NORM, "I16", "only BF16, F16 and F32")),
+    Case("integer tensor", _int_dtype, ("{d}/bad/model.safetensors", NORM, "I16", "only BF16, F16, F32")),
     Case("mixed architectures", _mixed_arch, ("{d}/bad/config.json", "Qwen2ForCausalLM", "LlamaForCausalLM", "--allow-crimes")),
     # non-finite values: found while merging, in a new store
     Case("NaN input", _nonfinite(0x7FC0), (BAD_FILE, DOWN, "non-finite value (nan)", "flat index 5000", "--allow-nonfinite"),

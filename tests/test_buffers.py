@@ -95,7 +95,10 @@ def test_a_buffer_that_differs_is_refused_with_its_name(family, tmp_path):
     assert not (tmp_path / "j.zarr" / "manifest.json").exists()
 
 
-def test_fp8_weights_are_refused_not_copied(family, tmp_path):
+@pytest.mark.parametrize("dtype, st", [("float64", "F64"), ("float8_e8m0fnu", "F8_E8M0")])
+def test_float_types_that_are_not_merged_are_refused_not_copied(family, tmp_path, dtype, st):
+    """F64 and FP8 formats without block scales hold values, not bytes to copy
+    (block-scaled F8_E4M3 / F8_E5M2 are merged: test_fp8_inputs.py)."""
     torch = pytest.importorskip("torch")
     from safetensors.torch import load_file as load_torch, save_file as save_torch
 
@@ -105,8 +108,8 @@ def test_fp8_weights_are_refused_not_copied(family, tmp_path):
         d = tmp_path / name
         shutil.copytree(src, d)
         tensors = load_torch(d / "model.safetensors")
-        tensors["model.q"] = torch.zeros(4, 4, dtype=torch.float8_e4m3fn)
+        tensors["model.q"] = torch.zeros(4, 4, dtype=getattr(torch, dtype))
         save_torch(tensors, d / "model.safetensors")
         paths.append(d)
     out = run("build", recipe(tmp_path, paths[0], paths[1:]), "--store", tmp_path / "j.zarr", expect=1)
-    assert "model.q" in out and "F8_E4M3" in out and "only BF16, F16 and F32 are merged" in out
+    assert "model.q" in out and st in out and "only BF16, F16, F32 and block-scaled FP8 are merged" in out

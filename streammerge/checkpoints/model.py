@@ -28,6 +28,7 @@ from streammerge.checkpoints.safetensors_header import (
     loads_strict,
     read_header,
 )
+from streammerge.checkpoints.fp8 import dequantized
 from streammerge.errors import CheckpointError
 from streammerge.limits import DOCUMENT, LISTING, Limits, read_json
 
@@ -387,6 +388,7 @@ def _open_model(spec: str, directory: Path) -> ModelCheckpoint:
             )
     if not tensors:
         raise CheckpointError(f"{directory}: the checkpoint contains no tensors")
+    tensors = dequantized(tensors, config, config_path)  # FP8 weights: read through their scales
     return ModelCheckpoint(
         spec=spec,
         directory=directory,

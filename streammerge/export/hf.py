@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..checkpoints.buffers import raw_chunks
+from ..checkpoints.fp8 import without_fp8_quantization
 from ..checkpoints.safetensors_header import read_header
 from ..dtypes import FloatType, float_type, from_float32, to_float32
 from ..engine.scheduler import run_graph
@@ -51,7 +52,8 @@ def copy_hf_files(source_dir: Path, dest_dir: Path, config_overrides: dict | Non
     """Copy the HF side files that exist in `source_dir` (following HF-cache symlinks).
 
     `config_overrides` are config.json keys the merge changed (layer count of a layer-stacking
-    merge, vocabulary size when embeddings were cut to their common rows).
+    merge, vocabulary size when embeddings were cut to their common rows). An FP8 source's
+    `quantization_config` is dropped: its weights were dequantized (checkpoints/fp8.py).
     """
     dest_dir.mkdir(parents=True, exist_ok=True)
     copied = []
@@ -61,10 +63,11 @@ def copy_hf_files(source_dir: Path, dest_dir: Path, config_overrides: dict | Non
             shutil.copyfile(src, dest_dir / name)
             copied.append(name)
     cfg_path = dest_dir / "config.json"
-    if config_overrides and cfg_path.is_file():
+    if cfg_path.is_file():
         cfg = read_json(cfg_path, DOCUMENT.named("config.json"))
-        cfg.update(config_overrides)
-        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        new = without_fp8_quantization({**cfg, **(config_overrides or {})})
+        if new != cfg:
+            cfg_path.write_text(json.dumps(new, indent=2, sort_keys=True) + "\n")
     return copied
 
 
