@@ -189,6 +189,8 @@ class MergeMethod:
     row_groups: bool = False
     # How many input models besides the base the example recipe of `streammerge methods NAME` lists.
     example_models: int = 2
+    # The most input models besides the base it merges (None: any number); more is a recipe error.
+    max_models: int | None = None
 
     def param(self, name: str) -> Param | None:
         for p in self.params:

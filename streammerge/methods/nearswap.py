@@ -41,6 +41,7 @@ register(
     MergeMethod(
         name="nearswap",
         example_models=1,
+        max_models=1,
         merge=nearswap_merge,
         base="required",
         params=(Param("t", float, REQUIRED, min=0, example=0.001, help="similarity threshold: swap in values closer than about t"),),

@@ -302,6 +302,12 @@ class Recipe(Strict):
             raise LocatedError(("merge_method",), f"merge method {method.name} needs a base_model")
 
         inputs = self.input_models(slice_index, module)
+        others = [m for m in inputs if m != base]
+        if method.max_models is not None and len(others) > method.max_models:
+            raise LocatedError(
+                prefix + (("slices", slice_index) if slices is not None else ("models",)),
+                f"merge method {method.name} takes {method.max_models} model besides the base_model, got {len(others)}",
+            )
         for p in method.params:
             if p.default is not REQUIRED:
                 continue
