@@ -16,8 +16,10 @@ import zlib
 import pytest
 import torch
 import yaml
+from click.testing import CliRunner
 
 from helpers import gradient, load_model_tensors, write_recipe
+from streammerge.cli import main as cli
 from streammerge.engine.job import build
 from streammerge.errors import RecipeError
 from streammerge.export.hf import export_store
@@ -289,8 +291,10 @@ def test_unlisted_module_is_not_written_with_a_warning(qwen2vl, tmp_path):
          r"recipe\.yaml:3: modules\.vision: .*ft1 has no module 'vision' \(its modules: text_decoder, vision_tower, multi_modal_projector\)"),
         (lambda b, f: {"merge_method": "passthrough", "slices": [{"sources": [{"model": str(b), "layer_range": [0, 2]}]}]},
          r"recipe\.yaml:\d+: slices: .*base has several modules .* slice them under `modules:`"),
+        (lambda b, f: {"merge_method": "mediator", "base_model": str(b), "modules": {"text_decoder": {"models": [{"model": str(f[0])}]}}},
+         r"recipe\.yaml:\d+: modules: mediator routes every stack by itself from one `models:` list"),
     ],
-    ids=["unknown-module", "top-level-slices"],
+    ids=["unknown-module", "top-level-slices", "routing-method"],
 )
 def test_modules_refused_with_the_recipe_line(llava, tmp_path, recipe_fn, message):
     base, fts = llava
@@ -362,3 +366,13 @@ def test_mediator_scores_and_routes_decoder_and_vision_layers_apart(tmp_path):
     assert decision["stacks"]["vision_tower"]["routed_layers"] == [0]
     experts = {j["key"].removeprefix("experts/") for j in Store.open(tmp_path / "med.zarr").jobs if j["stage"] == "experts"}
     assert experts == {n for n in decoder if ".layers.1." in n} | {n for n in vision if ".layers.0." in n}
+
+    # the report lists the stacks apart: the decoder's rows, then the vision tower's
+    res = CliRunner().invoke(cli, ["report", str(tmp_path / "med.zarr"), "--json", "-o", str(tmp_path / "report")])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.output)["summary"]
+    assert [r["routed"] for r in summary["layers"]] == [False, True, False]
+    assert [r["routed"] for r in summary["stacks"]["vision_tower"]["layers"]] == [True, False]
+    assert summary["warnings"] == []
+    html = (tmp_path / "report" / "index.html").read_text()
+    assert html.index("<h3>text_decoder</h3>") < html.index("<h3>vision_tower: its own 2 layers")

@@ -424,7 +424,14 @@ def _stacks(model: ModelCheckpoint) -> Stacks:
 
 
 def _check_modules(recipe: Recipe, checkpoints: dict[str, ModelCheckpoint]) -> None:
-    """Every module a recipe names is one the models have (mergekit's module names)."""
+    """Every module a recipe names is one the models have (mergekit's module names). A routing
+    method decides from one set of tasks and settings for the whole model: it takes `models:`
+    (and routes each stack apart by itself)."""
+    if recipe.method.pipeline:
+        raise recipe.error(
+            ("modules",),
+            f"{recipe.merge_method} routes every stack by itself from one `models:` list; use `models:` instead of `modules:`",
+        )
     for module, slice_index in recipe.groups():
         for spec in [recipe.base_for(slice_index, module)] + recipe.input_models(slice_index, module):
             if spec is None:
