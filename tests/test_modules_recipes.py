@@ -253,6 +253,11 @@ def test_llava_module_slices_stack_decoder_layers(llava, tmp_path):
         },
     }
     got, _ = run_streammerge(recipe, tmp_path)
+    res = CliRunner().invoke(cli, ["plan", str(tmp_path / "recipe.yaml"), "--json"])
+    plan = json.loads(res.output)
+    assert plan["stacks"] == {"text_decoder": 4, "vision_tower": 2, "multi_modal_projector": 0}
+    assert plan["modules"] == {"text_decoder": [str(base), str(fts[0])], "vision_tower": [str(fts[1])],
+                               "multi_modal_projector": [str(fts[0])]}
     b, f1, f2 = load_model_tensors(base), load_model_tensors(fts[0]), load_model_tensors(fts[1])
     for name, v in got.items():
         module = stack(name)[0]

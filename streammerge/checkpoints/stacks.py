@@ -91,7 +91,7 @@ class Stacks:
     checkpoint has one stack, named `default` as mergekit names its module."""
 
     layers: dict[str, int]
-    config_keys: dict[str, tuple[tuple[str, ...], ...]]  # where config.json holds each stack's layer count
+    config_keys: dict[str, tuple[tuple[str, ...], ...]]  # where config.json gives each stack's layer count
 
     @classmethod
     def of(cls, tensors: Iterable[str], config: Mapping | None) -> "Stacks":
@@ -107,13 +107,13 @@ class Stacks:
             present = tuple(p for p in rule.config_keys if _positive_int(_config_value(config, p)))
             name = DEFAULT if set(seen) == {TEXT} else rule.name
             layers[name] = _config_value(config, present[0]) if present else seen[rule.name]
-            keys[name] = present
+            # a text model's count is written as num_hidden_layers even where its config had none
+            keys[name] = present or (rule.config_keys[:1] if rule.name == TEXT else ())
         return cls(layers, keys)
 
     def module(self, tensor: str) -> str:
         """The stack (mergekit's module name) of a tensor of this checkpoint."""
-        stack = stack_of(tensor)
-        return DEFAULT if DEFAULT in self.layers else stack
+        return DEFAULT if DEFAULT in self.layers else stack_of(tensor)
 
 
 def _positive_int(v) -> bool:

@@ -145,6 +145,12 @@ class Plan:
     config_overrides: dict = field(default_factory=dict)  # config.json keys the output changes
     buffers: list[Buffer] = field(default_factory=list)  # non-float tensors, copied (checkpoints/buffers.py)
     chat_template: str | None = None  # written into the output's tokenizer files (export/chat_template.py)
+    module_models: dict[str, list[str]] = field(default_factory=dict)  # with `modules:`: the models each module merges
+
+    @property
+    def stacks(self) -> dict[str, int]:
+        """The output's layers per stack (checkpoints/stacks.py), text decoder first."""
+        return Stacks.of([j.name for j in self.jobs], None).layers
 
     @property
     def input_bytes(self) -> int:
@@ -359,6 +365,9 @@ def make_plan(
         config_overrides=config_overrides,
         buffers=buffers,
         chat_template=chat_template,
+        module_models={
+            g[0].module: list(dict.fromkeys(spec for x in g for spec in x.models)) for g in modules if g[0].module
+        },
     )
 
 
@@ -392,8 +401,8 @@ def _module_groups(recipe: Recipe, checkpoints: dict[str, ModelCheckpoint], modu
     for k, sl in enumerate(slices):
         n = sl.sources[0].layer_range[1] - sl.sources[0].layer_range[0]
         starts = {src.model: src.layer_range[0] for src in sl.sources}
-        for j, src in enumerate(sl.sources):
-            have = _stack_layers(recipe, checkpoints[src.model], module, prefix + ("slices", k, "sources", j))
+        for src in sl.sources:
+            have = _stack_layers(recipe, checkpoints[src.model], module)
             if src.layer_range[1] > have:
                 where = f"{'.'.join(prefix)}.slices[{k}]" if prefix else f"slices[{k}]"
                 raise RecipeError(f"{where}: layer_range {list(src.layer_range)} of {src.model} exceeds its {have} layers")
@@ -404,7 +413,7 @@ def _module_groups(recipe: Recipe, checkpoints: dict[str, ModelCheckpoint], modu
     return groups
 
 
-def _stack_layers(recipe: Recipe, model: ModelCheckpoint, module: str | None, where: tuple) -> int:
+def _stack_layers(recipe: Recipe, model: ModelCheckpoint, module: str | None) -> int:
     """The layer count of the stack a slice of `module` takes layers from (top-level slices: the
     model's only stack; mergekit refuses them on a model of several modules too)."""
     stacks = _stacks(model)
@@ -460,7 +469,7 @@ def _output_tensors(modules: list[list[_Group]], checkpoints: dict[str, ModelChe
         if left:
             unlisted = sorted({stacks.module(n) for n in left})
             warnings.append(
-                f"modules: {', '.join(unlisted)} not listed: its {len(left)} tensor(s) are not written (as in mergekit), e.g. {left[0]}"
+                f"modules: not listed, so not written (as in mergekit): {', '.join(unlisted)} ({len(left)} tensor(s), e.g. {left[0]})"
             )
 
 
@@ -476,8 +485,7 @@ def _module_tensors(groups: list[_Group], checkpoints: dict[str, ModelCheckpoint
     names = [n for n in reference.tensors if first.module is None or stacks.module(n) == first.module]
     if first.slice_index is None:
         for name in names:
-            i = layer_index(name)
-            yield name, first, None, layer_position(i, stacks.layers[stacks.module(name)]) if i is not None else 0.0
+            yield name, first, None, layer_position(layer_index(name), stacks.layers[stacks.module(name)])
         return
     outside = [n for n in names if layer_index(n) is None]
     pre = [n for n in outside if "embed" in n]
@@ -504,8 +512,7 @@ def _restack_config(overrides: dict, source: ModelCheckpoint, groups: list[_Grou
     they came from. A nested mapping (text_config, vision_config) is overridden whole."""
     config = source.config or {}
     stacks = _stacks(source)
-    keys = stacks.config_keys[groups[0].module or next(iter(stacks.layers))] or (("num_hidden_layers",),)
-    for *outer, count in keys:
+    for *outer, count in stacks.config_keys[groups[0].module or next(iter(stacks.layers))]:
         if outer:
             holder = overrides[outer[0]] = dict(overrides.get(outer[0]) or config.get(outer[0]) or {})
             current = holder
