@@ -381,3 +381,10 @@ def test_mediator_scores_and_routes_decoder_and_vision_layers_apart(tmp_path):
     assert summary["warnings"] == []
     html = (tmp_path / "report" / "index.html").read_text()
     assert html.index("<h3>text_decoder</h3>") < html.index("<h3>vision_tower: its own 2 layers")
+
+
+def test_routing_line_counts_each_stacks_routed_layers():
+    from streammerge.routing.decision import forced
+
+    method = {"method": "mediator", "routed_layers": [1], "stacks": {"vision_tower": {"routed_layers": [0]}}}
+    assert forced("math", ["chat", "math"]).applied(method) == "forced math: D + S_math on 1 routed layer(s) + 1 vision_tower layer(s)"
