@@ -46,6 +46,7 @@ from ..checkpoints.stacks import layer_index, stack_of
 
 KINDS = ("attention", "mlp", "norm", "embedding", "other")
 
+
 def module_kind(name: str) -> str:
     """The module kind of a tensor name: "attention", "mlp", "norm", "embedding" or "other".
 
