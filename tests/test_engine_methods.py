@@ -43,6 +43,9 @@ CASES = {
     "karcher": (3, False, {}, {}),
     "model_stock": (3, True, {}, {}),
     "nearswap": (1, True, {"t": 0.001}, {}),
+    "arcee_fusion": (1, True, {}, {}),
+    "ram": (3, True, {"epsilon": 1e-4}, {}),
+    "ramplus_tl": (3, True, {"r": 0.5, "alpha": 0.5, "epsilon": 1e-4}, {}),
     "passthrough": (1, False, {}, {}),
 }
 
