@@ -110,7 +110,7 @@ def _max_reduce(partials, params: TensorParams, stats: Stats) -> Stats:
     partials = [p for p in partials if p is not None]
     if not partials:
         return {}
-    return {"arcee_fusion.max": [max(p[0] for p in partials), max(p[1] for p in partials)]}
+    return {"arcee_fusion.max": np.array([max(p[0] for p in partials), max(p[1] for p in partials)])}
 
 
 def _exact_sums(terms: list[np.ndarray]) -> list:
@@ -129,7 +129,7 @@ def _sum_map(block: Block, params: TensorParams, stats: Stats):
 def _sum_reduce(partials, params: TensorParams, stats: Stats) -> Stats:
     if all(p is None for p in partials):
         return {}
-    return {"arcee_fusion.sum": exact_reduce(partials, 2).tolist()}
+    return {"arcee_fusion.sum": exact_reduce(partials, 2)}
 
 
 def _kl_map(block: Block, params: TensorParams, stats: Stats):
@@ -162,7 +162,7 @@ def _count_map(block: Block, params: TensorParams, stats: Stats):
 
 def _count_reduce(partials, params: TensorParams, stats: Stats) -> Stats:
     partials = [p for p in partials if p is not None]
-    return {"arcee_fusion.neg": sum(p[0] for p in partials), "arcee_fusion.min": min(p[1] for p in partials)}
+    return {"arcee_fusion.neg": sum(p[0] for p in partials), "arcee_fusion.min": min((p[1] for p in partials), default=0.0)}
 
 
 def _quartile_index(i: int, n: int) -> int:
