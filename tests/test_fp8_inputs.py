@@ -139,6 +139,7 @@ def test_rows_read_equal_torch_dequantization(family):
     picked = np.array([0, 1, 2, 40, 41, 127, 128, 159])
     got = read_rows_at(h, picked, np.empty(picked.size * want.shape[1], np.float32))
     assert np.array_equal(got, want[picked])
+    assert read_rows_at(h, picked[:0], np.empty(0, np.float32)).shape == (0, want.shape[1])
 
 
 def recipe(tmp_path, method, dirs, **extra):

@@ -90,7 +90,7 @@ class Fp8Handle:
         cols = row_elems(self.shape)
         flat = out.reshape(-1)
         breaks = (np.flatnonzero(np.diff(rows) != 1) + 1).tolist()
-        for a, b in zip([0, *breaks], [*breaks, rows.size]):
+        for a, b in zip([0, *breaks], [*breaks, rows.size]) if rows.size else ():
             first = int(rows[a])
             self.read_rows(first, first + b - a, flat[a * cols : b * cols])
         return flat[: rows.size * cols].reshape((rows.size, *self.shape[1:]))
