@@ -18,6 +18,15 @@ from ..checkpoints.blocks import num_rows, row_elems
 from ..checkpoints.buffers import Buffer, agreed_buffer
 from ..checkpoints.chat_template import resolve_chat_template
 from ..checkpoints.lora import open_input, spec_paths
+from ..checkpoints.tokenizer import (
+    Vocabulary,
+    VocabularyError,
+    build_vocabulary,
+    check_token_sources,
+    is_vocab_tensor,
+    row_maps,
+    vocab_handles,
+)
 from ..dtypes import float_type, is_float_st
 from ..errors import CheckpointError, RecipeError, StreammergeError
 from ..fsutil import WRITE_BEHIND_DEPTH, store_writers
@@ -147,6 +156,7 @@ class Plan:
     config_overrides: dict = field(default_factory=dict)  # config.json keys the output changes
     buffers: list[Buffer] = field(default_factory=list)  # non-float tensors, copied (checkpoints/buffers.py)
     chat_template: str | None = None  # written into the output's tokenizer files (export/chat_template.py)
+    tokenizer_files: dict[str, bytes] | None = None  # the built tokenizer's (checkpoints/tokenizer.py)
 
     @property
     def input_bytes(self) -> int:
@@ -270,15 +280,12 @@ def make_plan(
         _check_architectures(checkpoints)
     hf_source = checkpoints.get(recipe.base_model) or checkpoints[recipe.model_specs()[0]]
     tok = recipe.tokenizer_settings()
-    if tok.source == "union" or tok.tokens:
-        raise RecipeError(
-            "building a union tokenizer or custom token embeddings is not supported yet; "
-            "use tokenizer_source: base or a model"
-        )
-    if tok.source and tok.source != "base":
-        if tok.source not in checkpoints:
-            checkpoints[tok.source] = _open_named(recipe, tok.source, recipe_dir, pickle_cache)
-        hf_source = checkpoints[tok.source]
+    vocabulary = None
+    if tok.source is not None:
+        named = None
+        if tok.source not in ("base", "union"):
+            named = checkpoints.get(tok.source) or _open_named(recipe, tok.source, recipe_dir, pickle_cache)
+        vocabulary = _vocabulary(recipe, tok, checkpoints, hf_source.spec, named)
 
     groups = _groups(recipe, checkpoints)
     n_inputs = max(len(g.models) + (g.base is not None) for g in groups)
@@ -289,7 +296,7 @@ def make_plan(
         chat_template = resolve_chat_template(recipe.chat_template, [ck.directory for ck in checkpoints.values()])
     except ValueError as e:
         raise recipe.error(("chat_template",), str(e)) from None
-    if chat_template is not None and not (hf_source.directory / "tokenizer_config.json").is_file():
+    if chat_template is not None and vocabulary is None and not (hf_source.directory / "tokenizer_config.json").is_file():
         warnings.append(f"chat_template: {hf_source.spec} has no tokenizer_config.json; the chat template is not written")
         chat_template = None
     config_overrides: dict = {}
@@ -316,6 +323,9 @@ def make_plan(
         if not all(is_float_st(h.dtype) for h in handles):
             buffers.append(agreed_buffer(out_name, handles, specs))
             continue
+        if vocabulary is not None and is_vocab_tensor(out_name):
+            handles = _vocab_aligned(recipe, vocabulary, tok, out_name, handles, specs, group.base)
+            config_overrides["vocab_size"] = vocabulary.rows
         shape = _common_shape(out_name, handles, checkpoints, specs, warnings, config_overrides)
         params = resolve_tensor_params(
             recipe,
@@ -365,7 +375,43 @@ def make_plan(
         config_overrides=config_overrides,
         buffers=buffers,
         chat_template=chat_template,
+        tokenizer_files=vocabulary.files() if vocabulary is not None else None,
     )
+
+
+def _tokenizer_path(recipe: Recipe, sub: tuple) -> tuple:
+    """Where a tokenizer setting is in the recipe: below `tokenizer:`, or `tokenizer_source`."""
+    return ("tokenizer", *sub) if recipe.tokenizer is not None else ("tokenizer_source",)
+
+
+def _vocabulary(recipe: Recipe, tok, checkpoints: dict[str, ModelCheckpoint], base: str, named: ModelCheckpoint | None) -> Vocabulary:
+    """The output vocabulary the recipe's tokenizer settings ask for (checkpoints/tokenizer.py);
+    `named`: the model a `tokenizer_source: <model>` names."""
+    specs = [base] + [s for s in checkpoints if s != base]
+    try:
+        vocab = build_vocabulary(
+            tok.source,
+            base,
+            specs,
+            {s: checkpoints[s].directory for s in specs},
+            {s: checkpoints[s].config for s in specs},
+            list(tok.tokens),
+            tok.pad_to_multiple_of,
+            source_dir=named.directory if named is not None else None,
+        )
+        check_token_sources(vocab, tok.tokens)
+    except VocabularyError as e:
+        raise recipe.error(_tokenizer_path(recipe, e.path), str(e)) from None
+    return vocab
+
+
+def _vocab_aligned(recipe: Recipe, vocab: Vocabulary, tok, name: str, handles: list, specs: list[str], base: str | None) -> list:
+    """The inputs of vocabulary tensor `name`, their rows re-ordered to the output vocabulary."""
+    try:
+        maps = row_maps(vocab, specs, base, [h.shape[0] for h in handles], tok.tokens)
+    except VocabularyError as e:
+        raise recipe.error(_tokenizer_path(recipe, e.path), f"{name}: {e}") from None
+    return vocab_handles(name, handles, maps)
 
 
 @dataclass(frozen=True)
