@@ -217,6 +217,21 @@ def test_tied_embeddings(tied_models, tmp_path):
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
 
 
+def test_a_tied_model_lends_its_embedding_as_lm_head(models, tied_models, tmp_path):
+    """A model without lm_head (tie_word_embeddings) merged with one that has its own: its
+    embedding stands for its lm_head, as mergekit reads it."""
+    recipe = {
+        "merge_method": "linear",
+        "base_model": models["base"],
+        "models": [{"model": models["base"], "parameters": {"weight": 0.6}}, {"model": tied_models["a"], "parameters": {"weight": 0.4}}],
+        "dtype": "float32",
+        "tokenizer_source": "union",
+    }
+    (_, got, got_vocab), (_, want, want_vocab) = both(recipe, tmp_path)
+    assert "lm_head.weight" in got
+    assert_same_rows(got, got_vocab, want, want_vocab, exact_ids=True)
+
+
 def run_cli(*args, expect=0) -> str:
     res = CliRunner().invoke(cli, [str(a) for a in args])
     assert res.exit_code == expect, res.output

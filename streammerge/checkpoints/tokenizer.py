@@ -69,6 +69,16 @@ def is_vocab_tensor(name: str) -> bool:
     return VOCAB_TENSOR.search(name) is not None
 
 
+def tied_embedding(model, name: str):
+    """The input embedding that stands for the missing output embedding `name` (lm_head) of a
+    model that ties the two (no lm_head stored; config.json's tie_word_embeddings not false), as
+    mergekit reads such a model's lm_head when merging it with one that has its own. None else."""
+    if not name.endswith("lm_head.weight") or (model.config or {}).get("tie_word_embeddings") is False:
+        return None
+    inputs = [h for n, h in model.tensors.items() if is_vocab_tensor(n) and not n.endswith("lm_head.weight")]
+    return inputs[0] if len(inputs) == 1 else None
+
+
 # ------------------------------------------------------------------------------- vocabulary
 
 

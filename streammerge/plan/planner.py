@@ -25,6 +25,7 @@ from ..checkpoints.tokenizer import (
     check_token_sources,
     is_vocab_tensor,
     row_maps,
+    tied_embedding,
     vocab_handles,
 )
 from ..dtypes import float_type, is_float_st
@@ -316,7 +317,7 @@ def make_plan(
         names = [_input_name(out_name, group, spec, layer_offset) for spec in specs]
         handles = []
         for spec, in_name in zip(specs, names):
-            h = checkpoints[spec].tensors.get(in_name)
+            h = checkpoints[spec].tensors.get(in_name) or tied_embedding(checkpoints[spec], in_name)
             if h is None:
                 raise StreammergeError(f"{checkpoints[spec].directory}: tensor {in_name} is missing")
             handles.append(h)
