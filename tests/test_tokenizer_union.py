@@ -14,6 +14,7 @@ in transformers.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -230,6 +231,36 @@ def test_a_tied_model_lends_its_embedding_as_lm_head(models, tied_models, tmp_pa
     (_, got, got_vocab), (_, want, want_vocab) = both(recipe, tmp_path)
     assert "lm_head.weight" in got
     assert_same_rows(got, got_vocab, want, want_vocab, exact_ids=True)
+
+
+def test_resume_finds_the_same_plan(models, tmp_path):
+    """The vocabulary is built the same way again: a second build of the store resumes with nothing to do."""
+    recipe = linear_recipe(models, ["base", "a", "b"], [0.5, 0.3, 0.2], base_model=models["base"], tokenizer=token_block(models))
+    path = write_recipe(tmp_path / "recipe.yaml", recipe)
+    first = build(path, tmp_path / "job.zarr", workers=2, progress=False, block_elems=40)
+    again = build(path, tmp_path / "job.zarr", workers=2, progress=False, block_elems=40)
+    assert first.report.blocks_run > 0 and again.resumed and again.report.blocks_run == 0
+
+
+def test_allow_nonfinite_reaches_the_rows_other_inputs_lend(models, tmp_path):
+    """A NaN in the row model a lends the base for its added token: refused, and let through
+    with --allow-nonfinite (the flag reaches the lent reads too)."""
+    from safetensors.torch import load_file, save_file
+
+    a = tmp_path / "a"
+    shutil.copytree(models["a"], a)
+    weights = load_file(a / "model.safetensors")
+    vocab = transformers.AutoTokenizer.from_pretrained(a).get_vocab()
+    weights["model.embed_tokens.weight"][vocab["<a1>"], 3] = float("nan")
+    save_file(weights, a / "model.safetensors", metadata={"format": "pt"})
+    recipe = linear_recipe({**models, "a": str(a)}, ["base", "a"], [0.5, 0.5], base_model=models["base"], tokenizer_source="union")
+    path = write_recipe(tmp_path / "recipe.yaml", recipe)
+    out = run_cli("build", path, "--store", tmp_path / "s.zarr", expect=1)
+    assert "non-finite value (nan)" in out and "model.embed_tokens.weight" in out
+    build(path, tmp_path / "ok.zarr", workers=2, progress=False, block_elems=40, allow_nonfinite=True)
+    export_store(Store.open(tmp_path / "ok.zarr"), tmp_path / "out")
+    emb = load_model_tensors(tmp_path / "out")["model.embed_tokens.weight"]
+    assert torch.isnan(emb[vocab["<a1>"], 3]) and not torch.isnan(emb[: vocab["<a1>"]]).any()
 
 
 def run_cli(*args, expect=0) -> str:
