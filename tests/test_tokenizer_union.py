@@ -49,7 +49,7 @@ def make_tokenizer(words: list[str], added: list[tuple[str, bool]]):
     return tok
 
 
-def make_model(path: Path, tok, seed: int, *, rows: int | None = None, tied: bool = False) -> Path:
+def make_model(path: Path, tok, seed: int, *, rows: int | None = None, tied: bool = False, template: str | None = None) -> Path:
     cfg = transformers.LlamaConfig(
         vocab_size=rows or len(tok),
         hidden_size=16,
@@ -65,6 +65,7 @@ def make_model(path: Path, tok, seed: int, *, rows: int | None = None, tied: boo
         for p in model.parameters():
             p.normal_(0, 1)
     model.save_pretrained(path, safe_serialization=True)
+    tok.chat_template = template
     tok.save_pretrained(path)
     return path
 
@@ -72,10 +73,13 @@ def make_model(path: Path, tok, seed: int, *, rows: int | None = None, tied: boo
 def family(root: Path, tied: bool) -> dict[str, str]:
     other = WORDS[:25] + ["x0", "x1", "x2"]
     specs = {
-        "base": make_model(root / "base", make_tokenizer(WORDS, []), 0, tied=tied),
+        "base": make_model(root / "base", make_tokenizer(WORDS, []), 0, tied=tied, template="base {{ messages[0]['content'] }}"),
         "a": make_model(root / "a", make_tokenizer(WORDS, [("<a1>", True), ("<shared>", False)]), 1, tied=tied),
         # more embedding rows than tokens: the rows past its tokenizer are unused
-        "b": make_model(root / "b", make_tokenizer(WORDS, [("<shared>", False), ("<b1>", True)]), 2, rows=40, tied=tied),
+        "b": make_model(
+            root / "b", make_tokenizer(WORDS, [("<shared>", False), ("<b1>", True)]), 2, rows=40, tied=tied,
+            template="b {{ messages[0]['content'] }}",
+        ),
         # another plain vocabulary, in another order
         "c": make_model(root / "c", make_tokenizer(list(reversed(other)), []), 3, tied=tied),
     }
@@ -169,13 +173,17 @@ def test_union_with_another_plain_vocabulary(models, tmp_path):
     assert sorted(got_vocab, key=got_vocab.get)[31:] == ["x2", "x1", "x0"]
 
 
-@pytest.mark.parametrize("source", ["base", "b"])
+@pytest.mark.parametrize("source", ["base", "a", "b"])
 def test_tokenizer_source_base_or_a_model(models, tmp_path, source):
     spec = models[source] if source != "base" else "base"
     recipe = linear_recipe(models, ["base", "a", "b"], [0.5, 0.3, 0.2], base_model=models["base"], tokenizer_source=spec)
-    (ours, got, got_vocab), (_, want, want_vocab) = both(recipe, tmp_path)
+    (ours, got, got_vocab), (theirs, want, want_vocab) = both(recipe, tmp_path)
     assert_same_rows(got, got_vocab, want, want_vocab, exact_ids=True)
     assert transformers.AutoConfig.from_pretrained(ours).vocab_size == len(got_vocab)
+    # the tokenizer's own chat template comes with it (a has none: not the base's either)
+    template = transformers.AutoTokenizer.from_pretrained(ours).chat_template
+    assert template == transformers.AutoTokenizer.from_pretrained(theirs).chat_template
+    assert (template or "").split(" ")[0] == {"base": "base", "a": "", "b": "b"}[source]
 
 
 def token_block(m: dict) -> dict:

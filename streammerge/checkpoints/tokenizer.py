@@ -463,8 +463,9 @@ def vocab_handles(name: str, handles: list, maps: RowMaps) -> list:
 
 
 def write_tokenizer_files(hf_dir: Path, files: dict[str, bytes], allowed: tuple[str, ...]) -> None:
-    """Replace the tokenizer files of `hf_dir` by the built tokenizer's (those named in `allowed`)."""
-    for name in TOKENIZER_FILES:
+    """Replace the tokenizer files of `hf_dir` by the built tokenizer's (those named in `allowed`);
+    the chat template too: it belongs to the tokenizer (the recipe's `chat_template` is written after)."""
+    for name in (*TOKENIZER_FILES, "chat_template.jinja", "chat_template.json"):
         (hf_dir / name).unlink(missing_ok=True)
     for name, data in files.items():
         if name in allowed:
