@@ -243,9 +243,9 @@ def check_token_sources(vocab: Vocabulary, tokens: dict) -> None:
 class RowMaps:
     """For the inputs of one vocabulary tensor job: which row each input gives each output row.
 
-    take[k][i] is input k's own row for output row i (-1: not its own); `defaults` holds, for
-    every output row some input does not take from itself, (row, kind, ((input, input row),...)):
-    kind "row" (the one listed row), "mean" (their float32 mean, summed in order) or "zero".
+    take[k][i] is input k's own row for output row i (-1: not its own); `defaults` maps every
+    output row some input does not take from itself to (kind, ((input, input row), ...)): kind
+    "row" (the one listed row), "mean" (their float32 mean, summed in order) or "zero".
     Output rows from `vocab` on are padding: the mean of the input's rows below them.
     """
 
@@ -276,14 +276,14 @@ def row_maps(vocab: Vocabulary, specs: list[str], base: str | None, rows_of: lis
         if force:
             for t in take:
                 t[tid] = -1
-    for t in take:
-        t.flags.writeable = False
+    pad = np.full(vocab.rows - n, -1, dtype=np.int64)
+    take = [np.concatenate([t, pad]) for t in take]
     h = hashlib.sha256()
     for t in take:
+        t.flags.writeable = False
         h.update(t.tobytes())
     h.update(repr(sorted(defaults.items())).encode())
-    pad = np.full(vocab.rows - n, -1, dtype=np.int64)
-    return RowMaps(tuple(np.concatenate([t, pad]) for t in take), defaults, n, h.hexdigest()[:16])
+    return RowMaps(tuple(take), defaults, n, h.hexdigest()[:16])
 
 
 def _derived(perms, specs, base, tid) -> tuple[str, tuple]:
