@@ -241,6 +241,24 @@ def test_a_tied_model_lends_its_embedding_as_lm_head(models, tied_models, tmp_pa
     assert_same_rows(got, got_vocab, want, want_vocab, exact_ids=True)
 
 
+def test_layer_stacking_takes_each_vocabulary_tensor_from_its_slice(models, tmp_path):
+    """passthrough slices: the embedding comes from the first slice's model, lm_head from the
+    last's, each re-ordered to the union (tokens that model lacks: zeros, as mergekit)."""
+    recipe = {
+        "merge_method": "passthrough",
+        "slices": [
+            {"sources": [{"model": models["c"], "layer_range": [0, 1]}]},
+            {"sources": [{"model": models["b"], "layer_range": [0, 1]}]},
+        ],
+        "dtype": "float32",
+        "tokenizer_source": "union",
+    }
+    (ours, got, got_vocab), (_, want, want_vocab) = both(recipe, tmp_path)
+    assert_same_rows(got, got_vocab, want, want_vocab, exact_ids=False)
+    assert torch.equal(got["model.embed_tokens.weight"][got_vocab["<b1>"]], torch.zeros(16))
+    assert transformers.AutoModelForCausalLM.from_pretrained(ours).config.num_hidden_layers == 2
+
+
 def test_resume_finds_the_same_plan(models, tmp_path):
     """The vocabulary is built the same way again: a second build of the store resumes with nothing to do."""
     recipe = linear_recipe(models, ["base", "a", "b"], [0.5, 0.3, 0.2], base_model=models["base"], tokenizer=token_block(models))

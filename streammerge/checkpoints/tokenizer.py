@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import re
 import tempfile
 from dataclasses import dataclass, field, replace
@@ -428,7 +429,9 @@ class VocabHandle:
                 dest[i] = acc / np.float32(len(items))
 
     def _padding(self) -> np.ndarray:
-        return _padding_row(self)
+        # keyed by the files' identity too: a file rewritten in place is not averaged from memory
+        files = tuple((st.st_ino, st.st_size, st.st_mtime_ns) for st in map(os.stat, self.paths))
+        return _padding_row(self, files)
 
 
 def _read(handle, rows: np.ndarray, key: tuple) -> np.ndarray:
@@ -436,7 +439,7 @@ def _read(handle, rows: np.ndarray, key: tuple) -> np.ndarray:
 
 
 @lru_cache(maxsize=8)
-def _padding_row(h: VocabHandle) -> np.ndarray:
+def _padding_row(h: VocabHandle, files: tuple) -> np.ndarray:
     """The mean of `h`'s rows below the padding, summed in float64 over fixed blocks (so the same
     whatever the job's blocking), then divided in float32 as torch's mean does."""
     acc = np.zeros(row_elems(h.shape), dtype=np.float64)
