@@ -26,6 +26,8 @@ from helpers import load_model_tensors, write_recipe
 from streammerge.cli import main as cli
 from streammerge.engine.job import build
 from streammerge.export.hf import export_store
+from streammerge.plan.planner import make_plan
+from streammerge.recipe import load_recipe
 from streammerge.store.store import Store
 
 transformers = pytest.importorskip("transformers")
@@ -256,6 +258,10 @@ def test_layer_stacking_takes_each_vocabulary_tensor_from_its_slice(models, tmp_
     (ours, got, got_vocab), (_, want, want_vocab) = both(recipe, tmp_path)
     assert_same_rows(got, got_vocab, want, want_vocab, exact_ids=False)
     assert torch.equal(got["model.embed_tokens.weight"][got_vocab["<b1>"]], torch.zeros(16))
+    plan = make_plan(load_recipe(tmp_path / "sm" / "recipe.yaml"))
+    # c lacks w25-w29, <shared>, <b1>; b lacks x0-x2
+    assert "model.embed_tokens.weight: 7 token(s) are in none of its inputs and get zero rows, e.g. 'w25'" in plan.warnings
+    assert "lm_head.weight: 3 token(s) are in none of its inputs and get zero rows, e.g. 'x2'" in plan.warnings
     assert transformers.AutoModelForCausalLM.from_pretrained(ours).config.num_hidden_layers == 2
 
 
@@ -287,6 +293,18 @@ def test_allow_nonfinite_reaches_the_rows_other_inputs_lend(models, tmp_path):
     export_store(Store.open(tmp_path / "ok.zarr"), tmp_path / "out")
     emb = load_model_tensors(tmp_path / "out")["model.embed_tokens.weight"]
     assert torch.isnan(emb[vocab["<a1>"], 3]) and not torch.isnan(emb[: vocab["<a1>"]]).any()
+
+
+def test_a_base_without_tokenizer_is_an_error_at_the_tokenizer_line(models, tmp_path):
+    base = tmp_path / "bare"
+    base.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(Path(models["base"]) / f, base / f)
+    recipe = linear_recipe({**models, "base": str(base)}, ["base", "a"], [0.5, 0.5], base_model=str(base), tokenizer_source="union")
+    path = write_recipe(tmp_path / "recipe.yaml", recipe)
+    line = 1 + path.read_text().splitlines().index("tokenizer_source: union")
+    out = run_cli("build", path, "--store", tmp_path / "s.zarr", expect=1)
+    assert out.startswith(f"error: {path}:{line}: tokenizer_source: the base model {base} has no tokenizer") and out.count("\n") == 1, out
 
 
 def run_cli(*args, expect=0) -> str:

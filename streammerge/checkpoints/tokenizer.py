@@ -287,6 +287,12 @@ def row_maps(vocab: Vocabulary, specs: list[str], base: str | None, rows_of: lis
     return RowMaps(tuple(take), defaults, n, h.hexdigest()[:16])
 
 
+def unfound(vocab: Vocabulary, maps: RowMaps, tokens: dict) -> list[str]:
+    """The output tokens none of the job's inputs has and no `tokens:` entry sources: zero rows."""
+    ids = {tid for tid, (kind, _) in maps.defaults.items() if kind == "zero"}
+    return sorted((t for t, i in vocab.vocab.items() if i in ids and t not in tokens), key=vocab.vocab.get)
+
+
 def _derived(perms, specs, base, tid) -> tuple[str, tuple]:
     have = [k for k, p in enumerate(perms) if p[tid] >= 0]
     if not have:

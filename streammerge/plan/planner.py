@@ -26,6 +26,7 @@ from ..checkpoints.tokenizer import (
     is_vocab_tensor,
     row_maps,
     tied_embedding,
+    unfound,
     vocab_handles,
 )
 from ..dtypes import float_type, is_float_st
@@ -325,7 +326,7 @@ def make_plan(
             buffers.append(agreed_buffer(out_name, handles, specs))
             continue
         if vocabulary is not None and is_vocab_tensor(out_name):
-            handles = _vocab_aligned(recipe, vocabulary, tok, out_name, handles, specs, group.base)
+            handles = _vocab_aligned(recipe, vocabulary, tok, out_name, handles, specs, group.base, warnings)
             config_overrides["vocab_size"] = vocabulary.rows
         shape = _common_shape(out_name, handles, checkpoints, specs, warnings, config_overrides)
         params = resolve_tensor_params(
@@ -406,12 +407,15 @@ def _vocabulary(recipe: Recipe, tok, checkpoints: dict[str, ModelCheckpoint], ba
     return vocab
 
 
-def _vocab_aligned(recipe: Recipe, vocab: Vocabulary, tok, name: str, handles: list, specs: list[str], base: str | None) -> list:
+def _vocab_aligned(recipe: Recipe, vocab: Vocabulary, tok, name: str, handles: list, specs: list[str], base: str | None, warnings: list[str]) -> list:
     """The inputs of vocabulary tensor `name`, their rows re-ordered to the output vocabulary."""
     try:
         maps = row_maps(vocab, specs, base, [h.shape[0] for h in handles], tok.tokens)
     except VocabularyError as e:
         raise recipe.error(_tokenizer_path(recipe, e.path), f"{name}: {e}") from None
+    missing = unfound(vocab, maps, tok.tokens)
+    if missing:
+        warnings.append(f"{name}: {len(missing)} token(s) are in none of its inputs and get zero rows, e.g. {missing[0]!r}")
     return vocab_handles(name, handles, maps)
 
 
