@@ -323,14 +323,13 @@ def _configured(vocab: Vocabulary, specs, token: str, tid: int, cfg, rows_of) ->
         row = int(vocab.perms[model][tid])
         if row < 0:
             raise VocabularyError(where, f"token {token!r} is not in model {model}")
-    elif src.token is not None:
-        row = vocab.original[model].get(src.token, -1)
-        if row < 0:
-            raise VocabularyError(where + ("token",), f"token {src.token!r} is not in model {model}")
-    else:
-        row = src.token_id
+    else:  # model_token: another token's row, by token or by id
+        key = "token_id" if src.token is None else "token"
+        row = src.token_id if src.token is None else vocab.original[model].get(src.token, -1)
+        if src.token is not None and row < 0:
+            raise VocabularyError(where + (key,), f"token {src.token!r} is not in model {model}")
         if not 0 <= row < rows_of[k]:
-            raise VocabularyError(where + ("token_id",), f"token_id {row} is out of range for model {model} ({rows_of[k]} rows)")
+            raise VocabularyError(where + (key,), f"row {row} is out of range for model {model} ({rows_of[k]} rows)")
     return ("row", ((k, int(row)),))
 
 
