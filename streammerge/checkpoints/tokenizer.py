@@ -40,7 +40,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ..workspace import thread_buffer
-from .blocks import block_shape, read_rows_at, row_elems
+from .blocks import block_shape, read_rows, read_rows_at, row_elems
 from .safetensors_header import DTYPE_BITS
 
 # The tensors whose first axis is the vocabulary (mergekit's `vocabulary_axis: 0` weights).
@@ -399,7 +399,10 @@ class VocabHandle:
             return
         take = self.maps.take[self.own][rows]
         mine = np.flatnonzero(take >= 0)
-        if mine.size:
+        if mine.size == rows.size and take[-1] - take[0] == rows.size - 1 and (np.diff(take) == 1).all():
+            # all its own rows, in order (most blocks when vocabularies share their ids): read in place
+            read_rows(self.sources[self.own], int(take[0]), int(take[-1]) + 1, dest)
+        elif mine.size:
             order = np.argsort(take[mine], kind="stable")  # reads want ascending rows (a permutation: no repeats)
             got = _read(self.sources[self.own], take[mine][order], ("tokenizer.own",))
             dest[mine[order]] = got.reshape(mine.size, -1)
