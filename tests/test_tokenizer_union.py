@@ -265,6 +265,16 @@ def test_layer_stacking_takes_each_vocabulary_tensor_from_its_slice(models, tmp_
     assert transformers.AutoModelForCausalLM.from_pretrained(ours).config.num_hidden_layers == 2
 
 
+def test_plan_counts_the_tokenizer_libraries_in_its_memory_estimate(models, tmp_path):
+    from streammerge.plan.planner import BASELINE_BYTES, TOKENIZER_LIBS_BYTES
+
+    recipe = linear_recipe(models, ["base", "a"], [0.5, 0.5], base_model=models["base"])
+    plain = make_plan(load_recipe(write_recipe(tmp_path / "plain.yaml", recipe)))
+    built = make_plan(load_recipe(write_recipe(tmp_path / "union.yaml", {**recipe, "tokenizer_source": "union"})))
+    assert plain.baseline_bytes == BASELINE_BYTES and built.baseline_bytes == BASELINE_BYTES + TOKENIZER_LIBS_BYTES
+    assert "zarr, transformers) + " in run_cli("plan", tmp_path / "union.yaml")
+
+
 def test_resume_finds_the_same_plan(models, tmp_path):
     """The vocabulary is built the same way again: a second build of the store resumes with nothing to do."""
     recipe = linear_recipe(models, ["base", "a", "b"], [0.5, 0.3, 0.2], base_model=models["base"], tokenizer=token_block(models))

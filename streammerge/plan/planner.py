@@ -40,6 +40,9 @@ LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 # Memory the process needs before any block: interpreter, numpy, zarr, dask, bookkeeping.
 BASELINE_BYTES = 300 * 2**20
+# What building a tokenizer adds to it: transformers and the torch it imports (measured: a build
+# with `tokenizer: {source: union}` peaked at 658-742 MB resident against 292-308 MB without).
+TOKENIZER_LIBS_BYTES = 400 * 2**20
 # Above this, bigger blocks buy no speed and cost memory and progress granularity.
 MAX_BLOCK_ELEMS = 4 * 2**20
 MIN_BLOCK_ELEMS = 64 * 2**10
@@ -177,11 +180,16 @@ class Plan:
     def nblocks(self) -> int:
         return sum(j.nblocks for j in self.jobs)
 
+    @property
+    def baseline_bytes(self) -> int:
+        """Resident bytes before any block: the process, and the libraries a tokenizer build loads."""
+        return BASELINE_BYTES + (TOKENIZER_LIBS_BYTES if self.tokenizer_files is not None else 0)
+
     def memory_estimate(self) -> int:
         """Peak resident bytes: baseline + per worker, the float32 inputs and work arrays of a block."""
         n_inputs = len(self.model_specs) + (1 if self.base_spec else 0)
         biggest = max((min(j.block_rows * j.row_elems, j.numel) for j in self.jobs), default=0)
-        return BASELINE_BYTES + biggest * 4 * (self.workers * (n_inputs + WORK_ARRAYS) + writer_blocks(self.workers))
+        return self.baseline_bytes + biggest * 4 * (self.workers * (n_inputs + WORK_ARRAYS) + writer_blocks(self.workers))
 
     def with_block_rows(self, block_rows: dict[str, int]) -> "Plan":
         """The same plan cut as an existing store was (resuming keeps the store's chunking)."""
@@ -291,7 +299,8 @@ def make_plan(
 
     groups = _groups(recipe, checkpoints)
     n_inputs = max(len(g.models) + (g.base is not None) for g in groups)
-    block_elems = block_elems or block_elems_for(memory_limit, workers, n_inputs)
+    libs = TOKENIZER_LIBS_BYTES if vocabulary is not None else 0
+    block_elems = block_elems or block_elems_for(memory_limit - libs, workers, n_inputs)
     out_dtype_name = recipe.out_dtype or recipe.dtype
     warnings: list[str] = list(recipe.warnings)
     try:
