@@ -55,7 +55,7 @@ TOKENIZER_FILES = (
     "merges.txt",
     "added_tokens.json",
 )
-_PAD_BLOCK_ROWS = 4096  # rows per read when averaging an input's rows for the padding rows
+_PAD_BLOCK_ELEMS = 1 << 22  # elements per read when averaging an input's rows for the padding rows (16 MiB)
 
 
 class VocabularyError(ValueError):
@@ -101,16 +101,20 @@ class Vocabulary:
             return {p.name: p.read_bytes() for p in sorted(Path(d).iterdir()) if p.is_file()}
 
 
-def load_tokenizer(directory: Path):
-    """The fast tokenizer of a model directory, or None when it has none that loads."""
+def load_tokenizer(directory: Path, required: str | None = None):
+    """The fast tokenizer of a model directory; None when it has none that loads, or, with
+    `required` (what needs it, for the message), a VocabularyError saying why."""
     import transformers
 
-    if not any((Path(directory) / f).is_file() for f in TOKENIZER_FILES):
+    why = "no tokenizer files"
+    if any((Path(directory) / f).is_file() for f in TOKENIZER_FILES):
+        try:
+            return transformers.AutoTokenizer.from_pretrained(str(directory), use_fast=True)
+        except Exception as e:  # noqa: BLE001 - any failure means "no usable tokenizer", as mergekit treats it
+            why = " ".join(str(e).split())[:200] or type(e).__name__
+    if required is None:
         return None
-    try:
-        return transformers.AutoTokenizer.from_pretrained(str(directory), use_fast=True)
-    except Exception:  # noqa: BLE001 - any failure means "no usable tokenizer", as mergekit treats it
-        return None
+    raise VocabularyError(("source",), f"{required} has no tokenizer that loads ({directory}: {why})")
 
 
 def _vocab_size(config: dict | None, tokenizer) -> int:
@@ -133,9 +137,7 @@ def build_vocabulary(
     """The output vocabulary for `source` ("base", "union" or a model, whose directory is
     `source_dir`) over the inputs `models` (specs, base first), as mergekit builds it. An input
     without a tokenizer is taken to share the base's; the base (and a named source) must have one."""
-    base_tok = load_tokenizer(directories[base])
-    if base_tok is None:
-        raise VocabularyError(("source",), f"the base model {base} has no tokenizer that loads ({directories[base]})")
+    base_tok = load_tokenizer(directories[base], required=f"the base model {base}")
     base_size = _vocab_size(configs.get(base), base_tok)
     beyond = [t for t, i in base_tok.get_vocab().items() if i >= base_size]
     if beyond:
@@ -155,9 +157,7 @@ def build_vocabulary(
     elif source == "union":
         out = _union(base_tok, toks, sizes)
     else:
-        out = load_tokenizer(source_dir)
-        if out is None:
-            raise VocabularyError(("source",), f"{source} has no tokenizer that loads ({source_dir})")
+        out = load_tokenizer(source_dir, required=f"the tokenizer source {source}")
     have = set(out.get_vocab())
     for tok in add_tokens:
         if tok not in have:
@@ -450,11 +450,14 @@ def _read(handle, rows: np.ndarray, key: tuple) -> np.ndarray:
 def _padding_row(h: VocabHandle, files: tuple) -> np.ndarray:
     """The mean of `h`'s rows below the padding, summed in float64 over fixed blocks (so the same
     whatever the job's blocking), then divided in float32 as torch's mean does."""
-    acc = np.zeros(row_elems(h.shape), dtype=np.float64)
+    width = row_elems(h.shape)
+    acc = np.zeros(width, dtype=np.float64)
     n = h.maps.vocab
-    for r0 in range(0, n, _PAD_BLOCK_ROWS):
-        r1 = min(n, r0 + _PAD_BLOCK_ROWS)
-        block = np.empty((r1 - r0, row_elems(h.shape)), dtype=np.float32)
+    step = max(1, _PAD_BLOCK_ELEMS // width)
+    buf = np.empty(min(n, step) * width, dtype=np.float32)
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        block = buf[: (r1 - r0) * width].reshape(r1 - r0, width)
         h._assemble(np.arange(r0, r1), block)
         acc += block.sum(axis=0, dtype=np.float64)
     out = acc.astype(np.float32) / np.float32(n)
