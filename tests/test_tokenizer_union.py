@@ -317,6 +317,36 @@ def test_a_base_without_tokenizer_is_an_error_at_the_tokenizer_line(models, tmp_
     assert out.startswith(f"error: {path}:{line}: tokenizer_source: the base model {base} has no tokenizer") and out.count("\n") == 1, out
 
 
+def bpe_tokenizer(added: list[str]):
+    """A small BPE tokenizer: letters, merges, <unk>, then q and hq (made by a merge), then `added`."""
+    vocab = {c: i for i, c in enumerate("abcdefgh")}
+    vocab.update({"ab": 8, "abc": 9, "de": 10, "<unk>": 11, "q": 12, "hq": 13})
+    merges = [("a", "b"), ("ab", "c"), ("d", "e"), ("h", "q")]
+    model = tokenizers.Tokenizer(tokenizers.models.BPE(vocab, merges, unk_token="<unk>"))
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=model, unk_token="<unk>")
+    tok.add_tokens([tokenizers.AddedToken(t, special=True) for t in added], special_tokens=True)
+    return tok
+
+
+def test_a_base_tokenizer_longer_than_its_embedding_is_trimmed(tmp_path):
+    """The base's tokenizer has tokens past its vocab_size (q, hq with the merge that makes it,
+    an added <extra>): they are dropped from it, as mergekit does; a model that has them lends
+    them back to the union as added tokens."""
+    base = make_model(tmp_path / "base", bpe_tokenizer(["<extra>"]), 0, rows=12)
+    a = make_model(tmp_path / "a", bpe_tokenizer(["<a1>"]), 1)
+    recipe = {
+        "merge_method": "linear",
+        "base_model": str(base),
+        "models": [{"model": str(base), "parameters": {"weight": 0.5}}, {"model": str(a), "parameters": {"weight": 0.5}}],
+        "dtype": "float32",
+        "tokenizer_source": "union",
+    }
+    (ours, got, got_vocab), (_, want, want_vocab) = both(recipe, tmp_path)
+    assert_same_rows(got, got_vocab, want, want_vocab, exact_ids=False)
+    assert "<extra>" not in got_vocab and sorted(got_vocab, key=got_vocab.get)[12:] == ["q", "hq", "<a1>"]
+    assert transformers.AutoTokenizer.from_pretrained(ours)("abcde").input_ids == [got_vocab["abc"], got_vocab["de"]]
+
+
 def run_cli(*args, expect=0) -> str:
     res = CliRunner().invoke(cli, [str(a) for a in args])
     assert res.exit_code == expect, res.output

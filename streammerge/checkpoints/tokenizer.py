@@ -28,6 +28,7 @@ a build is reproducible. The rows each token gets are the same.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import re
@@ -139,13 +140,8 @@ def build_vocabulary(
     without a tokenizer is taken to share the base's; the base (and a named source) must have one."""
     base_tok = load_tokenizer(directories[base], required=f"the base model {base}")
     base_size = _vocab_size(configs.get(base), base_tok)
-    beyond = [t for t, i in base_tok.get_vocab().items() if i >= base_size]
-    if beyond:
-        raise VocabularyError(
-            ("source",),
-            f"the tokenizer of {base} has {len(beyond)} token(s) past its vocab_size {base_size} "
-            f"(e.g. {beyond[0]!r}); trim it to the model's vocabulary first",
-        )
+    if any(i >= base_size for i in base_tok.get_vocab().values()):
+        base_tok = _trimmed(base_tok, base_size, base)
     toks = {base: base_tok}
     for spec in models:
         if spec not in toks and (t := load_tokenizer(directories[spec])) is not None:
@@ -182,6 +178,38 @@ def build_vocabulary(
         perms[spec] = p
     original = {spec: toks.get(spec, base_tok).get_vocab() for spec in models}
     return Vocabulary(out, vocab, rows, perms, original, {spec: sizes.get(spec, base_size) for spec in models})
+
+
+def _trimmed(tok, size: int, spec: str):
+    """`tok` without its tokens of id >= `size` (rows its model lacks), as mergekit trims the
+    base's tokenizer: from the saved tokenizer.json, the added tokens, vocabulary entries and BPE
+    merges that name them (or make them) are dropped, and the result loaded again."""
+    import transformers
+
+    with tempfile.TemporaryDirectory(prefix="streammerge-tok-") as d:
+        tok.save_pretrained(d)
+        path = Path(d) / "tokenizer.json"
+        spec_json = json.loads(path.read_text(encoding="utf-8"))
+        model = spec_json.get("model") or {}
+        if model.get("type") not in ("BPE", "WordLevel") or not isinstance(model.get("vocab"), dict):
+            raise VocabularyError(
+                ("source",),
+                f"the tokenizer of {spec} has tokens past its vocab_size {size} and is a {model.get('type')} "
+                "model; only BPE and WordLevel tokenizers can be trimmed",
+            )
+        gone = {t for t, i in tok.get_vocab().items() if i >= size}
+        spec_json["added_tokens"] = [e for e in spec_json.get("added_tokens", []) if e["id"] < size]
+        model["vocab"] = {t: i for t, i in model["vocab"].items() if t not in gone}
+        if "merges" in model:
+            model["merges"] = [m for m in model["merges"] if not _merge_names(m, gone)]
+        path.write_text(json.dumps(spec_json, ensure_ascii=False), encoding="utf-8")
+        return transformers.AutoTokenizer.from_pretrained(d, use_fast=True)
+
+
+def _merge_names(merge, tokens: set[str]) -> bool:
+    """Whether a BPE merge ("a b" or ["a", "b"]) uses or makes one of `tokens`."""
+    parts = merge.split(" ") if isinstance(merge, str) else list(merge)
+    return any(p in tokens for p in parts) or "".join(parts) in tokens
 
 
 def _union(base_tok, toks: dict, sizes: dict[str, int]):
