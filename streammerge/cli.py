@@ -239,7 +239,7 @@ def _apply(options):
 @user_errors
 def plan(recipe: Path, workers: int, memory_limit: int, seed: int, block_elements, as_json: bool) -> None:
     """Dry run: list tensors, bytes, blocks and the memory estimate; reads only headers."""
-    from .plan.planner import BASELINE_BYTES, make_plan
+    from .plan.planner import make_plan
     from .recipe import load_recipe
 
     p = make_plan(
@@ -290,8 +290,9 @@ def plan(recipe: Path, workers: int, memory_limit: int, seed: int, block_element
                f"{', passes included' if multi else ''} (what the progress bar and build summary count)")
     click.echo(f"output        {human(p.output_bytes)}")
     mem = p.memory_estimate()
-    click.echo(f"memory        ~{human(mem)} with {workers} worker(s): {human(BASELINE_BYTES)} for the process (Python, numpy, "
-               f"dask, zarr) + {human(mem - BASELINE_BYTES)} of float32 blocks (inputs and work arrays per worker, writes queued)")
+    libs = "dask, zarr" + (", transformers" if p.tokenizer_files is not None else "")
+    click.echo(f"memory        ~{human(mem)} with {workers} worker(s): {human(p.baseline_bytes)} for the process (Python, numpy, "
+               f"{libs}) + {human(mem - p.baseline_bytes)} of float32 blocks (inputs and work arrays per worker, writes queued)")
     for w in p.warnings:
         click.echo(f"warning: {w}", err=True)
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from .. import __version__
 from ..checkpoints.buffers import copy_buffer
 from ..checkpoints.chat_template import write_chat_template
+from ..checkpoints.tokenizer import write_tokenizer_files
 from ..errors import StoreError
 from ..limits import DOCUMENT, read_bounded
 from ..export.hf import HF_FILES, copy_hf_files, is_export_of, record_export
@@ -175,6 +176,8 @@ def build(
         else:
             _clear(store_path, restart)
             copy_hf_files(plan.hf_source.directory, store_path / "hf", plan.config_overrides)
+            if plan.tokenizer_files is not None:
+                write_tokenizer_files(store_path / "hf", plan.tokenizer_files, HF_FILES)
             if plan.chat_template is not None:
                 write_chat_template(store_path / "hf", plan.chat_template)
             store = Store.create(store_path, manifest)

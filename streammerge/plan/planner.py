@@ -17,6 +17,17 @@ from ..checkpoints.blocks import num_rows, row_elems
 from ..checkpoints.buffers import Buffer, agreed_buffer
 from ..checkpoints.chat_template import resolve_chat_template
 from ..checkpoints.lora import open_input, spec_paths
+from ..checkpoints.tokenizer import (
+    Vocabulary,
+    VocabularyError,
+    build_vocabulary,
+    check_token_sources,
+    is_vocab_tensor,
+    row_maps,
+    tied_embedding,
+    unfound,
+    vocab_handles,
+)
 from ..checkpoints.stacks import Stacks, layer_index, with_layer
 from ..dtypes import float_type, is_float_st
 from ..errors import CheckpointError, RecipeError, StreammergeError
@@ -27,6 +38,9 @@ from ..recipe import Recipe, layer_position, resolve_tensor_params
 
 # Memory the process needs before any block: interpreter, numpy, zarr, dask, bookkeeping.
 BASELINE_BYTES = 300 * 2**20
+# What building a tokenizer adds to it: transformers and the torch it imports (measured: a build
+# with `tokenizer: {source: union}` peaked at 658-742 MB resident against 292-308 MB without).
+TOKENIZER_LIBS_BYTES = 400 * 2**20
 # Above this, bigger blocks buy no speed and cost memory and progress granularity.
 MAX_BLOCK_ELEMS = 4 * 2**20
 MIN_BLOCK_ELEMS = 64 * 2**10
@@ -145,6 +159,7 @@ class Plan:
     config_overrides: dict = field(default_factory=dict)  # config.json keys the output changes
     buffers: list[Buffer] = field(default_factory=list)  # non-float tensors, copied (checkpoints/buffers.py)
     chat_template: str | None = None  # written into the output's tokenizer files (export/chat_template.py)
+    tokenizer_files: dict[str, bytes] | None = None  # the built tokenizer's (checkpoints/tokenizer.py)
     module_models: dict[str, list[str]] = field(default_factory=dict)  # with `modules:`: the models each module merges
 
     @property
@@ -169,11 +184,16 @@ class Plan:
     def nblocks(self) -> int:
         return sum(j.nblocks for j in self.jobs)
 
+    @property
+    def baseline_bytes(self) -> int:
+        """Resident bytes before any block: the process, and the libraries a tokenizer build loads."""
+        return BASELINE_BYTES + (TOKENIZER_LIBS_BYTES if self.tokenizer_files is not None else 0)
+
     def memory_estimate(self) -> int:
         """Peak resident bytes: baseline + per worker, the float32 inputs and work arrays of a block."""
         n_inputs = len(self.model_specs) + (1 if self.base_spec else 0)
         biggest = max((min(j.block_rows * j.row_elems, j.numel) for j in self.jobs), default=0)
-        return BASELINE_BYTES + biggest * 4 * (self.workers * (n_inputs + WORK_ARRAYS) + writer_blocks(self.workers))
+        return self.baseline_bytes + biggest * 4 * (self.workers * (n_inputs + WORK_ARRAYS) + writer_blocks(self.workers))
 
     def with_block_rows(self, block_rows: dict[str, int]) -> "Plan":
         """The same plan cut as an existing store was (resuming keeps the store's chunking)."""
@@ -273,27 +293,25 @@ def make_plan(
         _check_modules(recipe, checkpoints)
     hf_source = checkpoints.get(recipe.base_model) or checkpoints[recipe.model_specs()[0]]
     tok = recipe.tokenizer_settings()
-    if tok.source == "union" or tok.tokens:
-        raise RecipeError(
-            "building a union tokenizer or custom token embeddings is not supported yet; "
-            "use tokenizer_source: base or a model"
-        )
-    if tok.source and tok.source != "base":
-        if tok.source not in checkpoints:
-            checkpoints[tok.source] = _open_named(recipe, tok.source, recipe_dir, pickle_cache)
-        hf_source = checkpoints[tok.source]
+    vocabulary = None
+    if tok.source is not None:
+        named = None
+        if tok.source not in ("base", "union"):
+            named = checkpoints.get(tok.source) or _open_named(recipe, tok.source, recipe_dir, pickle_cache)
+        vocabulary = _vocabulary(recipe, tok, checkpoints, hf_source.spec, named)
 
     modules = _groups(recipe, checkpoints)
     groups = [g for module in modules for g in module]
     n_inputs = max(len(g.models) + (g.base is not None) for g in groups)
-    block_elems = block_elems or block_elems_for(memory_limit, workers, n_inputs)
+    libs = TOKENIZER_LIBS_BYTES if vocabulary is not None else 0
+    block_elems = block_elems or block_elems_for(memory_limit - libs, workers, n_inputs)
     out_dtype_name = recipe.out_dtype or recipe.dtype
     warnings: list[str] = list(recipe.warnings)
     try:
         chat_template = resolve_chat_template(recipe.chat_template, [ck.directory for ck in checkpoints.values()])
     except ValueError as e:
         raise recipe.error(("chat_template",), str(e)) from None
-    if chat_template is not None and not (hf_source.directory / "tokenizer_config.json").is_file():
+    if chat_template is not None and vocabulary is None and not (hf_source.directory / "tokenizer_config.json").is_file():
         warnings.append(f"chat_template: {hf_source.spec} has no tokenizer_config.json; the chat template is not written")
         chat_template = None
     config_overrides: dict = {}
@@ -308,13 +326,16 @@ def make_plan(
         names = [_input_name(out_name, group, spec, layer_offset) for spec in specs]
         handles = []
         for spec, in_name in zip(specs, names):
-            h = checkpoints[spec].tensors.get(in_name)
+            h = checkpoints[spec].tensors.get(in_name) or tied_embedding(checkpoints[spec], in_name)
             if h is None:
                 raise StreammergeError(f"{checkpoints[spec].directory}: tensor {in_name} is missing")
             handles.append(h)
         if not all(is_float_st(h.dtype) for h in handles):
             buffers.append(agreed_buffer(out_name, handles, specs))
             continue
+        if vocabulary is not None and is_vocab_tensor(out_name):
+            handles = _vocab_aligned(recipe, vocabulary, tok, out_name, handles, specs, group.base, warnings)
+            config_overrides["vocab_size"] = vocabulary.rows
         shape = _common_shape(out_name, handles, checkpoints, specs, warnings, config_overrides)
         params = resolve_tensor_params(
             recipe,
@@ -365,10 +386,49 @@ def make_plan(
         config_overrides=config_overrides,
         buffers=buffers,
         chat_template=chat_template,
+        tokenizer_files=vocabulary.files() if vocabulary is not None else None,
         module_models={
             g[0].module: list(dict.fromkeys(spec for x in g for spec in x.models)) for g in modules if g[0].module
         },
     )
+
+
+def _tokenizer_path(recipe: Recipe, sub: tuple) -> tuple:
+    """Where a tokenizer setting is in the recipe: below `tokenizer:`, or `tokenizer_source`."""
+    return ("tokenizer", *sub) if recipe.tokenizer is not None else ("tokenizer_source",)
+
+
+def _vocabulary(recipe: Recipe, tok, checkpoints: dict[str, ModelCheckpoint], base: str, named: ModelCheckpoint | None) -> Vocabulary:
+    """The output vocabulary the recipe's tokenizer settings ask for (checkpoints/tokenizer.py);
+    `named`: the model a `tokenizer_source: <model>` names."""
+    specs = [base] + [s for s in checkpoints if s != base]
+    try:
+        vocab = build_vocabulary(
+            tok.source,
+            base,
+            specs,
+            {s: checkpoints[s].directory for s in specs},
+            {s: checkpoints[s].config for s in specs},
+            list(tok.tokens),
+            tok.pad_to_multiple_of,
+            source_dir=named.directory if named is not None else None,
+        )
+        check_token_sources(vocab, tok.tokens)
+    except VocabularyError as e:
+        raise recipe.error(_tokenizer_path(recipe, e.path), str(e)) from None
+    return vocab
+
+
+def _vocab_aligned(recipe: Recipe, vocab: Vocabulary, tok, name: str, handles: list, specs: list[str], base: str | None, warnings: list[str]) -> list:
+    """The inputs of vocabulary tensor `name`, their rows re-ordered to the output vocabulary."""
+    try:
+        maps = row_maps(vocab, specs, base, [h.shape[0] for h in handles], tok.tokens)
+    except VocabularyError as e:
+        raise recipe.error(_tokenizer_path(recipe, e.path), f"{name}: {e}") from None
+    missing = unfound(vocab, maps, tok.tokens)
+    if missing:
+        warnings.append(f"{name}: {len(missing)} token(s) are in none of its inputs and get zero rows, e.g. {missing[0]!r}")
+    return vocab_handles(name, handles, maps)
 
 
 @dataclass(frozen=True)
