@@ -12,7 +12,7 @@ alone. The requests admitted in a step are prefilled together (left-padded, one 
 padded into the batch cache; a request leaves by dropping its row, and columns that every
 remaining row pads are trimmed.
 
-Weights: the runtime (deltas.DeltaRuntime) computes row b with decision b's weights in the
+Weights: the runtime (routing/deltas.py DeltaRuntime) computes row b with decision b's weights in the
 same forward; `set_rows` is called with one decision per row before every forward.
 
 Sampling per request: greedy at temperature 0; else softmax(logits / temperature), nucleus
@@ -69,7 +69,7 @@ class ModelRunner:
         runtime's cache of decoded terms, one for the KV cache (`kv_budget`)."""
         from ..routing.router import Router, router_dir
         from ..routing.runtime import load_merged_model, open_routing_store, resolve_device, resolve_dtype
-        from .deltas import DeltaRuntime
+        from ..routing.deltas import DeltaRuntime
 
         store, method = open_routing_store(path)
         dev = resolve_device(device)

@@ -1,14 +1,20 @@
 """The evaluation harness: greedy decoding, exact match per task, for every kind of model.
 
 One generation function serves every model: a Hugging Face directory (base, experts, static
-merges, mergekit's outputs) or a routing store, whose one loaded model has each decision's
-weights swapped in (`RoutedModel.apply`) before the same function runs. Prompts are encoded as
+merges, mergekit's outputs) or a routing store, whose one loaded model runs every row with a
+decision through the delta runtime (`RoutedModel.apply`) when the same function runs. Prompts are encoded as
 streammerge's routed inference encodes them (`encode_for_generation`), left-padded, batched by
 length, decoded greedily until `</s>` or the set's token budget; exact match compares stripped
 texts.
 
 Model outputs are memoised per (model, weights, prompt) within a run, so evaluating a store
 under several routers or entropy thresholds generates each (decision, prompt) once.
+
+ServedEval scores a routing store's rows through `streammerge serve` instead (run.py
+--via-server): the server started as a subprocess on a free 127.0.0.1 port, every prompt sent
+with the official openai client (the chat endpoint when the tokenizer has a chat template, as
+`encode_for_generation` uses it; else completions), greedy, concurrently; the server routes
+(model `job`), forces the task (`job:task:T`) or serves the merged model (`job:static`).
 """
 
 from __future__ import annotations
@@ -274,6 +280,7 @@ class RoutedEval:
             mix_share[name] = sum(d.mode == "mix" for d in decs) / len(decs)
             per[name] = self._gen(decs, prompts, self.sets.budget[name])
         extra["mixed_share"] = mix_share
+        extra["outputs"] = per
         if mode != "static" and self.router_report:
             extra["router_heldout"] = self.router_report["heldout"]["accuracy"]
         return _result(per, self.sets, extra)
@@ -282,3 +289,129 @@ class RoutedEval:
         from streammerge.routing.decision import normalized_entropy
 
         return {name: [normalized_entropy(p) for p in self.probs(name, prompts)] for name, prompts, _, _ in _sets(self.sets)}
+
+
+# ---- the same rows through `streammerge serve` ----------------------------------------------
+
+
+class ServedEval:
+    """A routing store served by `streammerge serve` (a subprocess on a free 127.0.0.1 port),
+    evaluated through the openai client: the router the store holds now (fit it first, e.g.
+    with RoutedEval), the oracle task forced, or the merged model. Use as a context manager."""
+
+    NAME = "job"
+
+    def __init__(self, store: Path, sets: EvalSets, device: str = "cpu", eta: float | None = None, concurrency: int = 16,
+                 log: Path | None = None):
+        self.store, self.sets, self.device, self.eta = Path(store), sets, device, eta
+        self.concurrency = concurrency
+        self.log = log
+        self.proc = None
+
+    def __enter__(self) -> "ServedEval":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self, timeout: float = 120) -> None:
+        import os
+        import socket
+        import subprocess
+        import sys
+        import tempfile
+
+        import httpx
+
+        from streammerge.routing.runtime import load_tokenizer
+        from streammerge.store.store import Store
+
+        self.chat = bool(getattr(load_tokenizer(Store.open(self.store)), "chat_template", None))
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        self.base = f"http://127.0.0.1:{port}"
+        root = Path(__file__).resolve().parents[2]  # the checkout this harness belongs to
+        cmd = [sys.executable, "-m", "streammerge", "serve", str(self.store), "--host", "127.0.0.1", "--port", str(port),
+               "--device", self.device, "--name", self.NAME, "--max-batch", str(self.concurrency)]
+        if self.eta is not None:
+            cmd += ["--eta", str(self.eta)]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+        self.log = self.log or Path(tempfile.mkstemp(prefix="quality-serve-", suffix=".log")[1])
+        self.proc = subprocess.Popen(cmd, stdout=open(self.log, "w"), stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"streammerge serve exited {self.proc.returncode}: {self.log.read_text()[-2000:]}")
+            try:
+                if httpx.get(self.base + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"streammerge serve did not come up in {timeout:.0f} s: {self.log.read_text()[-2000:]}")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        import subprocess
+
+        if self.proc is None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+    def _answers(self, model: str, prompts: list[str], budget: int) -> list[tuple[str, dict | None]]:
+        """(text, routing) per prompt, greedy, `concurrency` requests at a time."""
+        import concurrent.futures as cf
+
+        import openai
+
+        client = openai.OpenAI(base_url=self.base + "/v1", api_key="none", max_retries=0, timeout=300)
+
+        def ask(p: str):
+            if self.chat:
+                r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": p}], max_tokens=budget,
+                                                   temperature=0)
+                return r.choices[0].message.content, getattr(r, "routing", None)
+            r = client.completions.create(model=model, prompt=p, max_tokens=budget, temperature=0)
+            return r.choices[0].text, getattr(r, "routing", None)
+
+        with cf.ThreadPoolExecutor(self.concurrency) as pool:
+            return list(pool.map(ask, prompts))
+
+    def evaluate(self, mode: str) -> dict:
+        """mode: router (model `job`, routed by the server), oracle (`job:task:T`; OOD routed),
+        static (`job:static`). Also the per-set outputs (`outputs`) and the decisions' modes."""
+        per, modes = {}, {}
+        for name, prompts, _, true in _sets(self.sets):
+            model = {"static": f"{self.NAME}:static", "oracle": f"{self.NAME}:task:{true}"}.get(mode, self.NAME)
+            if mode == "oracle" and true is None:
+                model = self.NAME
+            got = self._answers(model, prompts, self.sets.budget[name])
+            per[name] = [t for t, _ in got]
+            modes[name] = [(r or {}).get("mode") for _, r in got]
+        return _result(per, self.sets, {"outputs": per, "decision_modes": modes})
+
+
+def via_server(ev: RoutedEval, device: str = "cpu", modes=("router", "oracle", "static"), log: Path | None = None) -> dict:
+    """The store's rows through `streammerge serve` against the same rows in this process (ev:
+    its router fitted, eta its default): per mode the served accuracy and how many answers
+    differ. Oracle's OOD prompts are left out of the comparison: in process they are routed
+    top-1 (eta 1), the server routes them at its one eta."""
+    out = {}
+    with ServedEval(ev.store, ev.sets, device, eta=ev.rm.eta, log=log) as srv:
+        for mode in modes:
+            here = ev.evaluate(mode, eta=ev.rm.eta)
+            served = srv.evaluate(mode)
+            names = [n for n, _, _, true in _sets(ev.sets) if not (mode == "oracle" and true is None)]
+            differ = sum(a != b for n in names for a, b in zip(here["outputs"][n], served["outputs"][n]))
+            out[mode] = {"avg": served["avg"], "acc": served["acc"], "ood_all": served["ood_all"], "in_process_avg": here["avg"],
+                         "answers": sum(len(here["outputs"][n]) for n in names), "differ": differ}
+    return out
