@@ -221,14 +221,22 @@ def eval_full_routing(root: Path, sets: EvalSets, memo: Memo, device: str = "cpu
 # ---- routing stores (Mediator, 1bit-Merging) ------------------------------------------------
 
 
+# Bytes the routed runtime's weights may take (model + encodings + decoded deltas): room for
+# the hot decisions' decoded deltas of the harness's models, which runs them several times
+# faster than decoding every forward (1bit with lambda != 0: the TIES of the others).
+MEMORY_BUDGET = 8 << 30
+
+
 class RoutedEval:
     """A routing store loaded once: fit its router, then evaluate under several settings."""
 
-    def __init__(self, store: Path, sets: EvalSets, memo: Memo, device: str = "cpu", router_kw: dict | None = None):
+    def __init__(self, store: Path, sets: EvalSets, memo: Memo, device: str = "cpu", router_kw: dict | None = None,
+                 memory_budget: int | None = MEMORY_BUDGET):
         from streammerge.routing.model import RoutedModel
 
         self.store, self.sets, self.memo = Path(store), sets, memo
-        self.rm = RoutedModel.from_store(store, device=device, router=False)
+        self.memory_budget = memory_budget
+        self.rm = RoutedModel.from_store(store, device=device, router=False, memory_budget=memory_budget)
         self.refit(router_kw)
 
     def refit(self, router_kw: dict | None = None) -> None:
@@ -302,8 +310,9 @@ class ServedEval:
     NAME = "job"
 
     def __init__(self, store: Path, sets: EvalSets, device: str = "cpu", eta: float | None = None, concurrency: int = 16,
-                 log: Path | None = None):
+                 log: Path | None = None, memory_budget: int | None = MEMORY_BUDGET):
         self.store, self.sets, self.device, self.eta = Path(store), sets, device, eta
+        self.memory_budget = memory_budget
         self.concurrency = concurrency
         self.log = log
         self.proc = None
@@ -337,6 +346,8 @@ class ServedEval:
                "--device", self.device, "--name", self.NAME, "--max-batch", str(self.concurrency)]
         if self.eta is not None:
             cmd += ["--eta", str(self.eta)]
+        if self.memory_budget is not None:  # the server gives half of what the weights leave to the KV cache
+            cmd += ["--memory-budget", str(2 * self.memory_budget)]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
         self.log = self.log or Path(tempfile.mkstemp(prefix="quality-serve-", suffix=".log")[1])
         self.proc = subprocess.Popen(cmd, stdout=open(self.log, "w"), stderr=subprocess.STDOUT, env=env)
@@ -406,7 +417,7 @@ def via_server(ev: RoutedEval, device: str = "cpu", modes=("router", "oracle", "
     differ. Oracle's OOD prompts are left out of the comparison: in process they are routed
     top-1 (eta 1), the server routes them at its one eta."""
     out = {}
-    with ServedEval(ev.store, ev.sets, device, eta=ev.rm.eta, log=log) as srv:
+    with ServedEval(ev.store, ev.sets, device, eta=ev.rm.eta, log=log, memory_budget=ev.memory_budget) as srv:
         for mode in modes:
             here = ev.evaluate(mode, eta=ev.rm.eta)
             served = srv.evaluate(mode)
