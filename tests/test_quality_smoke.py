@@ -126,6 +126,7 @@ def test_only_run_merges_into_previous_results(smoke, tmp_path):
     assert "Rows re-evaluated since" in (out / "results.md").read_text()
 
 
+@pytest.mark.slow  # about 1 min a store on a loaded 2-core box: a server start and 3 x 120 requests
 @pytest.mark.parametrize("store_name", ["mediator-0.5-0.1", "1bit-uniform"])
 def test_routed_rows_through_the_server_give_the_same_answers(smoke, store_name, tmp_path):
     """`run.py --via-server` (tools/quality/evaluate.py via_server): a routing store's rows (its

@@ -555,9 +555,12 @@ class DeltaRuntime:
     def set_memory_budget(self, memory_budget: int | None) -> None:
         """Bytes the weights may take (model + encodings + cache; None: no cache); the cache
         gets what the model and the encodings leave, least recently used terms out first."""
-        self.memory_budget = memory_budget
         used = self.resident_bytes()
-        self.cache.resize(0 if memory_budget is None else int(memory_budget) - used["model"] - used["encodings"])
+        weights = used["model"] + used["encodings"]
+        if memory_budget is not None and memory_budget <= weights:
+            raise StreammergeError(f"memory budget {memory_budget} bytes: the model and the encodings alone take {weights}")
+        self.memory_budget = memory_budget
+        self.cache.resize(0 if memory_budget is None else int(memory_budget) - weights)
 
     # ---- loading --------------------------------------------------------------------------------
     def _load(self, params: dict) -> dict:

@@ -74,12 +74,7 @@ class RoutedModel:
         self.eta = float(method.get("eta", 0.5)) if eta is None else float(eta)
         self.top_m = int(method.get("top_m", 0) or 0) if top_m is None else int(top_m)
         self.max_tokens = router.meta.get("max_tokens") if (router is not None and max_tokens is None) else max_tokens
-        self.runtime = DeltaRuntime(model, store, method, device, dtype)
-        if memory_budget is not None:
-            weights = sum(self.runtime.resident_bytes().values())
-            if memory_budget <= weights:
-                raise StreammergeError(f"memory budget {memory_budget} bytes: the model and the encodings alone take {weights}")
-            self.runtime.set_memory_budget(memory_budget)
+        self.runtime = DeltaRuntime(model, store, method, device, dtype, memory_budget)
         self.timings = Timings()
 
     # ---- construction -------------------------------------------------------------------------

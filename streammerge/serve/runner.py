@@ -27,7 +27,6 @@ import random
 from dataclasses import dataclass
 from typing import Sequence
 
-from ..errors import StreammergeError
 from ..routing.decision import STATIC, forced, route_decision
 from ..routing.runtime import encode_for_features, mean_hidden_features, pad_batch, pad_id, require_torch
 from .scheduler import Request, Sampling
@@ -79,9 +78,8 @@ class ModelRunner:
         runtime = DeltaRuntime(model, store, method, dev, dt, None)
         kv_budget = None
         if memory_budget is not None:
+            runtime.set_memory_budget(memory_budget)  # refuses a budget the model and the encodings fill
             weights = sum(runtime.resident_bytes().values())
-            if memory_budget <= weights:
-                raise StreammergeError(f"memory budget {memory_budget} bytes: the model and the encodings alone take {weights}")
             kv_budget = (memory_budget - weights) // 2
             runtime.set_memory_budget(memory_budget - kv_budget)
         runner = cls(model, tok, runtime, method, dev, router=router, eta=eta, top_m=top_m)

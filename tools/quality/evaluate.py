@@ -1,8 +1,9 @@
 """The evaluation harness: greedy decoding, exact match per task, for every kind of model.
 
 One generation function serves every model: a Hugging Face directory (base, experts, static
-merges, mergekit's outputs) or a routing store, whose one loaded model runs every row with a
-decision through the delta runtime (`RoutedModel.apply`) when the same function runs. Prompts are encoded as
+merges, mergekit's outputs) or a routing store, whose one loaded model runs each batch row with
+its own decision (the delta runtime of `generate`, routing/deltas.py), so prompts with different
+decisions are generated together. Prompts are encoded as
 streammerge's routed inference encodes them (`encode_for_generation`), left-padded, batched by
 length, decoded greedily until `</s>` or the set's token budget; exact match compares stripped
 texts.
@@ -20,7 +21,6 @@ with the official openai client (the chat endpoint when the tokenizer has a chat
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,8 +61,9 @@ class EvalSets:
         return sets
 
 
-def greedy(model, tok, prompts: list[str], max_new_tokens: int, batch_size: int = 64) -> list[str]:
-    """Greedy continuations of `prompts` (decoded, special tokens skipped), in order."""
+def greedy(model, tok, prompts: list[str], max_new_tokens: int, batch_size: int = 64, before_batch=None) -> list[str]:
+    """Greedy continuations of `prompts` (decoded, special tokens skipped), in order.
+    before_batch(indices) runs before each batch (a routed model sets its rows' decisions)."""
     import torch
 
     from streammerge.routing.runtime import encode_for_generation, pad_batch, pad_id
@@ -78,6 +79,8 @@ def greedy(model, tok, prompts: list[str], max_new_tokens: int, batch_size: int 
     for b0 in range(0, len(order), batch_size):
         idx = order[b0 : b0 + batch_size]
         ids, mask = pad_batch([seqs[i] for i in idx], pad, "left", device)
+        if before_batch is not None:
+            before_batch(idx)
         with torch.inference_mode():
             gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                                  temperature=None, top_p=None, top_k=None, pad_token_id=pad, eos_token_id=eos)
@@ -106,14 +109,20 @@ class Memo:
         self.seconds = 0.0
 
     def run(self, model_key, weights_key, model, tok, prompts, budget):
-        todo = [p for p in dict.fromkeys(prompts) if (model_key, weights_key, p) not in self.cache]
+        return self.run_rows(model_key, [weights_key] * len(prompts), model, tok, prompts, budget)
+
+    def run_rows(self, model_key, weights_keys, model, tok, prompts, budget, set_rows=None):
+        """Prompt i with weights_keys[i]; the ones not memoised are generated together, and
+        set_rows(keys of a batch's rows) is called before each batch (a routed model's rows)."""
+        todo = list(dict.fromkeys((k, p) for k, p in zip(weights_keys, prompts) if (model_key, k, p) not in self.cache))
         if todo:
             t0 = time.perf_counter()
-            for p, o in zip(todo, greedy(model, tok, todo, budget)):
-                self.cache[(model_key, weights_key, p)] = o
+            hook = None if set_rows is None else (lambda idx: set_rows([todo[i][0] for i in idx]))
+            for (k, p), o in zip(todo, greedy(model, tok, [p for _, p in todo], budget, before_batch=hook)):
+                self.cache[(model_key, k, p)] = o
             self.seconds += time.perf_counter() - t0
             self.generated += len(todo)
-        return [self.cache[(model_key, weights_key, p)] for p in prompts]
+        return [self.cache[(model_key, k, p)] for k, p in zip(weights_keys, prompts)]
 
 
 def _sets(sets: EvalSets):
@@ -254,16 +263,10 @@ class RoutedEval:
         self.rm.router = Router.load(self.rm.store, self.rm.tasks).to(self.rm.device)
 
     def _gen(self, decisions, prompts, budget):
-        groups: OrderedDict = OrderedDict()
-        for i, d in enumerate(decisions):
-            groups.setdefault(d.key, (d, []))[1].append(i)
-        out = [None] * len(prompts)
-        for key, (d, ix) in groups.items():
-            self.rm.apply(d)
-            outs = self.memo.run(str(self.store), key, self.rm.model, self.rm.tokenizer, [prompts[i] for i in ix], budget)
-            for i, o in zip(ix, outs):
-                out[i] = o
-        return out
+        """Every prompt with its decision, in batches that mix decisions (each row its own)."""
+        by_key = {d.key: d for d in decisions}
+        return self.memo.run_rows(str(self.store), [d.key for d in decisions], self.rm.model, self.rm.tokenizer, prompts,
+                                  budget, set_rows=lambda keys: self.rm.runtime.set_rows([by_key[k] for k in keys]))
 
     def probs(self, name, prompts):
         if name not in self._probs:
