@@ -396,6 +396,8 @@ def test_mixed_batch_generates_as_each_prompt_alone(stores, routers, method):
     assert cached.resident_bytes()["cache"] > 0 and rm.resident_bytes()["cache"] == 0
     with pytest.raises(StreammergeError, match="the model and the encodings alone take"):
         RoutedModel.from_store(store, device=DEVICE, dtype="float32", memory_budget=1000)
+    with pytest.raises(StreammergeError, match="cache_size: .* memory_budget=BYTES"):
+        RoutedModel.from_store(store, device=DEVICE, cache_size=4)  # the old LRU's option, refused with a pointer
     out = run("generate", store, "--prompt", p, "--task", "math", "--memory-budget", "1KB", "--device", DEVICE, expect=1)
     assert out.startswith("error: ") and "memory budget" in out and len(out.strip().splitlines()) == 1
 

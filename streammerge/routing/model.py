@@ -80,12 +80,16 @@ class RoutedModel:
     # ---- construction -------------------------------------------------------------------------
     @classmethod
     def from_store(cls, path, device="auto", dtype="auto", *, router: bool | str = "auto", memory_budget: int | None = None,
-                   eta: float | None = None, top_m: int | None = None) -> "RoutedModel":
+                   eta: float | None = None, top_m: int | None = None, cache_size=None) -> "RoutedModel":
         """Load a built mediator / 1bit store. router: True (required), False (none: pass a task
         or static=True to generate), "auto" (load it when one was fitted). memory_budget: bytes
         the weights may take on the device (model + encodings + cache of decoded terms; None:
-        no cache)."""
+        no cache). cache_size (the decision LRU of the weight swap) is gone: an error says so."""
         from .router import Router, router_dir
+
+        if cache_size is not None:
+            raise StreammergeError("cache_size: decisions' weights are no longer built (each row adds its delta from the "
+                                   "encodings); give memory_budget=BYTES to cache decoded deltas instead")
 
         store, method = open_routing_store(path)
         dev = resolve_device(device)
