@@ -743,20 +743,25 @@ def router_show(store, as_json):
 @click.option("--temperature", type=click.FloatRange(0), default=0.0, show_default=True, help="0: greedy; > 0: sampling.")
 @click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True, help="With --temperature.")
 @click.option("--seed", type=int, default=None, help="Sampling seed.")
-@click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True, help="Prompts per generate call (per routing group).")
+@click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True,
+              help="Prompts decoded together, whatever their routing decisions.")
 @click.option("--task", default=None, help="Skip the router: every prompt gets this task's weights.")
 @click.option("--static", is_flag=True, help="Skip the router: the merged (static) model.")
 @click.option("--eta", type=click.FloatRange(0, 1), default=None, help="Mediator: entropy threshold (default: method.json's).")
 @click.option("--top-m", type=click.IntRange(0), default=None, help="Mediator: experts mixed when uncertain (0: all; default: method.json's).")
+@click.option("--memory-budget", type=SIZE, default=None,
+              help="Device memory for the weights: the model, the encodings and a cache of decoded deltas "
+              "(e.g. 2GB; faster where it fits). Default: no cache.")
 @click.option("--device", default="auto", show_default=True, help=_DEVICE_HELP)
 @_DTYPE_OPTION
 @user_errors
 def generate(store, prompt_texts, input_path, output_path, show_routing, max_new_tokens, temperature, top_p, seed, batch_size,
-             task, static, eta, top_m, device, compute_dtype):
+             task, static, eta, top_m, memory_budget, device, compute_dtype):
     """Generate with the routed model of a mediator or 1bit store.
 
-    Each prompt is routed (router fit first), gets its task's weights (built on the device from
-    the store's encodings) and is answered with the base model's tokenizer and chat template.
+    Each prompt is routed (router fit first) and answered with the base model's tokenizer and
+    chat template; prompts with different decisions decode together, each batch row adding its
+    own task's delta, computed from the store's encodings, to the shared weights' products.
 
     \b
       streammerge generate job.zarr --prompt "What is 17*23?" --show-routing
@@ -777,7 +782,8 @@ def generate(store, prompt_texts, input_path, output_path, show_routing, max_new
         raise click.UsageError("give --prompt TEXT or --input FILE")
     _quiet_transformers()
     use_router = task is None and not static
-    rm = RoutedModel.from_store(store, device=device, dtype=compute_dtype, router=use_router, eta=eta, top_m=top_m)
+    rm = RoutedModel.from_store(store, device=device, dtype=compute_dtype, router=use_router, eta=eta, top_m=top_m,
+                                memory_budget=memory_budget)
     gens = rm.generate(
         [text for text, _ in records], max_new_tokens=max_new_tokens, batch_size=batch_size, task=task, static=static,
         temperature=temperature, top_p=top_p, seed=seed, details=True,

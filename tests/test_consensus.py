@@ -97,7 +97,7 @@ def test_numpy_and_torch_election_agree_bit_for_bit(n_models, shape, weighted):
 @pytest.mark.parametrize("n_models,shape", CASES)
 def test_ties_merge_and_routing_ties_torch(n_models, shape):
     """The unweighted disjoint mean both 1bit-Merging paths and the routed runtime use."""
-    from streammerge.routing.weights import ties_torch as routed
+    from streammerge.routing.encoded import ties_torch as routed
 
     assert routed is ties_torch  # one implementation, importable where the runtime had its own
     hats = hats_of(n_models, n_models, shape)

@@ -124,3 +124,25 @@ def test_only_run_merges_into_previous_results(smoke, tmp_path):
     assert after["eta_sweep"] == before["eta_sweep"] and after["command"] == before["command"]
     assert after["reruns"][-1]["rows"][-1] == "linear" and "--only linear" in after["reruns"][-1]["command"]
     assert "Rows re-evaluated since" in (out / "results.md").read_text()
+
+
+@pytest.mark.slow  # about 1 min a store on a loaded 2-core box: a server start and 3 x 120 requests
+@pytest.mark.parametrize("store_name", ["mediator-0.5-0.1", "1bit-uniform"])
+def test_routed_rows_through_the_server_give_the_same_answers(smoke, store_name, tmp_path):
+    """`run.py --via-server` (tools/quality/evaluate.py via_server): a routing store's rows (its
+    fitted router, the oracle task, the merged model) scored through `streammerge serve` on a
+    loopback port with the openai client give the in-process answers of the same runtime, one by
+    one, hence the same accuracy."""
+    from quality.evaluate import EvalSets, Memo, RoutedEval, load_model, via_server
+    from quality.train import cache_dir
+
+    root = cache_dir(SMOKE, smoke / "cache")
+    _, tok = load_model(root / "base", "cpu")
+    sets = EvalSets.make(SMOKE, tok)
+    ev = RoutedEval(root / "merges" / store_name / "job.zarr", sets, Memo())
+    res = via_server(ev, log=tmp_path / "serve.log")
+    assert set(res) == {"router", "oracle", "static"}
+    for mode, r in res.items():
+        assert r["answers"] >= len(T.TASKS) * SMOKE.n_test and r["differ"] == 0, (mode, r)
+        assert r["avg"] == r["in_process_avg"], (mode, r)
+    assert res["oracle"]["avg"] > 0  # the experts' answers, not empty strings

@@ -127,7 +127,7 @@ def test_mediator_route_outside_routes_embeddings(family, tmp_path):
     """route_outside: the tensors of no layer (embeddings, lm_head, final norm) get D + S_t like
     a routed layer; the routed weights of a task equal the formula there too."""
     from streammerge.routing.decision import forced
-    from streammerge.routing.weights import MediatorWeights
+    from weight_swap import DenseDecisions
     from streammerge.store.store import Store
 
     base, fts, b, fs = family
@@ -145,7 +145,8 @@ def test_mediator_route_outside_routes_embeddings(family, tmp_path):
 
     run("export", store, tmp_path / "merged", "--variant", "merged")
     merged = load_model_tensors(tmp_path / "merged")
-    w = MediatorWeights(st, decision, "cpu", torch.float32, lambda n: merged[n]).build(forced("math", TASKS))
+    # the decoding functions' dense weights (streammerge/routing/encoded.py, through tools/weight_swap.py)
+    w = DenseDecisions(st, decision, "cpu", torch.float32, {n: t.float() for n, t in merged.items()}).weights(forced("math", TASKS))
     assert set(w) == experts
     for name in experts:
         D = ((fs[0][name].float() + fs[1][name].float() + fs[2][name].float()) / 3).to(torch.bfloat16)
@@ -216,7 +217,7 @@ def test_onebit_two_bits_task_export_equals_formula(family, tmp_path):
     """bits: 2 (uniform, rms): matrices get tau ~ b1 s1 + b2 s2 per row (the residual's sign and
     scale, the row's norm kept), 1-D tensors one bit; the routed weights equal the export."""
     from streammerge.routing.decision import forced
-    from streammerge.routing.weights import OneBitWeights
+    from weight_swap import DenseDecisions
     from streammerge.store.store import Store
 
     base, fts, b, fs = family
@@ -247,7 +248,7 @@ def test_onebit_two_bits_task_export_equals_formula(family, tmp_path):
         diff = (got[name].float() - want.float()).abs()
         tol = torch.exp2(torch.floor(torch.log2(want.float().abs().clamp_min(2.0**-126))) - 7)
         assert (diff <= tol).all(), f"{name}: max diff {diff.max()}"
-    w = OneBitWeights(Store.open(store), decision, "cpu", torch.float32).build(forced("code", TASKS))
+    w = DenseDecisions(Store.open(store), decision, "cpu", torch.float32, {}).weights(forced("code", TASKS))
     for name, v in w.items():
         assert torch.equal(v, got[name].float()), name
     one = tmp_path / "one.zarr"

@@ -214,35 +214,50 @@ def _ids(rm, prompt):
 
 @pytest.mark.parametrize("method", ["mediator", "1bit"])
 def test_routed_logits_equal_task_export(stores, routers, method, tmp_path):
-    """A prompt routed to task k runs exactly `export --variant task:k`: same tensors, bit for
-    bit (both round the same float32 arithmetic to bf16), hence the same logits."""
+    """A prompt routed to task k runs `export --variant task:k`: the runtime adds task k's delta
+    to the shared products in float32, the export rounds the same weights to bf16 once, so the
+    logits agree within the runtime's stated tolerance (deltas.EXPORT_REL of the largest |logit|)
+    and (Mediator) greedy decoding gives the export's tokens. No parameter is copied or swapped."""
     from transformers import AutoModelForCausalLM
 
     from streammerge.routing import RoutedModel
+    from streammerge.routing.deltas import EXPORT_REL
 
     store = stores[method]
     rm = RoutedModel.from_store(store, device=DEVICE, dtype="float32", eta=1.0)  # eta 1: Mediator always top-1
-    routed_names = set(rm.builder.names)
+    routed_names = set(rm.runtime.tensors)
     n_params = len(dict(rm.model.named_parameters()))
     # Mediator: the tensors of the 2 routed layers; 1bit uniform: every tensor has an encoding
     assert len(routed_names) == (18 if method == "mediator" else n_params)
-    static_ptrs = {n: p.data_ptr() for n, p in rm.model.named_parameters() if n not in routed_names}
+    ptrs = {n: p.data_ptr() for n, p in rm.model.named_parameters()}
     for k in TASKS:
         prompt = prompts_for(k, 1, 123)[0]
         decision = rm.route([prompt])[0]
         assert decision.mode == "top1" and decision.task == k, decision
-        got = rm.logits(prompt, decision)
         run("export", store, tmp_path / k, "--variant", f"task:{k}")
-        want_tensors = load_model_tensors(tmp_path / k)
-        params = dict(rm.model.named_parameters())
-        for name, t in want_tensors.items():
-            assert torch.equal(params[name].data.cpu(), t.float()), (k, name)
         ref = AutoModelForCausalLM.from_pretrained(str(tmp_path / k), dtype=torch.float32).to(DEVICE).eval()
+        text = rm.generate(prompt, decisions=[decision], max_new_tokens=6)
+        # the logits over the prompt and the routed answer (teacher-forced), both models
+        seq = torch.cat([_ids(rm, prompt), torch.tensor([rm.tokenizer(text, add_special_tokens=False)["input_ids"]],
+                                                        dtype=torch.long, device=rm.device)], dim=1)
+        rm.apply(decision)
         with torch.inference_mode():
-            want = ref(input_ids=_ids(rm, prompt)).logits
-        assert torch.equal(got, want), (k, (got - want).abs().max())
-        # the tensors routing does not change are the merged model's, shared, never copied
-        assert all(p.data_ptr() == static_ptrs[n] for n, p in rm.model.named_parameters() if n not in routed_names)
+            got, want = rm.model(input_ids=seq).logits, ref(input_ids=seq).logits
+        tol = EXPORT_REL * want.abs().amax(dim=-1, keepdim=True)
+        assert ((got - want).abs() <= tol).all(), (k, (got - want).abs().max())
+        if method == "mediator":  # few weights rounded: greedy gives the export's answer exactly
+            ids = _ids(rm, prompt)
+            with torch.inference_mode():
+                ref_ids = ref.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                                       pad_token_id=rm.tokenizer.eos_token_id)[0, ids.shape[1]:].tolist()
+            eos = rm.tokenizer.eos_token_id
+            ref_ids = ref_ids[: ref_ids.index(eos)] if eos in ref_ids else ref_ids
+            assert text == rm.tokenizer.decode(ref_ids, skip_special_tokens=True), k
+        # (1bit rounds every weight: on these random models greedy may take the other side of a
+        # near-tie of the export's logits, within 2 EXPORT_REL of the largest; the logits above
+        # bound it. On trained models: test_quality_smoke's answers through the server.)
+    # every tensor is where it was: the model (1bit: theta_0) is shared by every decision
+    assert {n: p.data_ptr() for n, p in rm.model.named_parameters()} == ptrs
 
 
 def test_uncertain_prompt_gets_weighted_merge(stores, routers, tmp_path):
@@ -264,36 +279,42 @@ def test_uncertain_prompt_gets_weighted_merge(stores, routers, tmp_path):
 
     from streammerge.routing import route_decision
 
+    from weight_swap import WeightSwapModel
+
+    from streammerge.routing.deltas import EXACT_ATOL
+
     rm = RoutedModel.from_store(store, device=DEVICE, dtype="float32")
+    swap = WeightSwapModel.load(store, device=DEVICE, dtype="float32")
     probs = [0.5, 0.3, 0.2]  # normalised entropy 0.937 > eta = 0.5
     with_none = route_decision([0.3, 0.2, 0.1, 0.4], TASKS, "mediator", background=True)  # weights sum to 0.6
     for decision, want_w in ((rm.decide(probs, top_m=2), {"chat": 0.625, "math": 0.375}),
                              (rm.decide(probs, top_m=0), {"chat": 0.5, "math": 0.3, "code": 0.2}),
                              (with_none, {"chat": 0.3, "math": 0.2, "code": 0.1})):
         assert decision.mode == "mix" and dict(decision.weights) == pytest.approx(want_w)
-        rm.apply(decision)
-        params = dict(rm.model.named_parameters())
         formula = {}
         for name, D in merged.items():
             if f"{name}::chat.index" not in experts:
-                assert torch.equal(params[name].data.cpu(), D.float()), name  # not routed: the merged tensor
                 continue
             w = D.float().flatten().clone()
             for t, p in want_w.items():
                 w[experts[f"{name}::{t}.index"]] += torch.tensor(p, dtype=torch.float32) * experts[f"{name}::{t}.value"].float()
-            formula[name] = w.reshape(D.shape).to(torch.bfloat16)
-            got = params[name].data.cpu()
-            diff = (got - formula[name].float()).abs()
-            ulp = torch.exp2(torch.floor(torch.log2(formula[name].float().abs().clamp_min(2.0**-126))) - 7)
-            assert (diff <= ulp).all(), name  # one bf16 unit at most (in practice: equal)
-        assert len(formula) == sum(1 for n in merged if f"{n}::chat.index" in experts) > 0
+            formula[name] = w.reshape(D.shape)
+        assert set(formula) == set(rm.runtime.tensors) and formula
+        # the decoding functions' dense weights (tools/weight_swap.py, the old path's): the formula
+        # rounded to bf16, one bf16 unit at most (in practice: equal)
+        dense = swap.dense.weights(decision)
+        for name, f in formula.items():
+            want_t = f.to(torch.bfloat16).float()
+            ulp = torch.exp2(torch.floor(torch.log2(want_t.abs().clamp_min(2.0**-126))) - 7)
+            assert ((dense[name].cpu() - want_t).abs() <= ulp).all(), name
+        # the runtime: D's product plus each expert's, float32, against the unrounded formula
         ref = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32).to(DEVICE).eval()
-        ref.load_state_dict({n: v.float() for n, v in formula.items()}, strict=False)
+        ref.load_state_dict(formula, strict=False)
         prompt = prompts_for("math", 1, 7)[0]
         with torch.inference_mode():
             want = ref(input_ids=_ids(rm, prompt)).logits
         got = rm.logits(prompt, decision)
-        assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (got - want).abs().max()
+        assert torch.allclose(got, want, atol=EXACT_ATOL, rtol=0), (got - want).abs().max()
 
     # eta = 0 forces the weighted merge for real prompts (their entropy is > 0)
     rm0 = RoutedModel.from_store(store, device=DEVICE, dtype="float32", eta=0.0)
@@ -336,37 +357,49 @@ def test_router_with_a_background_class(stores, tmp_path):
     assert "(none) " in out.splitlines()[0] and "-> merged model (static): none of the tasks" in out.splitlines()[0]
 
 
-def test_decision_cache_and_switching(stores, routers, monkeypatch):
+@pytest.mark.parametrize("method", ["mediator", "1bit"])
+def test_mixed_batch_generates_as_each_prompt_alone(stores, routers, method):
+    """One generate over prompts with different decisions (every task, STATIC, a Mediator mix)
+    decodes them in ONE batch and gives each prompt's text alone; the old weight swap (dense
+    weights per decision in a copy of the model, tools/weight_swap.py) gives the same texts
+    (Mediator)."""
+    from weight_swap import WeightSwapModel
+
+    from streammerge.errors import StreammergeError
     from streammerge.routing import STATIC, RoutedModel, forced
 
-    rm = RoutedModel.from_store(stores["1bit"], device=DEVICE, cache_size=2)
-    before = {n: p.data_ptr() for n, p in rm.model.named_parameters()}
-    rm.apply("chat")
-    rm.apply("math")
-    rm.apply("chat")
-    assert rm.timings.builds == 2
-    rm.apply("code")  # evicts the least recently used (math), keeps chat and what is applied
-    rm.apply("chat")
-    assert rm.timings.builds == 3
-    rm.apply("math")
-    assert rm.timings.builds == 4
-    rm.apply(STATIC)
-    for n, p in rm.model.named_parameters():
-        assert p.data_ptr() == before[n], n  # back to the merged model's own tensors
-    # row-chunked builds (large tensors) give the same tensors
-    from streammerge.routing import weights
-
-    whole = rm.builder.build(forced("math", TASKS))
-    monkeypatch.setattr(weights, "CHUNK_ELEMENTS", 100)
-    chunked = rm.builder.build(forced("math", TASKS))
-    assert all(torch.equal(whole[n], chunked[n]) for n in whole)
-    # one group per decision: all prompts of a task share one switch
-    rm.reset_timings()
+    store = stores[method]
+    rm = RoutedModel.from_store(store, device=DEVICE, dtype="float32")
     prompts = [p for t in TASKS for p in prompts_for(t, 2, 42)]
-    random.Random(0).shuffle(prompts)
-    texts = rm.generate(prompts, max_new_tokens=2)
-    assert len(texts) == 6 and all(isinstance(t, str) for t in texts)
-    assert rm.timings.groups == 3
+    decs = [forced(t, TASKS) for t in TASKS for _ in range(2)]
+    decs[1] = STATIC
+    if method == "mediator":
+        decs[3] = rm.decide([0.5, 0.3, 0.2], eta=0.0, top_m=0)
+        assert decs[3].mode == "mix"
+    order = list(range(len(prompts)))
+    random.Random(0).shuffle(order)
+    prompts, decs = [prompts[i] for i in order], [decs[i] for i in order]
+    together = rm.generate(prompts, decisions=decs, max_new_tokens=6, batch_size=8)
+    assert rm.timings.batches == 1 and len(together) == 6
+    alone = [rm.generate(p, decisions=[d], max_new_tokens=6) for p, d in zip(prompts, decs)]
+    assert together == alone
+    # the rows did run different weights
+    p = prompts[0]
+    assert not torch.allclose(rm.logits(p, "math"), rm.logits(p, "code"))
+    if method == "mediator":  # (1bit: the swap's weights are all rounded to bf16, see the test above)
+        swap = WeightSwapModel.load(store, device=DEVICE, dtype="float32")
+        assert swap.generate(prompts, decs, max_new_tokens=6) == together
+
+    # a memory budget caches decoded terms: the same texts
+    cached = RoutedModel.from_store(store, device=DEVICE, dtype="float32", memory_budget=1 << 30)
+    assert cached.generate(prompts, decisions=decs, max_new_tokens=6) == together
+    assert cached.resident_bytes()["cache"] > 0 and rm.resident_bytes()["cache"] == 0
+    with pytest.raises(StreammergeError, match="the model and the encodings alone take"):
+        RoutedModel.from_store(store, device=DEVICE, dtype="float32", memory_budget=1000)
+    with pytest.raises(StreammergeError, match="cache_size: .* memory_budget=BYTES"):
+        RoutedModel.from_store(store, device=DEVICE, cache_size=4)  # the old LRU's option, refused with a pointer
+    out = run("generate", store, "--prompt", p, "--task", "math", "--memory-budget", "1KB", "--device", DEVICE, expect=1)
+    assert out.startswith("error: ") and "memory budget" in out and len(out.strip().splitlines()) == 1
 
 
 # ---- the torch reconstruction against the numpy encoders, piece by piece --------------------
@@ -375,7 +408,7 @@ def test_decision_cache_and_switching(stores, routers, monkeypatch):
 def test_device_reconstruction_matches_numpy():
     from streammerge.encodings.onebit import dynamic_merge_block, pack_signs, pack_signs_flat, reconstruct_task, row_scales
     from streammerge.encodings.sparse import encode_sparse
-    from streammerge.routing.weights import _Sparse, _TaskPiece, ties_torch
+    from streammerge.routing.encoded import SparseDelta, TaskPiece, onebit_weight
 
     def T(a):
         return torch.from_numpy(np.array(a, copy=True)).to(DEVICE)
@@ -386,20 +419,20 @@ def test_device_reconstruction_matches_numpy():
     tau[0, :3] = 0.0
     packed = pack_signs(tau)
     alpha = np.float32(np.abs(tau).mean())
-    p = _TaskPiece("1bit", bits=T(packed), cols=cols, alpha=T(alpha))
+    p = TaskPiece("1bit", bits=T(packed), cols=cols, alpha=T(alpha))
     want = reconstruct_task("1bit", (rows, cols), rows, bits=packed, alpha=alpha)
     assert torch.equal(p.tau_hat((rows, cols), DEVICE).cpu(), torch.from_numpy(want))
     sc = row_scales(tau)
-    p = _TaskPiece("1bit-row", bits=T(packed), cols=cols, scale=T(sc))
+    p = TaskPiece("1bit-row", bits=T(packed), cols=cols, scale=T(sc))
     want = reconstruct_task("1bit-row", (rows, cols), rows, bits=packed, scale=sc)
     assert torch.equal(p.tau_hat((rows, cols), DEVICE).cpu(), torch.from_numpy(want))
     v = rng.normal(size=29).astype(np.float32)  # 1-D: flat bits
     flat_bits = np.frombuffer(pack_signs_flat(v), np.uint8).reshape(1, -1)
-    p = _TaskPiece("1bit", bits=T(flat_bits), cols=29, alpha=T(np.float32(0.25)))
+    p = TaskPiece("1bit", bits=T(flat_bits), cols=29, alpha=T(np.float32(0.25)))
     want = reconstruct_task("1bit", (29,), 29, bits=pack_signs_flat(v), alpha=np.float32(0.25))
     assert torch.equal(p.tau_hat((29,), DEVICE).cpu(), torch.from_numpy(want))
     dense = tau.astype(np.float32)
-    p = _TaskPiece("dense", dense=T(dense).to(torch.bfloat16))
+    p = TaskPiece("dense", dense=T(dense).to(torch.bfloat16))
     want = reconstruct_task("dense", (rows, cols), rows, dense=dense)
     assert torch.equal(p.tau_hat((rows, cols), DEVICE).cpu(), torch.from_numpy(want))
 
@@ -415,20 +448,20 @@ def test_device_reconstruction_matches_numpy():
         encode_sparse(np.array([1, 5]), np.array([0.5, -2.0], np.float32), 15),
         encode_sparse(np.array([0, 4]), np.array([3.0, 1e-3], np.float32), 5),
     ]
-    sp = _Sparse(FakeStore(blobs), "x", {"shape": [4, 5], "block_rows": 3, "nblocks": 2}, DEVICE)
+    sp = SparseDelta(FakeStore(blobs), "x", {"shape": [4, 5], "block_rows": 3, "nblocks": 2}, DEVICE)
     want = np.concatenate([reconstruct_task("sparse", (4, 5), 3, sparse=blobs[0]), reconstruct_task("sparse", (4, 5), 1, sparse=blobs[1])])
-    assert torch.equal(_TaskPiece("sparse", sparse=sp).tau_hat((4, 5), DEVICE).cpu(), torch.from_numpy(want))
+    assert torch.equal(TaskPiece("sparse", sparse=sp).tau_hat((4, 5), DEVICE).cpu(), torch.from_numpy(want))
     assert want.reshape(-1)[15] == 3.0 and want.reshape(-1)[19] != 0
 
     # a row range of every kind is that range of the whole (1bit builds work on row ranges)
     pieces = [
-        _TaskPiece("1bit", bits=T(packed), cols=cols, alpha=T(alpha)),
-        _TaskPiece("1bit-row", bits=T(packed), cols=cols, scale=T(sc)),
-        _TaskPiece("dense", dense=T(dense).to(torch.bfloat16)),
+        TaskPiece("1bit", bits=T(packed), cols=cols, alpha=T(alpha)),
+        TaskPiece("1bit-row", bits=T(packed), cols=cols, scale=T(sc)),
+        TaskPiece("dense", dense=T(dense).to(torch.bfloat16)),
     ]
     for pc in pieces:
         assert torch.equal(pc.tau_hat((rows, cols), DEVICE, (2, 5)), pc.tau_hat((rows, cols), DEVICE)[2:5])
-    sp_piece = _TaskPiece("sparse", sparse=sp)
+    sp_piece = TaskPiece("sparse", sparse=sp)
     for r in ((0, 1), (1, 3), (3, 4), (2, 4)):
         assert torch.equal(sp_piece.tau_hat((4, 5), DEVICE, r), sp_piece.tau_hat((4, 5), DEVICE)[r[0] : r[1]])
 
@@ -436,8 +469,8 @@ def test_device_reconstruction_matches_numpy():
     hats[1][0, 0] = 0.0
     base = rng.normal(size=(rows, cols)).astype(np.float32)
     want = dynamic_merge_block(base, {"a": hats[0], "b": hats[1], "c": hats[2]}, "b", 0.7)
-    got = T(base) + T(hats[1])
-    got += ties_torch([T(hats[0]), T(hats[2])]).mul_(torch.tensor(0.7, dtype=torch.float32, device=DEVICE))
+    pieces = dict.fromkeys("abc", "piece")  # present (not dropped)
+    got = onebit_weight(T(base), lambda t: T(hats["abc".index(t)]), pieces, ("task", "b"), 0.7, DEVICE)
     assert torch.equal(got.cpu(), torch.from_numpy(want))
 
 

@@ -1,4 +1,4 @@
-"""The delta-aware runtime (serve/deltas.py): one forward over a batch whose rows run different
+"""The delta-aware runtime (routing/deltas.py): one forward over a batch whose rows run different
 routing decisions, checked row by row against the models `streammerge export` writes, loaded
 with transformers (float32), and against the formula from the routed export for weighted rows.
 """
@@ -77,7 +77,7 @@ def exported(store, variant, root):
 
 def runtime(store, memory_budget=None):
     from streammerge.routing.runtime import load_merged_model, open_routing_store
-    from streammerge.serve.deltas import DeltaRuntime
+    from streammerge.routing.deltas import DeltaRuntime
 
     s, method = open_routing_store(store)
     model, _ = load_merged_model(s, torch.device("cpu"), torch.float32)
@@ -86,7 +86,7 @@ def runtime(store, memory_budget=None):
 
 def assert_close(got, want, what):
     """Against the exported model (weights rounded to bf16 once): the stated tolerance."""
-    from streammerge.serve.deltas import EXPORT_REL
+    from streammerge.routing.deltas import EXPORT_REL
 
     err = (got - want).abs().max().item()
     assert err <= EXPORT_REL * want.abs().max().item(), (what, err)
@@ -96,7 +96,7 @@ def assert_close(got, want, what):
 def assert_exact(got, want, what):
     """Against float32 weights that were never rounded: the same arithmetic up to the order of
     float32 sums."""
-    from streammerge.serve.deltas import EXACT_ATOL
+    from streammerge.routing.deltas import EXACT_ATOL
 
     err = (got - want).abs().max().item()
     assert err <= EXACT_ATOL, (what, err)
@@ -335,18 +335,18 @@ def test_cache_within_budget_gives_the_same_logits(stores, which):
 
 
 def test_compact_sparse_decodes_like_the_numpy_decoder(stores):
-    """Both position layouts (bitmask, offsets) give back _Sparse's entries: dense, rows, CSR."""
+    """Both position layouts (bitmask, offsets) give back SparseDelta's entries: dense, rows, CSR."""
     from streammerge.encodings.sparse import decode_sparse
     from streammerge.routing.runtime import open_routing_store
-    from streammerge.routing.weights import _Sparse
-    from streammerge.serve.deltas import CompactSparse
+    from streammerge.routing.encoded import SparseDelta
+    from streammerge.routing.deltas import CompactSparse
 
     s, method = open_routing_store(stores["mediator"])
     layouts = set()
     for job in [j for j in s.jobs if j["stage"] == "experts"][:6]:
         shape = tuple(job["shape"])
         for t in TASKS:
-            sp = _Sparse(s, f"{job['key']}/{t}", job, "cpu")
+            sp = SparseDelta(s, f"{job['key']}/{t}", job, "cpu")
             cs = CompactSparse(sp, shape)
             layouts.add(cs.bitmask is not None)
             rows, cols = (shape[0], int(np.prod(shape[1:]))) if len(shape) > 1 else (1, shape[0])
@@ -367,10 +367,10 @@ def test_compact_sparse_decodes_like_the_numpy_decoder(stores):
 
 @pytest.mark.parametrize("kind", ["1bit", "1bit-row", "2bit"])
 def test_signs_product_equals_the_reconstructed_task_vector(kind):
-    """The sign-bits x activation product (lambda 0 terms) against weights.py's tau_hat (itself
+    """The sign-bits x activation product (lambda 0 terms) against encoded.py's tau_hat (itself
     checked against the numpy decoder in test_routing), odd column count, row chunks of 3."""
-    from streammerge.routing.weights import _TaskPiece
-    from streammerge.serve.deltas import signs_product
+    from streammerge.routing.encoded import TaskPiece
+    from streammerge.routing.deltas import signs_product
 
     g = torch.Generator().manual_seed(5)
     rows, cols = 10, 21
@@ -382,7 +382,7 @@ def test_signs_product_equals_the_reconstructed_task_vector(kind):
         parts["scale"] = torch.rand(rows, generator=g)
     if kind == "2bit":
         parts.update(bits2=packed(), scale2=torch.rand(rows, generator=g))
-    piece = _TaskPiece(kind, **parts)
+    piece = TaskPiece(kind, **parts)
     x = torch.randn(6, cols, generator=g)
     want = x @ piece.tau_hat((rows, cols), "cpu").t()
     assert torch.allclose(signs_product(x, piece, 3), want, atol=1e-6, rtol=1e-5)
@@ -391,9 +391,9 @@ def test_signs_product_equals_the_reconstructed_task_vector(kind):
 @pytest.mark.parametrize("kind", ["1bit", "1bit-row", "2bit", "dense", "sparse"])
 def test_gathered_rows_of_a_piece(kind):
     """Embedding rows of a 1bit task vector: the piece restricted to some rows reconstructs
-    exactly those rows of weights.py's tau_hat."""
-    from streammerge.routing.weights import _Sparse, _TaskPiece
-    from streammerge.serve.deltas import _gathered
+    exactly those rows of encoded.py's tau_hat."""
+    from streammerge.routing.encoded import SparseDelta, TaskPiece
+    from streammerge.routing.deltas import _gathered
 
     g = torch.Generator().manual_seed(7)
     rows, cols = 12, 19
@@ -406,12 +406,12 @@ def test_gathered_rows_of_a_piece(kind):
     elif kind == "dense":
         parts = {"dense": torch.randn(rows, cols, generator=g).bfloat16()}
     else:
-        sp = object.__new__(_Sparse)
+        sp = object.__new__(SparseDelta)
         sp.size = rows * cols
         sp.index = torch.sort(torch.randperm(rows * cols, generator=g)[:40]).values.to(torch.int32)
         sp.value = torch.randn(40, generator=g).bfloat16()
         parts = {"sparse": sp}
-    piece = _TaskPiece(kind, **parts)
+    piece = TaskPiece(kind, **parts)
     ids = torch.tensor([0, 3, 4, 11])
     want = piece.tau_hat((rows, cols), "cpu")[ids]
     assert torch.equal(_gathered(piece, ids, rows).tau_hat((len(ids), cols), "cpu"), want)
@@ -422,7 +422,7 @@ def test_bf16_compute_follows_the_float32_path(stores, which):
     """The compute dtype GPUs use: bf16 model, float32 delta products added in bf16; with and
     without the cache. The logits stay within bf16 arithmetic noise of the float32 path."""
     from streammerge.routing.runtime import load_merged_model, open_routing_store
-    from streammerge.serve.deltas import DeltaRuntime
+    from streammerge.routing.deltas import DeltaRuntime
 
     s, method = open_routing_store(stores[which])
     decisions = [forced("math", TASKS), STATIC, forced("chat", TASKS)]

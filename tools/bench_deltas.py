@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Forward time of one mixed-task batch through the delta-aware runtime (serve/deltas.py).
+"""Forward time of one mixed-task batch through the delta-aware runtime (routing/deltas.py).
 
     python tools/bench_deltas.py [--hidden 512 --intermediate 1376 --layers 4 --vocab 4096]
                                  [--rows 32 --prefill 32 --repeat 5] [--workdir DIR] [--json OUT]
@@ -12,8 +12,8 @@ step (1 token per row) and as a prefill (--prefill tokens per row), for:
   static     the merged model (1bit: theta_0), plain transformers, no deltas: the floor
   delta      DeltaRuntime, no cache: the deltas decoded from the encodings every forward
   delta+c    DeltaRuntime with an unlimited memory budget: decoded terms cached (warm)
-  swap       per-decision dense weights: RoutedModel's weight swap (decisions prebuilt), one
-             forward per task group
+  swap       per-decision dense weights: the old weight swap (tools/weight_swap.py, decisions
+             prebuilt), one forward per task group
 
 Each figure is the CPU time of one forward on ONE torch thread (time.process_time), best of
 --repeat runs: on a shared machine wall time mostly measures the neighbours. Also reports resident
@@ -76,9 +76,11 @@ def best(fn, repeat: int) -> float:
 def bench_store(store: Path, rows: int, prefill: int, repeat: int) -> dict:
     import torch
 
-    from streammerge.routing import STATIC, RoutedModel, forced
+    from weight_swap import WeightSwapModel
+
+    from streammerge.routing import STATIC, forced
+    from streammerge.routing.deltas import DeltaRuntime
     from streammerge.routing.runtime import load_merged_model, open_routing_store
-    from streammerge.serve.deltas import DeltaRuntime
 
     cpu = torch.device("cpu")
     s, method = open_routing_store(store)
@@ -104,18 +106,18 @@ def bench_store(store: Path, rows: int, prefill: int, repeat: int) -> dict:
             res[name] = best(lambda: fwd(model), repeat)
             res[f"{name} bytes"] = rt.resident_bytes()
             del model, rt
-        rm = RoutedModel.from_store(store, device="cpu", dtype="float32", router=False)
+        sw = WeightSwapModel.load(store, device="cpu", dtype="float32")
         groups = {t: torch.tensor([b for b, d in enumerate(decisions) if d.task == t]) for t in TASKS}
 
         def swap():
             for t, idx in groups.items():
-                rm.apply(t)
+                sw.apply(forced(t, TASKS))
                 with torch.inference_mode():
-                    rm.model(input_ids=ids[idx], use_cache=False)
+                    sw.model(input_ids=ids[idx], use_cache=False)
 
         res["swap"] = best(swap, repeat)
-        rm.apply(STATIC)
-        del rm
+        sw.apply(STATIC)
+        del sw
         out[label] = res
     return out
 

@@ -11,8 +11,13 @@ the 3 tasks' prompts, shuffled, over HTTP with C requests in flight (greedy, max
   static   every request to NAME:static (the merged model, served the same way)
   forced   each request to NAME:task:<its task> (mixed decisions, no router)
   routed   each request to NAME (router + mixed decisions)
-  swap     the old weight-swap path in this process: RoutedModel.generate over the same prompts,
-           batch size C, grouped by decision (one decision at a time, weights swapped between)
+  experts  one `streammerge serve` process per task, each sent only NAME:task:<its task> (the
+           bench routes each request to its task's process: the oracle, no router), "where
+           memory allows": a process starts only while MemAvailable exceeds the first one's RSS;
+           the resident figures are the sum over the processes
+  swap     the old weight-swap path in this process (tools/weight_swap.py): the merged model
+           routes the prompts, then one decision group at a time, each decision's dense weights
+           materialised from the encodings and swapped into the model, batches of C
 
 Reports tokens/s (completion tokens / wall time), p50 / p95 request latency, and the server's
 resident bytes (/metrics: model, encodings, cache, KV cache) against the storage figure `build`
@@ -92,20 +97,23 @@ class Server:
             self.proc.kill()
 
 
-def run_load(base: str, reqs: list[dict], concurrency: int) -> dict:
+def run_load(base: str | list[str], reqs: list[dict], concurrency: int) -> dict:
+    """reqs sent with `concurrency` in flight, request i to base (or base[i], one per request)."""
     import httpx
 
     client = httpx.Client(timeout=600, limits=httpx.Limits(max_connections=concurrency + 4))
+    bases = [base] * len(reqs) if isinstance(base, str) else base
 
-    def one(body):
+    def one(i):
+        body = reqs[i]
         t0 = time.perf_counter()
-        r = client.post(base + "/v1/completions", json=body)
+        r = client.post(bases[i] + "/v1/completions", json=body)
         r.raise_for_status()
         return time.perf_counter() - t0, r.json()["usage"]["completion_tokens"]
 
     t0 = time.perf_counter()
     with cf.ThreadPoolExecutor(concurrency) as pool:
-        res = list(pool.map(one, reqs))
+        res = list(pool.map(one, range(len(reqs))))
     wall = time.perf_counter() - t0
     client.close()
     lat = sorted(x for x, _ in res)
@@ -114,18 +122,69 @@ def run_load(base: str, reqs: list[dict], concurrency: int) -> dict:
             "tokens": tokens, "wall_s": wall}
 
 
-def bench_swap(store: Path, prompts: list[tuple[str, str]], batch: int, max_tokens: int, device: str) -> dict:
-    """The old path: RoutedModel.generate (decisions grouped, weights swapped per group)."""
-    from streammerge.routing import RoutedModel
+def mem_available() -> int:
+    with open("/proc/meminfo") as f:
+        return next(int(x.split()[1]) * 1024 for x in f if x.startswith("MemAvailable"))
 
-    rm = RoutedModel.from_store(store, device=device)
+
+def bench_experts(store: Path, prompts: list[tuple[str, str]], work: Path, args) -> list[dict]:
+    """One server per task, each sent its task's requests only (NAME:task:T)."""
+    servers: dict[str, Server] = {}
+    rows = []
+    try:
+        for t in TASKS:
+            if servers:
+                need = next(iter(servers.values())).resident()["process_rss"]
+                if mem_available() < 1.2 * need:
+                    print(f"experts: stopped at {len(servers)} process(es): MemAvailable {mem_available() / 2**20:.0f} MiB "
+                          f"< 1.2 x {need / 2**20:.0f} MiB", flush=True)
+                    return []
+            servers[t] = Server(store, args.device, max(args.concurrency), work / f"expert-{t}.log", args.memory_budget)
+        reqs = [{"model": f"bench:task:{t}", "prompt": p, "max_tokens": args.max_tokens, "temperature": 0} for t, p in prompts]
+        bases = [servers[t].base for t, _ in prompts]
+        n = max(args.concurrency)
+        run_load(bases[:n], reqs[:n], n)  # warm-up
+        for c in args.concurrency:
+            rows.append({"mode": "experts", "concurrency": c, "processes": len(servers), **run_load(bases, reqs, c)})
+        total: dict[str, float] = {}
+        for srv in servers.values():
+            for k, v in srv.resident().items():
+                total[k] = total.get(k, 0) + v
+        for r in rows:
+            r["resident"] = total
+    finally:
+        for srv in servers.values():
+            srv.stop()
+    return rows
+
+
+def bench_swap(store: Path, prompts: list[tuple[str, str]], batch: int, max_tokens: int, device: str) -> dict:
+    """The old path (tools/weight_swap.py), timed from routing to the last token."""
+    from weight_swap import WeightSwapModel
+
+    from streammerge.routing import STATIC, route_decision
+    from streammerge.routing.router import Router
+    from streammerge.routing.runtime import encode_for_features, mean_hidden_features, pad_id
+
+    swap = WeightSwapModel.load(store, device=device)
+    router = Router.load(swap.store, swap.tasks).to(swap.device)
     texts = [p for _, p in prompts]
-    rm.generate(texts[:batch], max_new_tokens=2, batch_size=batch)  # warm-up: builds the decisions
-    rm.reset_timings()
+    eta, top_m = float(swap.method.get("eta", 0.5)), int(swap.method.get("top_m", 0) or 0)
+
+    def route(batch_texts):
+        swap.apply(STATIC)  # the router's features are the merged model's
+        seqs = encode_for_features(swap.tokenizer, batch_texts, router.meta.get("max_tokens"))
+        probs = router.probs(mean_hidden_features(swap.model, seqs, pad_id(swap.tokenizer), batch))
+        return [route_decision(p, swap.tasks, swap.method["method"], eta, top_m, background=router.background) for p in probs]
+
+    swap.generate(texts[:batch], route(texts[:batch]), max_new_tokens=2, batch_size=batch)  # warm-up
+    swap.stats["new_tokens"] = 0
     t0 = time.perf_counter()
-    rm.generate(texts, max_new_tokens=max_tokens, min_new_tokens=max_tokens, batch_size=batch)
+    swap.generate(texts, route(texts), max_new_tokens=max_tokens, batch_size=batch)
     wall = time.perf_counter() - t0
-    return {"tok_s": rm.timings.new_tokens / wall, "tokens": rm.timings.new_tokens, "wall_s": wall}
+    tokens = swap.stats["new_tokens"]
+    return {"tok_s": tokens / wall, "tokens": tokens, "wall_s": wall, "builds": swap.stats["builds"],
+            "decision_bytes": swap.decision_bytes}
 
 
 def bench_method(method: str, store: Path, work: Path, args) -> list[dict]:
@@ -153,6 +212,12 @@ def bench_method(method: str, store: Path, work: Path, args) -> list[dict]:
     weights = sum(v for k, v in res.items() if k not in ("kv_cache", "process_rss"))
     for row in rows:
         row.update(resident=res, storage_bytes=storage, weights_over_storage=weights / storage)
+    if not args.skip_experts:
+        for r in bench_experts(store, prompts, work, args):
+            rows.append({"method": method, "memory_budget": args.memory_budget, "storage_bytes": storage, **r})
+            print(f"{method:8} experts c={r['concurrency']:<3} {r['tok_s']:8.1f} tok/s  p50 {r['p50_s']:.2f}s  "
+                  f"p95 {r['p95_s']:.2f}s  ({r['processes']} processes, RSS {r['resident']['process_rss'] / 2**20:.0f} MiB)",
+                  flush=True)
     for c in ([] if args.skip_swap else args.concurrency):
         r = bench_swap(store, prompts, c, args.max_tokens, args.device)
         rows.append({"method": method, "mode": "swap", "concurrency": c, **r})
@@ -178,6 +243,7 @@ def main() -> None:
     ap.add_argument("--memory-budget", default=None,
                     help="Passed to `serve --memory-budget` (e.g. 8GB): lets the runtime cache decoded deltas.")
     ap.add_argument("--skip-swap", action="store_true", help="Leave out the old weight-swap path.")
+    ap.add_argument("--skip-experts", action="store_true", help="Leave out the one-process-per-expert servers.")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     args.concurrency = [int(x) for x in args.concurrency.split(",")]
@@ -218,15 +284,18 @@ def main() -> None:
         p = (f"{r['p50_s']:.2f} | {r['p95_s']:.2f}") if "p50_s" in r else "- | -"
         print(f"| {r['method']} | {r['mode']} | {r['concurrency']} | {r['tok_s']:.1f} | "
               f"{100 * r['tok_s'] / static[(r['method'], r['concurrency'])]:.0f}% | {p} |")
-    print("\n| method | storage (build) | resident weights (model + encodings + cache) | ratio | process RSS |")
-    print("|---|---|---|---|---|")
-    for m in args.methods.split(","):
-        r = next(x for x in rows if x["method"] == m and "resident" in x)
+    print("\n| method | serving | storage (build) | resident weights (model + encodings + cache) | ratio | process RSS |")
+    print("|---|---|---|---|---|---|")
+    for m, mode in ((m, mode) for m in args.methods.split(",") for mode in ("routed", "experts")):
+        r = next((x for x in rows if x["method"] == m and x["mode"] == mode and "resident" in x), None)
+        if r is None:
+            continue
         res = r["resident"]
         w = sum(v for k, v in res.items() if k not in ("kv_cache", "process_rss"))
-        print(f"| {m} | {r['storage_bytes'] / 2**20:.2f} MiB | {w / 2**20:.2f} MiB "
+        label = "one server" if mode == "routed" else f"{r['processes']} servers (sum)"
+        print(f"| {m} | {label} | {r['storage_bytes'] / 2**20:.2f} MiB | {w / 2**20:.2f} MiB "
               f"({', '.join(f'{k} {v / 2**20:.2f}' for k, v in res.items() if k != 'process_rss')}) | "
-              f"{r['weights_over_storage']:.2f} | {res['process_rss'] / 2**20:.0f} MiB |")
+              f"{w / r['storage_bytes']:.2f} | {res['process_rss'] / 2**20:.0f} MiB |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 

@@ -13,7 +13,7 @@ S = sum_i h_i * (w_i * counted_i).
 
 `disjoint_mean` then divides S by D, a zero divisor counting as 1. TIES merges
 (methods/ties.py and its kernel), SCE (methods/sce.py), 1bit-Merging's fallback and dynamic merge
-(methods/onebit.py, kernels/onebit.py) and the routed runtime (routing/weights.py) all use
+(methods/onebit.py, kernels/onebit.py) and the routed runtime (routing/encoded.py) all use
 these, so the CPU path, the device path and a served answer share one election. Both
 implementations do the same float32 operations in the same order (comparisons are written
 differently: they round nothing), so they agree bit for bit (tests/test_consensus.py).

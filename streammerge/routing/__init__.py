@@ -7,9 +7,11 @@
     RoutedModel.from_store("job.zarr", device="cuda").generate(prompts)
 
 Needs torch and transformers (not dependencies of the merge engine). Modules: decision.py
-(probabilities -> decision), router.py (features, classifier, fit/save/load), weights.py
-(a decision's tensors built on the device from the encodings), model.py (RoutedModel),
-runtime.py (devices, dtypes, the cached merged export, prompt encoding), prompts.py (JSONL).
+(probabilities -> decision), router.py (features, classifier, fit/save/load), encoded.py
+(the store's encodings decoded into torch), deltas.py (DeltaRuntime: each batch row computed
+with its own decision in one forward, from the encodings; `streammerge serve` runs it too),
+model.py (RoutedModel on that runtime), runtime.py (devices, dtypes, the cached merged export,
+prompt encoding), prompts.py (JSONL).
 """
 
 from .decision import STATIC, Decision, forced, normalized_entropy, route_decision

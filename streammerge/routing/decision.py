@@ -17,7 +17,7 @@ exposure (Hendrycks et al., 2019) for the router: trained on task prompts only, 
 extrapolates with confidence to prompts unlike all of them; trained with examples of "none",
 it learns where the tasks end.
 
-A decision is hashable by `key` (what the weight cache and the grouping of a batch use).
+A decision is hashable by `key` (what the runtime groups a batch's rows and caches decoded terms by).
 """
 
 from __future__ import annotations

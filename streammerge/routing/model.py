@@ -1,22 +1,21 @@
-"""A routed model: one transformers model whose routed tensors are swapped per prompt.
+"""A routed model: one transformers model whose forward computes each batch row with its own
+routing decision (the runtime of deltas.py, the same one `streammerge serve` runs).
 
     rm = RoutedModel.from_store("job.zarr", device="cuda")
     answers = rm.generate(["What is 17*23?", "Write a haiku"])
 
 The merged model of the store (`inference/merged/`, exported once) is loaded with
-`AutoModelForCausalLM`; its tensors that routing changes (weights.py) are kept aside as the
-"static" state. For each prompt the router (router.py) gives task probabilities, decision.py
-turns them into a decision, and the decision's tensors are built on the device (weights.py),
-kept in an LRU cache of a few decisions, and applied by pointing the model's parameters at
-them (`param.data = tensor`: no copy, every other tensor stays shared). A batch of prompts is
-grouped by decision, so each group costs one switch.
+`AutoModelForCausalLM` and wrapped by a DeltaRuntime: the modules holding routed tensors
+compute the shared weight's product once per batch plus each row's own delta product from the
+encodings. For each prompt the router (router.py) gives task probabilities and decision.py
+turns them into a decision; prompts with different decisions are batched and decoded together
+(one `generate` per batch of `batch_size` prompts, whatever their decisions). No decision's
+dense weights are ever built; `memory_budget` lets the runtime cache decoded terms (deltas.py).
 """
 
 from __future__ import annotations
 
-import os
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -34,7 +33,6 @@ from .runtime import (
     resolve_device,
     resolve_dtype,
 )
-from .weights import make_builder
 
 
 @dataclass
@@ -51,12 +49,9 @@ class Generation:
 @dataclass
 class Timings:
     route_s: float = 0.0  # router features + classifier
-    build_s: float = 0.0  # building decisions' weights (cache misses)
-    switch_s: float = 0.0  # applying weights (pointer swaps), builds excluded
     generate_s: float = 0.0
     new_tokens: int = 0
-    groups: int = 0
-    builds: int = 0
+    batches: int = 0  # generate calls (each may mix decisions)
     extra: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
@@ -64,12 +59,13 @@ class Timings:
 
 
 class RoutedModel:
-    """The merged model of a routing store plus what it takes to route it (not thread-safe:
-    one generate at a time, since the weights are swapped in the one model)."""
+    """The merged model of a routing store, its router and the delta runtime (one call at a
+    time: the runtime holds the rows' decisions of the forward in progress)."""
 
-    def __init__(self, store, method: dict, model, tokenizer, device, dtype, router=None, cache_size: int | str = "auto",
+    def __init__(self, store, method: dict, model, tokenizer, device, dtype, router=None, memory_budget: int | None = None,
                  eta: float | None = None, top_m: int | None = None, max_tokens: int | None = None):
-        torch, _ = require_torch()
+        from .deltas import DeltaRuntime
+
         self.store, self.method = store, method
         self.tasks = list(method["tasks"])
         self.model, self.tokenizer = model, tokenizer
@@ -78,51 +74,22 @@ class RoutedModel:
         self.eta = float(method.get("eta", 0.5)) if eta is None else float(eta)
         self.top_m = int(method.get("top_m", 0) or 0) if top_m is None else int(top_m)
         self.max_tokens = router.meta.get("max_tokens") if (router is not None and max_tokens is None) else max_tokens
-        params = dict(model.named_parameters(remove_duplicate=False))
-        self.builder = make_builder(store, method, device, dtype, merged=lambda n: self._param(params, n).data)
-        self._params = {n: self._param(params, n) for n in self.builder.names}
-        self._static = {n: p.data for n, p in self._params.items()}
-        self.decision_bytes = sum(p.numel() * p.element_size() for p in self._params.values())
-        self.cache_size = self._auto_cache_size() if cache_size == "auto" else max(1, int(cache_size))
-        self._cache: OrderedDict[tuple, dict] = OrderedDict()
-        self._applied: tuple = STATIC.key
+        self.runtime = DeltaRuntime(model, store, method, device, dtype, memory_budget)
         self.timings = Timings()
-
-    def _auto_cache_size(self) -> int:
-        """Every top-1 decision plus one weighted one, as far as half the free memory allows."""
-        torch, _ = require_torch()
-        free = None
-        try:
-            if self.device.type == "cuda":
-                free = torch.cuda.mem_get_info(self.device)[0]
-            elif self.device.type == "cpu":
-                free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, RuntimeError, AttributeError):
-            free = None
-        want = len(self.tasks) + 1
-        if not free or not self.decision_bytes:
-            return want
-        return max(1, min(want, int(0.5 * free // self.decision_bytes)))
-
-    @staticmethod
-    def _param(params: dict, name: str):
-        p = params.get(name)
-        if p is None:
-            raise StreammergeError(
-                f"tensor {name} of the store is not a parameter of the loaded model "
-                "(routing needs the checkpoint's tensor names as the model's parameter names)"
-            )
-        return p
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
-    def from_store(cls, path, device="auto", dtype="auto", *, router: bool | str = "auto", cache_size: int | str = "auto",
-                   eta: float | None = None, top_m: int | None = None) -> "RoutedModel":
+    def from_store(cls, path, device="auto", dtype="auto", *, router: bool | str = "auto", memory_budget: int | None = None,
+                   eta: float | None = None, top_m: int | None = None, cache_size=None) -> "RoutedModel":
         """Load a built mediator / 1bit store. router: True (required), False (none: pass a task
-        or static=True to generate), "auto" (load it when one was fitted). cache_size: decisions
-        whose tensors stay built ("auto": every top-1 decision plus one, within half the free
-        memory of the device)."""
+        or static=True to generate), "auto" (load it when one was fitted). memory_budget: bytes
+        the weights may take on the device (model + encodings + cache of decoded terms; None:
+        no cache). cache_size (the decision LRU of the weight swap) is gone: an error says so."""
         from .router import Router, router_dir
+
+        if cache_size is not None:
+            raise StreammergeError("cache_size: decisions' weights are no longer built (each row adds its delta from the "
+                                   "encodings); give memory_budget=BYTES to cache decoded deltas instead")
 
         store, method = open_routing_store(path)
         dev = resolve_device(device)
@@ -131,7 +98,7 @@ class RoutedModel:
         if router is True or (router == "auto" and (router_dir(store) / "router.json").is_file()):
             r = Router.load(store, method["tasks"]).to(dev)
         model, tok = load_merged_model(store, dev, dt)
-        return cls(store, method, model, tok, dev, dt, router=r, cache_size=cache_size, eta=eta, top_m=top_m)
+        return cls(store, method, model, tok, dev, dt, router=r, memory_budget=memory_budget, eta=eta, top_m=top_m)
 
     # ---- routing --------------------------------------------------------------------------------
     def features(self, prompts: Sequence[str], batch_size: int = 16):
@@ -162,49 +129,24 @@ class RoutedModel:
         return out
 
     # ---- weights --------------------------------------------------------------------------------
-    def weights(self, decision: Decision) -> dict:
-        """The decision's tensors (built on the device, LRU-cached)."""
-        if decision.mode == "static":
-            return self._static
-        key = decision.key
-        w = self._cache.get(key)
-        if w is not None:
-            self._cache.move_to_end(key)
-            return w
-        t0 = time.perf_counter()
-        w = self.builder.build(decision)
-        if self.device.type == "cuda":
-            require_torch()[0].cuda.synchronize(self.device)
-        self.timings.build_s += time.perf_counter() - t0
-        self.timings.builds += 1
-        self._cache[key] = w
-        for old in list(self._cache):  # least recently used first; never what the model points at
-            if len(self._cache) <= self.cache_size:
-                break
-            if old not in (key, self._applied):
-                del self._cache[old]
-        return w
-
-    def apply(self, decision: Decision | str | None) -> Decision:
-        """Point the model at the decision's weights (None or STATIC: the merged model; a task
-        name: that task's top-1 weights). Returns the decision applied."""
+    def as_decision(self, decision: Decision | str | None) -> Decision:
+        """None: STATIC (the merged model); a task name: that task forced; a Decision as is."""
         if decision is None:
-            decision = STATIC
-        elif isinstance(decision, str):
-            decision = forced(decision, self.tasks)
-        if decision.key == self._applied:
-            return decision
-        w = self.weights(decision)
-        t0 = time.perf_counter()
-        for name, p in self._params.items():
-            p.data = w[name]
-        self._applied = decision.key
-        self.timings.switch_s += time.perf_counter() - t0
+            return STATIC
+        if isinstance(decision, str):
+            return forced(decision, self.tasks)
         return decision
 
-    @property
-    def applied(self) -> tuple:
-        return self._applied
+    def apply(self, decision: Decision | str | None) -> Decision:
+        """Every row of the model's next forwards runs with `decision` (None or STATIC: the
+        merged model; a task name: that task's top-1 weights). Returns the decision."""
+        decision = self.as_decision(decision)
+        self.runtime.set_rows([decision])
+        return decision
+
+    def resident_bytes(self) -> dict:
+        """Bytes on the device: the model, the encodings, the cache of decoded terms."""
+        return self.runtime.resident_bytes()
 
     # ---- generation -----------------------------------------------------------------------------
     def logits(self, prompt: str, decision: Decision | str | None = None):
@@ -235,7 +177,8 @@ class RoutedModel:
         min_new_tokens: int | None = None,
         details: bool = False,
     ):
-        """Generate for each prompt with its routed weights (greedy unless temperature > 0).
+        """Generate for each prompt with its routed weights (greedy unless temperature > 0); prompts
+        are batched by length, whatever their decisions (each row runs its own).
 
         Returns the texts (a str for a str), or Generation records with details=True. task
         forces one task for all prompts; static=True uses the merged model; `decisions` gives
@@ -247,7 +190,7 @@ class RoutedModel:
         if not plist:
             return []
         if decisions is not None:
-            decs = list(decisions)
+            decs = [self.as_decision(d) for d in decisions]
             if len(decs) != len(plist):
                 raise ValueError(f"{len(decs)} decisions for {len(plist)} prompts")
         elif static:
@@ -256,11 +199,6 @@ class RoutedModel:
             decs = [forced(task, self.tasks)] * len(plist)
         else:
             decs = self.route(plist, eta, top_m)
-        groups: OrderedDict[tuple, list[int]] = OrderedDict()
-        for i, d in enumerate(decs):
-            groups.setdefault(d.key, []).append(i)
-        if self._applied in groups:  # start with what is applied: one switch less
-            groups.move_to_end(self._applied, last=False)
         seqs = encode_for_generation(self.tokenizer, plist)
         pad = pad_id(self.tokenizer)
         eos = self._eos_ids()
@@ -275,29 +213,28 @@ class RoutedModel:
                 torch.manual_seed(seed)
         else:
             gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        for key, idx in groups.items():
-            self.apply(decs[idx[0]])
-            self.timings.groups += 1
-            idx = sorted(idx, key=lambda i: (len(seqs[i]), i))
-            for b0 in range(0, len(idx), max(1, batch_size)):
-                chunk = idx[b0 : b0 + batch_size]
-                ids, mask = pad_batch([seqs[i] for i in chunk], pad, "left", self.device)
-                t0 = time.perf_counter()
-                with torch.inference_mode():
-                    out = self.model.generate(input_ids=ids, attention_mask=mask, **gen_kwargs)
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                self.timings.generate_s += time.perf_counter() - t0
-                new = out[:, ids.shape[1] :].cpu()
-                for row, i in zip(new.tolist(), chunk):
-                    n = len(row)
-                    for j, t in enumerate(row):
-                        if t in eos:
-                            n = j + 1
-                            break
-                    counts[i] = n
-                    self.timings.new_tokens += n
-                    texts[i] = self.tokenizer.decode(row[:n], skip_special_tokens=True)
+        order = sorted(range(len(plist)), key=lambda i: (len(seqs[i]), i))  # less padding
+        for b0 in range(0, len(order), max(1, batch_size)):
+            chunk = order[b0 : b0 + batch_size]
+            ids, mask = pad_batch([seqs[i] for i in chunk], pad, "left", self.device)
+            self.runtime.set_rows([decs[i] for i in chunk])
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                out = self.model.generate(input_ids=ids, attention_mask=mask, **gen_kwargs)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.timings.generate_s += time.perf_counter() - t0
+            self.timings.batches += 1
+            new = out[:, ids.shape[1] :].cpu()
+            for row, i in zip(new.tolist(), chunk):
+                n = len(row)
+                for j, t in enumerate(row):
+                    if t in eos:
+                        n = j + 1
+                        break
+                counts[i] = n
+                self.timings.new_tokens += n
+                texts[i] = self.tokenizer.decode(row[:n], skip_special_tokens=True)
         if not details:
             return texts[0] if single else texts
         res = [Generation(p, t, d, c) for p, t, d, c in zip(plist, texts, decs, counts)]

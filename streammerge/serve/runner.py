@@ -12,7 +12,7 @@ alone. The requests admitted in a step are prefilled together (left-padded, one 
 padded into the batch cache; a request leaves by dropping its row, and columns that every
 remaining row pads are trimmed.
 
-Weights: the runtime (deltas.DeltaRuntime) computes row b with decision b's weights in the
+Weights: the runtime (routing/deltas.py DeltaRuntime) computes row b with decision b's weights in the
 same forward; `set_rows` is called with one decision per row before every forward.
 
 Sampling per request: greedy at temperature 0; else softmax(logits / temperature), nucleus
@@ -27,7 +27,6 @@ import random
 from dataclasses import dataclass
 from typing import Sequence
 
-from ..errors import StreammergeError
 from ..routing.decision import STATIC, forced, route_decision
 from ..routing.runtime import encode_for_features, mean_hidden_features, pad_batch, pad_id, require_torch
 from .scheduler import Request, Sampling
@@ -69,7 +68,7 @@ class ModelRunner:
         runtime's cache of decoded terms, one for the KV cache (`kv_budget`)."""
         from ..routing.router import Router, router_dir
         from ..routing.runtime import load_merged_model, open_routing_store, resolve_device, resolve_dtype
-        from .deltas import DeltaRuntime
+        from ..routing.deltas import DeltaRuntime
 
         store, method = open_routing_store(path)
         dev = resolve_device(device)
@@ -79,9 +78,8 @@ class ModelRunner:
         runtime = DeltaRuntime(model, store, method, dev, dt, None)
         kv_budget = None
         if memory_budget is not None:
+            runtime.set_memory_budget(memory_budget)  # refuses a budget the model and the encodings fill
             weights = sum(runtime.resident_bytes().values())
-            if memory_budget <= weights:
-                raise StreammergeError(f"memory budget {memory_budget} bytes: the model and the encodings alone take {weights}")
             kv_budget = (memory_budget - weights) // 2
             runtime.set_memory_budget(memory_budget - kv_budget)
         runner = cls(model, tok, runtime, method, dev, router=router, eta=eta, top_m=top_m)

@@ -1,20 +1,26 @@
 """The evaluation harness: greedy decoding, exact match per task, for every kind of model.
 
 One generation function serves every model: a Hugging Face directory (base, experts, static
-merges, mergekit's outputs) or a routing store, whose one loaded model has each decision's
-weights swapped in (`RoutedModel.apply`) before the same function runs. Prompts are encoded as
+merges, mergekit's outputs) or a routing store, whose one loaded model runs each batch row with
+its own decision (the delta runtime of `generate`, routing/deltas.py), so prompts with different
+decisions are generated together. Prompts are encoded as
 streammerge's routed inference encodes them (`encode_for_generation`), left-padded, batched by
 length, decoded greedily until `</s>` or the set's token budget; exact match compares stripped
 texts.
 
 Model outputs are memoised per (model, weights, prompt) within a run, so evaluating a store
 under several routers or entropy thresholds generates each (decision, prompt) once.
+
+ServedEval scores a routing store's rows through `streammerge serve` instead (run.py
+--via-server): the server started as a subprocess on a free 127.0.0.1 port, every prompt sent
+with the official openai client (the chat endpoint when the tokenizer has a chat template, as
+`encode_for_generation` uses it; else completions), greedy, concurrently; the server routes
+(model `job`), forces the task (`job:task:T`) or serves the merged model (`job:static`).
 """
 
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,8 +61,9 @@ class EvalSets:
         return sets
 
 
-def greedy(model, tok, prompts: list[str], max_new_tokens: int, batch_size: int = 64) -> list[str]:
-    """Greedy continuations of `prompts` (decoded, special tokens skipped), in order."""
+def greedy(model, tok, prompts: list[str], max_new_tokens: int, batch_size: int = 64, before_batch=None) -> list[str]:
+    """Greedy continuations of `prompts` (decoded, special tokens skipped), in order.
+    before_batch(indices) runs before each batch (a routed model sets its rows' decisions)."""
     import torch
 
     from streammerge.routing.runtime import encode_for_generation, pad_batch, pad_id
@@ -72,6 +79,8 @@ def greedy(model, tok, prompts: list[str], max_new_tokens: int, batch_size: int 
     for b0 in range(0, len(order), batch_size):
         idx = order[b0 : b0 + batch_size]
         ids, mask = pad_batch([seqs[i] for i in idx], pad, "left", device)
+        if before_batch is not None:
+            before_batch(idx)
         with torch.inference_mode():
             gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                                  temperature=None, top_p=None, top_k=None, pad_token_id=pad, eos_token_id=eos)
@@ -100,14 +109,20 @@ class Memo:
         self.seconds = 0.0
 
     def run(self, model_key, weights_key, model, tok, prompts, budget):
-        todo = [p for p in dict.fromkeys(prompts) if (model_key, weights_key, p) not in self.cache]
+        return self.run_rows(model_key, [weights_key] * len(prompts), model, tok, prompts, budget)
+
+    def run_rows(self, model_key, weights_keys, model, tok, prompts, budget, set_rows=None):
+        """Prompt i with weights_keys[i]; the ones not memoised are generated together, and
+        set_rows(keys of a batch's rows) is called before each batch (a routed model's rows)."""
+        todo = list(dict.fromkeys((k, p) for k, p in zip(weights_keys, prompts) if (model_key, k, p) not in self.cache))
         if todo:
             t0 = time.perf_counter()
-            for p, o in zip(todo, greedy(model, tok, todo, budget)):
-                self.cache[(model_key, weights_key, p)] = o
+            hook = None if set_rows is None else (lambda idx: set_rows([todo[i][0] for i in idx]))
+            for (k, p), o in zip(todo, greedy(model, tok, [p for _, p in todo], budget, before_batch=hook)):
+                self.cache[(model_key, k, p)] = o
             self.seconds += time.perf_counter() - t0
             self.generated += len(todo)
-        return [self.cache[(model_key, weights_key, p)] for p in prompts]
+        return [self.cache[(model_key, k, p)] for k, p in zip(weights_keys, prompts)]
 
 
 def _sets(sets: EvalSets):
@@ -215,14 +230,22 @@ def eval_full_routing(root: Path, sets: EvalSets, memo: Memo, device: str = "cpu
 # ---- routing stores (Mediator, 1bit-Merging) ------------------------------------------------
 
 
+# Bytes the routed runtime's weights may take (model + encodings + decoded deltas): room for
+# the hot decisions' decoded deltas of the harness's models, which runs them several times
+# faster than decoding every forward (1bit with lambda != 0: the TIES of the others).
+MEMORY_BUDGET = 8 << 30
+
+
 class RoutedEval:
     """A routing store loaded once: fit its router, then evaluate under several settings."""
 
-    def __init__(self, store: Path, sets: EvalSets, memo: Memo, device: str = "cpu", router_kw: dict | None = None):
+    def __init__(self, store: Path, sets: EvalSets, memo: Memo, device: str = "cpu", router_kw: dict | None = None,
+                 memory_budget: int | None = MEMORY_BUDGET):
         from streammerge.routing.model import RoutedModel
 
         self.store, self.sets, self.memo = Path(store), sets, memo
-        self.rm = RoutedModel.from_store(store, device=device, router=False)
+        self.memory_budget = memory_budget
+        self.rm = RoutedModel.from_store(store, device=device, router=False, memory_budget=memory_budget)
         self.refit(router_kw)
 
     def refit(self, router_kw: dict | None = None) -> None:
@@ -240,16 +263,10 @@ class RoutedEval:
         self.rm.router = Router.load(self.rm.store, self.rm.tasks).to(self.rm.device)
 
     def _gen(self, decisions, prompts, budget):
-        groups: OrderedDict = OrderedDict()
-        for i, d in enumerate(decisions):
-            groups.setdefault(d.key, (d, []))[1].append(i)
-        out = [None] * len(prompts)
-        for key, (d, ix) in groups.items():
-            self.rm.apply(d)
-            outs = self.memo.run(str(self.store), key, self.rm.model, self.rm.tokenizer, [prompts[i] for i in ix], budget)
-            for i, o in zip(ix, outs):
-                out[i] = o
-        return out
+        """Every prompt with its decision, in batches that mix decisions (each row its own)."""
+        by_key = {d.key: d for d in decisions}
+        return self.memo.run_rows(str(self.store), [d.key for d in decisions], self.rm.model, self.rm.tokenizer, prompts,
+                                  budget, set_rows=lambda keys: self.rm.runtime.set_rows([by_key[k] for k in keys]))
 
     def probs(self, name, prompts):
         if name not in self._probs:
@@ -274,6 +291,7 @@ class RoutedEval:
             mix_share[name] = sum(d.mode == "mix" for d in decs) / len(decs)
             per[name] = self._gen(decs, prompts, self.sets.budget[name])
         extra["mixed_share"] = mix_share
+        extra["outputs"] = per
         if mode != "static" and self.router_report:
             extra["router_heldout"] = self.router_report["heldout"]["accuracy"]
         return _result(per, self.sets, extra)
@@ -282,3 +300,132 @@ class RoutedEval:
         from streammerge.routing.decision import normalized_entropy
 
         return {name: [normalized_entropy(p) for p in self.probs(name, prompts)] for name, prompts, _, _ in _sets(self.sets)}
+
+
+# ---- the same rows through `streammerge serve` ----------------------------------------------
+
+
+class ServedEval:
+    """A routing store served by `streammerge serve` (a subprocess on a free 127.0.0.1 port),
+    evaluated through the openai client: the router the store holds now (fit it first, e.g.
+    with RoutedEval), the oracle task forced, or the merged model. Use as a context manager."""
+
+    NAME = "job"
+
+    def __init__(self, store: Path, sets: EvalSets, device: str = "cpu", eta: float | None = None, concurrency: int = 16,
+                 log: Path | None = None, memory_budget: int | None = MEMORY_BUDGET):
+        self.store, self.sets, self.device, self.eta = Path(store), sets, device, eta
+        self.memory_budget = memory_budget
+        self.concurrency = concurrency
+        self.log = log
+        self.proc = None
+
+    def __enter__(self) -> "ServedEval":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self, timeout: float = 120) -> None:
+        import os
+        import socket
+        import subprocess
+        import sys
+        import tempfile
+
+        import httpx
+
+        from streammerge.routing.runtime import load_tokenizer
+        from streammerge.store.store import Store
+
+        self.chat = bool(getattr(load_tokenizer(Store.open(self.store)), "chat_template", None))
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        self.base = f"http://127.0.0.1:{port}"
+        root = Path(__file__).resolve().parents[2]  # the checkout this harness belongs to
+        cmd = [sys.executable, "-m", "streammerge", "serve", str(self.store), "--host", "127.0.0.1", "--port", str(port),
+               "--device", self.device, "--name", self.NAME, "--max-batch", str(self.concurrency)]
+        if self.eta is not None:
+            cmd += ["--eta", str(self.eta)]
+        if self.memory_budget is not None:  # the server gives half of what the weights leave to the KV cache
+            cmd += ["--memory-budget", str(2 * self.memory_budget)]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+        self.log = self.log or Path(tempfile.mkstemp(prefix="quality-serve-", suffix=".log")[1])
+        self.proc = subprocess.Popen(cmd, stdout=open(self.log, "w"), stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"streammerge serve exited {self.proc.returncode}: {self.log.read_text()[-2000:]}")
+            try:
+                if httpx.get(self.base + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"streammerge serve did not come up in {timeout:.0f} s: {self.log.read_text()[-2000:]}")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        import subprocess
+
+        if self.proc is None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+    def _answers(self, model: str, prompts: list[str], budget: int) -> list[tuple[str, dict | None]]:
+        """(text, routing) per prompt, greedy, `concurrency` requests at a time."""
+        import concurrent.futures as cf
+
+        import openai
+
+        client = openai.OpenAI(base_url=self.base + "/v1", api_key="none", max_retries=0, timeout=300)
+
+        def ask(p: str):
+            if self.chat:
+                r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": p}], max_tokens=budget,
+                                                   temperature=0)
+                return r.choices[0].message.content, getattr(r, "routing", None)
+            r = client.completions.create(model=model, prompt=p, max_tokens=budget, temperature=0)
+            return r.choices[0].text, getattr(r, "routing", None)
+
+        with cf.ThreadPoolExecutor(self.concurrency) as pool:
+            return list(pool.map(ask, prompts))
+
+    def evaluate(self, mode: str) -> dict:
+        """mode: router (model `job`, routed by the server), oracle (`job:task:T`; OOD routed),
+        static (`job:static`). Also the per-set outputs (`outputs`) and the decisions' modes."""
+        per, modes = {}, {}
+        for name, prompts, _, true in _sets(self.sets):
+            model = {"static": f"{self.NAME}:static", "oracle": f"{self.NAME}:task:{true}"}.get(mode, self.NAME)
+            if mode == "oracle" and true is None:
+                model = self.NAME
+            got = self._answers(model, prompts, self.sets.budget[name])
+            per[name] = [t for t, _ in got]
+            modes[name] = [(r or {}).get("mode") for _, r in got]
+        return _result(per, self.sets, {"outputs": per, "decision_modes": modes})
+
+
+def via_server(ev: RoutedEval, device: str = "cpu", modes=("router", "oracle", "static"), log: Path | None = None) -> dict:
+    """The store's rows through `streammerge serve` against the same rows in this process (ev:
+    its router fitted, eta its default): per mode the served accuracy and how many answers
+    differ. Oracle's OOD prompts are left out of the comparison: in process they are routed
+    top-1 (eta 1), the server routes them at its one eta."""
+    out = {}
+    with ServedEval(ev.store, ev.sets, device, eta=ev.rm.eta, log=log, memory_budget=ev.memory_budget) as srv:
+        for mode in modes:
+            here = ev.evaluate(mode, eta=ev.rm.eta)
+            served = srv.evaluate(mode)
+            names = [n for n, _, _, true in _sets(ev.sets) if not (mode == "oracle" and true is None)]
+            differ = sum(a != b for n in names for a, b in zip(here["outputs"][n], served["outputs"][n]))
+            out[mode] = {"avg": served["avg"], "acc": served["acc"], "ood_all": served["ood_all"], "in_process_avg": here["avg"],
+                         "answers": sum(len(here["outputs"][n]) for n in names), "differ": differ}
+    return out

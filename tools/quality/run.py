@@ -15,7 +15,8 @@ Steps (each cached under --cache, default bench-out/quality/<config>-<hash>/):
   3. evaluate (--device, default cpu): greedy exact match per task and on out-of-distribution
      prompts for the base, each expert, full routing (oracle and fitted router), every static
      merge, and every routing store (oracle task, fitted router, static fallback; Mediator under
-     several entropy thresholds).
+     several entropy thresholds). --via-server scores the routing stores' rows again through
+     `streammerge serve` (tools/quality/evaluate.py ServedEval) and counts differing answers.
   4. write OUT/results.json, OUT/results.md (table + targets) and OUT/accuracy_vs_storage.png.
      With --only NAMES, the rows evaluated replace theirs in an existing OUT/results.json (the
      other rows are kept; the run is listed as a rerun); --fresh writes them alone.
@@ -127,9 +128,12 @@ def row(name, family, label, res, storage_bytes, **extra) -> dict:
             "ood": res.get("ood"), "storage_bytes": int(storage_bytes), "samples": res.get("samples"), **extra}
 
 
-def evaluate_all(cfg, root: Path, out: Path, device: str, only: set | None = None, sweep: bool = True) -> dict:
+def evaluate_all(cfg, root: Path, out: Path, device: str, only: set | None = None, sweep: bool = True,
+                 via_server: bool = False) -> dict:
     """Every row (or those in `only`); sweep False skips Mediator's router x eta sweep (quick
-    exploration: the rows themselves are unchanged, the OOD table and target lack them)."""
+    exploration: the rows themselves are unchanged, the OOD table and target lack them);
+    via_server also scores each routing store's rows through `streammerge serve` (the row's
+    `via_server`: accuracy per mode and how many answers differ from the in-process ones)."""
     from quality.evaluate import (
         EvalSets,
         Memo,
@@ -138,6 +142,7 @@ def evaluate_all(cfg, root: Path, out: Path, device: str, only: set | None = Non
         eval_model,
         load_model,
     )
+    from quality.evaluate import via_server as evaluate_via_server
 
     t_start = time.perf_counter()
     workdir = root / "merges"
@@ -193,6 +198,10 @@ def evaluate_all(cfg, root: Path, out: Path, device: str, only: set | None = Non
         say(r)
         log(f"{'':28s} oracle avg {100 * oracle['avg']:5.1f}, static fallback avg {100 * fallback['avg']:5.1f}, "
             f"router held-out {100 * ev.router_report['heldout']['accuracy']:.1f}")
+        if via_server:  # before the sweep refits the router
+            r["via_server"] = served = evaluate_via_server(ev, device)
+            log(f"{'':28s} via streammerge serve: " + ", ".join(
+                f"{mode} avg {100 * v['avg']:5.1f} ({v['differ']}/{v['answers']} answers differ)" for mode, v in served.items()))
         if m.method == "mediator" and sweep:
             by_router = {}
             for rname, kw in ROUTERS.items():
@@ -336,6 +345,8 @@ def main(argv=None) -> int:
     ap.add_argument("--only", help="comma-separated merge names to evaluate (default: all)")
     ap.add_argument("--report-only", action="store_true", help="rewrite OUT/results.md and the plot from OUT/results.json")
     ap.add_argument("--no-sweep", action="store_true", help="skip Mediator's router x eta sweep (quick exploration)")
+    ap.add_argument("--via-server", action="store_true", help="also score each routing store's rows (router, oracle, "
+                    "static) through `streammerge serve` with the openai client, and count the answers that differ")
     ap.add_argument("--fresh", action="store_true", help="with --only: write only this run's rows instead of merging them "
                     "into OUT/results.json")
     a = ap.parse_args(argv)
@@ -362,7 +373,8 @@ def main(argv=None) -> int:
         if a.pack:
             (a.pack / "scores.json").write_text(json.dumps(scores, indent=1))
         return 0
-    results = evaluate_all(cfg, root, a.out, a.device, set(a.only.split(",")) if a.only else None, sweep=not a.no_sweep)
+    results = evaluate_all(cfg, root, a.out, a.device, set(a.only.split(",")) if a.only else None, sweep=not a.no_sweep,
+                           via_server=a.via_server)
     command = "python tools/quality/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
     previous = a.out / "results.json"
     if a.only and not a.fresh and previous.is_file():

@@ -1,28 +1,26 @@
-"""The weights of a routing decision, built on the device from the store's encodings.
+"""The store's encodings decoded into torch, on the device: what the routed runtime (deltas.py)
+multiplies and what a decision's dense weights are made of.
 
-Only the tensors routing changes are built (Mediator: the tensors of the routed layers, i.e.
-those with an `experts/` job; 1bit-Merging: those with an `encodings/` job); every other tensor
-of the merged model is already what every decision uses.
+  SparseDelta     one task's sparse delta of one tensor (Mediator's S_t; a 1bit "sparse" task
+                  vector): flat indices (int32 when they fit) and bf16 values
+  TaskPiece       one task's 1bit-Merging encoding of one tensor (packed sign bits with their
+                  scale(s), a sparse or a dense task vector), decoded as tau_hat (float32), whole
+                  or by row range
+  OneBitEncodings the encoded tensors of a 1bit store: theta_0 (from the base checkpoint) and
+                  every task's TaskPiece
+  onebit_terms    tau_hat_k and lambda * TIES({tau_hat_j : j != k}) of a decision (the election
+                  is ops/consensus.py's `ties_torch`)
+  mediator_weight D + S_k, or D + sum p_t S_t, in float32
+  onebit_weight   theta_0 + tau_hat_k + lambda * TIES(others), in float32
 
-The pieces are read from the store once and kept on the device in compact form:
-  Mediator  the dense expert D (the merged model's own tensor when the compute dtype holds it
-            exactly, else a copy in the store's dtype) and, per task, the sparse expert S_t as
-            flat indices (int32 when they fit) and bf16 values;
-  1bit      theta_0 of the encoded tensors (in the base's dtype) and, per task, packed sign
-            bits (uint8) with their scale (1bit / 1bit-row; 2bit: two of each), or sparse /
-            dense task vectors.
-
-A build reproduces the float32 arithmetic of `export --variant task:NAME` operation by
-operation (encodings/sparse.py `apply_sparse`, encodings/onebit.py `dynamic_merge_block`), with
-the torch decoding of kernels/onebit.py and the sign election of ops/consensus.py (`ties_torch`):
-elementwise IEEE float32 ops with no reassociation, so the result, rounded to the store's dtype
-(nearest even, as the export writes it), is bit-identical to the exported tensor; it is then cast
-to the model's compute dtype.
+The two *_weight functions reproduce the float32 arithmetic of `export --variant task:NAME`
+operation by operation (encodings/sparse.py `apply_sparse`, encodings/onebit.py
+`dynamic_merge_block`), with the torch decoding of kernels/onebit.py: elementwise IEEE float32
+ops in the same order, so the result rounded to the store's dtype is the exported tensor, bit for
+bit. The runtime adds the same terms to the shared weight's product instead (deltas.py).
 """
 
 from __future__ import annotations
-
-from typing import Callable
 
 import numpy as np
 
@@ -35,11 +33,11 @@ from ..errors import StreammergeError
 from ..kernels.onebit import scaled_signs, two_bit_hat
 from ..kernels.onebit import unpack_rows as _unpack
 from ..ops.consensus import ties_torch
-from .decision import Decision
+from .decision import STATIC, Decision
 from .runtime import require_torch, torch_dtype
 
 
-def _torch_from_raw(raw: np.ndarray, dtype_name: str):
+def torch_from_raw(raw: np.ndarray, dtype_name: str):
     """A torch tensor (CPU) of a store array's raw values (bf16 arrives as uint16)."""
     torch, _ = require_torch()
     ft = float_type(dtype_name)
@@ -49,8 +47,8 @@ def _torch_from_raw(raw: np.ndarray, dtype_name: str):
     return torch.from_numpy(a.copy())
 
 
-class _Sparse:
-    """One task's sparse pieces of one tensor: flat indices and bf16 values, on the device."""
+class SparseDelta:
+    """One task's sparse delta of one tensor: flat indices and bf16 values, on the device."""
 
     def __init__(self, store, path: str, job: dict, device):
         torch, _ = require_torch()
@@ -93,69 +91,7 @@ class _Sparse:
         return self.index.numel() * self.index.element_size() + self.value.numel() * 2
 
 
-class WeightBuilder:
-    """Builds {tensor name: weight on the device, in the compute dtype} for a decision."""
-
-    method: str
-    names: list[str]
-
-    def build(self, decision: Decision) -> dict:
-        raise NotImplementedError
-
-    @property
-    def device_bytes(self) -> int:
-        return 0
-
-
-class MediatorWeights(WeightBuilder):
-    method = "mediator"
-
-    def __init__(self, store, method: dict, device, dtype, merged: Callable[[str], object]):
-        torch, _ = require_torch()
-        self.tasks = list(method["tasks"])
-        self.dtype = dtype
-        self.store_dtype: dict[str, object] = {}
-        self.dense: dict[str, object] = {}
-        self.experts: dict[str, dict[str, _Sparse]] = {}
-        self.names = []
-        for job in store.jobs:
-            if job["stage"] != "experts":
-                continue
-            name = job["name"]
-            self.names.append(name)
-            sd = torch_dtype(store.dtype(name).name)
-            self.store_dtype[name] = sd
-            if dtype == sd or dtype == torch.float32:
-                self.dense[name] = merged(name)  # D is the merged model's tensor: no copy
-            else:
-                raw = store.read_block(name, 0, num_rows(tuple(job["shape"])))
-                self.dense[name] = _torch_from_raw(raw, store.dtype(name).name).reshape(job["shape"]).to(device)
-            self.experts[name] = {t: _Sparse(store, f"{job['key']}/{t}", job, device) for t in self.tasks}
-
-    def build(self, decision: Decision) -> dict:
-        torch, _ = require_torch()
-        if decision.mode == "static":
-            raise ValueError("the static decision is the merged model itself")
-        out = {}
-        for name in self.names:
-            D = self.dense[name]
-            w = D.to(torch.float32, copy=True).contiguous()
-            flat = w.view(-1)
-            for task, p in decision.weights:
-                sp = self.experts[name][task]
-                if decision.mode == "mix":
-                    sp.add_into(flat, torch.tensor(p, dtype=torch.float32, device=w.device))
-                else:
-                    sp.add_into(flat)
-            out[name] = w.to(self.store_dtype[name]).to(self.dtype)
-        return out
-
-    @property
-    def device_bytes(self) -> int:
-        return sum(s.nbytes for e in self.experts.values() for s in e.values())
-
-
-class _TaskPiece:
+class TaskPiece:
     """One task's encoding of one tensor, reconstructed on the device as tau_hat (float32)."""
 
     def __init__(self, kind: str, **parts):
@@ -190,32 +126,32 @@ class _TaskPiece:
     def nbytes(self) -> int:
         n = 0
         for v in self.parts.values():
-            if isinstance(v, _Sparse):
+            if isinstance(v, SparseDelta):
                 n += v.nbytes
             elif hasattr(v, "element_size"):
                 n += v.numel() * v.element_size()
         return n
 
 
-CHUNK_ELEMENTS = 1 << 24  # a 1bit build works on row ranges of about this many elements
+CHUNK_ELEMENTS = 1 << 24  # decoding works on row ranges of about this many elements (bounds float32 temporaries)
 
 
-class OneBitWeights(WeightBuilder):
-    method = "1bit"
+class OneBitEncodings:
+    """theta_0 and every task's encoding of each encoded tensor of a 1bit store, on the device
+    (theta_0 in the base's dtype)."""
 
-    def __init__(self, store, method: dict, device, dtype):
+    def __init__(self, store, method: dict, device):
         torch, _ = require_torch()
         from ..export.variants import base_checkpoint, read_base_rows
 
         self.tasks = list(method["tasks"])
         self.lam = float(method["lambda"])
-        self.dtype = dtype
         self.device = device
         self.names = []
         self.shape: dict[str, tuple] = {}
         self.store_dtype: dict[str, object] = {}
         self.base: dict[str, object] = {}
-        self.pieces: dict[str, dict[str, _TaskPiece | None]] = {}
+        self.pieces: dict[str, dict[str, TaskPiece | None]] = {}
         jobs = [j for j in store.jobs if j["stage"] == "encode"]
         handles = base_checkpoint(store).tensors if jobs else {}
         for job in jobs:
@@ -234,7 +170,7 @@ class OneBitWeights(WeightBuilder):
             self.pieces[name] = {t: self._piece(store, method, job, t, kind, stats, device) for t in self.tasks}
 
     @staticmethod
-    def _piece(store, method, job, task, kind, stats, device) -> _TaskPiece | None:
+    def _piece(store, method, job, task, kind, stats, device) -> TaskPiece | None:
         torch, _ = require_torch()
         shape = tuple(job["shape"])
         k, _rho = resolve_precision(method["precision"][task][kind], method["granularity"], shape, method["rho"])
@@ -261,7 +197,7 @@ class OneBitWeights(WeightBuilder):
             else:
                 scale = np.asarray(store.array_at(f"{key}/{task}.scale")[:], dtype=np.float32)
                 parts["scale"] = torch.from_numpy(scale.copy()).to(device)
-            return _TaskPiece(k, **parts)
+            return TaskPiece(k, **parts)
         if k == "2bit":
             parts = {"cols": int(np.prod(shape[1:], dtype=np.int64))}
             for name in ("bits", "bits2"):
@@ -269,60 +205,53 @@ class OneBitWeights(WeightBuilder):
                 parts[name] = torch.from_numpy(np.ascontiguousarray(packed)).to(device)
             for name in ("scale", "scale2"):
                 parts[name] = torch.from_numpy(np.asarray(store.array_at(f"{key}/{task}.{name}")[:], dtype=np.float32).copy()).to(device)
-            return _TaskPiece("2bit", **parts)
+            return TaskPiece("2bit", **parts)
         if k == "sparse":
-            return _TaskPiece("sparse", sparse=_Sparse(store, f"{key}/{task}.sparse", job, device))
+            return TaskPiece("sparse", sparse=SparseDelta(store, f"{key}/{task}.sparse", job, device))
         raw = store.array_at(f"{key}/{task}.dense")[:]
-        return _TaskPiece("dense", dense=_torch_from_raw(raw, "bfloat16").to(device))
-
-    def build(self, decision: Decision) -> dict:
-        torch, _ = require_torch()
-        if decision.mode == "static":
-            raise ValueError("the static decision is the merged model itself")
-        if decision.mode == "mix":
-            raise ValueError("1bit-Merging routes top-1 only")
-        k = decision.task
-        lam = torch.tensor(self.lam, dtype=torch.float32, device=self.device)
-        out = {}
-        for name in self.names:
-            shape = self.shape[name]
-            if len(shape) < 2:
-                out[name] = self._merge(name, k, lam, None)
-                continue
-            # row ranges bound the float32 temporaries (N task vectors, TIES) whatever the tensor
-            step = max(1, CHUNK_ELEMENTS // max(1, int(np.prod(shape[1:], dtype=np.int64))))
-            if step >= shape[0]:
-                out[name] = self._merge(name, k, lam, None)
-                continue
-            res = torch.empty(shape, dtype=self.dtype, device=self.device)
-            for r0 in range(0, shape[0], step):
-                r1 = min(shape[0], r0 + step)
-                res[r0:r1] = self._merge(name, k, lam, (r0, r1))
-            out[name] = res
-        return out
-
-    def _merge(self, name: str, k: str, lam, rows):
-        """theta_0 + tau_hat_k + lambda * TIES(others) of a tensor or of its rows [r0, r1),
-        rounded to the store's dtype, in the compute dtype (elementwise: chunking changes nothing)."""
-        torch, _ = require_torch()
-        shape = self.shape[name]
-        base = self.base[name] if rows is None else self.base[name][rows[0] : rows[1]]
-        w = base.to(torch.float32, copy=True)
-        hats = {t: (pc.tau_hat(shape, self.device, rows) if pc is not None else None) for t, pc in self.pieces[name].items()}
-        if hats[k] is not None:
-            w.add_(hats[k])
-        others = [h for t, h in hats.items() if t != k and h is not None]
-        if others:
-            w.add_(ties_torch(others).mul_(lam))
-        return w.to(self.store_dtype[name]).to(self.dtype)
+        return TaskPiece("dense", dense=torch_from_raw(raw, "bfloat16").to(device))
 
     @property
-    def device_bytes(self) -> int:
+    def nbytes(self) -> int:
         n = sum(b.numel() * b.element_size() for b in self.base.values())
         return n + sum(pc.nbytes for ps in self.pieces.values() for pc in ps.values() if pc is not None)
 
 
-def make_builder(store, method: dict, device, dtype, merged: Callable[[str], object]) -> WeightBuilder:
-    if method["method"] == "mediator":
-        return MediatorWeights(store, method, device, dtype, merged)
-    return OneBitWeights(store, method, device, dtype)
+# ---- a decision's terms and weights ---------------------------------------------------------
+
+
+def onebit_terms(hat, pieces: dict, key: tuple, lam: float, device):
+    """(tau_hat_k, lambda * TIES({tau_hat_j : j != k})) of decision `key` (task k, or STATIC: no
+    own term, TIES of all), each None where absent. hat(task) -> that task's float32 tau_hat
+    (of whatever rows the caller decodes); pieces: task -> TaskPiece | None (dropped)."""
+    torch, _ = require_torch()
+    k = None if key == STATIC.key else key[1]
+    own = hat(k) if k is not None and pieces[k] is not None else None
+    ties = None
+    if lam != 0:
+        others = [hat(t) for t, pc in pieces.items() if t != k and pc is not None]
+        if others:
+            ties = ties_torch(others).mul_(torch.tensor(lam, dtype=torch.float32, device=device))
+    return own, ties
+
+
+def onebit_weight(base, hat, pieces: dict, key: tuple, lam: float, device):
+    """theta_0 + tau_hat_k + lambda * TIES(others) in float32, in the export's order of
+    operations (base: theta_0 of the same rows, any float dtype)."""
+    w = base.to(require_torch()[0].float32, copy=True)
+    for term in onebit_terms(hat, pieces, key, lam, device):
+        if term is not None:
+            w.add_(term)
+    return w
+
+
+def mediator_weight(dense, experts: dict, decision: Decision):
+    """D + S_k (top-1), D + sum_t p_t S_t (mix: each product rounded once, then the sum) or D
+    (STATIC), float32; dense: D, experts: task -> SparseDelta of the same tensor."""
+    torch, _ = require_torch()
+    w = dense.to(torch.float32, copy=True).contiguous()
+    flat = w.view(-1)
+    for task, p in decision.weights:
+        weight = torch.tensor(p, dtype=torch.float32, device=w.device) if decision.mode == "mix" else None
+        experts[task].add_into(flat, weight)
+    return w

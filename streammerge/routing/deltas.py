@@ -1,4 +1,5 @@
-"""Per-row routed weights in one forward pass: the delta-aware runtime behind `streammerge serve`.
+"""Per-row routed weights in one forward pass: the runtime behind `streammerge serve`, `generate`
+and RoutedModel (model.py).
 
     rt = DeltaRuntime(model, store, method, device, dtype, memory_budget=None)
     rt.set_rows([forced("math", tasks), STATIC, mix_decision])   # one decision per batch row
@@ -21,7 +22,7 @@ their `forward` is replaced (DeltaLinear, DeltaEmbedding, DeltaGrouped). `close(
 Delta terms:
   Mediator  one term per task present in the batch, over the rows using it, with the rows'
             weights: top-1 / forced rows weight 1 (D + S_k), an uncertain row p_t for each of
-            its tasks (D + sum p_t S_t), STATIC rows none (D). S_t stays sparse: `_Sparse`'s
+            its tasks (D + sum p_t S_t), STATIC rows none (D). S_t stays sparse: `SparseDelta`'s
             positions as the store keeps them (a bitmask of the tensor where that is smaller
             than int32 offsets, as the blob encoder chooses) plus bf16 values, decoded each
             forward into a CSR matrix for torch.sparse.mm. (One sparse product of the stacked
@@ -30,7 +31,7 @@ Delta terms:
   1bit      one term per decision present in the batch: task k is tau_hat_k + lambda *
             TIES({tau_hat_j : j != k}), STATIC is lambda * TIES(all) (the store's fallback
             merged model, docs/methods.md section 4.4). The terms are built from the packed sign bits and
-            scales in row chunks (weights.py `_TaskPiece.tau_hat`, `ties_torch`) and multiplied
+            scales in row chunks (encoded.py `TaskPiece.tau_hat`, `onebit_terms`) and multiplied
             chunk by chunk; never stored unpacked outside the cache below. With lambda = 0 a term
             is tau_hat_k alone and STATIC has no delta; a sign-bits term (1bit, 1bit-row, 2bit)
             is then `signs_product`: the +-1 of each byte looked up, multiplied, then scaled.
@@ -44,8 +45,8 @@ compute) per hot decision, N + 1 decisions at most (STATIC included).
 
 Measured (tools/bench_deltas.py --repeat 5: hidden 512, intermediate 1376, 4 layers, vocab
 4096; one forward of 32 rows over 3 tasks; CPU time on one thread; ratio to the static model's
-forward of the same batch; swap = RoutedModel's per-decision dense weights, one forward per task
-group; 2-core shared box, about +-15 %):
+forward of the same batch; swap = the old per-decision dense weights (now tools/weight_swap.py),
+one forward per task group; 2-core shared box, about +-15 %):
                        decoding step (1 token/row)      prefill (32 tokens/row)
                        no cache   cache   swap          no cache   cache   swap
   Mediator (rho 0.1)   5.5        1.7     2.6           1.7        1.4     1.0
@@ -82,9 +83,9 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import StreammergeError
-from ..routing.decision import STATIC, Decision
-from ..routing.runtime import require_torch
-from ..routing.weights import CHUNK_ELEMENTS, OneBitWeights, _Sparse, _TaskPiece, ties_torch
+from .decision import STATIC, Decision
+from .encoded import CHUNK_ELEMENTS, OneBitEncodings, SparseDelta, TaskPiece, onebit_terms
+from .runtime import require_torch
 
 # The stated tolerances of the delta path (float32 compute), see "Exactness" above: against the
 # model `export --variant task:k` writes (weights rounded to bf16 once), |logit difference| <=
@@ -126,7 +127,7 @@ class CompactSparse:
     as a bitmask of the flat tensor when that is smaller than int32 offsets (density above
     1/32, as encodings/sparse.py chooses per blob), else int32 offsets; bf16 values."""
 
-    def __init__(self, sparse: _Sparse, shape):
+    def __init__(self, sparse: SparseDelta, shape):
         torch, _ = require_torch()
         self.rows, self.cols = _rows_cols(shape)
         self.size = sparse.size
@@ -274,7 +275,7 @@ class OneBitTensor:
 
     def __init__(self, name: str, shape, pieces: dict, lam: float, device, cache: _Cache):
         self.name, self.shape = name, tuple(shape)
-        self.pieces = pieces  # task -> _TaskPiece | None (dropped)
+        self.pieces = pieces  # task -> TaskPiece | None (dropped)
         self.lam, self.device, self.cache = lam, device, cache
         self.rows, self.cols = _rows_cols(shape)
 
@@ -290,15 +291,10 @@ class OneBitTensor:
 
     def _combine(self, key: tuple, hat):
         """The delta of decision `key` from hat(task) -> float32 tau_hat (of the same rows)."""
-        k = key[1] if key != STATIC.key else None
-        d = hat(k) if k is not None and self.pieces[k] is not None else None
-        if self.lam != 0:
-            others = [hat(t) for t, pc in self.pieces.items() if t != k and pc is not None]
-            if others:
-                torch, _ = require_torch()
-                t = ties_torch(others).mul_(torch.tensor(self.lam, dtype=torch.float32, device=self.device))
-                d = t if d is None else d.add_(t)
-        return d
+        own, ties = onebit_terms(hat, self.pieces, key, self.lam, self.device)
+        if own is None or ties is None:
+            return own if ties is None else ties
+        return own.add_(ties)
 
     def delta_rows(self, key: tuple, r0: int, r1: int):
         """The delta of rows [r0, r1) as (r1 - r0, cols) float32 (None: no delta)."""
@@ -355,7 +351,7 @@ class OneBitTensor:
 SIGN_KINDS = {"1bit": (("bits", "alpha"),), "1bit-row": (("bits", "scale"),), "2bit": (("bits", "scale"), ("bits2", "scale2"))}
 
 
-def signs_product(x, piece: _TaskPiece, step: int):
+def signs_product(x, piece: TaskPiece, step: int):
     """x (m, cols) float32 times tau_hat^T of a sign-bits piece (1bit: alpha * s; 1bit-row:
     scale_r * s; 2bit: the sum of two such), without tau_hat: the +-1 signs of each row chunk
     are looked up a byte at a time, multiplied, then the product is scaled per output row.
@@ -380,7 +376,7 @@ def signs_product(x, piece: _TaskPiece, step: int):
 _ROW_PARTS = {"bits", "bits2", "scale", "scale2", "dense"}  # parts with one entry per tensor row
 
 
-def _gathered(piece: _TaskPiece, ids, rows: int) -> _TaskPiece:
+def _gathered(piece: TaskPiece, ids, rows: int) -> TaskPiece:
     """The piece restricted to rows `ids` (sorted, unique) of its tensor."""
     torch, _ = require_torch()
     if piece.kind == "sparse":  # flat positions: keep the entries of those rows, renumbered
@@ -388,12 +384,12 @@ def _gathered(piece: _TaskPiece, ids, rows: int) -> _TaskPiece:
         r = torch.div(sp.index.long(), cols, rounding_mode="floor")
         pos = torch.searchsorted(ids, r).clamp_(max=ids.numel() - 1)
         keep = ids[pos] == r
-        sub = object.__new__(_Sparse)
+        sub = object.__new__(SparseDelta)
         sub.size = ids.numel() * cols
         sub.index = (pos[keep] * cols + (sp.index.long() - r * cols)[keep]).to(sp.index.dtype)
         sub.value = sp.value[keep]
-        return _TaskPiece("sparse", sparse=sub)
-    return _TaskPiece(piece.kind, **{k: (v[ids] if k in _ROW_PARTS else v) for k, v in piece.parts.items()})
+        return TaskPiece("sparse", sparse=sub)
+    return TaskPiece(piece.kind, **{k: (v[ids] if k in _ROW_PARTS else v) for k, v in piece.parts.items()})
 
 
 # ---- the modules' forwards --------------------------------------------------------------------
@@ -559,9 +555,12 @@ class DeltaRuntime:
     def set_memory_budget(self, memory_budget: int | None) -> None:
         """Bytes the weights may take (model + encodings + cache; None: no cache); the cache
         gets what the model and the encodings leave, least recently used terms out first."""
-        self.memory_budget = memory_budget
         used = self.resident_bytes()
-        self.cache.resize(0 if memory_budget is None else int(memory_budget) - used["model"] - used["encodings"])
+        weights = used["model"] + used["encodings"]
+        if memory_budget is not None and memory_budget <= weights:
+            raise StreammergeError(f"memory budget {memory_budget} bytes: the model and the encodings alone take {weights}")
+        self.memory_budget = memory_budget
+        self.cache.resize(0 if memory_budget is None else int(memory_budget) - weights)
 
     # ---- loading --------------------------------------------------------------------------------
     def _load(self, params: dict) -> dict:
@@ -573,11 +572,11 @@ class DeltaRuntime:
                     continue
                 name, shape = job["name"], tuple(job["shape"])
                 _param(params, name)
-                experts = {t: CompactSparse(_Sparse(self.store, f"{job['key']}/{t}", job, self.device), shape)
+                experts = {t: CompactSparse(SparseDelta(self.store, f"{job['key']}/{t}", job, self.device), shape)
                            for t in self.tasks}
                 out[name] = MediatorTensor(name, shape, experts, self.cache)
             return out
-        enc = OneBitWeights(self.store, self.method, self.device, self.dtype)
+        enc = OneBitEncodings(self.store, self.method, self.device)
         for name in enc.names:
             p = _param(params, name)
             p.data = enc.base.pop(name).to(self.dtype).reshape(p.shape)  # theta_0 replaces the merged tensor
