@@ -5,6 +5,7 @@ This is what `streammerge build` does, as a function tests and other tools can c
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import time
@@ -16,7 +17,7 @@ from ..checkpoints.buffers import copy_buffer
 from ..checkpoints.chat_template import write_chat_template
 from ..errors import StoreError
 from ..limits import DOCUMENT, read_bounded
-from ..export.hf import HF_FILES, copy_hf_files, is_export_of, record_export
+from ..export.hf import HF_FILES, copy_hf_files, is_export_of, record_export, tensor_files, write_tensor_files
 from ..plan.planner import Plan, make_plan
 from ..recipe import Recipe, load_recipe
 from ..recipe.diff import describe_changes
@@ -135,7 +136,8 @@ def build(
     allow_crimes: merge models whose config.json names different architectures; device: a torch
     device ("cuda") for methods with a kernel (engine/device.py), None for the numpy CPU path;
     export: also export the merged model, `OpenExport` keywords (out_dir, shard_size, dtype,
-    overwrite). A static merge's blocks are then written to the export as they are computed."""
+    overwrite). A new store then keeps a static merge's tensors as that export's shards, which
+    the export hard-links: the merged model is written once."""
     recipe_path = Path(recipe_path)
     store_path = Path(store_path)
     recipe = recipe or load_recipe(recipe_path)  # first: a missing recipe is a one-line error
@@ -158,6 +160,11 @@ def build(
 
         plan = replace(plan, jobs=analysis_jobs(plan))
     manifest = manifest_for(plan, recipe_text)
+    if export is not None and not plan.method.pipeline:
+        # the merged tensors are kept as the export's shards: the export links them (written once)
+        files = tensor_files(manifest, shard_size=export.get("shard_size", 5 * 10**9), dtype=export.get("dtype"))
+        if files is not None:
+            manifest["tensor_files"] = files
 
     t0 = time.perf_counter()
     if store_path.exists() and not store_path.is_dir():
@@ -177,7 +184,7 @@ def build(
             copy_hf_files(plan.hf_source.directory, store_path / "hf", plan.config_overrides)
             if plan.chat_template is not None:
                 write_chat_template(store_path / "hf", plan.chat_template)
-            store = Store.create(store_path, manifest)
+            store = Store.create(store_path, manifest, functools.partial(write_tensor_files, manifest=manifest))
             litter = 0
         for i, b in enumerate(plan.buffers):
             if not store.has_buffer(i):
@@ -188,7 +195,8 @@ def build(
             # the same `build --export OUT` run again on a finished store: nothing to build or write
             exported = {"path": str(export["out_dir"]), "already": True}
             export = None
-        # routing methods add their tensors in phase B: their export opens once the build is done
+        # opened first, so that an existing OUT is refused before any work; routing methods add
+        # their tensors in phase B: their export opens once the build is done
         exporting = _open_export(store, export) if export is not None and not full_plan.method.pipeline else None
         try:
             report = run_build(plan, store, **run)
@@ -198,12 +206,10 @@ def build(
             if exporting is not None:
                 exporting.abort()
             raise
-        finally:
-            store.mirror = None
         seconds = time.perf_counter() - t0
         if export is not None:
             t1 = time.perf_counter()
-            exporting = exporting or _open_export(store, export, mirror=False)
+            exporting = exporting or _open_export(store, export)
             exported = exporting.finish(workers=workers, progress=progress, scheduler=scheduler, cluster=cluster)
             record_export(store, exporting.out_dir, dtype=export.get("dtype"), shard_size=export.get("shard_size", 5 * 10**9))
             exported["seconds"] = time.perf_counter() - t1
@@ -217,13 +223,10 @@ def _exported_already(store: Store, export: dict) -> bool:
             and is_export_of(store, out, dtype=export.get("dtype"), shard_size=export.get("shard_size", 5 * 10**9)))
 
 
-def _open_export(store: Store, export: dict, mirror: bool = True):
+def _open_export(store: Store, export: dict):
     from ..export.hf import OpenExport
 
-    exporting = OpenExport(store, **export)
-    if mirror:
-        store.mirror = exporting.mirror
-    return exporting
+    return OpenExport(store, **export)
 
 
 def _routed_phase_b(full_plan: Plan, analysis_plan: Plan, store: Store, report: BuildReport, run: dict) -> BuildReport:
