@@ -92,7 +92,9 @@ def _markers(store: Path):
         for f in files:
             if not f.isdigit():
                 continue
-            key = rel if (store / rel / "zarr.json").is_file() else Path("tensors") / rel
+            # tensors/<name> (zarr.json absent where the store keeps the tensor in a shard), or
+            # an array of another stage, or a bare tensor name (stores of older versions)
+            key = rel if rel.parts[0] == "tensors" or (store / rel / "zarr.json").is_file() else Path("tensors") / rel
             yield key, int(f)
 
 
