@@ -283,7 +283,7 @@ class Store:
             raise ValueError(f"{name}: {len(data)} bytes at {pos} overrun the tensor ({end} bytes)")
         write = functools.partial(_pwrite_file, file, start + pos)
         if writer is not None:
-            writer.submit(data, write)
+            writer.submit(data, write, phase=start + pos)
         else:
             write(data)
 
