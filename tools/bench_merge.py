@@ -10,7 +10,7 @@ be written back during the next) and a read of every input into the page cache. 
 no tool can beat on this box: reading every input byte from the page cache (into one reused
 buffer) plus writing the output's byte count with O_DIRECT (page-aligned buffer, then fsync) to
 the output's filesystem. Wall times are whole commands (`/usr/bin/time -v`, which also gives the
-peak RSS). Reported: medians with min-max ranges, tool/floor and mergekit/streammerge (per round,
+peak RSS and the CPU seconds: on a shared box, compare those too). Reported: medians with min-max ranges, tool/floor and mergekit/streammerge (per round,
 so both runs saw the same box), a markdown table and the exact command line; `--json` writes the
 same figures for the README's regeneration. With --memcap, each tool also runs once under a memory
 cgroup cap of that many MB (tools/memcap.sh) and the table says whether it completed.
@@ -64,14 +64,16 @@ def write_recipe(path: Path, method: str, data: Path) -> None:
 
 
 def timed(cmd: list[str]) -> dict:
-    """Run under /usr/bin/time -v: wall seconds, peak RSS (MB), exit code."""
+    """Run under /usr/bin/time -v: wall seconds, CPU seconds (user + system), peak RSS (MB), exit code."""
     t0 = time.perf_counter()
     p = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
     wall = time.perf_counter() - t0
     rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr)
+    cpu = sum(float(x) for x in re.findall(r"(?:User|System) time \(seconds\): ([\d.]+)", p.stderr))
     return {
         "rc": p.returncode,
         "wall_s": wall,
+        "cpu_s": cpu,
         "peak_rss_mb": int(rss.group(1)) / 1024 if rss else float("nan"),
         "tail": (p.stdout + p.stderr)[-800:],
     }
@@ -112,7 +114,7 @@ def floor_run(files: list[Path], out_bytes: int, out_dir: Path, buf: memoryview)
     t1 = time.perf_counter()
     write_direct(out_dir / "floor.bin", out_bytes, buf)
     t2 = time.perf_counter()
-    return {"rc": 0, "wall_s": t2 - t0, "read_s": t1 - t0, "write_s": t2 - t1, "peak_rss_mb": float("nan")}
+    return {"rc": 0, "wall_s": t2 - t0, "read_s": t1 - t0, "write_s": t2 - t1, "cpu_s": float("nan"), "peak_rss_mb": float("nan")}
 
 
 def capped(cmd: list[str], mb: int) -> dict:
@@ -187,6 +189,7 @@ def bench_method(args, method: str, data: Path, inputs: list[Path], buf: memoryv
             entry["wall_s"] = spread([r["wall_s"] for r in ok])
             if tool != "floor":
                 entry["peak_rss_mb"] = max(r["peak_rss_mb"] for r in ok)
+                entry["cpu_s"] = spread([r["cpu_s"] for r in ok])
             else:
                 entry["read_s"] = spread([r["read_s"] for r in ok])
                 entry["write_s"] = spread([r["write_s"] for r in ok])
@@ -213,12 +216,12 @@ def bench_method(args, method: str, data: Path, inputs: list[Path], buf: memoryv
 def print_table(results: list[dict], args, header: str) -> None:
     print(header)
     cap_col = f" | under {args.memcap} MB cap" if args.memcap else ""
-    print(f"| method | tool | wall s, median (min-max) | / floor | peak RSS MB | mergekit / streammerge{cap_col} |")
-    print("|---|---|---:|---:|---:|---:|" + ("---|" if args.memcap else ""))
+    print(f"| method | tool | wall s, median (min-max) | / floor | CPU s (user + sys) | peak RSS MB | mergekit / streammerge{cap_col} |")
+    print("|---|---|---:|---:|---:|---:|---:|" + ("---|" if args.memcap else ""))
     for res in results:
         for tool, e in res["tools"].items():
             if "wall_s" not in e:
-                print(f"| {res['method']} | {tool} (failed) | | | | |" + (" |" if args.memcap else ""))
+                print(f"| {res['method']} | {tool} (failed) | | | | | |" + (" |" if args.memcap else ""))
                 continue
             over = res.get(f"{tool}_over_floor")
             speed = res.get("mergekit_over_streammerge") if tool == "streammerge" else None
@@ -227,13 +230,14 @@ def print_table(results: list[dict], args, header: str) -> None:
                 speed = f"read {fmt(e['read_s'], 2)} + write {fmt(e['write_s'], 2)}"
             failed = f" ({e['failed']} failed)" if e["failed"] else ""
             rss = f"{e['peak_rss_mb']:.0f}" if "peak_rss_mb" in e else ""
+            cpu = fmt(e["cpu_s"], 1) if "cpu_s" in e else ""
             cap = ""
             if args.memcap and "cap" in e:
                 c = e["cap"]
                 cap = " | " + ("completed" if c.get("ok") else "killed/failed") + f" (max {c.get('maxusage_mb')} MB)"
             elif args.memcap:
                 cap = " |"
-            print(f"| {res['method']} | {tool}{failed} | {fmt(e['wall_s'], 2)} | {fmt(over, 2, 'x') if over else ''} | {rss} | {speed}{cap} |")
+            print(f"| {res['method']} | {tool}{failed} | {fmt(e['wall_s'], 2)} | {fmt(over, 2, 'x') if over else ''} | {cpu} | {rss} | {speed}{cap} |")
 
 
 def main() -> None:
