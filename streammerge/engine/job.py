@@ -9,6 +9,7 @@ import functools
 import json
 import shutil
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -128,13 +129,14 @@ def build(
     allow_nonfinite: bool = False,
     allow_pickle: bool = False,
     allow_crimes: bool = False,
-    device: str | None = None,
+    device: "str | None | Future" = None,
     export: dict | None = None,
 ) -> JobResult:
     """allow_nonfinite: merge inputs holding NaN/Inf (refused by default); allow_pickle: load
     pickle checkpoints with torch.load(weights_only=True), converted once into <store>/converted;
     allow_crimes: merge models whose config.json names different architectures; device: a torch
-    device ("cuda") for methods with a kernel (engine/device.py), None for the numpy CPU path;
+    device ("cuda") for methods with a kernel (engine/device.py), None for the numpy CPU path, or
+    a future of a DeviceChoice (engine.device.start_device), awaited once the store is ready;
     export: also export the merged model, `OpenExport` keywords (out_dir, shard_size, dtype,
     overwrite). A new store then keeps a static merge's tensors as that export's shards, which
     the export hard-links: the merged model is written once."""
@@ -189,6 +191,8 @@ def build(
         for i, b in enumerate(plan.buffers):
             if not store.has_buffer(i):
                 copy_buffer(b, store.buffer_path(i))
+        if isinstance(device, Future):  # started beside the planning: needed from here on
+            device = device.result().device
         run = dict(workers=workers, progress=progress, scheduler=scheduler, cluster=cluster, device=device)
         exported = None
         if resumed and export is not None and _exported_already(store, export):
