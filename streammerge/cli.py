@@ -339,7 +339,7 @@ def build(
     and --copy-tokenizer (tokenizer files are always copied) work here; --lazy-unpickle is
     accepted and does nothing (inputs are always read lazily; pickles need --allow-pickle).
     """
-    from .engine.device import choose_device
+    from .engine.device import start_device
     from .engine.scheduler import dask_client
 
     if out is not None and export_dir is not None and Path(out) != Path(export_dir):
@@ -355,18 +355,26 @@ def build(
                    err=True)
     if cuda:
         device = "cuda"
-    choice = choose_device(device)
-    if choice.message:
-        click.echo(f"note: {choice.message}", err=True)
+    choice = start_device(device)  # torch and CUDA start while the build plans (engine/device.py)
     with dask_client(scheduler, cluster) as client:  # None: the threaded scheduler
         _build(recipe, store_path, export_dir, workers, memory_limit, seed, block_elements, restart, shard_size, dtype,
-               overwrite, progress, client, choice.device)
+               overwrite, progress, client, choice)
+
+
+def _note_device_choice(future) -> None:
+    """Say why a requested device is not used, once the choice is made (the error, if any, is
+    raised where the build waits for it)."""
+    if future.exception() is None and future.result().message:
+        click.echo(f"note: {future.result().message}", err=True)
 
 
 def _build(recipe, store_path, export_dir, workers, memory_limit, seed, block_elements, restart, shard_size, dtype,
            overwrite, progress, client, device=None):
+    """`device`: a torch device string, None, or a future of the DeviceChoice (start_device)."""
     from .engine.job import build as run
 
+    if hasattr(device, "add_done_callback"):
+        device.add_done_callback(_note_device_choice)
     result = run(
         recipe,
         store_path,
@@ -385,6 +393,7 @@ def _build(recipe, store_path, export_dir, workers, memory_limit, seed, block_el
         click.echo(f"warning: {w}", err=True)
     r = result.report
     if r.on_cpu:
+        device = device.result().device if hasattr(device, "result") else device
         click.echo(f"note: no {device} kernel for {', '.join(r.on_cpu)}: computed on the CPU", err=True)
     verb = "resumed" if result.resumed else "built"
     rate = r.input_bytes / result.seconds if result.seconds > 0 else 0

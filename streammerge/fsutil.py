@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import errno
-import mmap
 import os
 import queue
 import threading
 import uuid
 from pathlib import Path
 from typing import Callable
+
+import numpy as np
+
+from .workspace import page_aligned, thread_buffer
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -44,7 +47,6 @@ def pid_alive(pid) -> bool:
 
 DIRECT_ALIGN = 4096
 _direct_supported = hasattr(os, "O_DIRECT")
-_tls = threading.local()
 
 
 def open_direct(path, flags: int = os.O_WRONLY) -> int | None:
@@ -62,11 +64,12 @@ def open_direct(path, flags: int = os.O_WRONLY) -> int | None:
 
 
 def aligned_buffer(nbytes: int) -> memoryview:
-    """A per-thread page-aligned staging buffer of at least `nbytes` (O_DIRECT needs aligned memory)."""
-    buf = getattr(_tls, "buf", None)
-    if buf is None or len(buf) < nbytes:
-        buf = _tls.buf = mmap.mmap(-1, max(nbytes, DIRECT_ALIGN))
-    return memoryview(buf)[:nbytes]
+    """A per-thread page-aligned staging buffer of `nbytes` (O_DIRECT needs aligned memory)."""
+    return memoryview(thread_buffer("fsutil.staging", nbytes, np.uint8, at_least=DIRECT_ALIGN))
+
+
+def _address(view: memoryview) -> int:
+    return np.frombuffer(view, np.uint8).ctypes.data if len(view) else 0
 
 
 def pwrite_loop(fd: int, view: memoryview, pos: int) -> None:
@@ -86,9 +89,12 @@ def pwrite_direct(fd: int, view: memoryview, pos: int, direct_fd: int | None = N
         pwrite_loop(fd, view, pos)
         return
     pwrite_loop(fd, view[: a - pos], pos)
-    staged = aligned_buffer(b - a)
-    staged[:] = view[a - pos : b - pos]
-    pwrite_loop(direct_fd, staged, a)
+    whole = view[a - pos : b - pos]
+    if _address(whole) % DIRECT_ALIGN:  # else written from where it is (WriteBehind places it so)
+        staged = aligned_buffer(b - a)
+        staged[:] = whole
+        whole = staged
+    pwrite_loop(direct_fd, whole, a)
     pwrite_loop(fd, view[b - pos :], b)
 
 
@@ -137,9 +143,11 @@ class WriteBehind:
     that the disk works while they compute (a thread blocked in an O_DIRECT write computes
     nothing).
 
-    `submit(data, write)` copies `data` into one of `depth` reusable buffers (waiting for a free
-    one: at most `depth` writes are pending) and returns; the thread then calls `write(view)` on
-    the copy. `call(fn)` queues `fn()` behind the writes already submitted (e.g. a completion
+    `submit(data, write, phase)` copies `data` into one of `depth` reusable page-aligned buffers
+    (waiting for a free one: at most `depth` writes are pending), `phase` bytes past a page
+    boundary, and returns; the thread then calls `write(view)` on the copy. With `phase` the
+    file offset modulo the page size, `pwrite_direct` writes the copy's whole pages as they are,
+    without staging them again. `call(fn)` queues `fn()` behind the writes already submitted (e.g. a completion
     marker that must follow its data). The first error is raised by the next `submit` or
     `call` and by `close`, which waits for everything pending.
     """
@@ -147,14 +155,14 @@ class WriteBehind:
     def __init__(self, depth: int = WRITE_BEHIND_DEPTH):
         self._free: queue.Queue = queue.Queue()
         for _ in range(depth):
-            self._free.put(bytearray())
+            self._free.put(page_aligned(0))
         self._todo: queue.Queue = queue.Queue()
         self._error: BaseException | None = None
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="streammerge-write-behind", daemon=True)
         self._thread.start()
 
-    def submit(self, data: memoryview, write: Callable[[memoryview], None]) -> None:
+    def submit(self, data: memoryview, write: Callable[[memoryview], None], phase: int = 0) -> None:
         while True:
             self._check()
             try:  # (not forever: a writer closed meanwhile gives no buffer back)
@@ -162,9 +170,10 @@ class WriteBehind:
                 break
             except queue.Empty:
                 continue
-        if len(buf) < len(data):
-            buf = bytearray(len(data))  # grows to the largest block once, then is reused
-        view = memoryview(buf)[: len(data)]
+        phase %= DIRECT_ALIGN
+        if len(buf) < phase + len(data):
+            buf = page_aligned(phase + len(data))  # grows to the largest block once, then is reused
+        view = memoryview(buf)[phase : phase + len(data)]
         view[:] = data
         self._todo.put((write, view, buf))
 

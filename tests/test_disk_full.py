@@ -127,7 +127,8 @@ def test_disk_full_on_export_only(tmp_path, tmpfs):
 
 def test_disk_full_on_the_export_written_during_the_build(tmp_path, tmpfs):
     """`build --export` with OUT on a full disk and the store elsewhere: the failing write is the
-    export's, so the line names OUT; the store stays valid and the same command then finishes."""
+    export's (its copy of the store's shards: no hard link across filesystems), so the line names
+    OUT; the store stays valid and the same command then finishes."""
     base, fts = synth.make_family(tmp_path / "m", SHAPE, n_finetunes=3, dtype="bfloat16")
     recipe = write_recipe(tmp_path / "r.yaml", fault_inject.recipe_for("task_arithmetic", base, fts))
     build = ["build", recipe, "--block-elements", 256, "--workers", 2, "--no-progress"]

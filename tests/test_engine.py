@@ -212,32 +212,54 @@ def test_killed_build_resumes_to_identical_export(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")], "the killed run's partial export is removed"
 
 
-def test_export_during_build_equals_export_after_it(tmp_path):
-    """`build --export` writes each merged block to the export as it is computed; the result is
-    byte-identical to exporting the finished store, also with another dtype (then nothing is
-    written during the build) and for a resumed build (blocks of the first run exported after)."""
+def test_build_export_writes_the_merged_model_once(tmp_path):
+    """`build --export` keeps the merged tensors as the export's shards in the store and the
+    export hard-links them: no tensor is written twice (no zarr chunk), and the result is
+    byte-identical to exporting a store built without --export (the zarr layout). Another dtype
+    is converted as before; a re-export with another dtype or shard size reads the shard store
+    alone; a resumed build rewrites the blocks without markers in place."""
     shape = synth.ModelShape(hidden=128, intermediate=256, layers=2, heads=4, kv_heads=2, vocab=1024)
     base, fts = synth.make_family(tmp_path / "m", shape, n_finetunes=3, dtype="bfloat16")
     recipe = write_recipe(tmp_path / "r.yaml", ta_recipe(base, fts, [0.5, 0.3, 0.2]))
     opts = dict(workers=2, progress=False, block_elems=4096)
-    res = build(recipe, tmp_path / "a.zarr", **opts, export=dict(out_dir=tmp_path / "a"))
-    assert res.export["blocks_during_build"] == sum(t["nblocks"] for t in res.store.tensors)
-    export_store(Store.open(tmp_path / "a.zarr"), tmp_path / "after", progress=False)
-    assert file_digest(tmp_path / "a") == file_digest(tmp_path / "after")
+    ref = build(recipe, tmp_path / "ref.zarr", **opts).store  # zarr chunks, no export
+    export_store(ref, tmp_path / "ref", shard_size=300_000, progress=False)
+
+    res = build(recipe, tmp_path / "a.zarr", **opts, export=dict(out_dir=tmp_path / "a", shard_size=300_000))
+    shards = sorted(f.name for f in (tmp_path / "a").glob("*.safetensors"))
+    assert res.export["linked"] and len(shards) > 1
+    for name in shards:
+        assert os.path.samefile(tmp_path / "a" / name, tmp_path / "a.zarr" / "shards" / name)
+    assert not [f for f in (tmp_path / "a.zarr" / "tensors").rglob("c.*")], "no tensor written as a zarr chunk too"
+    assert file_digest(tmp_path / "a") == file_digest(tmp_path / "ref")
+    export_store(res.store, tmp_path / "a2", shard_size=300_000, progress=False)  # linked again
+    assert file_digest(tmp_path / "a2") == file_digest(tmp_path / "ref")
+    for opts_ in (dict(dtype="float32", shard_size=200_000), dict(shard_size=10**9)):  # read from the shards
+        export_store(res.store, tmp_path / "a3", overwrite=True, progress=False, **opts_)
+        export_store(ref, tmp_path / "ref3", overwrite=True, progress=False, **opts_)
+        assert file_digest(tmp_path / "a3") == file_digest(tmp_path / "ref3")
 
     res = build(recipe, tmp_path / "b.zarr", **opts, export=dict(out_dir=tmp_path / "b", dtype="float32", shard_size=200_000))
-    assert res.export["blocks_during_build"] == 0
-    export_store(res.store, tmp_path / "b-after", dtype="float32", shard_size=200_000, progress=False)
-    assert file_digest(tmp_path / "b") == file_digest(tmp_path / "b-after")
+    assert not res.export["linked"] and "tensor_files" not in res.store.manifest
+    export_store(ref, tmp_path / "b-ref", dtype="float32", shard_size=200_000, progress=False)
+    assert file_digest(tmp_path / "b") == file_digest(tmp_path / "b-ref")
 
-    # a store with half its blocks done (markers of the others removed, as after a kill)
-    markers = sorted((tmp_path / "a.zarr" / "done" / "merge").rglob("*"))
-    markers = [m for m in markers if m.is_file()]
+    # every other block unmarked and its bytes overwritten, as after a kill mid-write
+    store = tmp_path / "a.zarr"
+    files = json.loads((store / "manifest.json").read_text())["tensor_files"]
+    markers = sorted(m for m in (store / "done" / "merge").rglob("*") if m.is_file())
     for m in markers[::2]:
+        name = m.parent.relative_to(store / "done" / "merge" / "tensors").as_posix()
+        t = next(t for t in ref.tensors if t["name"] == name)
+        row_bytes = 2 * int(torch.tensor(t["shape"][1:]).prod())
+        fname, start = files["offsets"][name]
+        with open(store / files["dir"] / fname, "r+b") as f:
+            f.seek(start + int(m.name) * t["block_rows"] * row_bytes)
+            f.write(b"\xff" * row_bytes)
         m.unlink()
-    res = build(recipe, tmp_path / "a.zarr", **opts, export=dict(out_dir=tmp_path / "c"))
-    assert res.resumed and 0 < res.export["blocks_during_build"] < len(markers)
-    assert file_digest(tmp_path / "c") == file_digest(tmp_path / "after")
+    res = build(recipe, store, **opts, export=dict(out_dir=tmp_path / "c", shard_size=300_000))
+    assert res.resumed and res.report.blocks_run == len(markers[::2])
+    assert file_digest(tmp_path / "c") == file_digest(tmp_path / "ref")
 
 
 def test_build_export_refuses_existing_output_before_building(synth_family, tmp_path):

@@ -123,3 +123,27 @@ def test_cli_device_cuda_without_gpu_falls_back_with_a_note(models, tmp_path, mo
     res = CliRunner().invoke(cli, ["build", str(RECIPES / "della.yaml"), "--store", str(tmp_path / "j.zarr"), "--device", "cuda"])
     assert res.exit_code == 0, res.output
     assert "note: --device cuda: no CUDA device is available to torch; computing on the CPU" in res.output
+
+
+def test_device_starts_beside_the_planning(tmp_path, monkeypatch):
+    """`start_device` chooses (imports torch, starts CUDA) in a background thread, and `build`
+    waits for the choice only once the plan and the store are ready: the choice below blocks
+    until the planning has begun, so a build that waited for it first would time out."""
+    import streammerge.engine.device as device
+    import streammerge.engine.job as job
+
+    planning = __import__("threading").Event()
+    make_plan = job.make_plan
+    monkeypatch.setattr(job, "make_plan", lambda *a, **k: (planning.set(), make_plan(*a, **k))[1])
+    monkeypatch.setattr(device, "choose_device",
+                        lambda spec: device.DeviceChoice(None, "chosen during the planning" if planning.wait(30) else "too early"))
+    base, fts = synth.make_family(tmp_path / "src", SHAPE, n_finetunes=1, dtype="bfloat16")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n  - model: {fts[0]}\n    parameters: {{weight: 1.0}}\n")
+    choice = device.start_device("cuda")
+    assert not choice.done()
+    res = build(recipe, tmp_path / "job.zarr", progress=False, device=choice)
+    assert choice.result().message == "chosen during the planning" and res.report.blocks_run > 0
+    with pytest.raises(Exception, match="expected auto, cpu, cuda"):
+        device.start_device("tpu")  # refused at once, not in the thread
+    assert device.start_device("cpu").result().device is None

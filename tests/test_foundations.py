@@ -61,7 +61,9 @@ def test_thread_buffer_reuses_per_key_dtype_and_thread():
     assert not np.shares_memory(a, thread_buffer(("test", "a"), 100, np.float64))
     bigger = thread_buffer(("test", "a"), 1000)
     assert bigger.shape == (1000,) and thread_buffer(("test", "a"), 10).base is bigger.base
-    assert thread_buffer(("test", "c"), 3, at_least=64).base.size == 64
+    small = thread_buffer(("test", "c"), 3, at_least=64)
+    assert np.shares_memory(small, thread_buffer(("test", "c"), 64)), "allocated at 64 elements"
+    assert all(b.ctypes.data % 4096 == 0 for b in (a, bigger, small)), "page-aligned (O_DIRECT)"
     other = []
     t = threading.Thread(target=lambda: other.append(thread_buffer(("test", "a"), 100)))
     t.start()

@@ -1,21 +1,31 @@
 #!/usr/bin/env python
-"""Benchmark streammerge against mergekit on the same recipe and checkpoints.
+"""Benchmark streammerge against mergekit and against the floor, in the same run.
 
-    python tools/bench_merge.py --preset 0.5b --methods task_arithmetic [--memcap 800] [--skip-mergekit]
+    python tools/bench_merge.py --preset 0.5b --methods task_arithmetic [--repeat 3] [--memcap 800] [--json OUT]
 
-Generates (once, cached under --data) a base and three fine-tunes, then for each method runs
-`streammerge build --export` and `mergekit-yaml` under `/usr/bin/time -v`, reporting wall time
-and peak RSS of the whole process; with --memcap, also runs each under a memory cgroup cap of
-that many MB (tools/memcap.sh) and reports whether it completed. Prints a markdown table.
-Every run of either tool starts alike: previous outputs removed, `sync`, inputs in the page cache.
+Generates (once, cached under --data) a base and three fine-tunes. For each method, `--repeat`
+rounds each run, in turn, `streammerge build --export`, `mergekit-yaml` and the floor, every run
+preceded, untimed, by the removal of the previous outputs, `sync` (dirty pages of one run must not
+be written back during the next) and a read of every input into the page cache. The floor is what
+no tool can beat on this box: reading every input byte from the page cache (into one reused
+buffer) plus writing the output's byte count with O_DIRECT (page-aligned buffer, then fsync) to
+the output's filesystem. Wall times are whole commands (`/usr/bin/time -v`, which also gives the
+peak RSS and the CPU seconds: on a shared box, compare those too). Reported: medians with min-max ranges, tool/floor and mergekit/streammerge (per round,
+so both runs saw the same box), a markdown table and the exact command line; `--json` writes the
+same figures for the README's regeneration. With --memcap, each tool also runs once under a memory
+cgroup cap of that many MB (tools/memcap.sh) and the table says whether it completed.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import mmap
 import os
 import re
+import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -32,6 +42,8 @@ RECIPES = {
     "dare_ties": "parameters: {{weight: {w}, density: 0.5}}",
     "linear": "parameters: {{weight: {w}}}",
 }
+PAGE = 4096
+CHUNK = 16 * 2**20  # the floor's read and write buffer
 
 
 def write_recipe(path: Path, method: str, data: Path) -> None:
@@ -51,44 +63,181 @@ def write_recipe(path: Path, method: str, data: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def median_run(cmd: list[str], repeat: int, before=None) -> dict:
-    """`timed` `repeat` times: median wall time, largest peak RSS, first failure if any."""
-    runs = []
-    for _ in range(repeat):
-        if before:
-            before()
-        runs.append(timed(cmd))
-    failed = [r for r in runs if r["rc"] != 0]
-    walls = sorted(r["wall_s"] for r in runs)
-    out = dict(failed[0] if failed else runs[0])
-    out["wall_s"] = walls[len(walls) // 2]
-    out["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)
-    out["walls"] = walls
-    return out
-
-
-def timed(cmd: list[str], env=None) -> dict:
-    """Run under /usr/bin/time -v: wall seconds, peak RSS (MB), exit code."""
+def timed(cmd: list[str]) -> dict:
+    """Run under /usr/bin/time -v: wall seconds, CPU seconds (user + system), peak RSS (MB), exit code."""
     t0 = time.perf_counter()
-    p = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, env=env)
+    p = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
     wall = time.perf_counter() - t0
     rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr)
+    cpu = sum(float(x) for x in re.findall(r"(?:User|System) time \(seconds\): ([\d.]+)", p.stderr))
     return {
         "rc": p.returncode,
         "wall_s": wall,
+        "cpu_s": cpu,
         "peak_rss_mb": int(rss.group(1)) / 1024 if rss else float("nan"),
         "tail": (p.stdout + p.stderr)[-800:],
     }
 
 
+def read_inputs(files: list[Path], buf: memoryview) -> int:
+    """Every byte of `files` read into `buf`, chunk by chunk; returns the byte count."""
+    total = 0
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            while n := os.readv(fd, [buf]):
+                total += n
+        finally:
+            os.close(fd)
+    return total
+
+
+def write_direct(path: Path, nbytes: int, buf: memoryview) -> None:
+    """`nbytes` (rounded up to whole pages) written to a new `path` with O_DIRECT, then fsynced."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_DIRECT", 0)
+    fd = os.open(path, flags, 0o644)
+    try:
+        left = -(-nbytes // PAGE) * PAGE
+        while left:
+            n = os.write(fd, buf[: min(left, len(buf))])
+            left -= n
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+
+
+def floor_run(files: list[Path], out_bytes: int, out_dir: Path, buf: memoryview) -> dict:
+    """The floor: the inputs read from the page cache, then the output's bytes written O_DIRECT."""
+    t0 = time.perf_counter()
+    read_inputs(files, buf)
+    t1 = time.perf_counter()
+    write_direct(out_dir / "floor.bin", out_bytes, buf)
+    t2 = time.perf_counter()
+    return {"rc": 0, "wall_s": t2 - t0, "read_s": t1 - t0, "write_s": t2 - t1, "cpu_s": float("nan"), "peak_rss_mb": float("nan")}
+
+
 def capped(cmd: list[str], mb: int) -> dict:
     memcap = ROOT / "tools" / "memcap.sh"
-    if not memcap.exists():
-        return {"ok": None, "note": "memcap.sh not found"}
     p = subprocess.run(["bash", str(memcap), str(mb), *cmd], capture_output=True, text=True)
     last = (p.stdout.strip().splitlines() or [""])[-1]
     m = re.search(r"rc=(\d+) maxusage_mb=(\d+)", last)
-    return {"ok": bool(m and m.group(1) == "0"), "maxusage_mb": int(m.group(2)) if m else None, "line": last}
+    return {"ok": bool(m and m.group(1) == "0"), "maxusage_mb": int(m.group(2)) if m else None, "line": last or p.stderr[-300:]}
+
+
+def spread(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
+
+
+def fmt(s: dict, digits: int = 1, unit: str = "") -> str:
+    f = f"{{:.{digits}f}}"
+    return f"{f.format(s['median'])}{unit} ({f.format(s['min'])}-{f.format(s['max'])})"
+
+
+def output_bytes(out: Path) -> int:
+    return sum(f.stat().st_size for f in out.glob("*.safetensors"))
+
+
+def bench_method(args, method: str, data: Path, inputs: list[Path], buf: memoryview) -> dict:
+    bin_dir = Path(sys.executable).parent
+    work = args.work / method.replace(":", "-")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    recipe = work / "recipe.yaml"
+    write_recipe(recipe, method, data)
+    tools = {
+        "streammerge": [
+            str(bin_dir / "streammerge"), "build", str(recipe), "--store", str(work / "job.zarr"),
+            "--export", str(work / "sm-out"), "--workers", str(args.workers),
+            "--memory-limit", args.memory_limit, "--no-progress", "--restart", "--overwrite",
+        ],
+    }
+    outputs = {"streammerge": ("job.zarr", "sm-out"), "mergekit": ("mk-out",), "floor": ()}
+    mk = bin_dir / "mergekit-yaml"
+    routing = method.split(":")[0] in ("mediator", "1bit")
+    if not args.skip_mergekit and mk.exists() and not routing:
+        tools["mergekit"] = [str(mk), str(recipe), str(work / "mk-out"), "--quiet", "-j", str(args.workers)]
+
+    def fresh(tool: str) -> None:
+        """Untimed, before every run: outputs removed, dirty pages written back, inputs cached."""
+        for d in outputs[tool]:
+            shutil.rmtree(work / d, ignore_errors=True)
+        os.sync()
+        read_inputs(inputs, buf)
+
+    runs: dict[str, list[dict]] = {t: [] for t in (*tools, "floor")}
+    out_bytes = None
+    for _ in range(args.repeat):
+        for tool, cmd in tools.items():
+            fresh(tool)
+            r = timed(cmd)
+            if r["rc"] != 0:
+                print(f"{method} {tool} failed (exit {r['rc']}):\n{r['tail']}", file=sys.stderr)
+            runs[tool].append(r)
+            if tool == "streammerge" and r["rc"] == 0:
+                out_bytes = out_bytes or output_bytes(work / "sm-out")
+        if out_bytes is None and "mergekit" in runs and runs["mergekit"][-1]["rc"] == 0:
+            out_bytes = output_bytes(work / "mk-out")
+        if out_bytes:
+            fresh("floor")
+            runs["floor"].append(floor_run(inputs, out_bytes, work, buf))
+    result = {"method": method, "output_bytes": out_bytes, "tools": {}}
+    for tool, rs in runs.items():
+        ok = [r for r in rs if r["rc"] == 0]
+        entry = {"failed": len(rs) - len(ok)}
+        if ok:
+            entry["wall_s"] = spread([r["wall_s"] for r in ok])
+            if tool != "floor":
+                entry["peak_rss_mb"] = max(r["peak_rss_mb"] for r in ok)
+                entry["cpu_s"] = spread([r["cpu_s"] for r in ok])
+            else:
+                entry["read_s"] = spread([r["read_s"] for r in ok])
+                entry["write_s"] = spread([r["write_s"] for r in ok])
+        result["tools"][tool] = entry
+    # ratios per round: each compares runs made minutes apart on the same box
+    def ratios(num: str, den: str) -> dict | None:
+        pairs = [(a, b) for a, b in zip(runs.get(num, []), runs.get(den, [])) if a["rc"] == 0 and b["rc"] == 0]
+        return spread([a["wall_s"] / b["wall_s"] for a, b in pairs]) if pairs else None
+
+    result["streammerge_over_floor"] = ratios("streammerge", "floor")
+    result["mergekit_over_floor"] = ratios("mergekit", "floor")
+    result["mergekit_over_streammerge"] = ratios("mergekit", "streammerge")
+    if args.memcap:
+        for tool, cmd in tools.items():
+            fresh(tool)
+            result["tools"][tool]["cap"] = capped(cmd, args.memcap)
+    storage = work / "job.zarr" / "storage.json"
+    if storage.exists():
+        info = json.loads(storage.read_text())
+        result["storage"] = f"{info['total_bytes'] / 2**30:.2f} GiB = {100 * info['share_of_full_routing']:.1f}% of full routing"
+    return result
+
+
+def print_table(results: list[dict], args, header: str) -> None:
+    print(header)
+    cap_col = f" | under {args.memcap} MB cap" if args.memcap else ""
+    print(f"| method | tool | wall s, median (min-max) | / floor | CPU s (user + sys) | peak RSS MB | mergekit / streammerge{cap_col} |")
+    print("|---|---|---:|---:|---:|---:|---:|" + ("---|" if args.memcap else ""))
+    for res in results:
+        for tool, e in res["tools"].items():
+            if "wall_s" not in e:
+                print(f"| {res['method']} | {tool} (failed) | | | | | |" + (" |" if args.memcap else ""))
+                continue
+            over = res.get(f"{tool}_over_floor")
+            speed = res.get("mergekit_over_streammerge") if tool == "streammerge" else None
+            speed = fmt(speed, 1, "x") if speed else res.get("storage", "") if tool == "streammerge" else ""
+            if tool == "floor":
+                speed = f"read {fmt(e['read_s'], 2)} + write {fmt(e['write_s'], 2)}"
+            failed = f" ({e['failed']} failed)" if e["failed"] else ""
+            rss = f"{e['peak_rss_mb']:.0f}" if "peak_rss_mb" in e else ""
+            cpu = fmt(e["cpu_s"], 1) if "cpu_s" in e else ""
+            cap = ""
+            if args.memcap and "cap" in e:
+                c = e["cap"]
+                cap = " | " + ("completed" if c.get("ok") else "killed/failed") + f" (max {c.get('maxusage_mb')} MB)"
+            elif args.memcap:
+                cap = " |"
+            print(f"| {res['method']} | {tool}{failed} | {fmt(e['wall_s'], 2)} | {fmt(over, 2, 'x') if over else ''} | {cpu} | {rss} | {speed}{cap} |")
 
 
 def main() -> None:
@@ -97,13 +246,16 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=None, help="override the preset's layer count")
     ap.add_argument("--methods", default="task_arithmetic", help="comma-separated merge methods")
     ap.add_argument("--data", type=Path, default=ROOT / "bench-out" / "data", help="checkpoint cache directory")
-    ap.add_argument("--work", type=Path, default=ROOT / "bench-out", help="scratch directory for outputs")
+    ap.add_argument("--work", type=Path, default=ROOT / "bench-out", help="scratch directory for outputs (the floor writes here too)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--memory-limit", default="700MB", help="streammerge --memory-limit")
-    ap.add_argument("--memcap", type=int, default=0, help="also run each tool under this memory cap (MB)")
+    ap.add_argument("--memcap", type=int, default=0, help="also run each tool once under this memory cap (MB)")
     ap.add_argument("--skip-mergekit", action="store_true")
-    ap.add_argument("--repeat", type=int, default=1, help="runs per tool (alternating); the median wall time is reported")
+    ap.add_argument("--repeat", type=int, default=3, help="rounds; each runs every tool once, alternating")
+    ap.add_argument("--json", type=Path, default=None, help="also write the figures as JSON here")
     args = ap.parse_args()
+    if args.repeat < 1:
+        ap.error("--repeat must be at least 1")
 
     data = args.data / (args.preset + (f"-{args.layers}l" if args.layers else ""))
     if not (data / "base" / "config.json").exists():
@@ -117,72 +269,18 @@ def main() -> None:
         t0 = time.perf_counter()
         synth.make_family(data, shape, n_finetunes=3, dtype="bfloat16", seed=0)
         print(f"generated {data} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
-    size = sum(f.stat().st_size for f in data.rglob("*.safetensors"))
-    bin_dir = Path(sys.executable).parent
-    rows = []
-    for method in args.methods.split(","):
-        work = args.work / method.replace(":", "-")
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
-        recipe = work / "recipe.yaml"
-        write_recipe(recipe, method, data)
-        sm = [
-            str(bin_dir / "streammerge"), "build", str(recipe), "--store", str(work / "job.zarr"),
-            "--export", str(work / "sm-out"), "--workers", str(args.workers),
-            "--memory-limit", args.memory_limit, "--no-progress", "--restart", "--overwrite",
-        ]
-        # Before each run of either tool, untimed: the previous run's outputs are removed, dirty
-        # pages written back (mergekit writes through the page cache; its writeback would land
-        # in the next run) and the inputs read into the page cache (this VM evicts idle pages).
-        def fresh(*outputs):
-            for d in outputs:
-                shutil.rmtree(work / d, ignore_errors=True)
-            os.sync()
-            subprocess.run(["cat", *map(str, data.rglob("*.safetensors"))], stdout=subprocess.DEVNULL)
+    inputs = sorted(data.rglob("*.safetensors"))
+    size = sum(f.stat().st_size for f in inputs)
+    buf = memoryview(mmap.mmap(-1, CHUNK))  # page-aligned, touched once by the first read
+    results = [bench_method(args, m, data, inputs, buf) for m in args.methods.split(",")]
 
-        r = median_run(sm, args.repeat, before=lambda: fresh("job.zarr", "sm-out"))
-        if r["rc"] != 0:
-            print(r["tail"], file=sys.stderr)
-        row = {"method": method, "tool": "streammerge", **r}
-        if args.memcap:
-            fresh("job.zarr", "sm-out")
-            row["cap"] = capped(sm, args.memcap)
-        rows.append(row)
-        storage = work / "job.zarr" / "storage.json"
-        if storage.exists():
-            import json
-
-            info = json.loads(storage.read_text())
-            row["storage"] = f"{info['total_bytes'] / 2**30:.2f} GiB = {100 * info['share_of_full_routing']:.1f}% of full routing"
-        mk = bin_dir / "mergekit-yaml"
-        routing = method.split(":")[0] in ("mediator", "1bit")
-        if not args.skip_mergekit and mk.exists() and not routing:
-            mk_cmd = [str(mk), str(recipe), str(work / "mk-out"), "--quiet", "-j", str(args.workers)]
-            r = median_run(mk_cmd, args.repeat, before=lambda: fresh("mk-out"))
-            if r["rc"] != 0:
-                print(r["tail"], file=sys.stderr)
-            row = {"method": method, "tool": "mergekit", **r}
-            if args.memcap:
-                fresh("mk-out")
-                row["cap"] = capped(mk_cmd, args.memcap)
-            rows.append(row)
-
-    print(f"\ninput: {data} ({size / 1e9:.2f} GB, base + 3 fine-tunes), {os.cpu_count()} cores, median of {args.repeat}\n")
-    for row in rows:
-        print(f"  {row['method']} {row['tool']}: walls {', '.join(f'{w:.1f}' for w in row['walls'])} s")
-    cap_col = f" | under {args.memcap} MB cap" if args.memcap else ""
-    print(f"| method | tool | wall (s) | peak RSS (MB) | speed-up (storage for routing methods){cap_col} |")
-    print("|---|---|---:|---:|---:|" + ("---|" if args.memcap else ""))
-    for row in rows:
-        peer = next((r for r in rows if r["method"] == row["method"] and r["tool"] == "mergekit"), None)
-        speed = f"{peer['wall_s'] / row['wall_s']:.1f}x" if peer and row["tool"] == "streammerge" and peer["rc"] == 0 else ""
-        status = "" if row["rc"] == 0 else f" (exit {row['rc']})"
-        cap = ""
-        if args.memcap:
-            c = row["cap"]
-            cap = " | " + ("completed" if c.get("ok") else "killed/failed") + f" (max {c.get('maxusage_mb')} MB)"
-        speed = speed or row.get("storage", "")
-        print(f"| {row['method']} | {row['tool']}{status} | {row['wall_s']:.1f} | {row['peak_rss_mb']:.0f} | {speed}{cap} |")
+    command = "python " + shlex.join([os.path.relpath(__file__, Path.cwd()), *sys.argv[1:]])
+    header = (f"\n{command}\n\ninput: {data} ({size / 1e9:.2f} GB, base + 3 fine-tunes), {os.cpu_count()} cores, "
+              f"{args.repeat} alternating rounds; median (min-max)\n")
+    print_table(results, args, header)
+    if args.json:
+        doc = {"command": command, "input_bytes": size, "cores": os.cpu_count(), "repeat": args.repeat, "results": results}
+        args.json.write_text(json.dumps(doc, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -7,8 +7,9 @@ startup and planning through store creation, merging and export) and running the
 again, until the requested number of kills has landed. The final export's sha256 must equal the
 reference's. After every kill it also checks that:
 
-  * every completion marker's chunk holds exactly the reference chunk's bytes (a marker never
-    stands for a half-written chunk);
+  * every completion marker's block holds exactly the reference's bytes (a marker never stands
+    for a half-written block), whether in a zarr chunk or, in place, in the store's shards (a
+    store created by `build --export`);
   * the output directory is either absent or a complete export identical to the reference;
 
 and at the end that no `.partial` litter is left in the store nor `.OUT.partial-*` / `.OUT.old-*`
@@ -34,6 +35,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -90,7 +92,9 @@ def _markers(store: Path):
         for f in files:
             if not f.isdigit():
                 continue
-            key = rel if (store / rel / "zarr.json").is_file() else Path("tensors") / rel
+            # tensors/<name> (zarr.json absent where the store keeps the tensor in a shard), or
+            # an array of another stage, or a bare tensor name (stores of older versions)
+            key = rel if rel.parts[0] == "tensors" or (store / rel / "zarr.json").is_file() else Path("tensors") / rel
             yield key, int(f)
 
 
@@ -105,15 +109,42 @@ def _chunk_file(store: Path, key: Path, block: int) -> Path:
     return store / key / sep.join(parts)
 
 
+ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+
+def _block_bytes(store: Path, key: Path, block: int) -> tuple[Path, bytes | None]:
+    """(file, bytes) of block `block` of array `key`, its rows only (no chunk padding): from its
+    zarr chunk, or from its shard where the manifest's tensor_files keeps the tensor there."""
+    manifest = json.loads((store / "manifest.json").read_text())
+    files = manifest.get("tensor_files") or {}
+    name = key.relative_to("tensors").as_posix() if key.parts[0] == "tensors" else None
+    if name in files.get("offsets", {}):
+        t = next(t for t in manifest["tensors"] if t["name"] == name)
+        shape = t["shape"] or [1]
+        row_bytes = ITEMSIZE[t["dtype"]] * int(np.prod(shape[1:], dtype=np.int64))
+        rows = min(t["block_rows"], shape[0] - block * t["block_rows"])
+        fname, start = files["offsets"][name]
+        path = store / files["dir"] / fname
+        with open(path, "rb") as f:
+            f.seek(start + block * t["block_rows"] * row_bytes)
+            return path, f.read(rows * row_bytes)
+    meta = json.loads((store / key / "zarr.json").read_text())
+    shape, chunks = meta["shape"], meta["chunk_grid"]["configuration"]["chunk_shape"]
+    row_bytes = np.dtype(meta["data_type"]).itemsize * int(np.prod(chunks[1:], dtype=np.int64))
+    rows = min(chunks[0], shape[0] - block * chunks[0])
+    path = _chunk_file(store, key, block)
+    return path, path.read_bytes()[: rows * row_bytes] if path.is_file() else None
+
+
 def check_store(store: Path, ref: Path) -> tuple[int, int]:
-    """Every marked chunk equals the reference's; returns (markers, .partial files)."""
+    """Every marked block equals the reference's; returns (markers, .partial files)."""
     n = 0
     for key, block in _markers(store):
-        mine, theirs = _chunk_file(store, key, block), _chunk_file(ref, key, block)
-        if not mine.is_file():
+        (mine, data), (_, theirs) = _block_bytes(store, key, block), _block_bytes(ref, key, block)
+        if data is None:
             raise AssertionError(f"{store}: marker {key}/{block} but no chunk file {mine}")
-        if mine.read_bytes() != theirs.read_bytes():
-            raise AssertionError(f"{store}: marker {key}/{block} but chunk {mine} differs from the reference")
+        if data != theirs:
+            raise AssertionError(f"{store}: marker {key}/{block} but its bytes in {mine} differ from the reference")
         n += 1
     partial = sum(1 for _d, _s, files in os.walk(store) for f in files if f.endswith(".partial")) if store.is_dir() else 0
     return n, partial

@@ -75,16 +75,15 @@ def _stored_types(out: Output) -> tuple[np.dtype, np.dtype]:
         return np.dtype(out.dtype), np.dtype(out.dtype)
 
 
-def _storage(out: Output, value):
-    """A method's value for `out` as stored."""
-    if out.blob:
-        return value
-    logical, storage = _stored_types(out)
-    return value.astype(logical, copy=False).view(storage)
+def _stored_buffer(job: TensorJob, k: int, out: Output, r0: int, r1: int) -> np.ndarray:
+    """This thread's buffer for rows [r0, r1) of output `k` as stored (reused block after block)."""
+    trailing = job.shape[1:] if out.trailing is None else out.trailing
+    n = (r1 - r0) * int(np.prod(trailing, dtype=np.int64))
+    return buffer(("out", k), n, _stored_types(out)[1]).reshape((r1 - r0, *trailing))
 
 
 def _storage_into(out: Output, value: np.ndarray, dest: np.ndarray) -> None:
-    """`_storage(out, value)` written into `dest` (the same cast)."""
+    """A method's float32 `value` for `out` written into `dest` as stored (cast, e.g. to bf16 bits)."""
     np.copyto(dest.view(_stored_types(out)[0]), value.reshape(dest.shape), casting="unsafe")
 
 
@@ -99,7 +98,21 @@ def _commit(store: Store, job: TensorJob, i: int, stored: dict) -> None:
 def _merge_block(method: MergeMethod, job: TensorJob, i: int, stats) -> dict:
     """Block i merged and rounded to each output's storage, in one call of the method."""
     result = _by_output(job, method.merge(_read_block(job, i), job.params, stats))
-    return {out.name: _storage(out, result[out.name]) for out in job.output_list}
+    r0, r1 = job.block_range(i)
+    return {out.name: _as_stored(job, k, out, r0, r1, result[out.name]) for k, out in enumerate(job.output_list)}
+
+
+def _as_stored(job: TensorJob, k: int, out: Output, r0: int, r1: int, value):
+    """A method's value for output `k` as stored: rounded into this thread's buffer for it
+    (fresh memory per block is slow to touch); a blob, or a value shaped otherwise, as returned."""
+    if out.blob:
+        return value
+    dest = _stored_buffer(job, k, out, r0, r1)
+    if np.size(value) != dest.size:
+        logical, storage = _stored_types(out)
+        return np.asarray(value).astype(logical, copy=False).view(storage)
+    _storage_into(out, value, dest)
+    return dest
 
 
 def _merge_row_groups(method: MergeMethod, job: TensorJob, i: int, stats, group_elems: int) -> dict:
@@ -119,11 +132,7 @@ def _merge_row_groups(method: MergeMethod, job: TensorJob, i: int, stats, group_
         ftype = float_type(h.dtype)
         buf = buffer(("raw", slot), (r1 - r0) * L * ftype.itemsize, np.uint8)
         raws.append(read_raw(h, r0, r1, buf).view(ftype.storage))
-    stored = {}
-    for k, out in enumerate(job.output_list):
-        trailing = job.shape[1:] if out.trailing is None else out.trailing
-        n = (r1 - r0) * int(np.prod(trailing, dtype=np.int64))
-        stored[out.name] = buffer(("out", k), n, _stored_types(out)[1]).reshape((r1 - r0, *trailing))
+    stored = {out.name: _stored_buffer(job, k, out, r0, r1) for k, out in enumerate(job.output_list)}
     step = max(1, group_elems // max(1, L))
     for a in range(r0, r1, step):
         b = min(r1, a + step)

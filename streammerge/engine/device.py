@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import threading
+from concurrent.futures import Future
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -52,15 +53,24 @@ def _nvidia_driver_present() -> bool:
     return os.path.exists("/proc/driver/nvidia") or os.path.exists("/dev/nvidia0")
 
 
-def choose_device(spec: str) -> DeviceChoice:
-    """'auto' | 'cpu' | 'cuda' | 'cuda:N' -> where the build computes."""
-    spec = (spec or "auto").strip().lower()
+def _known_without_torch(spec: str) -> DeviceChoice | None:
+    """The choice for `spec` where it needs no torch (cpu; auto on a box without a driver), else
+    None; an unknown spec is refused."""
     if spec == "cpu":
         return DeviceChoice(None)
     if spec != "auto" and spec != "cuda" and not spec.startswith("cuda:"):
         raise StreammergeError(f"--device {spec!r}: expected auto, cpu, cuda or cuda:N")
     if spec == "auto" and not _nvidia_driver_present():
         return DeviceChoice(None)
+    return None
+
+
+def choose_device(spec: str) -> DeviceChoice:
+    """'auto' | 'cpu' | 'cuda' | 'cuda:N' -> where the build computes."""
+    spec = (spec or "auto").strip().lower()
+    known = _known_without_torch(spec)
+    if known is not None:
+        return known
     try:
         import torch
     except ImportError:
@@ -76,6 +86,38 @@ def choose_device(spec: str) -> DeviceChoice:
     if spec == "auto":
         return DeviceChoice(None)
     return DeviceChoice(None, f"--device {spec}: {why}; computing on the CPU")
+
+
+def start_device(spec: str) -> Future:
+    """`choose_device(spec)` as a future, computed in a background thread that then starts the
+    chosen device (its CUDA context): torch's import and CUDA's start-up, seconds of a GPU
+    build, overlap the planning, the store's creation and the buffers' copy instead of preceding
+    them (`build` waits for the choice only when it starts running tasks). A spec that is wrong,
+    or that needs no torch, is answered at once."""
+    norm = (spec or "auto").strip().lower()
+    known = _known_without_torch(norm)
+    future: Future = Future()
+    if known is not None:
+        future.set_result(known)
+        return future
+
+    def choose() -> None:
+        try:
+            choice = choose_device(norm)
+        except BaseException as e:  # noqa: BLE001 - raised by whoever waits for the choice
+            future.set_exception(e)
+            return
+        if choice.device is not None:
+            try:
+                import torch
+
+                torch.empty(1, device=choice.device)  # creates the context now
+            except Exception:  # noqa: BLE001 - the device task reports it, where it is used
+                pass
+        future.set_result(choice)
+
+    threading.Thread(target=choose, name="streammerge-device-start", daemon=True).start()
+    return future
 
 
 def job_device_bytes(job: TensorJob) -> int:

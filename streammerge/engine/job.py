@@ -5,9 +5,11 @@ This is what `streammerge build` does, as a function tests and other tools can c
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -17,7 +19,7 @@ from ..checkpoints.chat_template import write_chat_template
 from ..checkpoints.tokenizer import write_tokenizer_files
 from ..errors import StoreError
 from ..limits import DOCUMENT, read_bounded
-from ..export.hf import HF_FILES, copy_hf_files, is_export_of, record_export
+from ..export.hf import HF_FILES, copy_hf_files, is_export_of, record_export, tensor_files, write_tensor_files
 from ..plan.planner import Plan, make_plan
 from ..recipe import Recipe, load_recipe
 from ..recipe.diff import describe_changes
@@ -128,15 +130,17 @@ def build(
     allow_nonfinite: bool = False,
     allow_pickle: bool = False,
     allow_crimes: bool = False,
-    device: str | None = None,
+    device: "str | None | Future" = None,
     export: dict | None = None,
 ) -> JobResult:
     """allow_nonfinite: merge inputs holding NaN/Inf (refused by default); allow_pickle: load
     pickle checkpoints with torch.load(weights_only=True), converted once into <store>/converted;
     allow_crimes: merge models whose config.json names different architectures; device: a torch
-    device ("cuda") for methods with a kernel (engine/device.py), None for the numpy CPU path;
+    device ("cuda") for methods with a kernel (engine/device.py), None for the numpy CPU path, or
+    a future of a DeviceChoice (engine.device.start_device), awaited once the store is ready;
     export: also export the merged model, `OpenExport` keywords (out_dir, shard_size, dtype,
-    overwrite). A static merge's blocks are then written to the export as they are computed."""
+    overwrite). A new store then keeps a static merge's tensors as that export's shards, which
+    the export hard-links: the merged model is written once."""
     recipe_path = Path(recipe_path)
     store_path = Path(store_path)
     recipe = recipe or load_recipe(recipe_path)  # first: a missing recipe is a one-line error
@@ -159,6 +163,11 @@ def build(
 
         plan = replace(plan, jobs=analysis_jobs(plan))
     manifest = manifest_for(plan, recipe_text)
+    if export is not None and not plan.method.pipeline:
+        # the merged tensors are kept as the export's shards: the export links them (written once)
+        files = tensor_files(manifest, shard_size=export.get("shard_size", 5 * 10**9), dtype=export.get("dtype"))
+        if files is not None:
+            manifest["tensor_files"] = files
 
     t0 = time.perf_counter()
     if store_path.exists() and not store_path.is_dir():
@@ -180,18 +189,21 @@ def build(
                 write_tokenizer_files(store_path / "hf", plan.tokenizer_files, HF_FILES)
             if plan.chat_template is not None:
                 write_chat_template(store_path / "hf", plan.chat_template)
-            store = Store.create(store_path, manifest)
+            store = Store.create(store_path, manifest, functools.partial(write_tensor_files, manifest=manifest))
             litter = 0
         for i, b in enumerate(plan.buffers):
             if not store.has_buffer(i):
                 copy_buffer(b, store.buffer_path(i))
+        if isinstance(device, Future):  # started beside the planning: needed from here on
+            device = device.result().device
         run = dict(workers=workers, progress=progress, scheduler=scheduler, cluster=cluster, device=device)
         exported = None
         if resumed and export is not None and _exported_already(store, export):
             # the same `build --export OUT` run again on a finished store: nothing to build or write
             exported = {"path": str(export["out_dir"]), "already": True}
             export = None
-        # routing methods add their tensors in phase B: their export opens once the build is done
+        # opened first, so that an existing OUT is refused before any work; routing methods add
+        # their tensors in phase B: their export opens once the build is done
         exporting = _open_export(store, export) if export is not None and not full_plan.method.pipeline else None
         try:
             report = run_build(plan, store, **run)
@@ -201,12 +213,10 @@ def build(
             if exporting is not None:
                 exporting.abort()
             raise
-        finally:
-            store.mirror = None
         seconds = time.perf_counter() - t0
         if export is not None:
             t1 = time.perf_counter()
-            exporting = exporting or _open_export(store, export, mirror=False)
+            exporting = exporting or _open_export(store, export)
             exported = exporting.finish(workers=workers, progress=progress, scheduler=scheduler, cluster=cluster)
             record_export(store, exporting.out_dir, dtype=export.get("dtype"), shard_size=export.get("shard_size", 5 * 10**9))
             exported["seconds"] = time.perf_counter() - t1
@@ -220,13 +230,10 @@ def _exported_already(store: Store, export: dict) -> bool:
             and is_export_of(store, out, dtype=export.get("dtype"), shard_size=export.get("shard_size", 5 * 10**9)))
 
 
-def _open_export(store: Store, export: dict, mirror: bool = True):
+def _open_export(store: Store, export: dict):
     from ..export.hf import OpenExport
 
-    exporting = OpenExport(store, **export)
-    if mirror:
-        store.mirror = exporting.mirror
-    return exporting
+    return OpenExport(store, **export)
 
 
 def _routed_phase_b(full_plan: Plan, analysis_plan: Plan, store: Store, report: BuildReport, run: dict) -> BuildReport:

@@ -14,7 +14,6 @@ import json
 import os
 import re
 import shutil
-import threading
 import uuid
 from pathlib import Path
 
@@ -27,10 +26,10 @@ from ..dtypes import FloatType, float_type, from_float32, to_float32
 from ..engine.scheduler import run_graph
 from ..errors import StoreError, StreammergeError
 from ..limits import DOCUMENT, LISTING, read_json
-from ..fsutil import WriteBehind, atomic_write, pid_alive
+from ..fsutil import atomic_write, pid_alive
 from ..store.store import Store
 from .card import write_card
-from .safetensors_writer import ShardedWriter, TensorSpec
+from .safetensors_writer import ShardedWriter, TensorSpec, holds_layout, shard_layout, write_index
 
 # Files a model directory needs besides its weights: copied from the base (or tokenizer_source).
 HF_FILES = (
@@ -105,7 +104,7 @@ def export_store(
     returns their names, a directory's with a trailing / (the summary lists them).
     """
     _check_complete(store)
-    export = OpenExport(store, out_dir, shard_size=shard_size, dtype=dtype, overwrite=overwrite)
+    export = OpenExport(store, out_dir, shard_size=shard_size, dtype=dtype, overwrite=overwrite, link=block_fn is None)
     return export.finish(workers=workers, progress=progress, scheduler=scheduler, cluster=cluster, block_fn=block_fn, extra=extra)
 
 
@@ -172,98 +171,89 @@ def _check_complete(store: Store) -> None:
         )
 
 
+def export_specs(tensors: list[dict], buffers: list[dict], out_type: FloatType | None = None) -> list[TensorSpec]:
+    """What an export writes, in order, for a store's (or a planned manifest's) tensors and
+    buffers: the tensors in `out_type` (None: each its own dtype), then the buffers."""
+    specs = []
+    for t in tensors:
+        ftype = out_type or float_type(t["dtype"])
+        specs.append(TensorSpec(t["name"], ftype.st, tuple(t["shape"]), int(np.prod(t["shape"], dtype=np.int64)) * ftype.itemsize))
+    return specs + [TensorSpec(b["name"], b["dtype"], tuple(b["shape"]), b["nbytes"]) for b in buffers]
+
+
+STORE_SHARDS = "shards"  # <store>/shards/: the merged tensors as the export's files (build --export)
+
+
+def tensor_files(manifest: dict, *, shard_size: int = 5 * 10**9, dtype: str | None = None) -> dict | None:
+    """The manifest's "tensor_files" for a store whose merged tensors are kept as the shards of
+    the export asked for (`build --export`), so that exporting hard-links them instead of
+    writing the model a second time; None where that export converts the tensors (another dtype)."""
+    out_type = float_type(dtype) if dtype else None
+    if not manifest["tensors"] or (out_type and any(float_type(t["dtype"]) is not out_type for t in manifest["tensors"])):
+        return None
+    layout = shard_layout(export_specs(manifest["tensors"], manifest.get("buffers", [])), shard_size)
+    offsets = {name: [shard.name, pos] for shard in layout for name, pos in shard.offsets.items()}
+    return {"dir": STORE_SHARDS, "shard_size": shard_size, "files": [shard.name for shard in layout], "offsets": offsets}
+
+
+def write_tensor_files(store_path: Path, manifest: dict) -> None:
+    """Create the files of the manifest's "tensor_files": headers written, data still holes."""
+    files = manifest["tensor_files"]
+    specs = export_specs(manifest["tensors"], manifest.get("buffers", []))
+    ShardedWriter(Path(store_path) / files["dir"], specs, files["shard_size"]).close()
+
+
 class OpenExport:
     """An export being written into a hidden sibling of `out_dir`, renamed into place by `finish`.
 
-    It can be opened before the build runs: set as the store's `mirror`, it writes each merged
-    block into its shard as the build stores it, while the block is still in memory (`build
-    --export`), so `finish` only writes the blocks a previous run computed. That saves reading
-    the whole model back from the store, which comes from disk: the store's writes bypass the
-    page cache.
+    Opened before a build (`build --export`), so that an existing OUT is refused before any
+    work. Where the store keeps its tensors as exactly the shards this export writes
+    (`tensor_files`: `build --export` made it so), `finish` hard-links them (copies them where
+    links are impossible, e.g. another filesystem) and writes nothing else of the model; with
+    `link` False (a variant computing other values), or other shards, it writes every block.
     """
 
-    def __init__(self, store: Store, out_dir: Path, *, shard_size: int = 5 * 10**9, dtype: str | None = None, overwrite: bool = False):
+    def __init__(self, store: Store, out_dir: Path, *, shard_size: int = 5 * 10**9, dtype: str | None = None,
+                 overwrite: bool = False, link: bool = True):
         self.store = store
         self.out_dir = out_dir = Path(out_dir)
         if out_dir.exists() and not overwrite:
             raise StreammergeError(f"{out_dir}: already exists (use --overwrite to replace it)")
         self.out_type = float_type(dtype) if dtype else None
         self._layout: dict[str, tuple[FloatType, int, int]] = {}  # name -> (output type, rows, elements per row)
-        specs = []
         for t in store.tensors:
-            ftype = self.out_type or float_type(t["dtype"])
-            row_elems = 1
-            for d in t["shape"][1:]:
-                row_elems *= d
-            rows = t["shape"][0] if t["shape"] else 1
-            self._layout[t["name"]] = (ftype, rows, row_elems)
-            specs.append(TensorSpec(t["name"], ftype.st, tuple(t["shape"]), rows * row_elems * ftype.itemsize))
-        specs += [TensorSpec(b["name"], b["dtype"], tuple(b["shape"]), b["nbytes"]) for b in store.buffers]
-        self.written: set[tuple[str, int]] = set()  # (tensor, block) mirrored during the build
-        self._drained = False  # set once the mirrored writes are finished (finish, abort)
-        self._behind: WriteBehind | None = None  # the mirrored blocks' writes, started by the first
-        self._lock = threading.Lock()
+            row_elems = int(np.prod(t["shape"][1:], dtype=np.int64))
+            self._layout[t["name"]] = (self.out_type or float_type(t["dtype"]), t["shape"][0] if t["shape"] else 1, row_elems)
+        specs = export_specs(store.tensors, store.buffers, self.out_type)
+        layout = shard_layout(specs, shard_size)
+        kept = store.tensor_files()
+        self.linked = link and kept is not None and kept[1] == [sh.name for sh in layout] and holds_layout(kept[0], layout)
+        self._weight_map = {name: sh.name for sh in layout for name in sh.offsets}
+        self._total_size = sum(t.nbytes for t in specs)
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(out_dir)
         self.tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.writer: ShardedWriter | None = None
         try:
             with self._naming_out_dir():
-                self.writer = ShardedWriter(self.tmp, specs, shard_size)
+                if self.linked:
+                    self.tmp.mkdir()
+                else:
+                    self.writer = ShardedWriter(self.tmp, specs, shard_size)
         except BaseException:
             shutil.rmtree(self.tmp, ignore_errors=True)
             raise
 
-    def mirror(self, path: str, block: int, raw: np.ndarray) -> None:
-        """Store.mirror: write block `block` of store array `path` if it is an exported tensor."""
-        name = path[len("tensors/") :] if path.startswith("tensors/") else None
-        if name not in self._layout:
-            return
-        ftype, _rows, row_elems = self._layout[name]
-        if ftype is not self.store.dtype(name):  # converted to another dtype: exported by `finish`
-            return
-        with self._lock:
-            if self._drained:  # a task still running after the build stopped: nothing to add
-                return
-            if self._behind is None:
-                self._behind = WriteBehind()
-            behind = self._behind
-        pos = block * self.store.tensor(name)["block_rows"] * row_elems * ftype.itemsize
-        with self._naming_out_dir():
-            data = memoryview(np.ascontiguousarray(raw)).cast("B")
-            behind.submit(data, functools.partial(self.writer.write, name, pos))
-        self.written.add((name, block))
-
-    def _drain(self) -> None:
-        with self._lock:
-            self._drained = True
-            behind, self._behind = self._behind, None
-        if behind is not None:
-            behind.close()
-
     def finish(self, *, workers: int = 2, progress=None, scheduler=None, cluster=None, block_fn=None, extra=None) -> dict:
-        """Write every block not mirrored, the side files, and rename into place."""
+        """Write (or link) the shards, the side files, and rename into place."""
         try:
-            with self._naming_out_dir():
-                self._drain()
             _check_complete(self.store)
-            dsk, task_bytes = {}, {}
-            for t in self.store.tensors:
-                ftype, rows, row_elems = self._layout[t["name"]]
-                for i in range(t["nblocks"]):
-                    if block_fn is None and (t["name"], i) in self.written:
-                        continue
-                    r0, r1 = i * t["block_rows"], min(rows, (i + 1) * t["block_rows"])
-                    key = ("export", t["name"], i)
-                    dsk[key] = (_export_block, self.store, self.writer, t["name"], r0, r1, ftype, block_fn, i)
-                    task_bytes[key] = (r1 - r0) * row_elems * ftype.itemsize
             with self._naming_out_dir():
-                if dsk:
-                    run_graph(
-                        dsk, list(dsk), task_bytes, workers=workers, scheduler=scheduler, cluster=cluster, desc="export", progress=progress
-                    )
-                for i, b in enumerate(self.store.buffers):
-                    _export_buffer(self.store, self.writer, i, b)
-                self.writer.finish()
+                if self.writer is None:
+                    files = self._link_store_files()
+                else:
+                    self._write_blocks(workers, progress, scheduler, cluster, block_fn)
+                    files = self.writer.files
                 _write_side_files(self.store, self.tmp, self.out_type)
                 extra_files = list(extra(self.tmp) or ()) if extra is not None else []
                 extra_size = sum(_tree_size(self.tmp / f) for f in extra_files)
@@ -272,15 +262,45 @@ class OpenExport:
         except BaseException:
             self.abort()
             raise
-        return {"files": self.writer.files, "total_size": self.writer.total_size, "path": str(self.out_dir),
-                "extra_files": extra_files, "extra_size": extra_size, "blocks_during_build": len(self.written)}
+        return {"files": files, "total_size": self._total_size, "path": str(self.out_dir),
+                "extra_files": extra_files, "extra_size": extra_size, "linked": self.writer is None}
+
+    def _write_blocks(self, workers, progress, scheduler, cluster, block_fn) -> None:
+        """Every block of every tensor, then the buffers, into this export's own shards."""
+        dsk, task_bytes = {}, {}
+        for t in self.store.tensors:
+            ftype, rows, row_elems = self._layout[t["name"]]
+            for i in range(t["nblocks"]):
+                r0, r1 = i * t["block_rows"], min(rows, (i + 1) * t["block_rows"])
+                key = ("export", t["name"], i)
+                dsk[key] = (_export_block, self.store, self.writer, t["name"], r0, r1, ftype, block_fn, i)
+                task_bytes[key] = (r1 - r0) * row_elems * ftype.itemsize
+        if dsk:
+            run_graph(dsk, list(dsk), task_bytes, workers=workers, scheduler=scheduler, cluster=cluster, desc="export", progress=progress)
+        for i, b in enumerate(self.store.buffers):
+            _export_buffer(self.store, self.writer.write, i, b)
+        self.writer.finish()
+
+    def _link_store_files(self) -> list[str]:
+        """The store's shards, made durable, hard-linked into the export (copied where no link
+        can be made); the buffers' bytes are first written into their slots there."""
+        directory, files = self.store.tensor_files()
+        for i, b in enumerate(self.store.buffers):
+            _export_buffer(self.store, self.store.write_bytes, i, b)
+        for name in files:
+            fd = os.open(directory / name, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            _link_or_copy(directory / name, self.tmp / name)
+        if len(files) > 1:
+            write_index(self.tmp, self._weight_map, self._total_size)
+        return files
 
     def abort(self) -> None:
-        try:
-            self._drain()
-        except BaseException:  # noqa: BLE001 - the error that made us abort is the one to report
-            pass
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     @contextlib.contextmanager
@@ -295,12 +315,13 @@ class OpenExport:
             raise
 
 
-def _export_buffer(store: Store, writer: ShardedWriter, i: int, b: dict) -> None:
-    """Copy a non-float tensor from the store, checking it is what the build copied."""
+def _export_buffer(store: Store, write, i: int, b: dict) -> None:
+    """Copy a non-float tensor from the store with `write(name, pos, data)`, checking it is what
+    the build copied."""
     sha, pos = hashlib.sha256(), 0
     for data in raw_chunks(store.buffer_path(i), 0, b["nbytes"]):
         sha.update(data)
-        writer.write(b["name"], pos, np.frombuffer(data, np.uint8))
+        write(b["name"], pos, np.frombuffer(data, np.uint8))
         pos += len(data)
     if sha.hexdigest() != b["sha256"]:
         raise StoreError(f"{store.buffer_path(i)}: tensor {b['name']} is not the one the build copied (sha256 differs)")
@@ -323,6 +344,21 @@ def _write_side_files(store: Store, dest: Path, out_type: FloatType | None) -> N
         if "dtype" in cfg:
             cfg["dtype"] = name
         cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def _link_or_copy(src: Path, dest: Path) -> None:
+    """`dest` as a hard link to `src`; a copy where the filesystem refuses (another device, no links)."""
+    try:
+        os.link(src, dest)
+    except OSError as e:
+        if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+        shutil.copyfile(src, dest)
+        fd = os.open(dest, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -64,33 +64,68 @@ def _header(tensors: list[TensorSpec], metadata: dict[str, str]) -> tuple[bytes,
     return len(raw).to_bytes(8, "little") + raw, offsets
 
 
+@dataclass(frozen=True)
+class Shard:
+    """One file of a sharded layout: its name, header bytes, size and tensors' absolute offsets."""
+
+    name: str
+    header: bytes
+    size: int
+    offsets: dict[str, int]
+
+
+def shard_layout(tensors: list[TensorSpec], shard_size: int, metadata=None, prefix: str = "model") -> list[Shard]:
+    """The files `ShardedWriter` writes for `tensors`: a pure function of its arguments, so a
+    directory can be checked against it (`holds_layout`) and planned before it is written."""
+    groups = shard_tensors(tensors, shard_size)
+    shards = []
+    for fname, group in zip(shard_names(len(groups), prefix), groups):
+        head, offsets = _header(group, metadata or {"format": "pt"})
+        size = len(head) + sum(t.nbytes for t in group)
+        shards.append(Shard(fname, head, size, {name: len(head) + pos for name, pos in offsets.items()}))
+    return shards
+
+
+def holds_layout(directory: Path, layout: list[Shard]) -> bool:
+    """Whether `directory` has exactly `layout`'s files, each with its header and size."""
+    try:
+        for shard in layout:
+            path = Path(directory) / shard.name
+            if path.stat().st_size != shard.size:
+                return False
+            with open(path, "rb") as f:
+                if f.read(len(shard.header)) != shard.header:
+                    return False
+    except OSError:
+        return False
+    return True
+
+
 class ShardedWriter:
     """Pre-sized shard files in `directory`; `write` is thread-safe (pwrite at distinct offsets)."""
 
     def __init__(self, directory: Path, tensors: list[TensorSpec], shard_size: int, metadata=None, prefix: str = "model"):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        metadata = metadata or {"format": "pt"}
-        groups = shard_tensors(tensors, shard_size)
+        layout = shard_layout(tensors, shard_size, metadata, prefix)
         self.prefix = prefix
-        self.files = shard_names(len(groups), prefix)
+        self.files = [shard.name for shard in layout]
         self._fds: list[int] = []
         self._where: dict[str, tuple[int, int | None, int]] = {}  # name -> (fd, direct fd, offset)
         self.weight_map: dict[str, str] = {}
         self.total_size = sum(t.nbytes for t in tensors)
         try:
-            for fname, group in zip(self.files, groups):
-                head, offsets = _header(group, metadata)
-                fd = os.open(self.directory / fname, os.O_CREAT | os.O_TRUNC | os.O_RDWR, 0o644)
+            for shard in layout:
+                fd = os.open(self.directory / shard.name, os.O_CREAT | os.O_TRUNC | os.O_RDWR, 0o644)
                 self._fds.append(fd)
-                os.pwrite(fd, head, 0)
-                os.ftruncate(fd, len(head) + sum(t.nbytes for t in group))
-                dfd = open_direct(self.directory / fname)
+                os.pwrite(fd, shard.header, 0)
+                os.ftruncate(fd, shard.size)
+                dfd = open_direct(self.directory / shard.name)
                 if dfd is not None:
                     self._fds.append(dfd)
-                for t in group:
-                    self._where[t.name] = (fd, dfd, len(head) + offsets[t.name])
-                    self.weight_map[t.name] = fname
+                for name, offset in shard.offsets.items():
+                    self._where[name] = (fd, dfd, offset)
+                    self.weight_map[name] = shard.name
         except BaseException:
             self.close()
             raise
@@ -138,13 +173,18 @@ class ShardedWriter:
             os.fsync(fd)
         self.close()
         if len(self.files) > 1:
-            index = {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map}
-            (self.directory / f"{self.prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+            write_index(self.directory, self.weight_map, self.total_size, self.prefix)
 
     def close(self) -> None:
         for fd in self._fds:
             os.close(fd)
         self._fds = []
+
+
+def write_index(directory: Path, weight_map: dict[str, str], total_size: int, prefix: str = "model") -> None:
+    """`<prefix>.safetensors.index.json`, as Hugging Face writes it for a sharded model."""
+    index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+    (Path(directory) / f"{prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
 def _bytes(data: np.ndarray) -> memoryview:

@@ -49,9 +49,9 @@ WORK_ARRAYS = 3
 
 
 def writer_blocks(workers: int) -> int:
-    """Block copies waiting in the write-behind threads (fsutil.WriteBehind): the store's and
-    the export's, of at most WRITE_BEHIND_DEPTH blocks each."""
-    return (store_writers(workers) + 1) * WRITE_BEHIND_DEPTH
+    """Block copies waiting in the store's write-behind threads (fsutil.WriteBehind), at most
+    WRITE_BEHIND_DEPTH each (`build --export` adds none: the export links the store's shards)."""
+    return store_writers(workers) * WRITE_BEHIND_DEPTH
 
 
 @dataclass(frozen=True)

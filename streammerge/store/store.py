@@ -11,6 +11,11 @@ Layout of `job.zarr/`:
                                weights barely compress and the codec would cost more than disk.
     stats/<stage>/<key>.npz    tensor-wide statistics a method's passes reduced (resume skips them)
     done/<stage>/<key>/<i>     empty file: block i of that job (stage, key) is complete
+    shards/                    with `build --export` (a static merge exported in the store's dtype):
+                               the merged tensors are kept here instead of in tensors/, in the
+                               export's own safetensors files (manifest "tensor_files": file and
+                               offset of each tensor), written in place block by block; the export
+                               hard-links them, so the merged bytes are written once
     blobs/<key>/<name>/<i>     variable-length payload of row block i (e.g. sparse entries),
                                written atomically; zarr v3 has no stable variable-length type
     <key>/...                  arrays of other stages (encodings, experts): one zarr array per
@@ -21,9 +26,9 @@ Layout of `job.zarr/`:
     lock                       pid and host of the process writing the store
     lock.takeover              flocked while a dead owner's lock is taken over (StoreLock)
 
-A chunk is written (to `<key>.<uuid>.partial`, renamed into place, by `committing`) before its
-marker, so a marker always means a complete chunk; a killed process leaves at worst `.partial`
-litter and chunks without markers, which are cleaned and recomputed on resume.
+A chunk is written (to `<key>.<uuid>.partial`, renamed into place, by `committing`; or in place in
+its shard) before its marker, so a marker always means a complete block; a killed process leaves
+at worst `.partial` litter and blocks without markers, which are cleaned and recomputed on resume.
 """
 
 from __future__ import annotations
@@ -50,7 +55,9 @@ from ..fsutil import (
     WRITE_BEHIND_DEPTH,
     WriteBehind,
     atomic_write,
+    open_direct,
     pid_alive,
+    pwrite_direct,
     write_new_file,
 )
 
@@ -80,9 +87,6 @@ class Store:
         self._metas: dict[str, _ArrayMeta] = {}  # path -> what chunk I/O needs of its zarr.json
         self._tensors = {t["name"]: t for t in manifest["tensors"]}
         self._dirs: set[Path] = set()  # chunk and marker directories known to exist
-        # called as mirror(path, block, raw) after each array block is stored: an export opened
-        # before the build writes the merged tensors as they are computed (export/hf.py)
-        self.mirror = None
         self._behind: list[WriteBehind] = []  # within `writing_behind`: the background writers
 
     # ---- pickling (dask.distributed) --------------------------------------------------------
@@ -117,13 +121,17 @@ class Store:
 
     # ---- creation and opening -------------------------------------------------------------
     @classmethod
-    def create(cls, path: Path, manifest: dict) -> "Store":
-        """Create the store's arrays in `path` (empty but for `hf/` and the lock: the caller's job)."""
+    def create(cls, path: Path, manifest: dict, write_tensor_files=None) -> "Store":
+        """Create the store's arrays in `path` (empty but for `hf/` and the lock: the caller's job).
+        A manifest with "tensor_files" needs `write_tensor_files(path)` to create those files."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         # attributes in the first write of zarr.json: a creation killed at any point is recognisable
         _write_node(path, _group_doc({"streammerge": {"format": FORMAT}}))
-        _create_arrays(path, manifest["jobs"])
+        in_files = {f"tensors/{name}" for name in (manifest.get("tensor_files") or {}).get("offsets", ())}
+        _create_arrays(path, manifest["jobs"], skip=in_files)
+        if in_files:
+            write_tensor_files(path)
         (path / "done").mkdir()
         (path / "stats").mkdir()
         # The manifest goes last: a store without one is an unfinished creation, not a job.
@@ -234,6 +242,11 @@ class Store:
             commit.writer.call(functools.partial(self.mark_done, stage, key, block))
 
     def _write_chunk(self, path: str, block: int, raw: np.ndarray, writer: WriteBehind | None) -> None:
+        name = path[len("tensors/") :] if path.startswith("tensors/") else None
+        if name is not None and self.tensor_file(name) is not None:
+            row_bytes = self._row_bytes(name)
+            self._write_in_file(name, block * self._tensors[name]["block_rows"] * row_bytes, raw, writer)
+            return
         arr = self._meta(path)
         data = memoryview(np.ascontiguousarray(raw, dtype=arr.dtype.newbyteorder("<"))).cast("B")
         full = int(np.prod(arr.chunks, dtype=np.int64)) * arr.dtype.itemsize
@@ -244,9 +257,40 @@ class Store:
             writer.submit(data, functools.partial(write_new_file, chunk, size=full))
         else:
             write_new_file(chunk, data, full)
-        mirror = self.mirror
-        if mirror is not None:
-            mirror(path, block, raw)
+
+    # ---- tensors kept in files (manifest "tensor_files": the shards of `build --export`) -----
+    def tensor_file(self, name: str) -> tuple[Path, int] | None:
+        """(file, offset of its bytes) of tensor or buffer `name` if the store keeps it in a file."""
+        files = self.manifest.get("tensor_files")
+        where = files["offsets"].get(name) if files else None
+        return None if where is None else (self.path / files["dir"] / where[0], int(where[1]))
+
+    def tensor_files(self) -> tuple[Path, list[str]] | None:
+        """(directory, file names) of the files the store keeps its tensors in, if any."""
+        files = self.manifest.get("tensor_files")
+        return (self.path / files["dir"], list(files["files"])) if files else None
+
+    def _row_bytes(self, name: str) -> int:
+        return int(np.prod(self._tensors[name]["shape"][1:], dtype=np.int64)) * self.dtype(name).itemsize
+
+    def _write_in_file(self, name: str, pos: int, raw: np.ndarray, writer: WriteBehind | None = None) -> None:
+        """Bytes `pos`.. of tensor (or buffer) `name`, in place in its file."""
+        file, start = self.tensor_file(name)
+        data = memoryview(np.ascontiguousarray(raw)).cast("B")
+        t = self._tensors.get(name)
+        end = int(np.prod(t["shape"], dtype=np.int64)) * self.dtype(name).itemsize if t else None
+        if end is not None and pos + len(data) > end:
+            raise ValueError(f"{name}: {len(data)} bytes at {pos} overrun the tensor ({end} bytes)")
+        write = functools.partial(_pwrite_file, file, start + pos)
+        if writer is not None:
+            writer.submit(data, write, phase=start + pos)
+        else:
+            write(data)
+
+    def write_bytes(self, name: str, pos: int, data: np.ndarray) -> None:
+        """Write `data` at byte `pos` of tensor or buffer `name` kept in a file (ShardedWriter.write's
+        signature: the export fills the buffers' slots of the store's shards with it)."""
+        self._write_in_file(name, pos, data)
 
     @contextlib.contextmanager
     def writing_behind(self, writers: int = 1, depth: int = WRITE_BEHIND_DEPTH):
@@ -294,6 +338,9 @@ class Store:
         Read from the chunk files directly (the layout `write_block` writes; a chunk never
         written reads as the fill value 0, as in zarr): ~3x faster than zarr's read path here,
         which matters most when the chunks come from disk."""
+        where = self.tensor_file(name)
+        if where is not None:
+            return self._read_in_file(name, where, r0, r1)
         path = f"tensors/{name}"
         arr = self._meta(path)
         cr = arr.chunks[0]
@@ -310,15 +357,24 @@ class Store:
                 dest[:] = bytes(len(dest))
                 continue
             try:
-                pos, got = (a - c * cr) * row_bytes, 0
-                while got < len(dest):
-                    n = os.preadv(fd, [dest[got:]], pos + got)
-                    if n == 0:
-                        raise StoreError(f"{f}: chunk file is truncated ({pos + got} bytes, expected {cr * row_bytes})")
-                    got += n
+                _pread_exact(fd, dest, (a - c * cr) * row_bytes, f, f"chunk file is truncated (expected {cr * row_bytes} bytes)")
             finally:
                 os.close(fd)
         shape = tuple(self._tensors[name]["shape"])
+        return out.reshape(shape) if not shape else out
+
+    def _read_in_file(self, name: str, where: tuple[Path, int], r0: int, r1: int) -> np.ndarray:
+        shape = tuple(self._tensors[name]["shape"])
+        out = np.empty((r1 - r0, *shape[1:]), dtype=self.dtype(name).storage)
+        file, start = where
+        try:
+            fd = os.open(file, os.O_RDONLY)
+        except FileNotFoundError:
+            raise StoreError(f"{file}: missing (the store keeps its merged tensors there)") from None
+        try:
+            _pread_exact(fd, memoryview(out).cast("B"), start + r0 * self._row_bytes(name), file, "file is truncated")
+        finally:
+            os.close(fd)
         return out.reshape(shape) if not shape else out
 
     # ---- completion markers ---------------------------------------------------------------
@@ -456,9 +512,35 @@ def _write_node(directory: Path, doc: dict) -> None:
     os.replace(tmp, directory / "zarr.json")
 
 
-def _create_arrays(root: Path, jobs: list[dict]) -> None:
+def _pread_exact(fd: int, dest: memoryview, pos: int, file: Path, truncated: str) -> None:
+    got = 0
+    while got < len(dest):
+        n = os.preadv(fd, [dest[got:]], pos + got)
+        if n == 0:
+            raise StoreError(f"{file}: {truncated} (ends at {pos + got})")
+        got += n
+
+
+def _pwrite_file(file: Path, pos: int, data: memoryview) -> None:
+    """`data` written at `pos` of an existing `file` (whole pages bypassing the page cache)."""
+    try:
+        fd = os.open(file, os.O_WRONLY)
+    except FileNotFoundError:
+        raise StoreError(f"{file}: missing (the store keeps its merged tensors there)") from None
+    dfd = open_direct(file)
+    try:
+        pwrite_direct(fd, data, pos, dfd)
+    finally:
+        os.close(fd)
+        if dfd is not None:
+            os.close(dfd)
+
+
+def _create_arrays(root: Path, jobs: list[dict], skip: set[str] = frozenset()) -> None:
     groups = set()
     for spec in _array_specs(jobs):
+        if spec["name"] in skip:  # kept in a file of its own (tensor_files)
+            continue
         parts = spec["name"].split("/")
         for k in range(1, len(parts)):  # the groups between the root and the array, as zarr does
             group = "/".join(parts[:k])
