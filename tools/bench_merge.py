@@ -81,6 +81,24 @@ def timed(cmd: list[str], env=None) -> dict:
     }
 
 
+def synth_set(root: Path, preset: str, layers: int | None = None) -> Path:
+    """root/<preset>[-<layers>l]/: a base and three bf16 fine-tunes (ft1..ft3) of the preset's
+    shape, generated once (tools/synth_checkpoints.py) and reused by every benchmark."""
+    data = root / (preset + (f"-{layers}l" if layers else ""))
+    if not (data / "base" / "config.json").exists():
+        import synth_checkpoints as synth
+
+        shape = synth.PRESETS[preset]
+        if layers:
+            from dataclasses import replace
+
+            shape = replace(shape, layers=layers)
+        t0 = time.perf_counter()
+        synth.make_family(data, shape, n_finetunes=3, dtype="bfloat16", seed=0)
+        print(f"generated {data} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    return data
+
+
 def capped(cmd: list[str], mb: int) -> dict:
     memcap = ROOT / "tools" / "memcap.sh"
     if not memcap.exists():
@@ -105,18 +123,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1, help="runs per tool (alternating); the median wall time is reported")
     args = ap.parse_args()
 
-    data = args.data / (args.preset + (f"-{args.layers}l" if args.layers else ""))
-    if not (data / "base" / "config.json").exists():
-        import synth_checkpoints as synth
-
-        shape = synth.PRESETS[args.preset]
-        if args.layers:
-            from dataclasses import replace
-
-            shape = replace(shape, layers=args.layers)
-        t0 = time.perf_counter()
-        synth.make_family(data, shape, n_finetunes=3, dtype="bfloat16", seed=0)
-        print(f"generated {data} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    data = synth_set(args.data, args.preset, args.layers)
     size = sum(f.stat().st_size for f in data.rglob("*.safetensors"))
     bin_dir = Path(sys.executable).parent
     rows = []
