@@ -358,7 +358,8 @@ def test_routing_methods_equal_merged_models(family, tmp_path, method):
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_mergekit_model_plus_lora_recipe(family, tmp_path, dtype):
     """mergekit's own build of a `model+lora` recipe (it merges each adapter with peft into a
-    cache first) and streammerge's streamed one are the same bits."""
+    cache first) and streammerge's streamed one are the same bits; so is streammerge's build of
+    the recipe with mergekit's mapping form `model: {model: BASE, lora: ADAPTER}`."""
     pytest.importorskip("mergekit")
     import yaml
     from mergekit.config import MergeConfiguration
@@ -377,6 +378,12 @@ def test_mergekit_model_plus_lora_recipe(family, tmp_path, dtype):
     options = MergeOptions(quiet=True, write_model_card=False, copy_tokenizer=False, lora_merge_cache=str(tmp_path / "cache"))
     run_merge(config, str(tmp_path / "mk"), options)
     assert_identical(streammerge_export(recipe, tmp_path / "sm"), load_model_tensors(tmp_path / "mk"))
+    # mergekit's mapping form of the same references: the same merge for both tools
+    mapping = {**recipe, "models": [{"model": {"model": str(base), "lora": {"path": str(a)}}, "parameters": m["parameters"]}
+                                    for a, m in zip(adapters.values(), recipe["models"])]}
+    parse = lambda r: MergeConfiguration.model_validate(yaml.safe_load(yaml.safe_dump(r))).models  # noqa: E731
+    assert parse(mapping) == parse(recipe)
+    assert_identical(streammerge_export(mapping, tmp_path / "sm-mapping"), load_model_tensors(tmp_path / "mk"))
 
 
 # ---- resume and bad adapters ------------------------------------------------------------------

@@ -72,3 +72,45 @@ def test_local_models_give_no_base_model_metadata(synth_family, tmp_path):
     assert card.data.base_model is None
     assert card.data.tags[0] == "merge"
     assert f"`{base}`" in card.text
+
+
+def _in_hub_cache(hub, repo: str, src) -> None:
+    snap = hub / f"models--{repo.replace('/', '--')}" / "snapshots" / COMMIT
+    shutil.copytree(src, snap)
+    (snap.parents[1] / "refs").mkdir()
+    (snap.parents[1] / "refs" / "main").write_text(COMMIT)
+
+
+def test_card_lists_each_adapter_input_with_its_base(synth_family, tmp_path, monkeypatch):
+    """LoRA adapter inputs (issue #16): each listed as the adapter and the base it was applied to,
+    Hub ids for what came from the Hugging Face cache (in the metadata too), paths otherwise;
+    the `BASE+ADAPTER` string and mergekit's mapping form alike."""
+    base, fts = synth_family()
+    run("extract-lora", fts[0], "--base", base, "-o", tmp_path / "math-lora", "--rank", "2", "--no-progress")
+    run("extract-lora", fts[1], "--base", base, "-o", tmp_path / "code-lora", "--rank", "2", "--no-progress")
+    hub = tmp_path / "hub"
+    _in_hub_cache(hub, "org/base", base)
+    _in_hub_cache(hub, "org/math-lora", tmp_path / "math-lora")
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    local = tmp_path / "code-lora"
+    text = (
+        "merge_method: task_arithmetic\n"
+        "base_model: org/base\n"
+        "models:\n"
+        "  - model: org/base+org/math-lora\n    parameters: {weight: 0.5}\n"
+        f"  - model: {{model: org/base, lora: {local}}}\n    parameters: {{weight: 0.3}}\n"
+        f"  - model: {fts[2]}\n    parameters: {{weight: 0.2}}\n"
+    )
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(text)
+    run("build", recipe, "--store", tmp_path / "job.zarr", "--export", tmp_path / "out", "--no-progress")
+
+    card = ModelCard.load(tmp_path / "out" / "README.md")
+    assert card.data.base_model == ["org/base", "org/math-lora"]
+    hub_base = "[org/base](https://huggingface.co/org/base)"
+    lines = card.text.splitlines()
+    assert f"- {hub_base} (base model)" in lines
+    assert f"- `org/base+org/math-lora`: LoRA adapter [org/math-lora](https://huggingface.co/org/math-lora) applied to {hub_base}" in lines
+    assert f"- `org/base+{local}`: LoRA adapter `{local}` applied to {hub_base}" in lines
+    assert f"- `{fts[2]}`" in lines
+    assert (tmp_path / "out" / "mergekit_config.yml").read_text() == text

@@ -18,6 +18,7 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
+from quality import adapters as LR
 from quality import run as Q
 from quality import tasks as T
 from quality.config import SMOKE
@@ -36,7 +37,8 @@ def test_outputs_written(smoke):
     res = json.loads((out / "results.json").read_text())
     names = {r["name"] for r in res["rows"]}
     want = {"base", *(f"expert-{t}" for t in T.TASKS), "full-routing-oracle", "full-routing-router", "linear", "ta-1",
-            "ties-0.5-1", "dare-0.5-0.5", "1bit-paper", "1bit-auto", "1bit-uniform", "mediator-0.5-0.1"}
+            "ties-0.5-1", "dare-0.5-0.5", "1bit-paper", "1bit-auto", "1bit-uniform", "mediator-0.5-0.1",
+            "lora-r8-mediator-0.5-0.1", "lora-r32-mediator-0.5-0.1", "lora-r128-mediator-0.5-0.1"}
     try:
         import mergekit  # noqa: F401
 
@@ -89,6 +91,9 @@ def test_storage_accounting(smoke):
             assert 1 / len(T.TASKS) < share < 0.5  # one model plus small per-task parts
         elif r["family"] == "full routing":
             assert share == 1.0
+        elif r["family"] == "lora":  # the shipped model plus every adapter's tensors, as written
+            d = r["storage_detail"]
+            assert r["storage_bytes"] == d["model_bytes"] + d["adapter_bytes"] and d["model_bytes"] == res["model_bytes"]
         else:
             assert share == 1 / len(T.TASKS)
 
@@ -146,3 +151,49 @@ def test_routed_rows_through_the_server_give_the_same_answers(smoke, store_name,
         assert r["answers"] >= len(T.TASKS) * SMOKE.n_test and r["differ"] == 0, (mode, r)
         assert r["avg"] == r["in_process_avg"], (mode, r)
     assert res["oracle"]["avg"] > 0  # the experts' answers, not empty strings
+
+
+def test_lora_rows_are_the_store_export_served_by_peft(smoke):
+    """The LoRA rows: adapter bytes are the files' tensors, growing with the rank; at full rank
+    (128 > the smoke model's widths) the harness's peft model, switched to each task's adapter,
+    computes that task's model (`export --variant task:NAME`, no LoRA involved), and the row
+    answers every prompt as the Mediator store itself does under the same router."""
+    import torch
+    from safetensors.numpy import load_file
+    from transformers import AutoModelForCausalLM
+
+    from quality.train import cache_dir
+    from streammerge.export.variants import export_variant
+    from streammerge.store.store import Store
+
+    res = json.loads((smoke / "out" / "results.json").read_text())
+    rows = {r["name"]: r for r in res["rows"]}
+    source, = LR.SOURCES["smoke"]
+    merges = cache_dir(SMOKE, smoke / "cache") / "merges"
+    sizes = []
+    for rank in LR.RANKS:
+        name = LR.row_name(rank, source)
+        files = list((merges / name / "adapters").glob("*/adapter_model.safetensors"))
+        assert len(files) == len(T.TASKS)
+        nbytes = sum(a.nbytes for f in files for a in load_file(str(f)).values())
+        assert rows[name]["storage_detail"]["adapter_bytes"] == nbytes
+        sizes.append(nbytes)
+    assert sizes == sorted(set(sizes))
+    full = LR.row_name(max(LR.RANKS), source)
+    assert rows[full]["rel_error"]["max"] < 1e-5
+    assert rows[full]["samples"] == rows[source]["samples"]  # same picks, same weights
+    assert rows[full]["oracle_acc"] == rows[source]["oracle_acc"]
+
+    le = LR.LoraEval(merges / full, list(T.TASKS))
+    ids = torch.tensor([le.tok("calc 1 + 2 = 3 py sum([1]) Q: A:")["input_ids"]])
+    store = Store.open(merges / source / "job.zarr")
+    for t in T.TASKS:
+        ref_dir = smoke / f"task-{t}"
+        export_variant(store, ref_dir, f"task:{t}", progress=False)
+        ref = AutoModelForCausalLM.from_pretrained(str(ref_dir), dtype=torch.float32).eval()
+        le.model.set_adapter(t)
+        with torch.inference_mode():
+            got, want = le.model(input_ids=ids).logits, ref(input_ids=ids).logits
+        # the task export is rounded to bf16, the shipped model + float32 adapter is not: 3e-4 of
+        # the largest logit here, where another task's adapter is off by half of it
+        assert float((got - want).abs().max()) < 2e-3 * float(want.abs().max()), t

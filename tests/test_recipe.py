@@ -346,8 +346,39 @@ VALID = {
               <<: *shared
               weight: [0.1, 0.2]
         """,
+    # mergekit's mapping form of a model reference (ModelReference / ModelPath): read as the
+    # string form it stands for, 'path@revision+adapter'
+    "model_reference_mappings": """
+        merge_method: task_arithmetic
+        base_model: {model: {path: org/base, revision: main}}
+        models:
+          - model: {model: {path: org/base, revision: main}, lora: org/adapter}
+            parameters: {weight: 0.5}
+          - model: {model: org/base@main, lora: {path: org/other, revision: v1}}
+            parameters: {weight: 0.5}
+          - model: {model: org/ft}
+            parameters: {weight: 0.5}
+        """,
 }
 VALID = {k: _y(v) for k, v in VALID.items()}
+
+
+def test_model_reference_mapping_is_the_string_form():
+    """The same recipe, hash included, whichever way the references are spelled."""
+    mapping = parse_recipe(VALID["model_reference_mappings"], "m.yaml")
+    strings = parse_recipe(_y("""
+        merge_method: task_arithmetic
+        base_model: org/base@main
+        models:
+          - model: org/base@main+org/adapter
+            parameters: {weight: 0.5}
+          - model: org/base@main+org/other@v1
+            parameters: {weight: 0.5}
+          - model: org/ft
+            parameters: {weight: 0.5}
+        """), "s.yaml")
+    assert [e.model for e in mapping.models] == ["org/base@main+org/adapter", "org/base@main+org/other@v1", "org/ft"]
+    assert mapping.recipe_hash() == strings.recipe_hash()
 
 
 @pytest.fixture(scope="module")
@@ -732,8 +763,21 @@ INVALID = [
         6, "parameters[1]", "expected a string", False,
     ),
     (
-        "merge_method: linear\nmodels:\n  - model: {model: {path: x}}\n    parameters: {weight: 1}\n",
-        3, "models[0].model", "expected a model name or path", False,
+        "merge_method: linear\nmodels:\n  - model: {model: x, lora: y, override_architecture: LlamaForCausalLM}\n"
+        "    parameters: {weight: 1}\n",
+        3, "models[0].model.override_architecture", "override_architecture is not supported", False,
+    ),
+    (
+        "merge_method: linear\nmodels:\n  - model: {lora: y}\n    parameters: {weight: 1}\n",
+        3, "models[0].model", "needs 'model'", True,
+    ),
+    (
+        "merge_method: linear\nmodels:\n  - model: {model: x, adapter: y}\n    parameters: {weight: 1}\n",
+        3, "models[0].model.adapter", "unknown key 'adapter'", False,  # mergekit ignores it
+    ),
+    (
+        "merge_method: linear\nmodels:\n  - model: {model: {path: x, rev: y}}\n    parameters: {weight: 1}\n",
+        3, "models[0].model.model", "expected a path", False,  # mergekit ignores rev
     ),
     (
         "merge_method: linear\nmodels:\n  - model: a+loras/a+loras/b\n    parameters: {weight: 1}\n",

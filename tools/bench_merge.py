@@ -117,6 +117,24 @@ def floor_run(files: list[Path], out_bytes: int, out_dir: Path, buf: memoryview)
     return {"rc": 0, "wall_s": t2 - t0, "read_s": t1 - t0, "write_s": t2 - t1, "cpu_s": float("nan"), "peak_rss_mb": float("nan")}
 
 
+def synth_set(root: Path, preset: str, layers: int | None = None) -> Path:
+    """root/<preset>[-<layers>l]/: a base and three bf16 fine-tunes (ft1..ft3) of the preset's
+    shape, generated once (tools/synth_checkpoints.py) and reused by every benchmark."""
+    data = root / (preset + (f"-{layers}l" if layers else ""))
+    if not (data / "base" / "config.json").exists():
+        import synth_checkpoints as synth
+
+        shape = synth.PRESETS[preset]
+        if layers:
+            from dataclasses import replace
+
+            shape = replace(shape, layers=layers)
+        t0 = time.perf_counter()
+        synth.make_family(data, shape, n_finetunes=3, dtype="bfloat16", seed=0)
+        print(f"generated {data} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    return data
+
+
 def capped(cmd: list[str], mb: int) -> dict:
     memcap = ROOT / "tools" / "memcap.sh"
     p = subprocess.run(["bash", str(memcap), str(mb), *cmd], capture_output=True, text=True)
@@ -257,18 +275,7 @@ def main() -> None:
     if args.repeat < 1:
         ap.error("--repeat must be at least 1")
 
-    data = args.data / (args.preset + (f"-{args.layers}l" if args.layers else ""))
-    if not (data / "base" / "config.json").exists():
-        import synth_checkpoints as synth
-
-        shape = synth.PRESETS[args.preset]
-        if args.layers:
-            from dataclasses import replace
-
-            shape = replace(shape, layers=args.layers)
-        t0 = time.perf_counter()
-        synth.make_family(data, shape, n_finetunes=3, dtype="bfloat16", seed=0)
-        print(f"generated {data} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    data = synth_set(args.data, args.preset, args.layers)
     inputs = sorted(data.rglob("*.safetensors"))
     size = sum(f.stat().st_size for f in inputs)
     buf = memoryview(mmap.mmap(-1, CHUNK))  # page-aligned, touched once by the first read

@@ -297,7 +297,7 @@ def apply_adapter(
         "mtime_ns": st.st_mtime_ns,
         "header_sha256": header.header_sha256,
     }
-    return replace(base, spec=spec, files=(*base.files, weights), tensors=tensors, _fingerprint=fingerprint)
+    return replace(base, spec=spec, files=(*base.files, weights), tensors=tensors, adapter=directory, _fingerprint=fingerprint)
 
 
 def _weights_file(directory: Path, pickle_cache: Path | None) -> Path:

@@ -81,6 +81,7 @@ class ModelCheckpoint:
     files: tuple[Path, ...]  # the safetensors files (as named in the directory), in order
     tensors: dict[str, TensorHandle]  # file order, then header order
     config: dict | None  # parsed config.json, if present
+    adapter: Path | None = None  # the LoRA adapter directory applied to `directory` (checkpoints/lora.py)
     # {file name: {"size", "mtime_ns", "header_sha256"}}, captured when the headers were read
     _fingerprint: dict[str, dict] = field(default_factory=dict, repr=False, compare=False)
 

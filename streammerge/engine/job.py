@@ -48,14 +48,21 @@ def manifest_for(plan: Plan, recipe_text: str) -> dict:
         "recipe": {"text": recipe_text, "hash": recipe.recipe_hash(), "canonical": json.loads(recipe.canonical_json())},
         "method": plan.method.name,
         "seed": plan.seed,
-        "inputs": {
-            spec: {"directory": str(ck.directory), "files": ck.fingerprint()} for spec, ck in plan.checkpoints.items()
-        },
+        "inputs": {spec: input_manifest(ck) for spec, ck in plan.checkpoints.items()},
         "hf_source": str(plan.hf_source.directory),
         "tensors": tensors_manifest(plan.jobs),
         "buffers": [b.manifest() for b in plan.buffers],
         "jobs": jobs_manifest(plan.jobs),
     }
+
+
+def input_manifest(ck) -> dict:
+    """Where an input was read from (its adapter's directory too, for the model card) and its
+    files' fingerprints (what resuming checks)."""
+    info = {"directory": str(ck.directory), "files": ck.fingerprint()}
+    if ck.adapter is not None:
+        info["adapter"] = str(ck.adapter)
+    return info
 
 
 def jobs_manifest(jobs) -> list[dict]:

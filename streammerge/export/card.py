@@ -18,7 +18,7 @@ from .. import __version__
 from ..store.store import Store
 
 RECIPE_FILE = "mergekit_config.yml"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_HUB_ID = re.compile(r"^([A-Za-z0-9][\w.-]*/)?[\w.-]+$")
 
 
 def _models(canonical: dict) -> list[str]:
@@ -38,14 +38,29 @@ def _models(canonical: dict) -> list[str]:
     return specs
 
 
-def hub_id(spec: str, inputs: dict) -> str | None:
-    """`org/name` when the model was resolved from the Hugging Face cache, else None."""
-    info = inputs.get(spec) or {}
-    directory = str(info.get("directory", ""))
-    repo = spec.split("@", 1)[0]
-    if "/models--" not in directory or not _HUB_ID.match(repo):
-        return None
-    return repo
+def hub_repo(directory: str | Path | None) -> str | None:
+    """`org/name` when `directory` is a snapshot in a Hugging Face cache (models--org--name/...;
+    Hub ids never contain '--'), else None."""
+    for part in Path(str(directory or "")).parts:
+        if part.startswith("models--") and len(part) > len("models--"):
+            repo = part[len("models--"):].replace("--", "/")
+            return repo if _HUB_ID.match(repo) else None
+    return None
+
+
+def _link(directory: str | None, written: str) -> str:
+    repo = hub_repo(directory)
+    return f"[{repo}](https://huggingface.co/{repo})" if repo else f"`{written}`"
+
+
+def _entry(spec: str, info: dict, base: str | None) -> str:
+    """A bullet of "Models merged": the model as linked, or an adapter input as its adapter and
+    the base model it was applied to."""
+    role = " (base model)" if spec == base else ""
+    if not info.get("adapter"):
+        return f"- {_link(info.get('directory'), spec)}{role}"
+    return (f"- `{spec}`{role}: LoRA adapter {_link(info['adapter'], info['adapter'])} applied to "
+            f"{_link(info.get('directory'), str(info.get('directory')))}")
 
 
 def model_card(store: Store) -> str:
@@ -56,7 +71,13 @@ def model_card(store: Store) -> str:
     canonical = recipe["canonical"]
     inputs = manifest.get("inputs", {})
     specs = _models(canonical)
-    hub = [h for h in (hub_id(s, inputs) for s in specs) if h]
+    hub: list[str] = []
+    for spec in specs:
+        info = inputs.get(spec) or {}
+        for directory in (info.get("directory"), info.get("adapter")):
+            repo = hub_repo(directory)
+            if repo and repo not in hub:
+                hub.append(repo)
     meta: dict = {}
     if hub:
         meta["base_model"] = hub
@@ -76,10 +97,7 @@ def model_card(store: Store) -> str:
         "## Models merged",
         "",
     ]
-    for spec in specs:
-        role = " (base model)" if spec == base else ""
-        link = f"[{spec}](https://huggingface.co/{hub_id(spec, inputs)})" if hub_id(spec, inputs) else f"`{spec}`"
-        lines.append(f"- {link}{role}")
+    lines += [_entry(spec, inputs.get(spec) or {}, base) for spec in specs]
     lines += ["", "## Recipe", "", f"Also in `{RECIPE_FILE}`:", "", "```yaml", recipe["text"].rstrip("\n"), "```", ""]
     return "\n".join(lines)
 

@@ -89,12 +89,39 @@ def _model_name(v: Any) -> Any:
              "subloc": ()},
         )
     if isinstance(v, dict):
-        raise PydanticCustomError(
-            "model_ref",
-            "{msg}",
-            {"msg": "expected a model name or path (a string; 'path@revision' is allowed)", "subloc": ()},
-        )
+        return _model_name(_reference_string(v))
     return v
+
+
+def _ref_error(msg: str, *subloc) -> PydanticCustomError:
+    return PydanticCustomError("model_ref", "{msg}", {"msg": msg, "subloc": subloc})
+
+
+def _path_string(v: Any, *subloc) -> str:
+    """mergekit's ModelPath: a string, or {path, revision} (written here as 'path@revision')."""
+    if isinstance(v, str):
+        return v
+    if not isinstance(v, dict) or set(v) - {"path", "revision"} or not isinstance(v.get("path"), str):
+        raise _ref_error(f"expected a path (a string, or {{path: ..., revision: ...}}), got {describe(v)}", *subloc)
+    rev = v.get("revision")
+    if rev is not None and not (isinstance(rev, str) and rev):
+        raise _ref_error(f"expected the revision as a string, got {describe(rev)}", *subloc, "revision")
+    return v["path"] + (f"@{rev}" if rev else "")
+
+
+def _reference_string(v: dict) -> str:
+    """mergekit's mapping form of a model reference, {model: BASE, lora: ADAPTER}, as the string
+    form it stands for ('BASE+ADAPTER', or 'BASE'): one spelling for the rest of streammerge."""
+    for key in v:
+        if key == "override_architecture":
+            raise _ref_error("override_architecture is not supported: the architecture is the model's config.json's", key)
+        if key not in ("model", "lora"):
+            raise _ref_error(f"unknown key {key!r} (expected one of: model, lora)", key)
+    if "model" not in v:
+        raise _ref_error("a model reference mapping needs 'model' (and optionally 'lora')")
+    model = _path_string(v["model"], "model")
+    lora = v.get("lora")
+    return model if lora is None else f"{model}+{_path_string(lora, 'lora')}"
 
 
 Setting = Annotated[Any, BeforeValidator(_setting)]

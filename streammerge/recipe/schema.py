@@ -23,8 +23,9 @@ in `Recipe.warnings` (an error with `strict=True`):
 
 Beyond mergekit: dtype aliases (bf16, fp16, half, fp32, float) are accepted; mergekit only knows
 the full names (with or without "torch."). Differences the other way: a model reference is a
-string (mergekit also takes a mapping, which is rejected; "model+lora" names a model and a LoRA adapter applied to it,
-see checkpoints/lora.py; "path@revision" is passed on as is),
+string ("model+lora" names a model and a LoRA adapter applied to it, see checkpoints/lora.py; "path@revision" is
+passed on as is; mergekit's mapping form {model: M, lora: L}, each a string or {path, revision}, is read as that string,
+override_architecture refused),
 and parameter values of the wrong type are not coerced except from strings (see
 `params.validate_value`).
 

@@ -15,8 +15,10 @@ Steps (each cached under --cache, default bench-out/quality/<config>-<hash>/):
   3. evaluate (--device, default cpu): greedy exact match per task and on out-of-distribution
      prompts for the base, each expert, full routing (oracle and fitted router), every static
      merge, and every routing store (oracle task, fitted router, static fallback; Mediator under
-     several entropy thresholds). --via-server scores the routing stores' rows again through
-     `streammerge serve` (tools/quality/evaluate.py ServedEval) and counts differing answers.
+     several entropy thresholds), and the LoRA exports of the stores adapters.SOURCES names at
+     ranks 8, 32 and 128 (shipped model + the routed task's adapter, loaded by peft).
+     --via-server scores the routing stores' rows again through `streammerge serve`
+     (tools/quality/evaluate.py ServedEval) and counts differing answers.
   4. write OUT/results.json, OUT/results.md (table + targets) and OUT/accuracy_vs_storage.png.
      With --only NAMES, the rows evaluated replace theirs in an existing OUT/results.json (the
      other rows are kept; the run is listed as a rerun); --fresh writes them alone.
@@ -35,6 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
 
+from quality import adapters as LR
 from quality import merges as M
 from quality import table as TB
 from quality import tasks as T
@@ -202,6 +205,10 @@ def evaluate_all(cfg, root: Path, out: Path, device: str, only: set | None = Non
             r["via_server"] = served = evaluate_via_server(ev, device)
             log(f"{'':28s} via streammerge serve: " + ", ".join(
                 f"{mode} avg {100 * v['avg']:5.1f} ({v['differ']}/{v['answers']} answers differ)" for mode, v in served.items()))
+        if LR.row_names(cfg.name, m.name):  # before the sweep refits the router
+            for r in LR.lora_rows(m.name, Path(info["store"]), ev, sets, memo, device, tensor_bytes=model_bytes, full_bytes=n * mbytes, row=row):
+                rows.append(r)
+                say(r)
         if m.method == "mediator" and sweep:
             by_router = {}
             for rname, kw in ROUTERS.items():
@@ -261,7 +268,7 @@ def row_order(cfg) -> list[str]:
     """Names of every row of a configuration, in table order."""
     names = ["base", *(f"expert-{t}" for t in T.TASKS), "full-routing-oracle", "full-routing-router"]
     for m in M.merges(cfg.name != "smoke"):
-        names += [m.name] + ([f"mergekit-{m.name}"] if m.mergekit else [])
+        names += [m.name] + ([f"mergekit-{m.name}"] if m.mergekit else []) + LR.row_names(cfg.name, m.name)
     return names
 
 

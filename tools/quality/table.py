@@ -169,6 +169,7 @@ FAMILY_STYLE = {
     "base": ("black", "x"), "expert": ("gray", "s"), "full routing": ("black", "*"), "linear": ("tab:brown", "v"),
     "task_arithmetic": ("tab:blue", "o"), "ties": ("tab:orange", "o"), "dare_ties": ("tab:olive", "o"),
     "mergekit": ("tab:cyan", "D"), "1bit": ("tab:green", "^"), "mediator": ("tab:red", "P"), "what-if": ("tab:purple", "o"),
+    "lora": ("tab:pink", "h"),
 }
 # static merges all cost one model: spread them a little along x so that they stay visible
 X_OFFSET = {"linear": -1.6, "task_arithmetic": -0.8, "ties": 0.0, "dare_ties": 0.8, "mergekit": 1.6}
@@ -199,7 +200,7 @@ def plot(results: dict, path: Path) -> None:
         ax.scatter([x], [y], marker=marker, s=70 if family != "full routing" else 140, zorder=3, linewidths=1.5,
                    label=None if family in seen else ("what-if (simulated)" if family == "what-if" else family), **style)
         seen.add(family)
-        if family in ("mediator", "what-if") or name in ("1bit-paper", "1bit-auto", "1bit-uniform") or best.get(family, {}).get("name") == name:
+        if family in ("mediator", "what-if", "lora") or name in ("1bit-paper", "1bit-auto", "1bit-uniform") or best.get(family, {}).get("name") == name:
             ax.annotate(name.replace("full-routing-oracle", "full routing (oracle = router)"), (x, y),
                         textcoords="offset points", xytext=(5, 3), fontsize=7)
     ax.axhline(100 * ref, color="black", lw=0.8, ls="--")
