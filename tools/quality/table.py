@@ -273,7 +273,7 @@ def plot(results: dict, path: Path) -> None:
     ax.set_ylabel(f"average exact match over {len(T.TASKS)} held-out tasks (%)")
     seeds = results.get("seeds")
     ax.set_title(f"Merge quality vs storage ({results['config']} configuration, {results['n_params'] / 1e6:.1f}M-parameter Llama, 4 experts"
-                 + (f"; mean of seeds {', '.join(map(str, seeds))}, bars: min-max)" if seeds else ")"))
+                 + (f")\nmean of seeds {', '.join(map(str, seeds))}; bars: the lowest to the highest seed" if seeds else ")"))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
