@@ -255,6 +255,8 @@ def plan(recipe: Path, workers: int, memory_limit: int, seed: int, block_element
         "method": p.method.name,
         "base_model": p.base_spec,
         "models": p.model_specs,
+        "modules": p.module_models,
+        "stacks": p.stacks,
         "tensors": len(p.jobs),
         "blocks": p.nblocks,
         "input_bytes": p.input_bytes,
@@ -274,8 +276,12 @@ def plan(recipe: Path, workers: int, memory_limit: int, seed: int, block_element
         return
     click.echo(f"method        {p.method.name}")
     click.echo(f"base model    {p.base_spec or '-'}")
-    for spec in p.model_specs:
+    for spec in [] if p.module_models else p.model_specs:
         click.echo(f"model         {spec}")
+    for module, specs in p.module_models.items():
+        click.echo(f"module        {module}: {', '.join(specs)}")
+    if len(p.stacks) > 1:  # each stack numbers its own layers
+        click.echo("stacks        " + ", ".join(f"{s}: {n} layers" for s, n in p.stacks.items()))
     click.echo(f"tensors       {len(p.jobs)}")
     click.echo(f"blocks        {p.nblocks} (up to {p.block_elems:,} elements each)")
     click.echo(f"input         {human(p.input_bytes)}")

@@ -28,19 +28,23 @@ Layers: a tensor belongs to layer i when its name has a component "layers.<i>." 
 "h.<i>." of GPT-2, "layer.<i>." of BERT, "blocks.<i>."); tensors without one (embeddings, final
 norm, lm_head) and those with i >= num_layers (e.g. DeepSeek's multi-token-prediction layers past
 num_hidden_layers) form "outside_layers". A layer with no tensors reports n = 0 and zeros.
+
+Stacks: layer i is layer i of the tensor's stack (checkpoints/stacks.py). "layers" holds the
+text decoder's (a text-only model's only stack); each other stack given in `stack_layers` (a
+vision tower) has its own rows under "stacks": {name: {"num_layers", "layers"}}, so its layers
+are never summed into the decoder's.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-KINDS = ("attention", "mlp", "norm", "embedding", "other")
+from ..checkpoints.stacks import layer_index, stack_of
 
-_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)(?:\.|$)")
+KINDS = ("attention", "mlp", "norm", "embedding", "other")
 
 
 def module_kind(name: str) -> str:
@@ -67,12 +71,6 @@ def module_kind(name: str) -> str:
     if any("mlp" in c or "feed_forward" in c or "feedforward" in c or "ffn" in c or "moe" in c or c == "experts" for c in comps):
         return "mlp"
     return "other"
-
-
-def layer_index(name: str) -> int | None:
-    """i from the first "layers.<i>." (or "h.<i>.", "layer.<i>.", "blocks.<i>.") of the name."""
-    m = _LAYER_RE.search(name)
-    return int(m.group(1)) if m else None
 
 
 class _Group:
@@ -128,6 +126,36 @@ class _Group:
         return out
 
 
+class _Stack:
+    """The per-layer groups of one stack of layers."""
+
+    def __init__(self, N: int, num_layers: int):
+        self.N = N
+        self.num_layers = int(num_layers)
+        self.layers = [_Group(N) for _ in range(self.num_layers)]
+        self.kinds: list[dict[str, _Group]] = [{} for _ in range(self.num_layers)]
+
+    def add(self, i: int | None, kind: str, st: "_Tensor") -> bool:
+        """Add a tensor of layer i (False: outside this stack's layers)."""
+        if i is None or not 0 <= i < self.num_layers:
+            return False
+        self.layers[i].add(st)
+        self.kinds[i].setdefault(kind, _Group(self.N)).add(st)
+        return True
+
+    def rows(self, denoised: bool, task_map) -> list[dict]:
+        return [
+            {
+                "layer": i,
+                **g.counts(denoised),
+                "by_kind": {k: self.kinds[i][k].counts(denoised) for k in KINDS if k in self.kinds[i]},
+                "norms": task_map(g.norms()),
+                "cosine": g.cosine(),
+            }
+            for i, g in enumerate(self.layers)
+        ]
+
+
 class _Tensor:
     def __init__(self, name: str, stats: Mapping[str, Any], N: int, denoised: bool):
         def arr(key, shape, dtype):
@@ -155,48 +183,33 @@ def summarize(
     tasks: Sequence[str],
     num_layers: int,
     denoised: bool,
+    stack_layers: Mapping[str, int] | None = None,
 ) -> dict:
     """The JSON-serializable summary of the per-tensor conflict stats (module docstring).
 
     per_tensor: tensor name -> the stats of conflict_method (as returned, or reloaded from npz);
-    tasks: the N task names, in the order of the stats; denoised: use the denoised counts.
+    tasks: the N task names, in the order of the stats; denoised: use the denoised counts;
+    num_layers: the text decoder's layer count; stack_layers: the other stacks' (vision tower).
     """
     tasks = [str(t) for t in tasks]
     N = len(tasks)
     if N < 1:
         raise ValueError("summarize: no tasks")
-    num_layers = int(num_layers)
-    layers = [_Group(N) for _ in range(num_layers)]
-    layer_kinds: list[dict[str, _Group]] = [{} for _ in range(num_layers)]
+    stacks = {None: _Stack(N, num_layers), **{s: _Stack(N, n) for s, n in (stack_layers or {}).items()}}
     kinds: dict[str, _Group] = {}
     outside = _Group(N)
     total = _Group(N)
     for name in sorted(per_tensor):
         st = _Tensor(name, per_tensor[name], N, denoised)
         kind = module_kind(name)
-        i = layer_index(name)
         total.add(st)
         kinds.setdefault(kind, _Group(N)).add(st)
-        if i is not None and 0 <= i < num_layers:
-            layers[i].add(st)
-            layer_kinds[i].setdefault(kind, _Group(N)).add(st)
-        else:
+        stack = stacks.get(stack_of(name), stacks[None])
+        if not stack.add(layer_index(name), kind, st):
             outside.add(st)
 
     def task_map(values) -> dict:
         return {t: float(v) for t, v in zip(tasks, values)}
-
-    layer_out = []
-    for i, g in enumerate(layers):
-        layer_out.append(
-            {
-                "layer": i,
-                **g.counts(denoised),
-                "by_kind": {k: layer_kinds[i][k].counts(denoised) for k in KINDS if k in layer_kinds[i]},
-                "norms": task_map(g.norms()),
-                "cosine": g.cosine(),
-            }
-        )
 
     norm_share = {}
     att_mlp = {}
@@ -213,8 +226,13 @@ def summarize(
     return {
         "tasks": tasks,
         "variant": "denoised" if denoised else "elected",
-        "num_layers": num_layers,
-        "layers": layer_out,
+        "num_layers": stacks[None].num_layers,
+        "layers": stacks[None].rows(denoised, task_map),
+        "stacks": {
+            s: {"num_layers": stack.num_layers, "layers": stack.rows(denoised, task_map)}
+            for s, stack in stacks.items()
+            if s is not None
+        },
         "kinds": {k: kinds[k].counts(denoised) for k in KINDS if k in kinds},
         "outside_layers": outside.counts(denoised),
         "norm_share": norm_share,

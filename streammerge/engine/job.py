@@ -228,14 +228,18 @@ def _open_export(store: Store, export: dict, mirror: bool = True):
 
 def _routed_phase_b(full_plan: Plan, analysis_plan: Plan, store: Store, report: BuildReport, run: dict) -> BuildReport:
     """Summarize the analysis, decide (routed layers / precision plan), build the rest."""
-    from ..analysis.summary import layer_index, summarize
+    from ..analysis.summary import summarize
+    from ..checkpoints.stacks import Stacks
     from ..plan.routed import decide, phase_b_jobs, storage, task_names
     from ..fsutil import atomic_write
 
     per_tensor = {j.name: store.load_stats(j.stage, j.store_key) for j in analysis_plan.jobs}
-    layers = [i for j in full_plan.jobs if (i := layer_index(j.name)) is not None]
+    # layers per stack, from the tensors merged: the text decoder's first, a vision tower's apart
+    counts = Stacks.of([j.name for j in full_plan.jobs], None).layers
+    primary = next(iter(counts), None)
+    others = {s: n for s, n in counts.items() if s != primary and n}
     denoised = float(full_plan.jobs[0].params.globals.get("denoise_q", 1.0)) < 1.0
-    summary = summarize(per_tensor, task_names(full_plan), max(layers) + 1 if layers else 0, denoised)
+    summary = summarize(per_tensor, task_names(full_plan), counts.get(primary, 0), denoised, others)
     atomic_write(store.path / "analysis.json", json.dumps(summary, indent=1).encode())
     decision = decide(full_plan, summary)
     atomic_write(store.path / "method.json", json.dumps(decision, indent=1).encode())

@@ -7,7 +7,6 @@ memory limit). It reads only headers: no tensor data.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -18,14 +17,13 @@ from ..checkpoints.blocks import num_rows, row_elems
 from ..checkpoints.buffers import Buffer, agreed_buffer
 from ..checkpoints.chat_template import resolve_chat_template
 from ..checkpoints.lora import open_input, spec_paths
+from ..checkpoints.stacks import Stacks, layer_index, with_layer
 from ..dtypes import float_type, is_float_st
 from ..errors import CheckpointError, RecipeError, StreammergeError
 from ..fsutil import WRITE_BEHIND_DEPTH, store_writers
 from ..methods import MergeMethod, TensorParams, get_method
 from ..methods.base import Output, Pass
 from ..recipe import Recipe, layer_position, resolve_tensor_params
-
-LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 # Memory the process needs before any block: interpreter, numpy, zarr, dask, bookkeeping.
 BASELINE_BYTES = 300 * 2**20
@@ -147,6 +145,12 @@ class Plan:
     config_overrides: dict = field(default_factory=dict)  # config.json keys the output changes
     buffers: list[Buffer] = field(default_factory=list)  # non-float tensors, copied (checkpoints/buffers.py)
     chat_template: str | None = None  # written into the output's tokenizer files (export/chat_template.py)
+    module_models: dict[str, list[str]] = field(default_factory=dict)  # with `modules:`: the models each module merges
+
+    @property
+    def stacks(self) -> dict[str, int]:
+        """The output's layers per stack (checkpoints/stacks.py), text decoder first."""
+        return Stacks.of([j.name for j in self.jobs], None).layers
 
     @property
     def input_bytes(self) -> int:
@@ -204,8 +208,8 @@ def _named_at(recipe: Recipe, spec: str) -> tuple:
     """The recipe path of the first entry naming `spec` (base_model, a models[] or sources[] entry, the tokenizer)."""
     if recipe.base_model == spec:
         return ("base_model",)
-    for i in [None] if recipe.models else range(len(recipe.slices or [])):
-        path = recipe.model_entry_path(spec, slice_index=i)
+    for module, i in recipe.groups():
+        path = recipe.model_entry_path(spec, slice_index=i, module=module)
         if path[-1] != "base_model":
             return path + ("model",)
         if len(path) > 1:  # a slice's base_model (("base_model",) alone: not in this slice)
@@ -260,14 +264,13 @@ def make_plan(
         method = get_method(recipe.merge_method)
     except KeyError:
         raise RecipeError(f"unknown merge_method {recipe.merge_method!r}") from None
-    if recipe.modules:
-        raise RecipeError("recipes with `modules` are not supported yet: use `models` or `slices`")
-
     checkpoints: dict[str, ModelCheckpoint] = {
         spec: _open_named(recipe, spec, recipe_dir, pickle_cache) for spec in recipe.model_specs()
     }
     if not allow_crimes:
         _check_architectures(checkpoints)
+    if recipe.modules:
+        _check_modules(recipe, checkpoints)
     hf_source = checkpoints.get(recipe.base_model) or checkpoints[recipe.model_specs()[0]]
     tok = recipe.tokenizer_settings()
     if tok.source == "union" or tok.tokens:
@@ -280,7 +283,8 @@ def make_plan(
             checkpoints[tok.source] = _open_named(recipe, tok.source, recipe_dir, pickle_cache)
         hf_source = checkpoints[tok.source]
 
-    groups = _groups(recipe, checkpoints)
+    modules = _groups(recipe, checkpoints)
+    groups = [g for module in modules for g in module]
     n_inputs = max(len(g.models) + (g.base is not None) for g in groups)
     block_elems = block_elems or block_elems_for(memory_limit, workers, n_inputs)
     out_dtype_name = recipe.out_dtype or recipe.dtype
@@ -293,18 +297,13 @@ def make_plan(
         warnings.append(f"chat_template: {hf_source.spec} has no tokenizer_config.json; the chat template is not written")
         chat_template = None
     config_overrides: dict = {}
-    if recipe.slices:
-        config_overrides["num_hidden_layers"] = sum(len(g.layers) for g in groups)
-        # Per-layer config lists (e.g. sliding vs full attention) follow the layers they came from.
-        types = (hf_source.config or {}).get("layer_types")
-        if isinstance(types, list):
-            config_overrides["layer_types"] = [
-                types[min(len(types) - 1, g.layer_start[g.base or g.models[0]] + i)] for g in groups for i in range(len(g.layers))
-            ]
+    for module in modules:
+        if module[0].slice_index is not None:
+            _restack_config(config_overrides, hf_source, module)
 
     jobs = []
     buffers = []
-    for out_name, group, layer_offset, t in _output_tensors(groups, checkpoints):
+    for out_name, group, layer_offset, t in _output_tensors(modules, checkpoints, warnings):
         specs = ([group.base] if group.base else []) + group.models
         names = [_input_name(out_name, group, spec, layer_offset) for spec in specs]
         handles = []
@@ -325,6 +324,7 @@ def make_plan(
             group.models,
             seed=seed,
             slice_index=group.slice_index,
+            module=group.module,
             input_names=names[len(names) - len(group.models):],
         )
         ref = handles[0]
@@ -342,7 +342,7 @@ def make_plan(
                 block_rows=block_rows,
             )
         )
-    if not recipe.slices:
+    if recipe.models:
         g = groups[0]
         reference = checkpoints[g.base or g.models[0]]
         for spec in g.models:
@@ -365,81 +365,171 @@ def make_plan(
         config_overrides=config_overrides,
         buffers=buffers,
         chat_template=chat_template,
+        module_models={
+            g[0].module: list(dict.fromkeys(spec for x in g for spec in x.models)) for g in modules if g[0].module
+        },
     )
 
 
 @dataclass(frozen=True)
 class _Group:
-    """The inputs of one `slices:` entry (or of the whole `models:` recipe)."""
+    """The inputs of one `slices:` entry (or of a whole `models:` list), of one module (`modules:`)."""
 
     slice_index: int | None
     base: str | None
     models: list[str]
     layer_start: dict[str, int]  # spec -> first input layer (slices only)
     layers: range  # output layer indices this group produces (slices only)
+    module: str | None = None  # the recipe's module; None: the whole model
 
 
-def _groups(recipe: Recipe, checkpoints: dict[str, ModelCheckpoint]) -> list[_Group]:
-    if not recipe.slices:
-        base, models = recipe.base_for(), recipe.input_models()
+def _groups(recipe: Recipe, checkpoints: dict[str, ModelCheckpoint]) -> list[list[_Group]]:
+    """The groups of each module of the recipe, in recipe order (one module, None, without `modules:`)."""
+    if recipe.modules:
+        return [_module_groups(recipe, checkpoints, name, mod.slices) for name, mod in recipe.modules.items()]
+    return [_module_groups(recipe, checkpoints, None, recipe.slices)]
+
+
+def _module_groups(recipe: Recipe, checkpoints: dict[str, ModelCheckpoint], module: str | None, slices) -> list[_Group]:
+    if not slices:
+        base, models = recipe.base_for(module=module), recipe.input_models(module=module)
         if not models:
             raise RecipeError("the recipe lists no models to merge (besides the base)")
-        return [_Group(None, base, models, {}, range(0))]
+        return [_Group(None, base, models, {}, range(0), module)]
+    prefix = ("modules", module) if module is not None else ()
     groups, out_layer = [], 0
-    for k, sl in enumerate(recipe.slices):
+    for k, sl in enumerate(slices):
         n = sl.sources[0].layer_range[1] - sl.sources[0].layer_range[0]
         starts = {src.model: src.layer_range[0] for src in sl.sources}
         for src in sl.sources:
-            have = _num_layers(checkpoints[src.model])
+            have = _stack_layers(recipe, checkpoints[src.model], module)
             if src.layer_range[1] > have:
-                raise RecipeError(f"slices[{k}]: layer_range {list(src.layer_range)} of {src.model} exceeds its {have} layers")
-        groups.append(_Group(k, recipe.base_for(k), recipe.input_models(k), starts, range(out_layer, out_layer + n)))
+                where = f"{'.'.join(prefix)}.slices[{k}]" if prefix else f"slices[{k}]"
+                raise RecipeError(f"{where}: layer_range {list(src.layer_range)} of {src.model} exceeds its {have} layers")
+        groups.append(
+            _Group(k, recipe.base_for(k, module), recipe.input_models(k, module), starts, range(out_layer, out_layer + n), module)
+        )
         out_layer += n
     return groups
 
 
-def _output_tensors(groups: list[_Group], checkpoints: dict[str, ModelCheckpoint]):
+def _stack_layers(recipe: Recipe, model: ModelCheckpoint, module: str | None) -> int:
+    """The layer count of the stack a slice of `module` takes layers from (top-level slices: the
+    model's only stack; mergekit refuses them on a model of several modules too)."""
+    stacks = _stacks(model)
+    if module is None:
+        if len(stacks.layers) > 1:
+            raise recipe.error(
+                ("slices",),
+                f"{model.spec} has several modules ({', '.join(stacks.layers)}), each numbering its own layers: "
+                "slice them under `modules:`, as mergekit requires",
+            )
+        return next(iter(stacks.layers.values()))
+    return stacks.layers[module]
+
+
+def _stacks(model: ModelCheckpoint) -> Stacks:
+    return Stacks.of(model.tensors, model.config)
+
+
+def _check_modules(recipe: Recipe, checkpoints: dict[str, ModelCheckpoint]) -> None:
+    """Every module a recipe names is one the models have (mergekit's module names). A routing
+    method decides from one set of tasks and settings for the whole model: it takes `models:`
+    (and routes each stack apart by itself)."""
+    if recipe.method.pipeline:
+        raise recipe.error(
+            ("modules",),
+            f"{recipe.merge_method} routes every stack by itself from one `models:` list; use `models:` instead of `modules:`",
+        )
+    for module, slice_index in recipe.groups():
+        for spec in [recipe.base_for(slice_index, module)] + recipe.input_models(slice_index, module):
+            if spec is None:
+                continue
+            have = _stacks(checkpoints[spec]).layers
+            if module not in have:
+                raise recipe.error(
+                    ("modules", module), f"{spec} has no module {module!r} (its modules: {', '.join(have)})"
+                )
+
+
+def _output_tensors(modules: list[list[_Group]], checkpoints: dict[str, ModelCheckpoint], warnings: list[str]):
     """(output name, group, offset within the group's layers, gradient position t), in output order.
+
+    Layers are numbered per stack (checkpoints/stacks.py): a gradient spans the layers of the
+    tensor's own stack. With `modules:`, as in mergekit, only the listed modules are written.
+    """
+    for groups in modules:
+        yield from _module_tensors(groups, checkpoints)
+    first = modules[0][0]
+    if first.module is not None:
+        reference = checkpoints[first.base or first.models[0]]
+        stacks = _stacks(reference)
+        listed = {g[0].module for g in modules}
+        left = [n for n in reference.tensors if stacks.module(n) not in listed]
+        if left:
+            unlisted = sorted({stacks.module(n) for n in left})
+            warnings.append(
+                f"modules: not listed, so not written (as in mergekit): {', '.join(unlisted)} ({len(left)} tensor(s), e.g. {left[0]})"
+            )
+
+
+def _module_tensors(groups: list[_Group], checkpoints: dict[str, ModelCheckpoint]):
+    """The output tensors of one module (or of the whole model).
 
     With slices, tensors outside the layers follow mergekit: embeddings come from the first
     slice's models, everything after the layers (final norm, lm_head) from the last slice's.
     """
     first = groups[0]
     reference = checkpoints[first.base or first.models[0]]
+    stacks = _stacks(reference)
+    names = [n for n in reference.tensors if first.module is None or stacks.module(n) == first.module]
     if first.slice_index is None:
-        n_layers = _num_layers(reference)
-        for name in reference.tensors:
-            m = LAYER_RE.search(name)
-            yield name, first, None, layer_position(int(m.group(1)) if m else None, n_layers)
+        for name in names:
+            yield name, first, None, layer_position(layer_index(name), stacks.layers[stacks.module(name)])
         return
-    outside = [n for n in reference.tensors if not LAYER_RE.search(n)]
+    outside = [n for n in names if layer_index(n) is None]
     pre = [n for n in outside if "embed" in n]
     post = [n for n in outside if "embed" not in n]
     for name in pre:
         yield name, first, None, 0.0
     for g in groups:
         ref_spec = g.base or g.models[0]
-        ref_model = checkpoints[ref_spec]
+        ref_names = [n for n in checkpoints[ref_spec].tensors if first.module is None or stacks.module(n) == first.module]
         for offset in range(len(g.layers)):
             layer_in = g.layer_start[ref_spec] + offset
             t = offset / (len(g.layers) - 1) if len(g.layers) > 1 else 1.0
-            for name in ref_model.tensors:
-                m = LAYER_RE.search(name)
-                if m and int(m.group(1)) == layer_in:
-                    yield _with_layer(name, g.layers[offset]), g, offset, t
+            for name in ref_names:
+                if layer_index(name) == layer_in:
+                    yield with_layer(name, g.layers[offset]), g, offset, t
     for name in post:
         yield name, groups[-1], None, 0.0
 
 
-def _with_layer(name: str, layer: int) -> str:
-    m = LAYER_RE.search(name)
-    return name[: m.start(1)] + str(layer) + name[m.end(1):]
+def _restack_config(overrides: dict, source: ModelCheckpoint, groups: list[_Group]) -> None:
+    """The config.json entries a layer-stacking module changes: its stack's layer count, wherever
+    config.json gives it (a VL config may give the decoder's twice: top level and text_config),
+    and the per-layer lists beside it (e.g. sliding vs full attention), which follow the layers
+    they came from. A nested mapping (text_config, vision_config) is overridden whole."""
+    config = source.config or {}
+    stacks = _stacks(source)
+    for *outer, count in stacks.config_keys[groups[0].module or next(iter(stacks.layers))]:
+        if outer:
+            holder = overrides[outer[0]] = dict(overrides.get(outer[0]) or config.get(outer[0]) or {})
+            current = holder
+        else:
+            holder, current = overrides, config
+        holder[count] = sum(len(g.layers) for g in groups)
+        types = current.get("layer_types")
+        if isinstance(types, list):
+            holder["layer_types"] = [
+                types[min(len(types) - 1, g.layer_start[g.base or g.models[0]] + i)] for g in groups for i in range(len(g.layers))
+            ]
 
 
 def _input_name(out_name: str, group: _Group, spec: str, layer_offset: int | None) -> str:
     if layer_offset is None:
         return out_name
-    return _with_layer(out_name, group.layer_start[spec] + layer_offset)
+    return with_layer(out_name, group.layer_start[spec] + layer_offset)
 
 
 def _common_shape(out_name, handles, checkpoints, specs, warnings, config_overrides) -> tuple[int, ...]:
@@ -465,12 +555,3 @@ def _common_shape(out_name, handles, checkpoints, specs, warnings, config_overri
     )
     config_overrides["vocab_size"] = rows
     return (rows, *ref.shape[1:])
-
-
-def _num_layers(model: ModelCheckpoint) -> int:
-    cfg = model.config or {}
-    n = cfg.get("num_hidden_layers") or (cfg.get("text_config") or {}).get("num_hidden_layers")
-    if isinstance(n, int) and n > 0:
-        return n
-    idx = [int(m.group(1)) for name in model.tensors if (m := LAYER_RE.search(name))]
-    return max(idx) + 1 if idx else 1

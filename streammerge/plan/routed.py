@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from ..analysis.conflict import conflict_method
-from ..analysis.summary import layer_index, module_kind
+from ..analysis.summary import module_kind
+from ..checkpoints.stacks import layer_index, stack_of
 from ..encodings.onebit import onebit_outputs
 from ..encodings.sparse import expert_outputs
 from ..errors import RecipeError
@@ -68,8 +69,27 @@ MEAN = MergeMethod(name="mean", merge=_mean, kernel=linear_kernels.mean, base="o
 
 
 def mediator_decision(summary: dict, g: dict, tasks: list[str]) -> dict:
+    """The layers Mediator routes: the text decoder's ("routed_layers"), and each other stack's
+    (a vision tower's, under "stacks") chosen among that stack's layers only, by the same rule."""
     score_key = "pairwise" if g["conflict"] == "pairwise" else "d"
-    scores = [layer[score_key] for layer in summary["layers"]]
+    decoder = _route_layers(summary["layers"], score_key, g)
+    return {
+        "method": "mediator",
+        "tasks": tasks,
+        **decoder,
+        "stacks": {name: _route_layers(s["layers"], score_key, g) for name, s in summary.get("stacks", {}).items()},
+        "score": score_key,
+        "route_outside": g["route_outside"],
+        "rho": g["rho"],
+        "eta": g["eta"],
+        "top_m": g["top_m"],
+        "average": g["average"],
+    }
+
+
+def _route_layers(layers: list[dict], score_key: str, g: dict) -> dict:
+    """routed_layers, selection and scores for the layers of one stack (by highest conflict)."""
+    scores = [layer[score_key] for layer in layers]
     order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
     if g["route_threshold"] >= 0:
         routed = [i for i in order if scores[i] > g["route_threshold"]]
@@ -81,19 +101,7 @@ def mediator_decision(summary: dict, g: dict, tasks: list[str]) -> dict:
             k = max(1, k)
         routed = order[: min(k, len(scores))]
         selection = {"mode": "top_k", "k": len(routed), "threshold": None}
-    return {
-        "method": "mediator",
-        "tasks": tasks,
-        "routed_layers": routed,
-        "selection": selection,
-        "score": score_key,
-        "scores": scores,
-        "route_outside": g["route_outside"],
-        "rho": g["rho"],
-        "eta": g["eta"],
-        "top_m": g["top_m"],
-        "average": g["average"],
-    }
+    return {"routed_layers": routed, "selection": selection, "scores": scores}
 
 
 def _average_method(g: dict, n: int) -> tuple[MergeMethod, TensorParams]:
@@ -111,13 +119,17 @@ def _average_method(g: dict, n: int) -> tuple[MergeMethod, TensorParams]:
 def mediator_jobs(plan: Plan, decision: dict) -> list[TensorJob]:
     g = plan.jobs[0].params.globals
     tasks = decision["tasks"]
-    routed = set(decision["routed_layers"])
+    # routed layers per stack: a vision tower's layer i is not the decoder's layer i
+    stacks = decision.get("stacks", {})
+    routed = {name: set(s["routed_layers"]) for name, s in stacks.items()}
+    decoder = set(decision["routed_layers"])
     avg_method, avg_params = _average_method(g, len(tasks))
     jobs = []
     for j in plan.jobs:
         layer = layer_index(j.name)
         # tensors of no layer (embeddings, lm_head, final norm) are routed only on request
-        is_routed = layer in routed if layer is not None else decision["route_outside"]
+        in_stack = routed.get(stack_of(j.name), decoder)
+        is_routed = layer in in_stack if layer is not None else decision["route_outside"]
         if is_routed:  # the merged model holds the dense expert; the experts stage adds S_t beside it
             jobs.append(replace(j, method=MEAN, base=None, stage="merge", key="", outputs=None))
             # S_t is taken against the dense expert as stored (rounded to the output dtype), so

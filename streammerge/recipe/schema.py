@@ -195,7 +195,7 @@ class Recipe(Strict):
             for name in list(settings):
                 self._check_setting(method, path + (name,), settings, name, per_model, warn)
 
-        for group in self._groups():
+        for group in self.groups():
             self._check_group(method, group, warn)
         self._warnings = warnings
         return self
@@ -246,7 +246,7 @@ class Recipe(Strict):
                 raise LocatedError(path + sub, str(e)) from None
         settings[name] = map_setting(setting, lambda v: validate_value(param, v))
 
-    def _groups(self):
+    def groups(self):
         """Every merge group: (module or None, slice index or None)."""
         if self.modules:
             for mname, mod in self.modules.items():
@@ -402,7 +402,7 @@ class Recipe(Strict):
     def model_specs(self) -> list[str]:
         """The distinct models whose tensors the merge reads, base first: what to open."""
         out: list[str] = []
-        for module, slice_index in self._groups():
+        for module, slice_index in self.groups():
             for m in [self.base_for(slice_index, module)] + self.input_models(slice_index, module):
                 if m is not None and m not in out:
                     out.append(m)

@@ -110,7 +110,7 @@ def _check(store_path: Path, analysis, method, storage) -> None:
         bad("analysis.json", '"layers" must be a list of objects')
     if not isinstance(analysis.get("tasks", []), list):
         bad("analysis.json", '"tasks" must be a list')
-    for key in ("kinds", "norm_share", "attention_vs_mlp", "norms", "outside_layers"):
+    for key in ("kinds", "norm_share", "attention_vs_mlp", "norms", "outside_layers", "stacks"):
         if analysis.get(key) is not None and not isinstance(analysis[key], dict):
             bad("analysis.json", f'"{key}" must be an object')
     if method is not None:
@@ -147,11 +147,41 @@ def summarize(rep: dict) -> dict:
     if rep["method"] is not None and rep.get("built_with") not in (None, "?", name):
         warnings.append(f"method.json says {name!r} but the store was built with {rep['built_with']!r}")
 
-    layers = analysis.get("layers") or []
-    idx = [lay.get("layer", i) for i, lay in enumerate(layers)]
-    ds = [_num(lay.get("d")) for lay in layers]
     # the score Mediator ranked layers by: d (default) or the pairwise conflict (conflict: pairwise)
     score_key = method.get("score") if method.get("score") in ("d", "pairwise") else "d"
+    routing = name == "mediator" and rep["method"] is not None
+    layers = analysis.get("layers") or []
+    decoder = _stack_rows(layers, method, score_key, routing, warnings, "")
+    # the other stacks (a vision tower): their own layers, ranks and routing (plan/routed.py)
+    stack_decisions = method.get("stacks") if isinstance(method.get("stacks"), dict) else {}
+    stacks = {}
+    for stack, doc in (analysis.get("stacks") or {}).items():
+        if isinstance(doc, dict) and isinstance(doc.get("layers"), list):
+            decision = stack_decisions.get(stack) if isinstance(stack_decisions.get(stack), dict) else {}
+            stacks[stack] = {
+                "num_layers": doc.get("num_layers", len(doc["layers"])),
+                **_stack_rows(doc["layers"], {**method, **{k: decision.get(k) for k in ("routed_layers", "selection", "scores")}},
+                              score_key, routing, warnings, f"{stack} "),
+            }
+
+    return {
+        "method": name,
+        "tasks": tasks,
+        "variant": analysis.get("variant"),
+        "score": score_key,
+        "num_layers": analysis.get("num_layers", len(layers)),
+        **decoder,
+        "stacks": stacks,
+        "dominant_kind": _dominant(analysis, method, tasks),
+        "warnings": warnings,
+    }
+
+
+def _stack_rows(layers: list, method: dict, score_key: str, routing: bool, warnings: list, stack: str) -> dict:
+    """The rows of one stack's layers (layer, d, score, rank, routed, why) and its routing facts;
+    `method` holds that stack's routed_layers, selection and scores; warnings name the stack."""
+    idx = [lay.get("layer", i) for i, lay in enumerate(layers)]
+    ds = [_num(lay.get("d")) for lay in layers]
     scores = [_num(lay.get(score_key)) for lay in layers]
     given = method.get("scores")
     if isinstance(given, list) and len(given) == len(layers):
@@ -160,13 +190,13 @@ def summarize(rep: dict) -> dict:
     threshold = None
     selection = method.get("selection") if isinstance(method.get("selection"), dict) else {}
     mode = selection.get("mode")
-    if name == "mediator" and rep["method"] is not None:
+    if routing:
         routed = sorted({r for r in method.get("routed_layers") or [] if isinstance(r, int)})
         if mode == "threshold":
             threshold = _num(selection.get("threshold"))
         missing = [r for r in routed if r not in idx]
         if missing:
-            warnings.append(f"routed layer(s) {missing} are not in analysis.json")
+            warnings.append(f"routed {stack}layer(s) {missing} are not in analysis.json")
 
     # rank 1 = highest d (ties: lower layer first), the order in which top-K routes
     order = sorted((i for i in range(len(layers)) if scores[i] is not None), key=lambda i: (-scores[i], idx[i]))
@@ -184,20 +214,12 @@ def summarize(rep: dict) -> dict:
             if routed is not None else None,
         })
     if routed is not None:
-        warnings += _routing_warnings(rows, mode, selection, threshold, SCORE_NAMES[score_key])
-
+        warnings += [stack + w for w in _routing_warnings(rows, mode, selection, threshold, SCORE_NAMES[score_key])]
     return {
-        "method": name,
-        "tasks": tasks,
-        "variant": analysis.get("variant"),
-        "score": score_key,
-        "num_layers": analysis.get("num_layers", len(layers)),
         "routed_layers": routed,
         "selection_mode": mode if routed is not None else None,
         "threshold": threshold,
         "layers": rows,
-        "dominant_kind": _dominant(analysis, method, tasks),
-        "warnings": warnings,
     }
 
 

@@ -196,18 +196,27 @@ def _figures(written: list[str], num_layers: int, layer_routing: bool = True) ->
 
 
 def _layers(rep: dict) -> str:
+    """The text decoder's layer table, then one per other stack (a vision tower numbers its own layers)."""
     a, s = rep["analysis"], rep["summary"]
-    layers = a.get("layers") or []
+    out = "<h3>text_decoder</h3>" if s.get("stacks") else ""
+    out += _layer_table(a.get("layers") or [], s, s)
+    for stack, rows in s.get("stacks", {}).items():
+        out += f"<h3>{esc(stack)}: its own {len(rows['layers'])} layers, ranked and routed apart</h3>"
+        out += _layer_table(a["stacks"][stack]["layers"], rows, s)
+    return out
+
+
+def _layer_table(layers: list, rows_doc: dict, s: dict) -> str:
     if not layers:
         return '<p class="muted">analysis.json lists no layers.</p>'
     kinds = kind_order(k for lay in layers for k in (lay.get("by_kind") or {}))
-    routing = s["routed_layers"] is not None
+    routing = rows_doc["routed_layers"] is not None
     rank = "rank by pairwise" if s["score"] == "pairwise" else "rank"
     head = ["layer", "d<sub>l</sub>", rank, "pairwise", "entries"] + [f"d {_kind_label(k)}" for k in kinds]
     if routing:
         head += ["routed", "why"]
     rows = []
-    for lay, row in zip(layers, s["layers"]):
+    for lay, row in zip(layers, rows_doc["layers"]):
         bk = lay.get("by_kind") or {}
         cells = [_td(esc(row["layer"])), _td(f3(lay.get("d"))), _td(esc(row["rank"] or "–")), _td(f3(lay.get("pairwise"))),
                  _td(count(lay.get("n")))]

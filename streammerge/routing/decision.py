@@ -96,6 +96,8 @@ def _routed_where(method: dict) -> str:
     """Where Mediator's experts apply: its routed layers, and the tensors outside them if routed
     (stores built before route_outside have no such key: not routed)."""
     where = f"{len(method['routed_layers'])} routed layer(s)"
+    for stack, routed in (method.get("stacks") or {}).items():  # a vision tower's own layers
+        where += f" + {len(routed.get('routed_layers') or [])} {stack} layer(s)"
     return where + (" + embeddings/lm_head/norm" if method.get("route_outside") else "")
 
 
