@@ -1,11 +1,12 @@
 """The quality benchmark's CPU smoke configuration end to end (tools/quality, README "Merge
 quality"): train a tiny tokenizer + base + four experts for seconds, build one merge of each
 family with streammerge (and mergekit), evaluate them all with greedy exact match, write the
-table and the plot."""
+table and the plot; for two seeds, each in OUT/seed-N, and their means with min-max in OUT."""
 
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -21,18 +22,23 @@ pytest.importorskip("tokenizers")
 from quality import adapters as LR
 from quality import run as Q
 from quality import tasks as T
-from quality.config import SMOKE
+from quality.config import LARGE, SMOKE
+
+SEEDS = (0, 1)
 
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("quality")
-    assert Q.main(["--smoke", "--out", str(tmp / "out"), "--cache", str(tmp / "cache"), "--train-device", "cpu"]) == 0
+    args = ["--smoke", "--seeds", ",".join(map(str, SEEDS)), "--out", str(tmp / "out"), "--cache", str(tmp / "cache"),
+            "--pack", str(tmp / "pack"), "--train-device", "cpu"]
+    assert Q.main(args) == 0
     return tmp
 
 
-def test_outputs_written(smoke):
-    out = smoke / "out"
+@pytest.mark.parametrize("where", ["seed-0", "seed-1", "."])
+def test_outputs_written(smoke, where):
+    out = smoke / "out" / where
     assert (out / "accuracy_vs_storage.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     res = json.loads((out / "results.json").read_text())
     names = {r["name"] for r in res["rows"]}
@@ -69,7 +75,7 @@ def test_background_prompts_are_of_no_task():
 
 
 def test_experts_beat_the_base_on_their_own_task(smoke):
-    res = json.loads((smoke / "out" / "results.json").read_text())
+    res = json.loads((smoke / "out" / "seed-0" / "results.json").read_text())
     rows = {r["name"]: r for r in res["rows"]}
     for t in T.TASKS:
         assert rows[f"expert-{t}"]["acc"][t] > rows["base"]["acc"][t], t
@@ -81,7 +87,7 @@ def test_experts_beat_the_base_on_their_own_task(smoke):
 
 
 def test_storage_accounting(smoke):
-    res = json.loads((smoke / "out" / "results.json").read_text())
+    res = json.loads((smoke / "out" / "seed-0" / "results.json").read_text())
     full = res["full_routing_bytes"]
     assert full == len(T.TASKS) * res["model_bytes"]
     for r in res["rows"]:
@@ -114,7 +120,7 @@ def test_only_run_merges_into_previous_results(smoke, tmp_path):
     import shutil
 
     out = tmp_path / "out"
-    shutil.copytree(smoke / "out", out)
+    shutil.copytree(smoke / "out" / "seed-0", out)
     before = json.loads((out / "results.json").read_text())
     args = ["--smoke", "--out", str(out), "--cache", str(smoke / "cache"), "--train-device", "cpu", "--only", "linear"]
     assert Q.main(args) == 0
@@ -166,7 +172,7 @@ def test_lora_rows_are_the_store_export_served_by_peft(smoke):
     from streammerge.export.variants import export_variant
     from streammerge.store.store import Store
 
-    res = json.loads((smoke / "out" / "results.json").read_text())
+    res = json.loads((smoke / "out" / "seed-0" / "results.json").read_text())
     rows = {r["name"]: r for r in res["rows"]}
     source, = LR.SOURCES["smoke"]
     merges = cache_dir(SMOKE, smoke / "cache") / "merges"
@@ -197,3 +203,92 @@ def test_lora_rows_are_the_store_export_served_by_peft(smoke):
         # the task export is rounded to bf16, the shipped model + float32 adapter is not: 3e-4 of
         # the largest logit here, where another task's adapter is off by half of it
         assert float((got - want).abs().max()) < 2e-3 * float(want.abs().max()), t
+
+
+def _mean_min_max(values):
+    return statistics.fmean(values), min(values), max(values)
+
+
+def test_seeds_table_gives_mean_and_range_of_the_per_seed_values(smoke):
+    """OUT/results.json and results.md against each seed's own results, recomputed here: a row's
+    average is the mean of its per-task accuracies, its share of full routing is over the same
+    seed's oracle full routing."""
+    out = smoke / "out"
+    res = json.loads((out / "results.json").read_text())
+    per = {s: {r["name"]: r for r in json.loads((out / f"seed-{s}" / "results.json").read_text())["rows"]} for s in SEEDS}
+    assert res["seeds"] == list(SEEDS) and res["config_detail"]["training"]["seed"] == list(SEEDS)
+    assert [r["name"] for r in res["rows"]] == Q.row_order(SMOKE) == list(per[0]) == list(per[1])  # every row, every seed
+    md = (out / "results.md").read_text()
+    assert "Mean over seeds 0, 1" in md
+    moved = 0
+    for r in res["rows"]:
+        avgs = [statistics.fmean(per[s][r["name"]]["acc"].values()) for s in SEEDS]
+        refs = [statistics.fmean(per[s]["full-routing-oracle"]["acc"].values()) for s in SEEDS]
+        avg, share, ood = (_mean_min_max(v) for v in (avgs, [a / f for a, f in zip(avgs, refs)],
+                                                      [per[s][r["name"]]["ood_all"] for s in SEEDS]))
+        assert r["avg"] == pytest.approx(avg[0]) and r["range"]["avg"] == pytest.approx(list(avg[1:]))
+        assert r["share"] == pytest.approx(share[0]) and r["range"]["share"] == pytest.approx(list(share[1:]))
+        assert r["ood_all"] == pytest.approx(ood[0]) and r["range"]["ood_all"] == pytest.approx(list(ood[1:]))
+        for t in T.TASKS:
+            assert r["acc"][t] == pytest.approx(statistics.fmean(per[s][r["name"]]["acc"][t] for s in SEEDS))
+        spread = lambda m: f"({100 * m[1]:.1f}-{100 * m[2]:.1f})"
+        cells = f"| **{100 * avg[0]:.1f}** {spread(avg)} | {100 * share[0]:.1f} {spread(share)} | {100 * ood[0]:.1f} {spread(ood)} |"
+        assert f"| {r['name']} |" in md and cells in md, r["name"]
+        moved += avg[1] != avg[2]
+    assert moved  # the seeds trained different models: the ranges are not all empty
+    assert res["reference_avg"] == pytest.approx(statistics.fmean(refs))
+
+
+def test_seeds_are_cached_and_packed_apart_and_import_back(smoke, tmp_path):
+    from quality.train import cache_dir, is_trained
+
+    hashes = {s: SMOKE.with_seed(s).training_hash() for s in SEEDS}
+    assert len(set(hashes.values())) == len(SEEDS) and hashes[0] == SMOKE.training_hash()
+    for s in SEEDS:
+        root = cache_dir(SMOKE.with_seed(s), smoke / "cache")
+        assert is_trained(root, SMOKE.with_seed(s))
+        assert json.loads((smoke / "pack" / f"seed-{s}" / "train.json").read_text())["hash"] == hashes[s]
+    # --import with --seeds unpacks each seed's tars into its own cache: nothing is retrained
+    cache = tmp_path / "cache"
+    args = ["--smoke", "--seeds", "0,1", "--cache", str(cache), "--import", str(smoke / "pack"), "--train-only", "--train-device", "cpu"]
+    assert Q.main(args) == 0
+    for s in SEEDS:
+        got, want = cache_dir(SMOKE.with_seed(s), cache), cache_dir(SMOKE.with_seed(s), smoke / "cache")
+        assert (got / "train.json").read_text() == (want / "train.json").read_text()
+        assert (got / "math" / "model.safetensors").read_bytes() == (want / "math" / "model.safetensors").read_bytes()
+    # a seed's checkpoints imported as another seed's are refused, not silently retrained
+    with pytest.raises(SystemExit, match="error: --import .*seed-1: not the checkpoints of configuration smoke, seed 0"):
+        Q.main(["--smoke", "--cache", str(tmp_path / "other"), "--import", str(smoke / "pack" / "seed-1"), "--train-only"])
+
+
+def test_seeds_argument_is_checked():
+    for bad in ("0,x", "1,1", "-1"):
+        with pytest.raises(SystemExit):
+            Q.main(["--smoke", "--seeds", bad, "--out", "/nonexistent"])
+
+
+def test_large_configuration_shape():
+    """--config large: ~50-100M parameters (counted on the meta device against the Llama
+    formula), longer contexts than full, and a valid GQA shape."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from quality.config import FULL
+    from quality.train import llama_config
+
+    s = LARGE.shape
+    with torch.device("meta"):
+        n = sum(p.numel() for p in LlamaForCausalLM(llama_config(LARGE)).parameters())
+    head = s.hidden // s.heads
+    layer = 2 * s.hidden * s.hidden + 2 * s.hidden * head * s.kv_heads + 3 * s.hidden * s.intermediate + 2 * s.hidden
+    assert n == 2 * s.vocab * s.hidden + s.layers * layer + s.hidden
+    assert 50e6 <= n <= 100e6
+    assert s.max_positions > FULL.shape.max_positions and LARGE.training.block > FULL.training.block
+    assert LARGE.training.block <= s.max_positions and s.hidden % s.heads == 0 and s.heads % s.kv_heads == 0
+    assert "large" in Q.CONFIGS and LARGE.training_hash() != FULL.training_hash()
+
+
+def test_one_learning_rate_everywhere():
+    """Issue #21: no per-machine learning-rate selection in the reported configurations."""
+    for cfg in Q.CONFIGS.values():
+        assert cfg.training.ft_lrs == () and cfg.training.ft_warmup < cfg.training.ft_steps

@@ -3,6 +3,7 @@
 
     python tools/quality/run.py --out results/quality                 # full configuration
     python tools/quality/run.py --out /tmp/q --config smoke           # CPU smoke test (~1 min)
+    python tools/quality/run.py --out results/quality --seeds 0,1,2   # three seeds, their means and ranges
 
 Steps (each cached under --cache, default bench-out/quality/<config>-<hash>/):
   1. train: tokenizer, base model (pretraining on the mixed corpus), one expert per task
@@ -22,6 +23,9 @@ Steps (each cached under --cache, default bench-out/quality/<config>-<hash>/):
   4. write OUT/results.json, OUT/results.md (table + targets) and OUT/accuracy_vs_storage.png.
      With --only NAMES, the rows evaluated replace theirs in an existing OUT/results.json (the
      other rows are kept; the run is listed as a rerun); --fresh writes them alone.
+  --seeds 0,1,2: steps 1-4 once per seed (Config.with_seed: its own cache, OUT/seed-N/,
+     --pack DIR/seed-N/, --import DIR/seed-N/), then OUT/results.{json,md} and the plot give every
+     row's mean over the seeds with its min-max (table.aggregate).
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from quality import merges as M
 from quality import table as TB
 from quality import tasks as T
 from quality.config import CONFIGS
-from quality.train import cache_dir, describe_device, log, pack, train_all, unpack
+from quality.train import cache_dir, describe_device, is_trained, log, pack, train_all, unpack
 
 ETAS = (0.01, 0.1, 0.3, 0.5, 0.7, 1.0)  # Mediator's entropy threshold; 1 = always top-1
 # Routers fitted for Mediator's uncertainty routing (streammerge.routing.router.fit_router
@@ -304,6 +308,16 @@ def merge_previous(new: dict, old: dict, cfg, command: str) -> dict:
     return out
 
 
+def pending_markdown(results: dict) -> list[str]:
+    """The notes' "to run": merges configured for this configuration that the table lacks."""
+    done = {r["name"] for r in results["rows"]}
+    todo = [m for m in M.merges(results["config"] != "smoke") if m.name not in done]
+    if not todo:
+        return []
+    return ["Notes: to run (configured in tools/quality/merges.py, not in this table yet):", "",
+            *[f"- {m.name}: {m.family}, {m.label}" for m in todo], ""]
+
+
 def _n_params(path: Path) -> int:
     return model_bytes(path) // 2
 
@@ -325,6 +339,10 @@ def write_outputs(results: dict, train_info: dict, out: Path, command: str) -> N
             + ", ".join(r["rows"]) + ("." if r.get("sweep", True) else " (without the eta sweep: their sweep below is the earlier run's).")
             for r in results.get("reruns", [])],
           *([""] if results.get("reruns") else []),
+          *([f"Mean over seeds {', '.join(map(str, results['seeds']))} (each seed's tables: seed-N/results.md); in brackets, "
+             "the lowest and the highest seed. % of full routing is each seed's row against the same seed's full routing, "
+             "averaged; the targets are judged on the means. Training times and generations are the seeds' sums.", ""]
+            if results.get("seeds") else []),
           TB.markdown_table(results), "", "Targets:", "", TB.targets_markdown(results["targets"]), "",
           ("Mediator on the out-of-distribution prompts: accuracy (share of OOD prompts routed to a probability-weighted "
            "mix of experts) by router and entropy threshold eta (1 = always top-1):"), "",
@@ -333,7 +351,8 @@ def write_outputs(results: dict, train_info: dict, out: Path, command: str) -> N
           TB.norm_share_markdown(results), "",
           "What-if (simulated, not streammerge methods; oracle task; tools/quality/whatif.py):", "",
           TB.whatif_markdown(results), "",
-          "Plot: accuracy_vs_storage.png", ""]
+          "Plot: accuracy_vs_storage.png", "",
+          *pending_markdown(results)]
     (out / "results.md").write_text("\n".join(md))
 
 
@@ -354,6 +373,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-sweep", action="store_true", help="skip Mediator's router x eta sweep (quick exploration)")
     ap.add_argument("--via-server", action="store_true", help="also score each routing store's rows (router, oracle, "
                     "static) through `streammerge serve` with the openai client, and count the answers that differ")
+    ap.add_argument("--seeds", type=seed_list, help="comma-separated training seeds (e.g. 0,1,2): train and score each into "
+                    "OUT/seed-N, and write their means with min-max to OUT (default: the configuration's one seed, into OUT)")
     ap.add_argument("--fresh", action="store_true", help="with --only: write only this run's rows instead of merging them "
                     "into OUT/results.json")
     a = ap.parse_args(argv)
@@ -368,31 +389,63 @@ def main(argv=None) -> int:
     import torch
 
     train_device = a.train_device or ("cuda" if torch.cuda.is_available() else "cpu")
+    command = "python tools/quality/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if a.seeds is None:
+        results = run_one(a, cfg, a.out, a.pack, a.import_dir, train_device, command)
+    else:  # each seed in OUT/seed-N (and PACK/seed-N, IMPORT/seed-N), their means in OUT
+        per_seed = {}
+        for seed in a.seeds:
+            sub = f"seed-{seed}"
+            per_seed[seed] = run_one(a, cfg.with_seed(seed), a.out / sub, a.pack and a.pack / sub,
+                                     a.import_dir and a.import_dir / sub, train_device, command)
+        if a.train_only:
+            return 0
+        results = TB.aggregate(per_seed)
+        write_outputs(results, None, a.out, results["command"])
+    if results is not None:
+        print(TB.markdown_table(results))
+        print(TB.targets_markdown(results["targets"]))
+    return 0
+
+
+def seed_list(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of integers: {text!r}") from None
+    if len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise argparse.ArgumentTypeError(f"seeds must be distinct and >= 0: {text!r}")
+    return seeds
+
+
+def run_one(a, cfg, out: Path, pack_dir: Path | None, import_dir: Path | None, train_device: str, command: str) -> dict | None:
+    """One configuration (one seed) end to end into `out`: import or train (or find the cache),
+    pack, evaluate, write; returns the results (None with --train-only)."""
     root = cache_dir(cfg, a.cache)
-    if a.import_dir:
-        unpack(a.import_dir, root)
+    if import_dir:
+        unpack(import_dir, root)
+        if not is_trained(root, cfg):
+            raise SystemExit(f"error: --import {import_dir}: not the checkpoints of configuration {cfg.name}, "
+                             f"seed {cfg.training.seed} (hash {cfg.training_hash()})")
     info = train_all(cfg, root, train_device, force=a.retrain)
     log(f"checkpoints: {root} (trained on {info.get('device')} in {info.get('seconds')} s)")
-    if a.pack:
-        pack(root, a.pack)
+    if pack_dir:
+        pack(root, pack_dir)
     if a.train_only:
         scores = quick_scores(cfg, root, train_device)
-        if a.pack:
-            (a.pack / "scores.json").write_text(json.dumps(scores, indent=1))
-        return 0
-    results = evaluate_all(cfg, root, a.out, a.device, set(a.only.split(",")) if a.only else None, sweep=not a.no_sweep,
+        if pack_dir:
+            (pack_dir / "scores.json").write_text(json.dumps(scores, indent=1))
+        return None
+    results = evaluate_all(cfg, root, out, a.device, set(a.only.split(",")) if a.only else None, sweep=not a.no_sweep,
                            via_server=a.via_server)
-    command = "python tools/quality/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    previous = a.out / "results.json"
+    previous = out / "results.json"
     if a.only and not a.fresh and previous.is_file():
         old = json.loads(previous.read_text())
         if old.get("config") == cfg.name:
             results = merge_previous(results, old, cfg, command)
             command = results["command"]
-    write_outputs(results, info, a.out, command)
-    print(TB.markdown_table(results))
-    print(TB.targets_markdown(results["targets"]))
-    return 0
+    write_outputs(results, info, out, command)
+    return results
 
 
 if __name__ == "__main__":

@@ -17,6 +17,67 @@ def rows_for_table(results: dict) -> list[dict]:
     return [r for r in results["rows"] if r.get("in_table", True)]
 
 
+def share_of_full(r: dict, ref: float) -> float:
+    """A row's average over full routing's: over several seeds, the mean of the per-seed shares
+    (each seed's row against the same seed's full routing)."""
+    if "share" in r:
+        return r["share"]
+    return r["avg"] / ref if ref else 0.0
+
+
+# ---- several seeds ------------------------------------------------------------------------
+
+
+def _mean_tree(values: list):
+    """The mean of numbers at the same place in equally shaped JSON values (dicts: their common
+    keys; lists of one length: element-wise); anything else is the first value's."""
+    first = values[0]
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        return sum(values) / len(values)
+    if all(isinstance(v, dict) for v in values):
+        return {k: _mean_tree([v[k] for v in values]) for k in first if all(k in v for v in values)}
+    if all(isinstance(v, list) and len(v) == len(first) for v in values):
+        return [_mean_tree(list(z)) for z in zip(*values)]
+    return first
+
+
+def aggregate(per_seed: dict) -> dict:
+    """One results dict from the per-seed ones ({seed: results}): every number is the mean over
+    the seeds (rows present in every seed, in the first seed's order), and each row carries
+    its per-seed `seeds` values and `range` ([min, max]) of avg, share of full routing and OOD.
+    Targets are judged on the means."""
+    runs = list(per_seed.values())
+    out = _mean_tree(runs)
+    by_name = [{r["name"]: r for r in run["rows"]} for run in runs]
+    rows = []
+    for name in (r["name"] for r in runs[0]["rows"]):
+        if not all(name in b for b in by_name):
+            continue
+        rs = [b[name] for b in by_name]
+        values = {"avg": [r["avg"] for r in rs], "share": [r["avg"] / run["reference_avg"] for r, run in zip(rs, runs)],
+                  "ood_all": [r.get("ood_all") for r in rs]}
+        row = _mean_tree(rs)
+        row["share"] = sum(values["share"]) / len(rs)
+        row["seeds"] = {k: v for k, v in values.items() if None not in v}
+        row["range"] = {k: [min(v), max(v)] for k, v in row["seeds"].items()}
+        rows.append(row)
+    detail = runs[0]["config_detail"]
+    out.update(rows=rows, seeds=list(per_seed), config_detail={**detail, "training": {**detail["training"], "seed": list(per_seed)}},
+               seconds=round(sum(r["seconds"] for r in runs), 1), generated_prompts=sum(r["generated_prompts"] for r in runs))
+    if all("train" in r for r in runs):  # what the per-seed outputs recorded of their training
+        trains = [r["train"] for r in runs]
+        out["train"] = {"hash": [t["hash"] for t in trains], "device": "; ".join(dict.fromkeys(t["device"] for t in trains)),
+                        "seconds": round(sum(t["seconds"] for t in trains), 1)}
+    out["targets"] = targets(out)
+    return out
+
+
+def _range(r: dict, key: str) -> str:
+    """Over several seeds, ` (min-max)` of a row's `key` in %; else nothing."""
+    lo_hi = r.get("range", {}).get(key)
+    return f" ({100 * lo_hi[0]:.1f}-{100 * lo_hi[1]:.1f})" if lo_hi else ""
+
+
 def markdown_table(results: dict) -> str:
     ref = results["reference_avg"]
     full_bytes = results["full_routing_bytes"]
@@ -25,7 +86,8 @@ def markdown_table(results: dict) -> str:
     for r in rows_for_table(results):
         cells = [r["name"], r["family"], r["label"]]
         cells += [_pct(r["acc"][t]) for t in T.TASKS]
-        cells += [f"**{_pct(r['avg'])}**", f"{100 * r['avg'] / ref:.1f}" if ref else "", _pct(r.get("ood_all"))]
+        cells += [f"**{_pct(r['avg'])}**" + _range(r, "avg"), (_pct(share_of_full(r, ref)) + _range(r, "share")) if ref else "",
+                  _pct(r.get("ood_all")) + _range(r, "ood_all")]
         cells += [f"{r['storage_bytes'] / 2**20:.1f}", f"{100 * r['storage_bytes'] / full_bytes:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -42,7 +104,7 @@ def targets(results: dict) -> dict:
     out = {"reference_avg": ref, "best_static": best_static and {"name": best_static["name"], "avg": best_static["avg"]}}
 
     def share(r):
-        return r["avg"] / ref if ref else 0.0
+        return share_of_full(r, ref)
 
     bits = [r for r in results["rows"] if r["family"] == "1bit"]
     if bits:
@@ -190,11 +252,13 @@ def plot(results: dict, path: Path) -> None:
             best[r["family"]] = r
     fig, ax = plt.subplots(figsize=(10, 6.5), dpi=110)
     seen = set()
-    points = [(r["family"], r["name"], r["storage_bytes"], r["avg"]) for r in rows]
-    points += [("what-if", w["name"], w["storage_bytes"], w["avg"]) for w in results.get("whatif") or []]
-    for family, name, nbytes, avg in points:
+    points = [(r["family"], r["name"], r["storage_bytes"], r["avg"], r.get("range", {}).get("avg")) for r in rows]
+    points += [("what-if", w["name"], w["storage_bytes"], w["avg"], None) for w in results.get("whatif") or []]
+    for family, name, nbytes, avg, lo_hi in points:
         color, marker = FAMILY_STYLE.get(family, ("gray", "o"))
         x, y = 100 * nbytes / full_bytes + X_OFFSET.get(family, 0.0), 100 * avg
+        if lo_hi:  # several seeds: the mean, with a bar from the lowest seed to the highest
+            ax.errorbar([x], [y], yerr=[[y - 100 * lo_hi[0]], [100 * lo_hi[1] - y]], fmt="none", ecolor=color, elinewidth=1, capsize=3, zorder=2)
         hollow = family in ("mergekit", "what-if")
         style = {"c": color} if marker == "x" else {"facecolors": "none" if hollow else color, "edgecolors": color}
         ax.scatter([x], [y], marker=marker, s=70 if family != "full routing" else 140, zorder=3, linewidths=1.5,
@@ -208,7 +272,9 @@ def plot(results: dict, path: Path) -> None:
     ax.axvline(50, color="gray", lw=0.8, ls="-.", label="50% of full routing storage")
     ax.set_xlabel("storage, % of full routing (N fine-tuned models); static merges spread by +-1.6 for legibility")
     ax.set_ylabel(f"average exact match over {len(T.TASKS)} held-out tasks (%)")
-    ax.set_title(f"Merge quality vs storage ({results['config']} configuration, {results['n_params'] / 1e6:.1f}M-parameter Llama, 4 experts)")
+    seeds = results.get("seeds")
+    ax.set_title(f"Merge quality vs storage ({results['config']} configuration, {results['n_params'] / 1e6:.1f}M-parameter Llama, 4 experts"
+                 + (f")\nmean of seeds {', '.join(map(str, seeds))}; bars: the lowest to the highest seed" if seeds else ")"))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()

@@ -232,15 +232,17 @@ def _ft_job(cfg: Config, task: str, root: str, device: str, lr: float, out: str)
 
 def finetune_all(cfg: Config, root: Path, device: str, fh=None) -> dict:
     """Every expert at ft_lr, or at every candidate of ft_lrs then the selection (see config).
-    On CUDA the fine-tunes run in parallel worker processes (each is launch-bound)."""
+    On CUDA the fine-tunes run in parallel worker processes (each is launch-bound), which also
+    score each expert on every test set; on CPU, one lr: one after the other, in process."""
     tr = cfg.training
-    if not tr.ft_lrs:
+    lrs = tr.ft_lrs or (tr.ft_lr,)
+    if len(lrs) == 1 and not device.startswith("cuda"):
         return {"experts": {t: finetune(cfg, t, root, device, fh) for t in T.TASKS}}
     import concurrent.futures as cf
     import multiprocessing as mp
 
-    jobs = [(t, lr) for lr in tr.ft_lrs for t in T.TASKS]
-    outs = {(t, lr): root / f"ft-lr{lr:g}" / t for t, lr in jobs}
+    jobs = [(t, lr) for lr in lrs for t in T.TASKS]
+    outs = {(t, lr): root / t if len(lrs) == 1 else root / f"ft-lr{lr:g}" / t for t, lr in jobs}
     workers = len(jobs) if device.startswith("cuda") else 1
     results = {}
     with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
@@ -249,9 +251,11 @@ def finetune_all(cfg: Config, root: Path, device: str, fh=None) -> dict:
             t, lr = futs[f]
             results[t, lr] = f.result()
             log(f"fine-tune {t} (lr {lr:g}): {results[t, lr]['seconds']} s, own-task accuracy {100 * results[t, lr]['acc'][t]:.1f}", fh)
-    own = {lr: sum(results[t, lr]["acc"][t] for t in T.TASKS) / len(T.TASKS) for lr in tr.ft_lrs}
+    if len(lrs) == 1:
+        return {"experts": {t: results[t, lrs[0]] for t in T.TASKS}}
+    own = {lr: sum(results[t, lr]["acc"][t] for t in T.TASKS) / len(T.TASKS) for lr in lrs}
     best = max(own.values())
-    chosen = min(lr for lr in tr.ft_lrs if own[lr] >= 0.9 * best)
+    chosen = min(lr for lr in lrs if own[lr] >= 0.9 * best)
     log("fine-tune learning rates, mean own-task accuracy: " + ", ".join(f"{lr:g}: {100 * a:.1f}" for lr, a in own.items())
         + f" -> {chosen:g}", fh)
     for t in T.TASKS:
