@@ -14,7 +14,6 @@ rows through `read_rows` here, the one place FP8 is decoded.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar
@@ -25,7 +24,7 @@ from ..dtypes import FP8_TYPES, fp8_to_float32, is_float_st
 from ..errors import CheckpointError
 from ..workspace import thread_buffer
 from .blocks import block_shape, nonfinite_error, read_raw, read_rows as read_float_rows, row_elems
-from .safetensors_header import _q
+from .safetensors_header import TensorSize, _q
 
 SCALE_SUFFIX = "_scale_inv"
 DEFAULT_BLOCK = (128, 128)
@@ -33,7 +32,7 @@ READ_AS = "BF16"  # the dtype an FP8 weight is merged and written as by default
 
 
 @dataclass(frozen=True)
-class Fp8Handle:
+class Fp8Handle(TensorSize):
     """An FP8 weight and its block scales, read as float32 rows (see the module docstring).
     Small and picklable like `TensorHandle`; `weight` and `scale` are TensorHandles."""
 
@@ -56,10 +55,6 @@ class Fp8Handle:
     @property
     def paths(self) -> tuple[str, ...]:
         return (self.weight.path, self.scale.path)
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:

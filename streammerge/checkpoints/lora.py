@@ -39,7 +39,7 @@ from ..errors import CheckpointError
 from ..limits import DOCUMENT
 from .blocks import read_rows, read_rows_at, row_elems
 from .model import ModelCheckpoint, TensorHandle, _open_shard, _read_json_file, open_model, resolve_model_dir
-from .safetensors_header import DTYPE_BITS, _q
+from .safetensors_header import TensorSize, _q
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -68,7 +68,7 @@ _BASE_LAYER = re.compile(r"^(?P<module>.+)\.base_layer\.(?P<param>weight|bias)$"
 
 
 @dataclass(frozen=True)
-class LoraHandle:
+class LoraHandle(TensorSize):
     """A base tensor with a LoRA delta added as its rows are read (see the module docstring).
 
     Small and picklable like `TensorHandle`; the reads go through `blocks.read_rows` /
@@ -102,14 +102,6 @@ class LoraHandle:
     @property
     def paths(self) -> tuple[str, ...]:
         return tuple(h.path for h in (self.base, self.a, self.b) if h is not None)
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * DTYPE_BITS[self.dtype] // 8
 
     def _part(self, h: TensorHandle) -> TensorHandle:
         return h if self.check_finite or not h.check_finite else replace(h, check_finite=False)

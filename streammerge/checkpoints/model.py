@@ -13,7 +13,6 @@ shard of every tensor), `model.safetensors`, any `*.safetensors`. Pickle checkpo
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -21,8 +20,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from streammerge.checkpoints.safetensors_header import (
-    DTYPE_BITS,
     SafetensorsHeader,
+    TensorSize,
     _q,
     duplicates_of,
     loads_strict,
@@ -45,7 +44,7 @@ _REPO_ID = re.compile(
 
 
 @dataclass(frozen=True)
-class TensorHandle:
+class TensorHandle(TensorSize):
     """Where one tensor's bytes are. Small and picklable: dask tasks get these, never data."""
 
     name: str
@@ -59,14 +58,6 @@ class TensorHandle:
     # Its rows are stored bytes: read_raw may read them (a LoraHandle's are computed; zarr-style,
     # the capability is declared so the engine's raw fast paths know to read float32 rows instead)
     has_raw: ClassVar[bool] = True
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * DTYPE_BITS[self.dtype] // 8
 
     @property
     def paths(self) -> tuple[str, ...]:

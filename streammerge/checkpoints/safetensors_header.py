@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import stat as stat_mod
 import struct
@@ -437,3 +438,16 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
     except OSError as e:
         raise _fail(path, f"cannot read: {e.strerror or e}") from None
     return parse_header(prefix + body, file_size, path)
+
+
+class TensorSize:
+    """`numel` and `nbytes` from a handle's `shape` and `dtype`: shared by every kind of tensor
+    handle (stored, LoRA-applied, vocabulary-aligned, FP8)."""
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * DTYPE_BITS[self.dtype] // 8

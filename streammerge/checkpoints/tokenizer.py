@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
 import tempfile
@@ -42,7 +41,7 @@ import numpy as np
 
 from ..workspace import thread_buffer
 from .blocks import block_shape, read_rows, read_rows_at, row_elems
-from .safetensors_header import DTYPE_BITS
+from .safetensors_header import TensorSize
 
 # The tensors whose first axis is the vocabulary (mergekit's `vocabulary_axis: 0` weights).
 VOCAB_TENSOR = re.compile(r"(?:^|\.)(embed_tokens|lm_head|wte|embed_in|embed_out|word_embeddings)\.weight$")
@@ -365,7 +364,7 @@ def _configured(vocab: Vocabulary, specs, token: str, tid: int, cfg, rows_of) ->
 
 
 @dataclass(frozen=True)
-class VocabHandle:
+class VocabHandle(TensorSize):
     """Input `own` of a vocabulary tensor job, its rows re-ordered to the output vocabulary.
 
     Picklable and small like the handles it wraps (`sources`: the same tensor in every input of
@@ -402,14 +401,6 @@ class VocabHandle:
     @property
     def paths(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(p for h in self.sources for p in h.paths))
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * DTYPE_BITS[self.dtype] // 8
 
     def read_rows(self, r0: int, r1: int, out: np.ndarray) -> np.ndarray:
         dest = out.reshape(-1)[: (r1 - r0) * row_elems(self.shape)]

@@ -22,6 +22,7 @@ import numpy as np
 from ..checkpoints.buffers import raw_chunks
 from ..checkpoints.fp8 import without_fp8_quantization
 from ..checkpoints.safetensors_header import read_header
+from ..checkpoints.tokenizer import TOKENIZER_FILES
 from ..dtypes import FloatType, float_type, from_float32, to_float32
 from ..engine.scheduler import run_graph
 from ..errors import StoreError, StreammergeError
@@ -32,19 +33,7 @@ from .card import write_card
 from .safetensors_writer import ShardedWriter, TensorSpec, holds_layout, shard_layout, write_index
 
 # Files a model directory needs besides its weights: copied from the base (or tokenizer_source).
-HF_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-)
+HF_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES, "chat_template.jinja", "chat_template.json")
 
 
 def copy_hf_files(source_dir: Path, dest_dir: Path, config_overrides: dict | None = None) -> list[str]:
