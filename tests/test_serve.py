@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
-import os
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,10 +17,10 @@ import openai
 import pytest
 import torch
 
+import serve_process
 from streammerge.serve.scheduler import FINISHED, RUNNING, QueueFull, Request, Sampling, Scheduler
 from test_routing import TASKS, prompts_for, routers, run, stores  # noqa: F401 (fixtures reused)
 
-ROOT = Path(__file__).resolve().parents[1]
 CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}assistant:{% endif %}")
 
@@ -78,52 +75,19 @@ def test_scheduler_abort_frees_the_slot():
 # ---- the server -------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def serve_command(store: Path, *args) -> tuple[list[str], dict]:
-    """(argv, env) of `python -m streammerge serve STORE ARGS` importing this checkout."""
-    cmd = [sys.executable, "-m", "streammerge", "serve", str(store), "--device", "cpu", *map(str, args)]
-    return cmd, {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    return serve_process.serve_command(store, "--device", "cpu", *args)
 
 
-class Server:
+class Server(serve_process.ServeProcess):
     def __init__(self, store: Path, log: Path, *args):
-        self.port = _free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        cmd, env = serve_command(store, "--port", self.port, *args)
-        self.log = log
-        self.proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + 90
-        while True:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited {self.proc.returncode}:\n{log.read_text()}")
-            try:
-                if httpx.get(self.base + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise AssertionError(f"server did not come up:\n{log.read_text()}")
-            time.sleep(0.2)
+        super().__init__(store, "--device", "cpu", *args, log=log, timeout=90)
 
     def client(self, key: str = "none", **kw) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.base + "/v1", api_key=key, max_retries=0, timeout=60, **kw)
 
     def metrics(self, **headers) -> str:
         return httpx.get(self.base + "/metrics", headers=headers).text
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -310,7 +274,7 @@ def test_serve_command_errors(store, tmp_path):
     """Bad options end in one line and exit 1, before anything listens."""
     for args, msg in [(["--memory-budget", "10KB"], "memory budget 10000 bytes: the model and the encodings alone take"),
                       (["--name", "a:b"], "--name 'a:b': a model name has no ':'")]:
-        cmd, env = serve_command(store, "--port", _free_port(), *args)
+        cmd, env = serve_command(store, "--port", serve_process.free_port(), *args)
         res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
         assert res.returncode == 1 and res.stderr.startswith(f"error: {msg}") and res.stderr.count("\n") == 1, res.stderr
     cmd, env = serve_command(tmp_path / "missing.zarr")

@@ -29,11 +29,8 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import json
-import os
 import random
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,39 +41,13 @@ sys.path.insert(0, str(ROOT / "tools"))
 sys.path.insert(0, str(ROOT))
 
 from bench_routing import TASKS, build_store, prompts_for  # noqa: E402
+from serve_process import ServeProcess  # noqa: E402
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
+class Server(ServeProcess):
     def __init__(self, store: Path, device: str, max_batch: int, log: Path, memory_budget: str | None = None):
-        import httpx
-
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "streammerge", "serve", str(store), "--port", str(self.port), "--device", device,
-             "--max-batch", str(max_batch), "--name", "bench"]
-            + (["--memory-budget", memory_budget] if memory_budget else []),
-            stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + 300
-        while True:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"server exited:\n{log.read_text()}")
-            try:
-                if httpx.get(self.base + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise SystemExit(f"server did not start:\n{log.read_text()}")
-            time.sleep(0.3)
+        super().__init__(store, "--device", device, "--max-batch", max_batch, "--name", "bench",
+                         *(["--memory-budget", memory_budget] if memory_budget else []), log=log, timeout=300)
 
     def resident(self) -> dict:
         import httpx
@@ -88,13 +59,6 @@ class Server:
         with open(f"/proc/{self.proc.pid}/status") as f:
             out["process_rss"] = next(int(x.split()[1]) * 1024 for x in f if x.startswith("VmRSS"))
         return out
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
 
 
 def run_load(base: str | list[str], reqs: list[dict], concurrency: int) -> dict:

@@ -318,7 +318,7 @@ class ServedEval:
         self.memory_budget = memory_budget
         self.concurrency = concurrency
         self.log = log
-        self.proc = None
+        self.server = None
 
     def __enter__(self) -> "ServedEval":
         self.start()
@@ -328,58 +328,27 @@ class ServedEval:
         self.stop()
 
     def start(self, timeout: float = 120) -> None:
-        import os
-        import socket
-        import subprocess
-        import sys
         import tempfile
 
-        import httpx
+        from serve_process import ServeProcess  # tools/, on the path as for every harness module
 
         from streammerge.routing.runtime import load_tokenizer
         from streammerge.store.store import Store
 
         self.chat = bool(getattr(load_tokenizer(Store.open(self.store)), "chat_template", None))
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        self.base = f"http://127.0.0.1:{port}"
-        root = Path(__file__).resolve().parents[2]  # the checkout this harness belongs to
-        cmd = [sys.executable, "-m", "streammerge", "serve", str(self.store), "--host", "127.0.0.1", "--port", str(port),
-               "--device", self.device, "--name", self.NAME, "--max-batch", str(self.concurrency)]
+        args = ["--device", self.device, "--name", self.NAME, "--max-batch", self.concurrency]
         if self.eta is not None:
-            cmd += ["--eta", str(self.eta)]
+            args += ["--eta", self.eta]
         if self.memory_budget is not None:  # the server gives half of what the weights leave to the KV cache
-            cmd += ["--memory-budget", str(2 * self.memory_budget)]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+            args += ["--memory-budget", 2 * self.memory_budget]
         self.log = self.log or Path(tempfile.mkstemp(prefix="quality-serve-", suffix=".log")[1])
-        self.proc = subprocess.Popen(cmd, stdout=open(self.log, "w"), stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"streammerge serve exited {self.proc.returncode}: {self.log.read_text()[-2000:]}")
-            try:
-                if httpx.get(self.base + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"streammerge serve did not come up in {timeout:.0f} s: {self.log.read_text()[-2000:]}")
-            time.sleep(0.2)
+        self.server = ServeProcess(self.store, *args, log=self.log, timeout=timeout)
+        self.base = self.server.base
 
     def stop(self) -> None:
-        import subprocess
-
-        if self.proc is None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.proc = None
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
 
     def _answers(self, model: str, prompts: list[str], budget: int) -> list[tuple[str, dict | None]]:
         """(text, routing) per prompt, greedy, `concurrency` requests at a time."""
