@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 
+from .workspace import thread_buffer
+
 
 @dataclass(frozen=True)
 class FloatType:
@@ -77,8 +79,15 @@ def fp8_to_float32(raw: np.ndarray, st: str, out: np.ndarray) -> np.ndarray:
 
 
 def to_float32(raw: np.ndarray, ftype: FloatType, out: np.ndarray) -> np.ndarray:
-    """Convert raw storage values into the float32 array `out` (same shape), without allocating."""
-    np.copyto(out, raw.view(ftype.logical), casting="unsafe")
+    """Convert raw storage values into the float32 array `out` (same shape), without allocating.
+
+    bf16 is the top half of a float32: widening is a 16-bit shift of the bits (NaN payloads
+    included), 1.6-1.8x as fast as ml_dtypes' cast here (tests/test_dtypes.py compares all 65536
+    patterns)."""
+    if ftype is BF16:
+        np.left_shift(raw.view(np.uint16), 16, out=out.view(np.uint32), dtype=np.uint32)
+    else:
+        np.copyto(out, raw.view(ftype.logical), casting="unsafe")
     return out
 
 
@@ -86,7 +95,37 @@ def from_float32(values: np.ndarray, ftype: FloatType) -> np.ndarray:
     """float32 -> raw storage of `ftype`, rounding to nearest even."""
     if ftype is F32:
         return values
-    return values.astype(ftype.logical).view(ftype.storage)
+    return float32_into(values, ftype, np.empty(np.shape(values), ftype.storage))
+
+
+_ROUND_SLICE = 1 << 16  # elements rounded at a time: the integer temporaries stay in cache
+
+
+def float32_into(values: np.ndarray, ftype: FloatType, dest: np.ndarray) -> np.ndarray:
+    """float32 `values` rounded to nearest even into `dest`, an array of `ftype`'s storage dtype
+    with as many elements (any shapes); returns `dest`.
+
+    bf16 is rounded on the bits, as ml_dtypes does it (same bits, NaN as sign | 0x7fc0) in
+    about 0.7x its time: bf16 = (x + 0x7fff + lowest kept bit) >> 16, which carries into the
+    exponent exactly as rounding does (to inf past the largest bf16)."""
+    if ftype is not BF16:
+        np.copyto(dest.reshape(-1).view(ftype.logical), np.reshape(values, -1), casting="unsafe")
+        return dest
+    x = np.ascontiguousarray(values, dtype=np.float32).reshape(-1).view(np.uint32)
+    out = dest.reshape(-1).view(np.uint16)
+    t = thread_buffer("dtypes.round", _ROUND_SLICE, np.uint32)
+    nan = thread_buffer("dtypes.nan", _ROUND_SLICE, bool)
+    for s in range(0, x.size, _ROUND_SLICE):
+        e = min(x.size, s + _ROUND_SLICE)
+        xs, ts, ns = x[s:e], t[: e - s], nan[: e - s]
+        np.right_shift(xs, 16, out=ts)
+        np.bitwise_and(ts, 1, out=ts)
+        np.add(ts, 0x7FFF, out=ts)
+        np.add(ts, xs, out=ts)
+        np.right_shift(ts, 16, out=out[s:e], casting="unsafe")
+        if np.isnan(xs.view(np.float32), out=ns).any():  # the carry would make NaNs inf or wrap
+            out[s:e][ns] = (xs[ns] >> 16) & 0x8000 | 0x7FC0
+    return dest
 
 
 def round_to(values: np.ndarray, ftype: FloatType) -> np.ndarray:

@@ -80,3 +80,46 @@ def test_row_geometry_matches_the_engine_row_view(shape):
     assert block_shape(shape, 0, num_rows(shape)) == rows.shape
     if len(shape) >= 1 and shape[0] >= 2:
         assert block_shape(shape, 1, 2) == rows[1:2].shape
+
+
+# ---- the engine's conversions (dtypes.to_float32 / float32_into), against ml_dtypes' casts ----
+
+
+def test_bf16_widening_is_ml_dtypes_cast_for_every_pattern():
+    from streammerge.dtypes import BF16, to_float32
+
+    raw = np.arange(1 << 16, dtype=np.uint16)
+    want = raw.view(ml_dtypes.bfloat16).astype(np.float32)
+    got = to_float32(raw, BF16, np.full(raw.shape, 7, np.float32))
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))  # NaN payloads too
+
+
+def bf16_rounding_cases():
+    """Every sign/exponent/top-mantissa pattern (all 65536 high halves) with the low halves that
+    decide rounding: exact, just above, halfway (odd and even kept bit), just below, the largest."""
+    high = np.arange(1 << 16, dtype=np.uint32) << 16
+    low = np.array([0, 1, 0x7FFF, 0x8000, 0x8001, 0xFFFF, 0x1234, 0xC000], np.uint32)
+    return (high[:, None] | low[None, :]).reshape(-1).view(np.float32)
+
+
+@pytest.mark.parametrize("name", ["bfloat16", "float16"])
+def test_float32_into_rounds_as_ml_dtypes(name):
+    from streammerge.dtypes import float32_into, from_float32
+
+    ftype = float_type(name)
+    x = bf16_rounding_cases() if name == "bfloat16" else hard_values()
+    with np.errstate(over="ignore", invalid="ignore"):
+        want = x.astype(LOGICAL[name])
+    want_bits = want.view(ftype.storage)
+    nan = np.isnan(want)
+    dest = np.zeros(x.size, ftype.storage)
+    got = float32_into(x, ftype, dest)
+    assert got is dest
+    assert np.array_equal(got[~nan], want_bits[~nan])
+    assert np.isnan(got.view(LOGICAL[name])[nan]).all()
+    if name == "bfloat16":  # NaN keeps its sign and becomes the quiet NaN, as ml_dtypes makes it
+        assert nan.sum() > 1000 and np.array_equal(got[nan], want_bits[nan])
+    bits = want_bits.view(np.uint16)
+    assert np.array_equal(from_float32(x, ftype).view(np.uint16)[~nan], bits[~nan])
+    shaped = np.zeros((x.size // 2, 2), ftype.storage)  # any shapes with as many elements
+    assert np.array_equal(float32_into(x, ftype, shaped).reshape(-1).view(np.uint16)[~nan], bits[~nan])

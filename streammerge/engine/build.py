@@ -16,7 +16,7 @@ from typing import ClassVar
 import numpy as np
 
 from ..checkpoints.blocks import block_shape, convert, read_raw, read_rows, read_rows_at
-from ..dtypes import float_type
+from ..dtypes import float32_into, float_type
 from ..fsutil import store_writers
 from ..methods import Block, MergeMethod
 from ..methods.base import Output, row_group_elems
@@ -83,8 +83,11 @@ def _stored_buffer(job: TensorJob, k: int, out: Output, r0: int, r1: int) -> np.
 
 
 def _storage_into(out: Output, value: np.ndarray, dest: np.ndarray) -> None:
-    """A method's float32 `value` for `out` written into `dest` as stored (cast, e.g. to bf16 bits)."""
-    np.copyto(dest.view(_stored_types(out)[0]), value.reshape(dest.shape), casting="unsafe")
+    """A method's float32 `value` for `out` written into `dest` as stored (rounded, e.g. to bf16 bits)."""
+    try:
+        float32_into(value, float_type(out.dtype), dest)
+    except KeyError:  # not a float type: stored as returned
+        np.copyto(dest, value.reshape(dest.shape), casting="unsafe")
 
 
 def _commit(store: Store, job: TensorJob, i: int, stored: dict) -> None:
