@@ -38,18 +38,22 @@ def mergekit_merge(name, base, models, **parameters):
 
 def ours(name, base, models, block_rows=None, seed=0, tensor="model.layers.0.mlp.up_proj.weight", **parameters):
     """Our method through the in-memory engine emulation; per-model values may be lists."""
-    method = get_method(name)
-    glob, per_model = {}, [{} for _ in models]
-    for p in method.params:
+    params = tensor_params(name, len(models), seed, **parameters)
+    return merge_tensor(get_method(name), tensor, base, list(models), params, block_rows)
+
+
+def tensor_params(name, nmodels, seed=0, **parameters):
+    """The method's parameters, defaults filled in; per-model values may be lists."""
+    glob, per_model = {}, [{} for _ in range(nmodels)]
+    for p in get_method(name).params:
         value = parameters.get(p.name, p.default)
         if p.scope == "global":
             glob[p.name] = p.validate(value)
         else:
-            for i in range(len(models)):
+            for i in range(nmodels):
                 v = value[i] if isinstance(value, (list, tuple)) else value
                 per_model[i][p.name] = p.validate(v)
-    params = TensorParams(glob, tuple(per_model), seed)
-    return merge_tensor(method, tensor, base, list(models), params, block_rows)
+    return TensorParams(glob, tuple(per_model), seed)
 
 
 def bits_equal(a, b, where=None):
@@ -560,6 +564,40 @@ def test_block_size_independent(name, kw, shape, monkeypatch):
     outs = [ours(name, base, models, br, **kw) for br in (None, 1, 3, 64)]
     for o in outs[1:]:
         assert bits_equal(o, outs[0]) == 0
+
+
+@pytest.mark.parametrize("name,kw", [("ties", dict(density=0.5)), ("breadcrumbs_ties", dict(density=0.8, gamma=0.05))])
+def test_row_groups_but_where_a_tie_cut_was_deferred(name, kw, monkeypatch):
+    """Top-k methods are merged one group of rows at a time (MergeMethod.row_groups, as the engine
+    does) except in a block where a tie cut was left to the merge: one row per call gives the
+    whole blocks' bits there, and that block could not be merged row by row."""
+    from streammerge.errors import StreammergeError
+    from streammerge.methods.base import Block
+    from streammerge.methods.inmemory import run_passes, tensor_blocks
+
+    monkeypatch.setattr(_topk, "SAMPLE_TARGET", 64)  # tiny candidate caps: tie cuts deferred
+    monkeypatch.setattr(_topk, "SAMPLE_ROWS", 4)
+    monkeypatch.setattr(_topk, "CAP_MIN", 2)
+    monkeypatch.setattr(_topk, "CAP_DIV", 10**9)
+    base, models = make((60, 9), "small", seed=3)
+    method, params = get_method(name), tensor_params(name, 3, weight=[1.0, 0.5, 0.7], **kw)
+    stats = run_passes(method, "t", base, models, params, block_rows=7)
+    want = merge_tensor(method, "t", base, models, params, block_rows=7)
+    got, whole = [], 0
+    for b in tensor_blocks("t", base, models, 7):
+        rows = [
+            Block("t", b.shape, b.start + r * 9, b.base[r : r + 1], tuple(m[r : r + 1] for m in b.models))
+            for r in range(b.base.shape[0])
+        ]
+        if method.in_row_groups(stats, b.start, b.start + b.base.size):
+            got += [method.merge(row, params, stats) for row in rows]
+            continue
+        whole += 1
+        with pytest.raises(StreammergeError, match="row blocks changed"):
+            method.merge(rows[0], params, stats)
+        got.append(method.merge(b, params, stats))
+    assert 1 <= whole < len(range(0, 60, 7))
+    assert bits_equal(np.concatenate(got), want) == 0
 
 
 # ---------------------------------------------------------------------------------------------

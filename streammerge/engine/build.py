@@ -35,8 +35,9 @@ class BuildReport:
     on_cpu: tuple[str, ...] = ()  # with a device: the methods that had no kernel and ran on the CPU
 
 
-def _read_block(job: TensorJob, i: int, rows: np.ndarray | None = None) -> Block:
-    """Block i of every input; with `rows` (a pass's declared rows), only those rows of it."""
+def _read_block(job: TensorJob, i: int, rows: np.ndarray | None = None, merging: bool = False) -> Block:
+    """Block i of every input; with `rows` (a pass's declared rows), only those rows of it.
+    `merging`: with this thread's result array (Block.out) for a merge."""
     r0, r1 = job.block_range(i)
     if rows is None:
         n = (r1 - r0) * job.row_elems
@@ -45,13 +46,15 @@ def _read_block(job: TensorJob, i: int, rows: np.ndarray | None = None) -> Block
         rows = rows_in(rows, r0, r1)
         n = rows.size * job.row_elems
         arrays = [read_rows_at(h, rows, buffer(slot, n)) for slot, h in enumerate(job.inputs)]
-    return _as_block(job, arrays, r0, rows)
+    return _as_block(job, arrays, r0, rows, merging)
 
 
-def _as_block(job: TensorJob, arrays: list[np.ndarray], r0: int, rows: np.ndarray | None = None) -> Block:
-    """The inputs' arrays (base first, if any) as the Block a method merges, starting at row r0."""
+def _as_block(job: TensorJob, arrays: list[np.ndarray], r0: int, rows: np.ndarray | None = None, merging: bool = False) -> Block:
+    """The inputs' arrays (base first, if any) as the Block a method merges, starting at row r0;
+    `merging`: with this thread's reusable result array (methods.base.result_array)."""
+    out = buffer("result", arrays[0].size) if merging and arrays else None
     base = arrays.pop(0) if job.base is not None else None
-    return Block(tensor=job.name, shape=job.shape, start=r0 * job.row_elems, base=base, models=tuple(arrays), rows=rows)
+    return Block(tensor=job.name, shape=job.shape, start=r0 * job.row_elems, base=base, models=tuple(arrays), rows=rows, out=out)
 
 
 def _method(plan: Plan, job: TensorJob) -> MergeMethod:
@@ -100,7 +103,7 @@ def _commit(store: Store, job: TensorJob, i: int, stored: dict) -> None:
 
 def _merge_block(method: MergeMethod, job: TensorJob, i: int, stats) -> dict:
     """Block i merged and rounded to each output's storage, in one call of the method."""
-    result = _by_output(job, method.merge(_read_block(job, i), job.params, stats))
+    result = _by_output(job, method.merge(_read_block(job, i, merging=True), job.params, stats))
     r0, r1 = job.block_range(i)
     return {out.name: _as_stored(job, k, out, r0, r1, result[out.name]) for k, out in enumerate(job.output_list)}
 
@@ -144,7 +147,7 @@ def _merge_row_groups(method: MergeMethod, job: TensorJob, i: int, stats, group_
             (convert(h, raw[lo:hi], buffer(slot, hi - lo), a * L) if h.has_raw else raw[lo:hi]).reshape(block_shape(h.shape, a, b))
             for slot, (h, raw) in enumerate(zip(job.inputs, raws))
         ]
-        result = _by_output(job, method.merge(_as_block(job, arrays, a), job.params, stats))
+        result = _by_output(job, method.merge(_as_block(job, arrays, a, merging=True), job.params, stats))
         for out in job.output_list:
             _storage_into(out, result[out.name], stored[out.name][a - r0 : b - r0])
     return stored
@@ -237,7 +240,9 @@ class MergeBlock(Node):
         method, job = self.method, self.job
         if stats is None and method.passes:
             stats = self.store.load_stats(job.stage, job.store_key)
-        if method.row_groups and not any(out.blob for out in job.output_list):
+        r0, r1 = job.block_range(self.block)
+        in_groups = method.in_row_groups(stats or {}, r0 * job.row_elems, r1 * job.row_elems)
+        if in_groups and not any(out.blob for out in job.output_list):
             stored = _merge_row_groups(method, job, self.block, stats or {}, self.group_elems)
         else:
             stored = _merge_block(method, job, self.block, stats or {})

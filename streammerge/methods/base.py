@@ -103,6 +103,19 @@ class Block:
     # For a pass that declares `Pass.rows`: the tensor rows the arrays hold (ascending, all in
     # the block), when the engine read only those. None: all the block's rows, from `start`.
     rows: np.ndarray | None = None
+    # Where `merge` may write the tensor's float32 result (the block's shape), through
+    # `result_array`: the engine hands each thread one array, reused block after block (fresh
+    # memory costs a page fault per 4 KiB here). None: `result_array` allocates one.
+    out: np.ndarray | None = None
+
+
+def result_array(block: Block) -> np.ndarray:
+    """The float32 array a method's `merge` writes the merged block into and returns:
+    `block.out` when the engine provides one, else a new array of the block's shape."""
+    like = block.base if block.base is not None else block.models[0]
+    if block.out is not None:
+        return block.out.reshape(like.shape)
+    return np.empty(like.shape, np.float32)
 
 
 @dataclass(frozen=True)
@@ -185,12 +198,18 @@ class MergeMethod:
     # converting the inputs and rounding the outputs group by group, so that a block
     # travels through memory once instead of once per step (engine/build.py). A method sets it
     # when `merge` gives the same rows for any run of rows it is handed (not only for the blocks
-    # its passes saw) and costs little per call.
-    row_groups: bool = False
+    # its passes saw) and costs little per call. A function (stats, b0, b1) -> bool says it per
+    # block (flat range [b0, b1)): top-k methods, whose tie cut may lie in one block that their
+    # merge must see whole (ops/topk.py).
+    row_groups: bool | Callable[[Stats, int, int], bool] = False
     # How many input models besides the base the example recipe of `streammerge methods NAME` lists.
     example_models: int = 2
     # The most input models besides the base it merges (None: any number); more is a recipe error.
     max_models: int | None = None
+
+    def in_row_groups(self, stats: Stats, b0: int, b1: int) -> bool:
+        """Whether the engine may merge the block of flat range [b0, b1) in row groups."""
+        return self.row_groups(stats, b0, b1) if callable(self.row_groups) else bool(self.row_groups)
 
     def param(self, name: str) -> Param | None:
         for p in self.params:

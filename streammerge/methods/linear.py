@@ -10,15 +10,16 @@ rounded once to float32, which reproduces the fused result.
 import numpy as np
 
 from ..kernels import linear as kernels
-from .base import CACHE_ELEMS, Block, MergeMethod, Param, TensorParams, cache_slices, register
+from ..workspace import thread_buffer
+from .base import CACHE_ELEMS, Block, MergeMethod, Param, TensorParams, cache_slices, register, result_array
 
 
 def linear(block: Block, params: TensorParams, stats) -> np.ndarray:
     weights = np.asarray(params.model_values("weight"), dtype=np.float32)
     models = [m.reshape(-1) for m in block.models]
-    out = np.empty(models[0].size, np.float32)
-    acc = np.empty(min(out.size, CACHE_ELEMS), np.float64)
-    tmp = np.empty_like(acc)
+    out = result_array(block).reshape(-1)
+    acc = thread_buffer("linear.acc", min(out.size, CACHE_ELEMS), np.float64)
+    tmp = thread_buffer("linear.tmp", min(out.size, CACHE_ELEMS), np.float64)
     denominator = weights.sum(dtype=np.float32)
     for sl in cache_slices(out.size):
         a, t = acc[: sl.stop - sl.start], tmp[: sl.stop - sl.start]

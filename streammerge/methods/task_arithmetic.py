@@ -9,7 +9,8 @@ added to the base.
 import numpy as np
 
 from ..kernels import linear as kernels
-from .base import CACHE_ELEMS, Block, MergeMethod, Param, TensorParams, cache_slices, register
+from ..workspace import thread_buffer
+from .base import CACHE_ELEMS, Block, MergeMethod, Param, TensorParams, cache_slices, register, result_array
 
 
 def task_arithmetic(block: Block, params: TensorParams, stats) -> np.ndarray:
@@ -23,8 +24,8 @@ def task_arithmetic(block: Block, params: TensorParams, stats) -> np.ndarray:
     lam = params.globals["lambda"]
     base = block.base.reshape(-1)
     models = [m.reshape(-1) for m in block.models]
-    out = np.empty_like(base)
-    delta = np.empty(min(base.size, CACHE_ELEMS), np.float32)
+    out = result_array(block).reshape(-1)
+    delta = thread_buffer("task_arithmetic.delta", min(base.size, CACHE_ELEMS))
     for sl in cache_slices(base.size):
         b, mixed, d = base[sl], out[sl], delta[: sl.stop - sl.start]
         np.subtract(models[0][sl], b, out=mixed)

@@ -77,7 +77,7 @@ from ..ops.sparsify import (
     weight_sum,
 )
 from ..ops.topk import CHUNK, Keeper, OptionalPass, TopK, block_size, flat, numel, scratch
-from .base import Block, MergeMethod, Param, Pass, Stats, TensorParams, register
+from .base import Block, MergeMethod, Param, Pass, Stats, TensorParams, register, result_array
 
 _F0 = np.float32(0)
 _F2 = np.float32(2)
@@ -109,6 +109,10 @@ class _Family:
         self.topk = None
         if spec.sparsify in (MAGNITUDE, OUTLIERS):
             self.topk = TopK(f"{spec.name}.topk", self._values, self._plan)
+
+    def row_groups(self, stats: Stats, b0: int, b1: int) -> bool:
+        """MergeMethod.row_groups: any block, but a top-k selection's boundary block."""
+        return self.topk is None or not self.topk.cuts_in(stats, b0, b1)
 
     # -- top-k plumbing -------------------------------------------------------------------
     @staticmethod
@@ -215,7 +219,9 @@ class _Family:
     def merge(self, block: Block, params: TensorParams, stats: Stats) -> np.ndarray:
         base = block.base
         if not block.models:
-            return np.array(base, dtype=np.float32, copy=True)
+            out = result_array(block)
+            np.copyto(out, base)
+            return out
         n = numel(block.shape)
         nb = block_size(block)
         N = len(block.models)
@@ -234,7 +240,7 @@ class _Family:
         lam = float(params.globals["lambda"])
         lam32 = np.float32(lam)
 
-        out = np.empty(base.shape, dtype=np.float32)
+        out = result_array(block)
         bflat = flat(base)
         oflat = flat(out)
         mflat = [flat(m) for m in block.models]
@@ -423,9 +429,9 @@ def _make(spec: Spec) -> MergeMethod:
         params=tuple(params),
         base="required",
         passes=fam.passes(),
-        # not the top-k methods: a tie at the threshold is cut inside one block of the passes'
-        # partition (TopK.keeper), so their merge must see the blocks the passes saw
-        row_groups=spec.sparsify not in (MAGNITUDE, OUTLIERS),
+        # top-k methods: but for the block where a tie at the threshold was left to be cut
+        # (TopK.keeper scans it whole, as the passes saw it)
+        row_groups=fam.row_groups,
         kernel=kernels.family_kernel(spec),
         summary={
             MAGNITUDE: "TIES: top-k by magnitude, sign consensus, disjoint mean",

@@ -658,6 +658,15 @@ class TopK:
             seen += eq.size
         raise AssertionError("boundary block has fewer ties than recorded")
 
+    def cuts_in(self, stats: Stats, b0: int, b1: int) -> bool:
+        """Whether a selection's tie cut was deferred to the block of flat range [b0, b1) (its
+        boundary block): `keeper` then scans that block whole, as the passes saw it."""
+        for j in range(self.nsel(stats)):
+            bstart = int(stats.get(self._k(j, "bstart"), -1))
+            if bstart >= 0 and b0 < int(stats[self._k(j, "bend")]) and b1 > bstart:
+                return True
+        return False
+
     def keepers(self, block: Block, params: TensorParams, stats: Stats) -> list[Keeper]:
         return [self.keeper(block, params, stats, j) for j in range(self.nsel(stats))]
 
