@@ -61,19 +61,44 @@ def read_raw(handle, r0: int, r1: int, buf: np.ndarray) -> np.ndarray:
     """The stored bytes of rows [r0, r1) of `handle` into the uint8 array `buf` (exactly that size).
 
     Only for handles with `has_raw`: others have no stored bytes to read (read_rows them)."""
-    start = handle.offset + r0 * row_elems(handle.shape) * DTYPE_BITS[handle.dtype] // 8
-    # Opened per block (~20 us): no descriptor cache to bound or to keep valid across threads.
-    fd = _open_span(handle, start, buf.size)
-    try:
-        _pread_full(fd, memoryview(buf), start, handle)
-    finally:
-        os.close(fd)
-    return buf
+    with RawRows(handle, r0, r1) as rows:
+        return rows.read(r0, r1, buf)
 
 
-def _open_span(handle, start: int, nbytes: int) -> int:
-    """A descriptor of handle's file, checked to hold [start, start + nbytes), with read-ahead
-    off (each pread asks for exactly what it needs)."""
+class RawRows:
+    """The stored bytes of rows [r0, r1) of `handle` (with `has_raw`), read through one
+    descriptor: at once (read_raw), or in pieces of consecutive rows in order (`pieces`), as
+    the engine reads a block group of rows by group of rows so that each piece lands in a
+    cache-sized buffer. Opened per block (~20 us): no descriptor cache to bound or to keep
+    valid across threads."""
+
+    def __init__(self, handle, r0: int, r1: int, pieces: bool = False):
+        self.handle, self.r0 = handle, r0
+        self.row_bytes = row_elems(handle.shape) * DTYPE_BITS[handle.dtype] // 8
+        self.start = handle.offset + r0 * self.row_bytes
+        # In pieces the reads go forward through the span: the kernel's sequential read-ahead
+        # fetches the next piece from disk while this one is merged.
+        advice = "POSIX_FADV_SEQUENTIAL" if pieces else "POSIX_FADV_RANDOM"
+        self.fd = _open_span(handle, self.start, (r1 - r0) * self.row_bytes, advice)
+
+    def read(self, a: int, b: int, buf: np.ndarray) -> np.ndarray:
+        """Rows [a, b) (within [r0, r1)) into the uint8 array `buf` (exactly their size)."""
+        _pread_full(self.fd, memoryview(buf), self.start + (a - self.r0) * self.row_bytes, self.handle)
+        return buf
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def __enter__(self) -> "RawRows":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _open_span(handle, start: int, nbytes: int, advice: str = "POSIX_FADV_RANDOM") -> int:
+    """A descriptor of handle's file, checked to hold [start, start + nbytes), with the
+    read-ahead `advice` (random: off, as each pread asks for exactly what it needs)."""
     fd = os.open(handle.path, os.O_RDONLY)
     size = os.fstat(fd).st_size
     if start + nbytes > size:
@@ -83,7 +108,7 @@ def _open_span(handle, start: int, nbytes: int) -> int:
             "was the file truncated or replaced after it was opened?"
         )
     if hasattr(os, "posix_fadvise"):
-        os.posix_fadvise(fd, start, nbytes, os.POSIX_FADV_RANDOM)
+        os.posix_fadvise(fd, start, nbytes, getattr(os, advice))
     return fd
 
 

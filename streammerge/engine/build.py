@@ -10,12 +10,13 @@ marker, so running it again resumes.
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
 
-from ..checkpoints.blocks import block_shape, convert, read_raw, read_rows, read_rows_at
+from ..checkpoints.blocks import RawRows, block_shape, convert, read_rows, read_rows_at, row_elems
 from ..dtypes import float32_into, float_type
 from ..fsutil import store_writers
 from ..methods import Block, MergeMethod
@@ -123,34 +124,42 @@ def _as_stored(job: TensorJob, k: int, out: Output, r0: int, r1: int, value):
 
 def _merge_row_groups(method: MergeMethod, job: TensorJob, i: int, stats, group_elems: int) -> dict:
     """What `_merge_block` returns, computed group of rows by group of rows (methods with
-    `row_groups`): each input's block is read raw once, then per group converted to float32,
-    merged and rounded into the outputs while it is in cache. The float32 block is never
-    materialised: for task_arithmetic this halves the memory traffic (README, Benchmarks).
-    An input without raw bytes (`has_raw` False: a LoRA-applied weight) is read as float32 rows
-    once, and sliced per group."""
+    `row_groups`): per group, each input's stored bytes are read into a cache-sized buffer,
+    converted to float32, merged and rounded into the outputs while they are in cache. Neither
+    the raw nor the float32 block is materialised: a block travels through memory once
+    (README, Benchmarks). An input without raw bytes (`has_raw` False: a LoRA-applied weight)
+    is read as float32 rows once, and sliced per group."""
     r0, r1 = job.block_range(i)
     L = job.row_elems
-    raws = []
-    for slot, h in enumerate(job.inputs):
-        if not h.has_raw:
-            raws.append(read_rows(h, r0, r1, buffer(("rows", slot), (r1 - r0) * L)).reshape(-1))
-            continue
-        ftype = float_type(h.dtype)
-        buf = buffer(("raw", slot), (r1 - r0) * L * ftype.itemsize, np.uint8)
-        raws.append(read_raw(h, r0, r1, buf).view(ftype.storage))
-    stored = {out.name: _stored_buffer(job, k, out, r0, r1) for k, out in enumerate(job.output_list)}
-    step = max(1, group_elems // max(1, L))
-    for a in range(r0, r1, step):
-        b = min(r1, a + step)
-        lo, hi = (a - r0) * L, (b - r0) * L
-        arrays = [
-            (convert(h, raw[lo:hi], buffer(slot, hi - lo), a * L) if h.has_raw else raw[lo:hi]).reshape(block_shape(h.shape, a, b))
-            for slot, (h, raw) in enumerate(zip(job.inputs, raws))
-        ]
-        result = _by_output(job, method.merge(_as_block(job, arrays, a, merging=True), job.params, stats))
-        for out in job.output_list:
-            _storage_into(out, result[out.name], stored[out.name][a - r0 : b - r0])
+    with ExitStack() as files:
+        sources = []  # per input: its RawRows, or its float32 rows
+        for slot, h in enumerate(job.inputs):
+            if h.has_raw:
+                sources.append(files.enter_context(RawRows(h, r0, r1, pieces=True)))
+            else:
+                sources.append(read_rows(h, r0, r1, buffer(("rows", slot), (r1 - r0) * L)).reshape(-1))
+        stored = {out.name: _stored_buffer(job, k, out, r0, r1) for k, out in enumerate(job.output_list)}
+        step = max(1, group_elems // max(1, L))
+        for a in range(r0, r1, step):
+            b = min(r1, a + step)
+            arrays = [_group_rows(h, slot, src, r0, a, b) for slot, (h, src) in enumerate(zip(job.inputs, sources))]
+            result = _by_output(job, method.merge(_as_block(job, arrays, a, merging=True), job.params, stats))
+            for out in job.output_list:
+                _storage_into(out, result[out.name], stored[out.name][a - r0 : b - r0])
     return stored
+
+
+def _group_rows(h, slot: int, source, r0: int, a: int, b: int) -> np.ndarray:
+    """Rows [a, b) of input `slot` as float32 (its block starting at row r0): read and converted
+    into this thread's group buffers, or sliced from its float32 rows."""
+    L = row_elems(h.shape)
+    if not isinstance(source, RawRows):
+        rows = source[(a - r0) * L : (b - r0) * L]
+    else:
+        ftype = float_type(h.dtype)
+        raw = source.read(a, b, buffer(("raw", slot), (b - a) * L * ftype.itemsize, np.uint8))
+        rows = convert(h, raw.view(ftype.storage), buffer(slot, (b - a) * L), a * L)
+    return rows.reshape(block_shape(h.shape, a, b))
 
 
 # ---- the graph's nodes ------------------------------------------------------------------------
