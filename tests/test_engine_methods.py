@@ -215,3 +215,29 @@ def test_read_rows_at(tmp_path):
     h2 = TensorHandle("t", str(path), 8, "F32", (40, 6), check_finite=False)
     got = read_rows_at(h2, np.array([5, 33]), np.empty(12, np.float32))
     np.testing.assert_array_equal(got[0], read_rows(h2, 5, 6, np.empty(6, np.float32))[0])
+
+
+def test_pass_with_row_groups_maps_groups_of_rows(synth_family, tmp_path):
+    """dare_ties' l1 pass (Pass.row_groups) is mapped group of rows by group of rows: one partial
+    per group, reduced as blocks' partials are, to the stats of whole blocks."""
+    from streammerge.engine.build import GroupPartials, PassMap, _block_partials, _read_block
+
+    base, fts = synth_family("rows", shape=ROWS_SHAPE)
+    models = [{"model": str(f), "parameters": {"weight": w, "density": 0.5}} for f, w in zip(fts, (0.5, 0.3, 0.2))]
+    recipe = write_recipe(tmp_path / "r.yaml", {"merge_method": "dare_ties", "base_model": str(base), "models": models})
+    plan = make_plan(load_recipe(recipe), block_elems=300_000)
+    method = get_method("dare_ties")
+    index = next(k for k, p in enumerate(method.passes) if p.name == "l1")
+    l1 = method.passes[index]
+    job = next(j for j in plan.jobs if j.name == "model.layers.0.mlp.up_proj.weight")  # 2048 x 512
+    grouped, whole = [], []
+    for i in range(job.nblocks):
+        parts = PassMap(method, job, index, i, group_elems=20_000)(None)
+        r0, r1 = job.block_range(i)
+        assert isinstance(parts, GroupPartials) and len(parts) == -(-(r1 - r0) // (20_000 // 512))
+        grouped.append(parts)
+        whole.append(l1.map(_read_block(job, i), job.params, {}))
+    got = l1.reduce(_block_partials(grouped), job.params, {})
+    want = l1.reduce(whole, job.params, {})
+    assert got.keys() == want.keys() and got["l1.apply"].all()
+    np.testing.assert_array_equal(got["l1.scale"], want["l1.scale"])

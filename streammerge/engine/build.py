@@ -130,6 +130,18 @@ def _merge_row_groups(method: MergeMethod, job: TensorJob, i: int, stats, group_
     (README, Benchmarks). An input without raw bytes (`has_raw` False: a LoRA-applied weight)
     is read as float32 rows once, and sliced per group."""
     r0, r1 = job.block_range(i)
+    stored = {out.name: _stored_buffer(job, k, out, r0, r1) for k, out in enumerate(job.output_list)}
+    for a, b, block in _row_groups(job, i, group_elems, merging=True):
+        result = _by_output(job, method.merge(block, job.params, stats))
+        for out in job.output_list:
+            _storage_into(out, result[out.name], stored[out.name][a - r0 : b - r0])
+    return stored
+
+
+def _row_groups(job: TensorJob, i: int, group_elems: int, merging: bool = False):
+    """(a, b, Block of rows [a, b)) for the groups of about `group_elems` elements of block i,
+    read and converted group by group (each Block's arrays are reused by the next)."""
+    r0, r1 = job.block_range(i)
     L = job.row_elems
     with ExitStack() as files:
         sources = []  # per input: its RawRows, or its float32 rows
@@ -138,15 +150,11 @@ def _merge_row_groups(method: MergeMethod, job: TensorJob, i: int, stats, group_
                 sources.append(files.enter_context(RawRows(h, r0, r1, pieces=True)))
             else:
                 sources.append(read_rows(h, r0, r1, buffer(("rows", slot), (r1 - r0) * L)).reshape(-1))
-        stored = {out.name: _stored_buffer(job, k, out, r0, r1) for k, out in enumerate(job.output_list)}
         step = max(1, group_elems // max(1, L))
         for a in range(r0, r1, step):
             b = min(r1, a + step)
             arrays = [_group_rows(h, slot, src, r0, a, b) for slot, (h, src) in enumerate(zip(job.inputs, sources))]
-            result = _by_output(job, method.merge(_as_block(job, arrays, a, merging=True), job.params, stats))
-            for out in job.output_list:
-                _storage_into(out, result[out.name], stored[out.name][a - r0 : b - r0])
-    return stored
+            yield a, b, _as_block(job, arrays, a, merging=merging)
 
 
 def _group_rows(h, slot: int, source, r0: int, a: int, b: int) -> np.ndarray:
@@ -182,6 +190,10 @@ class Node:
         return ()
 
 
+class GroupPartials(list):
+    """A pass map's partials for the row groups of one block (Pass.row_groups), in order."""
+
+
 @dataclass(frozen=True, eq=False)
 class PassMap(Node):
     """Pass `pass_index` mapped over block `block`: called with the stats so far."""
@@ -189,15 +201,24 @@ class PassMap(Node):
     kind = "pass"
     pass_index: int
     block: int
+    group_elems: int = 0  # > 0: a pass with `row_groups` maps groups of about this many elements
 
     def index(self) -> tuple:
         return (self.pass_index, self.block)
 
     def __call__(self, stats):
-        p = self.method.passes[self.pass_index]
-        if not p.needed(self.job.params, stats or {}):
+        job, p, stats = self.job, self.method.passes[self.pass_index], stats or {}
+        if not p.needed(job.params, stats):
             return NOTHING_READ  # the reduce passes the stats through; the progress bar drops its bytes
-        return p.map(_read_block(self.job, self.block, self.job.pass_rows(p)), self.job.params, stats or {})
+        rows = job.pass_rows(p)
+        if p.row_groups and rows is None and self.group_elems > 0:
+            return GroupPartials(p.map(block, job.params, stats) for _, _, block in _row_groups(job, self.block, self.group_elems))
+        return p.map(_read_block(job, self.block, rows), job.params, stats)
+
+
+def _block_partials(partials) -> list:
+    """The partials of every block, in order, a block mapped in row groups giving its groups'."""
+    return [q for part in partials for q in (part if isinstance(part, GroupPartials) else (part,))]
 
 
 @dataclass(frozen=True, eq=False)
@@ -215,7 +236,7 @@ class PassReduce(Node):
         stats = dict(stats or {})
         p = self.method.passes[self.pass_index]
         if p.needed(job.params, stats):
-            stats.update(p.reduce(partials, job.params, stats))
+            stats.update(p.reduce(_block_partials(partials), job.params, stats))
             rows = job.pass_rows(p)
             stats[PASS_BYTES] = int(stats.get(PASS_BYTES, 0)) + sum(job.block_bytes(i, rows) for i in range(job.nblocks))
         return stats
@@ -324,7 +345,7 @@ def build_graph(plan: Plan, store: Store, device: str | None = None) -> tuple[di
                 maps = []
                 rows = job.pass_rows(method.passes[p])
                 for i in range(job.nblocks):
-                    k = _add(dsk, PassMap(method, job, p, i), prev)
+                    k = _add(dsk, PassMap(method, job, p, i, group_elems), prev)
                     maps.append(k)
                     task_bytes[k] = job.block_bytes(i, rows)
                 prev = _add(dsk, PassReduce(method, job, p), maps, prev)

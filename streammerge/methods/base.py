@@ -146,6 +146,11 @@ class Pass:
     indices, or None: all): the engine then reads just those rows of each block and hands `map`
     a Block holding them (`Block.rows`), possibly none. `map` must return the same for the
     whole block (picking the rows itself), so a caller may ignore `rows`.
+
+    `row_groups` True: `map` may be called on any run of consecutive rows, and `reduce` takes
+    the partials of runs (in order) as it takes those of blocks; the engine then maps a block
+    group of rows by group of rows, each converted into cache-sized buffers (as `MergeMethod.
+    row_groups` merges), and reduces the groups' partials.
     """
 
     name: str
@@ -153,6 +158,7 @@ class Pass:
     reduce: Callable[[Sequence[Any], TensorParams, Stats], Stats]
     needed: Callable[[TensorParams, Stats], bool] = _always
     rows: Callable[[tuple[int, ...], TensorParams], np.ndarray | None] | None = None
+    row_groups: bool = False
 
 
 BasePolicy = Literal["required", "optional", "unused"]

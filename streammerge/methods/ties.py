@@ -141,7 +141,8 @@ class _Family:
             out.extend(self.topk.passes)
         if self.spec.sparsify == DELLA:
             out.append(OptionalPass("della1d", self._rank1d_map, self._rank1d_reduce, needed=self._rank1d_needed))
-        out.append(OptionalPass("l1", self._l1_map, self._l1_reduce, needed=self._l1_needed))
+        # l1 sums add up over any rows; a top-k method's masks need its boundary block whole
+        out.append(OptionalPass("l1", self._l1_map, self._l1_reduce, needed=self._l1_needed, row_groups=self.topk is None))
         return tuple(out)
 
     def _l1_models(self, params: TensorParams, n: int) -> list[int]:
