@@ -53,8 +53,10 @@ Passes (static list; each later pass is a no-op once every selection is resolved
 Partials: counts plus at most `cap` pairs (12 bytes each); on ordinary data the bracket holds
 about 1% of the entries minus the heavy values (0.2% of a block on bf16-derived deltas).
 
-Merge keeps u > T, plus the ties u == T with flat index <= C. A deferred cut needs the merge
-to use the same row blocks as the passes (the engine does; a mismatch is reported).
+Merge keeps u > T, plus the ties u == T with flat index <= C. A deferred cut names the span
+whose partial sent counts (a block, or a group of rows: the select passes map row groups), and
+the merge scans that span whole: the block holding it is merged whole (`cuts_in`), and a block
+that cuts it is reported.
 
 Using it (e.g. for the sparse top-rho encodings):
 
@@ -357,6 +359,8 @@ class TopK:
                     self._select_map,
                     (lambda partials, params, stats, i=i: self._select_reduce(partials, params, stats, i)),
                     needed=lambda params, stats: bool(self._pending(stats)),
+                    # a partial is of any run of rows: a deferred tie cut names its span
+                    row_groups=True,
                 )
             )
         return tuple(out)
@@ -642,25 +646,29 @@ class TopK:
             return Keeper(T, n, n)  # before the boundary block: all its ties are kept
         if b0 >= bend:
             return Keeper(T, -1, n)
-        if (b0, b1) != (bstart, bend):
+        if not b0 <= bstart < bend <= b1:
             raise StreammergeError(
                 f"{block.tensor}: the row blocks changed between the selection passes and the merge "
                 f"(block {b0}:{b1} overlaps {bstart}:{bend}); rerun the tensor from its first pass"
             )
+        # the boundary span (a block, or a group of rows, of the passes) lies in this block:
+        # its r-th tie is the cut
         r = int(stats[self._k(j, "brank")])
         src = self.source(stats, j)
         seen = 0
-        for c0, c1 in chunks(nb):
-            v = self.values(block, params, stats, src, slice(c0, c1), scratch("tk.v", c1 - c0))
+        for c0, c1 in chunks(bend - bstart):
+            at = slice(bstart - b0 + c0, bstart - b0 + c1)
+            v = self.values(block, params, stats, src, at, scratch("tk.v", c1 - c0))
             eq = np.flatnonzero(as_u32(v) == np.uint32(T))
             if seen + eq.size >= r:
-                return Keeper(T, b0 + c0 + int(eq[r - seen - 1]), n)
+                return Keeper(T, bstart + c0 + int(eq[r - seen - 1]), n)
             seen += eq.size
         raise AssertionError("boundary block has fewer ties than recorded")
 
     def cuts_in(self, stats: Stats, b0: int, b1: int) -> bool:
-        """Whether a selection's tie cut was deferred to the block of flat range [b0, b1) (its
-        boundary block): `keeper` then scans that block whole, as the passes saw it."""
+        """Whether a selection's tie cut was deferred to a span of the passes (a block or a
+        group of rows) overlapping the block of flat range [b0, b1): `keeper` then needs the
+        block whole, to scan that span."""
         for j in range(self.nsel(stats)):
             bstart = int(stats.get(self._k(j, "bstart"), -1))
             if bstart >= 0 and b0 < int(stats[self._k(j, "bend")]) and b1 > bstart:
