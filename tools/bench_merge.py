@@ -2,6 +2,7 @@
 """Benchmark streammerge against mergekit and against the floor, in the same run.
 
     python tools/bench_merge.py --preset 0.5b --methods task_arithmetic [--repeat 3] [--memcap 800] [--json OUT]
+        [--baseline DIR] [--mergekit-rounds N]
 
 Generates (once, cached under --data) a base and three fine-tunes. For each method, `--repeat`
 rounds each run, in turn, `streammerge build --export`, `mergekit-yaml` and the floor, every run
@@ -14,6 +15,11 @@ peak RSS and the CPU seconds: on a shared box, compare those too). Reported: med
 so both runs saw the same box), a markdown table and the exact command line; `--json` writes the
 same figures for the README's regeneration. With --memcap, each tool also runs once under a memory
 cgroup cap of that many MB (tools/memcap.sh) and the table says whether it completed.
+
+`streammerge` is this source tree's package (PYTHONPATH set to it). `--baseline DIR` runs another
+tree's (e.g. a checkout of main) as a fourth tool in the same rounds, and reports baseline /
+streammerge per round: an A/B on the same box. `--mergekit-rounds N` runs mergekit in the first N
+rounds only (minutes per run for ties); its ratios then come from those rounds.
 """
 
 from __future__ import annotations
@@ -163,14 +169,18 @@ def bench_method(args, method: str, data: Path, inputs: list[Path], buf: memoryv
     work.mkdir(parents=True)
     recipe = work / "recipe.yaml"
     write_recipe(recipe, method, data)
-    tools = {
-        "streammerge": [
-            str(bin_dir / "streammerge"), "build", str(recipe), "--store", str(work / "job.zarr"),
-            "--export", str(work / "sm-out"), "--workers", str(args.workers),
+    def streammerge(tree: Path, store: str, out: str) -> list[str]:
+        """streammerge build of the source tree `tree` (its package first on the path)."""
+        return [
+            "env", f"PYTHONPATH={tree}", str(bin_dir / "streammerge"), "build", str(recipe), "--store", str(work / store),
+            "--export", str(work / out), "--workers", str(args.workers),
             "--memory-limit", args.memory_limit, "--no-progress", "--restart", "--overwrite",
-        ],
-    }
-    outputs = {"streammerge": ("job.zarr", "sm-out"), "mergekit": ("mk-out",), "floor": ()}
+        ]
+
+    tools = {"streammerge": streammerge(ROOT, "job.zarr", "sm-out")}
+    outputs = {"streammerge": ("job.zarr", "sm-out"), "baseline": ("base.zarr", "base-out"), "mergekit": ("mk-out",), "floor": ()}
+    if args.baseline:
+        tools["baseline"] = streammerge(args.baseline.resolve(), "base.zarr", "base-out")
     mk = bin_dir / "mergekit-yaml"
     routing = method.split(":")[0] in ("mediator", "1bit")
     if not args.skip_mergekit and mk.exists() and not routing:
@@ -185,8 +195,10 @@ def bench_method(args, method: str, data: Path, inputs: list[Path], buf: memoryv
 
     runs: dict[str, list[dict]] = {t: [] for t in (*tools, "floor")}
     out_bytes = None
-    for _ in range(args.repeat):
+    for round_ in range(args.repeat):
         for tool, cmd in tools.items():
+            if tool == "mergekit" and round_ >= args.mergekit_rounds:
+                continue
             fresh(tool)
             r = timed(cmd)
             if r["rc"] != 0:
@@ -220,6 +232,9 @@ def bench_method(args, method: str, data: Path, inputs: list[Path], buf: memoryv
     result["streammerge_over_floor"] = ratios("streammerge", "floor")
     result["mergekit_over_floor"] = ratios("mergekit", "floor")
     result["mergekit_over_streammerge"] = ratios("mergekit", "streammerge")
+    result["baseline_over_streammerge"] = ratios("baseline", "streammerge")
+    result["baseline_over_floor"] = ratios("baseline", "floor")
+    result["mergekit_over_baseline"] = ratios("mergekit", "baseline")
     if args.memcap:
         for tool, cmd in tools.items():
             fresh(tool)
@@ -242,8 +257,10 @@ def print_table(results: list[dict], args, header: str) -> None:
                 print(f"| {res['method']} | {tool} (failed) | | | | | |" + (" |" if args.memcap else ""))
                 continue
             over = res.get(f"{tool}_over_floor")
-            speed = res.get("mergekit_over_streammerge") if tool == "streammerge" else None
+            speed = res.get(f"mergekit_over_{tool}") if tool in ("streammerge", "baseline") else None
             speed = fmt(speed, 1, "x") if speed else res.get("storage", "") if tool == "streammerge" else ""
+            if tool == "baseline" and res.get("baseline_over_streammerge"):
+                speed += f"; baseline / streammerge {fmt(res['baseline_over_streammerge'], 2, 'x')}"
             if tool == "floor":
                 speed = f"read {fmt(e['read_s'], 2)} + write {fmt(e['write_s'], 2)}"
             failed = f" ({e['failed']} failed)" if e["failed"] else ""
@@ -269,6 +286,9 @@ def main() -> None:
     ap.add_argument("--memory-limit", default="700MB", help="streammerge --memory-limit")
     ap.add_argument("--memcap", type=int, default=0, help="also run each tool once under this memory cap (MB)")
     ap.add_argument("--skip-mergekit", action="store_true")
+    ap.add_argument("--mergekit-rounds", type=int, default=1 << 30, help="run mergekit in the first N rounds only (it is slow)")
+    ap.add_argument("--baseline", type=Path, default=None,
+                    help="also run streammerge from this source tree (e.g. a checkout of main), alternating with this tree's")
     ap.add_argument("--repeat", type=int, default=3, help="rounds; each runs every tool once, alternating")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures as JSON here")
     args = ap.parse_args()
