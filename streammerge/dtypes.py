@@ -82,7 +82,7 @@ def to_float32(raw: np.ndarray, ftype: FloatType, out: np.ndarray) -> np.ndarray
     """Convert raw storage values into the float32 array `out` (same shape), without allocating.
 
     bf16 is the top half of a float32: widening is a 16-bit shift of the bits (NaN payloads
-    included), 1.6-1.8x as fast as ml_dtypes' cast here (tests/test_dtypes.py compares all 65536
+    included), 1.6-1.8x as fast as ml_dtypes' cast here (tests/test_foundations.py compares all 65536
     patterns)."""
     if ftype is BF16:
         np.left_shift(raw.view(np.uint16), 16, out=out.view(np.uint32), dtype=np.uint32)
