@@ -266,3 +266,49 @@ def test_tie_cut_in_a_row_group_of_the_passes(method, synth_family, tmp_path, mo
             if key.endswith(".bstart") and int(bstart) >= 0:
                 spans.append((int(stats[key[: -len("bstart")] + "bend"]) - int(bstart), job.block_range(0)[1] * job.row_elems))
     assert any(span < block for span, block in spans), spans
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic"])
+def test_merge_allocates_no_block(method, synth_family, tmp_path):
+    """The engine hands merges its reusable result array (Block.out) and reads into reused
+    buffers: once a thread has merged a block, merging the next (read, convert, merge, round)
+    allocates far less than one float32 copy of it."""
+    import tracemalloc
+
+    from streammerge.engine.build import MergeBlock, _merge_block, _merge_row_groups
+    from streammerge.methods.base import row_group_elems
+    from streammerge.store.store import Store
+
+    base, fts = synth_family("rows", shape=ROWS_SHAPE)
+    models = [{"model": str(f), "parameters": {"weight": w, "density": 0.5}} for f, w in zip(fts, (0.5, 0.3, 0.2))]
+    if method != "ties":
+        models = [{"model": m["model"], "parameters": {"weight": m["parameters"]["weight"]}} for m in models]
+    recipe = {"merge_method": method, "models": models}
+    if method != "linear":
+        recipe["base_model"] = str(base)
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    build(path, tmp_path / "job.zarr", workers=1, block_elems=300_000, progress=False)  # the passes' stats
+    store = Store.open(tmp_path / "job.zarr")
+    plan = make_plan(load_recipe(path), block_elems=300_000)
+    job = next(j for j in plan.jobs if j.name == "model.layers.0.mlp.up_proj.weight")  # 2048 x 512
+    m = get_method(method)
+    stats = store.load_stats(job.stage, job.store_key) or {}
+
+    def merge(i):
+        node = MergeBlock(m, job, store, i, row_group_elems(2))
+        r0, r1 = job.block_range(i)
+        if m.in_row_groups(stats, r0 * job.row_elems, r1 * job.row_elems):
+            return _merge_row_groups(m, job, i, stats, node.group_elems)
+        return _merge_block(m, job, i, stats)
+
+    assert job.nblocks >= 3
+    merge(0)
+    tracemalloc.start()
+    try:
+        for i in range(1, job.nblocks):
+            merge(i)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    block_bytes = (job.block_range(1)[1] - job.block_range(1)[0]) * job.row_elems * 4
+    assert peak < block_bytes / 8, (peak, block_bytes)
