@@ -14,6 +14,7 @@ in transformers.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -241,6 +242,65 @@ def test_a_tied_model_lends_its_embedding_as_lm_head(models, tied_models, tmp_pa
     (_, got, got_vocab), (_, want, want_vocab) = both(recipe, tmp_path)
     assert "lm_head.weight" in got
     assert_same_rows(got, got_vocab, want, want_vocab, exact_ids=True)
+
+
+@pytest.mark.parametrize("method, source", [("linear", None), ("task_arithmetic", "union")])
+def test_a_tied_base_merged_with_an_untied_model_gets_an_lm_head(models, tied_models, tmp_path, method, source):
+    """The base ties lm_head to its embedding (none stored), another input has its own: mergekit
+    writes an lm_head (the base's embedding merged with the other's lm_head), so does streammerge,
+    and unties it in config.json so that transformers (and vLLM) use it."""
+    untied = make_model(tmp_path / "untied", make_tokenizer(WORDS, []), 5) if source is None else Path(models["a"])
+    recipe = {
+        "merge_method": method,
+        "base_model": tied_models["base"],
+        "models": [{"model": str(untied), "parameters": {"weight": 0.4}}],
+        "dtype": "float32",
+        **({"tokenizer_source": source} if source else {}),
+    }
+    if method == "linear":
+        recipe["models"].insert(0, {"model": tied_models["base"], "parameters": {"weight": 0.6}})
+    (ours, got, got_vocab), (theirs, want, want_vocab) = both(recipe, tmp_path)
+    assert "lm_head.weight" in want and "lm_head.weight" in got
+    assert_same_rows(got, got_vocab, want, want_vocab, exact_ids=source is None)
+    assert not torch.equal(got["lm_head.weight"], got["model.embed_tokens.weight"])
+    assert transformers.AutoConfig.from_pretrained(ours).tie_word_embeddings is False
+    model = transformers.AutoModelForCausalLM.from_pretrained(ours)
+    assert torch.equal(model.lm_head.weight, got["lm_head.weight"])
+
+
+@pytest.mark.parametrize("arch", ["llava", "qwen2vl"])
+def test_a_vision_language_vocabulary_is_resized_in_text_config(tmp_path, arch):
+    """LLaVA and Qwen2-VL give vocab_size in text_config only: the union's size is written there,
+    and transformers loads the result with the embedding rows of a torch reference."""
+    from test_modules_recipes import llava_config, qwen2vl_config
+
+    cls, config = {
+        "llava": (transformers.LlavaForConditionalGeneration, llava_config),
+        "qwen2vl": (transformers.Qwen2VLForConditionalGeneration, qwen2vl_config),
+    }[arch]
+    n = config().text_config.vocab_size
+    words = [f"v{i}" for i in range(n - 1)]  # + <unk>: one token per row
+    torch.manual_seed(0)
+    inputs = {}
+    for name, added in (("base", []), ("ft", [("<x1>", True), ("<x2>", False)])):
+        cfg = config()
+        cfg.text_config.vocab_size = n + len(added)  # a fine-tune that trained rows for its added tokens
+        model = cls(cfg)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0, 1)
+        model.save_pretrained(tmp_path / name)
+        make_tokenizer(words, added).save_pretrained(tmp_path / name)
+        inputs[name] = model.get_input_embeddings().weight.detach()
+    recipe = linear_recipe({k: str(tmp_path / k) for k in inputs}, ["base", "ft"], [0.7, 0.3], tokenizer_source="union")
+    out = streammerge_merge(recipe, tmp_path / "sm")
+    assert json.loads((out / "config.json").read_text())["text_config"]["vocab_size"] == n + 2
+    merged = cls.from_pretrained(out)
+    emb = merged.get_input_embeddings().weight.detach()
+    assert emb.shape == (n + 2, config().text_config.hidden_size)
+    assert merged.get_output_embeddings().weight.shape[0] == n + 2
+    want = torch.cat([0.7 * inputs["base"] + 0.3 * inputs["ft"][:n], inputs["ft"][n:]])  # the new tokens: ft's rows
+    torch.testing.assert_close(emb, want, rtol=1e-6, atol=1e-6)
 
 
 def test_layer_stacking_takes_each_vocabulary_tensor_from_its_slice(models, tmp_path):
