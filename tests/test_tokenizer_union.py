@@ -344,6 +344,30 @@ def test_resume_finds_the_same_plan(models, tmp_path):
     assert first.report.blocks_run > 0 and again.resumed and again.report.blocks_run == 0
 
 
+def test_resume_refuses_a_store_built_with_another_tokenizer(tmp_path):
+    """An input's tokenizer re-ordered after the store was started (same tokens, same shapes):
+    resuming would keep rows placed by the old ids, so it is refused as a changed input file is;
+    --restart builds the rows mergekit builds from the new tokenizer."""
+    from streammerge.errors import StoreError
+
+    m = family(tmp_path / "models", tied=False)
+    recipe = linear_recipe(m, ["base", "a"], [0.5, 0.5], base_model=m["base"], tokenizer=token_block(m) | {"tokens": {}})
+    (tmp_path / "sm").mkdir()
+    path = write_recipe(tmp_path / "sm" / "recipe.yaml", recipe)
+    build(path, tmp_path / "sm" / "job.zarr", workers=2, progress=False, block_elems=40)
+    for f in Path(m["a"]).glob("tokenizer*"):
+        f.unlink()
+    make_tokenizer(list(reversed(WORDS)), [("<shared>", False), ("<a1>", True)]).save_pretrained(m["a"])
+    with pytest.raises(StoreError, match=rf"input {m['a']}: its tokenizer or vocab_size changed since the store was started; use --restart"):
+        build(path, tmp_path / "sm" / "job.zarr", workers=2, progress=False, block_elems=40)
+    build(path, tmp_path / "sm" / "job.zarr", workers=2, progress=False, block_elems=40, restart=True)
+    export_store(Store.open(tmp_path / "sm" / "job.zarr"), tmp_path / "sm" / "out")
+    theirs = mergekit_merge(recipe, tmp_path / "mk")
+    got, want = load_model_tensors(tmp_path / "sm" / "out"), load_model_tensors(theirs)
+    vocab = lambda d: transformers.AutoTokenizer.from_pretrained(d).get_vocab()  # noqa: E731
+    assert_same_rows(got, vocab(tmp_path / "sm" / "out"), want, vocab(theirs), exact_ids=False)
+
+
 def test_allow_nonfinite_reaches_the_rows_other_inputs_lend(models, tmp_path):
     """A NaN in the row model a lends the base for its added token: refused, and let through
     with --allow-nonfinite (the flag reaches the lent reads too)."""

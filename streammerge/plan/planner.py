@@ -160,6 +160,7 @@ class Plan:
     buffers: list[Buffer] = field(default_factory=list)  # non-float tensors, copied (checkpoints/buffers.py)
     chat_template: str | None = None  # written into the output's tokenizer files (export/chat_template.py)
     tokenizer_files: dict[str, bytes] | None = None  # the built tokenizer's (checkpoints/tokenizer.py)
+    vocabulary: dict | None = None  # its Vocabulary.fingerprint: what resuming checks
     module_models: dict[str, list[str]] = field(default_factory=dict)  # with `modules:`: the models each module merges
 
     @property
@@ -375,6 +376,7 @@ def make_plan(
             if extra:
                 warnings.append(f"{spec}: {len(extra)} tensor(s) not in {g.base or g.models[0]} are ignored, e.g. {extra[0]}")
 
+    tokenizer_files = vocabulary.files() if vocabulary is not None else None
     return Plan(
         recipe=recipe,
         method=method,
@@ -390,7 +392,8 @@ def make_plan(
         config_overrides=config_overrides,
         buffers=buffers,
         chat_template=chat_template,
-        tokenizer_files=vocabulary.files() if vocabulary is not None else None,
+        tokenizer_files=tokenizer_files,
+        vocabulary=vocabulary.fingerprint(tokenizer_files) if vocabulary is not None else None,
         module_models={
             g[0].module: list(dict.fromkeys(spec for x in g for spec in x.models)) for g in modules if g[0].module
         },
