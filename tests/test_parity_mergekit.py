@@ -216,3 +216,33 @@ def test_differing_vocab_sizes_keep_common_rows(synth_family, tmp_path):
     import json
 
     assert json.loads((tmp_path / "out" / "config.json").read_text())["vocab_size"] == shape.vocab
+
+
+# mergekit takes any t and any weights for the spherical methods: t outside [0, 1] and negative
+# weights extrapolate (nuslerp's weights summing to 0 give t = 0.5), and so does streammerge.
+@pytest.mark.parametrize(
+    "method,with_base,models_fn,parameters",
+    [
+        ("slerp", True, lambda b, f: models([b, f[0]]), {"t": -0.3}),
+        ("slerp", True, lambda b, f: models([b, f[0]]), {"t": [{"filter": "mlp", "value": [1.4, 0.5, -0.2]}, {"value": 1.25}]}),
+        ("nuslerp", True, lambda b, f: models(f[:2], weight=[1.5, -0.5]), {}),
+        ("nuslerp", False, lambda b, f: models(f[:2], weight=[1.0, -1.0]), {}),
+        ("multislerp", True, lambda b, f: models(f, weight=[1.0, -0.4, 0.6]), {}),
+    ],
+    ids=["slerp-t-below-0", "slerp-gradient-past-1", "nuslerp-negative-weight", "nuslerp-weights-sum-to-0", "multislerp-negative-weight"],
+)
+def test_spherical_methods_extrapolate_as_mergekit(synth_family, tmp_path, method, with_base, models_fn, parameters):
+    base, fts = synth_family("parity-llama-gqa", dtype="float32", shape=SHAPES["llama-gqa"])
+    recipe = {"merge_method": method, "models": models_fn(base, fts), "dtype": "float32", "parameters": parameters}
+    if with_base:
+        recipe["base_model"] = str(base)
+    want = run_mergekit(recipe, tmp_path / "mk")
+    got = run_streammerge(recipe, tmp_path)
+    assert set(got) == set(want)
+    inputs = [load_model_tensors(m) for m in [base, *fts]]
+    for name in want:
+        # sums in another order, an ulp of sin/acos apart (as test_slerp_with_layer_gradient):
+        # 8 float32 units of the inputs' magnitudes, times the largest coefficient here (2.5)
+        scale = sum(x[name].double().abs() for x in inputs)
+        diff = (got[name].double() - want[name].double()).abs()
+        assert (diff <= 20 * 2.0**-24 * scale).all(), f"{name}: {(diff / scale).max() * 2**24:.1f} units"

@@ -191,6 +191,9 @@ class MergeMethod:
     example_models: int = 2
     # The most input models besides the base it merges (None: any number); more is a recipe error.
     max_models: int | None = None
+    # A rule across a tensor's resolved parameters that their ranges cannot say: check(params)
+    # returns why they cannot be merged (a recipe error at plan time), or None.
+    check: Callable[[TensorParams], str | None] | None = None
 
     def param(self, name: str) -> Param | None:
         for p in self.params:
