@@ -246,3 +246,49 @@ def test_spherical_methods_extrapolate_as_mergekit(synth_family, tmp_path, metho
         scale = sum(x[name].double().abs() for x in inputs)
         diff = (got[name].double() - want[name].double()).abs()
         assert (diff <= 20 * 2.0**-24 * scale).all(), f"{name}: {(diff / scale).max() * 2**24:.1f} units"
+
+
+@pytest.fixture(scope="module")
+def f64_family(tmp_path_factory):
+    """A float32 family saved as F64, each value nudged off the float32 grid (so reading must
+    round, as mergekit's cast to float32 does)."""
+    from safetensors.torch import load_file, save_file
+
+    root = tmp_path_factory.mktemp("f64")
+    base, fts = synth.make_family(root, SHAPES["llama-gqa"], n_finetunes=2, dtype="float32")
+    for d in [base, *fts]:
+        for f in Path(d).glob("*.safetensors"):
+            tensors = {k: v.double() * (1 + 2.0**-30) for k, v in load_file(f).items()}
+            save_file(tensors, f, metadata={"format": "pt"})
+    return base, fts
+
+
+@pytest.mark.parametrize(
+    "method,dtypes",
+    [("task_arithmetic", {"dtype": "float32"}), ("linear", {"dtype": "float32", "out_dtype": "bfloat16"}), ("ties", {"dtype": "float32"})],
+)
+def test_f64_inputs_merge_as_mergekit_casts_them(f64_family, tmp_path, method, dtypes):
+    """F64 checkpoints are read; with mergekit's `dtype: float32` both tools cast to float32
+    and compute there: the same bits."""
+    base, fts = f64_family
+    recipe = {"merge_method": method, "base_model": str(base), "models": models(fts, weight=[0.6, 0.3], density=[0.5, 0.7]), **dtypes}
+    if method == "linear":
+        recipe["models"] = models([base, *fts], weight=[0.5, 0.3, 0.2])
+    want = run_mergekit(recipe, tmp_path / "mk")
+    got = run_streammerge(recipe, tmp_path)
+    assert {v.dtype for v in got.values()} == {getattr(torch, dtypes.get("out_dtype", dtypes["dtype"]))}
+    assert_identical(got, want)
+
+
+def test_f64_inputs_without_a_dtype_give_f64_as_mergekit(f64_family, tmp_path):
+    """No dtype: mergekit computes in float64 and writes F64. streammerge writes F64 too,
+    computed in float32: equal within float32 rounding of the inputs' magnitudes."""
+    base, fts = f64_family
+    recipe = {"merge_method": "task_arithmetic", "base_model": str(base), "models": models(fts, weight=[0.6, 0.3])}
+    want = run_mergekit(recipe, tmp_path / "mk")
+    got = run_streammerge(recipe, tmp_path)
+    assert set(got) == set(want) and {v.dtype for v in got.values()} == {torch.float64}
+    inputs = [load_model_tensors(m) for m in [base, *fts]]
+    for name in want:
+        scale = sum(x[name].abs() for x in inputs)
+        assert ((got[name] - want[name]).abs() <= 4 * 2.0**-24 * scale).all(), name
