@@ -336,7 +336,7 @@ def make_plan(
             continue
         if vocabulary is not None and is_vocab_tensor(out_name):
             handles = _vocab_aligned(recipe, vocabulary, tok, out_name, handles, specs, group.base, warnings)
-            set_text_config(config_overrides, hf_source.config, "vocab_size", vocabulary.rows)
+            _set_text_config(config_overrides, hf_source.config, "vocab_size", vocabulary.rows)
         shape = _common_shape(out_name, handles, checkpoints, specs, warnings, config_overrides, hf_source.config)
         params = resolve_tensor_params(
             recipe,
@@ -367,7 +367,7 @@ def make_plan(
     if any(j.name not in hf_source.tensors and tied_embedding(hf_source, j.name) for j in jobs):
         # an lm_head the config's model ties to its embedding, merged apart from it: untied, or
         # loaders that honour the tie (vLLM) would drop it
-        set_text_config(config_overrides, hf_source.config, "tie_word_embeddings", False)
+        _set_text_config(config_overrides, hf_source.config, "tie_word_embeddings", False)
     if recipe.models:
         g = groups[0]
         written = {j.name for j in jobs}
@@ -579,11 +579,11 @@ def _tensor_names(reference: ModelCheckpoint, inputs: list[ModelCheckpoint]) -> 
     embedding merged with the others' lm_head)."""
     names = list(reference.tensors)
     for ck in inputs:
-        names += [n for n in ck.tensors if n not in names and tied_embedding(reference, n) is not None]
+        names += [n for n in ck.tensors if n.endswith("lm_head.weight") and n not in names and tied_embedding(reference, n)]
     return names
 
 
-def set_text_config(overrides: dict, config: dict | None, key: str, value) -> None:
+def _set_text_config(overrides: dict, config: dict | None, key: str, value) -> None:
     """Set the text model's config.json `key` wherever the config gives it: the top level, and
     `text_config` (vision-language configs such as LLaVA and Qwen2-VL keep vocab_size there,
     which transformers reads); the top level when neither has it. A nested mapping is
@@ -645,5 +645,5 @@ def _common_shape(out_name, handles, checkpoints, specs, warnings, config_overri
         f"{out_name}: vocabulary sizes differ ({sizes}); keeping the {rows} rows they share "
         "(tokens past that are dropped; use the same tokenizer for all models)"
     )
-    set_text_config(config_overrides, config, "vocab_size", rows)
+    _set_text_config(config_overrides, config, "vocab_size", rows)
     return (rows, *ref.shape[1:])
