@@ -368,6 +368,22 @@ def test_resume_refuses_a_store_built_with_another_tokenizer(tmp_path):
     assert_same_rows(got, vocab(tmp_path / "sm" / "out"), want, vocab(theirs), exact_ids=False)
 
 
+def test_resume_refuses_a_store_whose_built_tokenizer_changed(tmp_path):
+    """The base's tokenizer saved again with another chat template: the same rows, but the
+    store's tokenizer files (written when it was started) are stale: refused too."""
+    from streammerge.errors import StoreError
+
+    m = family(tmp_path / "models", tied=False)
+    recipe = linear_recipe(m, ["base", "a"], [0.5, 0.5], base_model=m["base"], tokenizer_source="base")
+    path = write_recipe(tmp_path / "recipe.yaml", recipe)
+    build(path, tmp_path / "job.zarr", workers=2, progress=False)
+    tok = transformers.AutoTokenizer.from_pretrained(m["base"])
+    tok.chat_template = "other {{ messages[0]['content'] }}"
+    tok.save_pretrained(m["base"])
+    with pytest.raises(StoreError, match="the built tokenizer changed since the store was started; use --restart"):
+        build(path, tmp_path / "job.zarr", workers=2, progress=False)
+
+
 def test_allow_nonfinite_reaches_the_rows_other_inputs_lend(models, tmp_path):
     """A NaN in the row model a lends the base for its added token: refused, and let through
     with --allow-nonfinite (the flag reaches the lent reads too)."""
