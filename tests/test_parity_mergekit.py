@@ -15,7 +15,7 @@ import torch
 import yaml
 
 import synth_checkpoints as synth
-from helpers import load_model_tensors, write_recipe
+from helpers import load_model_tensors, resave_as_f64, write_recipe
 from streammerge.engine.job import build
 from streammerge.export.hf import export_store
 from streammerge.store.store import Store
@@ -250,16 +250,11 @@ def test_spherical_methods_extrapolate_as_mergekit(synth_family, tmp_path, metho
 
 @pytest.fixture(scope="module")
 def f64_family(tmp_path_factory):
-    """A float32 family saved as F64, each value nudged off the float32 grid (so reading must
-    round, as mergekit's cast to float32 does)."""
-    from safetensors.torch import load_file, save_file
-
+    """A float32 family saved as F64, off the float32 grid (reading must round, as mergekit's
+    cast to float32 does)."""
     root = tmp_path_factory.mktemp("f64")
     base, fts = synth.make_family(root, SHAPES["llama-gqa"], n_finetunes=2, dtype="float32")
-    for d in [base, *fts]:
-        for f in Path(d).glob("*.safetensors"):
-            tensors = {k: v.double() * (1 + 2.0**-30) for k, v in load_file(f).items()}
-            save_file(tensors, f, metadata={"format": "pt"})
+    resave_as_f64([base, *fts])
     return base, fts
 
 
