@@ -170,6 +170,28 @@ def test_mediator_target_is_judged_against_the_best_static_row_only_when_there_i
     assert "**missed**" in TB.targets_markdown(TB.targets(results))
 
 
+def test_issue_21_targets_take_the_best_row_within_the_storage_cap():
+    """1bit-Merging >= 95 % at <= 35 % storage, Mediator >= 97 % at <= 60 %: a better row above
+    the cap does not count, and each seed's share (the "share" key) is what is judged."""
+    rows = [{"name": "full-routing-oracle", "family": "full-routing", "avg": 0.9, "storage_bytes": 100},
+            {"name": "1bit-a", "family": "1bit", "avg": 0.89, "storage_bytes": 39},   # 98.9 %, over the cap
+            {"name": "1bit-b", "family": "1bit", "avg": 0.84, "storage_bytes": 32},   # 93.3 %
+            {"name": "med-a", "family": "mediator", "avg": 0.88, "storage_bytes": 59, "share": 0.975},
+            {"name": "med-b", "family": "mediator", "avg": 0.89, "storage_bytes": 61}]
+    results = {"reference_avg": 0.9, "full_routing_bytes": 100, "rows": rows}
+    t = TB.targets(results)
+    assert t["1bit_tight"]["row"] == "1bit-b" and t["1bit_tight"]["met"] is False
+    assert t["1bit_tight"]["share_of_full"] == pytest.approx(0.84 / 0.9)
+    assert t["mediator_tight"]["row"] == "med-a" and t["mediator_tight"]["met"] is True
+    md = TB.targets_markdown(t)
+    assert ("1bit-Merging >= 95% of full routing at <= 35% of its storage (issue #21): **missed** (1bit-b, the best "
+            "within that storage: 93.3% of full routing at 32.0% of its storage; 1.7 points short)") in md
+    assert "Mediator >= 97% of full routing at <= 60% of its storage (issue #21): **met** (med-a" in md
+    rows[1]["storage_bytes"] = 35
+    assert TB.targets(results)["1bit_tight"] == {"cap": 0.35, "need": 0.95, "row": "1bit-a", "met": True,
+                                                  "share_of_full": pytest.approx(0.89 / 0.9), "storage_share": 0.35}
+
+
 @pytest.mark.slow  # about 1 min a store on a loaded 2-core box: a server start and 3 x 120 requests
 @pytest.mark.parametrize("store_name", ["mediator-0.5-0.1", "1bit-uniform"])
 def test_routed_rows_through_the_server_give_the_same_answers(smoke, store_name, tmp_path):
