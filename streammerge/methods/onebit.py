@@ -17,6 +17,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from ..analysis.summary import KINDS as MODULE_KINDS
 from ..dtypes import BF16, round_to
 from ..encodings import onebit as enc
 from ..encodings import sparse
@@ -25,6 +26,23 @@ from ..kernels.onebit import onebit_encode, onebit_fallback
 from ..ops.consensus import consensus, disjoint_mean, sum_into
 from ..ops.topk import CHUNK, TopK, block_size, flat, numel, scratch, select_block
 from .base import Block, MergeMethod, Param, Pass, Stats, TensorParams, register
+
+
+def precision_by_kind(text: str) -> dict[str, str]:
+    """{module kind: precision} of the `precision_by_kind` parameter, "kind=precision, ..."
+    (e.g. "embedding=2bit, norm=dense"); "" is none. Raises ValueError on an unknown kind or
+    precision, or a kind named twice."""
+    out: dict[str, str] = {}
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        kind, sep, precision = (x.strip().lower() for x in item.partition("="))
+        if not sep or kind not in MODULE_KINDS:
+            raise ValueError(f"{item!r}: expected <kind>=<precision>, kind one of {', '.join(MODULE_KINDS)}")
+        if kind in out:
+            raise ValueError(f"module kind {kind!r} is given twice")
+        enc.resolve_precision(precision, "row", (2, 2), 0.0)  # validates the precision
+        out[kind] = precision
+    return out
+
 
 register(
     MergeMethod(
@@ -45,6 +63,15 @@ register(
             Param("preset", str, "auto", choices=("paper", "auto", "uniform"), help="precision plan per (task, module kind)"),
             Param("coverage", float, 0.8, min=0, max=1, help="preset auto: keep the module kinds holding this share of a task's squared norm"),
             Param("bits", int, 1, min=1, max=2, help="sign bits per entry of a 1-bit precision: 2 adds the residual's sign and a second scale per row"),
+            Param(
+                "precision_by_kind",
+                str,
+                "",
+                check=precision_by_kind,
+                help="overrides of the preset for every task, 'kind=precision, ...' (kinds attention, mlp, norm, embedding, other;"
+                " precisions drop, 1bit, 2bit, sparse-<rho>, dense), e.g. 'embedding=2bit' for a second bit there only",
+                example="embedding=2bit",
+            ),
             Param("scale", str, "absmean", choices=("absmean", "rms"), help="1-bit scale: mean|tau| (least squares) or ||tau||/sqrt(n) (keeps the norm)"),
             Param("granularity", str, "tensor", choices=("tensor", "row"), help="one scale per tensor or per output row"),
             Param("lambda", float, 1.0, min=0, help="weight of the other tasks' TIES merge (dynamic) and of the static fallback"),

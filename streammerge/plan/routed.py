@@ -30,7 +30,7 @@ from ..errors import RecipeError
 from ..kernels import linear as linear_kernels
 from ..methods import Block, MergeMethod, TensorParams, get_method
 from ..methods.mediator import mediator_expert_method
-from ..methods.onebit import onebit_encode_method, onebit_fallback_method
+from ..methods.onebit import onebit_encode_method, onebit_fallback_method, precision_by_kind
 from .planner import Plan, TensorJob
 
 KINDS = ("attention", "mlp", "norm", "embedding", "other")
@@ -180,6 +180,10 @@ def onebit_decision(summary: dict, g: dict, tasks: list[str], task_types: list[s
         if g["bits"] == 2:  # a second sign bit (the residual's) wherever the preset keeps one
             precision[task] = {k: ("2bit" if p == "1bit" else p) for k, p in precision[task].items()}
             why[task] += "; 2 bits"
+        overrides = precision_by_kind(g.get("precision_by_kind") or "")
+        if overrides:  # the recipe's precision for these kinds, whatever the preset chose
+            precision[task].update(overrides)
+            why[task] += "; " + ", ".join(f"{k} {p}" for k, p in overrides.items())
     return {
         "method": "1bit",
         "tasks": tasks,
@@ -188,6 +192,7 @@ def onebit_decision(summary: dict, g: dict, tasks: list[str], task_types: list[s
         "precision": precision,
         "why": why,
         "bits": g["bits"],
+        "precision_by_kind": g.get("precision_by_kind") or "",
         "scale": g["scale"],
         "granularity": g["granularity"],
         "lambda": g["lambda"],
