@@ -111,7 +111,13 @@ def as2d(a, shape):
 
 def ref_scale(tau, scale, axis=None):
     t = tau.astype(np.float64)
-    v = np.mean(np.abs(t), axis=axis) if scale == "absmean" else np.sqrt(np.mean(t * t, axis=axis))
+    a, r = np.mean(np.abs(t), axis=axis), np.sqrt(np.mean(t * t, axis=axis))
+    if scale == "absmean":
+        v = a
+    elif scale == "rms":
+        v = r
+    else:  # pow:<g>: absmean * (rms / absmean)^g
+        v = a * (r / a) ** float(scale[4:])
     return np.float32(v) if axis is None else v.astype(np.float32)
 
 
@@ -137,9 +143,10 @@ def ref_tau_hat(kind, tau, scale="absmean", rho=0.1):
         s2 = np.where(r >= 0, 1, -1).astype(np.float32)
         a2 = ref_scale(r, "absmean", axis=1)[:, None]
         fit = a1.astype(np.float64) * s1 + a2.astype(np.float64) * s2
-        if scale == "rms":
+        if scale != "absmean":  # rms: the row's norm; pow:<g>: that factor to the power g
             q_fit = np.sqrt(np.mean(fit * fit, axis=1, keepdims=True))
-            fit *= np.where(q_fit > 0, ref_scale(t2, "rms", axis=1)[:, None] / np.where(q_fit > 0, q_fit, 1), 1)
+            f = np.where(q_fit > 0, ref_scale(t2, "rms", axis=1)[:, None] / np.where(q_fit > 0, q_fit, 1), 1)
+            fit *= f ** (1.0 if scale == "rms" else float(scale[4:]))
         return fit.astype(np.float32).reshape(shape)
     if kind == "sparse":
         n = tau.size
@@ -212,7 +219,7 @@ def test_nan_sign_is_negative():
 # scales
 
 
-@pytest.mark.parametrize("scale", ["absmean", "rms"])
+@pytest.mark.parametrize("scale", ["absmean", "rms", "pow:2.0", "pow:0.5"])
 @pytest.mark.parametrize("shape", [(37, 29), (300,), (5, 4, 6)])
 def test_scales_brute_force_and_bounds(scale, shape):
     base, models = family(shape, n=1, seed=3, zeros=0.1)
@@ -233,8 +240,12 @@ def test_scales_brute_force_and_bounds(scale, shape):
         for c in (0.0, 0.5 * a, 0.9 * a, 0.999 * a, 1.001 * a, 1.1 * a, 2 * a):
             assert err(a) <= err(c) * (1 + 1e-9)
         np.testing.assert_allclose(err(a), np.sum(t64**2) - n * float(a) ** 2, rtol=1e-5)
-    else:
+    elif scale == "rms":
         np.testing.assert_allclose(np.linalg.norm(a * s64), np.linalg.norm(t64), rtol=1e-6)
+    elif scale == "pow:2.0":  # tau_hat projects onto tau as tau itself
+        np.testing.assert_allclose(np.sum(a * s64 * t64), np.sum(t64 * t64), rtol=1e-6)
+    else:  # between absmean and rms
+        assert ref_scale(tau, "absmean") < a < ref_scale(tau, "rms")
     # per row
     if len(shape) >= 2:
         t2 = as2d(tau, shape)
@@ -244,7 +255,7 @@ def test_scales_brute_force_and_bounds(scale, shape):
             e = lambda c: float(np.sum((t2[r].astype(np.float64) - c * np.where(t2[r] >= 0, 1.0, -1.0)) ** 2))  # noqa: E731
             if scale == "absmean":
                 assert all(e(rs[r]) <= e(c) * (1 + 1e-9) for c in (0.9 * rs[r], 1.1 * rs[r]))
-            else:
+            elif scale == "rms":
                 np.testing.assert_allclose(rs[r] * np.sqrt(t2.shape[1]), np.linalg.norm(t2[r]), rtol=1e-6)
 
 
@@ -514,7 +525,7 @@ def _kind(p, shape, granularity="tensor"):
 
 
 @pytest.mark.parametrize("shape", [(48, 20), (3, 5, 7), (257,), ()])
-@pytest.mark.parametrize("scale", ["absmean", "rms"])
+@pytest.mark.parametrize("scale", ["absmean", "rms", "pow:2.0"])
 def test_encode_reconstruct_fallback_dynamic(shape, scale):
     base, models = family(shape, n=len(TASKS), seed=13, zeros=0.05)
     tau = taus_of(base, models)

@@ -376,3 +376,33 @@ def test_onebit_precision_by_kind_rejects_bad_values(family, tmp_path, bad):
     out = run("build", r, "--store", tmp_path / "s.zarr", expect=1)
     assert out.startswith("error: ") and "precision_by_kind" in out and len(out.strip().splitlines()) == 1, out
     assert not (tmp_path / "s.zarr").exists()
+
+
+def test_onebit_scale_exponent_task_export_equals_formula(family, tmp_path):
+    """scale_exponent g: each row's scale is absmean * (rms / absmean)^g (g = 2: ||tau||^2 /
+    ||tau||_1, tau_hat's projection onto tau is tau), 1-D tensors one such scale per tensor; the
+    routed weights equal the export."""
+    from streammerge.routing.decision import forced
+    from weight_swap import DenseDecisions
+    from streammerge.store.store import Store
+
+    base, fts, b, fs = family
+    params = {"preset": "uniform", "scale": "absmean", "scale_exponent": 2.0, "granularity": "row", "lambda": 0.0}
+    store = tmp_path / "bit.zarr"
+    run("build", write_recipe(tmp_path / "r.yaml", recipe("1bit", base, fts, **params)), "--store", store, "--block-elements", "1000")
+    decision = json.loads((store / "method.json").read_text())
+    assert decision["scale_exponent"] == 2.0
+    run("export", store, tmp_path / "math", "--variant", "task:math")
+    got = load_model_tensors(tmp_path / "math")
+    for name in b:
+        tau = fs[1][name].float() - b[name].float()
+        t = (tau.reshape(tau.shape[0], -1) if tau.dim() >= 2 else tau.reshape(1, -1)).double()
+        alpha = t.pow(2).sum(-1, keepdim=True) / t.abs().sum(-1, keepdim=True)
+        hat = (alpha * torch.where(t >= 0, 1.0, -1.0).double()).reshape(tau.shape)
+        want = (b[name].double() + hat).to(torch.bfloat16)
+        diff = (got[name].float() - want.float()).abs()
+        tol = torch.exp2(torch.floor(torch.log2(want.float().abs().clamp_min(2.0**-126))) - 7)
+        assert (diff <= tol).all(), f"{name}: max diff {diff.max()}"
+    w = DenseDecisions(Store.open(store), decision, "cpu", torch.float32, {}).weights(forced("math", TASKS))
+    for name, v in w.items():
+        assert torch.equal(v, got[name].float()), name

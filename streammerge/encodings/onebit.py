@@ -20,8 +20,11 @@ Conventions
   byte zero-padded. Nothing is required from the engine (any block_rows works; the padding
   costs < 1 byte per block), and the decoded signs do not depend on the blocking.
 * Scale alpha: "absmean" = mean|tau| (the c minimising ||tau - c*sign(tau)||^2; its error is
-  ||tau||^2 - n*alpha^2) or "rms" = ||tau||_2 / sqrt(n) (||alpha*sign(tau)|| = ||tau||). Sums in
-  float64, alpha rounded to float32 once.
+  ||tau||^2 - n*alpha^2) or "rms" = ||tau||_2 / sqrt(n) (||alpha*sign(tau)|| = ||tau||), or
+  between and beyond them "pow:<g>" = absmean * (rms / absmean)^g (g >= 0; 0 and 1 are absmean
+  and rms; g = 2 gives ||tau||^2 / ||tau||_1, the scale whose tau_hat projects onto tau as tau
+  itself: <tau_hat, tau> = ||tau||^2), computed in float64 from both moments (0 where absmean
+  is 0). Sums in float64, alpha rounded to float32 once.
   - per tensor ("1bit", granularity "tensor"): a pass; stats key "<task>.alpha" (a float that
     is exactly a float32). The sums are exact-order: per aligned group of GROUP flat elements
     (a numpy float64 sum of the group), groups cut by a block boundary are sent whole as values
@@ -35,7 +38,8 @@ Conventions
   r = tau - a1 * s1 (float32), s2 = sign(r), a2 = mean_row|r| (the greedy least-squares fit).
   Scale "absmean": b = a. Scale "rms": both scaled by f = rms(tau) / rms(a1 s1 + a2 s2) per row
   (float32 division; 1 where the fit is zero), so each row keeps its norm as the 1-bit rms
-  scale does. Outputs "<task>.bits" and "<task>.bits2" (packed like the 1-bit signs),
+  scale does. Scale "pow:<g>": both scaled by f^g (f as for rms, raised in float64, rounded to
+  float32). Outputs "<task>.bits" and "<task>.bits2" (packed like the 1-bit signs),
   "<task>.scale" and "<task>.scale2" (float32 (rows,)): 2 bits + 8 bytes per row.
 * Precisions per task (for this tensor): "drop" (nothing), "1bit", "1bit-row", "2bit", "sparse" (top
   rho of |tau| over the whole tensor, exactly k = int(rho*n), ties by flat index; blob
@@ -128,21 +132,68 @@ def unpack_signs_flat(blob, size: int) -> np.ndarray:
     return s
 
 
+def scale_spec(scale: str, exponent: float = -1.0) -> str:
+    """The scale rule of the recipe's `scale` and `scale_exponent` (negative: off): "absmean",
+    "rms" or "pow:<g>" (exponents 0 and 1 are absmean and rms, bit for bit)."""
+    if exponent < 0:
+        return scale
+    if exponent in (0, 1):
+        return ("absmean", "rms")[int(exponent)]
+    return f"pow:{float(exponent)!r}"
+
+
+def exponent_of(scale: str) -> float:
+    """g of a scale rule: absmean 0, rms 1, pow:<g> g; ValueError for anything else."""
+    if scale in SCALES:
+        return float(SCALES.index(scale))
+    if isinstance(scale, str) and scale.startswith("pow:"):
+        try:
+            g = float(scale[4:])
+        except ValueError:
+            g = -1.0
+        if g >= 0 and math.isfinite(g):
+            return g
+    raise ValueError(f"scale must be one of {SCALES} or pow:<exponent >= 0>, got {scale!r}")
+
+
 def moments(t: np.ndarray, scale: str) -> np.ndarray:
-    """float64 sums along axis 1 of |t| (absmean) or t^2 (rms); t float32 2-D."""
+    """float64 sums along axis 1 of |t| (absmean), t^2 (rms) or both, stacked on a last axis of
+    2 (pow:<g>); t float32 2-D."""
     y = t.astype(np.float64)
     if scale == "absmean":
         np.abs(y, out=y)
-    else:
+    elif scale == "rms":
         np.multiply(y, y, out=y)
+    else:
+        return np.stack([np.add.reduce(np.abs(y), axis=1), np.add.reduce(np.multiply(y, y, out=y), axis=1)], axis=-1)
     return np.add.reduce(y, axis=1)
 
 
+def exact_total(sums: Sequence[np.ndarray]) -> float | np.ndarray:
+    """math.fsum of the concatenated moment sums (per moment for pow:<g>): exactly rounded, so
+    independent of how the sums were split."""
+    sums = [x for x in sums if x.size]  # an empty part has no moment axis
+    if not sums:
+        return 0.0
+    v = np.concatenate(sums)
+    return math.fsum(v) if v.ndim == 1 else np.array([math.fsum(c) for c in v.T])
+
+
 def scale_from(total: float | np.ndarray, n: int, scale: str):
-    """The float32 scale of a float64 moment sum over n entries: mean, or its root for rms."""
+    """The float32 scale of float64 moment sums over n entries: the mean, its root for rms, or
+    absmean * (rms / absmean)^g for pow:<g> (0 where absmean is 0)."""
+    total = np.asarray(total, dtype=np.float64)
+    if scale not in SCALES:
+        g = exponent_of(scale)
+        if n == 0:
+            return np.zeros(total.shape[:-1], np.float32) if total.ndim > 1 else 0.0
+        a, r = total[..., 0] / n, np.sqrt(total[..., 1] / n)
+        pos = a > 0
+        out = np.where(pos, a * np.power(r / np.where(pos, a, 1.0), g), 0.0)
+        return out.astype(np.float32)
     if n == 0:
         return 0.0 if np.ndim(total) == 0 else np.zeros_like(total)
-    m = np.asarray(total, dtype=np.float64) / n
+    m = total / n
     if scale == "rms":
         m = np.sqrt(m)
     return m.astype(np.float32)
@@ -161,8 +212,7 @@ def tensor_scale(tau: np.ndarray, scale: str = "absmean") -> float:
     parts = [moments(f[:full].reshape(-1, GROUP), scale)] if full else []
     if full < f.size:
         parts.append(moments(f[full:].reshape(1, -1), scale))
-    total = math.fsum(np.concatenate(parts)) if parts else 0.0
-    return float(scale_from(total, f.size, scale))
+    return float(scale_from(exact_total(parts), f.size, scale))
 
 
 def plus_minus(mask: np.ndarray, a: np.ndarray) -> np.ndarray:
@@ -185,8 +235,15 @@ def two_bit_fit(tau2d: np.ndarray, scale: str = "rms"):
         return m1, m2, a1, a2
     fit = np.add(h1, plus_minus(m2, a2))
     q_t, q_h = row_scales(t, "rms")[:, None], row_scales(fit, "rms")[:, None]
-    f = np.divide(q_t, q_h, out=np.ones_like(q_t), where=q_h > 0)
+    f = norm_gain(np.divide(q_t, q_h, out=np.ones_like(q_t), where=q_h > 0), scale)
     return m1, m2, a1 * f, a2 * f
+
+
+def norm_gain(f: np.ndarray, scale: str) -> np.ndarray:
+    """The 2-bit fit's factor: f (float32 rms(tau) / rms(fit)) for rms, f^g in float64 rounded
+    to float32 for pow:<g>."""
+    g = exponent_of(scale)
+    return f if g == 1 else np.power(f.astype(np.float64), g).astype(np.float32)
 
 
 def two_bit_hat(m1: np.ndarray, m2: np.ndarray, b1: np.ndarray, b2: np.ndarray) -> np.ndarray:
@@ -242,8 +299,7 @@ def check_common(tasks, precisions, scale, granularity, rho):
     missing = [t for t in tasks if t not in precisions]
     if missing:
         raise ValueError(f"no precision for task(s) {missing}")
-    if scale not in SCALES:
-        raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
+    exponent_of(scale)  # validates it
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
     if not 0 <= rho <= 1:
@@ -428,6 +484,8 @@ __all__ = [
     "SCALES",
     "TaskSpec",
     "dynamic_merge_block",
+    "exact_total",
+    "exponent_of",
     "fallback_merge_block",
     "onebit_outputs",
     "pack_signs",
@@ -437,6 +495,7 @@ __all__ = [
     "reconstruct_task",
     "resolve_precision",
     "row_scales",
+    "scale_spec",
     "task_specs",
     "tensor_scale",
     "ties_merge",

@@ -18,7 +18,6 @@ sum, whose rounding error is ~1e-16 relative, falls that close to a float32 roun
 
 from __future__ import annotations
 
-import math
 from functools import lru_cache
 
 import numpy as np
@@ -119,6 +118,8 @@ def moment_sums(t2d, scale: str) -> np.ndarray:
     encodings/onebit.py's `moments` computes them; on the host."""
     import torch
 
+    if scale not in enc.SCALES:  # pow:<g>: both moments, stacked as `moments` does
+        return np.stack([moment_sums(t2d, "absmean"), moment_sums(t2d, "rms")], axis=-1)
     rows, n = t2d.shape
     step = max(1, SUM_CHUNK // max(n, 1))
     parts = []
@@ -137,8 +138,7 @@ def tensor_alpha(tau, scale: str) -> float:
     sums = [moment_sums(f[:full].view(-1, enc.GROUP), scale)] if full else []
     if full < n:
         sums.append(moment_sums(f[full:].view(1, -1), scale))
-    total = math.fsum(np.concatenate(sums)) if sums else 0.0
-    return float(enc.scale_from(total, n, scale))
+    return float(enc.scale_from(enc.exact_total(sums), n, scale))
 
 
 def row_scales(tau2d, scale: str):
@@ -228,6 +228,8 @@ def two_bit_fit(t, scale: str):
     fit = h1.add_(plus_minus(m2, a2))
     q_t, q_h = row_scales(t, "rms")[:, None], row_scales(fit, "rms")[:, None]
     f = torch.where(q_h > 0, q_t / torch.where(q_h > 0, q_h, 1.0), 1.0)
+    if scale != "rms":  # pow:<g>: f^g raised on the host in float64, as encodings/onebit.py
+        f = torch.from_numpy(enc.norm_gain(f.cpu().numpy(), scale)).to(f.device)
     return m1, m2, a1 * f, a2 * f
 
 

@@ -12,7 +12,6 @@ encodings/onebit.py.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -73,6 +72,14 @@ register(
                 example="embedding=2bit",
             ),
             Param("scale", str, "absmean", choices=("absmean", "rms"), help="1-bit scale: mean|tau| (least squares) or ||tau||/sqrt(n) (keeps the norm)"),
+            Param(
+                "scale_exponent",
+                float,
+                -1.0,
+                max=4,
+                help="if >= 0: the 1-bit scale is absmean * (rms/absmean)^exponent (overrides scale: 0 absmean, 1 rms,"
+                " 2 ||tau||^2/||tau||_1, whose tau_hat projects onto tau as tau); negative: off",
+            ),
             Param("granularity", str, "tensor", choices=("tensor", "row"), help="one scale per tensor or per output row"),
             Param("lambda", float, 1.0, min=0, help="weight of the other tasks' TIES merge (dynamic) and of the static fallback"),
             Param("rho", float, 0.1, min=0, max=1, help="density of 'sparse' precision entries"),
@@ -197,8 +204,7 @@ class _OneBit:
                 lst.sort(key=lambda x: x[0])
                 v = np.concatenate([x[1] for x in lst])
                 sums.append(enc.moments(v.reshape(1, -1), self.scale))
-            total = math.fsum(np.concatenate(sums)) if sums else 0.0
-            out[f"{task}.alpha"] = float(enc.scale_from(total, n, self.scale))
+            out[f"{task}.alpha"] = float(enc.scale_from(enc.exact_total(sums), n, self.scale))
         return out
 
     @property
