@@ -13,7 +13,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 torch = pytest.importorskip("torch")
 
-from quality.whatif import group_rms_hat, group_scale_bytes  # noqa: E402
+from quality.whatif import group_rms_hat, group_scale_bytes, rowcol_rms_hat, rowcol_scale_bytes  # noqa: E402
 from streammerge.encodings import onebit  # noqa: E402
 
 
@@ -57,3 +57,38 @@ def test_group_scale_bytes_counts_each_piece(shape, group):
         n = int(np.prod(shape))
         bits, scales = len(np.packbits(np.zeros(n, bool))), 4
     assert group_scale_bytes(shape, group) == bits + scales
+
+
+@pytest.mark.parametrize("shape", [(6, 40), (5, 3, 7), (33,)])
+def test_rowcol_rms_hat_is_the_numpy_formula(shape):
+    rng = np.random.default_rng(7)
+    tau = (rng.standard_normal(shape) * rng.uniform(0.1, 3, shape[-1]) * 1e-3).astype(np.float32)
+    got = rowcol_rms_hat(torch.from_numpy(tau.copy())).numpy()
+    if tau.ndim < 2:
+        want = ref_group_hat(tau, tau.size)
+    else:
+        t2 = tau.reshape(shape[0], -1).astype(np.float64)
+        b = np.array([np.sqrt(np.mean(t2[:, c] ** 2)) for c in range(t2.shape[1])])
+        a = np.array([np.linalg.norm(t2[r]) / np.linalg.norm(b) for r in range(t2.shape[0])])
+        want = (np.outer(a, b) * np.where(t2 >= 0, 1, -1)).reshape(shape)
+        # each row keeps its norm
+        np.testing.assert_allclose(np.linalg.norm(got.reshape(shape[0], -1), axis=1), np.linalg.norm(t2, axis=1), rtol=1e-5)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=0)
+
+
+def test_rowcol_with_equal_columns_is_the_row_scale():
+    rng = np.random.default_rng(3)
+    s = np.where(rng.standard_normal((8, 16)) >= 0, 1.0, -1.0)
+    tau = (s * rng.uniform(0.5, 2, (8, 1)) * 1e-3).astype(np.float32)  # |tau| constant along each row
+    b = rowcol_rms_hat(torch.from_numpy(tau)).numpy()
+    np.testing.assert_allclose(b, onebit.row_scales(tau, "rms")[:, None] * s, rtol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(6, 40), (5, 3, 7), (33,), ()])
+def test_rowcol_scale_bytes_counts_each_piece(shape):
+    if len(shape) >= 2:
+        rows, cols = shape[0], int(np.prod(shape[1:]))
+        want = rows * len(np.packbits(np.zeros(cols, bool))) + 4 * rows + 4 * cols
+    else:
+        want = len(np.packbits(np.zeros(int(np.prod(shape)), bool))) + 4
+    assert rowcol_scale_bytes(shape) == want

@@ -15,6 +15,13 @@ the results and are not streammerge output.
                             its decode (serving's per-row scaled sign product) would need
                             per-group scales first; this says whether they are worth it.
 
+  1bit-rms-rowcol           the same with a scale per row times one per column:
+                            tau_hat[r, c] = a_r * b_c * sign(tau[r, c]), b_c the rms of column c,
+                            a_r = ||tau[r]|| / ||b|| (each row keeps its norm; b constant gives
+                            the rms row scale). The column factor applies to a layer's input, so
+                            a sign product would stay one matmul: a * ((x * b) @ S^T).
+                            Storage: bits, a float32 per row and per column, per task.
+
 (Mediator with the tensors outside the layers routed, simulated here before, is its
 `route_outside` option now: real rows of the table. A second bit or dense values for named
 module kinds, simulated here before for the embeddings, is 1bit's `precision_by_kind` now.)
@@ -79,6 +86,32 @@ def group_rms_hat(tau, group: int):
     return torch.where(t2 >= 0, full, -full).reshape(t.shape)
 
 
+def rowcol_rms_hat(tau):
+    """a_r * b_c * sign(tau) (+1 at zero): b_c = rms of column c, a_r = ||tau[r]|| / ||b||
+    (float64, scales rounded to float32, the product in float32); 1-D / 0-D tensors one rms for
+    the whole tensor. float32 torch tensor of tau's shape."""
+    import torch
+
+    t = tau.float()
+    if t.dim() < 2:
+        return group_rms_hat(t, 1)
+    t2 = t.reshape(t.shape[0], -1).double()
+    b = t2.pow(2).mean(0).sqrt()
+    nb = b.pow(2).sum().sqrt()
+    a = torch.where(nb > 0, t2.pow(2).sum(1).sqrt() / torch.where(nb > 0, nb, 1.0), 0.0)
+    mag = a.float()[:, None] * b.float()[None, :]
+    return torch.where(t2 >= 0, mag, -mag).reshape(t.shape)
+
+
+def rowcol_scale_bytes(shape) -> int:
+    """Bytes of one task's row x column scaled encoding of a tensor: packed bits per row and a
+    float32 per row and per column (1-D: bits and one float32)."""
+    if len(shape) >= 2:
+        rows, cols = shape[0], int(math.prod(shape[1:]))
+        return rows * (-(-cols // 8)) + 4 * rows + 4 * cols
+    return -(-int(math.prod(shape)) // 8) + 4
+
+
 def group_scale_bytes(shape, group: int) -> int:
     """Bytes of one task's encoding of a tensor with per-group scales: packed bits per row
     (1-D: per tensor) and a float32 scale per group (1-D: one)."""
@@ -89,9 +122,10 @@ def group_scale_bytes(shape, group: int) -> int:
     return -(-n // 8) + 4
 
 
-def _group_models(group: int, root: Path, work: Path) -> int:
-    """Writes work/<task>/ (theta_0 + group_rms_hat(tau_task), in the base's dtype, beside the
-    base's config and tokenizer) for every task; returns the storage bytes."""
+def _simulated_models(hat, nbytes, root: Path, work: Path) -> int:
+    """Writes work/<task>/ (theta_0 + hat(tau_task), in the base's dtype, beside the base's
+    config and tokenizer) for every task; returns the storage bytes: the base and, per task,
+    nbytes(shape) per float tensor."""
     from safetensors.torch import save_file
 
     base = _load(root / "base")
@@ -102,11 +136,11 @@ def _group_models(group: int, root: Path, work: Path) -> int:
         shutil.rmtree(out, ignore_errors=True)
         shutil.copytree(root / "base", out, ignore=shutil.ignore_patterns("*.safetensors"))
         expert = _load(root / t)
-        state = {n: (b.float() + group_rms_hat(expert[n].float() - b.float(), group)).to(b.dtype) if b.is_floating_point() else b
+        state = {n: (b.float() + hat(expert[n].float() - b.float())).to(b.dtype) if b.is_floating_point() else b
                  for n, b in base.items()}
         save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
     base_bytes = sum(v.numel() * v.element_size() for v in base.values())
-    return base_bytes + len(T.TASKS) * sum(group_scale_bytes(tuple(v.shape), group) for v in base.values() if v.is_floating_point())
+    return base_bytes + len(T.TASKS) * sum(nbytes(tuple(v.shape)) for v in base.values() if v.is_floating_point())
 
 
 def _dense_embedding_models(store: Path, root: Path, work: Path) -> int:
@@ -133,7 +167,10 @@ def evaluate_whatif(kind: str, store: Path, root: Path, work: Path, sets: EvalSe
     if kind == "1bit-dense-embeddings":
         storage_bytes = _dense_embedding_models(store, root, work)
     elif kind.startswith("1bit-rms-group") and kind[14:].isdigit() and int(kind[14:]) > 0:
-        storage_bytes = _group_models(int(kind[14:]), root, work)
+        g = int(kind[14:])
+        storage_bytes = _simulated_models(lambda t: group_rms_hat(t, g), lambda shape: group_scale_bytes(shape, g), root, work)
+    elif kind == "1bit-rms-rowcol":
+        storage_bytes = _simulated_models(rowcol_rms_hat, rowcol_scale_bytes, root, work)
     else:
         raise ValueError(f"unknown what-if {kind!r}")
     acc = {}
