@@ -116,8 +116,9 @@ def ref_scale(tau, scale, axis=None):
         v = a
     elif scale == "rms":
         v = r
-    else:  # pow:<g>: absmean * (rms / absmean)^g
-        v = a * (r / a) ** float(scale[4:])
+    else:  # pow:<g>: absmean * (rms / absmean)^g, 0 where all entries are 0
+        with np.errstate(invalid="ignore", divide="ignore"):
+            v = np.where(a > 0, a * (r / a) ** float(scale[4:]), 0.0)
     return np.float32(v) if axis is None else v.astype(np.float32)
 
 
@@ -674,3 +675,49 @@ def test_methods_pickle():
                         np.testing.assert_array_equal(a[key], b[key])
             else:
                 np.testing.assert_array_equal(a, b)
+
+
+def ref_group_hat(tau, scale, group):
+    """tau_hat with one scale per group of `group` consecutive entries of each row, entry by
+    entry (1-D / 0-D: the per-tensor scale)."""
+    if tau.ndim <= 1:
+        return ref_tau_hat("1bit", tau, scale)
+    t2 = as2d(tau, tau.shape)
+    out = np.empty(t2.shape, np.float32)
+    for r in range(t2.shape[0]):
+        for c0 in range(0, t2.shape[1], group):
+            part = t2[r, c0 : c0 + group]
+            out[r, c0 : c0 + group] = ref_scale(part, scale) * np.where(part >= 0, 1, -1)
+    return out.reshape(tau.shape)
+
+
+@pytest.mark.parametrize("shape,group", [((48, 20), 8), ((3, 5, 7), 16), ((6, 64), 64), ((9, 5), 1), ((257,), 8), ((), 8)])
+@pytest.mark.parametrize("scale", ["absmean", "rms", "pow:2.0"])
+def test_group_scales_encode_reconstruct_fallback(shape, group, scale):
+    """granularity group:<G>: "1bit" of a matrix stores one scale per group of G entries of a row
+    (the last group the cols % G left), declared as (rows, ceil(cols/G)) float32; the
+    reconstruction and the fallback equal the entry-by-entry formula for every blocking."""
+    base, models = family(shape, n=3, seed=21, zeros=0.05)
+    tau = taus_of(base, models)
+    gran = f"group:{group}"
+    precisions = {"a": "1bit", "b": "1bit", "c": "dense"}
+    outs = {o.name: o for o in onebit_outputs(list(precisions), precisions, shape, gran)}
+    if len(shape) >= 2:
+        cols = int(np.prod(shape[1:]))
+        assert outs["a.scale"].trailing == (-(-cols // group),) and outs["a.scale"].dtype == "float32"
+    else:
+        assert "a.scale" not in outs
+    enc = onebit_encode_method(list(precisions), precisions, scale, gran, shape=shape)
+    fb = onebit_fallback_method(list(precisions), precisions, scale, gran, 0.5)
+    want = {t: ref_group_hat(tau[i], scale, group) for i, t in enumerate("ab")}
+    rows = shape[0] if shape else 1
+    for br in sorted({1, 5, rows}):
+        stats, res = run(enc, shape, base, models, br)
+        for t in "ab":
+            parts = [reconstruct_from_outputs(t, "1bit", shape, r1 - r0, out, stats, gran) for r0, r1, out in res]
+            got = np.concatenate([p.reshape(-1) for p in parts]).reshape(shape)
+            np.testing.assert_allclose(got, want[t], rtol=3e-7, atol=0)
+        hats = {t: np.concatenate([reconstruct_from_outputs(t, p, shape, r1 - r0, out, stats, gran).reshape(-1)
+                                   for r0, r1, out in res]).reshape(shape) for t, p in precisions.items()}
+        _, fres = run(fb, shape, base, models, br)
+        np.testing.assert_array_equal(concat(fres, shape), fallback_merge_block(base, hats, 0.5))

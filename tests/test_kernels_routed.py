@@ -150,7 +150,7 @@ def _block_sizes(shape):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("data", ["float32", "bf16"])
-@pytest.mark.parametrize("granularity", ["tensor", "row"])
+@pytest.mark.parametrize("granularity", ["tensor", "row", "group:8"])
 @pytest.mark.parametrize("scale", ["absmean", "rms", "pow:2.0"])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_onebit_kernels(shape, scale, granularity, data, device):

@@ -406,3 +406,43 @@ def test_onebit_scale_exponent_task_export_equals_formula(family, tmp_path):
     w = DenseDecisions(Store.open(store), decision, "cpu", torch.float32, {}).weights(forced("math", TASKS))
     for name, v in w.items():
         assert torch.equal(v, got[name].float()), name
+
+
+def test_onebit_group_size_task_export_equals_formula(family, tmp_path):
+    """group_size G: every matrix gets one rms scale per G consecutive entries of a row (the
+    last group the rest), 1-D tensors one per tensor; the routed weights equal the export, and
+    the store holds exactly (groups - 1) more float32 scales per row than granularity row."""
+    from streammerge.routing.decision import forced
+    from weight_swap import DenseDecisions
+    from streammerge.store.store import Store
+
+    base, fts, b, fs = family
+    G = 24  # hidden 64: two full groups and a tail of 16; intermediate 128: five and a tail of 8
+    params = {"preset": "uniform", "scale": "rms", "granularity": "row", "lambda": 0.0}
+    store = tmp_path / "bit.zarr"
+    run("build", write_recipe(tmp_path / "r.yaml", recipe("1bit", base, fts, **params, group_size=G)), "--store", store,
+        "--block-elements", "1000")
+    decision = json.loads((store / "method.json").read_text())
+    assert decision["granularity"] == f"group:{G}"
+    run("export", store, tmp_path / "code", "--variant", "task:code")
+    got = load_model_tensors(tmp_path / "code")
+    for name in b:
+        tau = fs[2][name].float() - b[name].float()
+        t = (tau.reshape(tau.shape[0], -1) if tau.dim() >= 2 else tau.reshape(1, -1)).double()
+        g = G if tau.dim() >= 2 else t.shape[1]
+        scale = torch.cat([t[:, c0 : c0 + g].pow(2).mean(-1, keepdim=True).sqrt().expand(-1, t[:, c0 : c0 + g].shape[1])
+                           for c0 in range(0, t.shape[1], g)], dim=1)
+        hat = (scale * torch.where(t >= 0, 1.0, -1.0).double()).reshape(tau.shape)
+        want = (b[name].double() + hat).to(torch.bfloat16)
+        diff = (got[name].float() - want.float()).abs()
+        tol = torch.exp2(torch.floor(torch.log2(want.float().abs().clamp_min(2.0**-126))) - 7)
+        assert (diff <= tol).all(), f"{name}: max diff {diff.max()}"
+    w = DenseDecisions(Store.open(store), decision, "cpu", torch.float32, {}).weights(forced("code", TASKS))
+    for name, v in w.items():
+        assert torch.equal(v, got[name].float()), name
+
+    row = tmp_path / "row.zarr"
+    run("build", write_recipe(tmp_path / "r1.yaml", recipe("1bit", base, fts, **params)), "--store", row, "--block-elements", "1000")
+    s1, s2 = (json.loads((p / "storage.json").read_text())["total_bytes"] for p in (row, store))
+    extra = sum(3 * 4 * v.shape[0] * (-(-v[0].numel() // G) - 1) for v in b.values() if v.dim() >= 2)
+    assert extra > 0 and s2 - s1 == extra

@@ -33,6 +33,12 @@ Conventions
   - per row ("1bit-row", or "1bit" with granularity "row"): computed in the block; output
     "<task>.scale" float32, trailing (). For ndim <= 1 the one row is the whole tensor, so it is
     the per-tensor alpha (stats), and no scale output exists.
+  - per group ("1bit-group": "1bit" with granularity "group:<G>", ndim >= 2): one scale per
+    group of G consecutive entries of a row, columns [g*G, (g+1)*G); the last group of a row
+    holds the cols % G left (if any). Output "<task>.scale" float32, trailing
+    (ceil(cols/G),). Each group's scale is computed like a row's from its own entries (the full
+    groups' moments as rows of a (rows * (cols // G), G) array, the tails' as rows of their
+    own). 1-D / 0-D tensors: the per-tensor alpha.
 * Two bits ("2bit", per row; 1-D and 0-D tensors fall back to "1bit", one scale): a second
   sign bit for the residual, tau ~ b1 * s1 + b2 * s2 with s1 = sign(tau), a1 = mean_row|tau|,
   r = tau - a1 * s1 (float32), s2 = sign(r), a2 = mean_row|r| (the greedy least-squares fit).
@@ -81,8 +87,8 @@ from ..ops.consensus import ties_merge
 from .sparse import apply_sparse, check_tasks
 
 SCALES = ("absmean", "rms")
-GRANULARITIES = ("tensor", "row")
-KINDS = ("drop", "1bit", "1bit-row", "2bit", "sparse", "dense")
+GRANULARITIES = ("tensor", "row", "group:<G>")
+KINDS = ("drop", "1bit", "1bit-row", "1bit-group", "2bit", "sparse", "dense")
 GROUP = 1 << 14  # flat-aligned groups of the exact-order per-tensor sums
 
 _BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -215,6 +221,44 @@ def tensor_scale(tau: np.ndarray, scale: str = "absmean") -> float:
     return float(scale_from(exact_total(parts), f.size, scale))
 
 
+def granularity_spec(granularity: str, group_size: int = 0) -> str:
+    """The encoder's granularity of the recipe's `granularity` and `group_size` (0: off):
+    "tensor", "row" or "group:<G>"."""
+    return f"group:{int(group_size)}" if group_size > 0 else granularity
+
+
+def group_of(granularity: str) -> int | None:
+    """G of "group:<G>", None for "tensor" and "row"; ValueError for anything else."""
+    if granularity in ("tensor", "row"):
+        return None
+    if isinstance(granularity, str) and granularity.startswith("group:") and granularity[6:].isdigit() and int(granularity[6:]) > 0:
+        return int(granularity[6:])
+    raise ValueError(f"granularity must be tensor, row or group:<G >= 1>, got {granularity!r}")
+
+
+def n_groups(cols: int, group: int) -> int:
+    return -(-cols // group)
+
+
+def group_scales(tau2d: np.ndarray, scale: str, group: int) -> np.ndarray:
+    """float32 (rows, ceil(cols/G)): each group's scale from its own entries (module doc)."""
+    t = np.asarray(tau2d, dtype=np.float32)
+    rows, cols = t.shape
+    full = cols // group
+    parts = []
+    if full:
+        body = np.ascontiguousarray(t[:, : full * group]).reshape(rows * full, group)
+        parts.append(scale_from(moments(body, scale), group, scale).reshape(rows, full))
+    if cols % group:
+        parts.append(scale_from(moments(np.ascontiguousarray(t[:, full * group :]), scale), cols % group, scale).reshape(rows, 1))
+    return np.concatenate(parts, axis=1) if parts else np.zeros((rows, 0), np.float32)
+
+
+def expand_groups(scales: np.ndarray, group: int, cols: int) -> np.ndarray:
+    """float32 (rows, cols): each entry's group scale."""
+    return np.repeat(np.asarray(scales, dtype=np.float32), group, axis=1)[:, :cols]
+
+
 def plus_minus(mask: np.ndarray, a: np.ndarray) -> np.ndarray:
     """+-a as mask * 2a - a (float32): exact (2a is exact, 2a - a == a by Sterbenz)."""
     h = np.multiply(mask, a * np.float32(2), dtype=np.float32)
@@ -281,7 +325,8 @@ def resolve_precision(precision: str, granularity: str, shape: Sequence[int], rh
         except ValueError:
             raise ValueError(f"invalid precision {precision!r} (sparse-<rho>, e.g. sparse-0.05)") from None
     elif p in ("1bit", "1bit-row"):
-        kind = "1bit-row" if (p == "1bit-row" or granularity == "row") else "1bit"
+        grouped = group_of(granularity) is not None
+        kind = "1bit-row" if (p == "1bit-row" or granularity == "row") else ("1bit-group" if grouped else "1bit")
         if len(shape) <= 1:
             kind = "1bit"  # the whole tensor is the one row
         return kind, None
@@ -300,8 +345,7 @@ def check_common(tasks, precisions, scale, granularity, rho):
     if missing:
         raise ValueError(f"no precision for task(s) {missing}")
     exponent_of(scale)  # validates it
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    group_of(granularity)  # validates it
     if not 0 <= rho <= 1:
         raise ValueError(f"rho must be within [0, 1], got {rho}")
     for t in tasks:
@@ -333,6 +377,9 @@ def onebit_outputs(tasks, precisions, shape, granularity: str = "tensor", rho: f
                 outs.append(Output(f"{s.task}.bits", "uint8", (), blob=True))
             if s.kind == "1bit-row":
                 outs.append(Output(f"{s.task}.scale", "float32", ()))
+        elif s.kind == "1bit-group":
+            outs.append(Output(f"{s.task}.bits", "uint8", (packed_cols(shape),)))
+            outs.append(Output(f"{s.task}.scale", "float32", (n_groups(row_elems(shape), group_of(granularity)),)))
         elif s.kind == "2bit":
             for name in ("bits", "bits2"):
                 outs.append(Output(f"{s.task}.{name}", "uint8", (packed_cols(shape),)))
@@ -401,7 +448,7 @@ def reconstruct_task(
     tensor: (1,)), or None for "drop".
 
     Pieces, as stored: bits (ndim >= 2: uint8 (rows, ceil(cols/8)); ndim <= 1: the block's
-    blob bytes), scale (float32 (rows,), 1bit-row), alpha (the stats' "<task>.alpha", 1bit),
+    blob bytes), scale (float32 (rows,), 1bit-row; (rows, ceil(cols/G)), 1bit-group), alpha (the stats' "<task>.alpha", 1bit),
     bits, bits2, scale, scale2 (2bit), sparse (the block's blob bytes), dense (float32 /
     bfloat16 values, or the raw uint16 bf16 storage the store holds). granularity must be the
     encoder's.
@@ -419,6 +466,13 @@ def reconstruct_task(
         m1, m2 = (np.unpackbits(np.asarray(b, dtype=np.uint8).reshape(rows, -1), axis=1, count=cols, bitorder="little") for b in (bits, bits2))
         b1, b2 = (np.asarray(x, dtype=np.float32).reshape(rows, 1) for x in (scale, scale2))
         return two_bit_hat(m1, m2, b1, b2).reshape(bshape)
+    if kind == "1bit-group":
+        if bits is None or scale is None:
+            raise ValueError("1bit-group: bits and the group scales are needed")
+        cols, G = row_elems(shape), group_of(granularity)
+        s = unpack_signs(np.asarray(bits, dtype=np.uint8).reshape(rows, -1), cols)
+        np.multiply(s, expand_groups(np.asarray(scale, dtype=np.float32).reshape(rows, -1), G, cols), out=s)
+        return s.reshape(bshape)
     if kind in ("1bit", "1bit-row"):
         if bits is None:
             raise ValueError(f"{kind}: bits are needed")
@@ -485,7 +539,12 @@ __all__ = [
     "TaskSpec",
     "dynamic_merge_block",
     "exact_total",
+    "expand_groups",
     "exponent_of",
+    "granularity_spec",
+    "group_of",
+    "group_scales",
+    "n_groups",
     "fallback_merge_block",
     "onebit_outputs",
     "pack_signs",

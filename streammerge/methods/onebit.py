@@ -81,6 +81,14 @@ register(
                 " 2 ||tau||^2/||tau||_1, whose tau_hat projects onto tau as tau); negative: off",
             ),
             Param("granularity", str, "tensor", choices=("tensor", "row"), help="one scale per tensor or per output row"),
+            Param(
+                "group_size",
+                int,
+                0,
+                min=0,
+                help="if > 0: one scale per group of this many consecutive entries of each row of a matrix (overrides"
+                " granularity; 1-D tensors keep one per tensor); 0: off",
+            ),
             Param("lambda", float, 1.0, min=0, help="weight of the other tasks' TIES merge (dynamic) and of the static fallback"),
             Param("rho", float, 0.1, min=0, max=1, help="density of 'sparse' precision entries"),
         ),
@@ -111,6 +119,7 @@ class _OneBit:
         self.precisions = {t: precisions[t] for t in self.tasks}
         self.scale = scale
         self.granularity = granularity
+        self.group = enc.group_of(granularity)  # G of "group:<G>", else None
         self.rho = float(rho)
         self.shape = None if shape is None else tuple(shape)
         self._specs: dict[tuple, list[enc.TaskSpec]] = {}
@@ -222,6 +231,10 @@ class _OneBit:
             cols, rows = 1, nb
         return rows, cols
 
+    def scales(self, t: np.ndarray, kind: str) -> np.ndarray:
+        """1bit-row: float32 (rows,) row scales; 1bit-group: (rows, ceil(cols/G)) group scales."""
+        return enc.row_scales(t, self.scale) if kind == "1bit-row" else enc.group_scales(t, self.scale, self.group)
+
     def tau_chunk(self, block: Block, i: int, r0: int, r1: int, cols: int, name: str) -> np.ndarray:
         a, b = r0 * cols, r1 * cols
         t = scratch(name, b - a)
@@ -238,15 +251,19 @@ class _OneBit:
         for s in specs:
             if s.kind == "drop":
                 continue
-            if s.kind in ("1bit", "1bit-row"):
+            if s.kind in ("1bit", "1bit-row", "1bit-group"):
                 if nd2:
                     bits = np.empty((rows, -(-cols // 8)), dtype=np.uint8)
-                    sc = np.empty(rows, dtype=np.float32) if s.kind == "1bit-row" else None
+                    sc = None
+                    if s.kind == "1bit-row":
+                        sc = np.empty(rows, dtype=np.float32)
+                    elif s.kind == "1bit-group":
+                        sc = np.empty((rows, enc.n_groups(cols, self.group)), dtype=np.float32)
                     for r0, r1 in _row_chunks(rows, cols):
                         t = self.tau_chunk(block, s.index, r0, r1, cols, "ob.t")
                         bits[r0:r1] = enc.pack_signs(t)
                         if sc is not None:
-                            sc[r0:r1] = enc.row_scales(t, self.scale)
+                            sc[r0:r1] = self.scales(t, s.kind)
                     out[f"{s.task}.bits"] = bits
                     if sc is not None:
                         out[f"{s.task}.scale"] = sc
@@ -293,8 +310,13 @@ class _OneBit:
             hats = []
             for s in specs:
                 t = self.tau_chunk(block, s.index, r0, r1, cols, f"fb.t{len(hats)}")
-                if s.kind in ("1bit", "1bit-row"):
-                    a = alphas[s.index] if s.kind == "1bit" else enc.row_scales(t, self.scale)[:, None]
+                if s.kind in ("1bit", "1bit-row", "1bit-group"):
+                    if s.kind == "1bit":
+                        a = alphas[s.index]
+                    elif s.kind == "1bit-row":
+                        a = enc.row_scales(t, self.scale)[:, None]
+                    else:
+                        a = enc.expand_groups(enc.group_scales(t, self.scale, self.group), self.group, cols)
                     # +-a as (t >= 0) * 2a - a: exact (2a is exact, 2a - a == a by Sterbenz)
                     mb = np.greater_equal(t, 0, out=scratch("fb.sg", L, bool).reshape(shp))
                     h = t  # tau is no longer needed

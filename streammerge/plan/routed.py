@@ -24,7 +24,7 @@ import numpy as np
 from ..analysis.conflict import conflict_method
 from ..analysis.summary import module_kind
 from ..checkpoints.stacks import layer_index, stack_of
-from ..encodings.onebit import onebit_outputs, scale_spec
+from ..encodings.onebit import granularity_spec, onebit_outputs, scale_spec
 from ..encodings.sparse import expert_outputs
 from ..errors import RecipeError
 from ..kernels import linear as linear_kernels
@@ -195,7 +195,7 @@ def onebit_decision(summary: dict, g: dict, tasks: list[str], task_types: list[s
         "precision_by_kind": g.get("precision_by_kind") or "",
         "scale": g["scale"],
         "scale_exponent": g.get("scale_exponent", -1.0),
-        "granularity": g["granularity"],
+        "granularity": granularity_spec(g["granularity"], g.get("group_size", 0)),
         "lambda": g["lambda"],
         "rho": g["rho"],
     }
@@ -205,15 +205,16 @@ def onebit_jobs(plan: Plan, decision: dict) -> list[TensorJob]:
     g = plan.jobs[0].params.globals
     tasks = decision["tasks"]
     scale = scale_spec(g["scale"], g.get("scale_exponent", -1.0))
+    granularity = decision["granularity"]  # "tensor", "row" or "group:<G>"
     jobs = []
     for j in plan.jobs:
         kind = module_kind(j.name)
         precisions = {t: decision["precision"][t][kind] for t in tasks}
-        fallback = onebit_fallback_method(tasks, precisions, scale, g["granularity"], g["lambda"], g["rho"], shape=j.shape)
+        fallback = onebit_fallback_method(tasks, precisions, scale, granularity, g["lambda"], g["rho"], shape=j.shape)
         jobs.append(replace(j, method=fallback, stage="merge", key="", outputs=None))
         if any(p != "drop" for p in precisions.values()):
-            enc = onebit_encode_method(tasks, precisions, scale, g["granularity"], g["rho"], shape=j.shape)
-            outs = onebit_outputs(tasks, precisions, j.shape, g["granularity"], g["rho"])
+            enc = onebit_encode_method(tasks, precisions, scale, granularity, g["rho"], shape=j.shape)
+            outs = onebit_outputs(tasks, precisions, j.shape, granularity, g["rho"])
             jobs.append(replace(j, method=enc, stage="encode", key=f"encodings/{j.name}", outputs=outs))
     return jobs
 

@@ -52,7 +52,8 @@ def recipe(m: Merge, root: Path) -> dict:
     return r
 
 
-SHORT = {"lambda": "lam", "coverage": "cov", "rho": "rho", "bits": "bits", "scale_exponent": "g", "precision_by_kind": ""}
+SHORT = {"lambda": "lam", "coverage": "cov", "rho": "rho", "bits": "bits", "scale_exponent": "g", "group_size": "group",
+         "precision_by_kind": ""}
 
 
 def _tag(key: str, value) -> str:
@@ -112,7 +113,11 @@ def merges(full: bool = True) -> list[Merge]:
                  ("uniform", {"granularity": "row", "lambda": 0.0, "scale_exponent": 1.5}),
                  ("uniform", {"granularity": "row", "lambda": 0.0, "scale_exponent": 2.0}),
                  ("uniform", {"granularity": "row", "lambda": 0.0, "scale_exponent": 1.5, "precision_by_kind": "embedding=2bit,attention=2bit"}),
-                 ("uniform", {"granularity": "row", "lambda": 0.0, "scale_exponent": 2.0, "precision_by_kind": "embedding=2bit,attention=2bit"})]
+                 ("uniform", {"granularity": "row", "lambda": 0.0, "scale_exponent": 2.0, "precision_by_kind": "embedding=2bit,attention=2bit"}),
+                 # one scale per group of G entries of a row: 32/G more bits per entry (G 128
+                 # fits 35 %, G 64 does not)
+                 ("uniform", {"granularity": "row", "lambda": 0.0, "scale": "rms", "group_size": 128}),
+                 ("uniform", {"granularity": "row", "lambda": 0.0, "scale": "rms", "group_size": 64})]
     for preset, extra in bits:
         tag = "".join(_tag(k, v) for k, v in extra.items())
         label = f"preset {preset}" + "".join(f", {k} {v}" for k, v in extra.items())
