@@ -86,8 +86,8 @@ register(
                 int,
                 0,
                 min=0,
-                help="if > 0: one scale per group of this many consecutive entries of each row of a matrix (overrides"
-                " granularity; 1-D tensors keep one per tensor); 0: off",
+                help="if > 0: a 1bit precision gets one scale per group of this many consecutive entries of each row of a"
+                " matrix (overrides granularity; 1-D tensors keep one per tensor, 2bit one per row); 0: off",
             ),
             Param("lambda", float, 1.0, min=0, help="weight of the other tasks' TIES merge (dynamic) and of the static fallback"),
             Param("rho", float, 0.1, min=0, max=1, help="density of 'sparse' precision entries"),
