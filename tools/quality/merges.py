@@ -114,6 +114,9 @@ def merges(full: bool = True) -> list[Merge]:
                  ("uniform", {"granularity": "row", "lambda": 0.0, "scale_exponent": 2.0}),
                  ("uniform", {"granularity": "row", "lambda": 0.0, "scale_exponent": 1.5, "precision_by_kind": "embedding=2bit,attention=2bit"}),
                  ("uniform", {"granularity": "row", "lambda": 0.0, "scale_exponent": 2.0, "precision_by_kind": "embedding=2bit,attention=2bit"}),
+                 ("uniform", {"granularity": "row", "lambda": 0.0, "scale_exponent": 1.25}),
+                 ("uniform", {"granularity": "row", "lambda": 0.0, "scale_exponent": 1.25, "precision_by_kind": "embedding=2bit,attention=2bit"}),
+                 ("uniform", {"granularity": "row", "lambda": 0.0, "scale_exponent": 1.5, "precision_by_kind": "embedding=2bit"}),
                  # one scale per group of G entries of a row: 32/G more bits per entry (G 128
                  # fits 35 %, G 64 does not)
                  ("uniform", {"granularity": "row", "lambda": 0.0, "scale": "rms", "group_size": 128}),
