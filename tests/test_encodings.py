@@ -111,7 +111,14 @@ def as2d(a, shape):
 
 def ref_scale(tau, scale, axis=None):
     t = tau.astype(np.float64)
-    v = np.mean(np.abs(t), axis=axis) if scale == "absmean" else np.sqrt(np.mean(t * t, axis=axis))
+    a, r = np.mean(np.abs(t), axis=axis), np.sqrt(np.mean(t * t, axis=axis))
+    if scale == "absmean":
+        v = a
+    elif scale == "rms":
+        v = r
+    else:  # pow:<g>: absmean * (rms / absmean)^g, 0 where all entries are 0
+        with np.errstate(invalid="ignore", divide="ignore"):
+            v = np.where(a > 0, a * (r / a) ** float(scale[4:]), 0.0)
     return np.float32(v) if axis is None else v.astype(np.float32)
 
 
@@ -137,9 +144,10 @@ def ref_tau_hat(kind, tau, scale="absmean", rho=0.1):
         s2 = np.where(r >= 0, 1, -1).astype(np.float32)
         a2 = ref_scale(r, "absmean", axis=1)[:, None]
         fit = a1.astype(np.float64) * s1 + a2.astype(np.float64) * s2
-        if scale == "rms":
+        if scale != "absmean":  # rms: the row's norm; pow:<g>: that factor to the power g
             q_fit = np.sqrt(np.mean(fit * fit, axis=1, keepdims=True))
-            fit *= np.where(q_fit > 0, ref_scale(t2, "rms", axis=1)[:, None] / np.where(q_fit > 0, q_fit, 1), 1)
+            f = np.where(q_fit > 0, ref_scale(t2, "rms", axis=1)[:, None] / np.where(q_fit > 0, q_fit, 1), 1)
+            fit *= f ** (1.0 if scale == "rms" else float(scale[4:]))
         return fit.astype(np.float32).reshape(shape)
     if kind == "sparse":
         n = tau.size
@@ -212,7 +220,7 @@ def test_nan_sign_is_negative():
 # scales
 
 
-@pytest.mark.parametrize("scale", ["absmean", "rms"])
+@pytest.mark.parametrize("scale", ["absmean", "rms", "pow:2.0", "pow:0.5"])
 @pytest.mark.parametrize("shape", [(37, 29), (300,), (5, 4, 6)])
 def test_scales_brute_force_and_bounds(scale, shape):
     base, models = family(shape, n=1, seed=3, zeros=0.1)
@@ -233,8 +241,12 @@ def test_scales_brute_force_and_bounds(scale, shape):
         for c in (0.0, 0.5 * a, 0.9 * a, 0.999 * a, 1.001 * a, 1.1 * a, 2 * a):
             assert err(a) <= err(c) * (1 + 1e-9)
         np.testing.assert_allclose(err(a), np.sum(t64**2) - n * float(a) ** 2, rtol=1e-5)
-    else:
+    elif scale == "rms":
         np.testing.assert_allclose(np.linalg.norm(a * s64), np.linalg.norm(t64), rtol=1e-6)
+    elif scale == "pow:2.0":  # tau_hat projects onto tau as tau itself
+        np.testing.assert_allclose(np.sum(a * s64 * t64), np.sum(t64 * t64), rtol=1e-6)
+    else:  # between absmean and rms
+        assert ref_scale(tau, "absmean") < a < ref_scale(tau, "rms")
     # per row
     if len(shape) >= 2:
         t2 = as2d(tau, shape)
@@ -244,7 +256,7 @@ def test_scales_brute_force_and_bounds(scale, shape):
             e = lambda c: float(np.sum((t2[r].astype(np.float64) - c * np.where(t2[r] >= 0, 1.0, -1.0)) ** 2))  # noqa: E731
             if scale == "absmean":
                 assert all(e(rs[r]) <= e(c) * (1 + 1e-9) for c in (0.9 * rs[r], 1.1 * rs[r]))
-            else:
+            elif scale == "rms":
                 np.testing.assert_allclose(rs[r] * np.sqrt(t2.shape[1]), np.linalg.norm(t2[r]), rtol=1e-6)
 
 
@@ -514,7 +526,7 @@ def _kind(p, shape, granularity="tensor"):
 
 
 @pytest.mark.parametrize("shape", [(48, 20), (3, 5, 7), (257,), ()])
-@pytest.mark.parametrize("scale", ["absmean", "rms"])
+@pytest.mark.parametrize("scale", ["absmean", "rms", "pow:2.0"])
 def test_encode_reconstruct_fallback_dynamic(shape, scale):
     base, models = family(shape, n=len(TASKS), seed=13, zeros=0.05)
     tau = taus_of(base, models)
@@ -663,3 +675,49 @@ def test_methods_pickle():
                         np.testing.assert_array_equal(a[key], b[key])
             else:
                 np.testing.assert_array_equal(a, b)
+
+
+def ref_group_hat(tau, scale, group):
+    """tau_hat with one scale per group of `group` consecutive entries of each row, entry by
+    entry (1-D / 0-D: the per-tensor scale)."""
+    if tau.ndim <= 1:
+        return ref_tau_hat("1bit", tau, scale)
+    t2 = as2d(tau, tau.shape)
+    out = np.empty(t2.shape, np.float32)
+    for r in range(t2.shape[0]):
+        for c0 in range(0, t2.shape[1], group):
+            part = t2[r, c0 : c0 + group]
+            out[r, c0 : c0 + group] = ref_scale(part, scale) * np.where(part >= 0, 1, -1)
+    return out.reshape(tau.shape)
+
+
+@pytest.mark.parametrize("shape,group", [((48, 20), 8), ((3, 5, 7), 16), ((6, 64), 64), ((9, 5), 1), ((257,), 8), ((), 8)])
+@pytest.mark.parametrize("scale", ["absmean", "rms", "pow:2.0"])
+def test_group_scales_encode_reconstruct_fallback(shape, group, scale):
+    """granularity group:<G>: "1bit" of a matrix stores one scale per group of G entries of a row
+    (the last group the cols % G left), declared as (rows, ceil(cols/G)) float32; the
+    reconstruction and the fallback equal the entry-by-entry formula for every blocking."""
+    base, models = family(shape, n=3, seed=21, zeros=0.05)
+    tau = taus_of(base, models)
+    gran = f"group:{group}"
+    precisions = {"a": "1bit", "b": "1bit", "c": "dense"}
+    outs = {o.name: o for o in onebit_outputs(list(precisions), precisions, shape, gran)}
+    if len(shape) >= 2:
+        cols = int(np.prod(shape[1:]))
+        assert outs["a.scale"].trailing == (-(-cols // group),) and outs["a.scale"].dtype == "float32"
+    else:
+        assert "a.scale" not in outs
+    enc = onebit_encode_method(list(precisions), precisions, scale, gran, shape=shape)
+    fb = onebit_fallback_method(list(precisions), precisions, scale, gran, 0.5)
+    want = {t: ref_group_hat(tau[i], scale, group) for i, t in enumerate("ab")}
+    rows = shape[0] if shape else 1
+    for br in sorted({1, 5, rows}):
+        stats, res = run(enc, shape, base, models, br)
+        for t in "ab":
+            parts = [reconstruct_from_outputs(t, "1bit", shape, r1 - r0, out, stats, gran) for r0, r1, out in res]
+            got = np.concatenate([p.reshape(-1) for p in parts]).reshape(shape)
+            np.testing.assert_allclose(got, want[t], rtol=3e-7, atol=0)
+        hats = {t: np.concatenate([reconstruct_from_outputs(t, p, shape, r1 - r0, out, stats, gran).reshape(-1)
+                                   for r0, r1, out in res]).reshape(shape) for t, p in precisions.items()}
+        _, fres = run(fb, shape, base, models, br)
+        np.testing.assert_array_equal(concat(fres, shape), fallback_merge_block(base, hats, 0.5))

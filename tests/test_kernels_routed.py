@@ -110,7 +110,7 @@ def test_pairwise_rows_is_numpy_sum(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("scale", ["absmean", "rms"])
+@pytest.mark.parametrize("scale", ["absmean", "rms", "pow:2.0"])
 def test_moment_sums_are_the_cpu_doubles(device, scale, monkeypatch):
     monkeypatch.setattr(onebit_kernels, "SUM_CHUNK", 5000)  # several row chunks
     rng = np.random.default_rng(3)
@@ -120,7 +120,7 @@ def test_moment_sums_are_the_cpu_doubles(device, scale, monkeypatch):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("scale", ["absmean", "rms"])
+@pytest.mark.parametrize("scale", ["absmean", "rms", "pow:2.0"])
 def test_tensor_alpha_is_the_pass(device, scale):
     rng = np.random.default_rng(2)
     for n in (1, 7, 1000, GROUP, 2 * GROUP + 1, 3 * GROUP - 129):
@@ -150,8 +150,8 @@ def _block_sizes(shape):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("data", ["float32", "bf16"])
-@pytest.mark.parametrize("granularity", ["tensor", "row"])
-@pytest.mark.parametrize("scale", ["absmean", "rms"])
+@pytest.mark.parametrize("granularity", ["tensor", "row", "group:8"])
+@pytest.mark.parametrize("scale", ["absmean", "rms", "pow:2.0"])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_onebit_kernels(shape, scale, granularity, data, device):
     base, models = family(shape, len(TASKS), seed=len(shape) + 7, data=data)

@@ -347,3 +347,21 @@ def test_one_learning_rate_everywhere():
     """Issue #21: no per-machine learning-rate selection in the reported configurations."""
     for cfg in Q.CONFIGS.values():
         assert cfg.training.ft_lrs == () and cfg.training.ft_warmup < cfg.training.ft_steps
+
+
+def test_oracle_rows_agree_with_run(smoke, tmp_path):
+    """tools/quality/oracle_rows.py (the true task forced through the routed runtime, tests
+    only) gives run.py's full-routing oracle and a 1bit row's oracle accuracies on the same
+    checkpoints, store built apart."""
+    from quality import oracle_rows
+
+    res = json.loads((smoke / "out" / "seed-0" / "results.json").read_text())
+    rows = {r["name"]: r for r in res["rows"]}
+    out = tmp_path / "o.json"
+    assert oracle_rows.main(["--config", "smoke", "--seed", "0", "--cache", str(smoke / "cache"), "--work", str(tmp_path / "w"),
+                             "--out", str(out), "--rows", "full,1bit-uniform"]) == 0
+    got = json.loads(out.read_text())
+    assert got["full"]["acc"] == rows["full-routing-oracle"]["acc"]
+    assert got["1bit-uniform"]["acc"] == rows["1bit-uniform"]["oracle_acc"]
+    assert got["1bit-uniform"]["bytes"] == rows["1bit-uniform"]["storage_bytes"]
+    assert oracle_rows.main(["--config", "smoke", "--out", str(out), "--rows", "nope"]) == 1

@@ -305,3 +305,144 @@ def test_onebit_routed_export_is_enough_to_rebuild_a_task(family, tmp_path):
         diff = (out.to(torch.bfloat16).float() - want[name].float()).abs()
         tol = torch.exp2(torch.floor(torch.log2(want[name].float().abs().clamp_min(2.0**-126))) - 7)
         assert (diff <= tol).all(), name
+
+
+def test_onebit_precision_by_kind_task_export_equals_formula(family, tmp_path):
+    """precision_by_kind overrides the preset per module kind for every task: with
+    'embedding=2bit, norm=dense' on uniform 1-bit rows (rms), embeddings and lm_head get the
+    2-bit fit, norms their bf16 task vector, the rest one bit with a row scale; the routed
+    weights equal the export, and the storage grows by exactly the pieces that change."""
+    from streammerge.routing.decision import forced
+    from weight_swap import DenseDecisions
+    from streammerge.analysis.summary import module_kind
+    from streammerge.store.store import Store
+
+    base, fts, b, fs = family
+    params = {"preset": "uniform", "scale": "rms", "granularity": "row", "lambda": 0.0}
+    store = tmp_path / "bit.zarr"
+    r = write_recipe(tmp_path / "r.yaml", recipe("1bit", base, fts, **params, precision_by_kind="embedding=2bit, norm=dense"))
+    run("build", r, "--store", store, "--block-elements", "1000")
+    decision = json.loads((store / "method.json").read_text())
+    assert decision["precision"]["math"] == {"attention": "1bit", "mlp": "1bit", "norm": "dense", "embedding": "2bit", "other": "1bit"}
+    run("export", store, tmp_path / "code", "--variant", "task:code")
+    got = load_model_tensors(tmp_path / "code")
+
+    def rms(x):
+        return x.pow(2).mean(-1, keepdim=True).sqrt()
+
+    def sign(x):
+        return torch.where(x >= 0, 1.0, -1.0).double()
+
+    kinds = {module_kind(n) for n in b}
+    assert {"embedding", "norm", "attention", "mlp"} <= kinds
+    for name in b:
+        tau = fs[2][name].float() - b[name].float()
+        t = (tau.reshape(tau.shape[0], -1) if tau.dim() >= 2 else tau.reshape(1, -1)).double()
+        kind = module_kind(name)
+        if kind == "norm":
+            hat = tau.to(torch.bfloat16).double()
+        elif kind == "embedding":
+            a1 = t.abs().mean(-1, keepdim=True)
+            res = t - a1 * sign(t)
+            fit = a1 * sign(t) + res.abs().mean(-1, keepdim=True) * sign(res)
+            hat = fit * (rms(t) / rms(fit))
+        else:
+            hat = rms(t) * sign(t)
+        want = (b[name].double() + hat.reshape(tau.shape)).to(torch.bfloat16)
+        diff = (got[name].float() - want.float()).abs()
+        tol = torch.exp2(torch.floor(torch.log2(want.float().abs().clamp_min(2.0**-126))) - 7)
+        assert (diff <= tol).all(), f"{name} ({kind}): max diff {diff.max()}"
+    w = DenseDecisions(Store.open(store), decision, "cpu", torch.float32, {}).weights(forced("code", TASKS))
+    for name, v in w.items():
+        assert torch.equal(v, got[name].float()), name
+
+    plain = tmp_path / "plain.zarr"
+    run("build", write_recipe(tmp_path / "r1.yaml", recipe("1bit", base, fts, **params)), "--store", plain, "--block-elements", "1000")
+    s1, s2 = (json.loads((p / "storage.json").read_text())["total_bytes"] for p in (plain, store))
+    extra = 0
+    for name, v in b.items():
+        if module_kind(name) == "embedding":  # a second packed bit and float32 scale per row
+            extra += 3 * (v.shape[0] * (-(-v[0].numel() // 8)) + 4 * v.shape[0])
+        elif module_kind(name) == "norm":  # bf16 values instead of one bit (one block) + alpha
+            assert v.numel() <= 1000
+            extra += 3 * (2 * v.numel() - (-(-v.numel() // 8)) - 4)
+    assert s2 - s1 == extra
+
+
+@pytest.mark.parametrize("bad", ["embeding=2bit", "embedding", "mlp=3bit", "mlp=2bit,mlp=dense"])
+def test_onebit_precision_by_kind_rejects_bad_values(family, tmp_path, bad):
+    base, fts, _, _ = family
+    r = write_recipe(tmp_path / "r.yaml", recipe("1bit", base, fts, preset="uniform", precision_by_kind=bad))
+    out = run("build", r, "--store", tmp_path / "s.zarr", expect=1)
+    assert out.startswith("error: ") and "precision_by_kind" in out and len(out.strip().splitlines()) == 1, out
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_onebit_scale_exponent_task_export_equals_formula(family, tmp_path):
+    """scale_exponent g: each row's scale is absmean * (rms / absmean)^g (g = 2: ||tau||^2 /
+    ||tau||_1, tau_hat's projection onto tau is tau), 1-D tensors one such scale per tensor; the
+    routed weights equal the export."""
+    from streammerge.routing.decision import forced
+    from weight_swap import DenseDecisions
+    from streammerge.store.store import Store
+
+    base, fts, b, fs = family
+    params = {"preset": "uniform", "scale": "absmean", "scale_exponent": 2.0, "granularity": "row", "lambda": 0.0}
+    store = tmp_path / "bit.zarr"
+    run("build", write_recipe(tmp_path / "r.yaml", recipe("1bit", base, fts, **params)), "--store", store, "--block-elements", "1000")
+    decision = json.loads((store / "method.json").read_text())
+    assert decision["scale_exponent"] == 2.0
+    run("export", store, tmp_path / "math", "--variant", "task:math")
+    got = load_model_tensors(tmp_path / "math")
+    for name in b:
+        tau = fs[1][name].float() - b[name].float()
+        t = (tau.reshape(tau.shape[0], -1) if tau.dim() >= 2 else tau.reshape(1, -1)).double()
+        alpha = t.pow(2).sum(-1, keepdim=True) / t.abs().sum(-1, keepdim=True)
+        hat = (alpha * torch.where(t >= 0, 1.0, -1.0).double()).reshape(tau.shape)
+        want = (b[name].double() + hat).to(torch.bfloat16)
+        diff = (got[name].float() - want.float()).abs()
+        tol = torch.exp2(torch.floor(torch.log2(want.float().abs().clamp_min(2.0**-126))) - 7)
+        assert (diff <= tol).all(), f"{name}: max diff {diff.max()}"
+    w = DenseDecisions(Store.open(store), decision, "cpu", torch.float32, {}).weights(forced("math", TASKS))
+    for name, v in w.items():
+        assert torch.equal(v, got[name].float()), name
+
+
+def test_onebit_group_size_task_export_equals_formula(family, tmp_path):
+    """group_size G: every matrix gets one rms scale per G consecutive entries of a row (the
+    last group the rest), 1-D tensors one per tensor; the routed weights equal the export, and
+    the store holds exactly (groups - 1) more float32 scales per row than granularity row."""
+    from streammerge.routing.decision import forced
+    from weight_swap import DenseDecisions
+    from streammerge.store.store import Store
+
+    base, fts, b, fs = family
+    G = 24  # hidden 64: two full groups and a tail of 16; intermediate 128: five and a tail of 8
+    params = {"preset": "uniform", "scale": "rms", "granularity": "row", "lambda": 0.0}
+    store = tmp_path / "bit.zarr"
+    run("build", write_recipe(tmp_path / "r.yaml", recipe("1bit", base, fts, **params, group_size=G)), "--store", store,
+        "--block-elements", "1000")
+    decision = json.loads((store / "method.json").read_text())
+    assert decision["granularity"] == f"group:{G}"
+    run("export", store, tmp_path / "code", "--variant", "task:code")
+    got = load_model_tensors(tmp_path / "code")
+    for name in b:
+        tau = fs[2][name].float() - b[name].float()
+        t = (tau.reshape(tau.shape[0], -1) if tau.dim() >= 2 else tau.reshape(1, -1)).double()
+        g = G if tau.dim() >= 2 else t.shape[1]
+        scale = torch.cat([t[:, c0 : c0 + g].pow(2).mean(-1, keepdim=True).sqrt().expand(-1, t[:, c0 : c0 + g].shape[1])
+                           for c0 in range(0, t.shape[1], g)], dim=1)
+        hat = (scale * torch.where(t >= 0, 1.0, -1.0).double()).reshape(tau.shape)
+        want = (b[name].double() + hat).to(torch.bfloat16)
+        diff = (got[name].float() - want.float()).abs()
+        tol = torch.exp2(torch.floor(torch.log2(want.float().abs().clamp_min(2.0**-126))) - 7)
+        assert (diff <= tol).all(), f"{name}: max diff {diff.max()}"
+    w = DenseDecisions(Store.open(store), decision, "cpu", torch.float32, {}).weights(forced("code", TASKS))
+    for name, v in w.items():
+        assert torch.equal(v, got[name].float()), name
+
+    row = tmp_path / "row.zarr"
+    run("build", write_recipe(tmp_path / "r1.yaml", recipe("1bit", base, fts, **params)), "--store", row, "--block-elements", "1000")
+    s1, s2 = (json.loads((p / "storage.json").read_text())["total_bytes"] for p in (row, store))
+    extra = sum(3 * 4 * v.shape[0] * (-(-v[0].numel() // G) - 1) for v in b.values() if v.dim() >= 2)
+    assert extra > 0 and s2 - s1 == extra

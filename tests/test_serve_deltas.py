@@ -57,6 +57,8 @@ def stores(tmp_path_factory):
         "1bit": build("bit", "qwen", "1bit", preset="uniform", **{"lambda": 0.8}),
         "1bit-l0": build("bit0", "qwen", "1bit", preset="uniform", **{"lambda": 0.0}),
         "1bit-paper": build("bitp", "tied", "1bit", preset="paper", granularity="row", **{"lambda": 0.5}),
+        # one scale per group of 24 entries of a row: no sign product, the decoded delta's
+        "1bit-group": build("bitg", "qwen", "1bit", preset="uniform", group_size=24, scale="rms", **{"lambda": 0.0}),
     }
 
 
@@ -210,7 +212,7 @@ def test_mediator_mixed_batch_equals_exports(stores, tmp_path_factory, which):
     assert {"DeltaLinear", "DeltaEmbedding", "DeltaGrouped"} <= patched, patched
 
 
-@pytest.mark.parametrize("which", ["1bit", "1bit-l0", "1bit-paper"])
+@pytest.mark.parametrize("which", ["1bit", "1bit-l0", "1bit-paper", "1bit-group"])
 def test_onebit_mixed_batch_equals_exports(stores, tmp_path_factory, which):
     store, root = stores[which], tmp_path_factory.mktemp("exp")
     rt, model = runtime(store)
@@ -388,7 +390,7 @@ def test_signs_product_equals_the_reconstructed_task_vector(kind):
     assert torch.allclose(signs_product(x, piece, 3), want, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["1bit", "1bit-row", "2bit", "dense", "sparse"])
+@pytest.mark.parametrize("kind", ["1bit", "1bit-row", "1bit-group", "2bit", "dense", "sparse"])
 def test_gathered_rows_of_a_piece(kind):
     """Embedding rows of a 1bit task vector: the piece restricted to some rows reconstructs
     exactly those rows of encoded.py's tau_hat."""
@@ -398,9 +400,11 @@ def test_gathered_rows_of_a_piece(kind):
     g = torch.Generator().manual_seed(7)
     rows, cols = 12, 19
     packed = lambda: torch.randint(0, 256, (rows, (cols + 7) // 8), generator=g, dtype=torch.uint8)  # noqa: E731
-    if kind in ("1bit", "1bit-row", "2bit"):
+    if kind in ("1bit", "1bit-row", "1bit-group", "2bit"):
         parts = {"bits": packed(), "cols": cols}
         parts.update({"alpha": torch.tensor(0.3)} if kind == "1bit" else {"scale": torch.rand(rows, generator=g)})
+        if kind == "1bit-group":  # groups of 8 of the 19 columns: 8, 8, 3
+            parts.update(scale=torch.rand(rows, 3, generator=g), group=8)
         if kind == "2bit":
             parts.update(bits2=packed(), scale2=torch.rand(rows, generator=g))
     elif kind == "dense":

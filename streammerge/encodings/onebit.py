@@ -20,8 +20,11 @@ Conventions
   byte zero-padded. Nothing is required from the engine (any block_rows works; the padding
   costs < 1 byte per block), and the decoded signs do not depend on the blocking.
 * Scale alpha: "absmean" = mean|tau| (the c minimising ||tau - c*sign(tau)||^2; its error is
-  ||tau||^2 - n*alpha^2) or "rms" = ||tau||_2 / sqrt(n) (||alpha*sign(tau)|| = ||tau||). Sums in
-  float64, alpha rounded to float32 once.
+  ||tau||^2 - n*alpha^2) or "rms" = ||tau||_2 / sqrt(n) (||alpha*sign(tau)|| = ||tau||), or
+  between and beyond them "pow:<g>" = absmean * (rms / absmean)^g (g >= 0; 0 and 1 are absmean
+  and rms; g = 2 gives ||tau||^2 / ||tau||_1, the scale whose tau_hat projects onto tau as tau
+  itself: <tau_hat, tau> = ||tau||^2), computed in float64 from both moments (0 where absmean
+  is 0). Sums in float64, alpha rounded to float32 once.
   - per tensor ("1bit", granularity "tensor"): a pass; stats key "<task>.alpha" (a float that
     is exactly a float32). The sums are exact-order: per aligned group of GROUP flat elements
     (a numpy float64 sum of the group), groups cut by a block boundary are sent whole as values
@@ -30,12 +33,19 @@ Conventions
   - per row ("1bit-row", or "1bit" with granularity "row"): computed in the block; output
     "<task>.scale" float32, trailing (). For ndim <= 1 the one row is the whole tensor, so it is
     the per-tensor alpha (stats), and no scale output exists.
+  - per group ("1bit-group": "1bit" with granularity "group:<G>", ndim >= 2): one scale per
+    group of G consecutive entries of a row, columns [g*G, (g+1)*G); the last group of a row
+    holds the cols % G left (if any). Output "<task>.scale" float32, trailing
+    (ceil(cols/G),). Each group's scale is computed like a row's from its own entries (the full
+    groups' moments as rows of a (rows * (cols // G), G) array, the tails' as rows of their
+    own). 1-D / 0-D tensors: the per-tensor alpha.
 * Two bits ("2bit", per row; 1-D and 0-D tensors fall back to "1bit", one scale): a second
   sign bit for the residual, tau ~ b1 * s1 + b2 * s2 with s1 = sign(tau), a1 = mean_row|tau|,
   r = tau - a1 * s1 (float32), s2 = sign(r), a2 = mean_row|r| (the greedy least-squares fit).
   Scale "absmean": b = a. Scale "rms": both scaled by f = rms(tau) / rms(a1 s1 + a2 s2) per row
   (float32 division; 1 where the fit is zero), so each row keeps its norm as the 1-bit rms
-  scale does. Outputs "<task>.bits" and "<task>.bits2" (packed like the 1-bit signs),
+  scale does. Scale "pow:<g>": both scaled by f^g (f as for rms, raised in float64, rounded to
+  float32). Outputs "<task>.bits" and "<task>.bits2" (packed like the 1-bit signs),
   "<task>.scale" and "<task>.scale2" (float32 (rows,)): 2 bits + 8 bytes per row.
 * Precisions per task (for this tensor): "drop" (nothing), "1bit", "1bit-row", "2bit", "sparse" (top
   rho of |tau| over the whole tensor, exactly k = int(rho*n), ties by flat index; blob
@@ -77,8 +87,8 @@ from ..ops.consensus import ties_merge
 from .sparse import apply_sparse, check_tasks
 
 SCALES = ("absmean", "rms")
-GRANULARITIES = ("tensor", "row")
-KINDS = ("drop", "1bit", "1bit-row", "2bit", "sparse", "dense")
+GRANULARITIES = ("tensor", "row", "group:<G>")
+KINDS = ("drop", "1bit", "1bit-row", "1bit-group", "2bit", "sparse", "dense")
 GROUP = 1 << 14  # flat-aligned groups of the exact-order per-tensor sums
 
 _BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -128,21 +138,68 @@ def unpack_signs_flat(blob, size: int) -> np.ndarray:
     return s
 
 
+def scale_spec(scale: str, exponent: float = -1.0) -> str:
+    """The scale rule of the recipe's `scale` and `scale_exponent` (negative: off): "absmean",
+    "rms" or "pow:<g>" (exponents 0 and 1 are absmean and rms, bit for bit)."""
+    if exponent < 0:
+        return scale
+    if exponent in (0, 1):
+        return ("absmean", "rms")[int(exponent)]
+    return f"pow:{float(exponent)!r}"
+
+
+def exponent_of(scale: str) -> float:
+    """g of a scale rule: absmean 0, rms 1, pow:<g> g; ValueError for anything else."""
+    if scale in SCALES:
+        return float(SCALES.index(scale))
+    if isinstance(scale, str) and scale.startswith("pow:"):
+        try:
+            g = float(scale[4:])
+        except ValueError:
+            g = -1.0
+        if g >= 0 and math.isfinite(g):
+            return g
+    raise ValueError(f"scale must be one of {SCALES} or pow:<exponent >= 0>, got {scale!r}")
+
+
 def moments(t: np.ndarray, scale: str) -> np.ndarray:
-    """float64 sums along axis 1 of |t| (absmean) or t^2 (rms); t float32 2-D."""
+    """float64 sums along axis 1 of |t| (absmean), t^2 (rms) or both, stacked on a last axis of
+    2 (pow:<g>); t float32 2-D."""
     y = t.astype(np.float64)
     if scale == "absmean":
         np.abs(y, out=y)
-    else:
+    elif scale == "rms":
         np.multiply(y, y, out=y)
+    else:
+        return np.stack([np.add.reduce(np.abs(y), axis=1), np.add.reduce(np.multiply(y, y, out=y), axis=1)], axis=-1)
     return np.add.reduce(y, axis=1)
 
 
+def exact_total(sums: Sequence[np.ndarray]) -> float | np.ndarray:
+    """math.fsum of the concatenated moment sums (per moment for pow:<g>): exactly rounded, so
+    independent of how the sums were split."""
+    sums = [x for x in sums if x.size]  # an empty part has no moment axis
+    if not sums:
+        return 0.0
+    v = np.concatenate(sums)
+    return math.fsum(v) if v.ndim == 1 else np.array([math.fsum(c) for c in v.T])
+
+
 def scale_from(total: float | np.ndarray, n: int, scale: str):
-    """The float32 scale of a float64 moment sum over n entries: mean, or its root for rms."""
+    """The float32 scale of float64 moment sums over n entries: the mean, its root for rms, or
+    absmean * (rms / absmean)^g for pow:<g> (0 where absmean is 0)."""
+    total = np.asarray(total, dtype=np.float64)
+    if scale not in SCALES:
+        g = exponent_of(scale)
+        if n == 0:
+            return np.zeros(total.shape[:-1], np.float32) if total.ndim > 1 else 0.0
+        a, r = total[..., 0] / n, np.sqrt(total[..., 1] / n)
+        pos = a > 0
+        out = np.where(pos, a * np.power(r / np.where(pos, a, 1.0), g), 0.0)
+        return out.astype(np.float32)
     if n == 0:
         return 0.0 if np.ndim(total) == 0 else np.zeros_like(total)
-    m = np.asarray(total, dtype=np.float64) / n
+    m = total / n
     if scale == "rms":
         m = np.sqrt(m)
     return m.astype(np.float32)
@@ -161,8 +218,45 @@ def tensor_scale(tau: np.ndarray, scale: str = "absmean") -> float:
     parts = [moments(f[:full].reshape(-1, GROUP), scale)] if full else []
     if full < f.size:
         parts.append(moments(f[full:].reshape(1, -1), scale))
-    total = math.fsum(np.concatenate(parts)) if parts else 0.0
-    return float(scale_from(total, f.size, scale))
+    return float(scale_from(exact_total(parts), f.size, scale))
+
+
+def granularity_spec(granularity: str, group_size: int = 0) -> str:
+    """The encoder's granularity of the recipe's `granularity` and `group_size` (0: off):
+    "tensor", "row" or "group:<G>"."""
+    return f"group:{int(group_size)}" if group_size > 0 else granularity
+
+
+def group_of(granularity: str) -> int | None:
+    """G of "group:<G>", None for "tensor" and "row"; ValueError for anything else."""
+    if granularity in ("tensor", "row"):
+        return None
+    if isinstance(granularity, str) and granularity.startswith("group:") and granularity[6:].isdigit() and int(granularity[6:]) > 0:
+        return int(granularity[6:])
+    raise ValueError(f"granularity must be tensor, row or group:<G >= 1>, got {granularity!r}")
+
+
+def n_groups(cols: int, group: int) -> int:
+    return -(-cols // group)
+
+
+def group_scales(tau2d: np.ndarray, scale: str, group: int) -> np.ndarray:
+    """float32 (rows, ceil(cols/G)): each group's scale from its own entries (module doc)."""
+    t = np.asarray(tau2d, dtype=np.float32)
+    rows, cols = t.shape
+    full = cols // group
+    parts = []
+    if full:
+        body = np.ascontiguousarray(t[:, : full * group]).reshape(rows * full, group)
+        parts.append(scale_from(moments(body, scale), group, scale).reshape(rows, full))
+    if cols % group:
+        parts.append(scale_from(moments(np.ascontiguousarray(t[:, full * group :]), scale), cols % group, scale).reshape(rows, 1))
+    return np.concatenate(parts, axis=1) if parts else np.zeros((rows, 0), np.float32)
+
+
+def expand_groups(scales: np.ndarray, group: int, cols: int) -> np.ndarray:
+    """float32 (rows, cols): each entry's group scale."""
+    return np.repeat(np.asarray(scales, dtype=np.float32), group, axis=1)[:, :cols]
 
 
 def plus_minus(mask: np.ndarray, a: np.ndarray) -> np.ndarray:
@@ -185,8 +279,15 @@ def two_bit_fit(tau2d: np.ndarray, scale: str = "rms"):
         return m1, m2, a1, a2
     fit = np.add(h1, plus_minus(m2, a2))
     q_t, q_h = row_scales(t, "rms")[:, None], row_scales(fit, "rms")[:, None]
-    f = np.divide(q_t, q_h, out=np.ones_like(q_t), where=q_h > 0)
+    f = norm_gain(np.divide(q_t, q_h, out=np.ones_like(q_t), where=q_h > 0), scale)
     return m1, m2, a1 * f, a2 * f
+
+
+def norm_gain(f: np.ndarray, scale: str) -> np.ndarray:
+    """The 2-bit fit's factor: f (float32 rms(tau) / rms(fit)) for rms, f^g in float64 rounded
+    to float32 for pow:<g>."""
+    g = exponent_of(scale)
+    return f if g == 1 else np.power(f.astype(np.float64), g).astype(np.float32)
 
 
 def two_bit_hat(m1: np.ndarray, m2: np.ndarray, b1: np.ndarray, b2: np.ndarray) -> np.ndarray:
@@ -224,7 +325,8 @@ def resolve_precision(precision: str, granularity: str, shape: Sequence[int], rh
         except ValueError:
             raise ValueError(f"invalid precision {precision!r} (sparse-<rho>, e.g. sparse-0.05)") from None
     elif p in ("1bit", "1bit-row"):
-        kind = "1bit-row" if (p == "1bit-row" or granularity == "row") else "1bit"
+        grouped = group_of(granularity) is not None
+        kind = "1bit-row" if (p == "1bit-row" or granularity == "row") else ("1bit-group" if grouped else "1bit")
         if len(shape) <= 1:
             kind = "1bit"  # the whole tensor is the one row
         return kind, None
@@ -242,10 +344,8 @@ def check_common(tasks, precisions, scale, granularity, rho):
     missing = [t for t in tasks if t not in precisions]
     if missing:
         raise ValueError(f"no precision for task(s) {missing}")
-    if scale not in SCALES:
-        raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    exponent_of(scale)  # validates it
+    group_of(granularity)  # validates it
     if not 0 <= rho <= 1:
         raise ValueError(f"rho must be within [0, 1], got {rho}")
     for t in tasks:
@@ -277,6 +377,9 @@ def onebit_outputs(tasks, precisions, shape, granularity: str = "tensor", rho: f
                 outs.append(Output(f"{s.task}.bits", "uint8", (), blob=True))
             if s.kind == "1bit-row":
                 outs.append(Output(f"{s.task}.scale", "float32", ()))
+        elif s.kind == "1bit-group":
+            outs.append(Output(f"{s.task}.bits", "uint8", (packed_cols(shape),)))
+            outs.append(Output(f"{s.task}.scale", "float32", (n_groups(row_elems(shape), group_of(granularity)),)))
         elif s.kind == "2bit":
             for name in ("bits", "bits2"):
                 outs.append(Output(f"{s.task}.{name}", "uint8", (packed_cols(shape),)))
@@ -345,7 +448,7 @@ def reconstruct_task(
     tensor: (1,)), or None for "drop".
 
     Pieces, as stored: bits (ndim >= 2: uint8 (rows, ceil(cols/8)); ndim <= 1: the block's
-    blob bytes), scale (float32 (rows,), 1bit-row), alpha (the stats' "<task>.alpha", 1bit),
+    blob bytes), scale (float32 (rows,), 1bit-row; (rows, ceil(cols/G)), 1bit-group), alpha (the stats' "<task>.alpha", 1bit),
     bits, bits2, scale, scale2 (2bit), sparse (the block's blob bytes), dense (float32 /
     bfloat16 values, or the raw uint16 bf16 storage the store holds). granularity must be the
     encoder's.
@@ -363,6 +466,13 @@ def reconstruct_task(
         m1, m2 = (np.unpackbits(np.asarray(b, dtype=np.uint8).reshape(rows, -1), axis=1, count=cols, bitorder="little") for b in (bits, bits2))
         b1, b2 = (np.asarray(x, dtype=np.float32).reshape(rows, 1) for x in (scale, scale2))
         return two_bit_hat(m1, m2, b1, b2).reshape(bshape)
+    if kind == "1bit-group":
+        if bits is None or scale is None:
+            raise ValueError("1bit-group: bits and the group scales are needed")
+        cols, G = row_elems(shape), group_of(granularity)
+        s = unpack_signs(np.asarray(bits, dtype=np.uint8).reshape(rows, -1), cols)
+        np.multiply(s, expand_groups(np.asarray(scale, dtype=np.float32).reshape(rows, -1), G, cols), out=s)
+        return s.reshape(bshape)
     if kind in ("1bit", "1bit-row"):
         if bits is None:
             raise ValueError(f"{kind}: bits are needed")
@@ -428,6 +538,13 @@ __all__ = [
     "SCALES",
     "TaskSpec",
     "dynamic_merge_block",
+    "exact_total",
+    "expand_groups",
+    "exponent_of",
+    "granularity_spec",
+    "group_of",
+    "group_scales",
+    "n_groups",
     "fallback_merge_block",
     "onebit_outputs",
     "pack_signs",
@@ -437,6 +554,7 @@ __all__ = [
     "reconstruct_task",
     "resolve_precision",
     "row_scales",
+    "scale_spec",
     "task_specs",
     "tensor_scale",
     "ties_merge",

@@ -222,7 +222,8 @@ def export_variant(store: Store, out_dir: Path, variant: str, rank: int = DEFAUL
                 "<tensor>::<task>.bits": "1bit: packed sign bits (bit 1: tau >= 0, i.e. +alpha; 0: -alpha), numpy packbits bitorder little: "
                 "uint8 [rows, ceil(cols/8)] along each row for tensors of rank >= 2, uint8 [ceil(n/8)] for 1-D tensors",
                 "<tensor>::<task>.alpha": "1bit: per-tensor scale (F32 scalar); tau ~ alpha * sign",
-                "<tensor>::<task>.scale": "1bit-row: per-row scale, F32 [rows]",
+                "<tensor>::<task>.scale": "1bit-row: per-row scale, F32 [rows]; 1bit-group (granularity group:G in the decision): "
+                "one scale per G consecutive entries of a row, F32 [rows, ceil(cols/G)]",
                 "<tensor>::<task>.sparse": "sparse precision: .index / .value as above, of tau itself",
                 "<tensor>::<task>.dense": "dense precision: tau in BF16",
             },

@@ -18,7 +18,6 @@ sum, whose rounding error is ~1e-16 relative, falls that close to a float32 roun
 
 from __future__ import annotations
 
-import math
 from functools import lru_cache
 
 import numpy as np
@@ -119,6 +118,8 @@ def moment_sums(t2d, scale: str) -> np.ndarray:
     encodings/onebit.py's `moments` computes them; on the host."""
     import torch
 
+    if scale not in enc.SCALES:  # pow:<g>: both moments, stacked as `moments` does
+        return np.stack([moment_sums(t2d, "absmean"), moment_sums(t2d, "rms")], axis=-1)
     rows, n = t2d.shape
     step = max(1, SUM_CHUNK // max(n, 1))
     parts = []
@@ -137,8 +138,7 @@ def tensor_alpha(tau, scale: str) -> float:
     sums = [moment_sums(f[:full].view(-1, enc.GROUP), scale)] if full else []
     if full < n:
         sums.append(moment_sums(f[full:].view(1, -1), scale))
-    total = math.fsum(np.concatenate(sums)) if sums else 0.0
-    return float(enc.scale_from(total, n, scale))
+    return float(enc.scale_from(enc.exact_total(sums), n, scale))
 
 
 def row_scales(tau2d, scale: str):
@@ -146,6 +146,28 @@ def row_scales(tau2d, scale: str):
     import torch
 
     return torch.from_numpy(enc.scale_from(moment_sums(tau2d, scale), tau2d.shape[1], scale)).to(tau2d.device)
+
+
+def group_scales(tau2d, scale: str, group: int):
+    """Per-group scales, float32 (rows, ceil(cols/G)) on tau2d's device, as
+    `encodings.onebit.group_scales` (the same rows of moments, so the same doubles)."""
+    import torch
+
+    rows, cols = tau2d.shape
+    full = cols // group
+    parts = []
+    if full:
+        body = tau2d[:, : full * group].reshape(rows * full, group)
+        parts.append(torch.from_numpy(enc.scale_from(moment_sums(body, scale), group, scale)).reshape(rows, full))
+    if cols % group:
+        tail = tau2d[:, full * group :].contiguous()
+        parts.append(torch.from_numpy(enc.scale_from(moment_sums(tail, scale), cols % group, scale)).reshape(rows, 1))
+    return torch.cat(parts, dim=1).to(tau2d.device)
+
+
+def expand_groups(scales, group: int, cols: int):
+    """float32 (rows, cols): each entry's group scale."""
+    return scales.repeat_interleave(group, dim=1)[:, :cols]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,6 +250,8 @@ def two_bit_fit(t, scale: str):
     fit = h1.add_(plus_minus(m2, a2))
     q_t, q_h = row_scales(t, "rms")[:, None], row_scales(fit, "rms")[:, None]
     f = torch.where(q_h > 0, q_t / torch.where(q_h > 0, q_h, 1.0), 1.0)
+    if scale != "rms":  # pow:<g>: f^g raised on the host in float64, as encodings/onebit.py
+        f = torch.from_numpy(enc.norm_gain(f.cpu().numpy(), scale)).to(f.device)
     return m1, m2, a1 * f, a2 * f
 
 
@@ -241,13 +265,13 @@ def _hat_maker(ob, s, x: DeviceTensor, rows: int, cols: int):
     found here once, so the TIES loops can rebuild a hat instead of holding every task's."""
     import torch
 
-    if s.kind in ("1bit", "1bit-row"):
+    if s.kind in ("1bit", "1bit-row", "1bit-group"):
         t = _tau(x, s, rows, cols)
         if s.kind == "1bit":
             a = tensor_alpha(t, ob.scale)
             twice = 2.0 * a
         else:
-            a = row_scales(t, ob.scale)[:, None]
+            a = row_scales(t, ob.scale)[:, None] if s.kind == "1bit-row" else expand_groups(group_scales(t, ob.scale, ob.group), ob.group, cols)
             twice = a * 2
         # +-a as (tau >= 0) * 2a - a: exact (2a is exact, 2a - a == a by Sterbenz), as on the CPU
         return lambda tau: tau.copy_(tau >= 0).mul_(twice).sub_(a)
@@ -281,11 +305,13 @@ def onebit_encode(ob, x: DeviceTensor, params) -> tuple[dict, dict]:
         tau = _tau(x, s, rows, cols)
         if s.kind == "1bit":
             stats[f"{s.task}.alpha"] = tensor_alpha(tau, ob.scale)
-        if s.kind in ("1bit", "1bit-row"):
+        if s.kind in ("1bit", "1bit-row", "1bit-group"):
             if len(x.shape) >= 2:
                 out[f"{s.task}.bits"] = pack_rows(tau >= 0)
                 if s.kind == "1bit-row":
                     out[f"{s.task}.scale"] = row_scales(tau, ob.scale)
+                elif s.kind == "1bit-group":
+                    out[f"{s.task}.scale"] = group_scales(tau, ob.scale, ob.group)
             else:
                 out[f"{s.task}.bits"] = _flat_bit_blobs(tau, x)
         elif s.kind == "2bit":

@@ -48,6 +48,8 @@ class Param:
     help: str = ""
     # A value `streammerge methods NAME` puts in its example recipe (None: the default, if any).
     example: Any = None
+    # str parameters: checks a value beyond its choices (a structured string); raises ValueError.
+    check: Callable[[Any], Any] | None = None
 
     def range_text(self) -> str:
         """The values this parameter accepts, as `streammerge methods` shows them."""
@@ -87,6 +89,8 @@ class Param:
                 raise ValueError(f"expected a string, got {value!r}")
             if self.choices is not None and value not in self.choices:
                 raise ValueError(f"must be one of {', '.join(self.choices)}, got {value!r}")
+            if self.check is not None:
+                self.check(value)
             return value
         raise TypeError(f"unsupported parameter kind {self.kind}")
 

@@ -12,11 +12,11 @@ encodings/onebit.py.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Mapping, Sequence
 
 import numpy as np
 
+from ..analysis.summary import KINDS as MODULE_KINDS
 from ..dtypes import BF16, round_to
 from ..encodings import onebit as enc
 from ..encodings import sparse
@@ -25,6 +25,23 @@ from ..kernels.onebit import onebit_encode, onebit_fallback
 from ..ops.consensus import consensus, disjoint_mean, sum_into
 from ..ops.topk import CHUNK, TopK, block_size, flat, numel, scratch, select_block
 from .base import Block, MergeMethod, Param, Pass, Stats, TensorParams, register
+
+
+def precision_by_kind(text: str) -> dict[str, str]:
+    """{module kind: precision} of the `precision_by_kind` parameter, "kind=precision, ..."
+    (e.g. "embedding=2bit, norm=dense"); "" is none. Raises ValueError on an unknown kind or
+    precision, or a kind named twice."""
+    out: dict[str, str] = {}
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        kind, sep, precision = (x.strip().lower() for x in item.partition("="))
+        if not sep or kind not in MODULE_KINDS:
+            raise ValueError(f"{item!r}: expected <kind>=<precision>, kind one of {', '.join(MODULE_KINDS)}")
+        if kind in out:
+            raise ValueError(f"module kind {kind!r} is given twice")
+        enc.resolve_precision(precision, "row", (2, 2), 0.0)  # validates the precision
+        out[kind] = precision
+    return out
+
 
 register(
     MergeMethod(
@@ -45,8 +62,33 @@ register(
             Param("preset", str, "auto", choices=("paper", "auto", "uniform"), help="precision plan per (task, module kind)"),
             Param("coverage", float, 0.8, min=0, max=1, help="preset auto: keep the module kinds holding this share of a task's squared norm"),
             Param("bits", int, 1, min=1, max=2, help="sign bits per entry of a 1-bit precision: 2 adds the residual's sign and a second scale per row"),
+            Param(
+                "precision_by_kind",
+                str,
+                "",
+                check=precision_by_kind,
+                help="overrides of the preset for every task, 'kind=precision, ...' (kinds attention, mlp, norm, embedding, other;"
+                " precisions drop, 1bit, 2bit, sparse-<rho>, dense), e.g. 'embedding=2bit' for a second bit there only",
+                example="embedding=2bit",
+            ),
             Param("scale", str, "absmean", choices=("absmean", "rms"), help="1-bit scale: mean|tau| (least squares) or ||tau||/sqrt(n) (keeps the norm)"),
+            Param(
+                "scale_exponent",
+                float,
+                -1.0,
+                max=4,
+                help="if >= 0: the 1-bit scale is absmean * (rms/absmean)^exponent (overrides scale: 0 absmean, 1 rms,"
+                " 2 ||tau||^2/||tau||_1, whose tau_hat projects onto tau as tau); negative: off",
+            ),
             Param("granularity", str, "tensor", choices=("tensor", "row"), help="one scale per tensor or per output row"),
+            Param(
+                "group_size",
+                int,
+                0,
+                min=0,
+                help="if > 0: a 1bit precision gets one scale per group of this many consecutive entries of each row of a"
+                " matrix (overrides granularity; 1-D tensors keep one per tensor, 2bit one per row); 0: off",
+            ),
             Param("lambda", float, 1.0, min=0, help="weight of the other tasks' TIES merge (dynamic) and of the static fallback"),
             Param("rho", float, 0.1, min=0, max=1, help="density of 'sparse' precision entries"),
         ),
@@ -77,6 +119,7 @@ class _OneBit:
         self.precisions = {t: precisions[t] for t in self.tasks}
         self.scale = scale
         self.granularity = granularity
+        self.group = enc.group_of(granularity)  # G of "group:<G>", else None
         self.rho = float(rho)
         self.shape = None if shape is None else tuple(shape)
         self._specs: dict[tuple, list[enc.TaskSpec]] = {}
@@ -170,8 +213,7 @@ class _OneBit:
                 lst.sort(key=lambda x: x[0])
                 v = np.concatenate([x[1] for x in lst])
                 sums.append(enc.moments(v.reshape(1, -1), self.scale))
-            total = math.fsum(np.concatenate(sums)) if sums else 0.0
-            out[f"{task}.alpha"] = float(enc.scale_from(total, n, self.scale))
+            out[f"{task}.alpha"] = float(enc.scale_from(enc.exact_total(sums), n, self.scale))
         return out
 
     @property
@@ -189,6 +231,10 @@ class _OneBit:
             cols, rows = 1, nb
         return rows, cols
 
+    def scales(self, t: np.ndarray, kind: str) -> np.ndarray:
+        """1bit-row: float32 (rows,) row scales; 1bit-group: (rows, ceil(cols/G)) group scales."""
+        return enc.row_scales(t, self.scale) if kind == "1bit-row" else enc.group_scales(t, self.scale, self.group)
+
     def tau_chunk(self, block: Block, i: int, r0: int, r1: int, cols: int, name: str) -> np.ndarray:
         a, b = r0 * cols, r1 * cols
         t = scratch(name, b - a)
@@ -205,15 +251,19 @@ class _OneBit:
         for s in specs:
             if s.kind == "drop":
                 continue
-            if s.kind in ("1bit", "1bit-row"):
+            if s.kind in ("1bit", "1bit-row", "1bit-group"):
                 if nd2:
                     bits = np.empty((rows, -(-cols // 8)), dtype=np.uint8)
-                    sc = np.empty(rows, dtype=np.float32) if s.kind == "1bit-row" else None
+                    sc = None
+                    if s.kind == "1bit-row":
+                        sc = np.empty(rows, dtype=np.float32)
+                    elif s.kind == "1bit-group":
+                        sc = np.empty((rows, enc.n_groups(cols, self.group)), dtype=np.float32)
                     for r0, r1 in _row_chunks(rows, cols):
                         t = self.tau_chunk(block, s.index, r0, r1, cols, "ob.t")
                         bits[r0:r1] = enc.pack_signs(t)
                         if sc is not None:
-                            sc[r0:r1] = enc.row_scales(t, self.scale)
+                            sc[r0:r1] = self.scales(t, s.kind)
                     out[f"{s.task}.bits"] = bits
                     if sc is not None:
                         out[f"{s.task}.scale"] = sc
@@ -260,8 +310,13 @@ class _OneBit:
             hats = []
             for s in specs:
                 t = self.tau_chunk(block, s.index, r0, r1, cols, f"fb.t{len(hats)}")
-                if s.kind in ("1bit", "1bit-row"):
-                    a = alphas[s.index] if s.kind == "1bit" else enc.row_scales(t, self.scale)[:, None]
+                if s.kind in ("1bit", "1bit-row", "1bit-group"):
+                    if s.kind == "1bit":
+                        a = alphas[s.index]
+                    elif s.kind == "1bit-row":
+                        a = enc.row_scales(t, self.scale)[:, None]
+                    else:
+                        a = enc.expand_groups(enc.group_scales(t, self.scale, self.group), self.group, cols)
                     # +-a as (t >= 0) * 2a - a: exact (2a is exact, 2a - a == a by Sterbenz)
                     mb = np.greater_equal(t, 0, out=scratch("fb.sg", L, bool).reshape(shp))
                     h = t  # tau is no longer needed

@@ -24,13 +24,13 @@ import numpy as np
 from ..analysis.conflict import conflict_method
 from ..analysis.summary import module_kind
 from ..checkpoints.stacks import layer_index, stack_of
-from ..encodings.onebit import onebit_outputs
+from ..encodings.onebit import granularity_spec, onebit_outputs, scale_spec
 from ..encodings.sparse import expert_outputs
 from ..errors import RecipeError
 from ..kernels import linear as linear_kernels
 from ..methods import Block, MergeMethod, TensorParams, get_method
 from ..methods.mediator import mediator_expert_method
-from ..methods.onebit import onebit_encode_method, onebit_fallback_method
+from ..methods.onebit import onebit_encode_method, onebit_fallback_method, precision_by_kind
 from .planner import Plan, TensorJob
 
 KINDS = ("attention", "mlp", "norm", "embedding", "other")
@@ -180,6 +180,10 @@ def onebit_decision(summary: dict, g: dict, tasks: list[str], task_types: list[s
         if g["bits"] == 2:  # a second sign bit (the residual's) wherever the preset keeps one
             precision[task] = {k: ("2bit" if p == "1bit" else p) for k, p in precision[task].items()}
             why[task] += "; 2 bits"
+        overrides = precision_by_kind(g.get("precision_by_kind") or "")
+        if overrides:  # the recipe's precision for these kinds, whatever the preset chose
+            precision[task].update(overrides)
+            why[task] += "; " + ", ".join(f"{k} {p}" for k, p in overrides.items())
     return {
         "method": "1bit",
         "tasks": tasks,
@@ -188,8 +192,10 @@ def onebit_decision(summary: dict, g: dict, tasks: list[str], task_types: list[s
         "precision": precision,
         "why": why,
         "bits": g["bits"],
+        "precision_by_kind": g.get("precision_by_kind") or "",
         "scale": g["scale"],
-        "granularity": g["granularity"],
+        "scale_exponent": g.get("scale_exponent", -1.0),
+        "granularity": granularity_spec(g["granularity"], g.get("group_size", 0)),
         "lambda": g["lambda"],
         "rho": g["rho"],
     }
@@ -198,17 +204,17 @@ def onebit_decision(summary: dict, g: dict, tasks: list[str], task_types: list[s
 def onebit_jobs(plan: Plan, decision: dict) -> list[TensorJob]:
     g = plan.jobs[0].params.globals
     tasks = decision["tasks"]
+    scale = scale_spec(g["scale"], g.get("scale_exponent", -1.0))
+    granularity = decision["granularity"]  # "tensor", "row" or "group:<G>"
     jobs = []
     for j in plan.jobs:
         kind = module_kind(j.name)
         precisions = {t: decision["precision"][t][kind] for t in tasks}
-        fallback = onebit_fallback_method(
-            tasks, precisions, g["scale"], g["granularity"], g["lambda"], g["rho"], shape=j.shape
-        )
+        fallback = onebit_fallback_method(tasks, precisions, scale, granularity, g["lambda"], g["rho"], shape=j.shape)
         jobs.append(replace(j, method=fallback, stage="merge", key="", outputs=None))
         if any(p != "drop" for p in precisions.values()):
-            enc = onebit_encode_method(tasks, precisions, g["scale"], g["granularity"], g["rho"], shape=j.shape)
-            outs = onebit_outputs(tasks, precisions, j.shape, g["granularity"], g["rho"])
+            enc = onebit_encode_method(tasks, precisions, scale, granularity, g["rho"], shape=j.shape)
+            outs = onebit_outputs(tasks, precisions, j.shape, granularity, g["rho"])
             jobs.append(replace(j, method=enc, stage="encode", key=f"encodings/{j.name}", outputs=outs))
     return jobs
 

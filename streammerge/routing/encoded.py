@@ -4,7 +4,7 @@ multiplies and what a decision's dense weights are made of.
   SparseDelta     one task's sparse delta of one tensor (Mediator's S_t; a 1bit "sparse" task
                   vector): flat indices (int32 when they fit) and bf16 values
   TaskPiece       one task's 1bit-Merging encoding of one tensor (packed sign bits with their
-                  scale(s), a sparse or a dense task vector), decoded as tau_hat (float32), whole
+                  scale(s): per tensor, row or group of a row; a sparse or a dense task vector), decoded as tau_hat (float32), whole
                   or by row range
   OneBitEncodings the encoded tensors of a 1bit store: theta_0 (from the base checkpoint) and
                   every task's TaskPiece
@@ -27,7 +27,7 @@ import numpy as np
 from ..analysis.summary import module_kind
 from ..checkpoints.blocks import num_rows, row_elems
 from ..dtypes import float_type
-from ..encodings.onebit import packed_cols, resolve_precision, unpack_signs_flat
+from ..encodings.onebit import group_of, packed_cols, resolve_precision, unpack_signs_flat
 from ..encodings.sparse import decode_sparse
 from ..errors import StreammergeError
 from ..kernels.onebit import scaled_signs, two_bit_hat
@@ -111,6 +111,10 @@ class TaskPiece:
         if self.kind in ("1bit", "1bit-row"):
             scale = p["alpha"] if self.kind == "1bit" else row_scale("scale")
             return scaled_signs(_unpack(p["bits"], p["cols"], rows), scale).reshape(out_shape)
+        if self.kind == "1bit-group":  # (rows, groups) scales, each over `group` columns
+            g = p["scale"] if rows is None else p["scale"][r0:r1]
+            scale = g.repeat_interleave(p["group"], dim=1)[:, : p["cols"]]
+            return scaled_signs(_unpack(p["bits"], p["cols"], rows), scale).reshape(out_shape)
         if self.kind == "2bit":
             m1, m2 = (_unpack(p[bits], p["cols"], rows) for bits in ("bits", "bits2"))
             return two_bit_hat(m1, m2, row_scale("scale"), row_scale("scale2")).reshape(out_shape)
@@ -177,7 +181,7 @@ class OneBitEncodings:
         if k == "drop":
             return None
         key = job["key"]
-        if k in ("1bit", "1bit-row"):
+        if k in ("1bit", "1bit-row", "1bit-group"):
             path = f"{key}/{task}.bits"
             if len(shape) >= 2:
                 packed = np.asarray(store.array_at(path)[:], dtype=np.uint8).reshape(shape[0], packed_cols(shape))
@@ -194,9 +198,11 @@ class OneBitEncodings:
                 if alpha is None:
                     raise StreammergeError(f"{store.path}: no scale for task {task} of {job['name']} (stats missing); rebuild")
                 parts["alpha"] = torch.tensor(np.float32(alpha), dtype=torch.float32, device=device)
-            else:
+            else:  # 1bit-row: (rows,); 1bit-group: (rows, groups)
                 scale = np.asarray(store.array_at(f"{key}/{task}.scale")[:], dtype=np.float32)
                 parts["scale"] = torch.from_numpy(scale.copy()).to(device)
+                if k == "1bit-group":
+                    parts["group"] = group_of(method["granularity"])
             return TaskPiece(k, **parts)
         if k == "2bit":
             parts = {"cols": int(np.prod(shape[1:], dtype=np.int64))}

@@ -52,7 +52,17 @@ def recipe(m: Merge, root: Path) -> dict:
     return r
 
 
-SHORT = {"lambda": "lam", "coverage": "cov", "rho": "rho", "bits": "bits"}
+SHORT = {"lambda": "lam", "coverage": "cov", "rho": "rho", "bits": "bits", "scale_exponent": "g", "group_size": "group",
+         "precision_by_kind": ""}
+
+
+def _tag(key: str, value) -> str:
+    """A row name's piece for one parameter: '-lam0.5', '-rms', '-g2', '-embedding2bit-norm-dense'."""
+    if isinstance(value, (int, float)):
+        return f"-{SHORT.get(key, key)}{value:g}"
+    if key == "precision_by_kind":  # "embedding=2bit, norm=dense" -> "-embedding2bit-normdense"
+        return "".join(f"-{item.replace('=', '').strip()}" for item in value.replace(" ", "").split(","))
+    return f"-{value}"
 
 
 def merges(full: bool = True) -> list[Merge]:
@@ -88,9 +98,31 @@ def merges(full: bool = True) -> list[Merge]:
                  ("uniform", {"granularity": "row", "lambda": 0.25, "scale": "rms"}),
                  ("auto", {"coverage": 1.0, "granularity": "row", "lambda": 0.0, "scale": "rms"}),
                  ("auto", {"coverage": 1.0, "granularity": "row", "lambda": 0.25, "scale": "rms"}),
-                 ("auto", {"coverage": 0.95, "granularity": "row", "lambda": 0.0, "scale": "rms"})]
+                 ("auto", {"coverage": 0.95, "granularity": "row", "lambda": 0.0, "scale": "rms"}),
+                 # a second bit for the module kinds where it is cheap (embeddings: 4 % of the
+                 # parameters, a large share of each task vector's norm; attention: 24 %), norms
+                 # dense (0.07 %): <= 35 % of full routing's storage
+                 ("uniform", {"granularity": "row", "lambda": 0.0, "scale": "rms", "precision_by_kind": "embedding=2bit"}),
+                 ("uniform", {"granularity": "row", "lambda": 0.0, "scale": "rms", "precision_by_kind": "embedding=2bit,norm=dense"}),
+                 ("uniform", {"granularity": "row", "lambda": 0.0, "scale": "rms", "precision_by_kind": "embedding=2bit,attention=2bit"}),
+                 # diagnostics over the budget: which kind's second bit buys the 2-bit rows' gain
+                 ("uniform", {"granularity": "row", "lambda": 0.0, "scale": "rms", "precision_by_kind": "mlp=2bit"}),
+                 ("uniform", {"granularity": "row", "lambda": 0.0, "scale": "rms", "precision_by_kind": "embedding=dense"}),
+                 # larger scales than rms (absmean * (rms/absmean)^g; g 1 = rms, 2 = tau_hat
+                 # projects onto tau as tau), alone and with the cheap second bits
+                 ("uniform", {"granularity": "row", "lambda": 0.0, "scale_exponent": 1.5}),
+                 ("uniform", {"granularity": "row", "lambda": 0.0, "scale_exponent": 2.0}),
+                 ("uniform", {"granularity": "row", "lambda": 0.0, "scale_exponent": 1.5, "precision_by_kind": "embedding=2bit,attention=2bit"}),
+                 ("uniform", {"granularity": "row", "lambda": 0.0, "scale_exponent": 2.0, "precision_by_kind": "embedding=2bit,attention=2bit"}),
+                 ("uniform", {"granularity": "row", "lambda": 0.0, "scale_exponent": 1.25}),
+                 ("uniform", {"granularity": "row", "lambda": 0.0, "scale_exponent": 1.25, "precision_by_kind": "embedding=2bit,attention=2bit"}),
+                 ("uniform", {"granularity": "row", "lambda": 0.0, "scale_exponent": 1.5, "precision_by_kind": "embedding=2bit"}),
+                 # one scale per group of G entries of a row: 32/G more bits per entry (G 128
+                 # fits 35 %, G 64 does not)
+                 ("uniform", {"granularity": "row", "lambda": 0.0, "scale": "rms", "group_size": 128}),
+                 ("uniform", {"granularity": "row", "lambda": 0.0, "scale": "rms", "group_size": 64})]
     for preset, extra in bits:
-        tag = "".join(f"-{SHORT.get(k, k)}{v:g}" if isinstance(v, (int, float)) else f"-{v}" for k, v in extra.items())
+        tag = "".join(_tag(k, v) for k, v in extra.items())
         label = f"preset {preset}" + "".join(f", {k} {v}" for k, v in extra.items())
         out.append(Merge(f"1bit-{preset}{tag}", "1bit", "1bit", label, params={"preset": preset, **extra}))
     # route: a fraction of the layers (< 1) or a count (>= 1); 8 = every layer of the full model.
@@ -99,7 +131,10 @@ def merges(full: bool = True) -> list[Merge]:
     outside = {"route_outside": True}
     meds = [(2, 0.1, {}), (4, 0.1, {}), (8, 0.05, {}), (8, 0.1, {}), (8, 0.15, {}), (8, 0.2, {}), (8, 0.3, {}),
             (8, 0.4, {}), (8, 0.5, {}), (8, 0.1, {"average": "ties"}), (8, 0.2, outside), (8, 0.3, outside),
-            (8, 0.4, outside), (8, 0.5, outside)] if full else [(0.5, 0.1, {})]
+            (8, 0.4, outside), (8, 0.5, outside),
+            # issue #21, <= 60 % of full routing's storage: fewer layers (the highest-conflict
+            # ones) routed at a higher rho instead of every layer at rho 0.3
+            (6, 0.4, outside), (5, 0.5, outside), (4, 0.5, outside)] if full else [(0.5, 0.1, {})]
     for route, rho, extra in meds:
         tag = "".join("-outside" if k == "route_outside" else f"-{v}" for k, v in extra.items())
         label = "".join(", routed outside" if k == "route_outside" else f", {k} {v}" for k, v in extra.items())
