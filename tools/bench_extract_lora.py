@@ -101,18 +101,19 @@ def main(argv=None) -> int:
     cmds = commands(data, a.work, a.rank)
     if a.skip_mergekit or not Path(cmds["mergekit"][0]).exists():
         del cmds["mergekit"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")  # inherited by both tools' runs
 
     def fresh(tool: str) -> None:
         shutil.rmtree(a.work / tool, ignore_errors=True)
         os.sync()
         subprocess.run(["cat", *map(str, data.rglob("*.safetensors"))], stdout=subprocess.DEVNULL)
 
+    load_before = os.getloadavg()
     runs: dict[str, list[dict]] = {tool: [] for tool in cmds}
     for _ in range(a.repeat):
         for tool, cmd in cmds.items():
             fresh(tool)
-            runs[tool].append(timed(cmd, env=env))
+            runs[tool].append(timed(cmd))
     errors = {tool: adapter_error(a.work / tool, data) for tool in cmds}
     caps = {}
     if a.memcap:
@@ -132,21 +133,25 @@ def main(argv=None) -> int:
             print("    " + failed[0]["tail"].strip().replace("\n", "\n    "))
     print()
     cap_col = f" | under {a.memcap} MB cap" if a.memcap else ""
-    print(f"| tool | wall (s), median (min-max) | peak RSS (MB), median (min-max) | relative error (tensors){cap_col} |")
-    print("|---|---:|---:|---:|" + ("---|" if a.memcap else ""))
+    print(f"| tool | wall (s), median (min-max) | CPU (s), median (min-max) | peak RSS (MB), median (min-max) "
+          f"| relative error (tensors){cap_col} |")
+    print("|---|---:|---:|---:|---:|" + ("---|" if a.memcap else ""))
     for tool in cmds:
         ok = [r for r in runs[tool] if r["rc"] == 0]
         if not ok:
-            print(f"| {tool} | failed | failed | |" + (" |" if a.memcap else ""))
+            print(f"| {tool} | failed | failed | failed | |" + (" |" if a.memcap else ""))
             continue
         e = errors[tool]
         cap = ""
         if a.memcap:
             c = caps[tool]
             cap = " | " + ("completed" if c.get("ok") else "killed/failed") + f" (max {c.get('maxusage_mb')} MB)"
-        print(f"| {tool} | {spread([r['wall_s'] for r in ok])} | {spread([r['peak_rss_mb'] for r in ok], '{:.0f}')} | "
+        print(f"| {tool} | {spread([r['wall_s'] for r in ok])} | {spread([r['cpu_s'] for r in ok])} "
+              f"| {spread([r['peak_rss_mb'] for r in ok], '{:.0f}')} | "
               + (f"{e[0]:.4f} ({e[1]})" if e else "") + f"{cap} |")
-    print(f"\ncommand: python tools/bench_extract_lora.py {' '.join(argv if argv is not None else sys.argv[1:])}")
+    print("\nload average (1/5/15 min): before " + " ".join(f"{x:.2f}" for x in load_before)
+          + ", after " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
+    print(f"command: python tools/bench_extract_lora.py {' '.join(argv if argv is not None else sys.argv[1:])}")
     return 0 if all(r["rc"] == 0 for rs in runs.values() for r in rs) else 1
 
 
