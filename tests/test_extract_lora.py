@@ -6,6 +6,7 @@ adapter's own factors multiplied here, and peft loading the adapter onto the bas
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -175,3 +176,42 @@ def test_bad_inputs_are_one_line_errors(models, tmp_path):
     out = run("extract-lora", models["exact"], "--base", models["base"], "-o", tmp_path / "c", "--rank", 2, expect=1)
     assert "already exists" in out
     assert not list(tmp_path.glob(".*partial*"))
+
+
+# What vLLM's parse_fine_tuned_lora_name accepts from a linear layer's adapter (anything else:
+# "... is unsupported LoRA weight"), and SGLang likewise.
+ENGINE_KEY = r"base_model\.model\..+\.lora_[AB]\.weight"
+
+
+def test_modules_to_save_drop_writes_lora_factors_only_and_reports_the_loss(models, tmp_path):
+    keep_out = run("extract-lora", models["noisy"], "--base", models["base"], "-o", tmp_path / "keep", "--rank", 4)
+    out = run("extract-lora", models["noisy"], "--base", models["base"], "-o", tmp_path / "drop", "--rank", 4,
+              "--modules-to-save", "drop")
+    assert "dropped" not in keep_out
+    cfg = json.loads((tmp_path / "drop" / "adapter_config.json").read_text())
+    assert cfg["modules_to_save"] is None
+    adapter = load_file(tmp_path / "drop" / "adapter_model.safetensors")
+    assert all(re.fullmatch(ENGINE_KEY, k) for k in adapter), sorted(adapter)
+    # the factors are keep's; only the embedding saved whole is gone
+    kept = load_file(tmp_path / "keep" / "adapter_model.safetensors")
+    assert set(kept) - set(adapter) == {"base_model.model.model.embed_tokens.weight"}
+    for k, v in adapter.items():
+        torch.testing.assert_close(v, kept[k], atol=0, rtol=0)
+
+    b = load_file(models["base"] / "model.safetensors")
+    f = load_file(models["noisy"] / "model.safetensors")
+    norms = {n: torch.linalg.norm(f[n].double() - b[n].double()) for n in f if f[n].ndim == 2}
+    summary = json.loads((tmp_path / "drop" / "extraction.json").read_text())
+    emb = summary["tensors"]["model.embed_tokens.weight"]
+    assert emb["dropped"] and emb["rank"] is None and emb["rel_error"] == 1.0
+    assert emb["delta_norm"] == pytest.approx(float(norms["model.embed_tokens.weight"]), rel=1e-6)
+    share = norms["model.embed_tokens.weight"] / torch.sqrt(sum(v**2 for v in norms.values()))
+    assert 0 < share < 1 and summary["dropped_share"] == pytest.approx(float(share), rel=1e-6)
+    assert f"{100 * float(share):.2f} %" in out and "model.embed_tokens.weight" in out
+
+    base = transformers.LlamaForCausalLM.from_pretrained(models["base"]).eval()
+    merged = peft.PeftModel.from_pretrained(base, tmp_path / "drop").merge_and_unload().state_dict()
+    torch.testing.assert_close(merged["model.embed_tokens.weight"], b["model.embed_tokens.weight"], atol=0, rtol=0)
+    for name in _deltas(models, "noisy"):
+        torch.testing.assert_close(merged[name].double(), b[name].double() + _product(adapter, name[: -len(".weight")]),
+                                   atol=1e-5, rtol=0)
