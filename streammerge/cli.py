@@ -239,8 +239,8 @@ _modules_to_save_option = [
         default="keep",
         show_default=True,
         help="Changed embeddings, lm_head and norms: keep saves them whole in PEFT's modules_to_save (exact; peft "
-        "loads it, vLLM and SGLang refuse it); drop leaves them out, writing LoRA factors only, as vLLM and SGLang "
-        "load, and reports each dropped tensor's ||delta|| and the share of the task vector lost.",
+        "loads it, vLLM refuses it); drop leaves them out, writing the linear layers' LoRA factors only, which vLLM "
+        "and SGLang serve, and reports each dropped tensor's ||delta|| and the share of the task vector lost.",
     ),
 ]
 
@@ -545,8 +545,8 @@ def extract_lora_cmd(finetune, base, out, rank, sv_epsilon, modules_to_save, inc
     """Factor FINETUNE - BASE into a LoRA adapter (PEFT format), out of core.
 
     Every 2-D weight's task vector is approximated at rank R by a randomized SVD whose passes
-    stream the tensor's row blocks (memory: the rank-R sketches and one block). Embeddings and
-    lm_head, when changed, are saved whole (modules_to_save), or dropped with
+    stream the tensor's row blocks (memory: the rank-R sketches and one block). Embeddings,
+    lm_head and norms, when changed, are saved whole (modules_to_save), or dropped with
     --modules-to-save drop for vLLM and SGLang. The relative error of each tensor, and what was
     dropped, is printed and kept in ADAPTER_DIR/extraction.json. Load the result with
     `peft.PeftModel.from_pretrained(base_model, ADAPTER_DIR)`.

@@ -215,3 +215,52 @@ def test_modules_to_save_drop_writes_lora_factors_only_and_reports_the_loss(mode
     for name in _deltas(models, "noisy"):
         torch.testing.assert_close(merged[name].double(), b[name].double() + _product(adapter, name[: -len(".weight")]),
                                    atol=1e-5, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def biased(tmp_path_factory):
+    """A Llama with attention biases; its fine-tune changes every projection (rank 4), two norms
+    and a bias."""
+    root = tmp_path_factory.mktemp("xlora-bias")
+    cfg = _config()
+    cfg.attention_bias = True
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(cfg).eval()
+    base.save_pretrained(root / "base")
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in base.named_parameters():
+            if p.ndim == 2 and any(t in name for t in TARGETS):
+                p.add_(torch.randn(p.shape[0], LOW_RANK, generator=g) @ torch.randn(LOW_RANK, p.shape[1], generator=g) * 0.003)
+        base.model.layers[0].input_layernorm.weight.add_(torch.randn(64, generator=g) * 0.05)
+        base.model.norm.weight.add_(torch.randn(64, generator=g) * 0.02)
+        base.model.layers[1].self_attn.q_proj.bias.add_(torch.randn(64, generator=g) * 0.05)
+    base.save_pretrained(root / "ft")
+    return root / "base", root / "ft"
+
+
+NORMS = ("model.layers.0.input_layernorm.weight", "model.norm.weight")
+BIAS = "model.layers.1.self_attn.q_proj.bias"
+
+
+@pytest.mark.parametrize("mode", ["keep", "drop"])
+def test_norms_are_kept_or_dropped_and_what_is_lost_is_reported(biased, tmp_path, mode):
+    base_dir, ft_dir = biased
+    out = run("extract-lora", ft_dir, "--base", base_dir, "-o", tmp_path / "a", "--rank", 8, "--modules-to-save", mode)
+    b, f = load_file(base_dir / "model.safetensors"), load_file(ft_dir / "model.safetensors")
+    norms = {n: float(torch.linalg.norm(f[n].double() - b[n].double())) for n in f}
+    lost = (BIAS, *NORMS) if mode == "drop" else (BIAS,)  # no adapter form carries a bias beside lora_A/B
+    summary = json.loads((tmp_path / "a" / "extraction.json").read_text())
+    assert {n for n, t in summary["tensors"].items() if t.get("dropped")} == set(lost)
+    for name in lost:
+        assert summary["tensors"][name]["delta_norm"] == pytest.approx(norms[name], rel=1e-6)
+    share = (sum(norms[n] ** 2 for n in lost) / sum(v**2 for v in norms.values())) ** 0.5
+    assert 0 < share < 1 and summary["dropped_share"] == pytest.approx(share, rel=1e-6)
+    assert f"dropped {len(lost)} changed tensor(s)" in out and f"{100 * share:.2f} %" in out
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert cfg["modules_to_save"] == (None if mode == "drop" else sorted(n[: -len(".weight")] for n in NORMS))
+    with torch.no_grad():
+        model = transformers.LlamaForCausalLM.from_pretrained(base_dir).eval()
+        merged = peft.PeftModel.from_pretrained(model, tmp_path / "a").merge_and_unload().state_dict()
+    for name in (BIAS, *NORMS):
+        torch.testing.assert_close(merged[name], (b if name in lost else f)[name], atol=0, rtol=0)

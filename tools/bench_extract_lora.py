@@ -4,10 +4,9 @@
     python tools/bench_extract_lora.py --preset 0.5b --rank 32 --repeat 3 [--memcap 800]
 
 The set is tools/bench_merge.py's (generated once under --data): the adapter approximates ft1
-minus base. Both tools get the same job: every 2-D weight factored at --rank, embeddings and
-lm_head saved whole (mergekit's default; streammerge saves them when the fine-tune changed them,
-which every synthetic fine-tune does), norms left out (mergekit `--skip-undecomposable`;
-streammerge factors 2-D weights only). Runs alternate (streammerge, mergekit, streammerge, ...),
+minus base. Both tools get the same job, their defaults: every 2-D weight factored at --rank,
+embeddings, lm_head and norms saved whole (`modules_to_save`; streammerge saves those the
+fine-tune changed, which is all of them in the synthetic set). Runs alternate (streammerge, mergekit, streammerge, ...),
 each under `/usr/bin/time -v` after the same preparation as bench_merge.py (outputs removed,
 `sync`, inputs read into the page cache). Prints each tool's wall time and peak RSS as the
 median with min-max over --repeat runs, the error of each adapter (||delta - BA||_F / ||delta||_F
@@ -38,7 +37,7 @@ def commands(data: Path, work: Path, rank: int) -> dict[str, list[str]]:
         "streammerge": [str(bin_dir / "streammerge"), "extract-lora", str(ft), "--base", str(base), "-o", str(work / "streammerge"),
                         "--rank", str(rank), "--no-progress"],
         "mergekit": [str(bin_dir / "mergekit-extract-lora"), "--model", str(ft), "--base-model", str(base), "--out-path",
-                     str(work / "mergekit"), "--max-rank", str(rank), "--skip-undecomposable", "--quiet"],
+                     str(work / "mergekit"), "--max-rank", str(rank), "--quiet"],
     }
 
 

@@ -39,7 +39,8 @@ import numpy as np
 
 from .. import __version__
 from ..checkpoints import open_model
-from ..checkpoints.blocks import read_rows
+from ..checkpoints.blocks import read_rows, row_elems
+from ..dtypes import is_float_st
 from ..errors import StreammergeError
 
 OVERSAMPLE = 8  # extra sketch columns: the range finder's error bound falls fast with them
@@ -112,8 +113,7 @@ def delta_norm(blocks: RowBlocks) -> float:
 
 
 def _delta_blocks(ft, base, rows_per_block: int) -> RowBlocks:
-    m = ft.shape[0]
-    cols = int(np.prod(ft.shape[1:], dtype=np.int64))
+    m, cols = ft.shape[0], row_elems(ft.shape)
     buf_ft = np.empty(rows_per_block * cols, np.float32)
     buf_base = np.empty(rows_per_block * cols, np.float32)
 
@@ -160,7 +160,7 @@ def factor_into_adapter(sources: list[DeltaSource], rank: int, base_name: str, m
     bar = _bar(progress, len(sources))
     for src in sources:
         module = src.name[: -len(".weight")] if src.name.endswith(".weight") else src.name
-        if len(src.shape) == 2 and src.name.endswith(".weight") and not EMBEDDING.search(src.name):
+        if factored(src.name, src.shape):
             rng = np.random.default_rng(_seed_for(src.name, seed))
             lr = streamed_low_rank(src.blocks, tuple(src.shape), rank, rng, sv_epsilon)
             tensors[f"base_model.model.{module}.lora_A.weight"] = lr.a
@@ -197,6 +197,11 @@ def factor_into_adapter(sources: list[DeltaSource], rank: int, base_name: str, m
         "inference_mode": True,
     }
     return tensors, config, report
+
+
+def factored(name: str, shape) -> bool:
+    """Whether a tensor's task vector becomes LoRA factors: 2-D weights but embeddings and lm_head."""
+    return len(shape) == 2 and name.endswith(".weight") and not EMBEDDING.search(name)
 
 
 def dropped_share(report: dict) -> float:
@@ -240,7 +245,7 @@ def extract_lora(finetune: str, base: str, out: Path, rank: int, *, modules_to_s
 
     sources = []
     for name, h in ft_ck.tensors.items():
-        if not name.endswith(".weight") or len(h.shape) != 2 or not wanted(name):
+        if not h.shape or not is_float_st(h.dtype) or not wanted(name):
             continue
         bh = base_ck.tensors.get(name)
         if bh is None:
@@ -249,10 +254,10 @@ def extract_lora(finetune: str, base: str, out: Path, rank: int, *, modules_to_s
             raise StreammergeError(
                 f"{ft_ck.directory}: tensor {name} is {list(h.shape)} but {list(bh.shape)} in the base model {base}"
             )
-        rows = max(1, BLOCK_ELEMS // h.shape[1])
+        rows = max(1, BLOCK_ELEMS // row_elems(h.shape))
         sources.append(DeltaSource(name, tuple(h.shape), _delta_blocks(h, bh, rows),
                                    lambda h=h: read_rows(h, 0, h.shape[0], np.empty(h.shape, np.float32))))
-    if not any(len(s.shape) == 2 and not EMBEDDING.search(s.name) for s in sources):
+    if not any(factored(s.name, s.shape) for s in sources):
         raise StreammergeError(f"{finetune}: no 2-D weight to extract (check --include / --exclude)")
     tensors, config, report = factor_into_adapter(sources, rank, base, ft_ck.tensors, modules_to_save=modules_to_save,
                                                   sv_epsilon=sv_epsilon, seed=seed, progress=progress)
