@@ -11,7 +11,8 @@ each under `/usr/bin/time -v` after the same preparation as bench_merge.py (outp
 `sync`, inputs read into the page cache). Prints each tool's wall time and peak RSS as the
 median with min-max over --repeat runs, the error of each adapter (||delta - BA||_F / ||delta||_F
 over all factored tensors, measured here in float32 from the written files: mergekit's truncated
-SVD is the optimum at that rank) and the command line beside the table. mergekit runs with
+SVD is the optimum at that rank), its logits against the fine-tune's (peft applies it to the base
+model; see logit_errors) and the command line beside the table. mergekit runs with
 HF_HUB_OFFLINE=1: if it cannot run offline on these checkpoints, its failure is printed as is.
 """
 
@@ -83,6 +84,34 @@ def adapter_error(adapter: Path, data: Path) -> tuple[float, int] | None:
     return (float(np.sqrt(err / norm)) if norm else 0.0), n
 
 
+def logit_errors(adapters: dict[str, Path], data: Path, tokens: int = 64) -> dict[str, float | None]:
+    """Per adapter: ||logits(base + adapter) - logits(ft1)||_F / ||logits(base) - logits(ft1)||_F
+    on two sequences of `tokens` random ids, the models in float32 and the adapter applied by
+    peft: the share of the fine-tune's change to the logits the adapter misses (0: the
+    fine-tune's logits; 1: no closer than the base model). None where the adapter was not written."""
+    import peft
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    def model(path):
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+    out: dict[str, float | None] = {}
+    with torch.no_grad():
+        ft = model(data / "ft1")
+        ids = torch.randint(0, ft.config.vocab_size, (2, tokens), generator=torch.Generator().manual_seed(0))
+        want = ft(ids).logits.double()
+        del ft
+        change = torch.linalg.norm(model(data / "base")(ids).logits.double() - want)
+        for tool, adapter in adapters.items():
+            if not (adapter / "adapter_config.json").is_file():
+                out[tool] = None
+                continue
+            got = peft.PeftModel.from_pretrained(model(data / "base"), adapter).eval()(ids).logits.double()
+            out[tool] = float(torch.linalg.norm(got - want) / change)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="0.5b", help="synthetic model shape (tiny, 0.5b, 70b)")
@@ -114,6 +143,7 @@ def main(argv=None) -> int:
             fresh(tool)
             runs[tool].append(timed(cmd))
     errors = {tool: adapter_error(a.work / tool, data) for tool in cmds}
+    logits = logit_errors({tool: a.work / tool for tool in cmds}, data)
     caps = {}
     if a.memcap:
         for tool, cmd in cmds.items():
@@ -133,12 +163,12 @@ def main(argv=None) -> int:
     print()
     cap_col = f" | under {a.memcap} MB cap" if a.memcap else ""
     print(f"| tool | wall (s), median (min-max) | CPU (s), median (min-max) | peak RSS (MB), median (min-max) "
-          f"| relative error (tensors){cap_col} |")
-    print("|---|---:|---:|---:|---:|" + ("---|" if a.memcap else ""))
+          f"| relative error (tensors) | logits error{cap_col} |")
+    print("|---|---:|---:|---:|---:|---:|" + ("---|" if a.memcap else ""))
     for tool in cmds:
         ok = [r for r in runs[tool] if r["rc"] == 0]
         if not ok:
-            print(f"| {tool} | failed | failed | failed | |" + (" |" if a.memcap else ""))
+            print(f"| {tool} | failed | failed | failed | | |" + (" |" if a.memcap else ""))
             continue
         e = errors[tool]
         cap = ""
@@ -147,7 +177,8 @@ def main(argv=None) -> int:
             cap = " | " + ("completed" if c.get("ok") else "killed/failed") + f" (max {c.get('maxusage_mb')} MB)"
         print(f"| {tool} | {spread([r['wall_s'] for r in ok])} | {spread([r['cpu_s'] for r in ok])} "
               f"| {spread([r['peak_rss_mb'] for r in ok], '{:.0f}')} | "
-              + (f"{e[0]:.4f} ({e[1]})" if e else "") + f"{cap} |")
+              + (f"{e[0]:.4f} ({e[1]})" if e else "") + " | "
+              + (f"{logits[tool]:.4f}" if logits[tool] is not None else "") + f"{cap} |")
     print("\nload average (1/5/15 min): before " + " ".join(f"{x:.2f}" for x in load_before)
           + ", after " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
     print(f"command: python tools/bench_extract_lora.py {' '.join(argv if argv is not None else sys.argv[1:])}")

@@ -39,9 +39,12 @@ import numpy as np
 
 from .. import __version__
 from ..checkpoints import open_model
-from ..checkpoints.blocks import read_rows, row_elems
+from ..checkpoints.blocks import read_rows
 from ..dtypes import is_float_st
 from ..errors import StreammergeError
+from ..geometry import numel, row_elems
+from ..workspace import thread_buffer
+from .safetensors_writer import ShardedWriter, TensorSpec
 
 OVERSAMPLE = 8  # extra sketch columns: the range finder's error bound falls fast with them
 POWER_ITERATIONS = 2  # each sharpens the sketch's spectrum (s_i^(2q+1)); two suffice for task vectors
@@ -114,15 +117,28 @@ def delta_norm(blocks: RowBlocks) -> float:
 
 def _delta_blocks(ft, base, rows_per_block: int) -> RowBlocks:
     m, cols = ft.shape[0], row_elems(ft.shape)
-    buf_ft = np.empty(rows_per_block * cols, np.float32)
-    buf_base = np.empty(rows_per_block * cols, np.float32)
 
     def blocks():
+        # one buffer pair per thread for every tensor: a source's own would stay touched until the end
+        buf_ft = thread_buffer(("export.lora", "ft"), rows_per_block * cols, at_least=BLOCK_ELEMS)
+        buf_base = thread_buffer(("export.lora", "base"), rows_per_block * cols, at_least=BLOCK_ELEMS)
         for r0 in range(0, m, rows_per_block):
             r1 = min(m, r0 + rows_per_block)
             d = read_rows(ft, r0, r1, buf_ft).reshape(r1 - r0, cols)
             d -= read_rows(base, r0, r1, buf_base).reshape(r1 - r0, cols)
             yield r0, r1, d
+
+    return blocks
+
+
+def _row_blocks(h, rows_per_block: int) -> RowBlocks:
+    m, cols = h.shape[0], row_elems(h.shape)
+
+    def blocks():
+        buf = thread_buffer(("export.lora", "target"), rows_per_block * cols, at_least=BLOCK_ELEMS)
+        for r0 in range(0, m, rows_per_block):
+            r1 = min(m, r0 + rows_per_block)
+            yield r0, r1, read_rows(h, r0, r1, buf).reshape(r1 - r0, cols)
 
     return blocks
 
@@ -133,13 +149,21 @@ def _seed_for(name: str, seed: int) -> int:
 
 @dataclass(frozen=True)
 class DeltaSource:
-    """One tensor's task vector, as row blocks (re-iterable), and the target tensor whole (for
-    tensors saved as modules_to_save)."""
+    """One tensor's task vector and the target tensor itself (for modules_to_save), each as row
+    blocks (r0, r1, float32 rows reshaped (r1 - r0, -1)), re-iterable."""
 
     name: str
     shape: tuple[int, ...]
     blocks: RowBlocks
-    whole: Callable[[], np.ndarray]
+    target: RowBlocks
+
+
+@dataclass(frozen=True)
+class WholeTensor:
+    """A tensor an adapter saves whole, written block by block (never held) in float32."""
+
+    shape: tuple[int, ...]
+    blocks: RowBlocks
 
 
 def factor_into_adapter(sources: list[DeltaSource], rank: int, base_name: str, model_tensors, *,
@@ -170,7 +194,7 @@ def factor_into_adapter(sources: list[DeltaSource], rank: int, base_name: str, m
                                 "top_singular_value": float(lr.singular_values[0]), "delta_norm": lr.delta_norm}
         elif norm := delta_norm(src.blocks):
             if modules_to_save == "keep" and src.name.endswith(".weight"):
-                tensors[f"base_model.model.{module}.weight"] = np.ascontiguousarray(src.whole(), dtype=np.float32)
+                tensors[f"base_model.model.{module}.weight"] = WholeTensor(tuple(src.shape), src.target)
                 saved.add(module)  # full names: peft wants weights for every module a leaf name would match
                 report[src.name] = {"rank": None, "saved_whole": True, "delta_norm": norm}
             else:
@@ -255,8 +279,7 @@ def extract_lora(finetune: str, base: str, out: Path, rank: int, *, modules_to_s
                 f"{ft_ck.directory}: tensor {name} is {list(h.shape)} but {list(bh.shape)} in the base model {base}"
             )
         rows = max(1, BLOCK_ELEMS // row_elems(h.shape))
-        sources.append(DeltaSource(name, tuple(h.shape), _delta_blocks(h, bh, rows),
-                                   lambda h=h: read_rows(h, 0, h.shape[0], np.empty(h.shape, np.float32))))
+        sources.append(DeltaSource(name, tuple(h.shape), _delta_blocks(h, bh, rows), _row_blocks(h, rows)))
     if not any(factored(s.name, s.shape) for s in sources):
         raise StreammergeError(f"{finetune}: no 2-D weight to extract (check --include / --exclude)")
     tensors, config, report = factor_into_adapter(sources, rank, base, ft_ck.tensors, modules_to_save=modules_to_save,
@@ -286,13 +309,21 @@ def _regexes(flag: str, texts) -> list[re.Pattern]:
     return out
 
 
-def write_adapter_files(directory: Path, tensors: dict, config: dict, summary: dict) -> None:
-    """adapter_model.safetensors, adapter_config.json and extraction.json into `directory`."""
-    from safetensors.numpy import save_file
-
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, directory / "adapter_model.safetensors",
-              metadata={"format": "pt"})
+def write_adapter_files(directory: Path, tensors: dict[str, np.ndarray | WholeTensor], config: dict,
+                        summary: dict) -> None:
+    """adapter_model.safetensors (float32; WholeTensor entries written block by block),
+    adapter_config.json and extraction.json into `directory`."""
+    specs = [TensorSpec(name, "F32", tuple(t.shape), 4 * numel(t.shape)) for name, t in tensors.items()]
+    w = ShardedWriter(directory, specs, shard_size=1 << 62, metadata={"format": "pt"}, prefix="adapter_model")
+    try:
+        for name, t in tensors.items():
+            if isinstance(t, WholeTensor):
+                for r0, _r1, rows in t.blocks():
+                    w.write(name, 4 * r0 * row_elems(t.shape), rows.astype(np.float32, copy=False))
+            else:
+                w.write(name, 0, t.astype(np.float32, copy=False))
+    finally:
+        w.finish()
     (directory / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     (directory / "extraction.json").write_text(json.dumps(summary, indent=1) + "\n")
 

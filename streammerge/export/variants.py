@@ -264,11 +264,12 @@ def task_delta_sources(store: Store, decision: dict, task: str) -> list[DeltaSou
                 r0, r1 = i * br, min(rows, (i + 1) * br)
                 yield r0, r1, (task_rows(name, i, r0, r1) - shipped(name, i, r0, r1)).reshape(r1 - r0, -1)
 
-        def whole(name=name, br=br, n=n, rows=rows, shape=shape):
-            parts = [task_rows(name, i, i * br, min(rows, (i + 1) * br)).reshape(-1) for i in range(n)]
-            return np.concatenate(parts).reshape(shape)
+        def target(name=name, br=br, n=n, rows=rows):
+            for i in range(n):
+                r0, r1 = i * br, min(rows, (i + 1) * br)
+                yield r0, r1, task_rows(name, i, r0, r1).reshape(r1 - r0, -1)
 
-        sources.append(DeltaSource(name, shape, blocks, whole))
+        sources.append(DeltaSource(name, shape, blocks, target))
     return sources
 
 
