@@ -564,8 +564,9 @@ def extract_lora_cmd(finetune, base, out, rank, sv_epsilon, modules_to_save, inc
     click.echo(f"relative error ||delta - BA|| / ||delta||: median {errs[len(errs) // 2]:.4f}, "
                f"worst {errs[-1]:.4f} ({worst})")
     whole = [n for n, t in info["tensors"].items() if t.get("saved_whole")]
-    if whole:
-        click.echo(f"saved whole (modules_to_save): {', '.join(whole)}")
+    if whole:  # every norm of a 70B model is a long line: the count and the first few
+        more = f", ... ({len(whole)} in all)" if len(whole) > 4 else ""
+        click.echo(f"saved whole (modules_to_save): {', '.join(whole[:4])}{more}")
     _print_dropped("adapter", info["tensors"])
 
 
