@@ -19,8 +19,8 @@ lora_alpha = r, so the scaling is 1; tensors given a smaller rank by `sv_epsilon
 rank_pattern and alpha_pattern. Embeddings, lm_head and 1-D weights (norms) are not factored: when
 they changed they are saved whole as `modules_to_save` (`modules_to_save="keep"`), again as
 mergekit does by default, or left out (`"drop"`): vLLM and SGLang load only adapters without
-modules_to_save (vllm-project/vllm#9280). What an adapter cannot carry (dropped tensors, and
-biases either way) is reported with its task vector's norm, so the loss is known.
+modules_to_save (vllm-project/vllm#9280). What an adapter does not carry (dropped tensors, and
+biases either way: bias "none") is reported with its task vector's norm, so the loss is known.
 """
 
 from __future__ import annotations
@@ -172,12 +172,12 @@ def factor_into_adapter(sources: list[DeltaSource], rank: int, base_name: str, m
     """(adapter tensors, adapter_config, per-tensor report) for the task vectors of `sources`:
     2-D weights but embeddings factored at rank <= `rank`; the other weights whose task vector is
     not zero (embeddings, lm_head, 1-D) saved whole (modules_to_save "keep") or dropped ("drop");
-    changed biases dropped either way (PEFT has no place for them beside a LoRA module). Every
+    changed biases dropped either way (the config says bias "none", what engines serve). Every
     changed tensor's report has its `delta_norm`; a dropped one's rel_error is 1. `model_tensors`
     names every tensor of the model the adapter is for (see `_targets`)."""
     if modules_to_save not in MODULES_TO_SAVE:
         raise StreammergeError(f"--modules-to-save {modules_to_save}: use {' or '.join(MODULES_TO_SAVE)}")
-    tensors: dict[str, np.ndarray] = {}
+    tensors: dict[str, np.ndarray | WholeTensor] = {}
     report: dict[str, dict] = {}
     ranks: dict[str, int] = {}
     saved: set[str] = set()
