@@ -138,10 +138,13 @@ def main(argv=None) -> int:
 
     load_before = os.getloadavg()
     runs: dict[str, list[dict]] = {tool: [] for tool in cmds}
-    for _ in range(a.repeat):
+    for i in range(a.repeat):
         for tool, cmd in cmds.items():
             fresh(tool)
-            runs[tool].append(timed(cmd))
+            runs[tool].append(r := timed(cmd))
+            # each run as it ends: a run cut short still leaves the rounds it finished
+            print(f"round {i + 1} {tool}: exit {r['rc']}, wall {r['wall_s']:.1f} s, CPU {r['cpu_s']:.1f} s, "
+                  f"peak RSS {r['peak_rss_mb']:.0f} MB, load {os.getloadavg()[0]:.2f}", file=sys.stderr, flush=True)
     errors = {tool: adapter_error(a.work / tool, data) for tool in cmds}
     logits = logit_errors({tool: a.work / tool for tool in cmds}, data)
     caps = {}
