@@ -231,6 +231,20 @@ def _apply(options):
     return deco
 
 
+# extract-lora's and export --variant lora's: what becomes of the changed weights a LoRA cannot factor
+_modules_to_save_option = [
+    click.option(
+        "--modules-to-save",
+        type=click.Choice(["keep", "drop"]),  # export.lora.MODULES_TO_SAVE, not imported at start-up
+        default="keep",
+        show_default=True,
+        help="Changed embeddings, lm_head and norms: keep saves them whole in PEFT's modules_to_save (exact; peft "
+        "loads it, vLLM refuses it); drop leaves them out, writing the linear layers' LoRA factors only, which vLLM "
+        "and SGLang serve, and reports each dropped tensor's ||delta|| and the share of the task vector lost.",
+    ),
+]
+
+
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
 @_apply(_build_options)
@@ -464,20 +478,24 @@ def status(store: Path, as_json: bool) -> None:
 )
 @click.option("--rank", type=click.IntRange(1), default=32, show_default=True,
               help="With --variant lora: the adapters' rank (each approximates its task's model by a randomized SVD).")
+@_apply(_modules_to_save_option)
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 @_apply(_dask_options)
 @user_errors
-def export(store, out, shard_size, dtype, workers, overwrite, variant, rank, progress, scheduler, cluster):
+def export(store, out, shard_size, dtype, workers, overwrite, variant, rank, modules_to_save, progress, scheduler,
+           cluster):
     """Write a finished store as a Hugging Face model directory (sharded safetensors)."""
     from .engine.scheduler import dask_client
     from .store.store import Store
 
     st = Store.open(store)
     with dask_client(scheduler, cluster) as client:  # None: the threaded scheduler
-        _export(st, out, shard_size, dtype, workers, overwrite, progress, client, variant=variant, rank=rank)
+        _export(st, out, shard_size, dtype, workers, overwrite, progress, client, variant=variant, rank=rank,
+                modules_to_save=modules_to_save)
 
 
-def _export(store, out, shard_size, dtype, workers, overwrite, progress, client=None, variant="merged", rank=32):
+def _export(store, out, shard_size, dtype, workers, overwrite, progress, client=None, variant="merged", rank=32,
+            modules_to_save="keep"):
     import time
 
     from .export.variants import export_variant
@@ -485,8 +503,8 @@ def _export(store, out, shard_size, dtype, workers, overwrite, progress, client=
     t0 = time.perf_counter()
     click.get_current_context().meta[_WRITING] = out  # a full disk from here on is out's
     info = export_variant(
-        store, out, variant, rank=rank, shard_size=shard_size, dtype=dtype, workers=workers, overwrite=overwrite,
-        progress=progress, scheduler=client,
+        store, out, variant, rank=rank, modules_to_save=modules_to_save, shard_size=shard_size, dtype=dtype,
+        workers=workers, overwrite=overwrite, progress=progress, scheduler=client,
     )
     info["seconds"] = time.perf_counter() - t0
     _print_exported(info)
@@ -494,6 +512,7 @@ def _export(store, out, shard_size, dtype, workers, overwrite, progress, client=
         if errs:
             click.echo(f"adapter {task}: {len(errs)} tensor(s), relative error median {errs[len(errs) // 2]:.4f}, "
                        f"worst {errs[-1]:.4f}")
+        _print_dropped(f"adapter {task}", info["lora_reports"][task])
 
 
 def _print_exported(info: dict) -> None:
@@ -515,27 +534,29 @@ def _print_exported(info: dict) -> None:
 @click.option("--rank", "-r", required=True, type=click.IntRange(1), help="LoRA rank (the largest; see --sv-epsilon).")
 @click.option("--sv-epsilon", type=click.FloatRange(0), default=0.0, show_default=True,
               help="Drop singular values at or below this (absolute, as mergekit-extract-lora): lower ranks per tensor.")
+@_apply(_modules_to_save_option)
 @click.option("--include", multiple=True, metavar="REGEX", help="Only tensors whose name matches (repeatable).")
 @click.option("--exclude", multiple=True, metavar="REGEX", help="Skip tensors whose name matches (repeatable).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the randomized SVD's sketches.")
 @click.option("--overwrite", is_flag=True, help="Replace ADAPTER_DIR if it exists (only once the new one is complete).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 @user_errors
-def extract_lora_cmd(finetune, base, out, rank, sv_epsilon, include, exclude, seed, overwrite, progress):
+def extract_lora_cmd(finetune, base, out, rank, sv_epsilon, modules_to_save, include, exclude, seed, overwrite, progress):
     """Factor FINETUNE - BASE into a LoRA adapter (PEFT format), out of core.
 
     Every 2-D weight's task vector is approximated at rank R by a randomized SVD whose passes
-    stream the tensor's row blocks (memory: the rank-R sketches and one block). Embeddings and
-    lm_head, when changed, are saved whole (modules_to_save). The relative error of each tensor
-    is printed and kept in ADAPTER_DIR/extraction.json. Load the result with
+    stream the tensor's row blocks (memory: the rank-R sketches and one block). Embeddings,
+    lm_head and norms, when changed, are saved whole (modules_to_save), or dropped with
+    --modules-to-save drop for vLLM and SGLang. The relative error of each tensor, and what was
+    dropped, is printed and kept in ADAPTER_DIR/extraction.json. Load the result with
     `peft.PeftModel.from_pretrained(base_model, ADAPTER_DIR)`.
     """
     from .export.lora import extract_lora
 
     if progress is None:
         progress = sys.stderr.isatty()
-    info = extract_lora(finetune, base, out, rank, sv_epsilon=sv_epsilon, include=list(include), exclude=list(exclude),
-                        seed=seed, overwrite=overwrite, progress=progress)
+    info = extract_lora(finetune, base, out, rank, modules_to_save=modules_to_save, sv_epsilon=sv_epsilon,
+                        include=list(include), exclude=list(exclude), seed=seed, overwrite=overwrite, progress=progress)
     factored = {n: t for n, t in info["tensors"].items() if t.get("rank")}
     errs = sorted(t["rel_error"] for t in factored.values())
     worst = max(factored, key=lambda n: factored[n]["rel_error"])
@@ -543,8 +564,22 @@ def extract_lora_cmd(finetune, base, out, rank, sv_epsilon, include, exclude, se
     click.echo(f"relative error ||delta - BA|| / ||delta||: median {errs[len(errs) // 2]:.4f}, "
                f"worst {errs[-1]:.4f} ({worst})")
     whole = [n for n, t in info["tensors"].items() if t.get("saved_whole")]
-    if whole:
-        click.echo(f"saved whole (modules_to_save): {', '.join(whole)}")
+    if whole:  # every norm of a 70B model is a long line: the count and the first few
+        more = f", ... ({len(whole)} in all)" if len(whole) > 4 else ""
+        click.echo(f"saved whole (modules_to_save): {', '.join(whole[:4])}{more}")
+    _print_dropped("adapter", info["tensors"])
+
+
+def _print_dropped(what: str, tensors: dict) -> None:
+    """One line naming the changed tensors the adapter does not carry and their share of the task vector."""
+    from .export.lora import dropped_share
+
+    dropped = {n: t["delta_norm"] for n, t in tensors.items() if t.get("dropped")}
+    if dropped:
+        worst = max(dropped, key=dropped.get)
+        click.echo(f"{what}: dropped {len(dropped)} changed tensor(s) without a LoRA form, "
+                   f"{100 * dropped_share(tensors):.2f} % of the task vector's norm "
+                   f"(largest {worst}: ||delta|| {dropped[worst]:.4g}; see extraction.json)")
 
 
 @main.command()

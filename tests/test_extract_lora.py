@@ -6,6 +6,7 @@ adapter's own factors multiplied here, and peft loading the adapter onto the bas
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -175,3 +176,121 @@ def test_bad_inputs_are_one_line_errors(models, tmp_path):
     out = run("extract-lora", models["exact"], "--base", models["base"], "-o", tmp_path / "c", "--rank", 2, expect=1)
     assert "already exists" in out
     assert not list(tmp_path.glob(".*partial*"))
+
+
+# What vLLM's parse_fine_tuned_lora_name accepts from a linear layer's adapter (anything else:
+# "... is unsupported LoRA weight"), and SGLang likewise.
+ENGINE_KEY = r"base_model\.model\..+\.lora_[AB]\.weight"
+
+
+def test_modules_to_save_drop_writes_lora_factors_only_and_reports_the_loss(models, tmp_path):
+    keep_out = run("extract-lora", models["noisy"], "--base", models["base"], "-o", tmp_path / "keep", "--rank", 4)
+    out = run("extract-lora", models["noisy"], "--base", models["base"], "-o", tmp_path / "drop", "--rank", 4,
+              "--modules-to-save", "drop")
+    assert "dropped" not in keep_out
+    cfg = json.loads((tmp_path / "drop" / "adapter_config.json").read_text())
+    assert cfg["modules_to_save"] is None
+    adapter = load_file(tmp_path / "drop" / "adapter_model.safetensors")
+    assert all(re.fullmatch(ENGINE_KEY, k) for k in adapter), sorted(adapter)
+    # the factors are keep's; only the embedding saved whole is gone
+    kept = load_file(tmp_path / "keep" / "adapter_model.safetensors")
+    assert set(kept) - set(adapter) == {"base_model.model.model.embed_tokens.weight"}
+    for k, v in adapter.items():
+        torch.testing.assert_close(v, kept[k], atol=0, rtol=0)
+
+    b = load_file(models["base"] / "model.safetensors")
+    f = load_file(models["noisy"] / "model.safetensors")
+    norms = {n: torch.linalg.norm(f[n].double() - b[n].double()) for n in f if f[n].ndim == 2}
+    summary = json.loads((tmp_path / "drop" / "extraction.json").read_text())
+    emb = summary["tensors"]["model.embed_tokens.weight"]
+    assert emb["dropped"] and emb["rank"] is None and emb["rel_error"] == 1.0
+    assert emb["delta_norm"] == pytest.approx(float(norms["model.embed_tokens.weight"]), rel=1e-6)
+    share = norms["model.embed_tokens.weight"] / torch.sqrt(sum(v**2 for v in norms.values()))
+    assert 0 < share < 1 and summary["dropped_share"] == pytest.approx(float(share), rel=1e-6)
+    assert f"{100 * float(share):.2f} %" in out and "model.embed_tokens.weight" in out
+
+    base = transformers.LlamaForCausalLM.from_pretrained(models["base"]).eval()
+    merged = peft.PeftModel.from_pretrained(base, tmp_path / "drop").merge_and_unload().state_dict()
+    torch.testing.assert_close(merged["model.embed_tokens.weight"], b["model.embed_tokens.weight"], atol=0, rtol=0)
+    for name in _deltas(models, "noisy"):
+        torch.testing.assert_close(merged[name].double(), b[name].double() + _product(adapter, name[: -len(".weight")]),
+                                   atol=1e-5, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def biased(tmp_path_factory):
+    """A Llama with attention biases; its fine-tune changes every projection (rank 4), two norms
+    and a bias."""
+    root = tmp_path_factory.mktemp("xlora-bias")
+    cfg = _config()
+    cfg.attention_bias = True
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(cfg).eval()
+    base.save_pretrained(root / "base")
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in base.named_parameters():
+            if p.ndim == 2 and any(t in name for t in TARGETS):
+                p.add_(torch.randn(p.shape[0], LOW_RANK, generator=g) @ torch.randn(LOW_RANK, p.shape[1], generator=g) * 0.003)
+        base.model.layers[0].input_layernorm.weight.add_(torch.randn(64, generator=g) * 0.05)
+        base.model.norm.weight.add_(torch.randn(64, generator=g) * 0.02)
+        base.model.layers[1].self_attn.q_proj.bias.add_(torch.randn(64, generator=g) * 0.05)
+    base.save_pretrained(root / "ft")
+    return root / "base", root / "ft"
+
+
+NORMS = ("model.layers.0.input_layernorm.weight", "model.norm.weight")
+BIAS = "model.layers.1.self_attn.q_proj.bias"
+
+
+@pytest.mark.parametrize("mode", ["keep", "drop"])
+def test_norms_are_kept_or_dropped_and_what_is_lost_is_reported(biased, tmp_path, mode):
+    base_dir, ft_dir = biased
+    out = run("extract-lora", ft_dir, "--base", base_dir, "-o", tmp_path / "a", "--rank", 8, "--modules-to-save", mode)
+    b, f = load_file(base_dir / "model.safetensors"), load_file(ft_dir / "model.safetensors")
+    norms = {n: float(torch.linalg.norm(f[n].double() - b[n].double())) for n in f}
+    lost = (BIAS, *NORMS) if mode == "drop" else (BIAS,)  # no adapter form carries a bias beside lora_A/B
+    summary = json.loads((tmp_path / "a" / "extraction.json").read_text())
+    assert {n for n, t in summary["tensors"].items() if t.get("dropped")} == set(lost)
+    for name in lost:
+        assert summary["tensors"][name]["delta_norm"] == pytest.approx(norms[name], rel=1e-6)
+    share = (sum(norms[n] ** 2 for n in lost) / sum(v**2 for v in norms.values())) ** 0.5
+    assert 0 < share < 1 and summary["dropped_share"] == pytest.approx(share, rel=1e-6)
+    assert f"dropped {len(lost)} changed tensor(s)" in out and f"{100 * share:.2f} %" in out
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert cfg["modules_to_save"] == (None if mode == "drop" else sorted(n[: -len(".weight")] for n in NORMS))
+    with torch.no_grad():
+        model = transformers.LlamaForCausalLM.from_pretrained(base_dir).eval()
+        merged = peft.PeftModel.from_pretrained(model, tmp_path / "a").merge_and_unload().state_dict()
+    for name in (BIAS, *NORMS):
+        torch.testing.assert_close(merged[name], (b if name in lost else f)[name], atol=0, rtol=0)
+
+
+def test_memory_is_bounded_by_blocks_not_by_the_tensors_saved_whole(tmp_path, monkeypatch):
+    """A changed 32 MiB embedding (float32) is saved whole, block by block: with 64 KiB blocks,
+    the Python heap (numpy's arrays included, tracemalloc) never holds a quarter of it (opening
+    the checkpoints alone peaks at 4 MiB)."""
+    import tracemalloc
+
+    import streammerge.export.lora as xlora
+
+    cfg = _config()
+    cfg.vocab_size = 131072  # embed_tokens and lm_head: 131072 x 64 float32, 32 MiB each
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(cfg)
+    base.save_pretrained(tmp_path / "base")
+    with torch.no_grad():
+        base.model.embed_tokens.weight.add_(0.01)
+        base.model.layers[0].self_attn.q_proj.weight.add_(0.01)
+    base.save_pretrained(tmp_path / "ft")
+    monkeypatch.setattr(xlora, "BLOCK_ELEMS", 1 << 14)
+    tracemalloc.start()
+    try:
+        info = xlora.extract_lora(str(tmp_path / "ft"), str(tmp_path / "base"), tmp_path / "a", 2)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert info["tensors"]["model.embed_tokens.weight"]["saved_whole"]
+    assert peak < 8 * 2**20, peak
+    saved = load_file(tmp_path / "a" / "adapter_model.safetensors")["base_model.model.model.embed_tokens.weight"]
+    torch.testing.assert_close(saved, base.model.embed_tokens.weight.detach(), atol=0, rtol=0)

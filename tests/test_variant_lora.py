@@ -6,11 +6,13 @@ against the formulas), loaded with transformers; the adapter is applied by peft 
 from __future__ import annotations
 
 import json
+import re
 import warnings
 
 import pytest
 import torch
 from click.testing import CliRunner
+from safetensors.torch import load_file
 
 import synth_checkpoints as synth
 from helpers import load_model_tensors, write_recipe
@@ -91,3 +93,42 @@ def test_lora_variant_of_a_static_store_is_refused(synth_family, tmp_path):
     run("build", r, "--store", tmp_path / "j.zarr")
     out = run("export", tmp_path / "j.zarr", tmp_path / "o", "--variant", "lora", expect=1)
     assert "mediator or 1bit" in out
+
+
+def test_modules_to_save_drop_gives_engine_loadable_adapters_and_reports_the_loss(stores, tmp_path):
+    """A Mediator store routes its routed layers' norms: keep saves them whole per task, drop
+    leaves them out (vLLM and SGLang refuse modules_to_save) and reports ||delta|| for each, which
+    is what keep's whole tensor minus the shipped model's gives."""
+    run("export", stores["mediator"], tmp_path / "keep", "--variant", "lora", "--rank", 8)
+    out = run("export", stores["mediator"], tmp_path / "drop", "--variant", "lora", "--rank", 8, "--modules-to-save", "drop")
+    shipped = load_model_tensors(tmp_path / "drop")
+    for task in TASKS:
+        keep_cfg = json.loads((tmp_path / "keep" / "adapters" / task / "adapter_config.json").read_text())
+        cfg = json.loads((tmp_path / "drop" / "adapters" / task / "adapter_config.json").read_text())
+        assert keep_cfg["modules_to_save"] and cfg["modules_to_save"] is None
+        assert cfg["target_modules"] == keep_cfg["target_modules"]
+        adapter = load_file(tmp_path / "drop" / "adapters" / task / "adapter_model.safetensors")
+        kept = load_file(tmp_path / "keep" / "adapters" / task / "adapter_model.safetensors")
+        assert all(re.fullmatch(r"base_model\.model\..+\.lora_[AB]\.weight", k) for k in adapter), sorted(adapter)
+        whole = {k[len("base_model.model."):]: v for k, v in kept.items() if k not in adapter}
+        assert whole and all(".lora_" not in k for k in whole)
+        summary = json.loads((tmp_path / "drop" / "adapters" / task / "extraction.json").read_text())
+        dropped = {n: t for n, t in summary["tensors"].items() if t.get("dropped")}
+        assert set(dropped) == set(whole)
+        lost2 = 0.0
+        for name, w in whole.items():
+            want = float(torch.linalg.norm(w.double() - shipped[name].double()))
+            assert dropped[name]["delta_norm"] == pytest.approx(want, rel=1e-6, abs=1e-9), name
+            lost2 += want**2
+        total2 = sum(t["delta_norm"] ** 2 for t in summary["tensors"].values())
+        assert summary["dropped_share"] == pytest.approx((lost2 / total2) ** 0.5, rel=1e-6)
+        assert f"adapter {task}: dropped {len(whole)} changed tensor(s)" in out
+        merged = _peft_merged(tmp_path / "drop", task)
+        for name in whole:  # peft leaves them as shipped
+            torch.testing.assert_close(merged[name], shipped[name].float(), atol=0, rtol=0)
+
+
+def test_modules_to_save_is_refused_outside_the_lora_variant(stores, tmp_path):
+    out = run("export", stores["mediator"], tmp_path / "o", "--variant", "routed", "--modules-to-save", "drop", expect=1)
+    assert out.count("\n") == 1 and "--modules-to-save drop: only for --variant lora" in out
+    assert not (tmp_path / "o").exists()

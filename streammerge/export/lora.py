@@ -16,8 +16,11 @@ The adapter is what `peft` saves: `adapter_model.safetensors` with
 `base_model.model.<module>.lora_A.weight` / `lora_B.weight` (singular values split as their
 square roots between A and B, as mergekit-extract-lora does) and `adapter_config.json` with
 lora_alpha = r, so the scaling is 1; tensors given a smaller rank by `sv_epsilon` are listed in
-rank_pattern and alpha_pattern. Embeddings and lm_head are not factored: when they changed they
-are saved whole as `modules_to_save`, again as mergekit does by default.
+rank_pattern and alpha_pattern. Embeddings, lm_head and 1-D weights (norms) are not factored: when
+they changed they are saved whole as `modules_to_save` (`modules_to_save="keep"`), again as
+mergekit does by default, or left out (`"drop"`): vLLM and SGLang load only adapters without
+modules_to_save (vllm-project/vllm#9280). What an adapter does not carry (dropped tensors, and
+biases either way: bias "none") is reported with its task vector's norm, so the loss is known.
 """
 
 from __future__ import annotations
@@ -37,12 +40,18 @@ import numpy as np
 from .. import __version__
 from ..checkpoints import open_model
 from ..checkpoints.blocks import read_rows
+from ..dtypes import is_float_st
 from ..errors import StreammergeError
+from ..geometry import numel, row_elems
+from ..workspace import thread_buffer
+from .safetensors_writer import ShardedWriter, TensorSpec
 
 OVERSAMPLE = 8  # extra sketch columns: the range finder's error bound falls fast with them
 POWER_ITERATIONS = 2  # each sharpens the sketch's spectrum (s_i^(2q+1)); two suffice for task vectors
 BLOCK_ELEMS = 1 << 22  # elements per row block read (4 Mi: 16 MiB of float32 per input)
 EMBEDDING = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|lm_head|embed_out|output)\.weight$")
+
+MODULES_TO_SAVE = ("keep", "drop")  # what becomes of changed tensors that are not factored
 
 RowBlocks = Callable[[], Iterator[tuple[int, int, np.ndarray]]]
 
@@ -53,6 +62,7 @@ class LowRank:
     b: np.ndarray  # out x rank, float32
     singular_values: np.ndarray  # the kept ones, descending
     rel_error: float  # ||delta - b @ a||_F / ||delta||_F (0 for a zero delta)
+    delta_norm: float  # ||delta||_F
 
 
 def _orth(y: np.ndarray) -> np.ndarray:
@@ -96,21 +106,39 @@ def streamed_low_rank(blocks: RowBlocks, shape: tuple[int, int], rank: int, rng:
     for r0, r1, d in blocks():
         norm2 += float(np.square(d, dtype=np.float64).sum())
         err2 += float(np.square(d - b[r0:r1] @ a, dtype=np.float64).sum())
-    return LowRank(a, b, s[:r].astype(np.float32), float(np.sqrt(err2 / norm2)) if norm2 > 0 else 0.0)
+    return LowRank(a, b, s[:r].astype(np.float32), float(np.sqrt(err2 / norm2)) if norm2 > 0 else 0.0,
+                   float(np.sqrt(norm2)))
+
+
+def delta_norm(blocks: RowBlocks) -> float:
+    """||delta||_F of the matrix `blocks()` yields, summed in float64."""
+    return float(np.sqrt(sum(float(np.square(d, dtype=np.float64).sum()) for _r0, _r1, d in blocks())))
 
 
 def _delta_blocks(ft, base, rows_per_block: int) -> RowBlocks:
-    m = ft.shape[0]
-    cols = int(np.prod(ft.shape[1:], dtype=np.int64))
-    buf_ft = np.empty(rows_per_block * cols, np.float32)
-    buf_base = np.empty(rows_per_block * cols, np.float32)
+    m, cols = ft.shape[0], row_elems(ft.shape)
 
     def blocks():
+        # one buffer pair per thread for every tensor: a source's own would stay touched until the end
+        buf_ft = thread_buffer(("export.lora", "ft"), rows_per_block * cols, at_least=BLOCK_ELEMS)
+        buf_base = thread_buffer(("export.lora", "base"), rows_per_block * cols, at_least=BLOCK_ELEMS)
         for r0 in range(0, m, rows_per_block):
             r1 = min(m, r0 + rows_per_block)
             d = read_rows(ft, r0, r1, buf_ft).reshape(r1 - r0, cols)
             d -= read_rows(base, r0, r1, buf_base).reshape(r1 - r0, cols)
             yield r0, r1, d
+
+    return blocks
+
+
+def _row_blocks(h, rows_per_block: int) -> RowBlocks:
+    m, cols = h.shape[0], row_elems(h.shape)
+
+    def blocks():
+        buf = thread_buffer(("export.lora", "target"), rows_per_block * cols, at_least=BLOCK_ELEMS)
+        for r0 in range(0, m, rows_per_block):
+            r1 = min(m, r0 + rows_per_block)
+            yield r0, r1, read_rows(h, r0, r1, buf).reshape(r1 - r0, cols)
 
     return blocks
 
@@ -121,40 +149,56 @@ def _seed_for(name: str, seed: int) -> int:
 
 @dataclass(frozen=True)
 class DeltaSource:
-    """One tensor's task vector, as row blocks (re-iterable), and the target tensor whole (for
-    tensors saved as modules_to_save)."""
+    """One tensor's task vector and the target tensor itself (for modules_to_save), each as row
+    blocks (r0, r1, float32 rows reshaped (r1 - r0, -1)), re-iterable."""
 
     name: str
     shape: tuple[int, ...]
     blocks: RowBlocks
-    whole: Callable[[], np.ndarray]
+    target: RowBlocks
+
+
+@dataclass(frozen=True)
+class WholeTensor:
+    """A tensor an adapter saves whole, written block by block (never held) in float32."""
+
+    shape: tuple[int, ...]
+    blocks: RowBlocks
 
 
 def factor_into_adapter(sources: list[DeltaSource], rank: int, base_name: str, model_tensors, *,
-                        sv_epsilon: float = 0.0, seed: int = 0, progress=None) -> tuple[dict, dict, dict]:
+                        modules_to_save: str = "keep", sv_epsilon: float = 0.0, seed: int = 0,
+                        progress=None) -> tuple[dict, dict, dict]:
     """(adapter tensors, adapter_config, per-tensor report) for the task vectors of `sources`:
-    2-D weights but embeddings factored at rank <= `rank`; embeddings, lm_head and 1-D tensors
-    saved whole where their task vector is not zero (modules_to_save). `model_tensors` names
-    every tensor of the model the adapter is for (see `_targets`)."""
-    tensors: dict[str, np.ndarray] = {}
+    2-D weights but embeddings factored at rank <= `rank`; the other weights whose task vector is
+    not zero (embeddings, lm_head, 1-D) saved whole (modules_to_save "keep") or dropped ("drop");
+    changed biases dropped either way (the config says bias "none", what engines serve). Every
+    changed tensor's report has its `delta_norm`; a dropped one's rel_error is 1. `model_tensors`
+    names every tensor of the model the adapter is for (see `_targets`)."""
+    if modules_to_save not in MODULES_TO_SAVE:
+        raise StreammergeError(f"--modules-to-save {modules_to_save}: use {' or '.join(MODULES_TO_SAVE)}")
+    tensors: dict[str, np.ndarray | WholeTensor] = {}
     report: dict[str, dict] = {}
     ranks: dict[str, int] = {}
-    modules_to_save: set[str] = set()
+    saved: set[str] = set()
     bar = _bar(progress, len(sources))
     for src in sources:
         module = src.name[: -len(".weight")] if src.name.endswith(".weight") else src.name
-        if len(src.shape) == 2 and src.name.endswith(".weight") and not EMBEDDING.search(src.name):
+        if factored(src.name, src.shape):
             rng = np.random.default_rng(_seed_for(src.name, seed))
             lr = streamed_low_rank(src.blocks, tuple(src.shape), rank, rng, sv_epsilon)
             tensors[f"base_model.model.{module}.lora_A.weight"] = lr.a
             tensors[f"base_model.model.{module}.lora_B.weight"] = lr.b
             ranks[module] = lr.a.shape[0]
             report[src.name] = {"rank": lr.a.shape[0], "rel_error": lr.rel_error,
-                                "top_singular_value": float(lr.singular_values[0])}
-        elif src.name.endswith(".weight") and any(np.any(d) for _r0, _r1, d in src.blocks()):
-            tensors[f"base_model.model.{module}.weight"] = np.ascontiguousarray(src.whole(), dtype=np.float32)
-            modules_to_save.add(module)  # full names: peft wants weights for every module a leaf name would match
-            report[src.name] = {"rank": None, "saved_whole": True}
+                                "top_singular_value": float(lr.singular_values[0]), "delta_norm": lr.delta_norm}
+        elif norm := delta_norm(src.blocks):
+            if modules_to_save == "keep" and src.name.endswith(".weight"):
+                tensors[f"base_model.model.{module}.weight"] = WholeTensor(tuple(src.shape), src.target)
+                saved.add(module)  # full names: peft wants weights for every module a leaf name would match
+                report[src.name] = {"rank": None, "saved_whole": True, "delta_norm": norm}
+            else:
+                report[src.name] = {"rank": None, "dropped": True, "rel_error": 1.0, "delta_norm": norm}
         bar.update(1)
     bar.close()
     max_rank = max(ranks.values(), default=rank)
@@ -168,7 +212,7 @@ def factor_into_adapter(sources: list[DeltaSource], rank: int, base_name: str, m
         "rank_pattern": pattern,
         "alpha_pattern": dict(pattern),
         "target_modules": _targets(set(ranks), model_tensors),
-        "modules_to_save": sorted(modules_to_save) or None,
+        "modules_to_save": sorted(saved) or None,
         "lora_dropout": 0.0,
         "bias": "none",
         "fan_in_fan_out": False,
@@ -177,6 +221,19 @@ def factor_into_adapter(sources: list[DeltaSource], rank: int, base_name: str, m
         "inference_mode": True,
     }
     return tensors, config, report
+
+
+def factored(name: str, shape) -> bool:
+    """Whether a tensor's task vector becomes LoRA factors: 2-D weights but embeddings and lm_head."""
+    return len(shape) == 2 and name.endswith(".weight") and not EMBEDDING.search(name)
+
+
+def dropped_share(report: dict) -> float:
+    """||dropped tensors' task vectors|| / ||all reported task vectors||: the fraction of the
+    task vector's norm the adapter does not carry at all (its factors' error aside)."""
+    total = sum(t.get("delta_norm", 0.0) ** 2 for t in report.values())
+    lost = sum(t["delta_norm"] ** 2 for t in report.values() if t.get("dropped"))
+    return float(np.sqrt(lost / total)) if total else 0.0
 
 
 def _targets(factored: set[str], model_tensors) -> list[str]:
@@ -195,9 +252,9 @@ def _targets(factored: set[str], model_tensors) -> list[str]:
     return sorted(out)
 
 
-def extract_lora(finetune: str, base: str, out: Path, rank: int, *, sv_epsilon: float = 0.0,
-                 include: list[str] = (), exclude: list[str] = (), seed: int = 0, overwrite: bool = False,
-                 progress=None) -> dict:
+def extract_lora(finetune: str, base: str, out: Path, rank: int, *, modules_to_save: str = "keep",
+                 sv_epsilon: float = 0.0, include: list[str] = (), exclude: list[str] = (), seed: int = 0,
+                 overwrite: bool = False, progress=None) -> dict:
     """Write a PEFT LoRA adapter approximating `finetune` - `base` into `out`; returns the report."""
     if rank < 1:
         raise StreammergeError(f"--rank {rank}: must be at least 1")
@@ -212,7 +269,7 @@ def extract_lora(finetune: str, base: str, out: Path, rank: int, *, sv_epsilon: 
 
     sources = []
     for name, h in ft_ck.tensors.items():
-        if not name.endswith(".weight") or len(h.shape) != 2 or not wanted(name):
+        if not h.shape or not is_float_st(h.dtype) or not wanted(name):
             continue
         bh = base_ck.tensors.get(name)
         if bh is None:
@@ -221,13 +278,12 @@ def extract_lora(finetune: str, base: str, out: Path, rank: int, *, sv_epsilon: 
             raise StreammergeError(
                 f"{ft_ck.directory}: tensor {name} is {list(h.shape)} but {list(bh.shape)} in the base model {base}"
             )
-        rows = max(1, BLOCK_ELEMS // h.shape[1])
-        sources.append(DeltaSource(name, tuple(h.shape), _delta_blocks(h, bh, rows),
-                                   lambda h=h: read_rows(h, 0, h.shape[0], np.empty(h.shape, np.float32))))
-    if not any(len(s.shape) == 2 and not EMBEDDING.search(s.name) for s in sources):
+        rows = max(1, BLOCK_ELEMS // row_elems(h.shape))
+        sources.append(DeltaSource(name, tuple(h.shape), _delta_blocks(h, bh, rows), _row_blocks(h, rows)))
+    if not any(factored(s.name, s.shape) for s in sources):
         raise StreammergeError(f"{finetune}: no 2-D weight to extract (check --include / --exclude)")
-    tensors, config, report = factor_into_adapter(sources, rank, base, ft_ck.tensors, sv_epsilon=sv_epsilon, seed=seed,
-                                                  progress=progress)
+    tensors, config, report = factor_into_adapter(sources, rank, base, ft_ck.tensors, modules_to_save=modules_to_save,
+                                                  sv_epsilon=sv_epsilon, seed=seed, progress=progress)
     summary = {
         "streammerge_version": __version__,
         "finetune": finetune,
@@ -235,6 +291,8 @@ def extract_lora(finetune: str, base: str, out: Path, rank: int, *, sv_epsilon: 
         "rank": rank,
         "sv_epsilon": sv_epsilon,
         "seed": seed,
+        "modules_to_save": modules_to_save,
+        "dropped_share": dropped_share(report),
         "tensors": report,
     }
     _write_adapter(out, tensors, config, summary, overwrite)
@@ -251,13 +309,21 @@ def _regexes(flag: str, texts) -> list[re.Pattern]:
     return out
 
 
-def write_adapter_files(directory: Path, tensors: dict, config: dict, summary: dict) -> None:
-    """adapter_model.safetensors, adapter_config.json and extraction.json into `directory`."""
-    from safetensors.numpy import save_file
-
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, directory / "adapter_model.safetensors",
-              metadata={"format": "pt"})
+def write_adapter_files(directory: Path, tensors: dict[str, np.ndarray | WholeTensor], config: dict,
+                        summary: dict) -> None:
+    """adapter_model.safetensors (float32; WholeTensor entries written block by block),
+    adapter_config.json and extraction.json into `directory`."""
+    specs = [TensorSpec(name, "F32", tuple(t.shape), 4 * numel(t.shape)) for name, t in tensors.items()]
+    w = ShardedWriter(directory, specs, shard_size=1 << 62, metadata={"format": "pt"}, prefix="adapter_model")
+    try:
+        for name, t in tensors.items():
+            if isinstance(t, WholeTensor):
+                for r0, _r1, rows in t.blocks():
+                    w.write(name, 4 * r0 * row_elems(t.shape), rows.astype(np.float32, copy=False))
+            else:
+                w.write(name, 0, t.astype(np.float32, copy=False))
+    finally:
+        w.finish()
     (directory / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     (directory / "extraction.json").write_text(json.dumps(summary, indent=1) + "\n")
 

@@ -31,7 +31,7 @@ from ..errors import StreammergeError
 from ..limits import DOCUMENT, read_json
 from ..store.store import Store
 from .hf import export_store
-from .lora import DeltaSource, factor_into_adapter, write_adapter_files
+from .lora import DeltaSource, dropped_share, factor_into_adapter, write_adapter_files
 from .safetensors_writer import ShardedWriter, TensorSpec
 
 ROUTING_FORMAT = 1
@@ -188,7 +188,10 @@ def _routing_tensors(store: Store) -> list[tuple[TensorSpec, callable]]:
     return items
 
 
-def export_variant(store: Store, out_dir: Path, variant: str, rank: int = DEFAULT_LORA_RANK, **kw) -> dict:
+def export_variant(store: Store, out_dir: Path, variant: str, rank: int = DEFAULT_LORA_RANK,
+                   modules_to_save: str = "keep", **kw) -> dict:
+    if variant != "lora" and modules_to_save != "keep":
+        raise StreammergeError(f"--modules-to-save {modules_to_save}: only for --variant lora (this is {variant})")
     if variant == "merged":
         return export_store(store, out_dir, **kw)
     decision = load_decision(store)
@@ -198,7 +201,7 @@ def export_variant(store: Store, out_dir: Path, variant: str, rank: int = DEFAUL
             raise StreammergeError(f"{store.path}: no task {task!r} (tasks: {', '.join(decision['tasks'])})")
         return export_store(store, out_dir, block_fn=TaskBlocks(store, decision, task), **kw)
     if variant == "lora":
-        return _export_lora(store, out_dir, decision, rank, **kw)
+        return _export_lora(store, out_dir, decision, rank, modules_to_save, **kw)
     if variant != "routed":
         raise StreammergeError(f"unknown export variant {variant!r}: use merged, task:NAME, routed or lora")
 
@@ -262,17 +265,19 @@ def task_delta_sources(store: Store, decision: dict, task: str) -> list[DeltaSou
                 r0, r1 = i * br, min(rows, (i + 1) * br)
                 yield r0, r1, (task_rows(name, i, r0, r1) - shipped(name, i, r0, r1)).reshape(r1 - r0, -1)
 
-        def whole(name=name, br=br, n=n, rows=rows, shape=shape):
-            parts = [task_rows(name, i, i * br, min(rows, (i + 1) * br)).reshape(-1) for i in range(n)]
-            return np.concatenate(parts).reshape(shape)
+        def target(name=name, br=br, n=n, rows=rows):
+            for i in range(n):
+                r0, r1 = i * br, min(rows, (i + 1) * br)
+                yield r0, r1, task_rows(name, i, r0, r1).reshape(r1 - r0, -1)
 
-        sources.append(DeltaSource(name, shape, blocks, whole))
+        sources.append(DeltaSource(name, shape, blocks, target))
     return sources
 
 
-def _export_lora(store: Store, out_dir: Path, decision: dict, rank: int, **kw) -> dict:
+def _export_lora(store: Store, out_dir: Path, decision: dict, rank: int, modules_to_save: str, **kw) -> dict:
     """The shipped model (as `routed`), one PEFT adapter per task under adapters/<task>/ that
-    approximates that task's model against it, and the router (router/) when one was fitted."""
+    approximates that task's model against it, and the router (router/) when one was fitted.
+    `modules_to_save`: see factor_into_adapter."""
     if rank < 1:
         raise StreammergeError(f"--rank {rank}: must be at least 1")
     reports: dict[str, dict] = {}
@@ -280,8 +285,10 @@ def _export_lora(store: Store, out_dir: Path, decision: dict, rank: int, **kw) -
     def extra(tmp: Path) -> list[str]:
         for task in decision["tasks"]:
             sources = task_delta_sources(store, decision, task)
-            tensors, config, report = factor_into_adapter(sources, rank, str(Path(out_dir).resolve()), [t["name"] for t in store.tensors])
-            summary = {"store": str(store.path), "task": task, "rank": rank, "tensors": report}
+            tensors, config, report = factor_into_adapter(sources, rank, str(Path(out_dir).resolve()),
+                                                          [t["name"] for t in store.tensors], modules_to_save=modules_to_save)
+            summary = {"store": str(store.path), "task": task, "rank": rank, "modules_to_save": modules_to_save,
+                       "dropped_share": dropped_share(report), "tensors": report}
             write_adapter_files(tmp / "adapters" / task, tensors, config, summary)
             reports[task] = report
         router = store.path / "inference" / "router"  # routing/router.py router_dir (routing imports export)
@@ -304,4 +311,5 @@ def _export_lora(store: Store, out_dir: Path, decision: dict, rank: int, **kw) -
     info["lora"] = {
         task: sorted(r["rel_error"] for r in rep.values() if r.get("rank")) for task, rep in reports.items()
     }
+    info["lora_reports"] = reports  # every tensor's entry, the dropped ones included
     return info
