@@ -84,7 +84,7 @@ import numpy as np
 
 from ..errors import StreammergeError
 from .decision import STATIC, Decision
-from .encoded import CHUNK_ELEMENTS, OneBitEncodings, SparseDelta, TaskPiece, onebit_terms
+from .encoded import CHUNK_ELEMENTS, OneBitEncodings, SparseDelta, TaskPiece, onebit_terms, onebit_weight
 from .runtime import require_torch
 
 # The stated tolerances of the delta path (float32 compute), see "Exactness" above: against the
@@ -270,35 +270,67 @@ class MediatorTensor:
 
 
 class OneBitTensor:
-    """An encoded tensor of a 1bit store: the model holds theta_0; a term is a decision (task k
-    or STATIC), its delta built from the encodings in row chunks."""
+    """An encoded tensor of a 1bit store. The model holds the STATIC decision's weight, the
+    merged model M = theta_0 + lambda * TIES(all), computed once at load (`merged`); a term is
+    a task decision k, its delta relative to M:
+        Delta_k = theta_0 + tau_hat_k + lambda * TIES(others) - M
+                = tau_hat_k + lambda * (TIES({tau_hat_j : j != k}) - TIES(all))
+    which is zero when task k has no piece here (its others are all), and (1 - lambda) tau_hat_k
+    when k's piece is the only one (TIES of one vector is that vector): a scaled compressed
+    delta. Only where two or more tasks have pieces and lambda != 0 is Delta_k nonlinear in the
+    encodings: built from them in row chunks per forward, or cached within the budget."""
 
     def __init__(self, name: str, shape, pieces: dict, lam: float, device, cache: _Cache):
         self.name, self.shape = name, tuple(shape)
         self.pieces = pieces  # task -> TaskPiece | None (dropped)
         self.lam, self.device, self.cache = lam, device, cache
         self.rows, self.cols = _rows_cols(shape)
+        self.present = [t for t, pc in pieces.items() if pc is not None]
 
     @property
     def nbytes(self) -> int:
         return sum(pc.nbytes for pc in self.pieces.values() if pc is not None)
 
+    def own_scale(self, key: tuple) -> float | None:
+        """c where Delta_k = c * tau_hat_k (lambda 0, or k's the only piece), else None."""
+        if self.lam == 0 or self.present == [key[1]]:
+            return 1.0 - self.lam
+        return None
+
     def has_delta(self, key: tuple) -> bool:
-        if key == STATIC.key:
-            return self.lam != 0 and any(pc is not None for pc in self.pieces.values())
-        return self.pieces[key[1]] is not None or (self.lam != 0 and any(
-            pc is not None for t, pc in self.pieces.items() if t != key[1]))
+        if key == STATIC.key or self.pieces[key[1]] is None:
+            return False
+        return self.own_scale(key) != 0.0
+
+    def merged(self, base):
+        """M = theta_0 + lambda * TIES(all) of the whole tensor, float32, in row chunks (base:
+        theta_0, any float dtype): the export's arithmetic for the merged model, unrounded."""
+        torch, _ = require_torch()
+        base = base.reshape(self.rows, self.cols)
+        out = torch.empty((self.rows, self.cols), dtype=torch.float32, device=self.device)
+        rows = len(self.shape) >= 2
+        for r0 in range(0, self.rows, self._chunk_rows()):
+            r1 = min(self.rows, r0 + self._chunk_rows())
+            hat = lambda t: self.pieces[t].tau_hat(self.shape, self.device, (r0, r1) if rows else None)  # noqa: E731
+            out[r0:r1] = onebit_weight(base[r0:r1], hat, self.pieces, STATIC.key, self.lam, self.device).reshape(r1 - r0, -1)
+        return out.reshape(self.shape)
 
     def _combine(self, key: tuple, hat):
-        """The delta of decision `key` from hat(task) -> float32 tau_hat (of the same rows)."""
-        own, ties = onebit_terms(hat, self.pieces, key, self.lam, self.device)
-        if own is None or ties is None:
-            return own if ties is None else ties
-        return own.add_(ties)
+        """Delta_k from hat(task) -> float32 tau_hat (of the same rows); None: no delta."""
+        if not self.has_delta(key):
+            return None
+        c = self.own_scale(key)
+        if c is not None:
+            own = hat(key[1])
+            return own if c == 1.0 else own * c
+        hats: dict = {}
+        memo = lambda t: hats[t] if t in hats else hats.setdefault(t, hat(t))  # noqa: E731
+        own, ties = onebit_terms(memo, self.pieces, key, self.lam, self.device)
+        _, ties_all = onebit_terms(memo, self.pieces, STATIC.key, self.lam, self.device)
+        return own.add_(ties.sub_(ties_all))  # two or more pieces: k's others are not empty
 
     def delta_rows(self, key: tuple, r0: int, r1: int):
         """The delta of rows [r0, r1) as (r1 - r0, cols) float32 (None: no delta)."""
-        torch, _ = require_torch()
         rows = (r0, r1) if len(self.shape) >= 2 else None
         d = self._combine(key, lambda t: self.pieces[t].tau_hat(self.shape, self.device, rows))
         return None if d is None else d.reshape(r1 - r0, self.cols)
@@ -314,17 +346,19 @@ class OneBitTensor:
         return self.rows * self.cols * 4 <= self.cache.budget
 
     def full(self, key: tuple, shared):
-        """theta_0 + the decision's delta, in the shared weight's dtype (cached)."""
+        """M + the decision's delta, in the shared weight's dtype (cached)."""
         build = lambda: (shared.float() + self._dense(key).view(shared.shape)).to(shared.dtype)  # noqa: E731
         return self.cache.get((self.name, key), build, _tensor_bytes)
 
     def matmul(self, key: tuple, x):
-        """x (m, cols) float32 -> x Delta^T (m, rows), from the encodings: for a sign-bits term
-        (lambda 0) the signs' product scaled; else the delta built and multiplied chunk by chunk."""
+        """x (m, cols) float32 -> x Delta^T (m, rows), from the encodings: for a scaled sign-bits
+        term the signs' product scaled; else the delta built and multiplied chunk by chunk."""
         torch, _ = require_torch()
-        piece = self.pieces[key[1]] if key != STATIC.key and self.lam == 0 else None
-        if piece is not None and piece.kind in SIGN_KINDS and len(self.shape) >= 2:
-            return signs_product(x, piece, self._chunk_rows())
+        c = self.own_scale(key)
+        piece = self.pieces[key[1]]
+        if c is not None and piece.kind in SIGN_KINDS and len(self.shape) >= 2:
+            y = signs_product(x, piece, self._chunk_rows())
+            return y if c == 1.0 else y.mul_(c)
         step = self._chunk_rows()
         if step >= self.rows:
             return x @ self._dense(key).t()
@@ -579,8 +613,10 @@ class DeltaRuntime:
         enc = OneBitEncodings(self.store, self.method, self.device)
         for name in enc.names:
             p = _param(params, name)
-            p.data = enc.base.pop(name).to(self.dtype).reshape(p.shape)  # theta_0 replaces the merged tensor
-            out[name] = OneBitTensor(name, enc.shape[name], enc.pieces[name], enc.lam, self.device, self.cache)
+            t = OneBitTensor(name, enc.shape[name], enc.pieces[name], enc.lam, self.device, self.cache)
+            # the STATIC weight, unrounded, replaces the stored merged tensor; theta_0 is dropped
+            p.data = t.merged(enc.base.pop(name)).to(self.dtype).reshape(p.shape)
+            out[name] = t
         return out
 
     def _patch(self, params: dict) -> list:
