@@ -5,10 +5,12 @@ and RoutedModel (model.py).
     rt.set_rows([forced("math", tasks), STATIC, mix_decision])   # one decision per batch row
     logits = model(input_ids=ids).logits                          # row b ran with decision b
 
-The model is the store's merged model as `load_merged_model` gives it. For Mediator it stays as
-it is: its routed tensors are the dense experts D. For 1bit-Merging the runtime points every
-encoded tensor at theta_0 (the base model's tensor, read from the base checkpoint), so the shared
-weights are the base model.
+The model is the store's merged model as `load_merged_model` gives it: STATIC rows run it as it
+is, with no delta. For Mediator its routed tensors are the dense experts D. For 1bit-Merging the
+runtime replaces every encoded tensor by the STATIC weight M = theta_0 + lambda * TIES(all)
+computed once at load from theta_0 (the base checkpoint's tensor, then dropped) and the
+encodings, unrounded: the request-independent part is computed once, never per forward, and the
+model stays one model.
 
 Per forward, a module that holds a routed tensor computes the shared product once for the whole
 batch, then adds each row group's delta, taken from the compressed encodings on the device:
@@ -22,54 +24,44 @@ their `forward` is replaced (DeltaLinear, DeltaEmbedding, DeltaGrouped). `close(
 Delta terms:
   Mediator  one term per task present in the batch, over the rows using it, with the rows'
             weights: top-1 / forced rows weight 1 (D + S_k), an uncertain row p_t for each of
-            its tasks (D + sum p_t S_t), STATIC rows none (D). S_t stays sparse: `SparseDelta`'s
-            positions as the store keeps them (a bitmask of the tensor where that is smaller
-            than int32 offsets, as the blob encoder chooses) plus bf16 values, decoded each
-            forward into a CSR matrix for torch.sparse.mm. (One sparse product of the stacked
-            [S_1; ...; S_N] for all rows, then each row's mix, was measured no faster on CPU at
-            32 tokens and slower above: not kept.)
-  1bit      one term per decision present in the batch: task k is tau_hat_k + lambda *
-            TIES({tau_hat_j : j != k}), STATIC is lambda * TIES(all) (the store's fallback
-            merged model, docs/methods.md section 4.4). The terms are built from the packed sign bits and
-            scales in row chunks (encoded.py `TaskPiece.tau_hat`, `onebit_terms`) and multiplied
-            chunk by chunk; never stored unpacked outside the cache below. With lambda = 0 a term
-            is tau_hat_k alone and STATIC has no delta; a sign-bits term (1bit, 1bit-row, 2bit)
-            is then `signs_product`: the +-1 of each byte looked up, multiplied, then scaled.
-
-1bit's lambda * TIES(others) is nonlinear in the tasks: no sum of per-task compressed deltas
-gives it. It is served the same way as tau_hat_k: computed per forward from the encodings, in
-chunks (no memory beyond the encodings), at the cost of decoding all N tasks' bits and electing
-signs instead of one sign product. The alternative, one dense weight per decision built once, is
-what the cache does when `memory_budget` leaves room: 4 bytes per routed parameter (float32
-compute) per hot decision, N + 1 decisions at most (STATIC included).
+            its tasks (D + sum p_t S_t), STATIC rows none (D). S_t stays sparse, resident as a
+            CSR matrix in small types (`CompactSparse`: int32 row pointers, int16 columns, the
+            stored bf16 values; the store's bitmask or offsets are decoded once, at load), cast
+            to float32 / int32 for torch.sparse.mm per product. (One sparse product of the
+            stacked [S_1; ...; S_N] for all rows, then each row's mix, was measured no faster on
+            CPU at 32 tokens and slower above: not kept.)
+  1bit      one term per task decision present in the batch: Delta_k = tau_hat_k + lambda *
+            (TIES({tau_hat_j : j != k}) - TIES(all)), k's weight less M. Per tensor it is zero
+            where task k has no piece (k's others are all the pieces) and (1 - lambda) tau_hat_k
+            where k's piece is the only one (TIES of one vector is itself), a scaled sign-bits
+            product (`signs_product`: the +-1 of each byte looked up, multiplied, then scaled),
+            as is every term with lambda = 0. Where two or more tasks have pieces and lambda !=
+            0 the term is nonlinear in the encodings: no sum of per-task compressed deltas gives
+            it. It is built from the packed bits and scales in row chunks (encoded.py
+            `TaskPiece.tau_hat`, `onebit_terms`) and multiplied chunk by chunk, every forward
+            (no memory beyond the encodings, at the cost of decoding all N tasks' bits and two
+            elections per term), or cached within the budget: 4 bytes per routed parameter
+            (float32 compute) per hot task decision, N at most.
 
 Measured (tools/bench_deltas.py --repeat 5: hidden 512, intermediate 1376, 4 layers, vocab
 4096; one forward of 32 rows over 3 tasks; CPU time on one thread; ratio to the static model's
 forward of the same batch; swap = the old per-decision dense weights (now tools/weight_swap.py),
 one forward per task group; 2-core shared box, about +-15 %):
-                       decoding step (1 token/row)      prefill (32 tokens/row)
-                       no cache   cache   swap          no cache   cache   swap
-  Mediator (rho 0.1)   5.5        1.7     2.6           1.7        1.4     1.0
-  1bit lambda 0        4.4        2.9     2.9           2.2        1.2     1.0
-  1bit lambda 1        47         2.7     2.6           5.8        1.2     1.0
-The cache held 21 MB (Mediator: CSR; 14 MB with the int32 indices since, same speed) / 164 MB
-(1bit: 3 decisions' full float32 weights) against encodings of 5.7 / 5.9 MB and a 30 MB bf16
-model. Served from the
-encodings, lambda != 0 costs 12x lambda 0's time per decoding step (N tau_hats + the election
-per term per forward); cached, the same as lambda 0.
+MEASURED_TABLE
 
 Cache: with `memory_budget` (bytes the weights may take on the device: model + encodings +
 cache), the decoded form of a term is kept, least recently used first out, in what the model
-and the encodings leave: Mediator the CSR matrix of S_t; 1bit a decision's full weight theta_0 +
-delta of each Linear, so that its rows run one product with it, as the weight swap does, instead
-of shared + delta (in the compute dtype: on bf16 that is the export's rounding). Without a budget nothing is cached: resident weights are the model
-plus the encodings. resident_bytes() reports the three. Measured faster in every case of
-tools/bench_deltas.py (see above).
+and the encodings leave: Mediator the float32 CSR matrix of S_t; 1bit a task decision's full
+weight M + Delta_k of each Linear, so that its rows run one product with it, as the weight swap
+does, instead of shared + delta (in the compute dtype: on bf16 that is the export's rounding).
+(Mediator's full weights D + S_k instead were measured no faster for a decoding step, with 5x
+the cache: not kept.) Without a budget nothing is cached: resident weights are the model plus
+the encodings. resident_bytes() reports the three.
 
 Exactness: `export --variant task:k` rounds W = D + S_k (1bit: theta_0 + tau_hat_k + lambda *
 TIES) to the store's dtype once; the delta path computes x D^T + x S_k^T in float32 without that
 rounding. The difference is one rounding of the changed weights, a relative 2^-9 (bf16) of each
-changed entry: the logits agree with the export's within EXPORT_REL of the row's largest |logit|
+changed entry (1bit STATIC rows too: M is not rounded): the logits agree with the export's within EXPORT_REL of the row's largest |logit|
 and with the unrounded float32 weights within EXACT_ATOL (float32 compute); greedy tokens are the
 export's on the test models.
 """
@@ -450,7 +442,7 @@ class DeltaLinear(_Routed):
             y = torch.nn.functional.linear(x, m.weight, m.bias)
         if terms:
             for key, rows, weights in terms:
-                xs = x if rows is None else x.index_select(0, rows)
+                xs = _take(x, rows)
                 d = w.matmul(key, xs.reshape(-1, xs.shape[-1]).float())
                 _add_rows(y, rows, d.reshape(*xs.shape[:-1], -1), weights)
         b = self.tensors.get("bias")
@@ -474,13 +466,11 @@ class DeltaLinear(_Routed):
         if len(terms) == 1 and terms[0][1] is None:
             return F.linear(x, w.full(terms[0][0], m.weight), m.bias)
         y = torch.empty((*x.shape[:-1], m.out_features), dtype=x.dtype, device=x.device)
-        covered = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         for key, rows, _ in terms:
-            y.index_copy_(0, rows, F.linear(x.index_select(0, rows), w.full(key, m.weight), m.bias))
-            covered[rows] = True
-        rest = torch.nonzero(~covered, as_tuple=True)[0]
-        if rest.numel():
-            y.index_copy_(0, rest, F.linear(x.index_select(0, rest), m.weight, m.bias))
+            _put(y, rows, F.linear(_take(x, rows), w.full(key, m.weight), m.bias))
+        rest = self.rt.uncovered(w, x.shape[0])
+        if rest is not None:
+            _put(y, rest, F.linear(_take(x, rest), m.weight, m.bias))
         return y
 
 
@@ -492,7 +482,7 @@ class DeltaEmbedding(_Routed):
         y = torch.nn.functional.embedding(ids, m.weight, m.padding_idx, m.max_norm, m.norm_type, m.scale_grad_by_freq, m.sparse)
         w = self.tensors["weight"]
         for key, rows, weights in self.rt.terms(w, ids.shape[0]):
-            sel = ids if rows is None else ids.index_select(0, rows)
+            sel = _take(ids, rows)
             d = w.gather(key, sel.reshape(-1)).view(*sel.shape, -1)
             _add_rows(y, rows, d, weights)
         return y
@@ -520,13 +510,12 @@ class DeltaGrouped(_Routed):
             if not params and rows is None:
                 return self.forward(self.module, x, *args, **kwargs)
             shadow = _with_params(self.module, params)
-            xs = x if rows is None else x.index_select(0, rows)
-            o = self.forward(shadow, xs, *args, **kwargs)
+            o = self.forward(shadow, _take(x, rows), *args, **kwargs)
             if rows is None:
                 return o
             if out is None:
                 out = torch.empty((x.shape[0], *o.shape[1:]), dtype=o.dtype, device=o.device)
-            out.index_copy_(0, rows, o)
+            _put(out, rows, o)
         return out
 
 
@@ -541,6 +530,25 @@ def _with_params(module, params: dict):
     return shadow
 
 
+# Rows of a batch: None (all), a slice (a contiguous run: views, no copies; the serving runner
+# keeps a batch's rows sorted by decision so that each group is one) or an int64 index tensor.
+
+
+def _take(x, rows):
+    """x[rows] along dim 0."""
+    if rows is None:
+        return x
+    return x[rows] if isinstance(rows, slice) else x.index_select(0, rows)
+
+
+def _put(y, rows, v) -> None:
+    """y[rows] = v along dim 0."""
+    if isinstance(rows, slice):
+        y[rows] = v
+    else:
+        y.index_copy_(0, rows, v)
+
+
 def _add_rows(y, rows, d, weights) -> None:
     """y[rows] += weights[:, None...] * d (all of y when rows is None)."""
     if weights is not None:
@@ -548,6 +556,8 @@ def _add_rows(y, rows, d, weights) -> None:
     d = d.to(y.dtype)
     if rows is None:
         y.add_(d)
+    elif isinstance(rows, slice):
+        y[rows] += d
     else:
         y.index_add_(0, rows, d)
 
@@ -557,7 +567,7 @@ def _add_rows(y, rows, d, weights) -> None:
 
 class DeltaRuntime:
     """Wraps a loaded transformers model (the store's merged model; for 1bit-Merging its encoded
-    tensors are pointed at theta_0, the base model's) so that ONE forward pass over a batch
+    tensors hold the STATIC merge M computed at load) so that ONE forward pass over a batch
     computes, for batch row b, the weights of decision b (set_rows). See the module docstring.
 
     Interface for serving (stable): __init__(model, store, method, device, dtype,
@@ -636,7 +646,7 @@ class DeltaRuntime:
         return patched
 
     def close(self) -> None:
-        """Give the modules their own forward back (the weights stay: merged / theta_0)."""
+        """Give the modules their own forward back (the weights stay: the merged model, 1bit its STATIC merge M)."""
         for m in self._patched:
             del m.forward
         self._patched = []
@@ -676,7 +686,27 @@ class DeltaRuntime:
         by_key: OrderedDict[tuple, list[int]] = OrderedDict()
         for i, d in enumerate(decs):
             by_key.setdefault(d.key, []).append(i)
-        return [(decs[idx[0]], torch.tensor(idx, dtype=torch.long, device=self.device)) for idx in by_key.values()]
+        return [(decs[idx[0]], self._rows(idx, batch)) for idx in by_key.values()]
+
+    def _rows(self, idx: list[int], batch: int):
+        """Row indices (ascending) as None (all), a slice (a contiguous run) or an index tensor."""
+        torch, _ = require_torch()
+        if len(idx) == batch:
+            return None
+        if idx == list(range(idx[0], idx[0] + len(idx))):
+            return slice(idx[0], idx[0] + len(idx))
+        return torch.tensor(idx, dtype=torch.long, device=self.device)
+
+    def uncovered(self, tensor, batch: int):
+        """The rows no term of `tensor` covers (None: none), for a top-1 plan (disjoint terms)."""
+        key = ("uncovered", id(tensor), batch)
+        if key not in self._plan:
+            covered = set()
+            for _, rows, _ in self.terms(tensor, batch):
+                covered.update(_indices(rows, batch))
+            rest = [i for i in range(batch) if i not in covered]
+            self._plan[key] = self._rows(rest, batch) if rest else None
+        return self._plan[key]
 
     def terms(self, tensor, batch: int) -> list:
         """[(term key, rows or None, row weights or None)] of the delta products of `tensor`."""
@@ -691,11 +721,10 @@ class DeltaRuntime:
         if self.kind == "1bit":  # a term per decision: its delta is nonlinear in the tasks
             return [(d.key, rows, None) for d, rows in groups if tensor.has_delta(d.key)]
         uses: OrderedDict[str, tuple[list, list]] = OrderedDict((t, ([], [])) for t in self.tasks)
-        whole = groups[0][1] is None
         for d, rows in groups:
             if d.mode == "static":
                 continue
-            idx = list(range(batch)) if rows is None else rows.tolist()
+            idx = _indices(rows, batch)
             for task, w in d.weights:
                 uses[task][0].extend(idx)
                 uses[task][1].extend([w if d.mode == "mix" else 1.0] * len(idx))
@@ -703,7 +732,9 @@ class DeltaRuntime:
         for task, (idx, ws) in uses.items():
             if not idx:
                 continue
-            rows = None if whole else torch.tensor(idx, dtype=torch.long, device=self.device)
+            order = sorted(range(len(idx)), key=idx.__getitem__)  # ascending rows: runs become slices
+            idx, ws = [idx[i] for i in order], [ws[i] for i in order]
+            rows = self._rows(idx, batch)
             weights = None if all(w == 1.0 for w in ws) else torch.tensor(ws, dtype=torch.float32, device=self.device)
             out.append((task, rows, weights))
         return out
@@ -725,6 +756,15 @@ class DeltaRuntime:
                 model += t.numel() * t.element_size()
         enc = sum(t.nbytes for t in self.tensors.values())
         return {"model": model, "encodings": enc, "cache": self.cache.bytes}
+
+
+def _indices(rows, batch: int):
+    """The row numbers of a rows value (None: all of the batch)."""
+    if rows is None:
+        return range(batch)
+    if isinstance(rows, slice):
+        return range(rows.start, rows.stop)
+    return rows.tolist()
 
 
 def _param(params: dict, name: str):
