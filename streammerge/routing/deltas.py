@@ -235,10 +235,10 @@ class MediatorTensor:
     def _csr(self, task):
         return self.cache.get((self.name, task), self.experts[task].csr, _tensor_bytes)
 
-    def matmul(self, task, x):
-        """x (m, cols) float32 -> x S_task^T (m, rows)."""
+    def matmul_terms(self, tasks: list, xs: list) -> list:
+        """[x S_task^T for each term], x (m, cols) float32 -> (m, rows)."""
         torch, _ = require_torch()
-        return torch.sparse.mm(self._csr(task), x.t()).t()
+        return [torch.sparse.mm(self._csr(task), x.t()).t() for task, x in zip(tasks, xs)]
 
     def gather(self, task, ids):
         return self.experts[task].gather_rows(ids)
@@ -303,17 +303,26 @@ class OneBitTensor:
 
     def _combine(self, key: tuple, hat):
         """Delta_k from hat(task) -> float32 tau_hat (of the same rows); None: no delta."""
-        if not self.has_delta(key):
-            return None
-        c = self.own_scale(key)
-        if c is not None:
-            own = hat(key[1])
-            return own if c == 1.0 else own * c
+        return self._combine_many([key], hat)[0]
+
+    def _combine_many(self, keys: list, hat) -> list:
+        """[Delta_k for k in keys] from hat(task) -> float32 tau_hat (of the same rows), None
+        where no delta; each task decoded once, lambda * TIES(all) elected once for all keys."""
         hats: dict = {}
         memo = lambda t: hats[t] if t in hats else hats.setdefault(t, hat(t))  # noqa: E731
-        own, ties = onebit_terms(memo, self.pieces, key, self.lam, self.device)
-        _, ties_all = onebit_terms(memo, self.pieces, STATIC.key, self.lam, self.device)
-        return own.add_(ties.sub_(ties_all))  # two or more pieces: k's others are not empty
+        ties_all, out = None, []
+        for key in keys:
+            c = self.own_scale(key) if self.has_delta(key) else 0.0
+            if c == 0.0:
+                out.append(None)
+            elif c is not None:
+                out.append(memo(key[1]) * c)
+            else:  # two or more pieces: k's others are not empty
+                if ties_all is None:
+                    ties_all = onebit_terms(memo, self.pieces, STATIC.key, self.lam, self.device)[1]
+                own, ties = onebit_terms(memo, self.pieces, key, self.lam, self.device)
+                out.append(ties.sub_(ties_all).add_(own))
+        return out
 
     def delta_rows(self, key: tuple, r0: int, r1: int):
         """The delta of rows [r0, r1) as (r1 - r0, cols) float32 (None: no delta)."""
@@ -336,22 +345,27 @@ class OneBitTensor:
         build = lambda: (shared.float() + self._dense(key).view(shared.shape)).to(shared.dtype)  # noqa: E731
         return self.cache.get((self.name, key), build, _tensor_bytes)
 
-    def matmul(self, key: tuple, x):
-        """x (m, cols) float32 -> x Delta^T (m, rows), from the encodings: for a scaled sign-bits
-        term the signs' product scaled; else the delta built and multiplied chunk by chunk."""
+    def matmul_terms(self, keys: list, xs: list) -> list:
+        """[x Delta_k^T for each term], x (m, cols) float32, from the encodings: a scaled
+        sign-bits term as the signs' product scaled; the others' deltas built together (each
+        task decoded once per row chunk) and multiplied chunk by chunk."""
         torch, _ = require_torch()
-        c = self.own_scale(key)
-        piece = self.pieces[key[1]]
-        if c is not None and piece.kind in SIGN_KINDS and len(self.shape) >= 2:
-            y = signs_product(x, piece, self._chunk_rows())
-            return y if c == 1.0 else y.mul_(c)
+        out, built = [], []
+        for key, x in zip(keys, xs):
+            c, piece = self.own_scale(key), self.pieces[key[1]]
+            if c is not None and piece.kind in SIGN_KINDS and len(self.shape) >= 2:
+                y = signs_product(x, piece, self._chunk_rows())
+                out.append(y if c == 1.0 else y.mul_(c))
+            else:
+                out.append(torch.empty((x.shape[0], self.rows), dtype=torch.float32, device=x.device))
+                built.append(len(out) - 1)
         step = self._chunk_rows()
-        if step >= self.rows:
-            return x @ self._dense(key).t()
-        out = torch.empty((x.shape[0], self.rows), dtype=torch.float32, device=x.device)
-        for r0 in range(0, self.rows, step):
+        for r0 in range(0, self.rows if built else 0, step):
             r1 = min(self.rows, r0 + step)
-            torch.matmul(x, self.delta_rows(key, r0, r1).t(), out=out[:, r0:r1])
+            rows = (r0, r1) if len(self.shape) >= 2 else None
+            deltas = self._combine_many([keys[i] for i in built], lambda t: self.pieces[t].tau_hat(self.shape, self.device, rows))
+            for i, d in zip(built, deltas):
+                torch.matmul(xs[i], d.reshape(r1 - r0, self.cols).t(), out=out[i][:, r0:r1])
         return out
 
     def gather(self, key: tuple, ids):
@@ -441,10 +455,10 @@ class DeltaLinear(_Routed):
         else:
             y = torch.nn.functional.linear(x, m.weight, m.bias)
         if terms:
-            for key, rows, weights in terms:
-                xs = _take(x, rows)
-                d = w.matmul(key, xs.reshape(-1, xs.shape[-1]).float())
-                _add_rows(y, rows, d.reshape(*xs.shape[:-1], -1), weights)
+            xs = [_take(x, rows) for _, rows, _ in terms]
+            ds = w.matmul_terms([key for key, _, _ in terms], [xr.reshape(-1, xr.shape[-1]).float() for xr in xs])
+            for (_, rows, weights), xr, d in zip(terms, xs, ds):
+                _add_rows(y, rows, d.reshape(*xr.shape[:-1], -1), weights)
         b = self.tensors.get("bias")
         if b is not None:
             for decision, rows in self.rt.groups(x.shape[0]):
