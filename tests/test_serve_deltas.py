@@ -490,3 +490,49 @@ def test_bf16_compute_follows_the_float32_path(stores, which):
             got = model(input_ids=ids).logits.float()
         err = (got - want).abs().max()
         assert err <= want.abs().max() / 32 and err < effect / 2, (budget, err, effect)
+
+
+@pytest.mark.parametrize("which", ["mediator", "1bit"])
+def test_runner_keeps_decisions_contiguous_and_answers_unchanged(stores, which):
+    """The serving runner sorts its batch by decision as rows join (so the routed layers slice
+    each decision's run of rows); rows leave and join again; every request's greedy tokens are
+    those it gets decoded alone."""
+    from streammerge.serve.runner import ModelRunner
+    from streammerge.serve.scheduler import Request, Sampling
+
+    runner = ModelRunner.from_store(stores[which], device="cpu", dtype="float32")
+    targets = [("task", "math"), ("static",), ("task", "chat"), ("task", "math"), ("task", "code"), ("static",), ("task", "chat")]
+    g = torch.Generator().manual_seed(11)
+
+    def req(target):
+        return Request(torch.randint(3, 250, (int(torch.randint(2, 7, (1,), generator=g)),), generator=g).tolist(),
+                       Sampling(max_tokens=6), target)
+
+    def decode_all(reqs_in_waves, steps):
+        """Prefill the waves one after another (a decode step between), then decode; tokens per request."""
+        out = {}
+        for wave in reqs_in_waves:
+            runner.decide(wave)
+            for r, t in zip(wave, runner.prefill(wave)):
+                out[r.id] = [t]
+            last = [out[r.id][-1] for r in runner.rows]
+            for r, t in zip(list(runner.rows), runner.decode(last)):
+                out[r.id].append(t)
+        for _ in range(steps):
+            rows = list(runner.rows)
+            for r, t in zip(rows, runner.decode([out[r.id][-1] for r in rows])):
+                out[r.id].append(t)
+        return out
+
+    reqs = [req(t) for t in targets]
+    together = decode_all([reqs[:4], reqs[4:]], 3)
+    keys = [r.decision.key for r in runner.rows]
+    assert keys == sorted(keys) and len(set(keys)) == 4, keys  # grouped: each decision one run
+    assert all(rows is None or isinstance(rows, slice) for _, rows in runner.runtime.groups(len(keys)))
+    runner.remove(reqs[1:3])  # leave from the middle: still sorted
+    assert [r.decision.key for r in runner.rows] == sorted(r.decision.key for r in runner.rows)
+    runner.remove(list(runner.rows))
+    for r in reqs:
+        alone = decode_all([[r]], 4 if r in reqs[:4] else 3)
+        runner.remove([r])
+        assert alone[r.id] == together[r.id], (r.target, alone[r.id], together[r.id])
