@@ -46,8 +46,21 @@ Delta terms:
 Measured (tools/bench_deltas.py --repeat 5: hidden 512, intermediate 1376, 4 layers, vocab
 4096; one forward of 32 rows over 3 tasks; CPU time on one thread; ratio to the static model's
 forward of the same batch; swap = the old per-decision dense weights (now tools/weight_swap.py),
-one forward per task group; 2-core shared box, about +-15 %):
-MEASURED_TABLE
+one forward per task group; a 2-core box shared with other jobs at load 13-17, about +-30 %):
+                       decoding step (1 token/row)      prefill (32 tokens/row)
+                       no cache   cache   swap          no cache   cache   swap
+  Mediator (rho 0.1)   1.7        1.2     2.8           1.4        1.3     1.0
+  1bit lambda 0        6.3        3.4     3.3           2.6        1.3     1.2
+  1bit lambda 1        91         2.6     2.2           9.6        1.5     1.1
+The cache held 14 MB (Mediator: float32 CSR) / 164 MB
+(1bit: 3 decisions' full float32 weights) against encodings of 7.1 / 5.9 MB and a 30 MB bf16
+model. Mediator's products from the resident CSR form cost 1.7x the static forward, against
+5.5x measured before, when the store's bitmask was decoded into a CSR matrix every forward. With
+preset uniform every task has a piece in every tensor, so every 1bit term is a full-size
+product: 3 products per layer instead of 1. Served from the encodings, lambda != 0 costs about
+15x lambda 0's time per decoding step (N tau_hats and N + 1 elections per row chunk per
+forward); cached, the same as lambda 0. Where a preset drops a task's modules (paper, auto),
+those terms vanish (see OneBitTensor).
 
 Cache: with `memory_budget` (bytes the weights may take on the device: model + encodings +
 cache), the decoded form of a term is kept, least recently used first out, in what the model
