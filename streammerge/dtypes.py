@@ -1,7 +1,9 @@
 """Floating-point storage dtypes and the conversions the engine needs.
 
 Tensors travel as their raw storage (bf16 as uint16, since neither zarr nor older numpy know
-bfloat16) and are computed in float32. float32 -> bf16/fp16 rounds to nearest even.
+bfloat16) and are computed in float32. float32 -> bf16/fp16 rounds to nearest even. float64
+inputs are read (rounded to nearest float32, as mergekit's `dtype: float32` casts them) and may
+be written, but nothing is computed in float64.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import numpy as np
 
 @dataclass(frozen=True)
 class FloatType:
-    name: str  # canonical name, as in torch and HF config.json: "bfloat16", "float16", "float32"
+    name: str  # canonical name, as in torch and HF config.json: "bfloat16", "float16", "float32", "float64"
     st: str  # safetensors header name
     logical: np.dtype  # numpy dtype with the value semantics (ml_dtypes.bfloat16 for bf16)
     storage: np.dtype  # numpy dtype used on disk and in zarr (uint16 for bf16)
@@ -27,10 +29,11 @@ class FloatType:
 BF16 = FloatType("bfloat16", "BF16", np.dtype(ml_dtypes.bfloat16), np.dtype(np.uint16))
 F16 = FloatType("float16", "F16", np.dtype(np.float16), np.dtype(np.float16))
 F32 = FloatType("float32", "F32", np.dtype(np.float32), np.dtype(np.float32))
+F64 = FloatType("float64", "F64", np.dtype(np.float64), np.dtype(np.float64))
 
-FLOAT_TYPES = {t.name: t for t in (BF16, F16, F32)}
-_BY_ST = {t.st: t for t in (BF16, F16, F32)}
-_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+FLOAT_TYPES = {t.name: t for t in (BF16, F16, F32, F64)}
+_BY_ST = {t.st: t for t in (BF16, F16, F32, F64)}
+_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32", "fp64": "float64", "double": "float64"}
 
 
 def float_type(name: str) -> FloatType:
@@ -98,10 +101,10 @@ def round_to(values: np.ndarray, ftype: FloatType) -> np.ndarray:
 
 
 def torch_dtype(name: str):
-    """The torch dtype of a canonical dtype name ("bfloat16", "float16", "float32")."""
+    """The torch dtype of a canonical dtype name ("bfloat16", "float16", "float32", "float64")."""
     import torch
 
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[float_type(name).name]
+    return getattr(torch, float_type(name).name)
 
 
 def round_to_torch(t, name: str):

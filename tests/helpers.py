@@ -27,6 +27,17 @@ def load_model_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def resave_as_f64(model_dirs) -> None:
+    """Rewrite every float tensor of the model directories as F64, each value nudged off the
+    float32 grid (by 2**-30 relative), so that reading one must round it."""
+    from safetensors.torch import save_file
+
+    for d in model_dirs:
+        for f in Path(d).glob("*.safetensors"):
+            tensors = {k: v.double() * (1 + 2.0**-30) if v.is_floating_point() else v for k, v in load_file(f).items()}
+            save_file(tensors, f, metadata={"format": "pt"})
+
+
 def file_digest(directory: Path) -> dict[str, str]:
     return {
         f.name: hashlib.sha256(f.read_bytes()).hexdigest()

@@ -78,11 +78,21 @@ def test_density_out_of_range_is_an_error_at_its_line(in_family, density):
     assert not (in_family / "never.zarr").exists()
 
 
-def test_slerp_t_out_of_range_is_an_error(in_family):
+def test_slerp_t_outside_0_1_extrapolates_as_in_mergekit(in_family):
+    # mergekit takes any t (test_parity_mergekit checks the bits): not a range error
     r = write(in_family / "s.yaml", "merge_method: slerp\nbase_model: models/base\nmodels:\n  - model: models/ft1\n"
-              "parameters:\n  t: [0, 1.7]\ndtype: bfloat16\n")
-    line = one_error_line(invoke("plan", r))
-    assert line == f"error: {r}:6: parameters.t[1]: must be <= 1, got 1.7"
+              "parameters:\n  t: [-0.2, 1.7]\ndtype: bfloat16\n")
+    res = invoke("plan", r)
+    assert res.exit_code == 0, res.output
+
+
+def test_multislerp_weights_summing_to_zero_are_an_error_at_their_line(in_family):
+    r = write(in_family / "m.yaml", "merge_method: multislerp\nbase_model: models/base\nmodels:\n"
+              "  - model: models/ft1\n    parameters: {weight: 1.0}\n  - model: models/ft2\n    parameters: {weight: -1.0}\n"
+              "dtype: bfloat16\n")
+    line = one_error_line(invoke("build", r, "--store", in_family / "never.zarr", "--no-progress"))
+    assert line.startswith(f"error: {r}:4: models[0]: for tensor ") and "the weights [1.0, -1.0] sum to 0" in line, line
+    assert not (in_family / "never.zarr").exists()
 
 
 def test_negative_weight_is_accepted_as_in_mergekit(in_family):

@@ -15,7 +15,7 @@ import torch
 from click.testing import CliRunner
 
 import synth_checkpoints as synth
-from helpers import file_digest
+from helpers import file_digest, resave_as_f64, write_recipe
 from test_bad_inputs import poke
 from streammerge.cli import main as cli
 from streammerge.engine.device import choose_device
@@ -78,6 +78,21 @@ def test_device_build_is_bit_identical_to_cpu(models, tmp_path, method, device):
         export_variant(cpu.store, tmp_path / f"cpu-{v}", v)
         export_variant(dev.store, tmp_path / f"dev-{v}", v)
         assert file_digest(tmp_path / f"dev-{v}") == file_digest(tmp_path / f"cpu-{v}"), v
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_device_build_of_f64_inputs_is_bit_identical_to_cpu(tmp_path, device):
+    """F64 inputs go up as float64 and are narrowed on the device, as the CPU path reads them."""
+    base, fts = synth.make_family(tmp_path / "src", SHAPE, n_finetunes=2, dtype="float32")
+    resave_as_f64([base, *fts])
+    recipe = write_recipe(tmp_path / "r.yaml", {
+        "merge_method": "task_arithmetic", "base_model": str(base),
+        "models": [{"model": str(f), "parameters": {"weight": w}} for f, w in zip(fts, (0.7, 0.4))],
+    })
+    cpu = build(recipe, tmp_path / "cpu.zarr", progress=False, block_elems=2048)
+    dev = build(recipe, tmp_path / "dev.zarr", progress=False, block_elems=2048, device=device)
+    assert dev.report.on_cpu == () and {t["dtype"] for t in dev.store.tensors} == {"float64"}
+    assert store_digest(tmp_path / "dev.zarr") == store_digest(tmp_path / "cpu.zarr")
 
 
 def test_device_build_resumes_only_missing_blocks(models, tmp_path):

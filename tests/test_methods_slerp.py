@@ -510,6 +510,24 @@ def test_multislerp_single_model_and_antipodal_fallback(use_base):
         _ours_multislerp(None, [d, -d, z], (0.5, 0.5, 0.0), {})
 
 
+
+def test_multislerp_weights_summing_to_zero_are_refused_not_nan():
+    """Negative weights are accepted (mergekit extrapolates); weights summing to 0 under
+    normalize_weights make mergekit divide by 0 and return NaN: the plan refuses them."""
+    from streammerge.methods import get_method
+    from streammerge.methods.base import TensorParams
+
+    rng = np.random.default_rng(13)
+    base, ms = family(rng, (9, 7), 2)
+    assert np.isnan(_multislerp(base, ms, (1.0, -1.0), {})).all()
+    check = get_method("multislerp").check
+    params = lambda ws, **g: TensorParams({"normalize_weights": True, "eps": 1e-8, **g}, tuple({"weight": w} for w in ws))  # noqa: E731
+    assert "the weights [1.0, -1.0] sum to 0, and normalize_weights divides" in check(params((1.0, -1.0)))
+    assert check(params((1.0, -1.0), normalize_weights=False)) is None and check(params((1.0, -0.4))) is None
+    got = _ours_multislerp(base, ms, (1.0, -1.0), {"normalize_weights": False})
+    np.testing.assert_allclose(got, _multislerp(base, ms, (1.0, -1.0), {"normalize_weights": False}), rtol=1e-5, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------
 # karcher
 # ---------------------------------------------------------------------------------------------

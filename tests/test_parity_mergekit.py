@@ -15,7 +15,7 @@ import torch
 import yaml
 
 import synth_checkpoints as synth
-from helpers import load_model_tensors, write_recipe
+from helpers import load_model_tensors, resave_as_f64, write_recipe
 from streammerge.engine.job import build
 from streammerge.export.hf import export_store
 from streammerge.store.store import Store
@@ -216,3 +216,74 @@ def test_differing_vocab_sizes_keep_common_rows(synth_family, tmp_path):
     import json
 
     assert json.loads((tmp_path / "out" / "config.json").read_text())["vocab_size"] == shape.vocab
+
+
+# mergekit takes any t and any weights for the spherical methods: t outside [0, 1] and negative
+# weights extrapolate (nuslerp's weights summing to 0 give t = 0.5), and so does streammerge.
+@pytest.mark.parametrize(
+    "method,with_base,models_fn,parameters",
+    [
+        ("slerp", True, lambda b, f: models([b, f[0]]), {"t": -0.3}),
+        ("slerp", True, lambda b, f: models([b, f[0]]), {"t": [{"filter": "mlp", "value": [1.4, 0.5, -0.2]}, {"value": 1.25}]}),
+        ("nuslerp", True, lambda b, f: models(f[:2], weight=[1.5, -0.5]), {}),
+        ("nuslerp", False, lambda b, f: models(f[:2], weight=[1.0, -1.0]), {}),
+        ("multislerp", True, lambda b, f: models(f, weight=[1.0, -0.4, 0.6]), {}),
+    ],
+    ids=["slerp-t-below-0", "slerp-gradient-past-1", "nuslerp-negative-weight", "nuslerp-weights-sum-to-0", "multislerp-negative-weight"],
+)
+def test_spherical_methods_extrapolate_as_mergekit(synth_family, tmp_path, method, with_base, models_fn, parameters):
+    base, fts = synth_family("parity-llama-gqa", dtype="float32", shape=SHAPES["llama-gqa"])
+    recipe = {"merge_method": method, "models": models_fn(base, fts), "dtype": "float32", "parameters": parameters}
+    if with_base:
+        recipe["base_model"] = str(base)
+    want = run_mergekit(recipe, tmp_path / "mk")
+    got = run_streammerge(recipe, tmp_path)
+    assert set(got) == set(want)
+    inputs = [load_model_tensors(m) for m in [base, *fts]]
+    for name in want:
+        # sums in another order, an ulp of sin/acos apart (as test_slerp_with_layer_gradient):
+        # 8 float32 units of the inputs' magnitudes, times the largest coefficient here (2.5)
+        scale = sum(x[name].double().abs() for x in inputs)
+        diff = (got[name].double() - want[name].double()).abs()
+        assert (diff <= 20 * 2.0**-24 * scale).all(), f"{name}: {(diff / scale).max() * 2**24:.1f} units"
+
+
+@pytest.fixture(scope="module")
+def f64_family(tmp_path_factory):
+    """A float32 family saved as F64, off the float32 grid (reading must round, as mergekit's
+    cast to float32 does)."""
+    root = tmp_path_factory.mktemp("f64")
+    base, fts = synth.make_family(root, SHAPES["llama-gqa"], n_finetunes=2, dtype="float32")
+    resave_as_f64([base, *fts])
+    return base, fts
+
+
+@pytest.mark.parametrize(
+    "method,dtypes",
+    [("task_arithmetic", {"dtype": "float32"}), ("linear", {"dtype": "float32", "out_dtype": "bfloat16"}), ("ties", {"dtype": "float32"})],
+)
+def test_f64_inputs_merge_as_mergekit_casts_them(f64_family, tmp_path, method, dtypes):
+    """F64 checkpoints are read; with mergekit's `dtype: float32` both tools cast to float32
+    and compute there: the same bits."""
+    base, fts = f64_family
+    recipe = {"merge_method": method, "base_model": str(base), "models": models(fts, weight=[0.6, 0.3], density=[0.5, 0.7]), **dtypes}
+    if method == "linear":
+        recipe["models"] = models([base, *fts], weight=[0.5, 0.3, 0.2])
+    want = run_mergekit(recipe, tmp_path / "mk")
+    got = run_streammerge(recipe, tmp_path)
+    assert {v.dtype for v in got.values()} == {getattr(torch, dtypes.get("out_dtype", dtypes["dtype"]))}
+    assert_identical(got, want)
+
+
+def test_f64_inputs_without_a_dtype_give_f64_as_mergekit(f64_family, tmp_path):
+    """No dtype: mergekit computes in float64 and writes F64. streammerge writes F64 too,
+    computed in float32: equal within float32 rounding of the inputs' magnitudes."""
+    base, fts = f64_family
+    recipe = {"merge_method": "task_arithmetic", "base_model": str(base), "models": models(fts, weight=[0.6, 0.3])}
+    want = run_mergekit(recipe, tmp_path / "mk")
+    got = run_streammerge(recipe, tmp_path)
+    assert set(got) == set(want) and {v.dtype for v in got.values()} == {torch.float64}
+    inputs = [load_model_tensors(m) for m in [base, *fts]]
+    for name in want:
+        scale = sum(x[name].abs() for x in inputs)
+        assert ((got[name] - want[name]).abs() <= 4 * 2.0**-24 * scale).all(), name

@@ -21,6 +21,7 @@ pytest.importorskip("tokenizers")
 
 from quality import adapters as LR
 from quality import run as Q
+from quality import table as TB
 from quality import tasks as T
 from quality.config import LARGE, SMOKE
 
@@ -135,6 +136,38 @@ def test_only_run_merges_into_previous_results(smoke, tmp_path):
     assert after["eta_sweep"] == before["eta_sweep"] and after["command"] == before["command"]
     assert after["reruns"][-1]["rows"][-1] == "linear" and "--only linear" in after["reruns"][-1]["command"]
     assert "Rows re-evaluated since" in (out / "results.md").read_text()
+
+
+def test_fresh_only_run_of_a_routing_row_writes_its_table(smoke, tmp_path):
+    """`--only <routing store> --fresh`: no static merge among the rows, so the Mediator target
+    (10 points over the best static merge) is written as not judged instead of crashing."""
+    out = tmp_path / "out"
+    args = ["--smoke", "--out", str(out), "--cache", str(smoke / "cache"), "--train-device", "cpu",
+            "--only", "mediator-0.5-0.1", "--fresh"]
+    assert Q.main(args) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert "mediator-0.5-0.1" in {r["name"] for r in res["rows"]}
+    assert not [r for r in res["rows"] if r["family"] in TB.STATIC_FAMILIES]
+    assert res["targets"]["mediator"]["met"] is None and res["targets"]["best_static"] is None
+    md = (out / "results.md").read_text()
+    assert "| mediator-0.5-0.1 |" in md and "best static merge: **not judged** (mediator-0.5-0.1" in md
+
+
+def test_mediator_target_is_judged_against_the_best_static_row_only_when_there_is_one():
+    rows = [{"name": "full-routing-oracle", "family": "full-routing", "avg": 0.8, "storage_bytes": 100},
+            {"name": "mediator-0.5-0.1", "family": "mediator", "avg": 0.78, "storage_bytes": 40}]
+    results = {"reference_avg": 0.8, "full_routing_bytes": 100, "rows": rows}
+    t = TB.targets(results)
+    assert t["mediator"]["met"] is None and t["mediator"]["margin_over_best_static"] is None
+    assert "**not judged** (mediator-0.5-0.1, the best below full routing's storage: 97.5% of full routing at 40.0% " \
+           "of its storage, no static merge among these rows)" in TB.targets_markdown(t)
+    rows.append({"name": "ta-1", "family": "task_arithmetic", "avg": 0.6, "storage_bytes": 50})
+    t = TB.targets(results)
+    assert t["mediator"]["met"] is True and t["mediator"]["margin_over_best_static"] == pytest.approx(0.18)
+    assert "**met** (mediator-0.5-0.1, the best below full routing's storage: 97.5% of full routing at 40.0% of its " \
+           "storage, +18.0 points over ta-1 at 60.0)" in TB.targets_markdown(t)
+    rows[-1]["avg"] = 0.7
+    assert "**missed**" in TB.targets_markdown(TB.targets(results))
 
 
 @pytest.mark.slow  # about 1 min a store on a loaded 2-core box: a server start and 3 x 120 requests

@@ -660,8 +660,8 @@ INVALID = [
     ("merge_method: lineer\nmodels:\n  - model: a\n", 1, "merge_method", "unknown merge method 'lineer' (did you mean 'linear'?", True),
     ("merge_method: linear\ndtype: fp8\nmodels:\n  - model: a\n    parameters: {weight: 1}\n", 2, "dtype", "unknown dtype 'fp8'", False),
     (
-        "merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: 1}\nout_dtype: float64\n",
-        5, "out_dtype", "unknown dtype 'float64'", False,
+        "merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: 1}\nout_dtype: float128\n",
+        5, "out_dtype", "unknown dtype 'float128' (expected bfloat16, float16, float32 or float64", False,
     ),
     (
         "merge_method: linear\nslices:\n  - sources:\n    - model: a\n      layer_range: [0, 2]\n"

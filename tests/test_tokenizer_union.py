@@ -14,6 +14,7 @@ in transformers.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -243,6 +244,65 @@ def test_a_tied_model_lends_its_embedding_as_lm_head(models, tied_models, tmp_pa
     assert_same_rows(got, got_vocab, want, want_vocab, exact_ids=True)
 
 
+@pytest.mark.parametrize("method, source", [("linear", None), ("task_arithmetic", "union")])
+def test_a_tied_base_merged_with_an_untied_model_gets_an_lm_head(models, tied_models, tmp_path, method, source):
+    """The base ties lm_head to its embedding (none stored), another input has its own: mergekit
+    writes an lm_head (the base's embedding merged with the other's lm_head), so does streammerge,
+    and unties it in config.json so that transformers (and vLLM) use it."""
+    untied = make_model(tmp_path / "untied", make_tokenizer(WORDS, []), 5) if source is None else Path(models["a"])
+    recipe = {
+        "merge_method": method,
+        "base_model": tied_models["base"],
+        "models": [{"model": str(untied), "parameters": {"weight": 0.4}}],
+        "dtype": "float32",
+        **({"tokenizer_source": source} if source else {}),
+    }
+    if method == "linear":
+        recipe["models"].insert(0, {"model": tied_models["base"], "parameters": {"weight": 0.6}})
+    (ours, got, got_vocab), (theirs, want, want_vocab) = both(recipe, tmp_path)
+    assert "lm_head.weight" in want and "lm_head.weight" in got
+    assert_same_rows(got, got_vocab, want, want_vocab, exact_ids=source is None)
+    assert not torch.equal(got["lm_head.weight"], got["model.embed_tokens.weight"])
+    assert transformers.AutoConfig.from_pretrained(ours).tie_word_embeddings is False
+    model = transformers.AutoModelForCausalLM.from_pretrained(ours)
+    assert torch.equal(model.lm_head.weight, got["lm_head.weight"])
+
+
+@pytest.mark.parametrize("arch", ["llava", "qwen2vl"])
+def test_a_vision_language_vocabulary_is_resized_in_text_config(tmp_path, arch):
+    """LLaVA and Qwen2-VL give vocab_size in text_config only: the union's size is written there,
+    and transformers loads the result with the embedding rows of a torch reference."""
+    from test_modules_recipes import llava_config, qwen2vl_config
+
+    cls, config = {
+        "llava": (transformers.LlavaForConditionalGeneration, llava_config),
+        "qwen2vl": (transformers.Qwen2VLForConditionalGeneration, qwen2vl_config),
+    }[arch]
+    n = config().text_config.vocab_size
+    words = [f"v{i}" for i in range(n - 1)]  # + <unk>: one token per row
+    torch.manual_seed(0)
+    inputs = {}
+    for name, added in (("base", []), ("ft", [("<x1>", True), ("<x2>", False)])):
+        cfg = config()
+        cfg.text_config.vocab_size = n + len(added)  # a fine-tune that trained rows for its added tokens
+        model = cls(cfg)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0, 1)
+        model.save_pretrained(tmp_path / name)
+        make_tokenizer(words, added).save_pretrained(tmp_path / name)
+        inputs[name] = model.get_input_embeddings().weight.detach()
+    recipe = linear_recipe({k: str(tmp_path / k) for k in inputs}, ["base", "ft"], [0.7, 0.3], tokenizer_source="union")
+    out = streammerge_merge(recipe, tmp_path / "sm")
+    assert json.loads((out / "config.json").read_text())["text_config"]["vocab_size"] == n + 2
+    merged = cls.from_pretrained(out)
+    emb = merged.get_input_embeddings().weight.detach()
+    assert emb.shape == (n + 2, config().text_config.hidden_size)
+    assert merged.get_output_embeddings().weight.shape[0] == n + 2
+    want = torch.cat([0.7 * inputs["base"] + 0.3 * inputs["ft"][:n], inputs["ft"][n:]])  # the new tokens: ft's rows
+    torch.testing.assert_close(emb, want, rtol=1e-6, atol=1e-6)
+
+
 def test_layer_stacking_takes_each_vocabulary_tensor_from_its_slice(models, tmp_path):
     """passthrough slices: the embedding comes from the first slice's model, lm_head from the
     last's, each re-ordered to the union (tokens that model lacks: zeros, as mergekit)."""
@@ -282,6 +342,46 @@ def test_resume_finds_the_same_plan(models, tmp_path):
     first = build(path, tmp_path / "job.zarr", workers=2, progress=False, block_elems=40)
     again = build(path, tmp_path / "job.zarr", workers=2, progress=False, block_elems=40)
     assert first.report.blocks_run > 0 and again.resumed and again.report.blocks_run == 0
+
+
+def test_resume_refuses_a_store_built_with_another_tokenizer(tmp_path):
+    """An input's tokenizer re-ordered after the store was started (same tokens, same shapes):
+    resuming would keep rows placed by the old ids, so it is refused as a changed input file is;
+    --restart builds the rows mergekit builds from the new tokenizer."""
+    from streammerge.errors import StoreError
+
+    m = family(tmp_path / "models", tied=False)
+    recipe = linear_recipe(m, ["base", "a"], [0.5, 0.5], base_model=m["base"], tokenizer=token_block(m) | {"tokens": {}})
+    (tmp_path / "sm").mkdir()
+    path = write_recipe(tmp_path / "sm" / "recipe.yaml", recipe)
+    build(path, tmp_path / "sm" / "job.zarr", workers=2, progress=False, block_elems=40)
+    for f in Path(m["a"]).glob("tokenizer*"):
+        f.unlink()
+    make_tokenizer(list(reversed(WORDS)), [("<shared>", False), ("<a1>", True)]).save_pretrained(m["a"])
+    with pytest.raises(StoreError, match=rf"input {m['a']}: its tokenizer or vocab_size changed since the store was started; use --restart"):
+        build(path, tmp_path / "sm" / "job.zarr", workers=2, progress=False, block_elems=40)
+    build(path, tmp_path / "sm" / "job.zarr", workers=2, progress=False, block_elems=40, restart=True)
+    export_store(Store.open(tmp_path / "sm" / "job.zarr"), tmp_path / "sm" / "out")
+    theirs = mergekit_merge(recipe, tmp_path / "mk")
+    got, want = load_model_tensors(tmp_path / "sm" / "out"), load_model_tensors(theirs)
+    vocab = lambda d: transformers.AutoTokenizer.from_pretrained(d).get_vocab()  # noqa: E731
+    assert_same_rows(got, vocab(tmp_path / "sm" / "out"), want, vocab(theirs), exact_ids=False)
+
+
+def test_resume_refuses_a_store_whose_built_tokenizer_changed(tmp_path):
+    """The base's tokenizer saved again with another chat template: the same rows, but the
+    store's tokenizer files (written when it was started) are stale: refused too."""
+    from streammerge.errors import StoreError
+
+    m = family(tmp_path / "models", tied=False)
+    recipe = linear_recipe(m, ["base", "a"], [0.5, 0.5], base_model=m["base"], tokenizer_source="base")
+    path = write_recipe(tmp_path / "recipe.yaml", recipe)
+    build(path, tmp_path / "job.zarr", workers=2, progress=False)
+    tok = transformers.AutoTokenizer.from_pretrained(m["base"])
+    tok.chat_template = "other {{ messages[0]['content'] }}"
+    tok.save_pretrained(m["base"])
+    with pytest.raises(StoreError, match="the built tokenizer changed since the store was started; use --restart"):
+        build(path, tmp_path / "job.zarr", workers=2, progress=False)
 
 
 def test_allow_nonfinite_reaches_the_rows_other_inputs_lend(models, tmp_path):

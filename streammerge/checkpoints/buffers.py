@@ -19,9 +19,9 @@ from typing import Iterator
 from ..errors import CheckpointError
 from .model import TensorHandle
 
-# Copied as bytes. Other non-float dtypes (F64, FP8 formats other than the block-scaled E4M3 /
-# E5M2 of checkpoints/fp8.py, sub-byte floats) are refused: they hold values a merge would have
-# to compute with.
+# Copied as bytes. Other non-float dtypes (FP8 formats other than the block-scaled E4M3 / E5M2
+# of checkpoints/fp8.py, sub-byte floats) are refused: they hold values a merge would have to
+# compute with.
 BUFFER_DTYPES = frozenset({"BOOL", "U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64"})
 CHUNK = 4 << 20  # bytes per read: bounds memory whatever the buffer's size
 
@@ -73,7 +73,7 @@ def agreed_buffer(name: str, handles: list[TensorHandle], specs: list[str]) -> B
     if odd is not None:
         other = f" but {first.dtype} in {specs[0]}" if odd is not first else ""
         raise CheckpointError(
-            f"{odd.path}: tensor {odd.name} has dtype {odd.dtype}{other}; only BF16, F16, F32 and block-scaled FP8 are merged, and "
+            f"{odd.path}: tensor {odd.name} has dtype {odd.dtype}{other}; only BF16, F16, F32, F64 and block-scaled FP8 are merged, and "
             f"integer or boolean tensors ({', '.join(sorted(BUFFER_DTYPES))}) copied when every input holds the same one"
         )
     want = digest(first)

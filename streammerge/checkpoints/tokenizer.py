@@ -100,6 +100,20 @@ class Vocabulary:
             self.tokenizer.save_pretrained(d)
             return {p.name: p.read_bytes() for p in sorted(Path(d).iterdir()) if p.is_file()}
 
+    def fingerprint(self, files: dict[str, bytes]) -> dict:
+        """What the rows of a build depend on besides the recipe and the tensors: the output
+        tokenizer (`files`, from `files()`) and each input's vocabulary and vocab_size, as digests
+        ({"output": ..., "inputs": {spec: ...}}). A resumed build compares them: a tokenizer file
+        or config.json vocab_size changed since would re-order rows the store already holds."""
+        output = hashlib.sha256()
+        for name, data in sorted(files.items()):
+            output.update(f"{name}\0{len(data)}\0".encode() + data)
+        inputs = {
+            spec: hashlib.sha256(json.dumps([self.sizes[spec], sorted(own.items())]).encode()).hexdigest()
+            for spec, own in self.original.items()
+        }
+        return {"output": output.hexdigest(), "inputs": inputs}
+
 
 def load_tokenizer(directory: Path, required: str | None = None):
     """The fast tokenizer of a model directory; None when it has none that loads, or, with

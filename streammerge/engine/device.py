@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..checkpoints.blocks import nonfinite_error, read_raw, read_rows
-from ..dtypes import float_type, torch_dtype
+from ..dtypes import FLOAT_TYPES, float_type, torch_dtype
 from ..errors import StreammergeError
 from ..kernels import DeviceTensor
 from ..plan.planner import TensorJob
@@ -123,7 +123,15 @@ def start_device(spec: str) -> Future:
 def job_device_bytes(job: TensorJob) -> int:
     """Device memory a job needs at most: float32 inputs, the raw upload, kernel temporaries."""
     inputs = len(job.inputs)
-    return job.numel * (4 * (inputs + KERNEL_TEMPORARIES) + 2)
+    return job.numel * (4 * (inputs + KERNEL_TEMPORARIES) + max(2, element_bytes(job) - 4))
+
+
+def element_bytes(job: TensorJob) -> int:
+    """The widest element a block of `job` stages on the host: float32, or a wider raw input or
+    output (float64)."""
+    sizes = [float_type(h.dtype).itemsize for h in job.inputs if h.has_raw]
+    sizes += [(FLOAT_TYPES.get(o.dtype) or np.dtype(o.dtype)).itemsize for o in job.output_list if not o.blob]
+    return max([4, *sizes])
 
 
 class DeviceBudget:
@@ -271,7 +279,7 @@ def device_task(method, store: Store, job: TensorJob, todo: list[int], device: s
 
     budget = device_budget(device)
     need = job_device_bytes(job)
-    block_bytes = job.block_rows * job.row_elems * 4
+    block_bytes = job.block_rows * job.row_elems * element_bytes(job)
     budget.acquire(need)
     try:
         stream, staging = _thread_resources(device, block_bytes)

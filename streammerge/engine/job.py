@@ -53,6 +53,7 @@ def manifest_for(plan: Plan, recipe_text: str) -> dict:
         "tensors": tensors_manifest(plan.jobs),
         "buffers": [b.manifest() for b in plan.buffers],
         "jobs": jobs_manifest(plan.jobs),
+        "vocabulary": plan.vocabulary,
     }
 
 
@@ -113,12 +114,26 @@ def what_changed(old: dict, new: dict) -> str | None:
         gone = set(before["files"]) - set(info["files"])
         if gone:
             return f"input {spec}: {sorted(gone)[0]} is gone since the store was started"
+    if "vocabulary" in old:  # (stores made before it was recorded: not compared)
+        change = vocabulary_changed(old["vocabulary"], new["vocabulary"])
+        if change:
+            return change
     # Later phases add jobs to the store's manifest: the new plan's jobs must all be there, alike.
     before_jobs = {j["key"]: (j["shape"], j["outputs"]) for j in old["jobs"]}
     for j in new["jobs"]:
         if before_jobs.get(j["key"]) != (j["shape"], j["outputs"]):
             return f"the planned output {j['key']} differs from the store's"
     return None
+
+
+def vocabulary_changed(old: dict | None, new: dict | None) -> str | None:
+    """Why the rows of a `tokenizer` build no longer match the store (Vocabulary.fingerprint), or None."""
+    if old == new or old is None or new is None:
+        return None  # with no vocabulary before or after, the recipe's tokenizer settings changed: said above
+    for spec, digest in new["inputs"].items():
+        if old["inputs"].get(spec) != digest:
+            return f"input {spec}: its tokenizer or vocab_size changed since the store was started"
+    return "the built tokenizer changed since the store was started"
 
 
 def build(

@@ -171,6 +171,9 @@ class MergeMethod:
     name: str
     merge: Callable[[Block, TensorParams, Stats], np.ndarray | dict] | None
     params: tuple[Param, ...] = ()
+    # A rule across a tensor's resolved parameters that their ranges cannot say: check(params)
+    # returns why they cannot be merged (a recipe error at plan time), or None.
+    check: Callable[[TensorParams], str | None] | None = None
     base: BasePolicy = "required"
     passes: tuple[Pass, ...] = ()
     summary: str = ""

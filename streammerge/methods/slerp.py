@@ -134,7 +134,7 @@ register(
         merge=slerp_merge,
         base="required",
         params=(
-            Param("t", float, REQUIRED, min=0, max=1, example=0.5, help="interpolation factor: 0 gives the base model, 1 the other model"),
+            Param("t", float, REQUIRED, example=0.5, help="interpolation factor: 0 gives the base model, 1 the other model; outside [0, 1] extrapolates, as in mergekit"),
         ),
         passes=(Pass("slerp_dots", _slerp_map, _slerp_reduce),),
         summary="spherical interpolation between the base and one other model (whole-tensor angle)",
@@ -279,7 +279,7 @@ register(
         merge=nuslerp_merge,
         base="optional",
         params=(
-            Param("weight", float, REQUIRED, scope="model", min=0, example=0.5, help="relative weight; t = w2 / (w1 + w2)"),
+            Param("weight", float, REQUIRED, scope="model", example=0.5, help="relative weight; t = w2 / (w1 + w2) (0.5 when they sum to 0); any sign, as in mergekit"),
             Param(
                 "nuslerp_row_wise",
                 bool,
@@ -463,6 +463,15 @@ def _ms_reduce_tangent(partials, params: TensorParams, stats) -> dict:
     return {"ms_cos": float(cos32(tn)), "ms_sinc": float(sinc)}
 
 
+def multislerp_check(params: TensorParams) -> str | None:
+    """Weights (of any sign, as in mergekit) that sum to 0 cannot be normalized: mergekit divides
+    by 0 and writes NaN everywhere."""
+    weights = [float(w) for w in params.model_values("weight")]
+    if len(weights) > 1 and _g(params, "normalize_weights", True) and torch_sum32(weights) == 0:
+        return f"the weights {weights} sum to 0, and normalize_weights divides by their sum; change them or set normalize_weights: false"
+    return None
+
+
 def multislerp_merge(block: Block, params: TensorParams, stats) -> np.ndarray:
     if stats["ms_single"]:
         need_inputs(block, "multislerp", base=False, lo=1, hi=1)
@@ -489,7 +498,7 @@ register(
         merge=multislerp_merge,
         base="optional",
         params=(
-            Param("weight", float, REQUIRED, scope="model", min=0, example=0.5, help="this model's barycentric weight"),
+            Param("weight", float, REQUIRED, scope="model", example=0.5, help="this model's barycentric weight; any sign, as in mergekit"),
             Param("normalize_weights", bool, True, help="divide the weights by their sum"),
             Param("eps", float, 1e-8, min=0, help="numerical-stability constant"),
         ),
@@ -499,6 +508,7 @@ register(
             Pass("multislerp_tangent", _ms_map_tangent, _ms_reduce_tangent),
         ),
         summary="barycentric interpolation of several models on the hypersphere (optionally of task vectors)",
+        check=multislerp_check,
     )
 )
 

@@ -160,6 +160,7 @@ class Plan:
     buffers: list[Buffer] = field(default_factory=list)  # non-float tensors, copied (checkpoints/buffers.py)
     chat_template: str | None = None  # written into the output's tokenizer files (export/chat_template.py)
     tokenizer_files: dict[str, bytes] | None = None  # the built tokenizer's (checkpoints/tokenizer.py)
+    vocabulary: dict | None = None  # its Vocabulary.fingerprint: what resuming checks
     module_models: dict[str, list[str]] = field(default_factory=dict)  # with `modules:`: the models each module merges
 
     @property
@@ -335,8 +336,8 @@ def make_plan(
             continue
         if vocabulary is not None and is_vocab_tensor(out_name):
             handles = _vocab_aligned(recipe, vocabulary, tok, out_name, handles, specs, group.base, warnings)
-            config_overrides["vocab_size"] = vocabulary.rows
-        shape = _common_shape(out_name, handles, checkpoints, specs, warnings, config_overrides)
+            _set_text_config(config_overrides, hf_source.config, "vocab_size", vocabulary.rows)
+        shape = _common_shape(out_name, handles, checkpoints, specs, warnings, config_overrides, hf_source.config)
         params = resolve_tensor_params(
             recipe,
             method,
@@ -363,14 +364,19 @@ def make_plan(
                 block_rows=block_rows,
             )
         )
+    if any(j.name not in hf_source.tensors and tied_embedding(hf_source, j.name) for j in jobs):
+        # an lm_head the config's model ties to its embedding, merged apart from it: untied, or
+        # loaders that honour the tie (vLLM) would drop it
+        _set_text_config(config_overrides, hf_source.config, "tie_word_embeddings", False)
     if recipe.models:
         g = groups[0]
-        reference = checkpoints[g.base or g.models[0]]
+        written = {j.name for j in jobs}
         for spec in g.models:
-            extra = sorted(set(checkpoints[spec].tensors) - set(reference.tensors))
+            extra = sorted(set(checkpoints[spec].tensors) - written - {b.name for b in buffers})
             if extra:
                 warnings.append(f"{spec}: {len(extra)} tensor(s) not in {g.base or g.models[0]} are ignored, e.g. {extra[0]}")
 
+    tokenizer_files = vocabulary.files() if vocabulary is not None else None
     return Plan(
         recipe=recipe,
         method=method,
@@ -386,7 +392,8 @@ def make_plan(
         config_overrides=config_overrides,
         buffers=buffers,
         chat_template=chat_template,
-        tokenizer_files=vocabulary.files() if vocabulary is not None else None,
+        tokenizer_files=tokenizer_files,
+        vocabulary=vocabulary.fingerprint(tokenizer_files) if vocabulary is not None else None,
         module_models={
             g[0].module: list(dict.fromkeys(spec for x in g for spec in x.models)) for g in modules if g[0].module
         },
@@ -542,7 +549,8 @@ def _module_tensors(groups: list[_Group], checkpoints: dict[str, ModelCheckpoint
     first = groups[0]
     reference = checkpoints[first.base or first.models[0]]
     stacks = _stacks(reference)
-    names = [n for n in reference.tensors if first.module is None or stacks.module(n) == first.module]
+    inputs = [checkpoints[s] for g in groups for s in dict.fromkeys([g.base, *g.models]) if s is not None]
+    names = [n for n in _tensor_names(reference, inputs) if first.module is None or stacks.module(n) == first.module]
     if first.slice_index is None:
         for name in names:
             yield name, first, None, layer_position(layer_index(name), stacks.layers[stacks.module(name)])
@@ -563,6 +571,30 @@ def _module_tensors(groups: list[_Group], checkpoints: dict[str, ModelCheckpoint
                     yield with_layer(name, g.layers[offset]), g, offset, t
     for name in post:
         yield name, groups[-1], None, 0.0
+
+
+def _tensor_names(reference: ModelCheckpoint, inputs: list[ModelCheckpoint]) -> list[str]:
+    """The output's tensors: the reference's, and an output embedding (lm_head) it ties to its
+    input embedding but another input stores, as mergekit writes it (from the tied model's
+    embedding merged with the others' lm_head)."""
+    names = list(reference.tensors)
+    for ck in inputs:
+        names += [n for n in ck.tensors if n.endswith("lm_head.weight") and n not in names and tied_embedding(reference, n)]
+    return names
+
+
+def _set_text_config(overrides: dict, config: dict | None, key: str, value) -> None:
+    """Set the text model's config.json `key` wherever the config gives it: the top level, and
+    `text_config` (vision-language configs such as LLaVA and Qwen2-VL keep vocab_size there,
+    which transformers reads); the top level when neither has it. A nested mapping is
+    overridden whole."""
+    config = config or {}
+    text = overrides.get("text_config") or config.get("text_config")
+    nested = isinstance(text, dict) and key in text
+    if key in config or not nested:
+        overrides[key] = value
+    if nested:
+        overrides["text_config"] = {**text, key: value}
 
 
 def _restack_config(overrides: dict, source: ModelCheckpoint, groups: list[_Group]) -> None:
@@ -592,7 +624,7 @@ def _input_name(out_name: str, group: _Group, spec: str, layer_offset: int | Non
     return with_layer(out_name, group.layer_start[spec] + layer_offset)
 
 
-def _common_shape(out_name, handles, checkpoints, specs, warnings, config_overrides) -> tuple[int, ...]:
+def _common_shape(out_name, handles, checkpoints, specs, warnings, config_overrides, config) -> tuple[int, ...]:
     """The shape all inputs share; embeddings whose vocabularies differ keep their common rows."""
     shapes = {h.shape for h in handles}
     if len(shapes) == 1:
@@ -613,5 +645,5 @@ def _common_shape(out_name, handles, checkpoints, specs, warnings, config_overri
         f"{out_name}: vocabulary sizes differ ({sizes}); keeping the {rows} rows they share "
         "(tokens past that are dropped; use the same tokenizer for all models)"
     )
-    config_overrides["vocab_size"] = rows
+    _set_text_config(config_overrides, config, "vocab_size", rows)
     return (rows, *ref.shape[1:])

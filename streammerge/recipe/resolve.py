@@ -68,7 +68,12 @@ def resolve_tensor_params(
         per_model.append(
             {p.name: _resolve_one(recipe, method, p, sources, name, t, m, where) for p in model_params}
         )
-    return TensorParams(globals=globals_, per_model=tuple(per_model), seed=seed)
+    params = TensorParams(globals=globals_, per_model=tuple(per_model), seed=seed)
+    why = method.check(params) if method.check is not None else None
+    if why:
+        where = recipe.model_entry_path(models[0], slice_index=slice_index, module=module) if models else ()
+        raise recipe.error(where, f"for tensor {tensor_name!r} (t={_fmt_t(t)}): {why}")
+    return params
 
 
 def _resolve_one(recipe, method, param: Param, sources, tensor_name, t, model, where) -> Any:

@@ -21,7 +21,7 @@ in `Recipe.warnings` (an error with `strict=True`):
   and `density` / `rescale` for `task_arithmetic` (no sparsification: never read), when the
   streammerge method does not declare them.
 
-Beyond mergekit: dtype aliases (bf16, fp16, half, fp32, float) are accepted; mergekit only knows
+Beyond mergekit: dtype aliases (bf16, fp16, half, fp32, float, fp64, double) are accepted; mergekit only knows
 the full names (with or without "torch."). Differences the other way: a model reference is a
 string ("model+lora" names a model and a LoRA adapter applied to it, see checkpoints/lora.py; "path@revision" is
 passed on as is; mergekit's mapping form {model: M, lora: L}, each a string or {path, revision}, is read as that string,
@@ -148,8 +148,8 @@ class Recipe(Strict):
             raise PydanticCustomError(
                 "dtype",
                 "{msg}",
-                {"msg": f"unknown dtype {v!r} (expected bfloat16, float16 or float32; "
-                 "aliases bf16, fp16, half, fp32, float)", "subloc": ()},
+                {"msg": f"unknown dtype {v!r} (expected bfloat16, float16, float32 or float64; "
+                 "aliases bf16, fp16, half, fp32, float, fp64, double)", "subloc": ()},
             ) from None
 
     @field_validator("merge_method")

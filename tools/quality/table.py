@@ -122,12 +122,14 @@ def targets(results: dict) -> dict:
         best = max([r for r in meds if r["storage_bytes"] < full_bytes] or meds, key=lambda r: r["avg"])
         best_any = max(meds, key=lambda r: r["avg"])
         chosen = rows.get(results.get("chosen", {}).get("mediator"), best)
-        margin = chosen["avg"] - (best_static["avg"] if best_static else 0.0)
+        # without a static row (an --only run of routing rows) the margin is not known: not judged (met None)
+        margin = chosen["avg"] - best_static["avg"] if best_static else None
         out["mediator"] = {
             "row": chosen["name"], "share_of_full": share(chosen), "margin_over_best_static": margin,
-            "met": share(chosen) >= 0.95 and margin >= 0.10, "storage_share": chosen["storage_bytes"] / full_bytes,
+            "met": None if margin is None else share(chosen) >= 0.95 and margin >= 0.10,
+            "storage_share": chosen["storage_bytes"] / full_bytes,
             "best_any_storage": {"row": best_any["name"], "share_of_full": share(best_any), "storage_share": best_any["storage_bytes"] / full_bytes,
-                                 "margin_over_best_static": best_any["avg"] - (best_static["avg"] if best_static else 0.0)},
+                                 "margin_over_best_static": best_any["avg"] - best_static["avg"] if best_static else None},
         }
         ood = results.get("ood_routing", {}).get(chosen["name"])
         if ood:
@@ -155,11 +157,14 @@ def targets_markdown(t: dict) -> str:
         m = t["mediator"]
         bs = t["best_static"]
         a = m["best_any_storage"]
+        verdict = "not judged" if m["met"] is None else "met" if m["met"] else "missed"
+        static = (f", {100 * m['margin_over_best_static']:+.1f} points over {bs['name']} at {100 * bs['avg']:.1f}" if bs
+                  else ", no static merge among these rows")
         lines.append(
-            f"- Mediator >= 95% of full routing and >= 10 points over the best static merge: **{'met' if m['met'] else 'missed'}** "
+            f"- Mediator >= 95% of full routing and >= 10 points over the best static merge: **{verdict}** "
             f"({m['row']}, the best below full routing's storage: {100 * m['share_of_full']:.1f}% of full routing at "
-            f"{100 * m['storage_share']:.1f}% of its storage, {100 * m['margin_over_best_static']:+.1f} points over {bs['name']} at "
-            f"{100 * bs['avg']:.1f}" + ("" if m["share_of_full"] >= 0.95 else f"; {100 * (0.95 - m['share_of_full']):.1f} points short of 95%")
+            f"{100 * m['storage_share']:.1f}% of its storage{static}"
+            + ("" if m["share_of_full"] >= 0.95 else f"; {100 * (0.95 - m['share_of_full']):.1f} points short of 95%")
             + (f". Best at any storage: {a['row']}, {100 * a['share_of_full']:.1f}% at {100 * a['storage_share']:.1f}% of full routing's storage"
                if a["row"] != m["row"] else "") + ")"
         )
