@@ -9,7 +9,7 @@ Generates a synthetic base + 3 fine-tunes (tools/synth_checkpoints.py), builds a
 times one forward of a batch of --rows rows, routed round-robin to the 3 tasks, as a decoding
 step (1 token per row) and as a prefill (--prefill tokens per row), for:
 
-  static     the merged model (1bit: theta_0), plain transformers, no deltas: the floor
+  static     the merged model, plain transformers, no deltas: the floor
   delta      DeltaRuntime, no cache: the deltas decoded from the encodings every forward
   delta+c    DeltaRuntime with an unlimited memory budget: decoded terms cached (warm)
   swap       per-decision dense weights: the old weight swap (tools/weight_swap.py, decisions
@@ -94,9 +94,7 @@ def bench_store(store: Path, rows: int, prefill: int, repeat: int) -> dict:
             with torch.inference_mode():
                 model(input_ids=ids, use_cache=False)
 
-        static, _ = load_merged_model(s, cpu, torch.float32)
-        if method["method"] == "1bit":  # the floor for 1bit is theta_0: point the static model at it
-            DeltaRuntime(static, s, method, cpu, torch.float32).close()
+        static, _ = load_merged_model(s, cpu, torch.float32)  # the floor: the merged model (1bit: the runtime's M)
         res["static"] = best(lambda: fwd(static), repeat)
         del static
         for name, budget in (("delta", None), ("delta+c", 1 << 40)):

@@ -2,7 +2,7 @@
 """Benchmark `streammerge serve`: the same mixed-task prompts at several concurrencies.
 
     python tools/bench_serve.py [--methods mediator,1bit] [--concurrency 1,8,32] [--prompts-per-task 16]
-                                [--max-tokens 32] [--hidden 256 --layers 4 --vocab 2048] [--device cpu] [--json out.json]
+                                [--max-tokens 32] [--rounds 3] [--memory-budget 256MB] [--hidden 256 --layers 4 --vocab 2048] [--device cpu] [--json out.json]
 
 Generates a synthetic base + 3 fine-tunes, builds a store per method and fits its router (as
 tools/bench_routing.py does), starts `streammerge serve` as a subprocess per store and sends
@@ -19,9 +19,12 @@ the 3 tasks' prompts, shuffled, over HTTP with C requests in flight (greedy, max
            routes the prompts, then one decision group at a time, each decision's dense weights
            materialised from the encodings and swapped into the model, batches of C
 
-Reports tokens/s (completion tokens / wall time), p50 / p95 request latency, and the server's
-resident bytes (/metrics: model, encodings, cache, KV cache) against the storage figure `build`
-prints (storage.json), plus the server process' RSS.
+Reports tokens/s (completion tokens / wall time), p50 / p95 request latency, tokens per CPU
+second of the server process (its user + system time over the run: what a box shared with
+other jobs still measures fairly), and the server's resident bytes (/metrics: model,
+encodings, cache, KV cache) against the storage figure `build` prints (storage.json), plus the
+server process' RSS. static / forced / routed run `--rounds` times, alternating (static, forced,
+routed, static, ...), each figure the median with its min-max.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import json
+import os
 import random
 import statistics
 import sys
@@ -60,10 +64,25 @@ class Server(ServeProcess):
             out["process_rss"] = next(int(x.split()[1]) * 1024 for x in f if x.startswith("VmRSS"))
         return out
 
+    def cpu_seconds(self) -> float:
+        """User + system time of the server process so far (all its threads)."""
+        return process_cpu_seconds(self.proc.pid)
 
-def run_load(base: str | list[str], reqs: list[dict], concurrency: int) -> dict:
-    """reqs sent with `concurrency` in flight, request i to base (or base[i], one per request)."""
+
+def process_cpu_seconds(pid: int) -> float:
+    import os
+
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def run_load(base: str | list[str], reqs: list[dict], concurrency: int, servers: list | None = None) -> dict:
+    """reqs sent with `concurrency` in flight, request i to base (or base[i], one per request);
+    with `servers`, also the completion tokens per CPU second those processes spent."""
     import httpx
+
+    cpu0 = sum(s.cpu_seconds() for s in servers or [])
 
     client = httpx.Client(timeout=600, limits=httpx.Limits(max_connections=concurrency + 4))
     bases = [base] * len(reqs) if isinstance(base, str) else base
@@ -82,8 +101,22 @@ def run_load(base: str | list[str], reqs: list[dict], concurrency: int) -> dict:
     client.close()
     lat = sorted(x for x, _ in res)
     tokens = sum(n for _, n in res)
-    return {"tok_s": tokens / wall, "p50_s": statistics.median(lat), "p95_s": lat[min(len(lat) - 1, int(0.95 * len(lat)))],
-            "tokens": tokens, "wall_s": wall}
+    out = {"tok_s": tokens / wall, "p50_s": statistics.median(lat), "p95_s": lat[min(len(lat) - 1, int(0.95 * len(lat)))],
+           "tokens": tokens, "wall_s": wall}
+    if servers:
+        out["tok_cpu_s"] = tokens / max(1e-9, sum(s.cpu_seconds() for s in servers) - cpu0)
+    return out
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Rounds of one configuration: each figure's median, and its [min, max] under *_range."""
+    out = {"rounds": len(runs)}
+    for k in ("tok_s", "tok_cpu_s", "p50_s", "p95_s"):
+        vals = [r[k] for r in runs if k in r]
+        if vals:
+            out[k], out[k + "_range"] = statistics.median(vals), [min(vals), max(vals)]
+    out["tokens"] = runs[0]["tokens"]
+    return out
 
 
 def mem_available() -> int:
@@ -109,7 +142,8 @@ def bench_experts(store: Path, prompts: list[tuple[str, str]], work: Path, args)
         n = max(args.concurrency)
         run_load(bases[:n], reqs[:n], n)  # warm-up
         for c in args.concurrency:
-            rows.append({"mode": "experts", "concurrency": c, "processes": len(servers), **run_load(bases, reqs, c)})
+            r = run_load(bases, reqs, c, list(servers.values()))
+            rows.append({"mode": "experts", "concurrency": c, "processes": len(servers), **summarize([r])})
         total: dict[str, float] = {}
         for srv in servers.values():
             for k, v in srv.resident().items():
@@ -143,11 +177,11 @@ def bench_swap(store: Path, prompts: list[tuple[str, str]], batch: int, max_toke
 
     swap.generate(texts[:batch], route(texts[:batch]), max_new_tokens=2, batch_size=batch)  # warm-up
     swap.stats["new_tokens"] = 0
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     swap.generate(texts, route(texts), max_new_tokens=max_tokens, batch_size=batch)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     tokens = swap.stats["new_tokens"]
-    return {"tok_s": tokens / wall, "tokens": tokens, "wall_s": wall, "builds": swap.stats["builds"],
+    return {"tok_s": tokens / wall, "tok_cpu_s": tokens / cpu, "tokens": tokens, "wall_s": wall, "builds": swap.stats["builds"],
             "decision_bytes": swap.decision_bytes}
 
 
@@ -162,14 +196,20 @@ def bench_method(method: str, store: Path, work: Path, args) -> list[dict]:
     srv = Server(store, args.device, max(args.concurrency), work / f"{method}-server.log", args.memory_budget)
     try:
         models = {"static": lambda t: "bench:static", "forced": lambda t: f"bench:task:{t}", "routed": lambda t: "bench"}
-        for mode, model in models.items():
-            reqs = [{"model": model(t), "prompt": p, "max_tokens": args.max_tokens, "temperature": 0} for t, p in prompts]
-            run_load(srv.base, reqs[: max(args.concurrency)], max(args.concurrency))  # warm-up
+        reqs = {mode: [{"model": model(t), "prompt": p, "max_tokens": args.max_tokens, "temperature": 0} for t, p in prompts]
+                for mode, model in models.items()}
+        for mode in models:
+            run_load(srv.base, reqs[mode][: max(args.concurrency)], max(args.concurrency))  # warm-up
+        runs: dict = {}
+        for rnd in range(args.rounds):  # alternating: the box's load drifts alike over each mode
             for c in args.concurrency:
-                r = run_load(srv.base, reqs, c)
-                rows.append({"method": method, "mode": mode, "concurrency": c, "memory_budget": args.memory_budget, **r})
-                print(f"{method:8} {mode:7} c={c:<3} {r['tok_s']:8.1f} tok/s  p50 {r['p50_s']:.2f}s  p95 {r['p95_s']:.2f}s",
-                      flush=True)
+                for mode in models:
+                    r = run_load(srv.base, reqs[mode], c, [srv])
+                    runs.setdefault((mode, c), []).append(r)
+                    print(f"{method:8} {mode:7} c={c:<3} round {rnd}: {r['tok_s']:8.1f} tok/s  {r['tok_cpu_s']:8.1f} tok/CPU-s  "
+                          f"p50 {r['p50_s']:.2f}s  p95 {r['p95_s']:.2f}s", flush=True)
+        for (mode, c), rs in runs.items():
+            rows.append({"method": method, "mode": mode, "concurrency": c, "memory_budget": args.memory_budget, **summarize(rs)})
         res = srv.resident()
     finally:
         srv.stop()
@@ -179,7 +219,7 @@ def bench_method(method: str, store: Path, work: Path, args) -> list[dict]:
     if not args.skip_experts:
         for r in bench_experts(store, prompts, work, args):
             rows.append({"method": method, "memory_budget": args.memory_budget, "storage_bytes": storage, **r})
-            print(f"{method:8} experts c={r['concurrency']:<3} {r['tok_s']:8.1f} tok/s  p50 {r['p50_s']:.2f}s  "
+            print(f"{method:8} experts c={r['concurrency']:<3} {r['tok_s']:8.1f} tok/s  {r['tok_cpu_s']:8.1f} tok/CPU-s  p50 {r['p50_s']:.2f}s  "
                   f"p95 {r['p95_s']:.2f}s  ({r['processes']} processes, RSS {r['resident']['process_rss'] / 2**20:.0f} MiB)",
                   flush=True)
     for c in ([] if args.skip_swap else args.concurrency):
@@ -203,6 +243,7 @@ def main() -> None:
     ap.add_argument("--prompts-per-task", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--concurrency", default="1,8,32")
+    ap.add_argument("--rounds", type=int, default=3, help="Alternating rounds of static / forced / routed (medians reported).")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--memory-budget", default=None,
                     help="Passed to `serve --memory-budget` (e.g. 8GB): lets the runtime cache decoded deltas.")
@@ -240,14 +281,21 @@ def main() -> None:
             tmp.cleanup()
 
     print(f"\nmodel: {shape.n_params / 1e6:.2f}M params; device {args.device}; {args.prompts_per_task} prompts/task x 3 tasks, "
-          f"max_tokens {args.max_tokens}, greedy\n")
-    print("| method | mode | concurrency | tok/s | vs static | p50 s | p95 s |")
-    print("|---|---|---|---|---|---|---|")
-    static = {(r["method"], r["concurrency"]): r["tok_s"] for r in rows if r["mode"] == "static"}
+          f"max_tokens {args.max_tokens}, greedy; memory budget {args.memory_budget}; {args.rounds} rounds "
+          f"(median [min-max]); load {' '.join(f'{x:.1f}' for x in os.getloadavg())} at the end\n")
+    print("| method | mode | concurrency | tok/s | vs static | tok/CPU-s | vs static | p50 s | p95 s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    static = {(r["method"], r["concurrency"]): r for r in rows if r["mode"] == "static"}
+
+    def rng(r, k, fmt):
+        return f"{r[k]:{fmt}} [{r[k + '_range'][0]:{fmt}}-{r[k + '_range'][1]:{fmt}}]" if r.get("rounds", 1) > 1 else f"{r[k]:{fmt}}"
+
     for r in rows:
+        ref = static[(r["method"], r["concurrency"])]
         p = (f"{r['p50_s']:.2f} | {r['p95_s']:.2f}") if "p50_s" in r else "- | -"
-        print(f"| {r['method']} | {r['mode']} | {r['concurrency']} | {r['tok_s']:.1f} | "
-              f"{100 * r['tok_s'] / static[(r['method'], r['concurrency'])]:.0f}% | {p} |")
+        cpu = (f"{rng(r, 'tok_cpu_s', '.0f')} | {100 * r['tok_cpu_s'] / ref['tok_cpu_s']:.0f}%") if "tok_cpu_s" in r else "- | -"
+        print(f"| {r['method']} | {r['mode']} | {r['concurrency']} | {rng(r, 'tok_s', '.0f')} | "
+              f"{100 * r['tok_s'] / ref['tok_s']:.0f}% | {cpu} | {p} |")
     print("\n| method | serving | storage (build) | resident weights (model + encodings + cache) | ratio | process RSS |")
     print("|---|---|---|---|---|---|")
     for m, mode in ((m, mode) for m in args.methods.split(",") for mode in ("routed", "experts")):

@@ -5,10 +5,12 @@ and RoutedModel (model.py).
     rt.set_rows([forced("math", tasks), STATIC, mix_decision])   # one decision per batch row
     logits = model(input_ids=ids).logits                          # row b ran with decision b
 
-The model is the store's merged model as `load_merged_model` gives it. For Mediator it stays as
-it is: its routed tensors are the dense experts D. For 1bit-Merging the runtime points every
-encoded tensor at theta_0 (the base model's tensor, read from the base checkpoint), so the shared
-weights are the base model.
+The model is the store's merged model as `load_merged_model` gives it: STATIC rows run it as it
+is, with no delta. For Mediator its routed tensors are the dense experts D. For 1bit-Merging the
+runtime replaces every encoded tensor by the STATIC weight M = theta_0 + lambda * TIES(all)
+computed once at load from theta_0 (the base checkpoint's tensor, then dropped) and the
+encodings, unrounded: the request-independent part is computed once, never per forward, and the
+model stays one model.
 
 Per forward, a module that holds a routed tensor computes the shared product once for the whole
 batch, then adds each row group's delta, taken from the compressed encodings on the device:
@@ -22,54 +24,57 @@ their `forward` is replaced (DeltaLinear, DeltaEmbedding, DeltaGrouped). `close(
 Delta terms:
   Mediator  one term per task present in the batch, over the rows using it, with the rows'
             weights: top-1 / forced rows weight 1 (D + S_k), an uncertain row p_t for each of
-            its tasks (D + sum p_t S_t), STATIC rows none (D). S_t stays sparse: `SparseDelta`'s
-            positions as the store keeps them (a bitmask of the tensor where that is smaller
-            than int32 offsets, as the blob encoder chooses) plus bf16 values, decoded each
-            forward into a CSR matrix for torch.sparse.mm. (One sparse product of the stacked
-            [S_1; ...; S_N] for all rows, then each row's mix, was measured no faster on CPU at
-            32 tokens and slower above: not kept.)
-  1bit      one term per decision present in the batch: task k is tau_hat_k + lambda *
-            TIES({tau_hat_j : j != k}), STATIC is lambda * TIES(all) (the store's fallback
-            merged model, docs/methods.md section 4.4). The terms are built from the packed sign bits and
-            scales in row chunks (encoded.py `TaskPiece.tau_hat`, `onebit_terms`) and multiplied
-            chunk by chunk; never stored unpacked outside the cache below. With lambda = 0 a term
-            is tau_hat_k alone and STATIC has no delta; a sign-bits term (1bit, 1bit-row, 2bit)
-            is then `signs_product`: the +-1 of each byte looked up, multiplied, then scaled.
-
-1bit's lambda * TIES(others) is nonlinear in the tasks: no sum of per-task compressed deltas
-gives it. It is served the same way as tau_hat_k: computed per forward from the encodings, in
-chunks (no memory beyond the encodings), at the cost of decoding all N tasks' bits and electing
-signs instead of one sign product. The alternative, one dense weight per decision built once, is
-what the cache does when `memory_budget` leaves room: 4 bytes per routed parameter (float32
-compute) per hot decision, N + 1 decisions at most (STATIC included).
+            its tasks (D + sum p_t S_t), STATIC rows none (D). S_t stays sparse, resident as a
+            CSR matrix in small types (`CompactSparse`: int32 row pointers, int16 columns, the
+            stored bf16 values; the store's bitmask or offsets are decoded once, at load), cast
+            to float32 / int32 for torch.sparse.mm per product. (One sparse product of the
+            stacked [S_1; ...; S_N] for all rows, then each row's mix, was measured no faster on
+            CPU at 32 tokens and slower above: not kept.)
+  1bit      one term per task decision present in the batch: Delta_k = tau_hat_k + lambda *
+            (TIES({tau_hat_j : j != k}) - TIES(all)), k's weight less M. Per tensor it is zero
+            where task k has no piece (k's others are all the pieces) and (1 - lambda) tau_hat_k
+            where k's piece is the only one (TIES of one vector is itself), a scaled sign-bits
+            product (`signs_product`: the +-1 of each byte looked up, multiplied, then scaled),
+            as is every term with lambda = 0. Where two or more tasks have pieces and lambda !=
+            0 the term is nonlinear in the encodings: no sum of per-task compressed deltas gives
+            it. It is built from the packed bits and scales in row chunks (encoded.py
+            `TaskPiece.tau_hat`, `onebit_terms`) and multiplied chunk by chunk, every forward
+            (no memory beyond the encodings, at the cost of decoding all N tasks' bits and two
+            elections per term), or cached within the budget: 4 bytes per routed parameter
+            (float32 compute) per hot task decision, N at most.
 
 Measured (tools/bench_deltas.py --repeat 5: hidden 512, intermediate 1376, 4 layers, vocab
 4096; one forward of 32 rows over 3 tasks; CPU time on one thread; ratio to the static model's
 forward of the same batch; swap = the old per-decision dense weights (now tools/weight_swap.py),
-one forward per task group; 2-core shared box, about +-15 %):
+one forward per task group; a 2-core box shared with other jobs at load 13-17, about +-30 %):
                        decoding step (1 token/row)      prefill (32 tokens/row)
                        no cache   cache   swap          no cache   cache   swap
-  Mediator (rho 0.1)   5.5        1.7     2.6           1.7        1.4     1.0
-  1bit lambda 0        4.4        2.9     2.9           2.2        1.2     1.0
-  1bit lambda 1        47         2.7     2.6           5.8        1.2     1.0
-The cache held 21 MB (Mediator: CSR; 14 MB with the int32 indices since, same speed) / 164 MB
-(1bit: 3 decisions' full float32 weights) against encodings of 5.7 / 5.9 MB and a 30 MB bf16
-model. Served from the
-encodings, lambda != 0 costs 12x lambda 0's time per decoding step (N tau_hats + the election
-per term per forward); cached, the same as lambda 0.
+  Mediator (rho 0.1)   1.7        1.2     2.8           1.4        1.3     1.0
+  1bit lambda 0        6.3        3.4     3.3           2.6        1.3     1.2
+  1bit lambda 1        91         2.6     2.2           9.6        1.5     1.1
+The cache held 14 MB (Mediator: float32 CSR) / 164 MB
+(1bit: 3 decisions' full float32 weights) against encodings of 7.1 / 5.9 MB and a 30 MB bf16
+model. Mediator's products from the resident CSR form cost 1.7x the static forward, against
+5.5x measured before, when the store's bitmask was decoded into a CSR matrix every forward. With
+preset uniform every task has a piece in every tensor, so every 1bit term is a full-size
+product: 3 products per layer instead of 1. Served from the encodings, lambda != 0 costs about
+15x lambda 0's time per decoding step (N tau_hats and N + 1 elections per row chunk per
+forward); cached, the same as lambda 0. Where a preset drops a task's modules (paper, auto),
+those terms vanish (see OneBitTensor).
 
 Cache: with `memory_budget` (bytes the weights may take on the device: model + encodings +
 cache), the decoded form of a term is kept, least recently used first out, in what the model
-and the encodings leave: Mediator the CSR matrix of S_t; 1bit a decision's full weight theta_0 +
-delta of each Linear, so that its rows run one product with it, as the weight swap does, instead
-of shared + delta (in the compute dtype: on bf16 that is the export's rounding). Without a budget nothing is cached: resident weights are the model
-plus the encodings. resident_bytes() reports the three. Measured faster in every case of
-tools/bench_deltas.py (see above).
+and the encodings leave: Mediator the float32 CSR matrix of S_t; 1bit a task decision's full
+weight M + Delta_k of each Linear, so that its rows run one product with it, as the weight swap
+does, instead of shared + delta (in the compute dtype: on bf16 that is the export's rounding).
+(Mediator's full weights D + S_k instead were measured no faster for a decoding step, with 5x
+the cache: not kept.) Without a budget nothing is cached: resident weights are the model plus
+the encodings. resident_bytes() reports the three.
 
 Exactness: `export --variant task:k` rounds W = D + S_k (1bit: theta_0 + tau_hat_k + lambda *
 TIES) to the store's dtype once; the delta path computes x D^T + x S_k^T in float32 without that
 rounding. The difference is one rounding of the changed weights, a relative 2^-9 (bf16) of each
-changed entry: the logits agree with the export's within EXPORT_REL of the row's largest |logit|
+changed entry (1bit STATIC rows too: M is not rounded): the logits agree with the export's within EXPORT_REL of the row's largest |logit|
 and with the unrounded float32 weights within EXACT_ATOL (float32 compute); greedy tokens are the
 export's on the test models.
 """
@@ -84,7 +89,7 @@ import numpy as np
 
 from ..errors import StreammergeError
 from .decision import STATIC, Decision
-from .encoded import CHUNK_ELEMENTS, OneBitEncodings, SparseDelta, TaskPiece, onebit_terms
+from .encoded import CHUNK_ELEMENTS, OneBitEncodings, SparseDelta, TaskPiece, onebit_terms, onebit_weight
 from .runtime import require_torch
 
 # The stated tolerances of the delta path (float32 compute), see "Exactness" above: against the
@@ -99,15 +104,14 @@ EXACT_ATOL = 1e-5
 _TABLES: dict = {}
 
 
-def _byte_table(device, kind: str):
-    """(256, 8): the bits of each byte value in little bit order, as bool ("bits") or as float32
-    +-1 ("signs"). Looking bytes up in it unpacks 4x faster than shifting and masking."""
+def _sign_table(device):
+    """(256, 8) float32: the +-1 sign of each bit of each byte value, in little bit order.
+    Looking bytes up in it unpacks 4x faster than shifting and masking."""
     torch, _ = require_torch()
-    t = _TABLES.get((device, kind))
+    t = _TABLES.get(device)
     if t is None:
         bits = (torch.arange(256, device=device).unsqueeze(1) >> torch.arange(8, device=device)) & 1
-        t = bits.bool() if kind == "bits" else bits.to(torch.float32).mul_(2).sub_(1)
-        _TABLES[(device, kind)] = t
+        t = _TABLES[device] = bits.to(torch.float32).mul_(2).sub_(1)
     return t
 
 
@@ -123,72 +127,67 @@ def _rows_cols(shape) -> tuple[int, int]:
 
 
 class CompactSparse:
-    """One sparse delta of one tensor (rows x cols), resident in its stored size: the positions
-    as a bitmask of the flat tensor when that is smaller than int32 offsets (density above
-    1/32, as encodings/sparse.py chooses per blob), else int32 offsets; bf16 values."""
+    """One sparse delta of one tensor (rows x cols), resident as a CSR matrix in small types:
+    row pointers (int32, rows + 1), column indices (int16 when cols <= 2^15, else int32) and
+    the stored bf16 values. A product builds the float32 / int32 CSR matrix torch.sparse.mm
+    takes from them (two casts of the entries), instead of decoding the store's positions (a
+    bitmask of the whole tensor, or flat int32 offsets) per forward: measured 15x faster for a
+    decoding step's products (hidden 256, intermediate 1024, rho 0.1: 0.40 ms against 6.2 ms a
+    layer's seven tensors, one thread), for 4 bytes an entry + 4 a row against the stored 3.25
+    (bitmask at rho 0.1) to 6 (offsets): the bitmask is decoded once, at load."""
 
     def __init__(self, sparse: SparseDelta, shape):
         torch, _ = require_torch()
         self.rows, self.cols = _rows_cols(shape)
         self.size = sparse.size
-        index = sparse.index
-        self.count = index.numel()
-        if (self.size + 7) // 8 < 4 * self.count:
-            mask = torch.zeros(-(-self.size // 8) * 8, dtype=torch.uint8, device=index.device)
-            mask[index.long()] = 1
-            shifts = torch.arange(8, dtype=torch.uint8, device=index.device)
-            self.bitmask = (mask.view(-1, 8) << shifts).sum(dim=1, dtype=torch.uint8)
-            self.offsets = None
-        else:
-            self.bitmask = None
-            self.offsets = index.to(torch.int32)
+        idx = sparse.index.long()  # sorted flat positions
+        self.count = idx.numel()
+        r = torch.div(idx, self.cols, rounding_mode="floor")
+        crow = torch.zeros(self.rows + 1, dtype=torch.int64, device=idx.device)
+        crow[1:] = torch.cumsum(torch.bincount(r, minlength=self.rows), 0)
+        if self.count >= 2**31:
+            raise StreammergeError(f"a sparse delta of {self.count} entries: more than int32 row pointers hold")
+        self.crow = crow.to(torch.int32)
+        self.col = (idx - r * self.cols).to(torch.int16 if self.cols <= 2**15 else torch.int32)
         self.value = sparse.value  # bf16
 
     @property
     def nbytes(self) -> int:
-        pos = self.bitmask if self.bitmask is not None else self.offsets
-        return pos.numel() * pos.element_size() + self.value.numel() * self.value.element_size()
+        return sum(t.numel() * t.element_size() for t in (self.crow, self.col, self.value))
 
-    def flat_index(self):
-        """The sorted flat positions (int64)."""
+    def row_index(self):
+        """Each entry's row (int64)."""
         torch, _ = require_torch()
-        if self.offsets is not None:
-            return self.offsets.long()
-        bits = _byte_table(self.bitmask.device, "bits").index_select(0, self.bitmask.long()).view(-1)[: self.size]
-        return torch.nonzero(bits, as_tuple=True)[0]
+        counts = (self.crow[1:] - self.crow[:-1]).long()
+        return torch.repeat_interleave(torch.arange(self.rows, device=counts.device), counts)
 
     def csr(self):
         """The delta as a float32 CSR matrix (rows x cols) for torch.sparse.mm."""
         torch, _ = require_torch()
-        idx = self.flat_index()
-        r = torch.div(idx, self.cols, rounding_mode="floor")
-        crow = torch.zeros(self.rows + 1, dtype=torch.int64, device=idx.device)
-        crow[1:] = torch.cumsum(torch.bincount(r, minlength=self.rows), 0)
-        col = idx - r * self.cols
-        if self.count < 2**31 and self.cols < 2**31:  # int32 indices: 12 bytes an entry instead of 20
-            crow, col = crow.to(torch.int32), col.to(torch.int32)
         with warnings.catch_warnings():  # "CSR support is in beta": the operations used here are covered by tests
             warnings.simplefilter("ignore", UserWarning)
-            return torch.sparse_csr_tensor(crow, col, self.value.float(), (self.rows, self.cols), check_invariants=False)
+            return torch.sparse_csr_tensor(self.crow, self.col.to(torch.int32), self.value.float(), (self.rows, self.cols),
+                                           check_invariants=False)
 
     def gather_rows(self, ids):
         """Dense float32 rows `ids` (any order, repeats allowed) of the delta: (len(ids), cols)."""
         torch, _ = require_torch()
         uniq, inverse = torch.unique(ids, return_inverse=True)
-        idx = self.flat_index()
-        r = torch.div(idx, self.cols, rounding_mode="floor")
-        pos = torch.searchsorted(uniq, r).clamp_(max=uniq.numel() - 1)
-        keep = uniq[pos] == r
-        out = torch.zeros((uniq.numel(), self.cols), dtype=torch.float32, device=idx.device)
-        out[pos[keep], (idx - r * self.cols)[keep]] = self.value[keep].float()
+        start, end = self.crow.long()[uniq], self.crow.long()[uniq + 1]
+        counts = end - start
+        which = torch.repeat_interleave(torch.arange(uniq.numel(), device=ids.device), counts)  # output row of each entry
+        first = torch.cumsum(counts, 0) - counts  # where each row's entries start in the gathered list
+        pos = start[which] + torch.arange(which.numel(), device=ids.device) - first[which]
+        out = torch.zeros((uniq.numel(), self.cols), dtype=torch.float32, device=ids.device)
+        out[which, self.col[pos].long()] = self.value[pos].float()
         return out[inverse]
 
     def dense(self):
         """The whole delta, float32 (rows x cols): for small tensors only."""
         torch, _ = require_torch()
-        flat = torch.zeros(self.size, dtype=torch.float32, device=self.value.device)
-        flat[self.flat_index()] = self.value.float()
-        return flat.view(self.rows, self.cols)
+        out = torch.zeros((self.rows, self.cols), dtype=torch.float32, device=self.value.device)
+        out[self.row_index(), self.col.long()] = self.value.float()
+        return out
 
 
 # ---- the routed tensors of each method --------------------------------------------------------
@@ -249,10 +248,10 @@ class MediatorTensor:
     def _csr(self, task):
         return self.cache.get((self.name, task), self.experts[task].csr, _tensor_bytes)
 
-    def matmul(self, task, x):
-        """x (m, cols) float32 -> x S_task^T (m, rows)."""
+    def matmul_terms(self, tasks: list, xs: list) -> list:
+        """[x S_task^T for each term], x (m, cols) float32 -> (m, rows)."""
         torch, _ = require_torch()
-        return torch.sparse.mm(self._csr(task), x.t()).t()
+        return [torch.sparse.mm(self._csr(task), x.t()).t() for task, x in zip(tasks, xs)]
 
     def gather(self, task, ids):
         return self.experts[task].gather_rows(ids)
@@ -270,35 +269,76 @@ class MediatorTensor:
 
 
 class OneBitTensor:
-    """An encoded tensor of a 1bit store: the model holds theta_0; a term is a decision (task k
-    or STATIC), its delta built from the encodings in row chunks."""
+    """An encoded tensor of a 1bit store. The model holds the STATIC decision's weight, the
+    merged model M = theta_0 + lambda * TIES(all), computed once at load (`merged`); a term is
+    a task decision k, its delta relative to M:
+        Delta_k = theta_0 + tau_hat_k + lambda * TIES(others) - M
+                = tau_hat_k + lambda * (TIES({tau_hat_j : j != k}) - TIES(all))
+    which is zero when task k has no piece here (its others are all), and (1 - lambda) tau_hat_k
+    when k's piece is the only one (TIES of one vector is that vector): a scaled compressed
+    delta. Only where two or more tasks have pieces and lambda != 0 is Delta_k nonlinear in the
+    encodings: built from them in row chunks per forward, or cached within the budget."""
 
     def __init__(self, name: str, shape, pieces: dict, lam: float, device, cache: _Cache):
         self.name, self.shape = name, tuple(shape)
         self.pieces = pieces  # task -> TaskPiece | None (dropped)
         self.lam, self.device, self.cache = lam, device, cache
         self.rows, self.cols = _rows_cols(shape)
+        self.present = [t for t, pc in pieces.items() if pc is not None]
 
     @property
     def nbytes(self) -> int:
         return sum(pc.nbytes for pc in self.pieces.values() if pc is not None)
 
+    def own_scale(self, key: tuple) -> float | None:
+        """c where Delta_k = c * tau_hat_k (lambda 0, or k's the only piece), else None."""
+        if self.lam == 0 or self.present == [key[1]]:
+            return 1.0 - self.lam
+        return None
+
     def has_delta(self, key: tuple) -> bool:
-        if key == STATIC.key:
-            return self.lam != 0 and any(pc is not None for pc in self.pieces.values())
-        return self.pieces[key[1]] is not None or (self.lam != 0 and any(
-            pc is not None for t, pc in self.pieces.items() if t != key[1]))
+        if key == STATIC.key or self.pieces[key[1]] is None:
+            return False
+        return self.own_scale(key) != 0.0
+
+    def merged(self, base):
+        """M = theta_0 + lambda * TIES(all) of the whole tensor, float32, in row chunks (base:
+        theta_0, any float dtype): the export's arithmetic for the merged model, unrounded."""
+        torch, _ = require_torch()
+        base = base.reshape(self.rows, self.cols)
+        out = torch.empty((self.rows, self.cols), dtype=torch.float32, device=self.device)
+        rows = len(self.shape) >= 2
+        for r0 in range(0, self.rows, self._chunk_rows()):
+            r1 = min(self.rows, r0 + self._chunk_rows())
+            hat = lambda t: self.pieces[t].tau_hat(self.shape, self.device, (r0, r1) if rows else None)  # noqa: E731
+            out[r0:r1] = onebit_weight(base[r0:r1], hat, self.pieces, STATIC.key, self.lam, self.device).reshape(r1 - r0, -1)
+        return out.reshape(self.shape)
 
     def _combine(self, key: tuple, hat):
-        """The delta of decision `key` from hat(task) -> float32 tau_hat (of the same rows)."""
-        own, ties = onebit_terms(hat, self.pieces, key, self.lam, self.device)
-        if own is None or ties is None:
-            return own if ties is None else ties
-        return own.add_(ties)
+        """Delta_k from hat(task) -> float32 tau_hat (of the same rows); None: no delta."""
+        return self._combine_many([key], hat)[0]
+
+    def _combine_many(self, keys: list, hat) -> list:
+        """[Delta_k for k in keys] from hat(task) -> float32 tau_hat (of the same rows), None
+        where no delta; each task decoded once, lambda * TIES(all) elected once for all keys."""
+        hats: dict = {}
+        memo = lambda t: hats[t] if t in hats else hats.setdefault(t, hat(t))  # noqa: E731
+        ties_all, out = None, []
+        for key in keys:
+            c = self.own_scale(key) if self.has_delta(key) else 0.0
+            if c == 0.0:
+                out.append(None)
+            elif c is not None:
+                out.append(memo(key[1]) * c)
+            else:  # two or more pieces: k's others are not empty
+                if ties_all is None:
+                    ties_all = onebit_terms(memo, self.pieces, STATIC.key, self.lam, self.device)[1]
+                own, ties = onebit_terms(memo, self.pieces, key, self.lam, self.device)
+                out.append(ties.sub_(ties_all).add_(own))
+        return out
 
     def delta_rows(self, key: tuple, r0: int, r1: int):
         """The delta of rows [r0, r1) as (r1 - r0, cols) float32 (None: no delta)."""
-        torch, _ = require_torch()
         rows = (r0, r1) if len(self.shape) >= 2 else None
         d = self._combine(key, lambda t: self.pieces[t].tau_hat(self.shape, self.device, rows))
         return None if d is None else d.reshape(r1 - r0, self.cols)
@@ -314,24 +354,31 @@ class OneBitTensor:
         return self.rows * self.cols * 4 <= self.cache.budget
 
     def full(self, key: tuple, shared):
-        """theta_0 + the decision's delta, in the shared weight's dtype (cached)."""
+        """M + the decision's delta, in the shared weight's dtype (cached)."""
         build = lambda: (shared.float() + self._dense(key).view(shared.shape)).to(shared.dtype)  # noqa: E731
         return self.cache.get((self.name, key), build, _tensor_bytes)
 
-    def matmul(self, key: tuple, x):
-        """x (m, cols) float32 -> x Delta^T (m, rows), from the encodings: for a sign-bits term
-        (lambda 0) the signs' product scaled; else the delta built and multiplied chunk by chunk."""
+    def matmul_terms(self, keys: list, xs: list) -> list:
+        """[x Delta_k^T for each term], x (m, cols) float32, from the encodings: a scaled
+        sign-bits term as the signs' product scaled; the others' deltas built together (each
+        task decoded once per row chunk) and multiplied chunk by chunk."""
         torch, _ = require_torch()
-        piece = self.pieces[key[1]] if key != STATIC.key and self.lam == 0 else None
-        if piece is not None and piece.kind in SIGN_KINDS and len(self.shape) >= 2:
-            return signs_product(x, piece, self._chunk_rows())
+        out, built = [], []
+        for key, x in zip(keys, xs):
+            c, piece = self.own_scale(key), self.pieces[key[1]]
+            if c is not None and piece.kind in SIGN_KINDS and len(self.shape) >= 2:
+                y = signs_product(x, piece, self._chunk_rows())
+                out.append(y if c == 1.0 else y.mul_(c))
+            else:
+                out.append(torch.empty((x.shape[0], self.rows), dtype=torch.float32, device=x.device))
+                built.append(len(out) - 1)
         step = self._chunk_rows()
-        if step >= self.rows:
-            return x @ self._dense(key).t()
-        out = torch.empty((x.shape[0], self.rows), dtype=torch.float32, device=x.device)
-        for r0 in range(0, self.rows, step):
+        for r0 in range(0, self.rows if built else 0, step):
             r1 = min(self.rows, r0 + step)
-            torch.matmul(x, self.delta_rows(key, r0, r1).t(), out=out[:, r0:r1])
+            rows = (r0, r1) if len(self.shape) >= 2 else None
+            deltas = self._combine_many([keys[i] for i in built], lambda t: self.pieces[t].tau_hat(self.shape, self.device, rows))
+            for i, d in zip(built, deltas):
+                torch.matmul(xs[i], d.reshape(r1 - r0, self.cols).t(), out=out[i][:, r0:r1])
         return out
 
     def gather(self, key: tuple, ids):
@@ -357,7 +404,7 @@ def signs_product(x, piece: TaskPiece, step: int):
     are looked up a byte at a time, multiplied, then the product is scaled per output row.
     Equals x @ piece.tau_hat(shape).T up to float32 rounding (the scale applied after the sum)."""
     torch, _ = require_torch()
-    table = _byte_table(x.device, "signs")
+    table = _sign_table(x.device)
     cols = piece.parts["cols"]
     out = None
     for bits_name, scale_name in SIGN_KINDS[piece.kind]:
@@ -421,10 +468,10 @@ class DeltaLinear(_Routed):
         else:
             y = torch.nn.functional.linear(x, m.weight, m.bias)
         if terms:
-            for key, rows, weights in terms:
-                xs = x if rows is None else x.index_select(0, rows)
-                d = w.matmul(key, xs.reshape(-1, xs.shape[-1]).float())
-                _add_rows(y, rows, d.reshape(*xs.shape[:-1], -1), weights)
+            xs = [_take(x, rows) for _, rows, _ in terms]
+            ds = w.matmul_terms([key for key, _, _ in terms], [xr.reshape(-1, xr.shape[-1]).float() for xr in xs])
+            for (_, rows, weights), xr, d in zip(terms, xs, ds):
+                _add_rows(y, rows, d.reshape(*xr.shape[:-1], -1), weights)
         b = self.tensors.get("bias")
         if b is not None:
             for decision, rows in self.rt.groups(x.shape[0]):
@@ -446,13 +493,11 @@ class DeltaLinear(_Routed):
         if len(terms) == 1 and terms[0][1] is None:
             return F.linear(x, w.full(terms[0][0], m.weight), m.bias)
         y = torch.empty((*x.shape[:-1], m.out_features), dtype=x.dtype, device=x.device)
-        covered = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         for key, rows, _ in terms:
-            y.index_copy_(0, rows, F.linear(x.index_select(0, rows), w.full(key, m.weight), m.bias))
-            covered[rows] = True
-        rest = torch.nonzero(~covered, as_tuple=True)[0]
-        if rest.numel():
-            y.index_copy_(0, rest, F.linear(x.index_select(0, rest), m.weight, m.bias))
+            _put(y, rows, F.linear(_take(x, rows), w.full(key, m.weight), m.bias))
+        rest = self.rt.uncovered(w, x.shape[0])
+        if rest is not None:
+            _put(y, rest, F.linear(_take(x, rest), m.weight, m.bias))
         return y
 
 
@@ -464,7 +509,7 @@ class DeltaEmbedding(_Routed):
         y = torch.nn.functional.embedding(ids, m.weight, m.padding_idx, m.max_norm, m.norm_type, m.scale_grad_by_freq, m.sparse)
         w = self.tensors["weight"]
         for key, rows, weights in self.rt.terms(w, ids.shape[0]):
-            sel = ids if rows is None else ids.index_select(0, rows)
+            sel = _take(ids, rows)
             d = w.gather(key, sel.reshape(-1)).view(*sel.shape, -1)
             _add_rows(y, rows, d, weights)
         return y
@@ -492,13 +537,12 @@ class DeltaGrouped(_Routed):
             if not params and rows is None:
                 return self.forward(self.module, x, *args, **kwargs)
             shadow = _with_params(self.module, params)
-            xs = x if rows is None else x.index_select(0, rows)
-            o = self.forward(shadow, xs, *args, **kwargs)
+            o = self.forward(shadow, _take(x, rows), *args, **kwargs)
             if rows is None:
                 return o
             if out is None:
                 out = torch.empty((x.shape[0], *o.shape[1:]), dtype=o.dtype, device=o.device)
-            out.index_copy_(0, rows, o)
+            _put(out, rows, o)
         return out
 
 
@@ -513,6 +557,25 @@ def _with_params(module, params: dict):
     return shadow
 
 
+# Rows of a batch: None (all), a slice (a contiguous run: views, no copies; the serving runner
+# keeps a batch's rows sorted by decision so that each group is one) or an int64 index tensor.
+
+
+def _take(x, rows):
+    """x[rows] along dim 0."""
+    if rows is None:
+        return x
+    return x[rows] if isinstance(rows, slice) else x.index_select(0, rows)
+
+
+def _put(y, rows, v) -> None:
+    """y[rows] = v along dim 0."""
+    if isinstance(rows, slice):
+        y[rows] = v
+    else:
+        y.index_copy_(0, rows, v)
+
+
 def _add_rows(y, rows, d, weights) -> None:
     """y[rows] += weights[:, None...] * d (all of y when rows is None)."""
     if weights is not None:
@@ -520,6 +583,8 @@ def _add_rows(y, rows, d, weights) -> None:
     d = d.to(y.dtype)
     if rows is None:
         y.add_(d)
+    elif isinstance(rows, slice):
+        y[rows] += d
     else:
         y.index_add_(0, rows, d)
 
@@ -529,7 +594,7 @@ def _add_rows(y, rows, d, weights) -> None:
 
 class DeltaRuntime:
     """Wraps a loaded transformers model (the store's merged model; for 1bit-Merging its encoded
-    tensors are pointed at theta_0, the base model's) so that ONE forward pass over a batch
+    tensors hold the STATIC merge M computed at load) so that ONE forward pass over a batch
     computes, for batch row b, the weights of decision b (set_rows). See the module docstring.
 
     Interface for serving (stable): __init__(model, store, method, device, dtype,
@@ -579,8 +644,10 @@ class DeltaRuntime:
         enc = OneBitEncodings(self.store, self.method, self.device)
         for name in enc.names:
             p = _param(params, name)
-            p.data = enc.base.pop(name).to(self.dtype).reshape(p.shape)  # theta_0 replaces the merged tensor
-            out[name] = OneBitTensor(name, enc.shape[name], enc.pieces[name], enc.lam, self.device, self.cache)
+            t = OneBitTensor(name, enc.shape[name], enc.pieces[name], enc.lam, self.device, self.cache)
+            # the STATIC weight, unrounded, replaces the stored merged tensor; theta_0 is dropped
+            p.data = t.merged(enc.base.pop(name)).to(self.dtype).reshape(p.shape)
+            out[name] = t
         return out
 
     def _patch(self, params: dict) -> list:
@@ -606,7 +673,7 @@ class DeltaRuntime:
         return patched
 
     def close(self) -> None:
-        """Give the modules their own forward back (the weights stay: merged / theta_0)."""
+        """Give the modules their own forward back (the weights stay: the merged model, 1bit its STATIC merge M)."""
         for m in self._patched:
             del m.forward
         self._patched = []
@@ -646,7 +713,27 @@ class DeltaRuntime:
         by_key: OrderedDict[tuple, list[int]] = OrderedDict()
         for i, d in enumerate(decs):
             by_key.setdefault(d.key, []).append(i)
-        return [(decs[idx[0]], torch.tensor(idx, dtype=torch.long, device=self.device)) for idx in by_key.values()]
+        return [(decs[idx[0]], self._rows(idx, batch)) for idx in by_key.values()]
+
+    def _rows(self, idx: list[int], batch: int):
+        """Row indices (ascending) as None (all), a slice (a contiguous run) or an index tensor."""
+        torch, _ = require_torch()
+        if len(idx) == batch:
+            return None
+        if idx == list(range(idx[0], idx[0] + len(idx))):
+            return slice(idx[0], idx[0] + len(idx))
+        return torch.tensor(idx, dtype=torch.long, device=self.device)
+
+    def uncovered(self, tensor, batch: int):
+        """The rows no term of `tensor` covers (None: none), for a top-1 plan (disjoint terms)."""
+        key = ("uncovered", id(tensor), batch)
+        if key not in self._plan:
+            covered = set()
+            for _, rows, _ in self.terms(tensor, batch):
+                covered.update(_indices(rows, batch))
+            rest = [i for i in range(batch) if i not in covered]
+            self._plan[key] = self._rows(rest, batch) if rest else None
+        return self._plan[key]
 
     def terms(self, tensor, batch: int) -> list:
         """[(term key, rows or None, row weights or None)] of the delta products of `tensor`."""
@@ -661,11 +748,10 @@ class DeltaRuntime:
         if self.kind == "1bit":  # a term per decision: its delta is nonlinear in the tasks
             return [(d.key, rows, None) for d, rows in groups if tensor.has_delta(d.key)]
         uses: OrderedDict[str, tuple[list, list]] = OrderedDict((t, ([], [])) for t in self.tasks)
-        whole = groups[0][1] is None
         for d, rows in groups:
             if d.mode == "static":
                 continue
-            idx = list(range(batch)) if rows is None else rows.tolist()
+            idx = _indices(rows, batch)
             for task, w in d.weights:
                 uses[task][0].extend(idx)
                 uses[task][1].extend([w if d.mode == "mix" else 1.0] * len(idx))
@@ -673,7 +759,9 @@ class DeltaRuntime:
         for task, (idx, ws) in uses.items():
             if not idx:
                 continue
-            rows = None if whole else torch.tensor(idx, dtype=torch.long, device=self.device)
+            order = sorted(range(len(idx)), key=idx.__getitem__)  # ascending rows: runs become slices
+            idx, ws = [idx[i] for i in order], [ws[i] for i in order]
+            rows = self._rows(idx, batch)
             weights = None if all(w == 1.0 for w in ws) else torch.tensor(ws, dtype=torch.float32, device=self.device)
             out.append((task, rows, weights))
         return out
@@ -695,6 +783,15 @@ class DeltaRuntime:
                 model += t.numel() * t.element_size()
         enc = sum(t.nbytes for t in self.tensors.values())
         return {"model": model, "encodings": enc, "cache": self.cache.bytes}
+
+
+def _indices(rows, batch: int):
+    """The row numbers of a rows value (None: all of the batch)."""
+    if rows is None:
+        return range(batch)
+    if isinstance(rows, slice):
+        return range(rows.start, rows.stop)
+    return rows.tolist()
 
 
 def _param(params: dict, name: str):

@@ -13,7 +13,9 @@ padded into the batch cache; a request leaves by dropping its row, and columns t
 remaining row pads are trimmed.
 
 Weights: the runtime (routing/deltas.py DeltaRuntime) computes row b with decision b's weights in the
-same forward; `set_rows` is called with one decision per row before every forward.
+same forward; `set_rows` is called with one decision per row before every forward. The batch's
+rows are kept sorted by decision (a join reorders them), so each decision's rows are a
+contiguous run the routed layers slice.
 
 Sampling per request: greedy at temperature 0; else softmax(logits / temperature), nucleus
 (top_p) filtered, drawn with the request's own torch.Generator (seeded: `seed` gives the same
@@ -167,7 +169,17 @@ class ModelRunner:
                       for (k0, v0), (k1, v1) in zip(((la.keys, la.values) for la in self.cache.layers), layers)]
             mask = torch.cat([_left_pad(self.mask, width), _left_pad(mask, width)])
             next_pos = torch.cat([self.next_pos, next_pos])
-        self.rows = [*self.rows, *reqs]
+        rows = [*self.rows, *reqs]
+        # rows sorted by decision: each decision's rows are one contiguous run, which the
+        # runtime's routed layers slice instead of gathering and scattering (stable: the rows
+        # of a decision keep their order)
+        order = sorted(range(len(rows)), key=lambda i: rows[i].decision.key)
+        if order != list(range(len(rows))):
+            idx = torch.tensor(order, dtype=torch.long, device=self.device)
+            layers = [(k.index_select(0, idx), v.index_select(0, idx)) for k, v in layers]
+            mask, next_pos = mask.index_select(0, idx), next_pos.index_select(0, idx)
+            rows = [rows[i] for i in order]
+        self.rows = rows
         self.mask, self.next_pos = mask, next_pos
         self.cache = self._cache_of(layers)
 
