@@ -1,15 +1,17 @@
 #!/usr/bin/env python
 """GPU path against CPU path on one machine: `build --device cuda` vs `--device cpu`.
 
-    python tools/bench_gpu.py [--sets 0.5b,70b:2] [--methods ties] [--cpu-workers N] [--gpu-workers 4]
+    python tools/bench_gpu.py [--sets 0.5b,70b:2] [--methods ties] [--cpu-workers 4,8,16] [--gpu-workers 4] [--rounds 3]
 
 For each checkpoint set (a base + 3 bf16 fine-tunes from tools/synth_checkpoints.py: "0.5b", or
 "70b:L" for L Llama-2-70B-shaped layers; generated once under --data):
   1. the machine's page-cache read rate: every input file read with pread in 8 MiB pieces by
      1 thread and by one thread per core, after a first read that puts the files in the cache;
   2. `streammerge build` of each method (ties: density 0.5, weights 0.5/0.3/0.2) with
-     `--device cpu -j <cores>` and with `--device cuda`, wall time of the whole command;
-  3. input GB/s = input bytes / wall time, and whether both stores hold the same bytes.
+     `--device cpu -j N` for each --cpu-workers count and with `--device cuda`, wall time of the
+     whole command, in alternating rounds (every path and the read rate once per round);
+  3. input GB/s = input bytes / wall time (medians with min-max ranges), GPU / CPU ratios per
+     round, the CPU path's scaling with threads, and whether all stores hold the same bytes.
 
 Prints a markdown table and writes the figures to --out (JSON).
 """
@@ -21,6 +23,7 @@ import hashlib
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -121,15 +124,25 @@ def run_build(recipe: Path, store: Path, device: str, workers: int) -> dict:
     return {"wall_s": wall, "merge_s": float(merge.group(1)) if merge else None, "output": (p.stdout + p.stderr).strip()[-400:]}
 
 
+def stats(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
+
+
+def fmt(s: dict, f: str = "{:.2f}") -> str:
+    return f"{f.format(s['median'])} ({f.format(s['min'])}-{f.format(s['max'])})"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sets", default="0.5b,70b:2", help="checkpoint sets: 0.5b, 70b:LAYERS (comma-separated)")
     ap.add_argument("--methods", default="ties", help="comma-separated: " + ", ".join(RECIPE_PARAMS))
     ap.add_argument("--data", type=Path, default=ROOT / "bench-out" / "data")
     ap.add_argument("--work", type=Path, default=ROOT / "bench-out" / "gpu")
-    ap.add_argument("--cpu-workers", default=f"4,{os.cpu_count() or 1}", help="thread counts tried for the CPU path (the fastest is reported)")
-    ap.add_argument("--gpu-workers", default="4", help="thread counts tried for the GPU path (the fastest is reported)")
-    ap.add_argument("--repeat", type=int, default=1, help="runs per path; the best is reported")
+    ap.add_argument("--cpu-workers", default=f"4,{os.cpu_count() or 1}",
+                    help="thread counts for the CPU path, each measured (the scaling table); the ratio uses the fastest median")
+    ap.add_argument("--gpu-workers", default="4", help="thread counts for the GPU path (the ratio uses the fastest median)")
+    ap.add_argument("--rounds", "--repeat", type=int, default=3,
+                    help="alternating rounds: each round runs every path once; medians with min-max ranges")
     ap.add_argument("--out", type=Path, default=None, help="write the figures here (JSON)")
     args = ap.parse_args()
 
@@ -139,51 +152,71 @@ def main() -> None:
     if gpu is None:
         sys.exit("no CUDA device: this benchmark compares the GPU path with the CPU path")
     cores = os.cpu_count() or 1
+    paths = [("cpu", int(w)) for w in args.cpu_workers.split(",")] + [("cuda", int(w)) for w in args.gpu_workers.split(",")]
     rows = []
     for spec in args.sets.split(","):
         data = generate(args.data, spec)
         files = input_files(data)
         size = sum(f.stat().st_size for f in files)
         read_rate(files, cores)  # bring everything into the page cache
-        cache = {"1 thread": read_rate(files, 1), f"{cores} threads": read_rate(files, cores)}
         for method in args.methods.split(","):
             work = args.work / f"{spec.replace(':', '-')}-{method}"
             work.mkdir(parents=True, exist_ok=True)
             recipe = work / "recipe.yaml"
             write_recipe(recipe, method, data)
-            runs = {}
-            for device, counts in (("cpu", args.cpu_workers), ("cuda", args.gpu_workers)):
-                tries = []
-                for workers in map(int, counts.split(",")):
-                    for _ in range(args.repeat):
-                        r = run_build(recipe, work / f"{device}.zarr", device, workers)
-                        r.update(workers=workers, gb_s=size / r["wall_s"] / 1e9, merge_gb_s=size / r["merge_s"] / 1e9)
-                        print(f"{spec} {method} {device} -j{workers}: {r['wall_s']:.1f}s wall, merge {r['merge_s']:.1f}s\n  "
-                              f"{r['output']}", file=sys.stderr, flush=True)
-                        tries.append(r)
-                runs[device] = min(tries, key=lambda r: r["wall_s"])
-                runs[device]["tries"] = [(t["workers"], t["wall_s"], t["merge_s"]) for t in tries]
-                if tries[-1] is not runs[device]:  # the store compared below is the fastest run's
-                    run_build(recipe, work / f"{device}.zarr", device, runs[device]["workers"])
-            same = store_digest(work / "cpu.zarr") == store_digest(work / "cuda.zarr")
-            rows.append({"set": spec, "method": method, "input_gb": size / 1e9, "page_cache_gb_s": cache,
-                         "cpu": runs["cpu"], "cuda": runs["cuda"], "identical": same})
-    print(f"\n{gpu}, {cores} cores\n")
+            runs: dict = {p: [] for p in paths}
+            cache: dict = {"1 thread": [], f"{cores} threads": []}
+            # Round by round, every path once (and the page-cache floor), so that drift on a
+            # shared machine spreads over all of them instead of favouring whichever ran first.
+            for rnd in range(args.rounds):
+                cache["1 thread"].append(read_rate(files, 1))
+                cache[f"{cores} threads"].append(read_rate(files, cores))
+                for device, workers in paths:
+                    r = run_build(recipe, work / f"{device}-{workers}.zarr", device, workers)
+                    runs[(device, workers)].append(r)
+                    print(f"{spec} {method} round {rnd} {device} -j{workers}: {r['wall_s']:.1f}s wall, merge {r['merge_s']:.1f}s\n  "
+                          f"{r['output']}", file=sys.stderr, flush=True)
+            digests = {p: store_digest(work / f"{p[0]}-{p[1]}.zarr") for p in paths}
+            per_path = {}
+            for (device, workers), rs in runs.items():
+                wall, merge = stats([r["wall_s"] for r in rs]), stats([r["merge_s"] for r in rs])
+                per_path[f"{device}-j{workers}"] = {"device": device, "workers": workers, "wall_s": wall, "merge_s": merge,
+                                                    "gb_s": stats([size / r["wall_s"] / 1e9 for r in rs]),
+                                                    "merge_gb_s": stats([size / r["merge_s"] / 1e9 for r in rs])}
+            best = {d: min((v for v in per_path.values() if v["device"] == d), key=lambda v: v["wall_s"]["median"])
+                    for d in ("cpu", "cuda")}
+            # per round, the fastest CPU thread count's time over the GPU's: a ratio of same-round runs
+            ci, gi = (paths.index((best[d]["device"], best[d]["workers"])) for d in ("cpu", "cuda"))
+            ratio_whole = stats([runs[paths[ci]][i]["wall_s"] / runs[paths[gi]][i]["wall_s"] for i in range(args.rounds)])
+            ratio_merge = stats([runs[paths[ci]][i]["merge_s"] / runs[paths[gi]][i]["merge_s"] for i in range(args.rounds)])
+            rows.append({"set": spec, "method": method, "input_gb": size / 1e9,
+                         "page_cache_gb_s": {k: stats(v) for k, v in cache.items()}, "paths": per_path,
+                         "best": {d: f"{v['device']}-j{v['workers']}" for d, v in best.items()},
+                         "gpu_over_cpu_whole": ratio_whole, "gpu_over_cpu_merge": ratio_merge,
+                         "identical": len(set(digests.values())) == 1})
+    print(f"\n{gpu}, {cores} cores; {args.rounds} alternating rounds, median (min-max)\n")
     print("input GB/s = input bytes / time; 'whole' is the command's wall time, 'merge' the build's own (no interpreter,")
-    print("imports or planning).\n")
-    print("| set | method | input GB | page cache GB/s (1 thread / all) | CPU path GB/s, whole / merge | "
-          "GPU path GB/s, whole / merge | GPU / CPU, whole / merge | same bytes |")
-    print("|---|---|---:|---:|---:|---:|---:|---|")
+    print("imports or planning). GPU / CPU: the fastest CPU thread count against the GPU path, per round.\n")
+    print("| set | method | input GB | page cache GB/s, 1 thread / all | CPU path GB/s, whole / merge | "
+          "GPU path GB/s, whole / merge | GPU / CPU, whole / merge | GPU merge / all-thread read | same bytes |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
         c1, call = r["page_cache_gb_s"].values()
-        cpu, gpu = r["cpu"], r["cuda"]
-        print(f"| {r['set']} | {r['method']} | {r['input_gb']:.2f} | {c1:.1f} / {call:.1f} | "
-              f"{cpu['gb_s']:.2f} / {cpu['merge_gb_s']:.2f} (-j{cpu['workers']}) | "
-              f"{gpu['gb_s']:.2f} / {gpu['merge_gb_s']:.2f} (-j{gpu['workers']}) | "
-              f"{cpu['wall_s'] / gpu['wall_s']:.1f}x / {cpu['merge_s'] / gpu['merge_s']:.1f}x | "
+        cpu, cuda = (r["paths"][r["best"][d]] for d in ("cpu", "cuda"))
+        share = cuda["merge_gb_s"]["median"] / call["median"]
+        print(f"| {r['set']} | {r['method']} | {r['input_gb']:.2f} | {fmt(c1, '{:.1f}')} / {fmt(call, '{:.1f}')} | "
+              f"{fmt(cpu['gb_s'])} / {fmt(cpu['merge_gb_s'])} (-j{cpu['workers']}) | "
+              f"{fmt(cuda['gb_s'])} / {fmt(cuda['merge_gb_s'])} (-j{cuda['workers']}) | "
+              f"{fmt(r['gpu_over_cpu_whole'], '{:.1f}x')} / {fmt(r['gpu_over_cpu_merge'], '{:.1f}x')} | {share:.0%} | "
               f"{'yes' if r['identical'] else 'NO'} |")
+    print("\nCPU path scaling (input GB/s of the whole command, median (min-max)):\n")
+    counts = [w for d, w in paths if d == "cpu"]
+    print("| set | method | " + " | ".join(f"-j{w}" for w in counts) + " |")
+    print("|---|---|" + "---:|" * len(counts))
+    for r in rows:
+        print(f"| {r['set']} | {r['method']} | " + " | ".join(fmt(r["paths"][f"cpu-j{w}"]["gb_s"]) for w in counts) + " |")
     if args.out:
-        args.out.write_text(json.dumps({"gpu": gpu, "cores": cores, "rows": rows}, indent=1))
+        args.out.write_text(json.dumps({"gpu": gpu, "cores": cores, "rounds": args.rounds, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":
