@@ -428,6 +428,110 @@ def test_sparse_blob_rejects_malformed():
         apply_sparse(np.zeros(5, np.float32), good_v1)
 
 
+def _int8_reference(val):
+    """(scales, codes, per-value scales, decoded) of values in groups of 64, group by group from
+    the documented formulas: scale = absmax / 127 and q = round-half-even(v / scale), in float32;
+    decoded = bf16(scale * q)."""
+    val = np.asarray(val, np.float32)
+    scales, codes = [], []
+    for g0 in range(0, val.size, 64):
+        grp = val[g0 : g0 + 64]
+        s = np.float32(np.abs(grp).max()) / np.float32(127)
+        q = np.zeros(grp.size, np.int64) if s == 0 else np.array([round(float(x / s)) for x in grp], np.int64)
+        scales.append(s)
+        codes.append(q)
+    scales = np.asarray(scales, np.float32)
+    q = np.concatenate(codes) if codes else np.zeros(0, np.int64)
+    per_value = np.repeat(scales, 64)[: val.size]
+    return scales, q, per_value, bf16_round(per_value * q.astype(np.float32))
+
+
+@pytest.mark.parametrize("size,count", [(1000, 0), (1000, 1), (1000, 63), (1000, 64), (1000, 65), (1000, 500), (1000, 1000), (13, 5)])
+def test_sparse_blob_int8_roundtrip(size, count):
+    """value_bits 8: the header's value code 2, float32 scales (absmax / 127 per 64 values in
+    offset order) then int8 codes within scale / 2 of each value; decoded as bf16(scale * q)."""
+    rng = np.random.default_rng(size + count)
+    off = np.sort(rng.choice(size, count, replace=False))
+    # magnitudes that differ by orders between groups (task-vector deltas are small), a zero group
+    val = (rng.standard_normal(count) * 10.0 ** rng.integers(-7, 1, size=count)).astype(np.float32)
+    val[64:128] = 0
+    blob = encode_sparse(off, val, size, value_bits=8)
+    mask_bytes, off_bytes, groups = -(-size // 8), 4 * count, -(-count // 64)
+    layout = 1 if mask_bytes < off_bytes else 0
+    assert len(blob) == 20 + min(mask_bytes, off_bytes) + 4 * groups + count
+    assert struct.unpack("<4sHHIHHI", blob[:20]) == (b"SMSP", 2, 2, count, layout, 0, size)
+    assert blob[20 : 20 + min(mask_bytes, off_bytes)] == encode_sparse(off, val, size)[20 : 20 + min(mask_bytes, off_bytes)]
+    at = 20 + min(mask_bytes, off_bytes)
+    scales = np.frombuffer(blob, "<f4", groups, at)
+    q = np.frombuffer(blob, np.int8, count, at + 4 * groups).astype(np.int64)
+    ref_scales, ref_q, per_value, ref_decoded = _int8_reference(val)
+    np.testing.assert_array_equal(scales, ref_scales)
+    np.testing.assert_array_equal(q, ref_q)
+    # round to nearest: within half a step of the value
+    assert np.all(np.abs(per_value.astype(np.float64) * q - val) <= per_value.astype(np.float64) / 2 * (1 + 1e-6))
+    assert np.all(np.abs(q) <= 127)
+    o, v = decode_sparse(blob, size=size)
+    assert o.dtype == np.int64 and v.dtype == np.float32
+    np.testing.assert_array_equal(o, off)
+    np.testing.assert_array_equal(v, bf16_round(per_value * q.astype(np.float32)))
+    np.testing.assert_array_equal(v, bf16_round(v))  # bf16 numbers, as every reader keeps them
+    np.testing.assert_array_equal(v, ref_decoded)
+    # error per value: half a step, then the bf16 rounding of the product
+    assert np.all(np.abs(v - val) <= per_value / 2 * (1 + 1e-6) + np.abs(v) * 2**-8)
+    assert sparse.sparse_count(blob) == count
+    blk = np.ones((size,), np.float32)
+    apply_sparse(blk, blob, 0.5)
+    np.testing.assert_array_equal(blk, np.ones(size, np.float32) + _dense_of(off, v, size) * np.float32(0.5))
+
+
+def test_sparse_blob_bf16_unchanged_by_value_bits():
+    """value_bits 16 (the default) writes the bf16 blob of before: value code 1, 2 bytes a value."""
+    rng = np.random.default_rng(5)
+    off = np.sort(rng.choice(500, 200, replace=False))
+    val = rng.standard_normal(200).astype(np.float32)
+    blob = encode_sparse(off, val, 500)
+    assert encode_sparse(off, val, 500, value_bits=16) == blob
+    mask = np.zeros(500, bool)
+    mask[off] = True
+    want = struct.pack("<4sHHIHHI", b"SMSP", 2, 1, 200, 1, 0, 500) + np.packbits(mask, bitorder="little").tobytes()
+    assert blob == want + bf16_bits(val).tobytes()
+
+
+def test_sparse_blob_int8_rejects_malformed():
+    off, val = np.array([1, 5, 9]), np.array([0.5, -1.0, 0.25], np.float32)
+    good = encode_sparse(off, val, 100, value_bits=8)  # offsets layout: 20 + 12 + 4 + 3 bytes
+    assert len(good) == 39 and decode_sparse(good)[0].tolist() == [1, 5, 9]
+    pos = np.array([1, 5, 9], "<i4").tobytes()
+    codes = np.array([64, -127, 32], np.int8).tobytes()
+
+    def blob(scale, q=codes, count=3):
+        return _blob_v2(count, 0, 100, pos, np.array([scale], "<f4").tobytes() + q, code=2)
+
+    assert blob(1 / 127) == good[:32] + np.array([1 / 127], "<f4").tobytes() + codes
+    bad = [
+        good[:-1],  # a code short
+        good + b"\0",
+        _blob_v2(3, 0, 100, pos, bf16_bits(val).tobytes(), code=2),  # the bf16 size (2 bytes a value) under code 2
+        blob(float("nan")),
+        blob(float("inf")),
+        blob(-1.0),
+        blob(1.0, q=np.array([64, -128, 32], np.int8).tobytes()),  # -128 is no code
+        blob(3e38),  # 127 * 3e38 overflows float32 / bfloat16
+        _blob_v2(4, 0, 100, pos, np.array([1.0], "<f4").tobytes() + codes),  # count 4: a byte short
+        struct.pack("<4sHHI", b"SMSP", 1, 2, 3) + pos + np.array([1.0], "<f4").tobytes() + codes,  # code 2 in version 1
+        _blob_v2(3, 0, 100, pos, np.array([1.0], "<f4").tobytes() + codes, code=3),
+    ]
+    for i, b in enumerate(bad):
+        with pytest.raises(ValueError):
+            decode_sparse(b)
+            pytest.fail(f"bad blob {i} decoded")
+    with pytest.raises(ValueError, match="value_bits"):
+        encode_sparse(off, val, 100, value_bits=4)
+    for x in (np.nan, np.inf):
+        with pytest.raises(ValueError, match="finite"):
+            encode_sparse(off, np.array([0.5, x, 0.25], np.float32), 100, value_bits=8)
+
+
 @pytest.mark.parametrize(
     "shape,rho,brs",
     [((50, 40), 0.1, (1, 7, 50)), ((333,), 0.05, (1, 8, 100, 333)), ((720, 800), 0.1, (97, 720))],
@@ -511,6 +615,41 @@ def test_mediator_experts_brute_force(dense_dtype):
         d = np.abs(theta - Dq.reshape(-1)[off])
         err = np.abs(rec.reshape(-1)[off] - theta)
         assert np.all(err <= d * 2**-8 + np.abs(theta) * 2**-23)  # bf16 rounding of S_t, then a float32 add
+
+
+def test_mediator_experts_int8_brute_force():
+    """value_bits 8: the same top-rho entries as bf16, their values in int8 groups of 64 running
+    within each row block (a blob), so D + S_t is the reference quantised block by block; fewer
+    bytes than bf16."""
+    shape = (60, 24)
+    _, models = family(shape, n=3, seed=12, ties=False)
+    models = [bf16_round(m) for m in models]
+    D = ((models[0] + models[1]).astype(np.float32) + models[2]).astype(np.float32) / np.float32(3)
+    Dq = bf16_round(D)
+    tasks = ["chat", "math", "code"]
+    rho = 0.5
+    k = int(rho * D.size)
+    m8 = mediator_expert_method(tasks, rho, dense_dtype="bfloat16", value_bits=8)
+    m16 = mediator_expert_method(tasks, rho, dense_dtype="bfloat16")
+    for br in (1, 9, 60):
+        _, res = run(m8, shape, None, models, br)
+        _, res16 = run(m16, shape, None, models, br)
+        for t, task in enumerate(tasks):
+            diff = (models[t] - Dq).astype(np.float32).reshape(-1)
+            idx = topk_ref(diff, k)
+            want = Dq.copy().reshape(-1)
+            for r0 in range(0, shape[0], br):
+                sel = idx[(idx >= r0 * 24) & (idx < min(shape[0], r0 + br) * 24)]
+                want[sel] += _int8_reference(diff[sel])[3]
+            got = np.concatenate([expert_block(Dq[r0:r1], [r[task]]).reshape(-1) for r0, r1, r in res])
+            np.testing.assert_array_equal(got, want)
+            # theta_t back on the kept entries within half a step (<= max |diff| / 254) and roundings
+            assert np.abs(got[idx] - models[t].reshape(-1)[idx]).max() <= np.abs(diff).max() / 127
+            b8 = sum(len(r[task]) for _, _, r in res)
+            b16 = sum(len(r[task]) for _, _, r in res16)
+            assert b8 < (0.7 if br == 60 else 1) * b16, (b8, b16)  # one-row blobs: the header weighs
+    with pytest.raises(ValueError, match="value_bits"):
+        mediator_expert_method(tasks, rho, value_bits=4)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -189,8 +189,9 @@ def test_mediator_experts(shape, dense_dtype, data, device):
     _, models = family(shape, 3, seed=11, data=data)  # 3 tasks: D divides by 3
     rows = shape[0] if shape else 1
     for rho in (0.1, 0.001, 1.0):
-        m = mediator_expert_method(["chat", "math", "code"], rho, dense_dtype=dense_dtype)
-        check_method(m, None, models, [None, 7, max(1, rows // 4)], device)
+        for value_bits in (16, 8):  # bf16 values, int8 groups
+            m = mediator_expert_method(["chat", "math", "code"], rho, dense_dtype=dense_dtype, value_bits=value_bits)
+            check_method(m, None, models, [None, 7, max(1, rows // 4)], device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,6 +207,7 @@ def test_kernels_pickle():
         onebit_encode_method(["a", "b"], precisions, shape=shape),
         onebit_fallback_method(["a", "b"], precisions, shape=shape),
         mediator_expert_method(["a", "b"], 0.2, dense_dtype="bfloat16"),
+        mediator_expert_method(["a", "b"], 0.2, dense_dtype="bfloat16", value_bits=8),
     ):
         want = device_path(method, base, models, 5, "cpu")
         for kernel in (cloudpickle.loads(cloudpickle.dumps(method)).kernel, pickle.loads(pickle.dumps(method.kernel))):

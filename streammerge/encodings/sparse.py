@@ -5,7 +5,7 @@ Blob layout, version 2 (one row block; everything little-endian):
     offset  size     field
     0       4        magic b"SMSP"
     4       2        version (uint16) = 2
-    6       2        value code (uint16): 1 = bfloat16
+    6       2        value code (uint16): 1 = bfloat16, 2 = int8 groups
     8       4        count c (uint32)
     12      2        layout (uint16): 0 = offsets, 1 = bitmask
     14      2        reserved (uint16) = 0
@@ -15,15 +15,27 @@ Blob layout, version 2 (one row block; everything little-endian):
                                 (rows, *shape[1:])), strictly increasing, each in [0, n)
                        bitmask  ceil(n / 8) bytes: bit i (np.packbits, little bit order) set iff
                                 flat offset i is kept; exactly c bits set, none past n
-    ...     2c       bfloat16 values (round to nearest even from float32), in offset order
+    ...     ...      the values, in offset order, by value code:
+                       1 bfloat16  2c bytes: bf16 values (round to nearest even from float32)
+                       2 int8      4g bytes: float32 scales, g = ceil(c / 64), one per group of
+                                   GROUP = 64 consecutive values (the last group: the rest);
+                                   then c bytes: int8 codes q in [-127, 127]
+
+int8 groups (`value_bits` 8, like GGML's Q8_0 with a float32 scale: 8.5 bits a value): a group's
+scale is absmax(group) / 127 and q = round-half-even(v / scale) (0 where the scale is 0), both
+in float32, so |scale * q - v| <= scale / 2. A float32 scale, not float16: task-vector deltas
+are often below float16's normal range. Decoding gives bf16(scale * q) (the float32 product,
+rounded to nearest even), so the decoded values of both codes are bf16 numbers: every reader (the
+export, routing/encoded.py's SparseDelta, the server) holds them as bf16, exactly.
 
 The encoder picks the smaller layout: the bitmask when ceil(n / 8) < 4c (a density above about
-1/32), else the offsets (ties go to the offsets), so a blob is 20 + min(4c, ceil(n / 8)) + 2c
-bytes (the bitmask halves, or better, the bytes of an expert at rho 0.1 and above); an empty
-selection is the 20-byte header. The flat index of an entry in the tensor is Block.start + offset.
+1/32), else the offsets (ties go to the offsets), so a blob is 20 + min(4c, ceil(n / 8)) + V
+bytes, V = 2c (bf16) or 4 ceil(c / 64) + c (int8) (the bitmask halves, or better, the bytes of
+an expert at rho 0.1 and above); an empty selection is the 20-byte header. The flat index of an
+entry in the tensor is Block.start + offset.
 
 Version 1 blobs (stores written before the bitmask) still decode: a 12-byte header (magic,
-version = 1, value code, count), then 4c bytes of int32 offsets and 2c bytes of bf16 values; they
+version = 1, value code = 1, count), then 4c bytes of int32 offsets and 2c bytes of bf16 values; they
 do not record n, so only a caller's `size` bounds their offsets.
 
 Selection (the "top-rho" of a tensor): exactly k = int(rho * n) entries of the whole tensor, the
@@ -49,6 +61,9 @@ from ..methods.base import Output
 MAGIC = b"SMSP"
 VERSION = 2
 VALUE_BF16 = 1
+VALUE_INT8 = 2
+VALUE_CODES = {16: VALUE_BF16, 8: VALUE_INT8}  # value_bits -> value code
+GROUP = 64  # int8 values per float32 scale
 LAYOUT_OFFSETS = 0
 LAYOUT_BITMASK = 1
 _HEADER = struct.Struct("<4sHHIHHI")  # magic, version, value code, count, layout, reserved, n
@@ -74,11 +89,39 @@ def choose_layout(count: int, size: int) -> int:
     return LAYOUT_BITMASK if bitmask_bytes(size) < 4 * count else LAYOUT_OFFSETS
 
 
-def encode_sparse(offsets, values_f32, size: int) -> bytes:
-    """One row block's entries as a blob (see the module docstring); values rounded to bf16.
+def value_bytes(code: int, count: int) -> int:
+    """Bytes of `count` values under value `code`."""
+    return 2 * count if code == VALUE_BF16 else 4 * -(-count // GROUP) + count
+
+
+def quantize_int8(values_f32) -> tuple[np.ndarray, np.ndarray]:
+    """(float32 scales, int8 codes) of finite values, by groups of GROUP (the module docstring)."""
+    val = np.asarray(values_f32, dtype=np.float32)
+    if not np.isfinite(val).all():
+        raise ValueError("int8 sparse values must be finite")
+    grid = np.zeros(-(-val.size // GROUP) * GROUP, np.float32)
+    grid[: val.size] = val
+    grid = grid.reshape(-1, GROUP)
+    scale = np.abs(grid).max(axis=1) / np.float32(127)  # the padding's zeros change no absmax
+    q = np.rint(grid / np.where(scale > 0, scale, np.float32(1))[:, None])
+    return scale, np.clip(q, -127, 127).astype(np.int8).reshape(-1)[: val.size]
+
+
+def dequantize_int8(scale: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """bf16(scale * q) as float32: the values an int8 blob decodes to."""
+    v = np.repeat(scale.astype(np.float32), GROUP)[: codes.size] * codes.astype(np.float32)
+    return v.astype(_BF16).astype(np.float32)
+
+
+def encode_sparse(offsets, values_f32, size: int, value_bits: int = 16) -> bytes:
+    """One row block's entries as a blob (see the module docstring); values rounded to bf16
+    (`value_bits` 16) or to int8 groups (8).
 
     `size` is the block's element count: offsets must lie in [0, size); it picks the layout.
     """
+    if value_bits not in VALUE_CODES:
+        raise ValueError(f"value_bits must be 16 or 8, got {value_bits!r}")
+    code = VALUE_CODES[value_bits]
     off = np.asarray(offsets)
     val = np.asarray(values_f32)
     if off.ndim != 1 or val.ndim != 1 or off.shape != val.shape:
@@ -95,15 +138,17 @@ def encode_sparse(offsets, values_f32, size: int) -> bytes:
         if off.size > 1 and not np.all(off[1:] > off[:-1]):
             raise ValueError("offsets must be strictly increasing")
     layout = choose_layout(off.size, size)
-    head = _HEADER.pack(MAGIC, VERSION, VALUE_BF16, int(off.size), layout, 0, size)
+    head = _HEADER.pack(MAGIC, VERSION, code, int(off.size), layout, 0, size)
     if layout == LAYOUT_BITMASK:
         mask = np.zeros(size, dtype=bool)
         mask[off] = True
         pos = np.packbits(mask, bitorder="little").tobytes()
     else:
         pos = off.astype("<i4").tobytes()
-    v = val.astype(np.float32, copy=False).astype(_BF16).view("<u2").tobytes()
-    return head + pos + v
+    if code == VALUE_BF16:
+        return head + pos + val.astype(np.float32, copy=False).astype(_BF16).view("<u2").tobytes()
+    scale, q = quantize_int8(val)
+    return head + pos + scale.astype("<f4").tobytes() + q.tobytes()
 
 
 def sparse_count(blob) -> int:
@@ -111,9 +156,9 @@ def sparse_count(blob) -> int:
     return _header(blob)[0]
 
 
-def _header(blob) -> tuple[int, int, int | None, int]:
-    """(count, layout, block elements or None for version 1, header size) after checking the
-    header and that the blob has exactly the bytes it announces."""
+def _header(blob) -> tuple[int, int, int | None, int, int]:
+    """(count, layout, block elements or None for version 1, header size, value code) after
+    checking the header and that the blob has exactly the bytes it announces."""
     if not isinstance(blob, (bytes, bytearray, memoryview)):
         raise ValueError(f"a sparse blob must be bytes, got {type(blob).__name__}")
     mv = memoryview(blob)
@@ -124,8 +169,8 @@ def _header(blob) -> tuple[int, int, int | None, int]:
         raise ValueError(f"not a sparse blob (magic {magic!r}, expected {MAGIC!r})")
     if version not in (1, VERSION):
         raise ValueError(f"sparse blob version {version} is not supported (1 or {VERSION})")
-    if code != VALUE_BF16:
-        raise ValueError(f"sparse blob value code {code} is not supported (1 = bfloat16)")
+    if code not in (VALUE_BF16, VALUE_INT8) or (version == 1 and code != VALUE_BF16):
+        raise ValueError(f"sparse blob value code {code} is not supported (1 = bfloat16, 2 = int8 groups in version 2)")
     if version == 1:
         layout, size, head = LAYOUT_OFFSETS, None, HEADER_SIZE_V1
     else:
@@ -142,10 +187,10 @@ def _header(blob) -> tuple[int, int, int | None, int]:
             raise ValueError(f"sparse blob has {count} entries in a block of {size} elements")
         head = HEADER_SIZE
     positions = bitmask_bytes(size) if layout == LAYOUT_BITMASK else 4 * count
-    want = head + positions + 2 * count
+    want = head + positions + value_bytes(code, count)
     if mv.nbytes != want:
         raise ValueError(f"sparse blob of {mv.nbytes} bytes, its header says {count} entries ({want} bytes)")
-    return count, layout, size, head
+    return count, layout, size, head, code
 
 
 def decode_sparse(blob, size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -154,9 +199,10 @@ def decode_sparse(blob, size: int | None = None) -> tuple[np.ndarray, np.ndarray
 
     Raises ValueError for anything malformed: short or long data, bad magic, version, value
     code, layout or reserved field; negative, unsorted or repeated offsets, offsets outside the
-    block; a bitmask whose set bits are not exactly the count or that sets bits past the block.
+    block; a bitmask whose set bits are not exactly the count or that sets bits past the block;
+    int8 groups with a negative or non-finite scale, a code of -128 or values past bf16's range.
     """
-    count, layout, stored, head = _header(blob)
+    count, layout, stored, head, code = _header(blob)
     if stored is not None and size is not None and stored != size:
         raise ValueError(f"sparse blob is for a block of {stored} elements, not {size}")
     bound = stored if stored is not None else size
@@ -180,9 +226,28 @@ def decode_sparse(blob, size: int | None = None) -> tuple[np.ndarray, np.ndarray
             if bound is not None and off[-1] >= bound:
                 raise ValueError(f"sparse blob offset {off[-1]} is outside a block of {bound} elements")
         pos_bytes = 4 * count
-    raw = np.frombuffer(buf, dtype="<u2", count=count, offset=head + pos_bytes)
-    val = raw.astype(np.uint16).view(_BF16).astype(np.float32)
+    at = head + pos_bytes
+    if code == VALUE_BF16:
+        val = np.frombuffer(buf, dtype="<u2", count=count, offset=at).astype(np.uint16).view(_BF16).astype(np.float32)
+    else:
+        val = _int8_values(buf, at, count)
     return off.astype(np.int64, copy=False), val
+
+
+def _int8_values(buf: bytes, at: int, count: int) -> np.ndarray:
+    """The int8 groups' decoded values (bf16 numbers, as float32) at byte `at` of a blob."""
+    groups = -(-count // GROUP)
+    scale = np.frombuffer(buf, dtype="<f4", count=groups, offset=at).astype(np.float32)
+    if not (np.isfinite(scale).all() and (scale >= 0).all()):
+        raise ValueError("sparse blob has a negative or non-finite int8 group scale")
+    q = np.frombuffer(buf, dtype=np.int8, count=count, offset=at + 4 * groups)
+    if (q == -128).any():
+        raise ValueError("sparse blob has an int8 code of -128 (codes are within [-127, 127])")
+    with np.errstate(over="ignore"):
+        val = dequantize_int8(scale, q)
+    if not np.isfinite(val).all():
+        raise ValueError("sparse blob int8 values overflow bfloat16")
+    return val
 
 
 def apply_sparse(block2d: np.ndarray, blob, scale: float = 1.0) -> np.ndarray:
@@ -240,18 +305,25 @@ def expert_block(dense_block: np.ndarray, blobs: Sequence[bytes], weights: Seque
 
 
 __all__ = [
+    "GROUP",
     "HEADER_SIZE",
     "LAYOUT_BITMASK",
     "LAYOUT_OFFSETS",
     "MAGIC",
+    "VALUE_BF16",
+    "VALUE_CODES",
+    "VALUE_INT8",
     "VERSION",
     "apply_sparse",
     "bitmask_bytes",
     "choose_layout",
     "decode_sparse",
+    "dequantize_int8",
     "encode_sparse",
     "expert_block",
     "expert_outputs",
+    "quantize_int8",
     "sparse_count",
     "top_rho_k",
+    "value_bytes",
 ]

@@ -44,7 +44,7 @@ class Param:
     scope: Literal["global", "model"] = "global"
     min: float | None = None
     max: float | None = None
-    choices: tuple[str, ...] | None = None
+    choices: tuple | None = None  # the values accepted (str, or int/float kinds: within min/max too)
     help: str = ""
     # A value `streammerge methods NAME` puts in its example recipe (None: the default, if any).
     example: Any = None
@@ -57,6 +57,8 @@ class Param:
             return "true/false"
         if self.kind is str:
             return "|".join(self.choices) if self.choices else "text"
+        if self.choices:
+            return "|".join(f"{c:g}" for c in self.choices)
         lo, hi = (None if b is None else f"{b:g}" for b in (self.min, self.max))
         if lo is not None and hi is not None:
             return f"[{lo}, {hi}]"
@@ -83,6 +85,8 @@ class Param:
                 raise ValueError(f"must be >= {self.min}, got {value}")
             if self.max is not None and value > self.max:
                 raise ValueError(f"must be <= {self.max}, got {value}")
+            if self.choices is not None and value not in self.choices:
+                raise ValueError(f"must be one of {', '.join(f'{c:g}' for c in self.choices)}, got {value:g}")
             return value
         if self.kind is str:
             if not isinstance(value, str):

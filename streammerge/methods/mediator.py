@@ -44,6 +44,13 @@ register(
                 help="also route the tensors outside the layers (embeddings, lm_head, final norm) through D + sparse experts",
             ),
             Param("rho", float, 0.1, min=0, max=1, help="density of each sparse expert: top-rho of (theta_t - dense expert)"),
+            Param(
+                "value_bits",
+                int,
+                16,
+                choices=(16, 8),
+                help="bits per stored sparse-expert value: 16 = bf16, 8 = int8 with a float32 scale per 64 values (about half the bytes)",
+            ),
             Param("eta", float, 0.5, min=0, max=1, help="inference: normalised-entropy threshold between top-1 and weighted routing"),
             Param("top_m", int, 0, min=0, help="inference: experts merged when uncertain (0: all)"),
             Param("average", str, "mean", choices=("mean", "task_arithmetic", "ties"), help="how layers that are not routed are averaged"),
@@ -62,9 +69,10 @@ _tls = threading.local()
 
 
 class _Experts:
-    def __init__(self, tasks: list[str], rho: float, dense_dtype: str | None):
+    def __init__(self, tasks: list[str], rho: float, dense_dtype: str | None, value_bits: int):
         self.tasks = tasks
         self.rho = float(rho)
+        self.value_bits = value_bits
         self.dense = None if dense_dtype is None else float_type(dense_dtype)
         self.tk = TopK("experts.topk", self._values, self._plan)
 
@@ -112,27 +120,30 @@ class _Experts:
                 return np.subtract(mt[c0:c1], D[c0:c1], out=scratch("sp.diff", c1 - c0))
 
             off, val = select_block(block, self.tk, params, stats, t, diff)
-            out[task] = sparse.encode_sparse(off, val, mt.size)
+            out[task] = sparse.encode_sparse(off, val, mt.size, self.value_bits)
         _tls.mean = None
         return out
 
 
-def mediator_expert_method(tasks: Sequence[str], rho: float, dense_dtype: str | None = None) -> MergeMethod:
+def mediator_expert_method(tasks: Sequence[str], rho: float, dense_dtype: str | None = None, value_bits: int = 16) -> MergeMethod:
     """Mediator's per-task sparse experts of one routed tensor: merge returns {task: blob}.
 
     Block.models are the N fine-tunes in task order (the base is not used). D is computed per
     block as in the merged model's "mean" job; with `dense_dtype` (e.g. "bfloat16", the dtype
     the dense expert is stored in) D is rounded to it first, so that the stored D plus S_t gives
-    theta_t back on the selected entries up to the bf16 rounding of S_t alone.
+    theta_t back on the selected entries up to the rounding of S_t's values alone (bf16, or int8
+    groups with `value_bits` 8: encodings/sparse.py).
     """
     tasks = sparse.check_tasks(tasks)
     if not 0 <= rho <= 1:
         raise ValueError(f"rho must be within [0, 1], got {rho}")
-    ex = _Experts(tasks, rho, dense_dtype)
+    if value_bits not in sparse.VALUE_CODES:
+        raise ValueError(f"value_bits must be 16 or 8, got {value_bits!r}")
+    ex = _Experts(tasks, rho, dense_dtype, value_bits)
     return MergeMethod(
         name="mediator.experts",
         merge=ex.merge,
-        kernel=functools.partial(mediator_experts, ex.tasks, ex.rho, None if ex.dense is None else ex.dense.name),
+        kernel=functools.partial(mediator_experts, ex.tasks, ex.rho, None if ex.dense is None else ex.dense.name, value_bits),
         base="unused",
         passes=ex.tk.passes,
         summary="Mediator sparse experts: top-rho of (theta_t - mean), per task, as sparse blobs",

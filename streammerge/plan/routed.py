@@ -81,6 +81,7 @@ def mediator_decision(summary: dict, g: dict, tasks: list[str]) -> dict:
         "score": score_key,
         "route_outside": g["route_outside"],
         "rho": g["rho"],
+        "value_bits": g["value_bits"],
         "eta": g["eta"],
         "top_m": g["top_m"],
         "average": g["average"],
@@ -133,8 +134,8 @@ def mediator_jobs(plan: Plan, decision: dict) -> list[TensorJob]:
         if is_routed:  # the merged model holds the dense expert; the experts stage adds S_t beside it
             jobs.append(replace(j, method=MEAN, base=None, stage="merge", key="", outputs=None))
             # S_t is taken against the dense expert as stored (rounded to the output dtype), so
-            # that D + S_t reproduces theta_t on the kept entries up to the values' bf16 rounding.
-            experts = mediator_expert_method(tasks, g["rho"], dense_dtype=j.dtype)
+            # that D + S_t reproduces theta_t on the kept entries up to the values' rounding.
+            experts = mediator_expert_method(tasks, g["rho"], dense_dtype=j.dtype, value_bits=g["value_bits"])
             jobs.append(
                 replace(j, method=experts, base=None, stage="experts", key=f"experts/{j.name}", outputs=expert_outputs(tasks))
             )
