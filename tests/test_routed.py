@@ -167,6 +167,63 @@ def test_mediator_route_outside_routes_embeddings(family, tmp_path):
     assert storage["total_bytes"] > json.loads((tmp_path / "med2.zarr" / "storage.json").read_text())["total_bytes"]
 
 
+def int8_groups(values: torch.Tensor) -> torch.Tensor:
+    """Values (float32, in offset order) quantised in groups of 64 as documented: scale =
+    absmax / 127, q = round-half-even(v / scale) (0 where the scale is 0), bf16(scale * q)."""
+    out = torch.zeros_like(values)
+    for g0 in range(0, values.numel(), 64):
+        v = values[g0 : g0 + 64]
+        scale = v.abs().max() / torch.tensor(127, dtype=torch.float32)
+        q = torch.round(v / scale) if scale > 0 else torch.zeros_like(v)
+        out[g0 : g0 + 64] = (scale * q).to(torch.bfloat16).float()
+    return out
+
+
+def test_mediator_int8_values_export_and_storage(family, tmp_path):
+    """value_bits 8: each task export is D + dequantised(top-rho(theta_t - D)), the int8 groups
+    running over each stored row block's kept entries; the store is smaller than with bf16
+    values, and `build` prints the smaller share."""
+    from streammerge.store.store import Store
+
+    base, fts, b, fs = family
+    shares = {}
+    for bits in (16, 8):
+        r = write_recipe(tmp_path / f"r{bits}.yaml", recipe("mediator", base, fts, route=2, rho=0.5, route_outside=True, value_bits=bits))
+        out = run("build", r, "--store", tmp_path / f"med{bits}.zarr", "--block-elements", "1000")
+        shares[bits] = float(re.search(r"= ([0-9.]+)% of full routing", out).group(1))
+    store = tmp_path / "med8.zarr"
+    assert json.loads((store / "method.json").read_text())["value_bits"] == 8
+    bad = write_recipe(tmp_path / "bad.yaml", recipe("mediator", base, fts, value_bits=12))
+    out = run("build", bad, "--store", tmp_path / "bad.zarr", expect=1)
+    assert out.startswith("error: ") and "value_bits" in out and "16, 8" in out and len(out.strip().splitlines()) == 1, out
+    s8, s16 = (json.loads((tmp_path / f"med{bits}.zarr" / "storage.json").read_text()) for bits in (8, 16))
+    assert s8["share_of_full_routing"] < s16["share_of_full_routing"] and shares[8] < shares[16]
+    for c8, c16 in zip(s8["components"][1:], s16["components"][1:]):  # the experts: about 0.6 of the bytes
+        assert c8["bytes"] < 0.7 * c16["bytes"], (c8, c16)
+
+    run("export", store, tmp_path / "math", "--variant", "task:math")
+    math = load_model_tensors(tmp_path / "math")
+    jobs = {j["name"]: j for j in Store.open(store).jobs if j["stage"] == "experts"}
+    assert any(LAYER.search(n) for n in jobs) and any(not LAYER.search(n) for n in jobs)
+    differ = 0
+    for name, job in jobs.items():
+        D = ((fs[0][name].float() + fs[1][name].float() + fs[2][name].float()) / 3).to(torch.bfloat16).float()
+        delta = (fs[1][name].float() - D).flatten()
+        idx = topk_by_magnitude(delta, int(0.5 * delta.numel())).nonzero().flatten()
+        per_block = job["block_rows"] * (delta.numel() // job["shape"][0])
+        sparse = torch.zeros_like(delta)
+        for b0 in range(0, delta.numel(), per_block):
+            sel = idx[(idx >= b0) & (idx < b0 + per_block)]
+            sparse[sel] = int8_groups(delta[sel])
+        want = (D.flatten() + sparse).to(torch.bfloat16).reshape(D.shape)
+        assert torch.equal(math[name], want), name
+        # the int8 values, not the bf16 experts' (the same after the export's rounding on small tensors)
+        bf16_sparse = torch.zeros_like(delta)
+        bf16_sparse[idx] = delta[idx].to(torch.bfloat16).float()
+        differ += not torch.equal(math[name].flatten(), (D.flatten() + bf16_sparse).to(torch.bfloat16))
+    assert differ >= len(jobs) // 2, (differ, len(jobs))
+
+
 @pytest.mark.parametrize("preset", ["uniform", "paper", "auto"])
 def test_onebit_task_export_equals_formula(family, tmp_path, preset):
     base, fts, b, fs = family

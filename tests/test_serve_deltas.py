@@ -54,6 +54,8 @@ def stores(tmp_path_factory):
         # two routed layers plus embeddings / lm_head / final norm
         "mediator": build("med", "qwen", "mediator", route=2, rho=0.1, route_outside=True),
         "mediator-tied": build("medt", "tied", "mediator", route=1, rho=0.2, route_outside=True),
+        # int8 expert values (groups of 64 with a float32 scale), decoded to bf16 like the export
+        "mediator-int8": build("med8", "qwen", "mediator", route=2, rho=0.5, route_outside=True, value_bits=8),
         "1bit": build("bit", "qwen", "1bit", preset="uniform", **{"lambda": 0.8}),
         "1bit-l0": build("bit0", "qwen", "1bit", preset="uniform", **{"lambda": 0.0}),
         "1bit-paper": build("bitp", "tied", "1bit", preset="paper", granularity="row", **{"lambda": 0.5}),
@@ -185,7 +187,7 @@ def row_logits(model, ids):
         return model(input_ids=ids.unsqueeze(0)).logits[0]
 
 
-@pytest.mark.parametrize("which", ["mediator", "mediator-tied"])
+@pytest.mark.parametrize("which", ["mediator", "mediator-tied", "mediator-int8"])
 def test_mediator_mixed_batch_equals_exports(stores, tmp_path_factory, which):
     store, root = stores[which], tmp_path_factory.mktemp("exp")
     rt, model = runtime(store)
@@ -278,7 +280,7 @@ def synth_base(store):
     return AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
 
 
-@pytest.mark.parametrize("which", ["mediator", "1bit"])
+@pytest.mark.parametrize("which", ["mediator", "mediator-int8", "1bit"])
 def test_greedy_generation_equals_exported_task_model(stores, tmp_path_factory, which):
     """model.generate over a batch whose rows are forced to different tasks: each row's tokens
     are the exported task model's greedy tokens for that row alone."""

@@ -134,10 +134,14 @@ def merges(full: bool = True) -> list[Merge]:
             (8, 0.4, outside), (8, 0.5, outside),
             # issue #21, <= 60 % of full routing's storage: fewer layers (the highest-conflict
             # ones) routed at a higher rho instead of every layer at rho 0.3
-            (6, 0.4, outside), (5, 0.5, outside), (4, 0.5, outside)] if full else [(0.5, 0.1, {})]
+            (6, 0.4, outside), (5, 0.5, outside), (4, 0.5, outside),
+            # the same: 8-bit expert values (int8, a float32 scale per 64 values) at about half
+            # the experts' bytes of bf16 values
+            (8, 0.5, {"value_bits": 8}), (8, 0.5, {**outside, "value_bits": 8}), (8, 0.6, {"value_bits": 8})] if full else [(0.5, 0.1, {})]
+    tags = {"route_outside": ("-outside", ", routed outside"), "value_bits": ("-int8", ", int8 values")}
     for route, rho, extra in meds:
-        tag = "".join("-outside" if k == "route_outside" else f"-{v}" for k, v in extra.items())
-        label = "".join(", routed outside" if k == "route_outside" else f", {k} {v}" for k, v in extra.items())
+        tag = "".join(tags[k][0] if k in tags else f"-{v}" for k, v in extra.items())
+        label = "".join(tags[k][1] if k in tags else f", {k} {v}" for k, v in extra.items())
         out.append(Merge(f"mediator-{route:g}-{rho:g}{tag}", "mediator", "mediator", f"route {route:g}, rho {rho:g}{label}",
                          params={"route": route, "rho": rho, **extra}))
     return out
