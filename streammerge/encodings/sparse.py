@@ -26,7 +26,9 @@ scale is absmax(group) / 127 and q = round-half-even(v / scale) (0 where the sca
 in float32, so |scale * q - v| <= scale / 2. A float32 scale, not float16: task-vector deltas
 are often below float16's normal range. Decoding gives bf16(scale * q) (the float32 product,
 rounded to nearest even), so the decoded values of both codes are bf16 numbers: every reader (the
-export, routing/encoded.py's SparseDelta, the server) holds them as bf16, exactly.
+export, routing/encoded.py's SparseDelta, the server) holds them as bf16, exactly. The groups run
+within a blob, so int8 values (not the selection) depend on the store's row blocks; a store keeps
+its blocking when resumed, and the device path cuts the same blocks.
 
 The encoder picks the smaller layout: the bitmask when ceil(n / 8) < 4c (a density above about
 1/32), else the offsets (ties go to the offsets), so a blob is 20 + min(4c, ceil(n / 8)) + V
