@@ -80,13 +80,51 @@ def exported(store, variant, root):
     return _exports[key]
 
 
-def runtime(store, memory_budget=None):
+def runtime(store, memory_budget=None, fused=False):
+    """The runtime on CPU, float32; fused: every routed Linear through the fused product (forced
+    on CPU, a budget that holds every stack)."""
     from streammerge.routing.runtime import load_merged_model, open_routing_store
     from streammerge.routing.deltas import DeltaRuntime
 
     s, method = open_routing_store(store)
     model, _ = load_merged_model(s, torch.device("cpu"), torch.float32)
-    return DeltaRuntime(model, s, method, torch.device("cpu"), torch.float32, memory_budget), model
+    rt = DeltaRuntime(model, s, method, torch.device("cpu"), torch.float32, 1 << 34 if fused else memory_budget)
+    if fused:
+        rt.fused = "always"
+    return rt, model
+
+
+def stack_bytes(rt, model, store):
+    """What the fused stacks of every routed Linear take, counted from the store's encodings:
+    per Linear (1 + its terms) copies of its weight and bias, a term per task (Mediator) or per
+    task decision with a delta there (1bit), in the model's dtype."""
+    from streammerge.routing.deltas import DeltaLinear
+
+    total = 0
+    for module in rt._patched:
+        if isinstance(module.forward, DeltaLinear) and "weight" in module.forward.tensors:
+            w = module.forward.tensors["weight"]
+            terms = len(TASKS) if rt.kind == "mediator" else sum(w.has_delta(("task", t)) for t in TASKS)
+            if terms:
+                own = sum(t.numel() * t.element_size() for t in (module.weight, module.bias) if t is not None)
+                total += (1 + terms) * own
+    return total
+
+
+def unfused_logits(store, decisions, ids):
+    """The per-term path's logits (no budget: nothing cached, nothing fused)."""
+    rt, model = runtime(store)
+    rt.set_rows(decisions)
+    with torch.inference_mode():
+        return model(input_ids=ids).logits
+
+
+def assert_fused(rt, model, store, got, decisions, ids):
+    """The fused product ran for every routed Linear (its stacks are what the cache holds) and
+    gives the per-term path's logits."""
+    assert rt.resident_bytes()["cache"] == stack_bytes(rt, model, store) > 0
+    want = unfused_logits(store, decisions, ids)
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (got - want).abs().max()
 
 
 def assert_close(got, want, what):
@@ -185,10 +223,11 @@ def row_logits(model, ids):
         return model(input_ids=ids.unsqueeze(0)).logits[0]
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["per-term", "fused"])
 @pytest.mark.parametrize("which", ["mediator", "mediator-tied"])
-def test_mediator_mixed_batch_equals_exports(stores, tmp_path_factory, which):
+def test_mediator_mixed_batch_equals_exports(stores, tmp_path_factory, which, fused):
     store, root = stores[which], tmp_path_factory.mktemp("exp")
-    rt, model = runtime(store)
+    rt, model = runtime(store, fused=fused)
     mix = Decision("mix", (("chat", 0.5), ("code", 0.3), ("math", 0.2)))
     decisions = [forced("math", TASKS), STATIC, forced("chat", TASKS), mix, forced("code", TASKS), forced("math", TASKS)]
     ids = batch_ids(len(decisions))
@@ -208,17 +247,23 @@ def test_mediator_mixed_batch_equals_exports(stores, tmp_path_factory, which):
         assert_exact(got[b], row_logits(unrounded(store, d.task, root), ids[b]), (b, d.key))
     # the deltas matter: a task row is far from the static model's logits
     assert (got[0] - row_logits(refs["static"], ids[0])).abs().max() > 100 * max(errs[0], 1e-6)
-    # static rows run the merged model exactly (no delta added)
-    assert torch.equal(got[1], row_logits(refs["static"], ids[1]))
+    # static rows run the merged model exactly (no delta added); fused: its block of the stacked
+    # product, times 1, plus the terms' times 0
+    if not fused:
+        assert torch.equal(got[1], row_logits(refs["static"], ids[1]))
+    else:
+        assert_exact(got[1], row_logits(refs["static"], ids[1]), "static")
+        assert_fused(rt, model, store, got, decisions, ids)
     # route_outside: embeddings and lm_head are routed, their forward replaced
     patched = {type(m.forward).__name__ for m in rt._patched}
     assert {"DeltaLinear", "DeltaEmbedding", "DeltaGrouped"} <= patched, patched
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["per-term", "fused"])
 @pytest.mark.parametrize("which", ["1bit", "1bit-l0", "1bit-paper", "1bit-group", "1bit-l1"])
-def test_onebit_mixed_batch_equals_exports(stores, tmp_path_factory, which):
+def test_onebit_mixed_batch_equals_exports(stores, tmp_path_factory, which, fused):
     store, root = stores[which], tmp_path_factory.mktemp("exp")
-    rt, model = runtime(store)
+    rt, model = runtime(store, fused=fused)
     decisions = [forced("code", TASKS), STATIC, forced("chat", TASKS), forced("math", TASKS), forced("code", TASKS)]
     ids = batch_ids(len(decisions), seed=1)
     rt.set_rows(decisions)
@@ -230,9 +275,15 @@ def test_onebit_mixed_batch_equals_exports(stores, tmp_path_factory, which):
         assert_exact(got[b], row_logits(unrounded(store, d.task, root), ids[b]), (b, d.key))
     if which == "1bit-l0":  # lambda 0: the static model is theta_0 itself, no delta
         base = synth_base(store)
-        assert torch.equal(got[1], row_logits(base, ids[1]))
+        (assert_exact if fused else _assert_equal)(got[1], row_logits(base, ids[1]), "static")
+    if fused:
+        assert_fused(rt, model, store, got, decisions, ids)
     with pytest.raises(Exception, match="top-1 only"):
         rt.set_rows([Decision("mix", (("chat", 0.5), ("math", 0.5)))])
+
+
+def _assert_equal(got, want, what):
+    assert torch.equal(got, want), what
 
 
 def test_onebit_static_weights_are_the_merge_computed_at_load(stores, tmp_path_factory):
