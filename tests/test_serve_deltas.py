@@ -431,6 +431,56 @@ def test_cache_within_budget_gives_the_same_logits(stores, which):
         assert torch.allclose(m(input_ids=ids).logits, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("which", ["mediator", "1bit-l1"])
+def test_fused_stacks_only_within_the_budget(stores, which):
+    """A stack is built only where it fits what the model and the encodings leave of the budget
+    (in module order); the other Linears keep the per-term path; the logits are the same."""
+    from streammerge.routing.deltas import DeltaLinear
+
+    store = stores[which]
+    mix = Decision("mix", (("chat", 0.5), ("math", 0.5)))
+    decisions = [forced("math", TASKS), STATIC, forced("chat", TASKS), forced("code", TASKS)]
+    if which == "mediator":
+        decisions.append(mix)
+    ids = batch_ids(len(decisions), seed=6)
+    want = unfused_logits(store, decisions, ids)
+    rt, model = runtime(store)
+    weights = sum(rt.resident_bytes().values())
+    full = stack_bytes(rt, model, store)
+    first = next(m for m in rt._patched if isinstance(m.forward, DeltaLinear) and m.forward.tensors["weight"].stack_keys())
+    one = (1 + len(first.forward.tensors["weight"].stack_keys())) * sum(
+        t.numel() * t.element_size() for t in (first.weight, first.bias) if t is not None)
+    # no stack fits, the first one only, all of them
+    for budget, stacked in ((weights + 1, 0), (weights + one, one), (weights + full, full)):
+        rt.set_memory_budget(budget)
+        rt.fused = "always"
+        rt.set_rows(decisions)
+        with torch.inference_mode():
+            got = model(input_ids=ids).logits
+        used = rt.resident_bytes()
+        assert sum(used.values()) <= budget and used["cache"] == stacked, (budget, used, stacked)
+        assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (budget, (got - want).abs().max())
+    rt.fused = "never"  # the stacks are dropped, the cache gets the budget back
+    assert rt.resident_bytes()["cache"] == 0 and rt.cache.budget == full
+    with pytest.raises(Exception, match="fused mode 'sometimes'"):
+        rt.fused = "sometimes"
+
+
+def test_fused_policy_is_cuda_and_few_tokens(stores):
+    """"auto": fused on CUDA for at most FUSED_MAX_TOKENS tokens (decoding steps), never on
+    CPU, where a budget caches decoded terms instead and no stack is built."""
+    from streammerge.routing.deltas import FUSED_MAX_TOKENS, fused_pays
+
+    assert fused_pays(torch.device("cuda"), 32) and fused_pays("cuda:0", FUSED_MAX_TOKENS)
+    assert not fused_pays("cuda", FUSED_MAX_TOKENS + 1) and not fused_pays("cpu", 1)
+    rt, model = runtime(stores["mediator"], memory_budget=1 << 34)
+    assert rt.fused == "auto"
+    rt.set_rows([forced("math", TASKS), STATIC])
+    with torch.inference_mode():
+        model(input_ids=batch_ids(2))
+    assert not rt._stacks and rt.resident_bytes()["cache"] > 0  # the CSR terms, cached
+
+
 def test_compact_sparse_decodes_like_the_numpy_decoder(stores):
     """The resident CSR form gives back the store's entries (whichever position layout each
     blob has, bitmask or offsets; 2-D and 1-D tensors): dense, rows, CSR and its product, in
@@ -537,25 +587,30 @@ def test_bf16_compute_follows_the_float32_path(stores, which):
         rt32.set_rows([STATIC])
         static = m32(input_ids=ids).logits
     effect = (want[[0, 2]] - static[[0, 2]]).abs().max()  # what the task rows' deltas change
-    for budget in (None, 1 << 34):
+    for budget, fused in ((None, "auto"), (1 << 34, "auto"), (1 << 34, "always")):
         model, _ = load_merged_model(s, torch.device("cpu"), torch.bfloat16)
         rt = DeltaRuntime(model, s, method, torch.device("cpu"), torch.bfloat16, budget)
+        rt.fused = fused
         rt.set_rows(decisions)
         with torch.inference_mode():
             got = model(input_ids=ids).logits.float()
         err = (got - want).abs().max()
-        assert err <= want.abs().max() / 32 and err < effect / 2, (budget, err, effect)
+        assert err <= want.abs().max() / 32 and err < effect / 2, (budget, fused, err, effect)
+        assert bool(rt._stacks) == (fused == "always")
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["per-term", "fused"])
 @pytest.mark.parametrize("which", ["mediator", "1bit"])
-def test_runner_keeps_decisions_contiguous_and_answers_unchanged(stores, which):
+def test_runner_keeps_decisions_contiguous_and_answers_unchanged(stores, which, fused):
     """The serving runner sorts its batch by decision as rows join (so the routed layers slice
     each decision's run of rows); rows leave and join again; every request's greedy tokens are
-    those it gets decoded alone."""
+    those it gets decoded alone (fused: the rows' coefficients follow the batch as it changes)."""
     from streammerge.serve.runner import ModelRunner
     from streammerge.serve.scheduler import Request, Sampling
 
-    runner = ModelRunner.from_store(stores[which], device="cpu", dtype="float32")
+    runner = ModelRunner.from_store(stores[which], device="cpu", dtype="float32", memory_budget=(1 << 34) if fused else None)
+    if fused:
+        runner.runtime.fused = "always"
     targets = [("task", "math"), ("static",), ("task", "chat"), ("task", "math"), ("task", "code"), ("static",), ("task", "chat")]
     g = torch.Generator().manual_seed(11)
 
@@ -591,3 +646,4 @@ def test_runner_keeps_decisions_contiguous_and_answers_unchanged(stores, which):
         alone = decode_all([[r]], 4 if r in reqs[:4] else 3)
         runner.remove([r])
         assert alone[r.id] == together[r.id], (r.target, alone[r.id], together[r.id])
+    assert bool(runner.runtime._stacks) == fused

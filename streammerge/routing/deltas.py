@@ -67,9 +67,22 @@ cache), the decoded form of a term is kept, least recently used first out, in wh
 and the encodings leave: Mediator the float32 CSR matrix of S_t; 1bit a task decision's full
 weight M + Delta_k of each Linear, so that its rows run one product with it, as the weight swap
 does, instead of shared + delta (in the compute dtype: on bf16 that is the export's rounding).
-(Mediator's full weights D + S_k instead were measured no faster for a decoding step, with 5x
-the cache: not kept.) Without a budget nothing is cached: resident weights are the model plus
-the encodings. resident_bytes() reports the three.
+(Mediator's full weights D + S_k instead were measured no faster for a decoding step on CPU,
+with 5x the cache: not kept.) Without a budget nothing is cached (and nothing fused): resident
+weights are the model plus the encodings. resident_bytes() reports the three (the fused stacks
+under "cache").
+
+Fused products (DeltaLinear._fused): on CUDA, for a batch of at most FUSED_MAX_TOKENS tokens
+(decoding steps), a routed Linear whose stack fits the budget runs in two kernels whatever the
+batch's decisions: y_all = x [W; W_1; ...; W_K]^T, the shared weight stacked with its K terms
+(Mediator: every task's S_t, dense; 1bit: each task decision's Delta_k), then
+y[b] = sum_j P[b, j] y_all[b, j] with one coefficient row per batch row, built once per row plan:
+P[b, 0] = 1, P[b, 1 + j] = the row's weight of term j (1 top-1, p_t a mix, 0 STATIC). The stacks
+are built on first use, in the model's dtype (on bf16 each term is rounded once, as the export
+rounds its weights; so are a mix's p_t), and take their share of the budget before the cache,
+Linear by Linear in module order while they fit; the others, long prefills and CPU keep the
+per-term products. `rt.fused = "always"` forces the fused product on any device and batch
+(tests), "never" turns it off; see FUSED_MAX_TOKENS for the policy.
 
 Exactness: `export --variant task:k` rounds W = D + S_k (1bit: theta_0 + tau_hat_k + lambda *
 TIES) to the store's dtype once; the delta path computes x D^T + x S_k^T in float32 without that
@@ -647,7 +660,8 @@ class DeltaRuntime:
 
     Interface for serving (stable): __init__(model, store, method, device, dtype,
     memory_budget=None), set_rows(decisions), resident_bytes(), tasks, close(), and
-    set_memory_budget(bytes) to change the budget later (no second runtime needed).
+    set_memory_budget(bytes) to change the budget later (no second runtime needed); `fused`
+    ("auto" | "always" | "never") picks when routed Linears run the fused product.
     """
 
     def __init__(self, model, store, method: dict, device, dtype, memory_budget: int | None = None):
