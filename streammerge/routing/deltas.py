@@ -543,8 +543,10 @@ class DeltaLinear(_Routed):
         m = self.module
         keys, wcat, bcat = self.rt.stack(m, self.tensors["weight"])
         p = self.rt.coefficients(keys, terms, x.shape[0], wcat.dtype)
-        y = torch.nn.functional.linear(x, wcat, bcat).view(x.shape[0], -1, len(keys) + 1, m.out_features)
-        return torch.matmul(p.view(x.shape[0], 1, 1, -1), y).view(*x.shape[:-1], m.out_features)
+        y = torch.nn.functional.linear(x, wcat, bcat).view(-1, len(keys) + 1, m.out_features)
+        if y.shape[0] != p.shape[0]:  # several tokens a row: each token takes its row's coefficients
+            p = p.repeat_interleave(y.shape[0] // p.shape[0], dim=0)
+        return torch.bmm(p.unsqueeze(1), y).view(*x.shape[:-1], m.out_features)
 
     def _full_weights(self, x, w, terms):
         """Each term's rows with its decision's full (cached) weight, the other rows with the
@@ -589,12 +591,7 @@ class DeltaGrouped(_Routed):
         self._check(x.shape[0])
         out = None
         for decision, rows in self.rt.groups(x.shape[0]):
-            params = {}
-            for attr, t in self.tensors.items():
-                d = self.rt.small_delta(t, decision)
-                if d is not None:
-                    base = getattr(self.module, attr)
-                    params[attr] = (base.float() + d.view(base.shape)).to(base.dtype)
+            params = self.rt.small_params(self.module, self.tensors, decision)
             if not params and rows is None:
                 return self.forward(self.module, x, *args, **kwargs)
             shadow = _with_params(self.module, params)
@@ -902,6 +899,20 @@ class DeltaRuntime:
             weights = None if all(w == 1.0 for w in ws) else torch.tensor(ws, dtype=torch.float32, device=self.device)
             out.append((task, rows, weights))
         return out
+
+    def small_params(self, module, tensors: dict, decision: Decision) -> dict:
+        """{attribute: the module's tensor + the decision's delta} of its routed small tensors
+        (those with a delta), in the module's dtype (cached with the plan)."""
+        key = ("params", id(module), decision.key)
+        if key not in self._plan:
+            params = {}
+            for attr, t in tensors.items():
+                d = self.small_delta(t, decision)
+                if d is not None:
+                    base = getattr(module, attr)
+                    params[attr] = (base.float() + d.view(base.shape)).to(base.dtype)
+            self._plan[key] = params
+        return self._plan[key]
 
     def small_delta(self, tensor, decision: Decision):
         """A small routed tensor's delta for a decision (cached with the plan), or None."""
