@@ -82,13 +82,51 @@ def exported(store, variant, root):
     return _exports[key]
 
 
-def runtime(store, memory_budget=None):
+def runtime(store, memory_budget=None, fused=False):
+    """The runtime on CPU, float32; fused: every routed Linear through the fused product (forced
+    on CPU, a budget that holds every stack)."""
     from streammerge.routing.runtime import load_merged_model, open_routing_store
     from streammerge.routing.deltas import DeltaRuntime
 
     s, method = open_routing_store(store)
     model, _ = load_merged_model(s, torch.device("cpu"), torch.float32)
-    return DeltaRuntime(model, s, method, torch.device("cpu"), torch.float32, memory_budget), model
+    rt = DeltaRuntime(model, s, method, torch.device("cpu"), torch.float32, 1 << 34 if fused else memory_budget)
+    if fused:
+        rt.fused = "always"
+    return rt, model
+
+
+def stack_bytes(rt, model, store):
+    """What the fused stacks of every routed Linear take, counted from the store's encodings:
+    per Linear (1 + its terms) copies of its weight and bias, a term per task (Mediator) or per
+    task decision with a delta there (1bit), in the model's dtype."""
+    from streammerge.routing.deltas import DeltaLinear
+
+    total = 0
+    for module in rt._patched:
+        if isinstance(module.forward, DeltaLinear) and "weight" in module.forward.tensors:
+            w = module.forward.tensors["weight"]
+            terms = len(TASKS) if rt.kind == "mediator" else sum(w.has_delta(("task", t)) for t in TASKS)
+            if terms:
+                own = sum(t.numel() * t.element_size() for t in (module.weight, module.bias) if t is not None)
+                total += (1 + terms) * own
+    return total
+
+
+def unfused_logits(store, decisions, ids):
+    """The per-term path's logits (no budget: nothing cached, nothing fused)."""
+    rt, model = runtime(store)
+    rt.set_rows(decisions)
+    with torch.inference_mode():
+        return model(input_ids=ids).logits
+
+
+def assert_fused(rt, model, store, got, decisions, ids):
+    """The fused product ran for every routed Linear (its stacks are what the cache holds) and
+    gives the per-term path's logits."""
+    assert rt.resident_bytes()["cache"] == stack_bytes(rt, model, store) > 0
+    want = unfused_logits(store, decisions, ids)
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (got - want).abs().max()
 
 
 def assert_close(got, want, what):
@@ -187,10 +225,11 @@ def row_logits(model, ids):
         return model(input_ids=ids.unsqueeze(0)).logits[0]
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["per-term", "fused"])
 @pytest.mark.parametrize("which", ["mediator", "mediator-tied", "mediator-int8"])
-def test_mediator_mixed_batch_equals_exports(stores, tmp_path_factory, which):
+def test_mediator_mixed_batch_equals_exports(stores, tmp_path_factory, which, fused):
     store, root = stores[which], tmp_path_factory.mktemp("exp")
-    rt, model = runtime(store)
+    rt, model = runtime(store, fused=fused)
     mix = Decision("mix", (("chat", 0.5), ("code", 0.3), ("math", 0.2)))
     decisions = [forced("math", TASKS), STATIC, forced("chat", TASKS), mix, forced("code", TASKS), forced("math", TASKS)]
     ids = batch_ids(len(decisions))
@@ -210,17 +249,23 @@ def test_mediator_mixed_batch_equals_exports(stores, tmp_path_factory, which):
         assert_exact(got[b], row_logits(unrounded(store, d.task, root), ids[b]), (b, d.key))
     # the deltas matter: a task row is far from the static model's logits
     assert (got[0] - row_logits(refs["static"], ids[0])).abs().max() > 100 * max(errs[0], 1e-6)
-    # static rows run the merged model exactly (no delta added)
-    assert torch.equal(got[1], row_logits(refs["static"], ids[1]))
+    # static rows run the merged model exactly (no delta added); fused: its block of the stacked
+    # product, times 1, plus the terms' times 0
+    if not fused:
+        assert torch.equal(got[1], row_logits(refs["static"], ids[1]))
+    else:
+        assert_exact(got[1], row_logits(refs["static"], ids[1]), "static")
+        assert_fused(rt, model, store, got, decisions, ids)
     # route_outside: embeddings and lm_head are routed, their forward replaced
     patched = {type(m.forward).__name__ for m in rt._patched}
     assert {"DeltaLinear", "DeltaEmbedding", "DeltaGrouped"} <= patched, patched
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["per-term", "fused"])
 @pytest.mark.parametrize("which", ["1bit", "1bit-l0", "1bit-paper", "1bit-group", "1bit-l1"])
-def test_onebit_mixed_batch_equals_exports(stores, tmp_path_factory, which):
+def test_onebit_mixed_batch_equals_exports(stores, tmp_path_factory, which, fused):
     store, root = stores[which], tmp_path_factory.mktemp("exp")
-    rt, model = runtime(store)
+    rt, model = runtime(store, fused=fused)
     decisions = [forced("code", TASKS), STATIC, forced("chat", TASKS), forced("math", TASKS), forced("code", TASKS)]
     ids = batch_ids(len(decisions), seed=1)
     rt.set_rows(decisions)
@@ -232,9 +277,15 @@ def test_onebit_mixed_batch_equals_exports(stores, tmp_path_factory, which):
         assert_exact(got[b], row_logits(unrounded(store, d.task, root), ids[b]), (b, d.key))
     if which == "1bit-l0":  # lambda 0: the static model is theta_0 itself, no delta
         base = synth_base(store)
-        assert torch.equal(got[1], row_logits(base, ids[1]))
+        (assert_exact if fused else _assert_equal)(got[1], row_logits(base, ids[1]), "static")
+    if fused:
+        assert_fused(rt, model, store, got, decisions, ids)
     with pytest.raises(Exception, match="top-1 only"):
         rt.set_rows([Decision("mix", (("chat", 0.5), ("math", 0.5)))])
+
+
+def _assert_equal(got, want, what):
+    assert torch.equal(got, want), what
 
 
 def test_onebit_static_weights_are_the_merge_computed_at_load(stores, tmp_path_factory):
@@ -382,6 +433,56 @@ def test_cache_within_budget_gives_the_same_logits(stores, which):
         assert torch.allclose(m(input_ids=ids).logits, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("which", ["mediator", "1bit-l1"])
+def test_fused_stacks_only_within_the_budget(stores, which):
+    """A stack is built only where it fits what the model and the encodings leave of the budget
+    (in module order); the other Linears keep the per-term path; the logits are the same."""
+    from streammerge.routing.deltas import DeltaLinear
+
+    store = stores[which]
+    mix = Decision("mix", (("chat", 0.5), ("math", 0.5)))
+    decisions = [forced("math", TASKS), STATIC, forced("chat", TASKS), forced("code", TASKS)]
+    if which == "mediator":
+        decisions.append(mix)
+    ids = batch_ids(len(decisions), seed=6)
+    want = unfused_logits(store, decisions, ids)
+    rt, model = runtime(store)
+    weights = sum(rt.resident_bytes().values())
+    full = stack_bytes(rt, model, store)
+    first = next(m for m in rt._patched if isinstance(m.forward, DeltaLinear) and m.forward.tensors["weight"].stack_keys())
+    one = (1 + len(first.forward.tensors["weight"].stack_keys())) * sum(
+        t.numel() * t.element_size() for t in (first.weight, first.bias) if t is not None)
+    # no stack fits, the first one only, all of them
+    for budget, stacked in ((weights + 1, 0), (weights + one, one), (weights + full, full)):
+        rt.set_memory_budget(budget)
+        rt.fused = "always"
+        rt.set_rows(decisions)
+        with torch.inference_mode():
+            got = model(input_ids=ids).logits
+        used = rt.resident_bytes()
+        assert sum(used.values()) <= budget and used["cache"] == stacked, (budget, used, stacked)
+        assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (budget, (got - want).abs().max())
+    rt.fused = "never"  # the stacks are dropped, the cache gets the budget back
+    assert rt.resident_bytes()["cache"] == 0 and rt.cache.budget == full
+    with pytest.raises(Exception, match="fused mode 'sometimes'"):
+        rt.fused = "sometimes"
+
+
+def test_fused_policy_is_cuda_and_few_tokens(stores):
+    """"auto": fused on CUDA for at most FUSED_MAX_TOKENS tokens (decoding steps), never on
+    CPU, where a budget caches decoded terms instead and no stack is built."""
+    from streammerge.routing.deltas import FUSED_MAX_TOKENS, fused_pays
+
+    assert fused_pays(torch.device("cuda"), 32) and fused_pays("cuda:0", FUSED_MAX_TOKENS)
+    assert not fused_pays("cuda", FUSED_MAX_TOKENS + 1) and not fused_pays("cpu", 1)
+    rt, model = runtime(stores["mediator"], memory_budget=1 << 34)
+    assert rt.fused == "auto"
+    rt.set_rows([forced("math", TASKS), STATIC])
+    with torch.inference_mode():
+        model(input_ids=batch_ids(2))
+    assert not rt._stacks and rt.resident_bytes()["cache"] > 0  # the CSR terms, cached
+
+
 def test_compact_sparse_decodes_like_the_numpy_decoder(stores):
     """The resident CSR form gives back the store's entries (whichever position layout each
     blob has, bitmask or offsets; 2-D and 1-D tensors): dense, rows, CSR and its product, in
@@ -488,25 +589,30 @@ def test_bf16_compute_follows_the_float32_path(stores, which):
         rt32.set_rows([STATIC])
         static = m32(input_ids=ids).logits
     effect = (want[[0, 2]] - static[[0, 2]]).abs().max()  # what the task rows' deltas change
-    for budget in (None, 1 << 34):
+    for budget, fused in ((None, "auto"), (1 << 34, "auto"), (1 << 34, "always")):
         model, _ = load_merged_model(s, torch.device("cpu"), torch.bfloat16)
         rt = DeltaRuntime(model, s, method, torch.device("cpu"), torch.bfloat16, budget)
+        rt.fused = fused
         rt.set_rows(decisions)
         with torch.inference_mode():
             got = model(input_ids=ids).logits.float()
         err = (got - want).abs().max()
-        assert err <= want.abs().max() / 32 and err < effect / 2, (budget, err, effect)
+        assert err <= want.abs().max() / 32 and err < effect / 2, (budget, fused, err, effect)
+        assert bool(rt._stacks) == (fused == "always")
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["per-term", "fused"])
 @pytest.mark.parametrize("which", ["mediator", "1bit"])
-def test_runner_keeps_decisions_contiguous_and_answers_unchanged(stores, which):
+def test_runner_keeps_decisions_contiguous_and_answers_unchanged(stores, which, fused):
     """The serving runner sorts its batch by decision as rows join (so the routed layers slice
     each decision's run of rows); rows leave and join again; every request's greedy tokens are
-    those it gets decoded alone."""
+    those it gets decoded alone (fused: the rows' coefficients follow the batch as it changes)."""
     from streammerge.serve.runner import ModelRunner
     from streammerge.serve.scheduler import Request, Sampling
 
-    runner = ModelRunner.from_store(stores[which], device="cpu", dtype="float32")
+    runner = ModelRunner.from_store(stores[which], device="cpu", dtype="float32", memory_budget=(1 << 34) if fused else None)
+    if fused:
+        runner.runtime.fused = "always"
     targets = [("task", "math"), ("static",), ("task", "chat"), ("task", "math"), ("task", "code"), ("static",), ("task", "chat")]
     g = torch.Generator().manual_seed(11)
 
@@ -542,3 +648,4 @@ def test_runner_keeps_decisions_contiguous_and_answers_unchanged(stores, which):
         alone = decode_all([[r]], 4 if r in reqs[:4] else 3)
         runner.remove([r])
         assert alone[r.id] == together[r.id], (r.target, alone[r.id], together[r.id])
+    assert bool(runner.runtime._stacks) == fused

@@ -67,9 +67,22 @@ cache), the decoded form of a term is kept, least recently used first out, in wh
 and the encodings leave: Mediator the float32 CSR matrix of S_t; 1bit a task decision's full
 weight M + Delta_k of each Linear, so that its rows run one product with it, as the weight swap
 does, instead of shared + delta (in the compute dtype: on bf16 that is the export's rounding).
-(Mediator's full weights D + S_k instead were measured no faster for a decoding step, with 5x
-the cache: not kept.) Without a budget nothing is cached: resident weights are the model plus
-the encodings. resident_bytes() reports the three.
+(Mediator's full weights D + S_k instead were measured no faster for a decoding step on CPU,
+with 5x the cache: not kept.) Without a budget nothing is cached (and nothing fused): resident
+weights are the model plus the encodings. resident_bytes() reports the three (the fused stacks
+under "cache").
+
+Fused products (DeltaLinear._fused): on CUDA, for a batch of at most FUSED_MAX_TOKENS tokens
+(decoding steps), a routed Linear whose stack fits the budget runs in two kernels whatever the
+batch's decisions: y_all = x [W; W_1; ...; W_K]^T, the shared weight stacked with its K terms
+(Mediator: every task's S_t, dense; 1bit: each task decision's Delta_k), then
+y[b] = sum_j P[b, j] y_all[b, j] with one coefficient row per batch row, built once per row plan:
+P[b, 0] = 1, P[b, 1 + j] = the row's weight of term j (1 top-1, p_t a mix, 0 STATIC). The stacks
+are built on first use, in the model's dtype (on bf16 each term is rounded once, as the export
+rounds its weights; so are a mix's p_t), and take their share of the budget before the cache,
+Linear by Linear in module order while they fit; the others, long prefills and CPU keep the
+per-term products. `rt.fused = "always"` forces the fused product on any device and batch
+(tests), "never" turns it off; see FUSED_MAX_TOKENS for the policy.
 
 Exactness: `export --variant task:k` rounds W = D + S_k (1bit: theta_0 + tau_hat_k + lambda *
 TIES) to the store's dtype once; the delta path computes x D^T + x S_k^T in float32 without that
@@ -99,6 +112,23 @@ from .runtime import require_torch
 # (the export's numpy block functions), <= EXACT_ATOL (measured: 4e-7).
 EXPORT_REL = 1 / 64
 EXACT_ATOL = 1e-5
+
+
+# The fused product (DeltaLinear._fused) computes every routed Linear of a batch in one matmul
+# with the shared weight and the K stacked terms, then one contraction with each row's
+# coefficients: (K + 1)x the FLOPs and weight reads of the shared product, for 2 kernels instead
+# of ~5 per term (gather, cast, sparse product, scale, scatter-add) on top of the shared one. It
+# pays where a step's time is launches, not arithmetic: on a GPU, for a batch of few tokens
+# (decoding steps; up to this many tokens, rows x sequence). Long prefills keep the per-term
+# path, whose extra FLOPs are the terms' nonzeros only. On CPU each term's product is
+# arithmetic-bound already (see the table above): the per-term path stays.
+FUSED_MAX_TOKENS = 128
+
+
+def fused_pays(device, tokens: int) -> bool:
+    """The "auto" policy of the fused product: CUDA, at most FUSED_MAX_TOKENS tokens."""
+    torch, _ = require_torch()
+    return torch.device(device).type == "cuda" and tokens <= FUSED_MAX_TOKENS
 
 
 _TABLES: dict = {}
@@ -256,6 +286,14 @@ class MediatorTensor:
     def gather(self, task, ids):
         return self.experts[task].gather_rows(ids)
 
+    def stack_keys(self) -> list:
+        """The terms a fused stack holds (every task: any row may weigh any of them)."""
+        return list(self.experts)
+
+    def dense_term(self, task):
+        """S_task, float32 (rows x cols): a block of the fused stack."""
+        return self.experts[task].dense()
+
     def decision_delta(self, decision: Decision):
         """The whole delta of a decision (small tensors): sum_t w_t S_t, or None for STATIC."""
         if decision.mode == "static":
@@ -345,6 +383,14 @@ class OneBitTensor:
 
     def _dense(self, key: tuple):
         return self.delta_rows(key, 0, self.rows)
+
+    def stack_keys(self) -> list:
+        """The terms a fused stack holds: the task decisions with a delta here."""
+        return [("task", t) for t in self.pieces if self.has_delta(("task", t))]
+
+    def dense_term(self, key: tuple):
+        """Delta_k, float32 (rows x cols): a block of the fused stack."""
+        return self._dense(key)
 
     def _chunk_rows(self) -> int:
         return max(1, CHUNK_ELEMENTS // max(1, self.cols))
@@ -462,7 +508,10 @@ class DeltaLinear(_Routed):
         self._check(x.shape[0])
         w = self.tensors.get("weight")
         terms = self.rt.terms(w, x.shape[0]) if w is not None else []
-        if terms and isinstance(w, OneBitTensor) and w.full_fits():
+        if terms and self.rt.fuses(m, x):
+            y = self._fused(x, terms)
+            terms = []
+        elif terms and isinstance(w, OneBitTensor) and w.full_fits():
             y = self._full_weights(x, w, terms)
             terms = []
         else:
@@ -484,6 +533,20 @@ class DeltaLinear(_Routed):
                 else:
                     y[rows] = y[rows] + db
         return y
+
+    def _fused(self, x, terms):
+        """Every row's weight in two products: y_all = x [W; W_1; ...; W_K]^T (the shared weight
+        and the K stacked terms, bias on the shared block only), then y[b] = sum_j P[b, j] *
+        y_all[b, j] with the plan's coefficients (P[b, 0] = 1; P[b, 1 + j] the row's weight of
+        term j: 1 for a top-1 row, p_t for a mix, 0 for STATIC rows and other decisions)."""
+        torch, _ = require_torch()
+        m = self.module
+        keys, wcat, bcat = self.rt.stack(m, self.tensors["weight"])
+        p = self.rt.coefficients(keys, terms, x.shape[0], wcat.dtype)
+        y = torch.nn.functional.linear(x, wcat, bcat).view(-1, len(keys) + 1, m.out_features)
+        if y.shape[0] != p.shape[0]:  # several tokens a row: each token takes its row's coefficients
+            p = p.repeat_interleave(y.shape[0] // p.shape[0], dim=0)
+        return torch.bmm(p.unsqueeze(1), y).view(*x.shape[:-1], m.out_features)
 
     def _full_weights(self, x, w, terms):
         """Each term's rows with its decision's full (cached) weight, the other rows with the
@@ -528,12 +591,7 @@ class DeltaGrouped(_Routed):
         self._check(x.shape[0])
         out = None
         for decision, rows in self.rt.groups(x.shape[0]):
-            params = {}
-            for attr, t in self.tensors.items():
-                d = self.rt.small_delta(t, decision)
-                if d is not None:
-                    base = getattr(self.module, attr)
-                    params[attr] = (base.float() + d.view(base.shape)).to(base.dtype)
+            params = self.rt.small_params(self.module, self.tensors, decision)
             if not params and rows is None:
                 return self.forward(self.module, x, *args, **kwargs)
             shadow = _with_params(self.module, params)
@@ -599,7 +657,8 @@ class DeltaRuntime:
 
     Interface for serving (stable): __init__(model, store, method, device, dtype,
     memory_budget=None), set_rows(decisions), resident_bytes(), tasks, close(), and
-    set_memory_budget(bytes) to change the budget later (no second runtime needed).
+    set_memory_budget(bytes) to change the budget later (no second runtime needed); `fused`
+    ("auto" | "always" | "never") picks when routed Linears run the fused product.
     """
 
     def __init__(self, model, store, method: dict, device, dtype, memory_budget: int | None = None):
@@ -609,6 +668,9 @@ class DeltaRuntime:
         self.tasks: list[str] = list(method["tasks"])
         self.device, self.dtype = device, dtype
         self.cache = _Cache(0)
+        self._fused_mode = "auto"
+        self._fusable: dict = {}  # id(Linear module) -> its stack's keys, reserved in the budget
+        self._stacks: dict = {}  # id(Linear module) -> (keys, stacked weight, stacked bias or None)
         params = dict(model.named_parameters(remove_duplicate=False))
         self.tensors = self._load(params)  # store tensor name -> MediatorTensor | OneBitTensor
         self._decisions: list[Decision] | None = None
@@ -625,7 +687,79 @@ class DeltaRuntime:
         if memory_budget is not None and memory_budget <= weights:
             raise StreammergeError(f"memory budget {memory_budget} bytes: the model and the encodings alone take {weights}")
         self.memory_budget = memory_budget
-        self.cache.resize(0 if memory_budget is None else int(memory_budget) - weights)
+        left = 0 if memory_budget is None else int(memory_budget) - weights
+        self._stacks = {}
+        self.cache.resize(left - self._reserve_stacks(left))
+
+    # ---- fused products -------------------------------------------------------------------------
+    @property
+    def fused(self) -> str:
+        """When routed Linear layers run the fused product: "auto" (on CUDA, for at most
+        FUSED_MAX_TOKENS tokens), "always" (any device and batch: for tests), "never"."""
+        return self._fused_mode
+
+    @fused.setter
+    def fused(self, mode: str) -> None:
+        if mode not in ("auto", "always", "never"):
+            raise StreammergeError(f"fused mode {mode!r}: one of auto, always, never")
+        self._fused_mode = mode
+        self.set_memory_budget(self.memory_budget)  # the stacks' share of the budget
+
+    def _reserve_stacks(self, left: int) -> int:
+        """Which routed Linear layers get a fused stack: in module order, while their stacks
+        fit what the model and the encodings leave of the budget; returns the bytes reserved
+        (taken from the cache's share, built on first use)."""
+        self._fusable = {}
+        torch, _ = require_torch()
+        if self.memory_budget is None or self.fused == "never" or (self.fused == "auto" and torch.device(self.device).type != "cuda"):
+            return 0
+        reserved = 0
+        for module in self._patched:
+            fwd = module.forward
+            if not isinstance(fwd, DeltaLinear) or "weight" not in fwd.tensors:
+                continue
+            keys = fwd.tensors["weight"].stack_keys()
+            need = (len(keys) + 1) * sum(t.numel() * t.element_size() for t in (module.weight, module.bias) if t is not None)
+            if keys and reserved + need <= left:
+                self._fusable[id(module)] = keys
+                reserved += need
+        return reserved
+
+    def fuses(self, module, x) -> bool:
+        """Whether this product of `module` (input x) runs fused (see FUSED_MAX_TOKENS)."""
+        if id(module) not in self._fusable:
+            return False
+        return self.fused == "always" or fused_pays(x.device, x.numel() // max(1, x.shape[-1]))
+
+    def stack(self, module, tensor) -> tuple:
+        """(keys, [W; W_k for k in keys], [b; 0...] or None) of a fusable Linear, built once,
+        in the module's dtype: W the model's weight, W_k the term's dense delta."""
+        torch, _ = require_torch()
+        hit = self._stacks.get(id(module))
+        if hit is None:
+            keys, w, bias = self._fusable[id(module)], module.weight, module.bias
+            with torch.no_grad():
+                stacked = torch.cat([w, *(tensor.dense_term(k).view(w.shape).to(w.dtype) for k in keys)])
+                if bias is not None:
+                    bias = torch.cat([bias, bias.new_zeros(len(keys) * bias.numel())])
+            hit = self._stacks[id(module)] = (keys, stacked, bias)
+        return hit
+
+    def coefficients(self, keys: list, terms: list, batch: int, dtype):
+        """P (batch, 1 + len(keys)): each row's weight of the shared block (1) and of each
+        stacked term, from the plan's terms (cached with the plan)."""
+        torch, _ = require_torch()
+        # a tensor's terms are the batch's decisions with a delta among its keys: the same for
+        # every tensor with the same keys (Mediator: all of them)
+        plan_key = ("coef", tuple(keys), batch, dtype)
+        if plan_key not in self._plan:
+            p = torch.zeros((batch, 1 + len(keys)), dtype=torch.float32)
+            p[:, 0] = 1.0
+            for key, rows, weights in terms:
+                idx = torch.as_tensor(list(_indices(rows, batch)), dtype=torch.long)
+                p[idx, 1 + keys.index(key)] = 1.0 if weights is None else weights.cpu()
+            self._plan[plan_key] = p.to(device=self.device, dtype=dtype)
+        return self._plan[plan_key]
 
     # ---- loading --------------------------------------------------------------------------------
     def _load(self, params: dict) -> dict:
@@ -766,6 +900,20 @@ class DeltaRuntime:
             out.append((task, rows, weights))
         return out
 
+    def small_params(self, module, tensors: dict, decision: Decision) -> dict:
+        """{attribute: the module's tensor + the decision's delta} of its routed small tensors
+        (those with a delta), in the module's dtype (cached with the plan)."""
+        key = ("params", id(module), decision.key)
+        if key not in self._plan:
+            params = {}
+            for attr, t in tensors.items():
+                d = self.small_delta(t, decision)
+                if d is not None:
+                    base = getattr(module, attr)
+                    params[attr] = (base.float() + d.view(base.shape)).to(base.dtype)
+            self._plan[key] = params
+        return self._plan[key]
+
     def small_delta(self, tensor, decision: Decision):
         """A small routed tensor's delta for a decision (cached with the plan), or None."""
         key = ("small", id(tensor), decision.key)
@@ -782,7 +930,8 @@ class DeltaRuntime:
                 seen.add(t.data_ptr())
                 model += t.numel() * t.element_size()
         enc = sum(t.nbytes for t in self.tensors.values())
-        return {"model": model, "encodings": enc, "cache": self.cache.bytes}
+        stacks = sum(_tensor_bytes(w) + (0 if b is None else _tensor_bytes(b)) for _, w, b in self._stacks.values())
+        return {"model": model, "encodings": enc, "cache": self.cache.bytes + stacks}
 
 
 def _indices(rows, batch: int):
