@@ -22,6 +22,13 @@ TASKS = ["chat", "math", "code"]
 LAYER = re.compile(r"\.layers\.(\d+)\.")
 
 
+def assert_within_bf16_ulp(got, want, label: str) -> None:
+    """got equals want (bf16) within one bf16 unit in the last place of want."""
+    diff = (got.float() - want.float()).abs()
+    tol = torch.exp2(torch.floor(torch.log2(want.float().abs().clamp_min(2.0**-126))) - 7)
+    assert (diff <= tol).all(), f"{label}: max diff {diff.max()}"
+
+
 def run(*args, expect=0):
     res = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
     assert res.exit_code == expect, res.output
@@ -302,9 +309,7 @@ def test_onebit_two_bits_task_export_equals_formula(family, tmp_path):
         else:
             hat = rms(t) * s1
         want = (b[name].double() + hat.reshape(tau.shape)).to(torch.bfloat16)
-        diff = (got[name].float() - want.float()).abs()
-        tol = torch.exp2(torch.floor(torch.log2(want.float().abs().clamp_min(2.0**-126))) - 7)
-        assert (diff <= tol).all(), f"{name}: max diff {diff.max()}"
+        assert_within_bf16_ulp(got[name], want, name)
     w = DenseDecisions(Store.open(store), decision, "cpu", torch.float32, {}).weights(forced("code", TASKS))
     for name, v in w.items():
         assert torch.equal(v, got[name].float()), name
@@ -406,9 +411,7 @@ def test_onebit_precision_by_kind_task_export_equals_formula(family, tmp_path):
         else:
             hat = rms(t) * sign(t)
         want = (b[name].double() + hat.reshape(tau.shape)).to(torch.bfloat16)
-        diff = (got[name].float() - want.float()).abs()
-        tol = torch.exp2(torch.floor(torch.log2(want.float().abs().clamp_min(2.0**-126))) - 7)
-        assert (diff <= tol).all(), f"{name} ({kind}): max diff {diff.max()}"
+        assert_within_bf16_ulp(got[name], want, f"{name} ({kind})")
     w = DenseDecisions(Store.open(store), decision, "cpu", torch.float32, {}).weights(forced("code", TASKS))
     for name, v in w.items():
         assert torch.equal(v, got[name].float()), name
@@ -457,9 +460,7 @@ def test_onebit_scale_exponent_task_export_equals_formula(family, tmp_path):
         alpha = t.pow(2).sum(-1, keepdim=True) / t.abs().sum(-1, keepdim=True)
         hat = (alpha * torch.where(t >= 0, 1.0, -1.0).double()).reshape(tau.shape)
         want = (b[name].double() + hat).to(torch.bfloat16)
-        diff = (got[name].float() - want.float()).abs()
-        tol = torch.exp2(torch.floor(torch.log2(want.float().abs().clamp_min(2.0**-126))) - 7)
-        assert (diff <= tol).all(), f"{name}: max diff {diff.max()}"
+        assert_within_bf16_ulp(got[name], want, name)
     w = DenseDecisions(Store.open(store), decision, "cpu", torch.float32, {}).weights(forced("math", TASKS))
     for name, v in w.items():
         assert torch.equal(v, got[name].float()), name
@@ -491,9 +492,7 @@ def test_onebit_group_size_task_export_equals_formula(family, tmp_path):
                            for c0 in range(0, t.shape[1], g)], dim=1)
         hat = (scale * torch.where(t >= 0, 1.0, -1.0).double()).reshape(tau.shape)
         want = (b[name].double() + hat).to(torch.bfloat16)
-        diff = (got[name].float() - want.float()).abs()
-        tol = torch.exp2(torch.floor(torch.log2(want.float().abs().clamp_min(2.0**-126))) - 7)
-        assert (diff <= tol).all(), f"{name}: max diff {diff.max()}"
+        assert_within_bf16_ulp(got[name], want, name)
     w = DenseDecisions(Store.open(store), decision, "cpu", torch.float32, {}).weights(forced("code", TASKS))
     for name, v in w.items():
         assert torch.equal(v, got[name].float()), name
