@@ -82,9 +82,10 @@ def exported(store, variant, root):
     return _exports[key]
 
 
-def runtime(store, memory_budget=None, fused=False):
+def runtime(store, memory_budget=None, fused=False, norms_per_group=False):
     """The runtime on CPU, float32; fused: every routed Linear through the fused product (forced
-    on CPU, a budget that holds every stack)."""
+    on CPU, a budget that holds every stack); norms_per_group: every routed norm run once per row
+    group (the path of modules that are not affine in their tensors) instead of once."""
     from streammerge.routing.runtime import load_merged_model, open_routing_store
     from streammerge.routing.deltas import DeltaRuntime
 
@@ -93,7 +94,32 @@ def runtime(store, memory_budget=None, fused=False):
     rt = DeltaRuntime(model, s, method, torch.device("cpu"), torch.float32, 1 << 34 if fused else memory_budget)
     if fused:
         rt.fused = "always"
+    if norms_per_group:
+        for g in grouped(rt):
+            g.form = None
     return rt, model
+
+
+def grouped(rt):
+    """The forwards of the routed modules that are neither Linear nor Embedding (the norms)."""
+    from streammerge.routing.deltas import DeltaGrouped
+
+    return [m.forward for m in rt._patched if isinstance(m.forward, DeltaGrouped)]
+
+
+def assert_norms_one_pass(rt):
+    """Every routed norm of the test models (RMSNorm: y = w * n(x)) was found affine, so it runs
+    once a batch, not once per row group."""
+    forms = [g.form for g in grouped(rt)]
+    assert forms and all(f is not None and (f.scale, f.kappa, f.shifts) == ("weight", 0.0, ()) for f in forms)
+
+
+def per_group_norms_logits(store, decisions, ids):
+    """The logits with every routed norm run once per row group (the fallback path)."""
+    rt, model = runtime(store, norms_per_group=True)
+    rt.set_rows(decisions)
+    with torch.inference_mode():
+        return model(input_ids=ids).logits
 
 
 def stack_bytes(rt, model, store):
@@ -225,11 +251,17 @@ def row_logits(model, ids):
         return model(input_ids=ids.unsqueeze(0)).logits[0]
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["per-term", "fused"])
+PATHS = ["per-term", "fused", "norms-per-group"]
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("which", ["mediator", "mediator-tied", "mediator-int8"])
-def test_mediator_mixed_batch_equals_exports(stores, tmp_path_factory, which, fused):
+def test_mediator_mixed_batch_equals_exports(stores, tmp_path_factory, which, path):
+    """Top-1, STATIC and mixed rows in one batch; each path: the per-term products with the norms
+    in one pass, the fused products, the norms once per row group (modules not affine)."""
     store, root = stores[which], tmp_path_factory.mktemp("exp")
-    rt, model = runtime(store, fused=fused)
+    fused = path == "fused"
+    rt, model = runtime(store, fused=fused, norms_per_group=path == "norms-per-group")
     mix = Decision("mix", (("chat", 0.5), ("code", 0.3), ("math", 0.2)))
     decisions = [forced("math", TASKS), STATIC, forced("chat", TASKS), mix, forced("code", TASKS), forced("math", TASKS)]
     ids = batch_ids(len(decisions))
@@ -259,13 +291,26 @@ def test_mediator_mixed_batch_equals_exports(stores, tmp_path_factory, which, fu
     # route_outside: embeddings and lm_head are routed, their forward replaced
     patched = {type(m.forward).__name__ for m in rt._patched}
     assert {"DeltaLinear", "DeltaEmbedding", "DeltaGrouped"} <= patched, patched
+    assert_norms_paths(rt, store, got, decisions, ids, path)
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["per-term", "fused"])
+def assert_norms_paths(rt, store, got, decisions, ids, path):
+    """The norms ran in one pass (or per group, as asked); RMSNorm's one pass multiplies the same
+    numbers as the per-group runs: the logits are equal."""
+    if path == "norms-per-group":
+        assert all(g.form is None for g in grouped(rt))
+        return
+    assert_norms_one_pass(rt)
+    if path == "per-term":
+        assert torch.equal(got, per_group_norms_logits(store, decisions, ids))
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("which", ["1bit", "1bit-l0", "1bit-paper", "1bit-group", "1bit-l1"])
-def test_onebit_mixed_batch_equals_exports(stores, tmp_path_factory, which, fused):
+def test_onebit_mixed_batch_equals_exports(stores, tmp_path_factory, which, path):
     store, root = stores[which], tmp_path_factory.mktemp("exp")
-    rt, model = runtime(store, fused=fused)
+    fused = path == "fused"
+    rt, model = runtime(store, fused=fused, norms_per_group=path == "norms-per-group")
     decisions = [forced("code", TASKS), STATIC, forced("chat", TASKS), forced("math", TASKS), forced("code", TASKS)]
     ids = batch_ids(len(decisions), seed=1)
     rt.set_rows(decisions)
@@ -280,6 +325,8 @@ def test_onebit_mixed_batch_equals_exports(stores, tmp_path_factory, which, fuse
         (assert_exact if fused else _assert_equal)(got[1], row_logits(base, ids[1]), "static")
     if fused:
         assert_fused(rt, model, store, got, decisions, ids)
+    if grouped(rt):  # presets that route the norms
+        assert_norms_paths(rt, store, got, decisions, ids, path)
     with pytest.raises(Exception, match="top-1 only"):
         rt.set_rows([Decision("mix", (("chat", 0.5), ("math", 0.5)))])
 
@@ -649,3 +696,100 @@ def test_runner_keeps_decisions_contiguous_and_answers_unchanged(stores, which, 
         runner.remove([r])
         assert alone[r.id] == together[r.id], (r.target, alone[r.id], together[r.id])
     assert bool(runner.runtime._stacks) == fused
+
+
+class _SquaredScale(torch.nn.Module):
+    """y = w^2 * x: not affine in w."""
+
+    def __init__(self, h):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(h))
+
+    def forward(self, x):
+        return self.weight**2 * x
+
+
+class _Flipped(torch.nn.Module):
+    """y = flip(w) * x: affine in w, not element by element."""
+
+    def __init__(self, h):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(h))
+
+    def forward(self, x):
+        return self.weight.flip(0) * x
+
+
+class _ScaledMean(torch.nn.Module):
+    """y = x + w * mean(x): affine in w, but y(w = 0) is not a multiple of its coefficient."""
+
+    def __init__(self, h):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(h))
+
+    def forward(self, x):
+        return x + self.weight * x.mean(-1, keepdim=True)
+
+
+def _norm_modules(h):
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    return {
+        "llama-rms": (LlamaRMSNorm(h), ("weight",), ("weight", 0.0, ())),
+        "gemma-rms": (GemmaRMSNorm(h), ("weight",), ("weight", 1.0, ())),
+        "layernorm": (torch.nn.LayerNorm(h), ("weight", "bias"), ("weight", 0.0, ("bias",))),
+        # the bias routed alone: the weight (not routed) still scales every row alike
+        "layernorm-bias": (torch.nn.LayerNorm(h), ("bias",), ("weight", 0.0, ("bias",))),
+    }
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", ["llama-rms", "gemma-rms", "layernorm", "layernorm-bias"])
+def test_affine_norm_in_one_pass_equals_the_module_per_row(name, dtype):
+    """AffineForm finds the form by probing, and one pass with the rows' scales and shifts gives
+    what the module computes for each row with that row's own tensors (row groups as a slice, an
+    index tensor and a lone row)."""
+    import copy
+
+    from streammerge.routing.deltas import AffineForm
+
+    h = 48
+    module, routed, form_want = _norm_modules(h)[name]
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2 + (1.0 if p.dim() == 1 and "weight" in name else 0.0))
+    module = module.to(dtype)
+    form = AffineForm.probe(module, dict.fromkeys(routed), type(module).forward)
+    assert form is not None and (form.scale, form.kappa, form.shifts) == form_want
+    batch = 6
+    groups = [("a", slice(0, 2)), ("b", torch.tensor([2, 4, 5])), ("c", slice(3, 4))]
+    own = {a: getattr(module, a) for a in routed}
+    params = {k: {a: (own[a].float() + torch.randn(h, generator=g) * 0.3).to(dtype) for a in routed} for k, _ in groups}
+    params["c"] = {}  # a decision without a delta here: the module's own tensors
+    rows = form.rows(module, groups, params.__getitem__, batch)
+    x = (torch.randn((batch, 5, h), generator=g) * 3).to(dtype)
+    got = form.apply(type(module).forward, x, rows)
+    for key, r in groups:
+        ref = copy.deepcopy(module)
+        with torch.no_grad():
+            for a, v in params[key].items():
+                getattr(ref, a).copy_(v)
+        want = ref(x[r])
+        assert got[r].dtype == want.dtype
+        if dtype == torch.float32:
+            assert torch.allclose(got[r], want, rtol=1e-6, atol=1e-6), (key, (got[r] - want).abs().max())
+        else:  # the module rounds once to bf16, the one pass n(x) then (kappa + w) n(x) + b: an
+            # ulp of bf16 of the row's largest output at most (the bias may cancel w * n(x))
+            err = (got[r].float() - want.float()).abs().max()
+            assert err <= want.float().abs().max() * 2**-7, (key, err)
+
+
+@pytest.mark.parametrize("module", [_SquaredScale(8), _Flipped(8), _ScaledMean(8)], ids=["squared", "flipped", "scaled-mean"])
+def test_modules_not_affine_keep_the_per_group_path(module):
+    """Not affine, not element by element, or affine with a part no neutral tensor removes: no
+    form (DeltaGrouped runs them once per row group: the norms-per-group tests above)."""
+    from streammerge.routing.deltas import AffineForm
+
+    assert AffineForm.probe(module, {"weight": None}, type(module).forward) is None

@@ -16,8 +16,10 @@ Per forward, a module that holds a routed tensor computes the shared product onc
 batch, then adds each row group's delta, taken from the compressed encodings on the device:
   Linear     y = x W^T (+ b), then y[rows] += w_row * (x[rows] Delta^T) for each delta term
   Embedding  y = W[ids], then y[rows] += w_row * Delta[ids[rows]] (rows of Delta, gathered)
-  any other  (norm weights, 1-D tensors) the module runs once per row group with its own
-             tensor (static + delta: a tensor of a few thousand numbers)
+  any other  (norm weights, 1-D tensors) a module found affine in its tensors (AffineForm:
+             y = (kappa + w) * n(x) + b, RMSNorm, LayerNorm, ...) runs once with neutral tensors,
+             then y[b] = (kappa + w_b) * n(x[b]) + b_b with each row's tensors (static + delta,
+             stacked per row once per row plan); any other module runs once per row group
 The modules stay where they are, so parameter names, state_dict and hooks are unchanged; only
 their `forward` is replaced (DeltaLinear, DeltaEmbedding, DeltaGrouped). `close()` restores it.
 
@@ -96,6 +98,7 @@ from __future__ import annotations
 
 import warnings
 from collections import OrderedDict
+from functools import partial
 from typing import Sequence
 
 import numpy as np
@@ -579,18 +582,28 @@ class DeltaEmbedding(_Routed):
 
 
 class DeltaGrouped(_Routed):
-    """Any other module (norms: 1-D weights): run once per row group with the group's tensors,
-    on a shallow copy of the module (thread-safe: the module itself is not touched)."""
+    """Any other module (norms: 1-D weights). One whose output is affine in its 1-D tensors
+    (AffineForm: RMSNorm, Gemma's (1 + w) RMSNorm, LayerNorm) runs ONCE over the batch with
+    neutral tensors, then each row takes its decision's scale and shift; any other runs once
+    per row group with the group's tensors. Both on a shallow copy of the module (thread-safe:
+    the module itself is not touched)."""
 
     def __init__(self, runtime, module, tensors):
         super().__init__(runtime, module, tensors)
         self.forward = type(module).forward
+        self.form = AffineForm.probe(module, tensors, self.forward)
 
     def __call__(self, x, *args, **kwargs):
-        torch, _ = require_torch()
         self._check(x.shape[0])
+        groups = self.rt.groups(x.shape[0])
+        if len(groups) > 1 and self.form is not None:
+            return self.form.apply(self.forward, x, self.rt.row_params(self, x.shape[0]), *args, **kwargs)
+        return self._per_group(groups, x, *args, **kwargs)
+
+    def _per_group(self, groups: list, x, *args, **kwargs):
+        torch, _ = require_torch()
         out = None
-        for decision, rows in self.rt.groups(x.shape[0]):
+        for decision, rows in groups:
             params = self.rt.small_params(self.module, self.tensors, decision)
             if not params and rows is None:
                 return self.forward(self.module, x, *args, **kwargs)
@@ -602,6 +615,108 @@ class DeltaGrouped(_Routed):
                 out = torch.empty((x.shape[0], *o.shape[1:]), dtype=o.dtype, device=o.device)
             _put(out, rows, o)
         return out
+
+
+class AffineForm:
+    """A module whose output is, element by element of its last dimension, affine in its 1-D
+    tensors of that length: y = (kappa + w) * n(x) + the sum of its shifts b, with at most one
+    scale w (RMSNorm: kappa 0; Gemma's RMSNorm: kappa 1; LayerNorm: its bias a shift). A batch
+    whose rows have different tensors then runs the module once with neutral ones (w = 1 - kappa,
+    b = 0, so the output is n(x)) and applies each row's kappa + w and b after: one pass instead
+    of one per row group.
+
+    The form is found by running the module, never assumed from its class: on a probe input with
+    every such tensor 0 (y0), then each at 1 (its coefficient c), then all random (r); the module
+    qualifies when the random run gives y0 + sum r c, every c but one's (the scale's) is 1 and
+    y0 = kappa * c of the scale."""
+
+    # the probes run in float32: the random run differs from the affine prediction by rounding
+    RTOL, ATOL = 1e-4, 1e-5
+
+    def __init__(self, neutral, scale, kappa: float, shifts: tuple):
+        self.neutral = neutral  # a shallow copy of the module holding the neutral tensors
+        self.scale, self.kappa, self.shifts = scale, kappa, shifts  # attribute names
+
+    @classmethod
+    def probe(cls, module, routed: dict, forward) -> "AffineForm | None":
+        """The module's form, or None (the per-group path) where it is not affine."""
+        torch, _ = require_torch()
+        own = dict(module.named_parameters(recurse=False))
+        if not routed or any(own[a].dim() != 1 for a in routed):
+            return None
+        h = own[next(iter(routed))].shape[0]
+        attrs = tuple(a for a, p in own.items() if p.dim() == 1 and p.shape[0] == h)
+        if not set(routed) <= set(attrs):
+            return None
+        dev = own[attrs[0]].device
+        g = torch.Generator(device=dev).manual_seed(0)
+        x = torch.randn((2, 3, h), generator=g, device=dev)
+        fixed = {a: p.detach().float() for a, p in own.items()}
+
+        def run(values: dict):
+            with torch.no_grad():
+                y = forward(_with_params(module, {**fixed, **values}), x)
+            if not torch.is_tensor(y) or y.shape != x.shape:
+                raise ValueError("not elementwise along the last dimension")
+            return y.float()
+
+        try:
+            zero = {a: torch.zeros(h, device=dev) for a in attrs}
+            y0 = run(zero)
+            c = {a: run({**zero, a: torch.ones(h, device=dev)}) - y0 for a in attrs}
+            r = {a: torch.randn(h, generator=g, device=dev) for a in attrs}
+            y = run(r)
+        except Exception:  # a module that cannot run on the probe keeps the per-group path
+            return None
+        tol = {"rtol": cls.RTOL, "atol": cls.ATOL * max(1.0, y.abs().max().item())}
+        if not torch.allclose(y, y0 + sum(r[a] * c[a] for a in attrs), **tol):
+            return None
+        shifts = tuple(a for a in attrs if torch.allclose(c[a], torch.ones_like(c[a]), **tol))
+        scales = [a for a in attrs if a not in shifts]
+        if len(scales) > 1:
+            return None
+        scale, kappa = (scales[0] if scales else None), 0.0
+        if scale is not None:  # y0 = kappa * c: kappa to 1/1024, so that 1 - kappa is exact
+            cs = c[scale]
+            kappa = round((y0 * cs).sum().item() / max((cs * cs).sum().item(), 1e-30) * 1024) / 1024
+            if not torch.allclose(y0, kappa * cs, **tol):
+                return None
+        neutral = {a: torch.zeros_like(own[a]) for a in shifts}
+        if scale is not None:
+            neutral[scale] = torch.full_like(own[scale], 1.0 - kappa)
+        return cls(_with_params(module, neutral), scale, kappa, shifts)
+
+    def rows(self, module, groups: list, params_of, batch: int) -> tuple:
+        """(scale, shift): float32 (batch, h) tensors, each row's kappa + w and sum of shifts
+        (None where the form has none), from its group's tensors (params_of(decision): those
+        that differ from the module's)."""
+        torch, _ = require_torch()
+        out = []
+        for attrs, add in (((self.scale,) if self.scale else (), self.kappa), (self.shifts, 0.0)):
+            t = None
+            for decision, rows in groups if attrs else ():
+                params = params_of(decision)
+                v = sum(params.get(a, getattr(module, a)).float() for a in attrs) + add
+                if t is None:
+                    t = torch.empty((batch, v.shape[0]), dtype=torch.float32, device=v.device)
+                _put(t, rows, v.expand(len(_indices(rows, batch)), -1))
+            out.append(t)
+        return tuple(out)
+
+    def apply(self, forward, x, rows: tuple, *args, **kwargs):
+        """The module once over the batch with the neutral tensors, then each row's scale and
+        shifts (`rows`), in float32, rounded once to the module's output dtype."""
+        torch, _ = require_torch()
+        y = forward(self.neutral, x, *args, **kwargs)
+        view = (y.shape[0],) + (1,) * (y.dim() - 2) + (y.shape[-1],)
+        scale, shift = (None if t is None else t.view(view) for t in rows)
+        if scale is None:
+            out = y.float() + shift
+        elif shift is None:
+            out = y.float() * scale
+        else:
+            out = torch.addcmul(shift, y.float(), scale)
+        return out.to(y.dtype)
 
 
 def _with_params(module, params: dict):
@@ -628,7 +743,9 @@ def _take(x, rows):
 
 def _put(y, rows, v) -> None:
     """y[rows] = v along dim 0."""
-    if isinstance(rows, slice):
+    if rows is None:
+        y.copy_(v)
+    elif isinstance(rows, slice):
         y[rows] = v
     else:
         y.index_copy_(0, rows, v)
@@ -912,6 +1029,14 @@ class DeltaRuntime:
                     base = getattr(module, attr)
                     params[attr] = (base.float() + d.view(base.shape)).to(base.dtype)
             self._plan[key] = params
+        return self._plan[key]
+
+    def row_params(self, grouped: "DeltaGrouped", batch: int) -> tuple:
+        """An affine module's per-row (scale, shift) tensors (AffineForm.rows), cached with the plan."""
+        key = ("rows", id(grouped.module), batch)
+        if key not in self._plan:
+            params_of = partial(self.small_params, grouped.module, grouped.tensors)
+            self._plan[key] = grouped.form.rows(grouped.module, self.groups(batch), params_of, batch)
         return self._plan[key]
 
     def small_delta(self, tensor, decision: Decision):
