@@ -36,7 +36,6 @@ import os
 import random
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -44,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 sys.path.insert(0, str(ROOT))
 
-from bench_routing import TASKS, build_store, prompts_for  # noqa: E402
+from bench_routing import TASKS, build_store, prompts_for, synthetic_family, work_dir  # noqa: E402
 from serve_process import ServeProcess  # noqa: E402
 
 
@@ -269,30 +268,13 @@ def main() -> None:
 
     from transformers.utils import logging as hf_logging
 
-    import synth_checkpoints as synth
-
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    tmp = None
-    if args.work is None:
-        tmp = tempfile.TemporaryDirectory(prefix="bench-serve-")
-        work = Path(tmp.name)
-    else:
-        work = args.work
-        work.mkdir(parents=True, exist_ok=True)
-    try:
-        shape = synth.ModelShape(hidden=args.hidden, intermediate=args.intermediate, layers=args.layers, heads=args.heads,
-                                 kv_heads=args.kv_heads, vocab=args.vocab)
-        if not (work / "family" / "ft3" / "config.json").is_file():
-            base, fts = synth.make_family(work / "family", shape, n_finetunes=3, dtype="bfloat16", delta_scale=0.004)
-        else:
-            base, fts = work / "family" / "base", [work / "family" / f"ft{i}" for i in (1, 2, 3)]
+    with work_dir(args.work, "bench-serve-") as work:
+        shape, base, fts = synthetic_family(work, args)
         rows = []
         for method in args.methods.split(","):
             rows += bench_method(method, build_store(work, method, base, fts), work, args)
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
 
     print(f"\nmodel: {shape.n_params / 1e6:.2f}M params; device {args.device}; {args.prompts_per_task} prompts/task x 3 tasks, "
           f"max_tokens {args.max_tokens}, greedy; memory budget {args.memory_budget}; {args.rounds} rounds "
