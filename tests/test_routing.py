@@ -477,6 +477,23 @@ def test_device_reconstruction_matches_numpy():
 # ---- the command line -------------------------------------------------------------------------
 
 
+def test_generate_sorts_a_batch_by_decision(stores):
+    """Prompts batched by length whose decisions alternate (math, code, math, code as they grow)
+    run as one batch with the rows sorted by decision, so each decision's rows are one run (a
+    slice, not an index list), and each prompt gets its text alone."""
+    from streammerge.routing import RoutedModel, forced
+
+    rm = RoutedModel.from_store(stores["mediator"], device=DEVICE, dtype="float32")
+    base = prompts_for("math", 1, 7)[0]
+    prompts = [base + " and more" * i for i in range(4)]  # increasing lengths: the length order
+    decs = [forced(("math", "code")[i % 2], TASKS) for i in range(4)]
+    together = rm.generate(prompts, decisions=decs, max_new_tokens=4, batch_size=4)
+    assert rm.timings.batches == 1
+    assert [d.key for d in rm.runtime._decisions] == sorted(d.key for d in decs)
+    assert all(isinstance(rows, slice) for _, rows in rm.runtime.groups(4))
+    assert together == [rm.generate(p, decisions=[d], max_new_tokens=4) for p, d in zip(prompts, decs)]
+
+
 def test_generate_cli(stores, routers, tmp_path):
     store = stores["mediator"]
     out = run("generate", store, "--prompt", prompts_for("math", 1, 3)[0], "--show-routing", "--max-new-tokens", "4", "--device", DEVICE)

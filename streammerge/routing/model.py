@@ -179,7 +179,8 @@ class RoutedModel:
         details: bool = False,
     ):
         """Generate for each prompt with its routed weights (greedy unless temperature > 0); prompts
-        are batched by length, whatever their decisions (each row runs its own).
+        are batched by length, whatever their decisions (each row runs its own; a batch's rows
+        sorted by decision).
 
         Returns the texts (a str for a str), or Generation records with details=True. task
         forces one task for all prompts; static=True uses the merged model; `decisions` gives
@@ -216,7 +217,9 @@ class RoutedModel:
             gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         order = sorted(range(len(plist)), key=lambda i: (len(seqs[i]), i))  # less padding
         for b0 in range(0, len(order), max(1, batch_size)):
-            chunk = order[b0 : b0 + batch_size]
+            # a batch's rows sorted by decision: each decision's rows one run, which the routed
+            # layers take as slices (views) instead of gathering and scattering index lists
+            chunk = sorted(order[b0 : b0 + batch_size], key=lambda i: decs[i].key)
             ids, mask = pad_batch([seqs[i] for i in chunk], pad, "left", self.device)
             self.runtime.set_rows([decs[i] for i in chunk])
             t0 = time.perf_counter()
