@@ -884,8 +884,11 @@ def generate(store, prompt_texts, input_path, output_path, show_routing, max_new
 @click.option("--name", default=None, help="Model name clients use (default: the store's name without .zarr).")
 @click.option("--eta", type=click.FloatRange(0, 1), default=None, help="Mediator: entropy threshold (default: method.json's).")
 @click.option("--top-m", type=click.IntRange(0), default=None, help="Mediator: experts mixed when uncertain (default: method.json's).")
+@click.option("--fused", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True,
+              help="Routed linear layers of a decoding step as one stacked product (the shared weight and every "
+              "task's delta, within --memory-budget): auto = on CUDA for small batches, where it was measured faster.")
 @user_errors
-def serve(store, host, port, device, compute_dtype, max_batch, max_queue, memory_budget, api_key, name, eta, top_m):
+def serve(store, host, port, device, compute_dtype, max_batch, max_queue, memory_budget, api_key, name, eta, top_m, fused):
     """Serve a mediator or 1bit store behind an OpenAI-compatible HTTP API.
 
     \b
@@ -904,7 +907,7 @@ def serve(store, host, port, device, compute_dtype, max_batch, max_queue, memory
     from .serve.server import serve as run_server
 
     _quiet_transformers()
-    run_server(store, host, port, device, compute_dtype, max_batch, max_queue, memory_budget, api_key, name, eta, top_m)
+    run_server(store, host, port, device, compute_dtype, max_batch, max_queue, memory_budget, api_key, name, eta, top_m, fused)
 
 if __name__ == "__main__":
     main()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -379,8 +380,12 @@ def test_1bit_store_served(stores, routers, tokenizer, tmp_path):
     from transformers import AutoModelForCausalLM
 
     store = stores["1bit"]
-    srv = Server(store, tmp_path / "log", "--name", "bit")
+    # --fused always: every routed Linear runs the stacked product (CUDA's decoding path) on CPU,
+    # served end to end; the budget holds every stack
+    srv = Server(store, tmp_path / "log", "--name", "bit", "--fused", "always", "--memory-budget", "1GB")
     try:
+        stacked = re.search(r"fused always: (\d+) of (\d+) routed linear layers stacked", srv.log.read_text())
+        assert stacked and int(stacked[1]) == int(stacked[2]) > 0, srv.log.read_text()
         c = srv.client()
         prompt = prompts_for("code", 1, 9)[0]
         ids = tokenizer(prompt)["input_ids"]

@@ -23,6 +23,7 @@ may be shared). Prints a markdown table; --json writes the numbers.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import sys
@@ -52,6 +53,31 @@ def cli(*args) -> None:
     except SystemExit as e:  # user_errors exits 1 after printing the error
         if e.code:
             raise
+
+
+@contextlib.contextmanager
+def work_dir(work: Path | None, prefix: str):
+    """`work` (created), or a temporary directory removed afterwards."""
+    if work is not None:
+        work.mkdir(parents=True, exist_ok=True)
+        yield work
+        return
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        yield Path(tmp)
+
+
+def synthetic_family(work: Path, args):
+    """(shape, base, fine-tunes): a synthetic base + 3 bf16 fine-tunes of args' shape under
+    work/family, made once (a later run with the same --work reuses them)."""
+    import synth_checkpoints as synth
+
+    shape = synth.ModelShape(hidden=args.hidden, intermediate=args.intermediate, layers=args.layers, heads=args.heads,
+                             kv_heads=args.kv_heads, vocab=args.vocab)
+    if not (work / "family" / "ft3" / "config.json").is_file():
+        base, fts = synth.make_family(work / "family", shape, n_finetunes=3, dtype="bfloat16", delta_scale=0.004)
+    else:
+        base, fts = work / "family" / "base", [work / "family" / f"ft{i}" for i in (1, 2, 3)]
+    return shape, base, fts
 
 
 def build_store(root: Path, method: str, base: Path, fts: list[Path]) -> Path:
@@ -207,33 +233,16 @@ def main() -> None:
     import torch
     from transformers.utils import logging as hf_logging
 
-    import synth_checkpoints as synth
-
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     if args.threads:
         torch.set_num_threads(args.threads)
-    tmp = None
-    if args.work is None:
-        tmp = tempfile.TemporaryDirectory(prefix="bench-routing-")
-        work = Path(tmp.name)
-    else:
-        work = args.work
-        work.mkdir(parents=True, exist_ok=True)
-    try:
-        shape = synth.ModelShape(hidden=args.hidden, intermediate=args.intermediate, layers=args.layers, heads=args.heads,
-                                 kv_heads=args.kv_heads, vocab=args.vocab)
-        if not (work / "family" / "ft3" / "config.json").is_file():
-            base, fts = synth.make_family(work / "family", shape, n_finetunes=3, dtype="bfloat16", delta_scale=0.004)
-        else:
-            base, fts = work / "family" / "base", [work / "family" / f"ft{i}" for i in (1, 2, 3)]
+    with work_dir(args.work, "bench-routing-") as work:
+        shape, base, fts = synthetic_family(work, args)
         results = []
         for method in args.methods.split(","):
             store = build_store(work, method, base, fts)
             results.append(bench_method(method, store, work, args))
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
 
     print(f"\nmodel: {shape.n_params / 1e6:.2f}M params (hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}); "
           f"device {args.device}, {torch.get_num_threads()} thread(s); {args.prompts_per_task} prompts/task x 3 tasks, "

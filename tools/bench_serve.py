@@ -2,7 +2,7 @@
 """Benchmark `streammerge serve`: the same mixed-task prompts at several concurrencies.
 
     python tools/bench_serve.py [--methods mediator,1bit] [--concurrency 1,8,32] [--prompts-per-task 16]
-                                [--max-tokens 32] [--rounds 3] [--memory-budget 256MB] [--hidden 256 --layers 4 --vocab 2048] [--device cpu] [--json out.json]
+                                [--max-tokens 32] [--rounds 3] [--memory-budget 256MB] [--fused auto,never] [--hidden 256 --layers 4 --vocab 2048] [--device cpu] [--json out.json]
 
 Generates a synthetic base + 3 fine-tunes, builds a store per method and fits its router (as
 tools/bench_routing.py does), starts `streammerge serve` as a subprocess per store and sends
@@ -36,7 +36,6 @@ import os
 import random
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -44,13 +43,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 sys.path.insert(0, str(ROOT))
 
-from bench_routing import TASKS, build_store, prompts_for  # noqa: E402
+from bench_routing import TASKS, build_store, prompts_for, synthetic_family, work_dir  # noqa: E402
 from serve_process import ServeProcess  # noqa: E402
 
 
 class Server(ServeProcess):
-    def __init__(self, store: Path, device: str, max_batch: int, log: Path, memory_budget: str | None = None):
-        super().__init__(store, "--device", device, "--max-batch", max_batch, "--name", "bench",
+    def __init__(self, store: Path, device: str, max_batch: int, log: Path, memory_budget: str | None = None,
+                 fused: str = "auto"):
+        super().__init__(store, "--device", device, "--max-batch", max_batch, "--name", "bench", "--fused", fused,
                          *(["--memory-budget", memory_budget] if memory_budget else []), log=log, timeout=300)
 
     def resident(self) -> dict:
@@ -193,26 +193,33 @@ def bench_method(method: str, store: Path, work: Path, args) -> list[dict]:
     random.Random(2).shuffle(prompts)
     storage = json.loads((store / "storage.json").read_text())["total_bytes"]
     rows = []
-    srv = Server(store, args.device, max(args.concurrency), work / f"{method}-server.log", args.memory_budget)
+    # one server per --fused value: the first serves static / forced / routed, each further one
+    # forced and routed again (the same store with another fused policy), all alternating
+    servers = {f: Server(store, args.device, max(args.concurrency), work / f"{method}-server-{f}.log", args.memory_budget, f)
+               for f in args.fused}
     try:
         models = {"static": lambda t: "bench:static", "forced": lambda t: f"bench:task:{t}", "routed": lambda t: "bench"}
+        configs = [(mode, f) for f in args.fused for mode in models if f == args.fused[0] or mode != "static"]
         reqs = {mode: [{"model": model(t), "prompt": p, "max_tokens": args.max_tokens, "temperature": 0} for t, p in prompts]
                 for mode, model in models.items()}
-        for mode in models:
-            run_load(srv.base, reqs[mode][: max(args.concurrency)], max(args.concurrency))  # warm-up
+        for mode, f in configs:
+            run_load(servers[f].base, reqs[mode][: max(args.concurrency)], max(args.concurrency))  # warm-up
         runs: dict = {}
         for rnd in range(args.rounds):  # alternating: the box's load drifts alike over each mode
             for c in args.concurrency:
-                for mode in models:
+                for mode, f in configs:
+                    srv = servers[f]
                     r = run_load(srv.base, reqs[mode], c, [srv])
-                    runs.setdefault((mode, c), []).append(r)
-                    print(f"{method:8} {mode:7} c={c:<3} round {rnd}: {r['tok_s']:8.1f} tok/s  {r['tok_cpu_s']:8.1f} tok/CPU-s  "
-                          f"p50 {r['p50_s']:.2f}s  p95 {r['p95_s']:.2f}s", flush=True)
-        for (mode, c), rs in runs.items():
-            rows.append({"method": method, "mode": mode, "concurrency": c, "memory_budget": args.memory_budget, **summarize(rs)})
-        res = srv.resident()
+                    runs.setdefault((mode, f, c), []).append(r)
+                    print(f"{method:8} {mode:7} fused {f:6} c={c:<3} round {rnd}: {r['tok_s']:8.1f} tok/s  "
+                          f"{r['tok_cpu_s']:8.1f} tok/CPU-s  p50 {r['p50_s']:.2f}s  p95 {r['p95_s']:.2f}s", flush=True)
+        for (mode, f, c), rs in runs.items():
+            rows.append({"method": method, "mode": mode if f == args.fused[0] else f"{mode} (fused {f})", "fused": f,
+                         "concurrency": c, "memory_budget": args.memory_budget, **summarize(rs)})
+        res = servers[args.fused[0]].resident()
     finally:
-        srv.stop()
+        for srv in servers.values():
+            srv.stop()
     weights = sum(v for k, v in res.items() if k not in ("kv_cache", "process_rss"))
     for row in rows:
         row.update(resident=res, storage_bytes=storage, weights_over_storage=weights / storage)
@@ -247,38 +254,27 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--memory-budget", default=None,
                     help="Passed to `serve --memory-budget` (e.g. 8GB): lets the runtime cache decoded deltas.")
+    ap.add_argument("--fused", default="auto",
+                    help="`serve --fused` policies, comma-separated (e.g. auto,never): the first serves static / forced / "
+                    "routed, each further one forced and routed again in its own server, alternating with the first.")
     ap.add_argument("--skip-swap", action="store_true", help="Leave out the old weight-swap path.")
     ap.add_argument("--skip-experts", action="store_true", help="Leave out the one-process-per-expert servers.")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     args.concurrency = [int(x) for x in args.concurrency.split(",")]
+    args.fused = args.fused.split(",")
+    if any(f not in ("auto", "always", "never") for f in args.fused):
+        ap.error(f"--fused {','.join(args.fused)}: each one of auto, always, never")
 
     from transformers.utils import logging as hf_logging
 
-    import synth_checkpoints as synth
-
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    tmp = None
-    if args.work is None:
-        tmp = tempfile.TemporaryDirectory(prefix="bench-serve-")
-        work = Path(tmp.name)
-    else:
-        work = args.work
-        work.mkdir(parents=True, exist_ok=True)
-    try:
-        shape = synth.ModelShape(hidden=args.hidden, intermediate=args.intermediate, layers=args.layers, heads=args.heads,
-                                 kv_heads=args.kv_heads, vocab=args.vocab)
-        if not (work / "family" / "ft3" / "config.json").is_file():
-            base, fts = synth.make_family(work / "family", shape, n_finetunes=3, dtype="bfloat16", delta_scale=0.004)
-        else:
-            base, fts = work / "family" / "base", [work / "family" / f"ft{i}" for i in (1, 2, 3)]
+    with work_dir(args.work, "bench-serve-") as work:
+        shape, base, fts = synthetic_family(work, args)
         rows = []
         for method in args.methods.split(","):
             rows += bench_method(method, build_store(work, method, base, fts), work, args)
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
 
     print(f"\nmodel: {shape.n_params / 1e6:.2f}M params; device {args.device}; {args.prompts_per_task} prompts/task x 3 tasks, "
           f"max_tokens {args.max_tokens}, greedy; memory budget {args.memory_budget}; {args.rounds} rounds "

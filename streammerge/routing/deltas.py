@@ -725,6 +725,11 @@ class DeltaRuntime:
                 reserved += need
         return reserved
 
+    def fused_layers(self) -> tuple[int, int]:
+        """(routed Linear layers whose fused stack is reserved in the budget, routed Linear layers)."""
+        linears = sum(isinstance(m.forward, DeltaLinear) and "weight" in m.forward.tensors for m in self._patched)
+        return len(self._fusable), linears
+
     def fuses(self, module, x) -> bool:
         """Whether this product of `module` (input x) runs fused (see FUSED_MAX_TOKENS)."""
         if id(module) not in self._fusable:

@@ -24,6 +24,7 @@ from .decision import STATIC, Decision, forced, route_decision
 from .runtime import (
     encode_for_features,
     encode_for_generation,
+    eos_ids,
     load_merged_model,
     mean_hidden_features,
     open_routing_store,
@@ -201,7 +202,7 @@ class RoutedModel:
             decs = self.route(plist, eta, top_m)
         seqs = encode_for_generation(self.tokenizer, plist)
         pad = pad_id(self.tokenizer)
-        eos = self._eos_ids()
+        eos = eos_ids(self.model, self.tokenizer)
         texts: list[str | None] = [None] * len(plist)
         counts = [0] * len(plist)
         gen_kwargs = {"max_new_tokens": int(max_new_tokens), "pad_token_id": pad}
@@ -239,16 +240,6 @@ class RoutedModel:
             return texts[0] if single else texts
         res = [Generation(p, t, d, c) for p, t, d, c in zip(plist, texts, decs, counts)]
         return res[0] if single else res
-
-    def _eos_ids(self) -> set[int]:
-        ids = set()
-        for src in (getattr(self.model, "generation_config", None), self.model.config, self.tokenizer):
-            v = getattr(src, "eos_token_id", None)
-            if isinstance(v, int):
-                ids.add(v)
-            elif isinstance(v, (list, tuple)):
-                ids.update(int(x) for x in v)
-        return ids
 
     def reset_timings(self) -> None:
         self.timings = Timings()

@@ -166,6 +166,19 @@ def _one_line(e: BaseException) -> str:
     return text[:300] + ("..." if len(text) > 300 else "")
 
 
+def eos_ids(model, tok) -> set[int]:
+    """Every id that ends a generation: the generation config's, the model config's and the
+    tokenizer's eos_token_id (each an int or a list)."""
+    ids = set()
+    for src in (getattr(model, "generation_config", None), model.config, tok):
+        v = getattr(src, "eos_token_id", None)
+        if isinstance(v, int):
+            ids.add(v)
+        elif isinstance(v, (list, tuple)):
+            ids.update(int(x) for x in v)
+    return ids
+
+
 def pad_id(tok) -> int:
     """The id padding uses: pad, else eos, else unk, else 0 (padding is always masked)."""
     for attr in ("pad_token_id", "eos_token_id", "unk_token_id"):

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from ..routing.decision import STATIC, forced, route_decision
-from ..routing.runtime import encode_for_features, mean_hidden_features, pad_batch, pad_id, require_torch
+from ..routing.runtime import encode_for_features, eos_ids, mean_hidden_features, pad_batch, pad_id, require_torch
 from .scheduler import Request, Sampling
 
 
@@ -49,7 +49,7 @@ class ModelRunner:
         self.eta = float(method.get("eta", 0.5)) if eta is None else float(eta)
         self.top_m = int(method.get("top_m", 0) or 0) if top_m is None else int(top_m)
         self.pad = pad_id(tokenizer)
-        self.eos = self._eos_ids()
+        self.eos = eos_ids(self.model, self.tokenizer)
         cfg = model.config
         self.context_length = int(getattr(cfg, "max_position_embeddings", 0) or 2048)
         # transformers 5 renamed `past_key_values` to `cache` (the old name warns, then goes)
@@ -87,16 +87,6 @@ class ModelRunner:
         runner = cls(model, tok, runtime, method, dev, router=router, eta=eta, top_m=top_m)
         runner.kv_budget = kv_budget
         return runner
-
-    def _eos_ids(self) -> set[int]:
-        ids = set()
-        for src in (getattr(self.model, "generation_config", None), self.model.config, self.tokenizer):
-            v = getattr(src, "eos_token_id", None)
-            if isinstance(v, int):
-                ids.add(v)
-            elif isinstance(v, (list, tuple)):
-                ids.update(int(x) for x in v)
-        return ids
 
     @property
     def kv_bytes_per_token(self) -> int:

@@ -16,29 +16,33 @@ def model_name(store: Path, name: str | None) -> str:
 
 
 def build_engine(store: Path, device: str, dtype: str, max_batch: int, max_queue: int, memory_budget: int | None,
-                 eta: float | None = None, top_m: int | None = None):
+                 eta: float | None = None, top_m: int | None = None, fused: str = "auto"):
     """(engine, runner), the engine not started."""
     from .engine import Engine
     from .runner import ModelRunner
     from .scheduler import Scheduler
 
     runner = ModelRunner.from_store(store, device=device, dtype=dtype, memory_budget=memory_budget, eta=eta, top_m=top_m)
+    runner.runtime.fused = fused
     scheduler = Scheduler(max_batch, runner.kv_bytes_per_token, runner.kv_budget, max_queue)
     return Engine(runner, scheduler), runner
 
 
 def serve(store: Path, host: str, port: int, device: str, dtype: str, max_batch: int, max_queue: int,
-          memory_budget: int | None, api_key: str | None, name: str | None, eta: float | None, top_m: int | None) -> None:
+          memory_budget: int | None, api_key: str | None, name: str | None, eta: float | None, top_m: int | None,
+          fused: str = "auto") -> None:
     import uvicorn
 
     from .api import create_app
 
     name = model_name(store, name)
-    engine, runner = build_engine(store, device, dtype, max_batch, max_queue, memory_budget, eta, top_m)
+    engine, runner = build_engine(store, device, dtype, max_batch, max_queue, memory_budget, eta, top_m, fused)
     app = create_app(engine, name, api_key=api_key)
     engine.start()
     models = ([name] if runner.router is not None else []) + [f"{name}:static", f"{name}:task:<{'|'.join(runner.tasks)}>"]
-    print(f"serving {', '.join(models)} on http://{host}:{port}/v1 ({runner.device}, max batch {max_batch})",
+    stacked, linears = runner.runtime.fused_layers()
+    print(f"serving {', '.join(models)} on http://{host}:{port}/v1 ({runner.device}, max batch {max_batch}; "
+          f"fused {fused}: {stacked} of {linears} routed linear layers stacked)",
           file=sys.stderr, flush=True)
     try:
         uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
