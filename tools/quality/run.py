@@ -336,7 +336,7 @@ def write_outputs(results: dict, train_info: dict, out: Path, command: str) -> N
           f"Command: `{command}`", "",
           (f"Training: {results['train']['device']}, {results['train']['seconds']} s. Evaluation: {results['eval_device']}, "
            f"{results['seconds']} s ({results['generated_prompts']} generations)."), "",
-          *[f"Rows re-evaluated since (same harness, same prompts): `{r['command']}` ({r['eval_device']}, {r['seconds']} s): "
+          *[f"Rows re-evaluated since (same harness, same prompts): `{r['command']}` ({r['eval_device']}, {r['seconds']:.1f} s): "
             + ", ".join(r["rows"]) + ("." if r.get("sweep", True) else " (without the eta sweep: their sweep below is the earlier run's).")
             for r in results.get("reruns", [])],
           *([""] if results.get("reruns") else []),
