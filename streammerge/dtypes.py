@@ -10,28 +10,43 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import ml_dtypes
 import numpy as np
 
 from .workspace import thread_buffer
+
+# ml_dtypes is imported where its types are first needed, not with this module: its import
+# registers its casts and ufunc loops with numpy, ~0.5 s of every command here, and the CPU
+# merge path never needs it (bf16 travels as uint16 bits, converted by shifts below).
+
+
+def ml_dtype(name: str) -> np.dtype:
+    """The numpy dtype of ml_dtypes' type `name` ("bfloat16", "float8_e4m3fn", ...), imported on first use."""
+    import ml_dtypes
+
+    return np.dtype(getattr(ml_dtypes, name))
 
 
 @dataclass(frozen=True)
 class FloatType:
     name: str  # canonical name, as in torch and HF config.json: "bfloat16", "float16", "float32", "float64"
     st: str  # safetensors header name
-    logical: np.dtype  # numpy dtype with the value semantics (ml_dtypes.bfloat16 for bf16)
     storage: np.dtype  # numpy dtype used on disk and in zarr (uint16 for bf16)
+    logical_name: str  # numpy (or ml_dtypes, for bf16) name of the dtype with the value semantics
+
+    @property
+    def logical(self) -> np.dtype:
+        """numpy dtype with the value semantics (ml_dtypes.bfloat16 for bf16)."""
+        return ml_dtype(self.logical_name) if self.storage.name != self.logical_name else self.storage
 
     @property
     def itemsize(self) -> int:
         return self.storage.itemsize
 
 
-BF16 = FloatType("bfloat16", "BF16", np.dtype(ml_dtypes.bfloat16), np.dtype(np.uint16))
-F16 = FloatType("float16", "F16", np.dtype(np.float16), np.dtype(np.float16))
-F32 = FloatType("float32", "F32", np.dtype(np.float32), np.dtype(np.float32))
-F64 = FloatType("float64", "F64", np.dtype(np.float64), np.dtype(np.float64))
+BF16 = FloatType("bfloat16", "BF16", np.dtype(np.uint16), "bfloat16")
+F16 = FloatType("float16", "F16", np.dtype(np.float16), "float16")
+F32 = FloatType("float32", "F32", np.dtype(np.float32), "float32")
+F64 = FloatType("float64", "F64", np.dtype(np.float64), "float64")
 
 FLOAT_TYPES = {t.name: t for t in (BF16, F16, F32, F64)}
 _BY_ST = {t.st: t for t in (BF16, F16, F32, F64)}
@@ -57,9 +72,17 @@ def is_float_st(st: str) -> bool:
 # lookup giving the values torch's float8_e4m3fn / float8_e5m2 give, two bytes at a time: a
 # 65536-entry table of float32 pairs (512 KiB, built on first use) decodes ~940 M elements/s
 # here, against ~100-170 M/s for one byte at a time or ml_dtypes' cast.
-FP8_TYPES = {"F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn), "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2)}
-_FP8_TABLES = {st: np.arange(256, dtype=np.uint8).view(t).astype(np.float32) for st, t in FP8_TYPES.items()}
+FP8_TYPES = {"F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}  # safetensors name -> ml_dtypes name
+_FP8_TABLES: dict[str, np.ndarray] = {}
 _FP8_PAIRS: dict[str, np.ndarray] = {}
+
+
+def _fp8_table(st: str) -> np.ndarray:
+    """float32 value of each of the 256 bytes of FP8 type `st` (built on first use)."""
+    table = _FP8_TABLES.get(st)
+    if table is None:
+        table = _FP8_TABLES[st] = np.arange(256, dtype=np.uint8).view(ml_dtype(FP8_TYPES[st])).astype(np.float32)
+    return table
 
 
 def _fp8_pairs(st: str) -> np.ndarray:
@@ -67,7 +90,7 @@ def _fp8_pairs(st: str) -> np.ndarray:
     table = _FP8_PAIRS.get(st)
     if table is None:
         pairs = np.arange(65536, dtype=np.uint16).view(np.uint8).reshape(-1, 2)  # bytes in memory order
-        table = _FP8_PAIRS[st] = np.ascontiguousarray(_FP8_TABLES[st][pairs]).view(np.uint64).reshape(-1)
+        table = _FP8_PAIRS[st] = np.ascontiguousarray(_fp8_table(st)[pairs]).view(np.uint64).reshape(-1)
     return table
 
 
@@ -77,7 +100,7 @@ def fp8_to_float32(raw: np.ndarray, st: str, out: np.ndarray) -> np.ndarray:
     if even:
         _fp8_pairs(st).take(raw[:even].view(np.uint16), out=out[:even].view(np.uint64), mode="clip")
     if raw.size & 1:
-        out[-1] = _FP8_TABLES[st][raw[-1]]
+        out[-1] = _fp8_table(st)[raw[-1]]
     return out
 
 

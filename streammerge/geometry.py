@@ -7,14 +7,14 @@ packing and the device kernels all cut tensors this way, so they share these fun
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
-
-import numpy as np
 
 
 def numel(shape: Sequence[int]) -> int:
-    """Elements of a tensor of `shape` (a 0-d tensor has one)."""
-    return int(np.prod(shape, dtype=np.int64)) if len(shape) else 1
+    """Elements of a tensor of `shape` (a 0-d tensor has one). Python integers, exact: called
+    per block and per chunk, where np.prod's ~3 us held the GIL (math.prod: ~0.1 us)."""
+    return math.prod(map(int, shape))
 
 
 def num_rows(shape: Sequence[int]) -> int:

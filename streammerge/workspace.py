@@ -30,11 +30,18 @@ def page_aligned(n: int, dtype=np.uint8) -> np.ndarray:
 def thread_buffer(key: Hashable, n: int, dtype=np.float32, at_least: int = 1) -> np.ndarray:
     """An array of `n` elements of `dtype`, private to this thread, for `key`; its storage is
     reused by the next call with the same key and dtype (allocated at >= `at_least` elements)."""
-    bufs = getattr(_local, "bufs", None)
-    if bufs is None:
+    try:
+        bufs = _local.bufs
+    except AttributeError:
         bufs = _local.bufs = {}
-    dtype = np.dtype(dtype)
-    b = bufs.get((key, dtype.str))
+    # called tens of times per row group: the dtype's name comes from a cache, not np.dtype()
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        name = _DTYPE_NAMES[dtype] = np.dtype(dtype).str
+    b = bufs.get((key, name))
     if b is None or b.size < n:
-        b = bufs[(key, dtype.str)] = page_aligned(max(n, at_least), dtype)
+        b = bufs[(key, name)] = page_aligned(max(n, at_least), dtype)
     return b[:n]
+
+
+_DTYPE_NAMES: dict = {}  # np.float32, np.dtype("float32"), "f4", ... -> "<f4"

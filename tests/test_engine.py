@@ -309,3 +309,37 @@ def test_graph_nodes_are_typed_and_name_their_keys(synth_family, tmp_path):
     assert set(task_bytes) == {k for k in dsk if not isinstance(graph_node(dsk, k), (PassReduce, SaveStats))}
     paths = graph_paths(dsk)
     assert os.path.abspath(store.path) in paths and any(p.startswith(str(base)) for p in paths)
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "dare_ties"])
+def test_bf16_build_command_does_not_import_ml_dtypes(tmp_path, method):
+    """Importing ml_dtypes registers its casts with numpy (~0.5 s here, in every command): a bf16
+    static merge and its export never need it (bf16 is converted on its bits), so the command
+    must not import it; the task_arithmetic model is still torch's."""
+    shape = synth.ModelShape(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, vocab=256)
+    base, fts = synth.make_family(tmp_path / "m", shape, n_finetunes=2, dtype="bfloat16")
+    recipe = ta_recipe(base, fts, [0.6, 0.4], merge_method=method)
+    if method == "dare_ties":  # random masks and the l1 pass: the streams' path too
+        for spec in recipe["models"]:
+            spec["parameters"]["density"] = 0.5
+    recipe_path = write_recipe(tmp_path / "r.yaml", recipe)
+    code = (
+        "import sys\n"
+        "from streammerge.cli import main\n"
+        f"sys.argv = ['streammerge', 'build', {str(recipe_path)!r}, '--store', {str(tmp_path / 'job.zarr')!r}, "
+        f"'--export', {str(tmp_path / 'out')!r}, '--no-progress', '--workers', '2']\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit as e:\n"
+        "    assert not e.code, e.code\n"
+        "print('ml_dtypes imported:', 'ml_dtypes' in sys.modules)\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert "ml_dtypes imported: False" in p.stdout, p.stdout
+    merged = load_model_tensors(tmp_path / "out")
+    assert set(merged) == set(load_model_tensors(base))
+    if method == "task_arithmetic":
+        b, models = load_model_tensors(base), [load_model_tensors(f) for f in fts]
+        for name, t in merged.items():
+            assert torch.equal(t, torch_task_arithmetic(b[name], [m[name] for m in models], [0.6, 0.4]).to(t.dtype)), name

@@ -59,6 +59,8 @@ def test_thread_buffer_reuses_per_key_dtype_and_thread():
     assert np.shares_memory(a, again) and again.shape == (50,) and (again == 7).all()
     assert not np.shares_memory(a, thread_buffer(("test", "b"), 100))
     assert not np.shares_memory(a, thread_buffer(("test", "a"), 100, np.float64))
+    for spelling in (np.dtype(np.float32), "float32", "<f4"):  # one buffer, however the dtype is named
+        assert np.shares_memory(a, thread_buffer(("test", "a"), 100, spelling))
     bigger = thread_buffer(("test", "a"), 1000)
     assert bigger.shape == (1000,) and thread_buffer(("test", "a"), 10).base is bigger.base
     small = thread_buffer(("test", "c"), 3, at_least=64)
@@ -71,11 +73,16 @@ def test_thread_buffer_reuses_per_key_dtype_and_thread():
     assert not np.shares_memory(other[0], thread_buffer(("test", "a"), 100))
 
 
+def test_numel_is_exact_past_int64():
+    assert numel((2**40, 2**40)) == 2**80 and type(numel((3, 4))) is int
+
+
 @pytest.mark.parametrize("shape", [(), (7,), (5, 3), (4, 3, 2), (0, 6)])
 def test_row_geometry_matches_the_engine_row_view(shape):
     a = np.empty(shape)
     rows = a.reshape(1) if a.ndim == 0 else a  # the engine's view: 0-d is one row of one element
     assert numel(shape) == rows.size and num_rows(shape) == rows.shape[0]
+    assert numel(tuple(np.int64(d) for d in shape)) == rows.size  # numpy integers in a shape
     assert row_elems(shape) == (int(np.prod(shape[1:])) if len(shape) > 1 else 1)
     assert block_shape(shape, 0, num_rows(shape)) == rows.shape
     if len(shape) >= 1 and shape[0] >= 2:

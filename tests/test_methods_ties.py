@@ -277,6 +277,28 @@ def test_random_stream_reused_in_any_order():
         assert np.array_equal(stream.bernoulli_keep(start, count, 0.3), _random.bernoulli_keep(key, start, count, 0.3))
 
 
+def test_thread_stream_is_kept_per_thread_and_bounded():
+    """thread_stream: the same Stream for a key on one thread (seeded once across row groups),
+    another on another thread, at most _KEPT_STREAMS kept, and its words a fresh seeding's."""
+    import threading
+
+    keys = [_random.stream_key(5, f"t{i}", 0, "random") for i in range(_random._KEPT_STREAMS + 3)]
+    first = _random.thread_stream(keys[0])
+    assert _random.thread_stream(keys[0]) is first
+    other: list = []
+    t = threading.Thread(target=lambda: other.append(_random.thread_stream(keys[0])))
+    t.start()
+    t.join()
+    assert other[0] is not first
+    for k in keys[1:]:
+        _random.thread_stream(k)
+    kept = _random._local.streams
+    assert len(kept) == _random._KEPT_STREAMS and keys[0] not in kept and keys[-1] in kept
+    s = _random.thread_stream(keys[-1])
+    for start, count in [(100, 50), (3, 7), (2**33 + 1, 11)]:  # forward, back, far: a fresh seeding's words
+        assert np.array_equal(s.bits16(start, count), _random.bits16(keys[-1], start, count))
+
+
 @pytest.mark.parametrize("name", ["dare_ties", "dare_linear", "della", "della_linear"])
 def test_random_methods_block_size_and_seed(name):
     base, models = make((60, 50), "cont", seed=1)

@@ -365,3 +365,28 @@ def test_oracle_rows_agree_with_run(smoke, tmp_path):
     assert got["1bit-uniform"]["acc"] == rows["1bit-uniform"]["oracle_acc"]
     assert got["1bit-uniform"]["bytes"] == rows["1bit-uniform"]["storage_bytes"]
     assert oracle_rows.main(["--config", "smoke", "--out", str(out), "--rows", "nope"]) == 1
+
+
+def test_restricted_sweep_equals_the_full_sweeps_cells(smoke, tmp_path):
+    """--sweep-routers / --sweep-etas: only that grid is evaluated, each cell as the full sweep
+    scored it (routers are refitted with a fixed seed); a grid without what the OOD target
+    compares is refused before any work."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(smoke / "out" / "seed-0", out)
+    before = json.loads((out / "results.json").read_text())["eta_sweep"]["mediator-0.5-0.1"]
+    grid = [Q.PLAIN_ROUTER, Q.OOD_ROUTER]
+    args = ["--smoke", "--out", str(out), "--cache", str(smoke / "cache"), "--train-device", "cpu", "--only", "mediator-0.5-0.1",
+            "--sweep-routers", ",".join(grid), "--sweep-etas", f"1,{Q.OOD_ETA:g}"]
+    assert Q.main(args) == 0
+    after = json.loads((out / "results.json").read_text())
+    sweep = after["eta_sweep"]["mediator-0.5-0.1"]
+    assert list(sweep) == [r for r in Q.ROUTERS if r in grid]
+    for r in grid:
+        assert list(sweep[r]["sweep"]) == [f"{Q.OOD_ETA:g}", "1"]
+        for eta, cell in sweep[r]["sweep"].items():
+            assert cell["ood_all"] == before[r]["sweep"][eta]["ood_all"] and cell["avg"] == before[r]["sweep"][eta]["avg"], (r, eta)
+    assert after["ood_routing"]["mediator-0.5-0.1"]["router"] == Q.OOD_ROUTER
+    with pytest.raises(SystemExit, match="the sweep must hold"):
+        Q.main(args[:-4] + ["--sweep-routers", "mlp"])

@@ -77,7 +77,6 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-import ml_dtypes
 import numpy as np
 
 from ..dtypes import BF16, round_to
@@ -91,7 +90,6 @@ GRANULARITIES = ("tensor", "row", "group:<G>")
 KINDS = ("drop", "1bit", "1bit-row", "1bit-group", "2bit", "sparse", "dense")
 GROUP = 1 << 14  # flat-aligned groups of the exact-order per-tensor sums
 
-_BF16 = np.dtype(ml_dtypes.bfloat16)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -500,8 +498,8 @@ def reconstruct_task(
         raise ValueError("dense: the values are needed")
     d = np.asarray(dense)
     if d.dtype == np.uint16:
-        d = d.view(_BF16)
-    out = round_to(d, BF16) if d.dtype != _BF16 else d.astype(np.float32)
+        d = d.view(BF16.logical)
+    out = round_to(d, BF16) if d.dtype != BF16.logical else d.astype(np.float32)
     return out.reshape(bshape)
 
 

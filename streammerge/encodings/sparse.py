@@ -55,9 +55,9 @@ from __future__ import annotations
 import struct
 from typing import Sequence
 
-import ml_dtypes
 import numpy as np
 
+from ..dtypes import BF16
 from ..methods.base import Output
 
 MAGIC = b"SMSP"
@@ -74,7 +74,6 @@ _HEADER_V1 = struct.Struct("<4sHHI")  # magic, version, value code, count
 HEADER_SIZE_V1 = _HEADER_V1.size  # 12
 MAX_BLOCK = (1 << 31) - 1
 
-_BF16 = np.dtype(ml_dtypes.bfloat16)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,7 +111,7 @@ def quantize_int8(values_f32) -> tuple[np.ndarray, np.ndarray]:
 def dequantize_int8(scale: np.ndarray, codes: np.ndarray) -> np.ndarray:
     """bf16(scale * q) as float32: the values an int8 blob decodes to."""
     v = np.repeat(scale.astype(np.float32), GROUP)[: codes.size] * codes.astype(np.float32)
-    return v.astype(_BF16).astype(np.float32)
+    return v.astype(BF16.logical).astype(np.float32)
 
 
 def encode_sparse(offsets, values_f32, size: int, value_bits: int = 16) -> bytes:
@@ -148,7 +147,7 @@ def encode_sparse(offsets, values_f32, size: int, value_bits: int = 16) -> bytes
     else:
         pos = off.astype("<i4").tobytes()
     if code == VALUE_BF16:
-        return head + pos + val.astype(np.float32, copy=False).astype(_BF16).view("<u2").tobytes()
+        return head + pos + val.astype(np.float32, copy=False).astype(BF16.logical).view("<u2").tobytes()
     scale, q = quantize_int8(val)
     return head + pos + scale.astype("<f4").tobytes() + q.tobytes()
 
@@ -230,7 +229,7 @@ def decode_sparse(blob, size: int | None = None) -> tuple[np.ndarray, np.ndarray
         pos_bytes = 4 * count
     at = head + pos_bytes
     if code == VALUE_BF16:
-        val = np.frombuffer(buf, dtype="<u2", count=count, offset=at).astype(np.uint16).view(_BF16).astype(np.float32)
+        val = np.frombuffer(buf, dtype="<u2", count=count, offset=at).astype(np.uint16).view(BF16.logical).astype(np.float32)
     else:
         val = _int8_values(buf, at, count)
     return off.astype(np.int64, copy=False), val

@@ -79,11 +79,20 @@ def _stored_types(out: Output) -> tuple[np.dtype, np.dtype]:
         return np.dtype(out.dtype), np.dtype(out.dtype)
 
 
+def _storage_dtype(out: Output) -> np.dtype:
+    """What is stored for `out` (uint16 bits for bf16): `_stored_types`' second, without the
+    logical type (whose ml_dtypes import the common path does without)."""
+    try:
+        return float_type(out.dtype).storage
+    except KeyError:
+        return np.dtype(out.dtype)
+
+
 def _stored_buffer(job: TensorJob, k: int, out: Output, r0: int, r1: int) -> np.ndarray:
     """This thread's buffer for rows [r0, r1) of output `k` as stored (reused block after block)."""
     trailing = job.shape[1:] if out.trailing is None else out.trailing
     n = (r1 - r0) * int(np.prod(trailing, dtype=np.int64))
-    return buffer(("out", k), n, _stored_types(out)[1]).reshape((r1 - r0, *trailing))
+    return buffer(("out", k), n, _storage_dtype(out)).reshape((r1 - r0, *trailing))
 
 
 def _storage_into(out: Output, value: np.ndarray, dest: np.ndarray) -> None:

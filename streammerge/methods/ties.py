@@ -332,7 +332,7 @@ class _BlockMasks:
         self.spec = fam.spec
         self.n = numel(block.shape)
         self._keepers: dict[int, list[Keeper]] | None = None
-        self.streams: dict[int, random_streams.Stream] = {}  # per model: one seeding per block
+        self.streams: dict[int, random_streams.Stream] = {}  # per model (random_streams.thread_stream)
         self.dens = densities(params)
 
     def keepers(self, i: int) -> list[Keeper]:
@@ -374,7 +374,7 @@ class _BlockMasks:
         stream = self.streams.get(i)
         if stream is None:
             key = random_streams.stream_key(self.params.seed, self.block.tensor, i, self.spec.sparsify)
-            stream = self.streams[i] = random_streams.Stream(key)
+            stream = self.streams[i] = random_streams.thread_stream(key)
         if sp == RANDOM:
             dens = self.dens[i]
             m = stream.bernoulli_keep(p0, L, dens, out=scratch("keep", L, bool))

@@ -17,6 +17,7 @@ probabilities resolve to 2**-16; uniforms (DELLA) take two words, elements 2p an
 from __future__ import annotations
 
 import hashlib
+import threading
 
 import numpy as np
 
@@ -74,6 +75,27 @@ class Stream:
             res[:] = True
             return res
         return np.less(self.bits16(start, count), np.uint16(threshold), out=res)
+
+
+_local = threading.local()
+_KEPT_STREAMS = 16  # per thread: the streams of the few tensors and models it is working on
+
+
+def thread_stream(key: int) -> Stream:
+    """This thread's Stream for `key`, kept from one call to the next (a method called row group
+    by row group seeds each stream once, not once per group: ~8 us a seeding, with the GIL held).
+    A Stream is read by position, so which one serves a read changes no word."""
+    try:
+        streams = _local.streams
+    except AttributeError:
+        streams = _local.streams = {}
+    stream = streams.pop(key, None)
+    if stream is None:
+        stream = Stream(key)
+        if len(streams) >= _KEPT_STREAMS:
+            del streams[next(iter(streams))]  # the least recently used
+    streams[key] = stream  # last: most recently used
+    return stream
 
 
 def bits16(key: int, start: int, count: int) -> np.ndarray:

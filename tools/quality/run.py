@@ -136,9 +136,10 @@ def row(name, family, label, res, storage_bytes, **extra) -> dict:
 
 
 def evaluate_all(cfg, root: Path, out: Path, device: str, only: set | None = None, sweep: bool = True,
-                 via_server: bool = False) -> dict:
+                 via_server: bool = False, routers: dict = ROUTERS, etas: tuple = ETAS) -> dict:
     """Every row (or those in `only`); sweep False skips Mediator's router x eta sweep (quick
-    exploration: the rows themselves are unchanged, the OOD table and target lack them);
+    exploration: the rows themselves are unchanged, the OOD table and target lack them), which
+    covers `routers` x `etas` (by default every one of ROUTERS and ETAS);
     via_server also scores each routing store's rows through `streammerge serve` (the row's
     `via_server`: accuracy per mode and how many answers differ from the in-process ones)."""
     from quality.evaluate import (
@@ -215,11 +216,11 @@ def evaluate_all(cfg, root: Path, out: Path, device: str, only: set | None = Non
                 say(r)
         if m.method == "mediator" and sweep:
             by_router = {}
-            for rname, kw in ROUTERS.items():
-                if kw:
+            for i, (rname, kw) in enumerate(routers.items()):
+                if kw or i:  # the first, the default MLP, is the router the row was scored with
                     ev.refit(kw)
                 sweep = {}
-                for eta in ETAS:
+                for eta in etas:
                     e = ev.evaluate("router", eta=eta)
                     sweep[f"{eta:g}"] = {"avg": e["avg"], "acc": e["acc"], "ood_all": e["ood_all"], "ood": e["ood"], "mixed_share": e["mixed_share"]}
                     log(f"{'':28s} router {rname}, eta {eta:4g}: avg {100 * e['avg']:5.1f}  ood {100 * e['ood_all']:5.1f}  "
@@ -335,7 +336,7 @@ def write_outputs(results: dict, train_info: dict, out: Path, command: str) -> N
           f"Command: `{command}`", "",
           (f"Training: {results['train']['device']}, {results['train']['seconds']} s. Evaluation: {results['eval_device']}, "
            f"{results['seconds']} s ({results['generated_prompts']} generations)."), "",
-          *[f"Rows re-evaluated since (same harness, same prompts): `{r['command']}` ({r['eval_device']}, {r['seconds']} s): "
+          *[f"Rows re-evaluated since (same harness, same prompts): `{r['command']}` ({r['eval_device']}, {r['seconds']:.1f} s): "
             + ", ".join(r["rows"]) + ("." if r.get("sweep", True) else " (without the eta sweep: their sweep below is the earlier run's).")
             for r in results.get("reruns", [])],
           *([""] if results.get("reruns") else []),
@@ -371,6 +372,10 @@ def main(argv=None) -> int:
     ap.add_argument("--only", help="comma-separated merge names to evaluate (default: all)")
     ap.add_argument("--report-only", action="store_true", help="rewrite OUT/results.md and the plot from OUT/results.json")
     ap.add_argument("--no-sweep", action="store_true", help="skip Mediator's router x eta sweep (quick exploration)")
+    ap.add_argument("--sweep-routers", help=f"comma-separated routers of the sweep (default all: {','.join(ROUTERS)}); "
+                    f"must hold {OOD_ROUTER} and {PLAIN_ROUTER}, which the OOD target compares")
+    ap.add_argument("--sweep-etas", help=f"comma-separated entropy thresholds of the sweep (default {','.join(f'{e:g}' for e in ETAS)}); "
+                    f"must hold {OOD_ETA:g} and 1 (top-1)")
     ap.add_argument("--via-server", action="store_true", help="also score each routing store's rows (router, oracle, "
                     "static) through `streammerge serve` with the openai client, and count the answers that differ")
     ap.add_argument("--seeds", type=seed_list, help="comma-separated training seeds (e.g. 0,1,2): train and score each into "
@@ -386,6 +391,7 @@ def main(argv=None) -> int:
         print(TB.targets_markdown(results["targets"]))
         return 0
     cfg = CONFIGS["smoke" if a.smoke else a.config]
+    sweep_grid(a)  # a wrong grid fails before any training
     import torch
 
     train_device = a.train_device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -418,6 +424,23 @@ def seed_list(text: str) -> list[int]:
     return seeds
 
 
+def sweep_grid(a) -> dict:
+    """evaluate_all's routers and etas from --sweep-routers / --sweep-etas (SystemExit naming a
+    wrong one, or a grid without what the OOD target compares)."""
+    names = a.sweep_routers.split(",") if a.sweep_routers else list(ROUTERS)
+    unknown = [n for n in names if n not in ROUTERS]
+    if unknown:
+        raise SystemExit(f"error: --sweep-routers: unknown router(s) {', '.join(unknown)} (known: {', '.join(ROUTERS)})")
+    try:
+        etas = tuple(float(x) for x in a.sweep_etas.split(",")) if a.sweep_etas else ETAS
+    except ValueError:
+        raise SystemExit(f"error: --sweep-etas {a.sweep_etas!r}: comma-separated numbers") from None
+    if OOD_ROUTER not in names or PLAIN_ROUTER not in names or OOD_ETA not in etas or 1.0 not in etas:
+        raise SystemExit(f"error: the sweep must hold routers {OOD_ROUTER} and {PLAIN_ROUTER} and etas {OOD_ETA:g} and 1 "
+                         "(the OOD target compares them)")
+    return {"routers": {n: ROUTERS[n] for n in ROUTERS if n in names}, "etas": tuple(sorted(set(etas)))}
+
+
 def run_one(a, cfg, out: Path, pack_dir: Path | None, import_dir: Path | None, train_device: str, command: str) -> dict | None:
     """One configuration (one seed) end to end into `out`: import or train (or find the cache),
     pack, evaluate, write; returns the results (None with --train-only)."""
@@ -437,7 +460,7 @@ def run_one(a, cfg, out: Path, pack_dir: Path | None, import_dir: Path | None, t
             (pack_dir / "scores.json").write_text(json.dumps(scores, indent=1))
         return None
     results = evaluate_all(cfg, root, out, a.device, set(a.only.split(",")) if a.only else None, sweep=not a.no_sweep,
-                           via_server=a.via_server)
+                           via_server=a.via_server, **sweep_grid(a))
     previous = out / "results.json"
     if a.only and not a.fresh and previous.is_file():
         old = json.loads(previous.read_text())

@@ -203,7 +203,7 @@ def targets_markdown(t: dict) -> str:
         lines.append(
             f"- OOD: uncertainty routing beats top-1: **{verdict}** "
             f"({o['row']}, router {o['router']}, eta {o['eta']:g}: {100 * o['uncertainty']:.1f}% vs top-1 {100 * o['top1']:.1f}%{plain} "
-            f"({diff:+d} of {o['n']} prompts over the better top-1; {100 * o['mixed']:.0f}% of them mixed); best of the sweep: "
+            f"({diff:+d} of {o['n']:.0f} prompts over the better top-1; {100 * o['mixed']:.0f}% of them mixed); best of the sweep: "
             f"{b['row']}, router {b['router']}, eta {b['eta']}: {100 * b['ood']:.1f}% vs top-1 {100 * b['top1']:.1f}%; "
             "a second draw of the OOD prompts and paired tests: ood_probe.md)"
         )
