@@ -44,13 +44,21 @@ def _markers(store: Path) -> int:
     return fault_inject.count_markers(store)
 
 
-def _wait_for(cond, proc, timeout=60.0):
+def _signal_when(cond, proc, sig, timeout=60.0) -> bool:
+    """Send `sig` once cond() holds, checking with the process frozen (SIGSTOP, then SIGCONT):
+    it cannot finish between the check and the signal however late this test is scheduled (a
+    loaded box made a fast build end first: exit 0 instead of 130)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if cond():
-            return True
         if proc.poll() is not None:
             return False
+        proc.send_signal(signal.SIGSTOP)
+        try:
+            if cond():
+                proc.send_signal(sig)
+                return True
+        finally:
+            proc.send_signal(signal.SIGCONT)
         time.sleep(0.003)
     return False
 
@@ -66,9 +74,8 @@ def test_kill_anywhere_resumes_to_identical_export(tmp_path):
 def test_signal_stops_build_cleanly_and_resumes(job, tmp_path, sig, code):
     store = tmp_path / "job.zarr"
     proc = subprocess.Popen(job["build"] + ["--store", store], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert _wait_for(lambda: _markers(store) >= 30, proc), "the build should still be running"
+    assert _signal_when(lambda: _markers(store) >= 30, proc, sig), "the build should still be running"
     t0 = time.time()
-    proc.send_signal(sig)
     out, err = proc.communicate(timeout=30)
     assert time.time() - t0 < 10
     assert proc.returncode == code, err
@@ -93,8 +100,7 @@ def test_signal_stops_export_cleanly(job, tmp_path, sig, code):
     before = file_digest(out)
     cmd = sm("export", job["ref_store"], out, "--overwrite", "--workers", 1, "--no-progress")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert _wait_for(lambda: fault_inject.export_litter(out), proc), "the export should still be running"
-    proc.send_signal(sig)
+    assert _signal_when(lambda: fault_inject.export_litter(out), proc, sig), "the export should still be running"
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == code, err
     assert INTERRUPTED in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
