@@ -114,15 +114,20 @@ def dequantize_int8(scale: np.ndarray, codes: np.ndarray) -> np.ndarray:
     return v.astype(BF16.logical).astype(np.float32)
 
 
+def value_code(value_bits) -> int:
+    """The blob value code of `value_bits` (16: bf16, 8: int8 groups); ValueError otherwise."""
+    if value_bits not in VALUE_CODES:
+        raise ValueError(f"value_bits must be 16 or 8, got {value_bits!r}")
+    return VALUE_CODES[value_bits]
+
+
 def encode_sparse(offsets, values_f32, size: int, value_bits: int = 16) -> bytes:
     """One row block's entries as a blob (see the module docstring); values rounded to bf16
     (`value_bits` 16) or to int8 groups (8).
 
     `size` is the block's element count: offsets must lie in [0, size); it picks the layout.
     """
-    if value_bits not in VALUE_CODES:
-        raise ValueError(f"value_bits must be 16 or 8, got {value_bits!r}")
-    code = VALUE_CODES[value_bits]
+    code = value_code(value_bits)
     off = np.asarray(offsets)
     val = np.asarray(values_f32)
     if off.ndim != 1 or val.ndim != 1 or off.shape != val.shape:
@@ -327,4 +332,5 @@ __all__ = [
     "sparse_count",
     "top_rho_k",
     "value_bytes",
+    "value_code",
 ]

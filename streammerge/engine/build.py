@@ -19,6 +19,7 @@ import numpy as np
 from ..checkpoints.blocks import RawRows, block_shape, convert, read_rows, read_rows_at, row_elems
 from ..dtypes import float32_into, float_type
 from ..fsutil import store_writers
+from ..geometry import numel
 from ..methods import Block, MergeMethod
 from ..methods.base import Output, row_group_elems
 from ..plan.planner import Plan, TensorJob, rows_in
@@ -69,37 +70,41 @@ def _by_output(job: TensorJob, result) -> dict:
     return result if isinstance(result, dict) else {job.output_list[0].name: result}
 
 
+def _float_type(out: Output):
+    """The FloatType `out` is stored as, or None (not a float type: stored as returned)."""
+    try:
+        return float_type(out.dtype)
+    except KeyError:
+        return None
+
+
 def _stored_types(out: Output) -> tuple[np.dtype, np.dtype]:
     """(what a method's float32 values are cast to, what is stored) for `out`: bf16 is cast to
     ml_dtypes.bfloat16 (round to nearest even) and stored as its uint16 bits."""
-    try:
-        ftype = float_type(out.dtype)
-        return ftype.logical, ftype.storage
-    except KeyError:  # not a float type: stored as returned
-        return np.dtype(out.dtype), np.dtype(out.dtype)
+    ftype = _float_type(out)
+    return (ftype.logical, ftype.storage) if ftype else (np.dtype(out.dtype),) * 2
 
 
 def _storage_dtype(out: Output) -> np.dtype:
-    """What is stored for `out` (uint16 bits for bf16): `_stored_types`' second, without the
-    logical type (whose ml_dtypes import the common path does without)."""
-    try:
-        return float_type(out.dtype).storage
-    except KeyError:
-        return np.dtype(out.dtype)
+    """What is stored for `out` (uint16 bits for bf16), without the logical type (whose
+    ml_dtypes import the common path does without)."""
+    ftype = _float_type(out)
+    return ftype.storage if ftype else np.dtype(out.dtype)
 
 
 def _stored_buffer(job: TensorJob, k: int, out: Output, r0: int, r1: int) -> np.ndarray:
     """This thread's buffer for rows [r0, r1) of output `k` as stored (reused block after block)."""
     trailing = job.shape[1:] if out.trailing is None else out.trailing
-    n = (r1 - r0) * int(np.prod(trailing, dtype=np.int64))
+    n = (r1 - r0) * numel(trailing)
     return buffer(("out", k), n, _storage_dtype(out)).reshape((r1 - r0, *trailing))
 
 
 def _storage_into(out: Output, value: np.ndarray, dest: np.ndarray) -> None:
     """A method's float32 `value` for `out` written into `dest` as stored (rounded, e.g. to bf16 bits)."""
-    try:
-        float32_into(value, float_type(out.dtype), dest)
-    except KeyError:  # not a float type: stored as returned
+    ftype = _float_type(out)
+    if ftype is not None:
+        float32_into(value, ftype, dest)
+    else:  # not a float type: stored as returned
         np.copyto(dest, value.reshape(dest.shape), casting="unsafe")
 
 

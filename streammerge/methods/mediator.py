@@ -137,8 +137,7 @@ def mediator_expert_method(tasks: Sequence[str], rho: float, dense_dtype: str | 
     tasks = sparse.check_tasks(tasks)
     if not 0 <= rho <= 1:
         raise ValueError(f"rho must be within [0, 1], got {rho}")
-    if value_bits not in sparse.VALUE_CODES:
-        raise ValueError(f"value_bits must be 16 or 8, got {value_bits!r}")
+    sparse.value_code(value_bits)  # a wrong value fails here, at plan time, not in the first block
     ex = _Experts(tasks, rho, dense_dtype, value_bits)
     return MergeMethod(
         name="mediator.experts",

@@ -64,10 +64,11 @@ class ModelRunner:
 
     @classmethod
     def from_store(cls, path, device="auto", dtype="auto", memory_budget: int | None = None, eta: float | None = None,
-                   top_m: int | None = None) -> "ModelRunner":
+                   top_m: int | None = None, fused: str = "auto") -> "ModelRunner":
         """The runner of a store. `memory_budget` (bytes) bounds weights + decoded-term cache +
         KV cache: what the model and the encodings leave is split in halves, one for the
-        runtime's cache of decoded terms, one for the KV cache (`kv_budget`)."""
+        runtime's cache of decoded terms, one for the KV cache (`kv_budget`). `fused`: the
+        runtime's fused-product policy (DeltaRuntime.fused), set before the budget is split."""
         from ..routing.router import Router, router_dir
         from ..routing.runtime import load_merged_model, open_routing_store, resolve_device, resolve_dtype
         from ..routing.deltas import DeltaRuntime
@@ -78,6 +79,7 @@ class ModelRunner:
         router = Router.load(store, method["tasks"]).to(dev) if (router_dir(store) / "router.json").is_file() else None
         model, tok = load_merged_model(store, dev, dt)
         runtime = DeltaRuntime(model, store, method, dev, dt, None)
+        runtime.fused = fused
         kv_budget = None
         if memory_budget is not None:
             runtime.set_memory_budget(memory_budget)  # refuses a budget the model and the encodings fill

@@ -22,8 +22,8 @@ def build_engine(store: Path, device: str, dtype: str, max_batch: int, max_queue
     from .runner import ModelRunner
     from .scheduler import Scheduler
 
-    runner = ModelRunner.from_store(store, device=device, dtype=dtype, memory_budget=memory_budget, eta=eta, top_m=top_m)
-    runner.runtime.fused = fused
+    runner = ModelRunner.from_store(store, device=device, dtype=dtype, memory_budget=memory_budget, eta=eta,
+                                    top_m=top_m, fused=fused)
     scheduler = Scheduler(max_batch, runner.kv_bytes_per_token, runner.kv_budget, max_queue)
     return Engine(runner, scheduler), runner
 

@@ -217,7 +217,7 @@ def evaluate_all(cfg, root: Path, out: Path, device: str, only: set | None = Non
         if m.method == "mediator" and sweep:
             by_router = {}
             for i, (rname, kw) in enumerate(routers.items()):
-                if kw or i:  # the first, the default MLP, is the router the row was scored with
+                if kw or i:  # the row was scored with the default router (kw {}): kept while it comes first
                     ev.refit(kw)
                 sweep = {}
                 for eta in etas:
@@ -391,7 +391,7 @@ def main(argv=None) -> int:
         print(TB.targets_markdown(results["targets"]))
         return 0
     cfg = CONFIGS["smoke" if a.smoke else a.config]
-    sweep_grid(a)  # a wrong grid fails before any training
+    a.sweep_grid = sweep_grid(a)  # a wrong grid fails before any training
     import torch
 
     train_device = a.train_device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -460,7 +460,7 @@ def run_one(a, cfg, out: Path, pack_dir: Path | None, import_dir: Path | None, t
             (pack_dir / "scores.json").write_text(json.dumps(scores, indent=1))
         return None
     results = evaluate_all(cfg, root, out, a.device, set(a.only.split(",")) if a.only else None, sweep=not a.no_sweep,
-                           via_server=a.via_server, **sweep_grid(a))
+                           via_server=a.via_server, **a.sweep_grid)
     previous = out / "results.json"
     if a.only and not a.fresh and previous.is_file():
         old = json.loads(previous.read_text())
