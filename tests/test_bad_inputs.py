@@ -411,6 +411,56 @@ def test_nonfinite_found_in_a_later_block_names_its_flat_index(world, tmp_path):
     assert str(m / "model.safetensors") in res.stderr
 
 
+@pytest.mark.parametrize("method", ["task_arithmetic", "linear", "dare_linear", "ties", "dare_ties", "breadcrumbs"])
+@pytest.mark.parametrize("where", ["base", "ft2"])
+def test_nonfinite_named_whichever_check_finds_it(world, tmp_path, method, where):
+    """The engine checks a row group's result, not its inputs, for methods whose result shows
+    every NaN/Inf (task_arithmetic, linear, the family without sign election), and passes read
+    unchecked (the merge checks): the error still names the input, tensor and flat index,
+    wherever the value is, in a small block (several groups) as in a whole one."""
+    if method == "linear" and where == "base":
+        pytest.skip("linear does not read the base")
+    bad = clone(world[where], tmp_path / "bad")
+    poke(bad, DOWN, 4321, 0xFF80)  # -inf
+    base, ft2 = (bad, world["ft2"]) if where == "base" else (world["base"], bad)
+    extra = {"parameters": {"density": 0.5}} if method not in ("task_arithmetic", "linear") else {}
+    r = recipe(tmp_path / "r.yaml", base, [world["ft1"], ft2], method=method, **extra)
+    if method == "linear":  # no base
+        r.write_text(yaml.safe_dump({k: v for k, v in yaml.safe_load(r.read_text()).items() if k != "base_model"}))
+    for block in ("256", "8192"):
+        res = invoke("build", r, "--store", tmp_path / f"s{block}.zarr", "--block-elements", block, "--no-progress")
+        assert res.exit_code == 1, res.output
+        assert f"{bad / 'model.safetensors'}: tensor {DOWN} holds a non-finite value (-inf) at flat index 4321" in res.stderr
+
+
+def test_an_overflow_is_not_taken_for_a_nonfinite_input(world, tmp_path):
+    """A result checked in place of the inputs may be infinite from finite inputs (a weight
+    near float32's largest, a large lambda): the inputs are then checked, found finite, and the merge goes on,
+    giving what float32 arithmetic gives (inf), as when every input is checked."""
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    r = tmp_path / "r.yaml"
+    r.write_text(yaml.safe_dump({
+        "merge_method": "task_arithmetic", "base_model": str(world["base"]), "dtype": "float32",
+        "parameters": {"lambda": 1e6},
+        "models": [{"model": str(world["ft1"]), "parameters": {"weight": 3e38}}],
+    }, sort_keys=False))
+    res = invoke("build", r, "--store", tmp_path / "s.zarr", "--export", tmp_path / "out", "--no-progress")
+    assert res.exit_code == 0, res.output
+    got = load_file(str(tmp_path / "out" / "model.safetensors"))[DOWN]
+
+    def f32(model):
+        raw = read_raw(model / "model.safetensors")[DOWN][2]
+        return (np.frombuffer(raw, np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+    b, t = f32(world["base"]), f32(world["ft1"])
+    with np.errstate(over="ignore", invalid="ignore"):
+        want = (t - b) * np.float32(3e38) * np.float32(1e6) + b
+    assert not np.isfinite(want).all() and np.isfinite(b).all() and np.isfinite(t).all()
+    np.testing.assert_array_equal(got.reshape(-1), want)
+
+
 # ---- pickle checkpoints (--allow-pickle) --------------------------------------------------------
 
 

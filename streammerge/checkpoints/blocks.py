@@ -46,11 +46,13 @@ def read_rows(handle, r0: int, r1: int, out: np.ndarray) -> np.ndarray:
     return dest
 
 
-def convert(handle, raw: np.ndarray, dest: np.ndarray, first: int) -> np.ndarray:
+def convert(handle, raw: np.ndarray, dest: np.ndarray, first: int, check: bool = True) -> np.ndarray:
     """Flat raw storage values of `handle` (its elements first, first + 1, ...) into the flat
-    float32 array `dest`, refusing NaN/Inf unless the handle allows them."""
+    float32 array `dest`, refusing NaN/Inf unless the handle allows them. `check` False: not
+    looked at here, because the caller checks them later (`check_finite` on these values or on
+    a result they cannot leave finite; engine/build.py)."""
     ftype = float_type(handle.dtype)
-    if getattr(handle, "check_finite", True):
+    if check and getattr(handle, "check_finite", True):
         _convert_checked(raw, ftype, dest, handle, first)
     else:
         to_float32(raw, ftype, dest)
@@ -192,10 +194,24 @@ def _convert_checked(raw: np.ndarray, ftype, dest: np.ndarray, handle, first: in
         e = min(n, s + _CHECK_CHUNK)
         d = dest[s:e]
         to_float32(raw[s:e], ftype, d)
-        flags = np.isfinite(d, out=ok[: e - s])
-        if not flags.all():
-            k = int(np.argmin(flags))
-            raise nonfinite_error(handle, first + s + k, float(d[k]))
+        _check_chunk(handle, d, first + s, ok)
+
+
+def check_finite(handle, values: np.ndarray, first: int) -> None:
+    """Raise the error naming the first NaN/Inf of the flat float32 `values` (elements first,
+    first + 1, ... of `handle`), unless the handle lets them through."""
+    if not getattr(handle, "check_finite", True):
+        return
+    ok = thread_buffer("checkpoints.finite", _CHECK_CHUNK, bool)
+    for s in range(0, values.shape[0], _CHECK_CHUNK):
+        _check_chunk(handle, values[s : s + _CHECK_CHUNK], first + s, ok)
+
+
+def _check_chunk(handle, values: np.ndarray, first: int, ok: np.ndarray) -> None:
+    flags = np.isfinite(values, out=ok[: values.shape[0]])
+    if not flags.all():
+        k = int(np.argmin(flags))
+        raise nonfinite_error(handle, first + k, float(values[k]))
 
 
 def nonfinite_error(handle, index: int, value: float) -> CheckpointError:

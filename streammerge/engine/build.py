@@ -16,7 +16,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from ..checkpoints.blocks import RawRows, block_shape, convert, read_rows, read_rows_at, row_elems
+from ..checkpoints.blocks import RawRows, block_shape, check_finite, convert, read_rows, read_rows_at, row_elems
 from ..dtypes import float32_into, float_type
 from ..fsutil import store_writers
 from ..geometry import numel
@@ -142,19 +142,39 @@ def _merge_row_groups(method: MergeMethod, job: TensorJob, i: int, stats, group_
     converted to float32, merged and rounded into the outputs while they are in cache. Neither
     the raw nor the float32 block is materialised: a block travels through memory once
     (README, Benchmarks). An input without raw bytes (`has_raw` False: a LoRA-applied weight)
-    is read as float32 rows once, and sliced per group."""
+    is read as float32 rows once, and sliced per group. A method whose result shows every
+    non-finite input (`nonfinite_spreads`) has its result checked instead of its inputs."""
     r0, r1 = job.block_range(i)
     stored = {out.name: _stored_buffer(job, k, out, r0, r1) for k, out in enumerate(job.output_list)}
-    for a, b, block in _row_groups(job, i, group_elems, merging=True):
+    by_result = method.nonfinite_spreads and len(job.output_list) == 1
+    for a, b, block in _row_groups(job, i, group_elems, merging=True, checked=not by_result):
         result = _by_output(job, method.merge(block, job.params, stats))
+        if by_result and not _all_finite(result[job.output_list[0].name]):
+            _check_inputs(job, block)  # raises for a non-finite input; else an overflow: kept
         for out in job.output_list:
             _storage_into(out, result[out.name], stored[out.name][a - r0 : b - r0])
     return stored
 
 
-def _row_groups(job: TensorJob, i: int, group_elems: int, merging: bool = False):
+def _all_finite(values: np.ndarray) -> bool:
+    ok = buffer("finite", values.size, bool)
+    return bool(np.isfinite(values.reshape(-1), out=ok).all())
+
+
+def _check_inputs(job: TensorJob, block: Block) -> None:
+    """The NaN/Inf check of the inputs of `block` (rows read and converted unchecked): raises
+    the error naming the first non-finite value of the first input holding one. Inputs without
+    raw bytes were checked as they computed their rows."""
+    arrays = [block.base, *block.models] if job.base is not None else list(block.models)
+    for h, values in zip(job.inputs, arrays):
+        if h.has_raw:
+            check_finite(h, values.reshape(-1), block.start)
+
+
+def _row_groups(job: TensorJob, i: int, group_elems: int, merging: bool = False, checked: bool = True):
     """(a, b, Block of rows [a, b)) for the groups of about `group_elems` elements of block i,
-    read and converted group by group (each Block's arrays are reused by the next)."""
+    read and converted group by group (each Block's arrays are reused by the next). `checked`
+    False: raw inputs are not checked for NaN/Inf (the caller does it: `_check_inputs`)."""
     r0, r1 = job.block_range(i)
     L = job.row_elems
     with ExitStack() as files:
@@ -167,11 +187,11 @@ def _row_groups(job: TensorJob, i: int, group_elems: int, merging: bool = False)
         step = max(1, group_elems // max(1, L))
         for a in range(r0, r1, step):
             b = min(r1, a + step)
-            arrays = [_group_rows(h, slot, src, r0, a, b) for slot, (h, src) in enumerate(zip(job.inputs, sources))]
+            arrays = [_group_rows(h, slot, src, r0, a, b, checked) for slot, (h, src) in enumerate(zip(job.inputs, sources))]
             yield a, b, _as_block(job, arrays, a, merging=merging)
 
 
-def _group_rows(h, slot: int, source, r0: int, a: int, b: int) -> np.ndarray:
+def _group_rows(h, slot: int, source, r0: int, a: int, b: int, checked: bool = True) -> np.ndarray:
     """Rows [a, b) of input `slot` as float32 (its block starting at row r0): read and converted
     into this thread's group buffers, or sliced from its float32 rows."""
     L = row_elems(h.shape)
@@ -180,7 +200,7 @@ def _group_rows(h, slot: int, source, r0: int, a: int, b: int) -> np.ndarray:
     else:
         ftype = float_type(h.dtype)
         raw = source.read(a, b, buffer(("raw", slot), (b - a) * L * ftype.itemsize, np.uint8))
-        rows = convert(h, raw.view(ftype.storage), buffer(slot, (b - a) * L), a * L)
+        rows = convert(h, raw.view(ftype.storage), buffer(slot, (b - a) * L), a * L, check=checked)
     return rows.reshape(block_shape(h.shape, a, b))
 
 
@@ -226,8 +246,23 @@ class PassMap(Node):
             return NOTHING_READ  # the reduce passes the stats through; the progress bar drops its bytes
         rows = job.pass_rows(p)
         if p.row_groups and rows is None and self.group_elems > 0:
-            return GroupPartials(p.map(block, job.params, stats) for _, _, block in _row_groups(job, self.block, self.group_elems))
+            # A job that merges checks every input as its merge reads it, before any of its
+            # blocks is written: its passes, which only compute stats, read unchecked.
+            checked = not (job.output_list and self.method.merge is not None)
+            groups = _row_groups(job, self.block, self.group_elems, checked=checked)
+            return GroupPartials(_map_group(p, job, block, stats, checked) for _, _, block in groups)
         return p.map(_read_block(job, self.block, rows), job.params, stats)
+
+
+def _map_group(p, job: TensorJob, block: Block, stats, checked: bool):
+    """Pass `p` mapped over a row group; read unchecked, a failure is first blamed on a
+    non-finite input (the error a checked read would have given), if there is one."""
+    try:
+        return p.map(block, job.params, stats)
+    except Exception:
+        if not checked:
+            _check_inputs(job, block)
+        raise
 
 
 def _block_partials(partials) -> list:

@@ -219,6 +219,11 @@ class MergeMethod:
     # block (flat range [b0, b1)): top-k methods, whose tie cut may lie in one block that their
     # merge must see whole (ops/topk.py).
     row_groups: bool | Callable[[Stats, int, int], bool] = False
+    # True: a NaN or Inf in any input leaves the float32 result non-finite at that element
+    # (sums, differences and products of every input: 0 * inf is NaN; no selection or
+    # comparison that could drop one). The engine then checks the result of a row group for
+    # NaN/Inf instead of each input, and the inputs only where the result is not finite.
+    nonfinite_spreads: bool = False
     # How many input models besides the base the example recipe of `streammerge methods NAME` lists.
     example_models: int = 2
     # The most input models besides the base it merges (None: any number); more is a recipe error.

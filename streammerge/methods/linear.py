@@ -39,6 +39,7 @@ register(
         name="linear",
         merge=linear,
         row_groups=True,
+        nonfinite_spreads=True,
         kernel=kernels.linear,
         base="unused",
         params=(

@@ -47,6 +47,7 @@ register(
         name="task_arithmetic",
         merge=task_arithmetic,
         row_groups=True,
+        nonfinite_spreads=True,
         kernel=kernels.task_arithmetic,
         base="required",
         params=(
