@@ -411,11 +411,12 @@ def test_nonfinite_found_in_a_later_block_names_its_flat_index(world, tmp_path):
     assert str(m / "model.safetensors") in res.stderr
 
 
-@pytest.mark.parametrize("method", ["task_arithmetic", "linear", "dare_linear", "ties", "dare_ties", "breadcrumbs"])
+@pytest.mark.parametrize("method", ["task_arithmetic", "linear", "dare_linear", "ties", "dare_ties", "breadcrumbs", "della"])
 @pytest.mark.parametrize("where", ["base", "ft2"])
 def test_nonfinite_named_whichever_check_finds_it(world, tmp_path, method, where):
     """The engine checks a row group's result, not its inputs, for methods whose result shows
-    every NaN/Inf (task_arithmetic, linear, the family without sign election), and passes read
+    every NaN/Inf (task_arithmetic, linear, the ties family: masks and sign election multiply,
+    so a NaN or Inf that does not count still leaves NaN), and passes read
     unchecked (the merge checks): the error still names the input, tensor and flat index,
     wherever the value is, in a small block (several groups) as in a whole one."""
     if method == "linear" and where == "base":

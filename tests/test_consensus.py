@@ -131,3 +131,25 @@ def test_generator_hats_are_rebuilt_for_each_pass():
     S_ref, D_ref = reference(hats)
     assert len(calls) == 2
     assert np.array_equal(bits(S.numpy()), bits(S_ref)) and np.array_equal(bits(D.numpy()), bits(D_ref))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_a_nonfinite_hat_leaves_S_nonfinite_whether_it_counts_or_not(bad):
+    """The engine checks a ties merge's result for NaN/Inf in place of its inputs
+    (MergeMethod.nonfinite_spreads): a non-finite hat must show in S at its entry, counted
+    (inf with the elected sign) or not (NaN never counts; an inf of the other sign is masked
+    by a multiplication, inf * 0 = NaN), in both implementations."""
+    rng = np.random.default_rng(7)
+    hats = [rng.standard_normal(64).astype(np.float32) for _ in range(3)]
+    hats[1][5] = bad
+    hats[0][9], hats[1][9] = np.float32(-np.inf), np.float32(np.inf)  # NaN sum: elected -1,
+    # so +inf does not count (inf * 0 is NaN) while -inf does
+    n = hats[0].size
+    total = sum_into(hats, np.empty(n, np.float32))
+    S, D, mb, tmp = np.empty(n, np.float32), np.empty(n, np.float32), np.empty(n, bool), np.empty(n, np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        consensus(hats, total, S, D, mb, tmp)
+        St, _ = consensus_torch(lambda: [torch.from_numpy(h.copy()) for h in hats])
+    assert not np.isfinite(S[5]) and not np.isfinite(S[9])
+    assert np.isfinite(np.delete(S, [5, 9])).all()
+    assert not torch.isfinite(St[5]) and not torch.isfinite(St[9])

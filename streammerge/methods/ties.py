@@ -433,9 +433,9 @@ def _make(spec: Spec) -> MergeMethod:
         # top-k methods: but for the block where a tie at the threshold was left to be cut
         # (TopK.keeper scans it whole, as the passes saw it)
         row_groups=fam.row_groups,
-        # without the sign election every input is summed into the result (masks multiply:
-        # 0 * inf is NaN); the election can drop a NaN
-        nonfinite_spreads=not spec.consensus,
+        # masks and the election multiply (0 * inf and NaN * 0 are NaN): a non-finite tau_i
+        # leaves S non-finite, whether its entry counts or not
+        nonfinite_spreads=True,
         kernel=kernels.family_kernel(spec),
         summary={
             MAGNITUDE: "TIES: top-k by magnitude, sign consensus, disjoint mean",
