@@ -312,6 +312,44 @@ def test_random_methods_block_size_and_seed(name):
     assert bits_equal(other_tensor, outs[0]) > 0.1 * base.size
 
 
+@pytest.mark.parametrize("name", ["dare_ties", "dare_linear"])
+def test_dare_masks_drawn_once_for_pass_and_merge(name, monkeypatch):
+    """The l1 pass keeps each mask it draws (random_streams.KEPT_MASKS) and the merge takes it
+    back instead of drawing again: every mask of the merge comes from the cache, the cache is
+    empty afterwards, and the result is the same bits as with nothing kept (budget 0: every
+    mask drawn twice) and as a cache left holding another tensor's masks."""
+    base, models = make((300, 200), "cont", seed=3)
+    kw = dict(weight=[1.0, 0.6, 0.3], density=[0.5, 0.3, 0.7])
+    drawn = []
+    bernoulli = _random.Stream.bernoulli_keep
+    monkeypatch.setattr(_random.Stream, "bernoulli_keep", lambda self, *a, **k: drawn.append((id(self), *a[:2])) or bernoulli(self, *a, **k))
+    _random.KEPT_MASKS._masks.clear()
+    _random.KEPT_MASKS._bytes = 0
+    kept = ours(name, base, models, 70, **kw)
+    assert len(drawn) == len(set(drawn)) > 3 and len(_random.KEPT_MASKS) == 0  # each drawn once, all taken
+    drawn.clear()
+    monkeypatch.setattr(_random, "KEPT_MASKS", _random.KeptMasks(0))
+    redrawn = ours(name, base, models, 70, **kw)
+    assert len(drawn) == 2 * len(set(drawn))  # pass and merge
+    monkeypatch.setattr(_random, "KEPT_MASKS", _random.KeptMasks(2**20))
+    ours(name, base, models, 70, tensor="another", **{**kw, "rescale": False})  # nothing kept without the pass
+    ours(name, base, models, 70, tensor="another", **kw)  # its pass keeps; its merge takes
+    assert bits_equal(kept, redrawn) == 0 and bits_equal(ours(name, base, models, None, **kw), kept) == 0
+
+
+def test_kept_masks_bounded():
+    """KeptMasks holds at most its budget of packed bits, dropping the oldest; a taken mask is
+    gone; a mask is what was put."""
+    cache = _random.KeptMasks(3 * 1024)
+    masks = [_random.bernoulli_keep(k, 0, 8192, 0.3) for k in range(5)]  # 1 KiB packed each
+    for k, m in enumerate(masks):
+        cache.put(k, m)
+    assert len(cache) == 3 and cache._bytes == 3 * 1024 and cache.take(0) is None and cache.take(1) is None
+    assert np.array_equal(cache.take(3), masks[3]) and cache.take(3) is None and len(cache) == 2
+    cache.put("big", np.ones(8 * 4096, bool))  # over the budget alone: not kept
+    assert cache.take("big") is None and cache._bytes == 2048
+
+
 def test_dare_masks_differ_between_models():
     base, models = make((100, 100), "cont", nmodels=2, seed=2)
     models[1] = models[0].copy()

@@ -166,7 +166,7 @@ class _Family:
                 d = np.subtract(flat(block.models[i])[c0:c1], flat(block.base)[c0:c1], out=scratch("l1d", c1 - c0))
                 np.abs(d, out=d)
                 sums[r, 0] += np.add.reduce(d, dtype=np.float64)
-                mask, _ = ctx.mask(i, d, c0, c1, absolute=True)
+                mask, _ = ctx.mask(i, d, c0, c1, absolute=True, keep=True)
                 np.multiply(d, mask, out=d)
                 sums[r, 1] += np.add.reduce(d, dtype=np.float64)
         return (models, sums)
@@ -333,6 +333,7 @@ class _BlockMasks:
         self.n = numel(block.shape)
         self._keepers: dict[int, list[Keeper]] | None = None
         self.streams: dict[int, random_streams.Stream] = {}  # per model (random_streams.thread_stream)
+        self.keys: dict[int, int] = {}  # per model: its stream's key
         self.dens = densities(params)
 
     def keepers(self, i: int) -> list[Keeper]:
@@ -345,10 +346,12 @@ class _BlockMasks:
                 self._keepers.setdefault(src, []).append(kp)
         return self._keepers.get(i, [])
 
-    def mask(self, i: int, d: np.ndarray, c0: int, c1: int, absolute: bool = False):
+    def mask(self, i: int, d: np.ndarray, c0: int, c1: int, absolute: bool = False, keep: bool = False):
         """(bool keep mask, per-element keep probability or None) for model i's chunk.
 
-        d is tau_i for the chunk (or |tau_i| with absolute=True); it is not modified.
+        d is tau_i for the chunk (or |tau_i| with absolute=True); it is not modified. A random
+        (DARE) mask drawn with `keep` (the l1 pass) is kept for the merge, which takes it back
+        instead of drawing it again (random_streams.KEPT_MASKS).
         """
         p0 = self.block.start + c0
         L = c1 - c0
@@ -373,12 +376,20 @@ class _BlockMasks:
             return m, div
         stream = self.streams.get(i)
         if stream is None:
-            key = random_streams.stream_key(self.params.seed, self.block.tensor, i, self.spec.sparsify)
+            key = self.keys[i] = random_streams.stream_key(self.params.seed, self.block.tensor, i, self.spec.sparsify)
             stream = self.streams[i] = random_streams.thread_stream(key)
         if sp == RANDOM:
             dens = self.dens[i]
+            div = np.float32(dens) if dens > 0 else None
+            kept = (self.keys[i], p0, L, dens)
+            if not keep:
+                m = random_streams.KEPT_MASKS.take(kept)
+                if m is not None:
+                    return m, div
             m = stream.bernoulli_keep(p0, L, dens, out=scratch("keep", L, bool))
-            return m, (np.float32(dens) if dens > 0 else None)
+            if keep:
+                random_streams.KEPT_MASKS.put(kept, m)
+            return m, div
         # della
         eps = float(self.params.per_model[i]["epsilon"])
         dens = self.dens[i]
