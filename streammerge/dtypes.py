@@ -134,9 +134,17 @@ def float32_into(values: np.ndarray, ftype: FloatType, dest: np.ndarray) -> np.n
     bf16 is rounded on the bits, as ml_dtypes does it (same bits, NaN as sign | 0x7fc0) in
     about 0.7x its time: bf16 = (x + 0x7fff + lowest kept bit) >> 16, which carries into the
     exponent exactly as rounding does (to inf past the largest bf16)."""
+    float32_into_finite(values, ftype, dest)
+    return dest
+
+
+def float32_into_finite(values: np.ndarray, ftype: FloatType, dest: np.ndarray) -> bool:
+    """`float32_into`, saying whether every value was finite: the bf16 rounding looks for NaNs
+    anyway, and looks for Inf in the same pass (the engine's NaN/Inf check of a result)."""
     if ftype is not BF16:
         np.copyto(dest.reshape(-1).view(ftype.logical), np.reshape(values, -1), casting="unsafe")
-        return dest
+        return bool(np.isfinite(values).all())
+    finite = True
     x = np.ascontiguousarray(values, dtype=np.float32).reshape(-1).view(np.uint32)
     out = dest.reshape(-1).view(np.uint16)
     t = thread_buffer("dtypes.round", _ROUND_SLICE, np.uint32)
@@ -149,9 +157,11 @@ def float32_into(values: np.ndarray, ftype: FloatType, dest: np.ndarray) -> np.n
         np.add(ts, 0x7FFF, out=ts)
         np.add(ts, xs, out=ts)
         np.right_shift(ts, 16, out=out[s:e], casting="unsafe")
-        if np.isnan(xs.view(np.float32), out=ns).any():  # the carry would make NaNs inf or wrap
-            out[s:e][ns] = (xs[ns] >> 16) & 0x8000 | 0x7FC0
-    return dest
+        if not np.isfinite(xs.view(np.float32), out=ns).all():
+            finite = False
+            if np.isnan(xs.view(np.float32), out=ns).any():  # the carry would make NaNs inf or wrap
+                out[s:e][ns] = (xs[ns] >> 16) & 0x8000 | 0x7FC0
+    return finite
 
 
 def round_to(values: np.ndarray, ftype: FloatType) -> np.ndarray:

@@ -134,3 +134,21 @@ def test_float32_into_rounds_as_ml_dtypes(name):
     with np.errstate(over="ignore"):
         float32_into(x, ftype, shaped)
     assert np.array_equal(shaped.reshape(-1).view(np.uint16)[~nan], bits[~nan])
+
+
+@pytest.mark.parametrize("name", ["bfloat16", "float16", "float32"])
+def test_float32_into_finite_says_whether_every_value_was(name):
+    """What the engine checks a row group's result with: the same bits as float32_into, and
+    False exactly when a value is NaN or +-Inf, wherever it is (first or last element of a
+    rounding slice)."""
+    from streammerge.dtypes import _ROUND_SLICE, float32_into, float32_into_finite
+
+    ftype = float_type(name)
+    x = np.random.default_rng(3).standard_normal(2 * _ROUND_SLICE + 5).astype(np.float32)
+    for at, bad in [(None, 0), (0, np.inf), (_ROUND_SLICE - 1, -np.inf), (_ROUND_SLICE, np.nan), (x.size - 1, np.nan)]:
+        y = x.copy()
+        if at is not None:
+            y[at] = bad
+        dest = np.zeros(y.size, ftype.storage)
+        assert float32_into_finite(y, ftype, dest) is (at is None)
+        assert np.array_equal(dest.view(np.uint8), float32_into(y, ftype, np.ones(y.size, ftype.storage)).view(np.uint8))

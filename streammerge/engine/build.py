@@ -17,7 +17,7 @@ from typing import ClassVar
 import numpy as np
 
 from ..checkpoints.blocks import RawRows, block_shape, check_finite, convert, read_rows, read_rows_at, row_elems
-from ..dtypes import float32_into, float_type
+from ..dtypes import float32_into_finite, float_type
 from ..fsutil import store_writers
 from ..geometry import numel
 from ..methods import Block, MergeMethod
@@ -99,13 +99,14 @@ def _stored_buffer(job: TensorJob, k: int, out: Output, r0: int, r1: int) -> np.
     return buffer(("out", k), n, _storage_dtype(out)).reshape((r1 - r0, *trailing))
 
 
-def _storage_into(out: Output, value: np.ndarray, dest: np.ndarray) -> None:
-    """A method's float32 `value` for `out` written into `dest` as stored (rounded, e.g. to bf16 bits)."""
+def _storage_into(out: Output, value: np.ndarray, dest: np.ndarray) -> bool:
+    """A method's float32 `value` for `out` written into `dest` as stored (rounded, e.g. to bf16
+    bits); returns whether every value of a float output was finite (what rounding sees)."""
     ftype = _float_type(out)
     if ftype is not None:
-        float32_into(value, ftype, dest)
-    else:  # not a float type: stored as returned
-        np.copyto(dest, value.reshape(dest.shape), casting="unsafe")
+        return float32_into_finite(value, ftype, dest)
+    np.copyto(dest, value.reshape(dest.shape), casting="unsafe")  # not a float type: stored as returned
+    return True
 
 
 def _commit(store: Store, job: TensorJob, i: int, stored: dict) -> None:
@@ -146,19 +147,14 @@ def _merge_row_groups(method: MergeMethod, job: TensorJob, i: int, stats, group_
     non-finite input (`nonfinite_spreads`) has its result checked instead of its inputs."""
     r0, r1 = job.block_range(i)
     stored = {out.name: _stored_buffer(job, k, out, r0, r1) for k, out in enumerate(job.output_list)}
-    by_result = method.nonfinite_spreads and len(job.output_list) == 1
+    by_result = method.nonfinite_spreads and len(job.output_list) == 1 and _float_type(job.output_list[0]) is not None
     for a, b, block in _row_groups(job, i, group_elems, merging=True, checked=not by_result):
         result = _by_output(job, method.merge(block, job.params, stats))
-        if by_result and not _all_finite(result[job.output_list[0].name]):
-            _check_inputs(job, block)  # raises for a non-finite input; else an overflow: kept
         for out in job.output_list:
-            _storage_into(out, result[out.name], stored[out.name][a - r0 : b - r0])
+            finite = _storage_into(out, result[out.name], stored[out.name][a - r0 : b - r0])
+            if by_result and not finite:
+                _check_inputs(job, block)  # raises for a non-finite input; else an overflow: kept
     return stored
-
-
-def _all_finite(values: np.ndarray) -> bool:
-    ok = buffer("finite", values.size, bool)
-    return bool(np.isfinite(values.reshape(-1), out=ok).all())
 
 
 def _check_inputs(job: TensorJob, block: Block) -> None:
