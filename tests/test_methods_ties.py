@@ -627,10 +627,12 @@ def test_block_size_independent(name, kw, shape, monkeypatch):
 
 
 @pytest.mark.parametrize("name,kw", [("ties", dict(density=0.5)), ("breadcrumbs_ties", dict(density=0.8, gamma=0.05))])
-def test_row_groups_but_where_a_tie_cut_was_deferred(name, kw, monkeypatch):
+def test_row_groups_hold_a_deferred_tie_cut_whole(name, kw, monkeypatch):
     """Top-k methods are merged one group of rows at a time (MergeMethod.row_groups, as the engine
-    does) except in a block where a tie cut was left to the merge: one row per call gives the
-    whole blocks' bits there, and that block could not be merged row by row."""
+    does), a span where a tie cut was left to the merge held whole by one group (unsplit; the
+    engine's group_bounds widens the group that would cut it): one row per call elsewhere gives
+    the whole blocks' bits, and a call cutting such a span is refused."""
+    from streammerge.engine.build import group_bounds
     from streammerge.errors import StreammergeError
     from streammerge.methods.base import Block
     from streammerge.methods.inmemory import run_passes, tensor_blocks
@@ -643,21 +645,33 @@ def test_row_groups_but_where_a_tie_cut_was_deferred(name, kw, monkeypatch):
     method, params = get_method(name), tensor_params(name, 3, weight=[1.0, 0.5, 0.7], **kw)
     stats = run_passes(method, "t", base, models, params, block_rows=7)
     want = merge_tensor(method, "t", base, models, params, block_rows=7)
-    got, whole = [], 0
+    got, widened = [], 0
     for b in tensor_blocks("t", base, models, 7):
-        rows = [
-            Block("t", b.shape, b.start + r * 9, b.base[r : r + 1], tuple(m[r : r + 1] for m in b.models))
-            for r in range(b.base.shape[0])
-        ]
-        if method.in_row_groups(stats, b.start, b.start + b.base.size):
-            got += [method.merge(row, params, stats) for row in rows]
-            continue
-        whole += 1
-        with pytest.raises(StreammergeError, match="row blocks changed"):
-            method.merge(rows[0], params, stats)
-        got.append(method.merge(b, params, stats))
-    assert 1 <= whole < len(range(0, 60, 7))
+        r0 = b.start // 9
+        assert method.in_row_groups(stats, b.start, b.start + b.base.size)
+        spans = method.unsplit(stats, b.start, b.start + b.base.size)
+        rows = [(s0 // 9, -(-s1 // 9)) for s0, s1 in spans]
+        for a, e in group_bounds(r0, r0 + b.base.shape[0], 1, rows):
+            group = Block("t", b.shape, a * 9, b.base[a - r0 : e - r0], tuple(m[a - r0 : e - r0] for m in b.models))
+            got.append(method.merge(group, params, stats))
+            widened += e - a > 1
+        if spans and rows[0][1] - rows[0][0] > 1:  # one row of a span alone: refused
+            s0 = rows[0][0]
+            alone = Block("t", b.shape, s0 * 9, b.base[s0 - r0 : s0 - r0 + 1], tuple(m[s0 - r0 : s0 - r0 + 1] for m in b.models))
+            with pytest.raises(StreammergeError, match="row blocks changed"):
+                method.merge(alone, params, stats)
+    assert widened >= 1
     assert bits_equal(np.concatenate(got), want) == 0
+
+
+def test_group_bounds_widen_only_what_would_cut_a_span():
+    from streammerge.engine.build import group_bounds
+
+    assert list(group_bounds(0, 10, 3)) == [(0, 3), (3, 6), (6, 9), (9, 10)]
+    assert list(group_bounds(0, 10, 3, [(2, 5)])) == [(0, 5), (5, 8), (8, 10)]
+    assert list(group_bounds(0, 10, 3, [(3, 6)])) == [(0, 3), (3, 6), (6, 9), (9, 10)]  # none cut
+    assert list(group_bounds(0, 10, 2, [(1, 4), (3, 7)])) == [(0, 7), (7, 9), (9, 10)]
+    assert list(group_bounds(4, 10, 4, [(5, 12)])) == [(4, 10)]
 
 
 # ---------------------------------------------------------------------------------------------

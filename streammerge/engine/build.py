@@ -147,8 +147,9 @@ def _merge_row_groups(method: MergeMethod, job: TensorJob, i: int, stats, group_
     non-finite input (`nonfinite_spreads`) has its result checked instead of its inputs."""
     r0, r1 = job.block_range(i)
     stored = {out.name: _stored_buffer(job, k, out, r0, r1) for k, out in enumerate(job.output_list)}
+    unsplit = method.unsplit(stats, r0 * job.row_elems, r1 * job.row_elems) if method.unsplit else ()
     by_result = method.nonfinite_spreads and len(job.output_list) == 1 and _float_type(job.output_list[0]) is not None
-    for a, b, block in _row_groups(job, i, group_elems, merging=True, checked=not by_result):
+    for a, b, block in _row_groups(job, i, group_elems, merging=True, checked=not by_result, unsplit=unsplit):
         result = _by_output(job, method.merge(block, job.params, stats))
         for out in job.output_list:
             finite = _storage_into(out, result[out.name], stored[out.name][a - r0 : b - r0])
@@ -167,10 +168,11 @@ def _check_inputs(job: TensorJob, block: Block) -> None:
             check_finite(h, values.reshape(-1), block.start)
 
 
-def _row_groups(job: TensorJob, i: int, group_elems: int, merging: bool = False, checked: bool = True):
+def _row_groups(job: TensorJob, i: int, group_elems: int, merging: bool = False, checked: bool = True, unsplit=()):
     """(a, b, Block of rows [a, b)) for the groups of about `group_elems` elements of block i,
-    read and converted group by group (each Block's arrays are reused by the next). `checked`
-    False: raw inputs are not checked for NaN/Inf (the caller does it: `_check_inputs`)."""
+    read and converted group by group (each Block's arrays are reused by the next), none
+    cutting a flat span of `unsplit` (MergeMethod.unsplit). `checked` False: raw inputs are
+    not checked for NaN/Inf (the caller does it: `_check_inputs`)."""
     r0, r1 = job.block_range(i)
     L = job.row_elems
     with ExitStack() as files:
@@ -180,11 +182,22 @@ def _row_groups(job: TensorJob, i: int, group_elems: int, merging: bool = False,
                 sources.append(files.enter_context(RawRows(h, r0, r1, pieces=True)))
             else:
                 sources.append(read_rows(h, r0, r1, buffer(("rows", slot), (r1 - r0) * L)).reshape(-1))
-        step = max(1, group_elems // max(1, L))
-        for a in range(r0, r1, step):
-            b = min(r1, a + step)
+        spans = [(s0 // max(1, L), -(-s1 // max(1, L))) for s0, s1 in unsplit]  # in rows
+        for a, b in group_bounds(r0, r1, max(1, group_elems // max(1, L)), spans):
             arrays = [_group_rows(h, slot, src, r0, a, b, checked) for slot, (h, src) in enumerate(zip(job.inputs, sources))]
             yield a, b, _as_block(job, arrays, a, merging=merging)
+
+
+def group_bounds(r0: int, r1: int, step: int, spans=()):
+    """Row ranges [a, b) of `step` rows covering [r0, r1), a range that would end inside one of
+    the row `spans` [s0, s1) widened to its end."""
+    a = r0
+    while a < r1:
+        b = min(r1, a + step)
+        while b < r1 and (cut := [s1 for s0, s1 in spans if s0 < b < s1]):
+            b = min(r1, max(cut))
+        yield a, b
+        a = b
 
 
 def _group_rows(h, slot: int, source, r0: int, a: int, b: int, checked: bool = True) -> np.ndarray:

@@ -219,6 +219,11 @@ class MergeMethod:
     # block (flat range [b0, b1)): top-k methods, whose tie cut may lie in one block that their
     # merge must see whole (ops/topk.py).
     row_groups: bool | Callable[[Stats, int, int], bool] = False
+    # With row_groups: flat spans [s0, s1) within the block [b0, b1) that one call of `merge`
+    # must hold whole, as unsplit(stats, b0, b1) lists them: the engine widens a group that
+    # would cut one to its end (a top-k tie cut deferred to a span of the passes, which the
+    # merge scans: ops/topk.py). None: any rows.
+    unsplit: Callable[[Stats, int, int], Sequence[tuple[int, int]]] | None = None
     # True: a NaN or Inf in any input leaves the float32 result non-finite at that element
     # (sums, differences and products of every input: 0 * inf is NaN; no selection or
     # comparison that could drop one). The engine then checks the result of a row group for

@@ -110,9 +110,9 @@ class _Family:
         if spec.sparsify in (MAGNITUDE, OUTLIERS):
             self.topk = TopK(f"{spec.name}.topk", self._values, self._plan)
 
-    def row_groups(self, stats: Stats, b0: int, b1: int) -> bool:
-        """MergeMethod.row_groups: any block, but a top-k selection's boundary block."""
-        return self.topk is None or not self.topk.cuts_in(stats, b0, b1)
+    def unsplit(self, stats: Stats, b0: int, b1: int) -> list[tuple[int, int]]:
+        """MergeMethod.unsplit: the spans where a top-k selection's tie cut was deferred."""
+        return [] if self.topk is None else self.topk.spans_in(stats, b0, b1)
 
     # -- top-k plumbing -------------------------------------------------------------------
     @staticmethod
@@ -441,9 +441,10 @@ def _make(spec: Spec) -> MergeMethod:
         params=tuple(params),
         base="required",
         passes=fam.passes(),
-        # top-k methods: but for the block where a tie at the threshold was left to be cut
-        # (TopK.keeper scans it whole, as the passes saw it)
-        row_groups=fam.row_groups,
+        # top-k methods: a span where a tie at the threshold was left to be cut is held whole
+        # by one call (TopK.keeper scans it, as the passes saw it)
+        row_groups=True,
+        unsplit=fam.unsplit,
         # masks and the election multiply (0 * inf and NaN * 0 are NaN): a non-finite tau_i
         # leaves S non-finite, whether its entry counts or not
         nonfinite_spreads=True,

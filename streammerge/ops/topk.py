@@ -55,8 +55,8 @@ about 1% of the entries minus the heavy values (0.2% of a block on bf16-derived 
 
 Merge keeps u > T, plus the ties u == T with flat index <= C. A deferred cut names the span
 whose partial sent counts (a block, or a group of rows: the select passes map row groups), and
-the merge scans that span whole: the block holding it is merged whole (`cuts_in`), and a block
-that cuts it is reported.
+the merge scans that span whole: a merge call holds it whole (`spans_in`: the engine widens
+the row group that would cut it), and a block that cuts it is reported.
 
 Using it (e.g. for the sparse top-rho encodings):
 
@@ -665,15 +665,16 @@ class TopK:
             seen += eq.size
         raise AssertionError("boundary block has fewer ties than recorded")
 
-    def cuts_in(self, stats: Stats, b0: int, b1: int) -> bool:
-        """Whether a selection's tie cut was deferred to a span of the passes (a block or a
-        group of rows) overlapping the block of flat range [b0, b1): `keeper` then needs the
-        block whole, to scan that span."""
+    def spans_in(self, stats: Stats, b0: int, b1: int) -> list[tuple[int, int]]:
+        """The spans of the passes (a block or a group of rows), as flat [start, end), to which
+        a selection's tie cut was deferred, overlapping the flat range [b0, b1): `keeper` scans
+        such a span, so a merge call must hold it whole (MergeMethod.unsplit)."""
+        spans = []
         for j in range(self.nsel(stats)):
             bstart = int(stats.get(self._k(j, "bstart"), -1))
             if bstart >= 0 and b0 < int(stats[self._k(j, "bend")]) and b1 > bstart:
-                return True
-        return False
+                spans.append((bstart, int(stats[self._k(j, "bend")])))
+        return sorted(spans)
 
     def keepers(self, block: Block, params: TensorParams, stats: Stats) -> list[Keeper]:
         return [self.keeper(block, params, stats, j) for j in range(self.nsel(stats))]
