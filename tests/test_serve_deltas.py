@@ -681,8 +681,8 @@ def test_bf16_compute_follows_the_float32_path(stores, which):
 @pytest.mark.parametrize("fused", [False, True], ids=["per-term", "fused"])
 @pytest.mark.parametrize("which", ["mediator", "1bit"])
 def test_runner_keeps_decisions_contiguous_and_answers_unchanged(stores, which, fused):
-    """The serving runner sorts its batch by decision as rows join (so the routed layers slice
-    each decision's run of rows); rows leave and join again; every request's greedy tokens are
+    """The serving runner sorts its batch by decision as rows join, and each prefill's rows (so
+    the routed layers slice each decision's run of rows); rows leave and join again; every request's greedy tokens are
     those it gets decoded alone (fused: the rows' coefficients follow the batch as it changes)."""
     from streammerge.serve.runner import ModelRunner
     from streammerge.serve.scheduler import Request, Sampling
@@ -697,12 +697,20 @@ def test_runner_keeps_decisions_contiguous_and_answers_unchanged(stores, which, 
         return Request(torch.randint(3, 250, (int(torch.randint(2, 7, (1,), generator=g)),), generator=g).tolist(),
                        Sampling(max_tokens=6), target)
 
+    prefill_groups = []
+    groups = runner.runtime.groups
+    runner.runtime.groups = lambda batch: prefill_groups.append(groups(batch)) or prefill_groups[-1]
+
     def decode_all(reqs_in_waves, steps):
         """Prefill the waves one after another (a decode step between), then decode; tokens per request."""
         out = {}
         for wave in reqs_in_waves:
             runner.decide(wave)
-            for r, t in zip(wave, runner.prefill(wave)):
+            prefill_groups.clear()
+            tokens = runner.prefill(wave)
+            # the prefill ran its rows sorted by decision too: every group a slice
+            assert prefill_groups and all(rows is None or isinstance(rows, slice) for g in prefill_groups for _, rows in g)
+            for r, t in zip(wave, tokens):
                 out[r.id] = [t]
             last = [out[r.id][-1] for r in runner.rows]
             for r, t in zip(list(runner.rows), runner.decode(last)):

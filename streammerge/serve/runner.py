@@ -125,6 +125,9 @@ class ModelRunner:
         torch = self.torch
         from transformers import DynamicCache
 
+        # sorted by decision, as the batch is (_join): each decision's rows one slice of the prefill
+        order = sorted(range(len(reqs)), key=lambda i: reqs[i].decision.key)
+        asked, reqs = reqs, [reqs[i] for i in order]
         for r in reqs:
             r.runner_state = RowState(self._generator(r.sampling))
         ids, mask = pad_batch([r.prompt_ids for r in reqs], self.pad, "left", self.device)
@@ -133,9 +136,9 @@ class ModelRunner:
         with torch.inference_mode():
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
                              use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
-        tokens = self._sample(out.logits[:, -1, :], reqs)
+        tokens = dict(zip(map(id, reqs), self._sample(out.logits[:, -1, :], reqs)))
         self._join(reqs, [(layer.keys, layer.values) for layer in cache.layers], mask)
-        return tokens
+        return [tokens[id(r)] for r in asked]
 
     def decode(self, last_tokens: Sequence[int]) -> list[int]:
         """One token for every row (in self.rows order), in one forward."""
