@@ -587,7 +587,7 @@ def test_cache_within_budget_gives_the_same_logits(stores, which):
     rt0.set_rows(decisions)
     with torch.inference_mode():
         want = m0(input_ids=ids).logits
-    small = enc["model"] + enc["encodings"] + 20_000  # room for a few decoded terms only
+    small = enc["model"] + enc["encodings"] + rt0.plan_bound(3) + 20_000  # room for a few decoded terms only
     for budget in (small, 1 << 34):
         rt, m = runtime(store, memory_budget=budget)
         rt.set_rows(decisions)
@@ -617,7 +617,7 @@ def test_fused_stacks_only_within_the_budget(stores, which):
     ids = batch_ids(len(decisions), seed=6)
     want = unfused_logits(store, decisions, ids)
     rt, model = runtime(store)
-    weights = sum(rt.resident_bytes().values())
+    weights = sum(rt.resident_bytes().values()) + rt.plan_bound(len(decisions))  # the row plan's reserve too
     full = stack_bytes(rt, model, store)
     first = next(m for m in rt._patched if isinstance(m.forward, DeltaLinear) and m.forward.tensors["weight"].stack_keys())
     one = (1 + len(first.forward.tensors["weight"].stack_keys())) * sum(
