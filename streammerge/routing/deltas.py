@@ -30,7 +30,8 @@ Delta terms:
             CSR matrix in small types (`CompactSparse`: int32 row pointers, int16 columns, the
             values as stored: bf16, or int8 codes with a float32 scale per 64; the store's
             bitmask or offsets are decoded once, at load), cast (int8: decoded) to float32 /
-            int32 for torch.sparse.mm per product. (One sparse product of the
+            int32 for torch.sparse.mm per product (int8: 1.1-1.3x the bf16 store's decoding
+            step on CPU without a budget, hidden 256, rho 0.1-0.5). (One sparse product of the
             stacked [S_1; ...; S_N] for all rows, then each row's mix, was measured no faster on
             CPU at 32 tokens and slower above: not kept.)
   1bit      one term per task decision present in the batch: Delta_k = tau_hat_k + lambda *
@@ -67,9 +68,10 @@ those terms vanish (see OneBitTensor).
 
 Cache: with `memory_budget` (bytes the weights may take on the device: model + encodings +
 row plan + cache), the decoded form of a term is kept, least recently used first out, in what
-the model, the encodings and the row plan's reserve leave: Mediator the float32 CSR matrix of S_t; 1bit a task decision's full
-weight M + Delta_k of each Linear, so that its rows run one product with it, as the weight swap
-does, instead of shared + delta (in the compute dtype: on bf16 that is the export's rounding).
+the model, the encodings and the row plan's reserve leave: Mediator the float32 CSR matrix of
+S_t; 1bit a task decision's full weight M + Delta_k of each Linear, so that its rows run one
+product with it, as the weight swap does, instead of shared + delta (in the compute dtype: on
+bf16 that is the export's rounding).
 (Mediator's full weights D + S_k instead were measured no faster for a decoding step on CPU,
 with 5x the cache: not kept.) Without a budget nothing is cached (and nothing fused): resident
 weights are the model plus the encodings. The row plan is what a forward keeps for its batch's
@@ -809,7 +811,7 @@ class DeltaRuntime:
         of `plan_rows`) leave, least recently used terms out first."""
         used = self.resident_bytes()
         weights = used["model"] + used["encodings"]
-        fixed = self.fixed_bytes()
+        fixed = weights + self.plan_bound(self.plan_rows)
         if memory_budget is not None and memory_budget <= fixed:
             plan = f", with the row plan of {self.plan_rows} rows {fixed}" if fixed > weights else ""
             raise StreammergeError(f"memory budget {memory_budget} bytes: the model and the encodings alone take {weights}{plan}")
