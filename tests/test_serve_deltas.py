@@ -653,6 +653,36 @@ def test_fused_policy_is_cuda_and_few_tokens(stores):
     assert not rt._stacks and rt.resident_bytes()["cache"] > 0  # the CSR terms, cached
 
 
+@pytest.mark.parametrize("which", ["mediator", "1bit-l0"])
+def test_long_batches_take_the_stacks_dense_blocks(stores, which, monkeypatch):
+    """Where "auto" fuses a few tokens but a batch has more (a prefill), a Linear with a stack
+    runs the shared product and each term's rows times its dense block of the stack: the
+    per-term path's logits, no decoded term cached beside the stacks, one product per term."""
+    from streammerge.routing import deltas
+
+    # the policy of a GPU, on this CPU: stacks reserved, up to 4 tokens fused, more in blocks
+    monkeypatch.setattr(deltas, "fused_pays", lambda device, tokens: tokens <= 4)
+    store = stores[which]
+    decisions = [forced("math", TASKS), STATIC, forced("chat", TASKS), forced("code", TASKS), forced("math", TASKS)]
+    if which == "mediator":
+        decisions.append(Decision("mix", (("chat", 0.25), ("code", 0.75))))
+    ids = batch_ids(len(decisions), seed=9)
+    want = unfused_logits(store, decisions, ids)
+    rt, model = runtime(store, memory_budget=1 << 34)
+    assert rt.fused == "auto" and rt.fused_layers()[0] > 0
+    ran = []
+    monkeypatch.setattr(deltas.DeltaLinear, "_fused", lambda self, x, terms: pytest.fail("fused a long batch"))
+    blocks = deltas.DeltaLinear._blocks
+    monkeypatch.setattr(deltas.DeltaLinear, "_blocks", lambda self, x, terms: ran.append(len(terms)) or blocks(self, x, terms))
+    monkeypatch.setattr(deltas.OneBitTensor, "full_fits", lambda self: False)  # 1bit: not its cached full weights
+    rt.set_rows(decisions)
+    with torch.inference_mode():
+        got = model(input_ids=ids).logits
+    assert ran and len(ran) == rt.fused_layers()[0] and max(ran) >= 3
+    assert rt.cache.bytes == 0 and rt.resident_bytes()["cache"] == stack_bytes(rt, model, store)
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (got - want).abs().max()
+
+
 def test_compact_sparse_decodes_like_the_numpy_decoder(stores):
     """The resident CSR form gives back the store's entries (whichever position layout each
     blob has, bitmask or offsets; 2-D and 1-D tensors): dense, rows, CSR and its product, in

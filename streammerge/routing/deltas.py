@@ -88,9 +88,12 @@ y[b] = sum_j P[b, j] y_all[b, j] with one coefficient row per batch row, built o
 P[b, 0] = 1, P[b, 1 + j] = the row's weight of term j (1 top-1, p_t a mix, 0 STATIC). The stacks
 are built on first use, in the model's dtype (on bf16 each term is rounded once, as the export
 rounds its weights; so are a mix's p_t), and take their share of the budget before the cache,
-Linear by Linear in module order while they fit; the others, long prefills and CPU keep the
-per-term products. `rt.fused = "always"` forces the fused product on any device and batch
-(tests), "never" turns it off; see FUSED_MAX_TOKENS for the policy.
+Linear by Linear in module order while they fit; the others and CPU keep the per-term
+products. A longer batch (a prefill) of a Linear with a stack runs the shared product, then
+each term's rows times its dense block of the stack (DeltaLinear._blocks: one dense product per
+term instead of a sparse one; measured on an H100 below FUSED_MAX_TOKENS). `rt.fused =
+"always"` forces the fused product on any device and batch (tests), "never" turns it off; see
+FUSED_MAX_TOKENS for the policy.
 
 Exactness: `export --variant task:k` rounds W = D + S_k (1bit: theta_0 + tau_hat_k + lambda *
 TIES) to the store's dtype once; the delta path computes x D^T + x S_k^T in float32 without that
@@ -128,9 +131,9 @@ EXACT_ATOL = 1e-5
 # coefficients: (K + 1)x the FLOPs and weight reads of the shared product, for 2 kernels instead
 # of ~5 per term (gather, cast, sparse product, scale, scatter-add) on top of the shared one. It
 # pays where a step's time is launches, not arithmetic: on a GPU, for a batch of few tokens
-# (decoding steps; up to this many tokens, rows x sequence). Long prefills keep the per-term
-# path, whose extra FLOPs are the terms' nonzeros only. On CPU each term's product is
-# arithmetic-bound already (see the table above): the per-term path stays.
+# (decoding steps; up to this many tokens, rows x sequence). Longer batches (prefills) take
+# each term's dense block of the stack over its rows only (DeltaLinear._blocks). On CPU each
+# term's product is arithmetic-bound already (see the table above): the per-term path stays.
 FUSED_MAX_TOKENS = 128
 
 
@@ -519,11 +522,15 @@ class DeltaLinear(_Routed):
         self._check(x.shape[0])
         w = self.tensors.get("weight")
         terms = self.rt.terms(w, x.shape[0]) if w is not None else []
-        if terms and self.rt.fuses(m, x):
+        product = self.rt.product(m, x) if terms else "terms"
+        if product == "fused":
             y = self._fused(x, terms)
             terms = []
         elif terms and isinstance(w, OneBitTensor) and w.full_fits():
             y = self._full_weights(x, w, terms)
+            terms = []
+        elif product == "blocks":
+            y = self._blocks(x, terms)
             terms = []
         else:
             y = torch.nn.functional.linear(x, m.weight, m.bias)
@@ -553,11 +560,27 @@ class DeltaLinear(_Routed):
         torch, _ = require_torch()
         m = self.module
         keys, wcat, bcat = self.rt.stack(m, self.tensors["weight"])
-        p = self.rt.coefficients(keys, terms, x.shape[0], wcat.dtype)
+        p = self.rt.coefficients(keys, terms, x.shape[0], wcat.dtype)  # (batch, 1, 1 + K)
         y = torch.nn.functional.linear(x, wcat, bcat).view(-1, len(keys) + 1, m.out_features)
         if y.shape[0] != p.shape[0]:  # several tokens a row: each token takes its row's coefficients
-            p = p.repeat_interleave(y.shape[0] // p.shape[0], dim=0)
-        return torch.bmm(p.unsqueeze(1), y).view(*x.shape[:-1], m.out_features)
+            return torch.bmm(p.repeat_interleave(y.shape[0] // p.shape[0], dim=0), y).view(*x.shape[:-1], m.out_features)
+        # one token a row (a decoding step, x (batch, 1, h)): bmm's (batch, 1, out) is the output's shape
+        y = torch.bmm(p, y)
+        return y if x.dim() == 3 else y.view(*x.shape[:-1], m.out_features)
+
+    def _blocks(self, x, terms):
+        """The shared product for every row, then each term's rows times its dense block of the
+        stack (a long prefill: the fused product's (K+1)x FLOPs would not pay, and one dense
+        product of a term's rows runs several times faster on a GPU than its sparse one)."""
+        torch, _ = require_torch()
+        m, F = self.module, torch.nn.functional
+        keys, wcat, _ = self.rt.stack(m, self.tensors["weight"])
+        n = m.out_features
+        y = F.linear(x, m.weight, m.bias)
+        for key, rows, weights in terms:
+            j = 1 + keys.index(key)
+            _add_rows(y, rows, F.linear(_take(x, rows), wcat[j * n : (j + 1) * n]), weights)
+        return y
 
     def _full_weights(self, x, w, terms):
         """Each term's rows with its decision's full (cached) weight, the other rows with the
@@ -854,8 +877,7 @@ class DeltaRuntime:
         fit what the model and the encodings leave of the budget; returns the bytes reserved
         (taken from the cache's share, built on first use)."""
         self._fusable = {}
-        torch, _ = require_torch()
-        if self.memory_budget is None or self.fused == "never" or (self.fused == "auto" and torch.device(self.device).type != "cuda"):
+        if self.memory_budget is None or self.fused == "never" or (self.fused == "auto" and not fused_pays(self.device, 1)):
             return 0
         reserved = 0
         for module in self._patched:
@@ -874,11 +896,16 @@ class DeltaRuntime:
         linears = sum(isinstance(m.forward, DeltaLinear) and "weight" in m.forward.tensors for m in self._patched)
         return len(self._fusable), linears
 
-    def fuses(self, module, x) -> bool:
-        """Whether this product of `module` (input x) runs fused (see FUSED_MAX_TOKENS)."""
+    def product(self, module, x) -> str:
+        """How this product of a routed Linear (input x) adds its terms: "fused" (the stack in
+        one product, see FUSED_MAX_TOKENS), "blocks" (a batch of more tokens, where the module
+        has a stack: each term's rows times its dense block) or "terms" (no stack: the
+        per-term products from the encodings or the cache)."""
         if id(module) not in self._fusable:
-            return False
-        return self.fused == "always" or fused_pays(x.device, x.numel() // max(1, x.shape[-1]))
+            return "terms"
+        if self.fused == "always" or fused_pays(x.device, x.numel() // max(1, x.shape[-1])):
+            return "fused"
+        return "blocks"
 
     def stack(self, module, tensor) -> tuple:
         """(keys, [W; W_k for k in keys], [b; 0...] or None) of a fusable Linear, built once,
@@ -895,8 +922,8 @@ class DeltaRuntime:
         return hit
 
     def coefficients(self, keys: list, terms: list, batch: int, dtype):
-        """P (batch, 1 + len(keys)): each row's weight of the shared block (1) and of each
-        stacked term, from the plan's terms (cached with the plan)."""
+        """P (batch, 1, 1 + len(keys)), bmm's left operand: each row's weight of the shared
+        block (1) and of each stacked term, from the plan's terms (cached with the plan)."""
         torch, _ = require_torch()
         # a tensor's terms are the batch's decisions with a delta among its keys: the same for
         # every tensor with the same keys (Mediator: all of them)
@@ -907,7 +934,7 @@ class DeltaRuntime:
             for key, rows, weights in terms:
                 idx = torch.as_tensor(list(_indices(rows, batch)), dtype=torch.long)
                 p[idx, 1 + keys.index(key)] = 1.0 if weights is None else weights.cpu()
-            self._plan[plan_key] = p.to(device=self.device, dtype=dtype)
+            self._plan[plan_key] = p.to(device=self.device, dtype=dtype).unsqueeze(1)
         return self._plan[plan_key]
 
     # ---- loading --------------------------------------------------------------------------------
