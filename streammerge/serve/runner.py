@@ -64,10 +64,11 @@ class ModelRunner:
 
     @classmethod
     def from_store(cls, path, device="auto", dtype="auto", memory_budget: int | None = None, eta: float | None = None,
-                   top_m: int | None = None, fused: str = "auto") -> "ModelRunner":
-        """The runner of a store. `memory_budget` (bytes) bounds weights + decoded-term cache +
-        KV cache: what the model and the encodings leave is split in halves, one for the
-        runtime's cache of decoded terms, one for the KV cache (`kv_budget`). `fused`: the
+                   top_m: int | None = None, fused: str = "auto", max_batch: int | None = None) -> "ModelRunner":
+        """The runner of a store. `memory_budget` (bytes) bounds weights + row plan + decoded-term
+        cache + KV cache: what the model, the encodings and the row plan of `max_batch` rows
+        (the runtime's reserve for a step's per-row tensors) leave is split in halves, one for
+        the runtime's cache of decoded terms, one for the KV cache (`kv_budget`). `fused`: the
         runtime's fused-product policy (DeltaRuntime.fused), set before the budget is split."""
         from ..routing.router import Router, router_dir
         from ..routing.runtime import load_merged_model, open_routing_store, resolve_device, resolve_dtype
@@ -80,11 +81,11 @@ class ModelRunner:
         model, tok = load_merged_model(store, dev, dt)
         runtime = DeltaRuntime(model, store, method, dev, dt, None)
         runtime.fused = fused
+        runtime.reserve_rows(max_batch or 0)
         kv_budget = None
         if memory_budget is not None:
-            runtime.set_memory_budget(memory_budget)  # refuses a budget the model and the encodings fill
-            weights = sum(runtime.resident_bytes().values())
-            kv_budget = (memory_budget - weights) // 2
+            runtime.set_memory_budget(memory_budget)  # refuses a budget the model, the encodings and the plan fill
+            kv_budget = (memory_budget - runtime.fixed_bytes()) // 2
             runtime.set_memory_budget(memory_budget - kv_budget)
         runner = cls(model, tok, runtime, method, dev, router=router, eta=eta, top_m=top_m)
         runner.kv_budget = kv_budget
