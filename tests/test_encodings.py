@@ -26,6 +26,7 @@ from streammerge.encodings.onebit import (
 from streammerge.encodings.sparse import (
     apply_sparse,
     decode_sparse,
+    dequantize_int8,
     encode_sparse,
     expert_block,
     expert_outputs,
@@ -484,6 +485,30 @@ def test_sparse_blob_int8_roundtrip(size, count):
     np.testing.assert_array_equal(blk, np.ones(size, np.float32) + _dense_of(off, v, size) * np.float32(0.5))
 
 
+@pytest.mark.parametrize("value_bits,size,count", [(8, 1000, 130), (8, 13, 5), (8, 100, 0), (16, 1000, 130), (16, 100, 2)])
+def test_sparse_blob_codes_as_stored(value_bits, size, count):
+    """decode_sparse_codes gives the blob's fields as stored, read back independently from its
+    bytes: int8 groups as their float32 scales and int8 codes, whose dequantised values are
+    decode_sparse's; bf16 values as float32 (no scales). The offsets are decode_sparse's."""
+    rng = np.random.default_rng(count)
+    off = np.sort(rng.choice(size, count, replace=False))
+    val = (rng.standard_normal(count) * 1e-3).astype(np.float32)
+    blob = encode_sparse(off, val, size, value_bits=value_bits)
+    o, scales, values = sparse.decode_sparse_codes(blob)
+    want_off, want_val = decode_sparse(blob)
+    np.testing.assert_array_equal(o, want_off)
+    if value_bits == 16:
+        assert scales is None
+        np.testing.assert_array_equal(values, want_val)
+        return
+    groups = -(-count // 64)
+    at = len(blob) - count - 4 * groups
+    assert scales.dtype == np.float32 and values.dtype == np.int8
+    np.testing.assert_array_equal(scales, np.frombuffer(blob, "<f4", groups, at))
+    np.testing.assert_array_equal(values, np.frombuffer(blob, np.int8, count, at + 4 * groups))
+    np.testing.assert_array_equal(dequantize_int8(scales, values), want_val)
+
+
 def test_sparse_blob_bf16_unchanged_by_value_bits():
     """value_bits 16 (the default) writes the bf16 blob of before: value code 1, 2 bytes a value."""
     rng = np.random.default_rng(5)
@@ -522,9 +547,10 @@ def test_sparse_blob_int8_rejects_malformed():
         _blob_v2(3, 0, 100, pos, np.array([1.0], "<f4").tobytes() + codes, code=3),
     ]
     for i, b in enumerate(bad):
-        with pytest.raises(ValueError):
-            decode_sparse(b)
-            pytest.fail(f"bad blob {i} decoded")
+        for decode in (decode_sparse, sparse.decode_sparse_codes):  # the codes reader checks alike
+            with pytest.raises(ValueError):
+                decode(b)
+                pytest.fail(f"bad blob {i} decoded by {decode.__name__}")
     with pytest.raises(ValueError, match="value_bits"):
         encode_sparse(off, val, 100, value_bits=4)
     for x in (np.nan, np.inf):

@@ -403,3 +403,38 @@ def test_1bit_store_served(stores, routers, tokenizer, tmp_path):
         assert together == alone
     finally:
         srv.stop()
+
+
+def test_int8_store_served(stores, tokenizer, tmp_path):
+    """A Mediator store with int8 values (`value_bits: 8`) served with a budget: forced greedy ==
+    `export --variant task:k` in transformers; /metrics reports the resident parts, the row plan
+    among them, and the encodings the in-process runtime holds: the int8 codes as stored."""
+    import yaml
+    from transformers import AutoModelForCausalLM
+
+    from helpers import write_recipe
+    from streammerge.routing.deltas import DeltaRuntime
+    from streammerge.routing.encoded import Int8Values
+    from streammerge.routing.runtime import load_merged_model, open_routing_store
+
+    r = yaml.safe_load((stores["root"] / "med.yaml").read_text())
+    r["parameters"].update(rho=0.5, value_bits=8)
+    store = tmp_path / "med8.zarr"
+    run("build", write_recipe(tmp_path / "med8.yaml", r), "--store", store, "--block-elements", "1000")
+    run("export", store, tmp_path / "math", "--variant", "task:math")
+    ref = AutoModelForCausalLM.from_pretrained(str(tmp_path / "math"), dtype=torch.float32).eval()
+    s, method = open_routing_store(store)
+    model, _ = load_merged_model(s, torch.device("cpu"), torch.float32)
+    rt = DeltaRuntime(model, s, method, torch.device("cpu"), torch.float32)
+    assert all(isinstance(e.value, Int8Values) for t in rt.tensors.values() for e in t.experts.values())
+    srv = Server(store, tmp_path / "log", "--name", "m8", "--max-batch", "4", "--memory-budget", "1GB")
+    try:
+        prompt = prompts_for("math", 1, 11)[0]
+        out = srv.client().completions.create(model="m8:task:math", prompt=prompt, max_tokens=8, temperature=0)
+        want, n = greedy_text(ref, tokenizer, tokenizer(prompt)["input_ids"], 8)
+        assert (out.choices[0].text, out.usage.completion_tokens) == (want, n)
+        parts = {m[1]: float(m[2]) for m in re.finditer(r'streammerge_resident_bytes\{part="(\w+)"\} (\S+)', srv.metrics())}
+        assert set(parts) == {"model", "encodings", "plan", "cache", "kv_cache"}, parts
+        assert parts["encodings"] == rt.resident_bytes()["encodings"]
+    finally:
+        srv.stop()

@@ -56,6 +56,7 @@ def stores(tmp_path_factory):
         "mediator-tied": build("medt", "tied", "mediator", route=1, rho=0.2, route_outside=True),
         # int8 expert values (groups of 64 with a float32 scale), decoded to bf16 like the export
         "mediator-int8": build("med8", "qwen", "mediator", route=2, rho=0.5, route_outside=True, value_bits=8),
+        "mediator-bf16": build("med16", "qwen", "mediator", route=2, rho=0.5, route_outside=True, value_bits=16),
         "1bit": build("bit", "qwen", "1bit", preset="uniform", **{"lambda": 0.8}),
         "1bit-l0": build("bit0", "qwen", "1bit", preset="uniform", **{"lambda": 0.0}),
         "1bit-paper": build("bitp", "tied", "1bit", preset="paper", granularity="row", **{"lambda": 0.5}),
@@ -452,6 +453,128 @@ def test_resident_bytes_match_the_storage_figure(stores, which):
     assert rt.resident_bytes()["cache"] == 0
 
 
+def stored_blob_bytes(store, task: str, job: dict) -> tuple[int, int, int]:
+    """(entries, bytes of their values, bytes of the blobs) of one task's expert of one tensor,
+    read from the blobs' headers: the values are what a blob holds past its 20-byte header
+    and its positions (a bitmask of ceil(n / 8) bytes or 4 bytes an entry)."""
+    import struct
+
+    entries = values = total = 0
+    for b in range(job["nblocks"]):
+        blob = store.read_blob(f"{job['key']}/{task}", b)
+        _, _, _, count, layout, _, n = struct.unpack("<4sHHIHHI", blob[:20])
+        positions = -(-n // 8) if layout == 1 else 4 * count
+        entries, values, total = entries + count, values + len(blob) - 20 - positions, total + len(blob)
+    return entries, values, total
+
+
+def test_int8_store_resident_values_are_the_stored_bytes(stores):
+    """A Mediator store built with int8 values keeps them resident as stored: its experts'
+    values take the bytes the store's blobs hold for them (codes and scales; plus 16 bytes a
+    span of blobs, within 10 %), against 2 bytes an entry for the same recipe with bf16 values,
+    whose entries and positions are the same; its encodings are the smaller."""
+    from streammerge.routing.encoded import Int8Values, Values
+
+    resident, stored_values, stored_bf16, blobs = 0, 0, 0, 0
+    rts = {which: runtime(stores[which])[0] for which in ("mediator-int8", "mediator-bf16")}
+    s8, s16 = rts["mediator-int8"].store, rts["mediator-bf16"].store
+    for job in [j for j in s8.jobs if j["stage"] == "experts"]:
+        t8, t16 = rts["mediator-int8"].tensors[job["name"]], rts["mediator-bf16"].tensors[job["name"]]
+        for task in TASKS:
+            e8, e16 = t8.experts[task], t16.experts[task]
+            assert isinstance(e8.value, Int8Values) and isinstance(e16.value, Values)
+            count, values, _ = stored_blob_bytes(s8, task, job)
+            assert count == e8.count == e16.count
+            assert torch.equal(e8.col, e16.col) and torch.equal(e8.crow, e16.crow)  # the same top-rho entries
+            assert e16.value.nbytes == 2 * count
+            resident += e8.value.nbytes
+            stored_values += values
+            blobs += job["nblocks"]
+            stored_bf16 += stored_blob_bytes(s16, task, job)[1]
+    assert stored_values <= resident <= stored_values + 16 * blobs, (resident, stored_values, blobs)
+    assert resident <= 1.1 * stored_values and stored_bf16 == sum(
+        e.value.nbytes for t in rts["mediator-bf16"].tensors.values() for e in t.experts.values())
+    enc8, enc16 = (rts[w].resident_bytes()["encodings"] for w in ("mediator-int8", "mediator-bf16"))
+    assert enc8 < enc16 - 0.4 * stored_bf16, (enc8, enc16)  # about 0.47 of the bf16 values saved
+
+
+def test_row_plan_is_resident_and_counted(stores):
+    """The row plan (what a forward keeps for its decisions) is in resident_bytes: counted by
+    hand from the store's routed 1-D tensors for a batch of 4 rows, 2 task decisions and a
+    STATIC row, each decision's rows one run (no index tensors): per routed norm its (4, h)
+    float32 scales and, per task decision, its float32 delta and its float32 weight; per routed
+    bias a float32 delta per task decision."""
+    store = stores["mediator"]
+    rt, model = runtime(store)
+    assert rt.resident_bytes()["plan"] == 0
+    rt.set_rows([forced("math", TASKS), forced("math", TASKS), STATIC, forced("chat", TASKS)])
+    with torch.inference_mode():
+        model(input_ids=batch_ids(4))
+    hand = 0
+    for job in rt.store.jobs:
+        if job["stage"] != "experts" or len(job["shape"]) != 1:
+            continue
+        h = job["shape"][0]
+        if job["name"].endswith("norm.weight"):
+            hand += 4 * h * 4 + 2 * (h * 4 + h * 4)
+        else:
+            assert job["name"].endswith(".bias"), job["name"]
+            hand += 2 * h * 4
+    assert hand > 0 and rt.resident_bytes()["plan"] == hand
+    rt.set_rows([STATIC])  # new decisions: a new plan, the old one dropped
+    assert rt.resident_bytes()["plan"] == 0
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["per-term", "fused"])
+def test_row_plan_is_bounded_and_reserved_in_the_budget(stores, fused):
+    """The worst row plan of 6 rows (every row its own decision: weighted mixes whose tasks'
+    rows are scattered, so each term holds row indices and weights; fused: the coefficients)
+    stays within plan_bound(6); the budget reserves it, so model + encodings + plan + cache stay
+    within the budget while the cache fills; a budget the plan does not fit is refused."""
+    from streammerge.errors import StreammergeError
+
+    store = stores["mediator"]
+    mixes = [Decision("mix", ((TASKS[i % 3], 0.4 + 0.05 * i), (TASKS[(i + 1) % 3], 0.6 - 0.05 * i))) for i in range(5)]
+    decisions = [mixes[0], STATIC, mixes[1], mixes[2], mixes[3], mixes[4]]
+    ids = batch_ids(6, seed=8)
+    rt, model = runtime(store)
+    fixed = rt.resident_bytes()["model"] + rt.resident_bytes()["encodings"]
+    bound = rt.plan_bound(6)
+    budget = fixed + bound + 30_000  # a cache that fills
+    rt.set_memory_budget(budget)
+    rt.fused = "always" if fused else "never"
+    rt.set_rows(decisions)
+    with torch.inference_mode():
+        for _ in range(2):
+            model(input_ids=ids)
+    used = rt.resident_bytes()
+    assert 0 < used["plan"] <= bound and used["cache"] > 0, used
+    assert sum(used.values()) <= budget, (used, budget)
+    assert rt.plan_rows == 6 and rt.fixed_bytes() == fixed + bound
+    if not fused:  # the cache gets what the plan's reserve leaves
+        assert rt.cache.budget == budget - fixed - bound
+    with pytest.raises(StreammergeError, match="with the row plan of 6 rows"):
+        rt.set_memory_budget(fixed + bound)
+    rt2, _ = runtime(store, memory_budget=fixed + bound)  # fits no plan of 6 rows
+    with pytest.raises(StreammergeError, match="with the row plan of 6 rows"):
+        rt2.set_rows(decisions)
+
+
+def test_runner_reserves_the_row_plan_of_max_batch(stores):
+    """The server's budget split reserves the row plan of --max-batch rows before halving what
+    is left between the decoded-term cache and the KV cache."""
+    from streammerge.serve.runner import ModelRunner
+
+    budget = 1 << 30
+    runner = ModelRunner.from_store(stores["mediator"], device="cpu", dtype="float32", memory_budget=budget, max_batch=16)
+    rt = runner.runtime
+    used = rt.resident_bytes()
+    plan = rt.plan_bound(16)
+    assert rt.plan_rows == 16 and plan > rt.plan_bound(1) > 0
+    assert runner.kv_budget == (budget - used["model"] - used["encodings"] - plan) // 2
+    assert rt.memory_budget == budget - runner.kv_budget and rt.cache.budget <= rt.memory_budget - rt.fixed_bytes()
+
+
 @pytest.mark.parametrize("which", ["mediator", "1bit", "1bit-l0"])
 def test_cache_within_budget_gives_the_same_logits(stores, which):
     """A budget caches decoded terms (1bit: full weights; lambda 0: the STATIC row has none and
@@ -464,7 +587,7 @@ def test_cache_within_budget_gives_the_same_logits(stores, which):
     rt0.set_rows(decisions)
     with torch.inference_mode():
         want = m0(input_ids=ids).logits
-    small = enc["model"] + enc["encodings"] + 20_000  # room for a few decoded terms only
+    small = enc["model"] + enc["encodings"] + rt0.plan_bound(3) + 20_000  # room for a few decoded terms only
     for budget in (small, 1 << 34):
         rt, m = runtime(store, memory_budget=budget)
         rt.set_rows(decisions)
@@ -494,7 +617,7 @@ def test_fused_stacks_only_within_the_budget(stores, which):
     ids = batch_ids(len(decisions), seed=6)
     want = unfused_logits(store, decisions, ids)
     rt, model = runtime(store)
-    weights = sum(rt.resident_bytes().values())
+    weights = sum(rt.resident_bytes().values()) + rt.plan_bound(len(decisions))  # the row plan's reserve too
     full = stack_bytes(rt, model, store)
     first = next(m for m in rt._patched if isinstance(m.forward, DeltaLinear) and m.forward.tensors["weight"].stack_keys())
     one = (1 + len(first.forward.tensors["weight"].stack_keys())) * sum(
@@ -528,6 +651,36 @@ def test_fused_policy_is_cuda_and_few_tokens(stores):
     with torch.inference_mode():
         model(input_ids=batch_ids(2))
     assert not rt._stacks and rt.resident_bytes()["cache"] > 0  # the CSR terms, cached
+
+
+@pytest.mark.parametrize("which", ["mediator", "1bit-l0"])
+def test_long_batches_take_the_stacks_dense_blocks(stores, which, monkeypatch):
+    """Where "auto" fuses a few tokens but a batch has more (a prefill), a Linear with a stack
+    runs the shared product and each term's rows times its dense block of the stack: the
+    per-term path's logits, no decoded term cached beside the stacks, one product per term."""
+    from streammerge.routing import deltas
+
+    # the policy of a GPU, on this CPU: stacks reserved, up to 4 tokens fused, more in blocks
+    monkeypatch.setattr(deltas, "fused_pays", lambda device, tokens: tokens <= 4)
+    store = stores[which]
+    decisions = [forced("math", TASKS), STATIC, forced("chat", TASKS), forced("code", TASKS), forced("math", TASKS)]
+    if which == "mediator":
+        decisions.append(Decision("mix", (("chat", 0.25), ("code", 0.75))))
+    ids = batch_ids(len(decisions), seed=9)
+    want = unfused_logits(store, decisions, ids)
+    rt, model = runtime(store, memory_budget=1 << 34)
+    assert rt.fused == "auto" and rt.fused_layers()[0] > 0
+    ran = []
+    monkeypatch.setattr(deltas.DeltaLinear, "_fused", lambda self, x, terms: pytest.fail("fused a long batch"))
+    blocks = deltas.DeltaLinear._blocks
+    monkeypatch.setattr(deltas.DeltaLinear, "_blocks", lambda self, x, terms: ran.append(len(terms)) or blocks(self, x, terms))
+    monkeypatch.setattr(deltas.OneBitTensor, "full_fits", lambda self: False)  # 1bit: not its cached full weights
+    rt.set_rows(decisions)
+    with torch.inference_mode():
+        got = model(input_ids=ids).logits
+    assert ran and len(ran) == rt.fused_layers()[0] and max(ran) >= 3
+    assert rt.cache.bytes == 0 and rt.resident_bytes()["cache"] == stack_bytes(rt, model, store)
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (got - want).abs().max()
 
 
 def test_compact_sparse_decodes_like_the_numpy_decoder(stores):
@@ -565,6 +718,57 @@ def test_compact_sparse_decodes_like_the_numpy_decoder(stores):
     assert ranks == {1, 2}, ranks
 
 
+class BlobStore:
+    """A store of one tensor's blobs (SparseDelta reads nothing else)."""
+
+    def __init__(self, blobs):
+        self.blobs = blobs
+
+    def read_blob(self, path, b):
+        return self.blobs[b]
+
+
+@pytest.mark.parametrize("counts,spans", [((70, 0, 64, 5, 130), 3), ((64, 128, 3), 1), ((1,), 1), ((0, 0), 1)])
+def test_int8_values_decode_like_the_numpy_decoder(counts, spans):
+    """int8 values stay resident as codes and per-64 scales (about 1.06 bytes an entry) and
+    decode to the numpy decoder's values bit for bit, whole, by slice, index or mask, and in a
+    row range; the groups restart at each blob (70 entries: a group of 64 and one of 6), so
+    each blob after one that ends in a short group starts a span (16 bytes where there are
+    several: its first entry and its groups' shift); empty blobs change nothing."""
+    from streammerge.encodings.sparse import decode_sparse, encode_sparse
+    from streammerge.routing.encoded import Int8Values, SparseDelta
+
+    rng = np.random.default_rng(sum(counts))
+    cols, block_rows = 50, 4
+    blobs, want = [], []
+    for c in counts:
+        off = np.sort(rng.choice(block_rows * cols, c, replace=False))
+        # magnitudes an order apart between blobs: each blob's groups have their own scales
+        val = (rng.standard_normal(c) * 10.0 ** -rng.integers(1, 5)).astype(np.float32)
+        blobs.append(encode_sparse(off, val, block_rows * cols, value_bits=8))
+        want.append(decode_sparse(blobs[-1])[1])
+    want = torch.from_numpy(np.concatenate(want))
+    job = {"shape": [block_rows * len(counts), cols], "block_rows": block_rows, "nblocks": len(counts)}
+    sp = SparseDelta(BlobStore(blobs), "x", job, "cpu")
+    v = sp.value
+    assert isinstance(v, Int8Values) and v.codes.dtype == torch.int8 and v.numel() == sum(counts)
+    assert torch.equal(v.float(), want)
+    n = sum(counts)
+    if n == 0:
+        return
+    for entries in (slice(0, n), slice(n // 3, n - 1), torch.tensor([n - 1, 0, n // 2, n // 2]),
+                    torch.rand(n, generator=torch.Generator().manual_seed(1)) < 0.3):
+        assert torch.equal(v.float(entries), want[entries]), entries
+    dense = torch.zeros(job["shape"][0] * cols)
+    dense[sp.index.long()] = want
+    rows = job["shape"][0]
+    for r0, r1 in ((0, 4), (3, min(9, rows)), (rows // 2, rows)):
+        flat = torch.zeros((r1 - r0) * cols)
+        assert torch.equal(sp.add_into(flat, start=r0 * cols), dense[r0 * cols : r1 * cols]), (r0, r1)
+    groups = sum(-(-c // 64) for c in counts)
+    assert len(v.spans) == spans and v.nbytes == n + 4 * groups + (16 * spans if spans > 1 else 0)
+
+
 @pytest.mark.parametrize("kind", ["1bit", "1bit-row", "2bit"])
 def test_signs_product_equals_the_reconstructed_task_vector(kind):
     """The sign-bits x activation product (lambda 0 terms) against encoded.py's tau_hat (itself
@@ -592,7 +796,7 @@ def test_signs_product_equals_the_reconstructed_task_vector(kind):
 def test_gathered_rows_of_a_piece(kind):
     """Embedding rows of a 1bit task vector: the piece restricted to some rows reconstructs
     exactly those rows of encoded.py's tau_hat."""
-    from streammerge.routing.encoded import SparseDelta, TaskPiece
+    from streammerge.routing.encoded import SparseDelta, TaskPiece, Values
     from streammerge.routing.deltas import _gathered
 
     g = torch.Generator().manual_seed(7)
@@ -611,7 +815,7 @@ def test_gathered_rows_of_a_piece(kind):
         sp = object.__new__(SparseDelta)
         sp.size = rows * cols
         sp.index = torch.sort(torch.randperm(rows * cols, generator=g)[:40]).values.to(torch.int32)
-        sp.value = torch.randn(40, generator=g).bfloat16()
+        sp.value = Values(torch.randn(40, generator=g).bfloat16())
         parts = {"sparse": sp}
     piece = TaskPiece(kind, **parts)
     ids = torch.tensor([0, 3, 4, 11])
@@ -651,8 +855,8 @@ def test_bf16_compute_follows_the_float32_path(stores, which):
 @pytest.mark.parametrize("fused", [False, True], ids=["per-term", "fused"])
 @pytest.mark.parametrize("which", ["mediator", "1bit"])
 def test_runner_keeps_decisions_contiguous_and_answers_unchanged(stores, which, fused):
-    """The serving runner sorts its batch by decision as rows join (so the routed layers slice
-    each decision's run of rows); rows leave and join again; every request's greedy tokens are
+    """The serving runner sorts its batch by decision as rows join, and each prefill's rows (so
+    the routed layers slice each decision's run of rows); rows leave and join again; every request's greedy tokens are
     those it gets decoded alone (fused: the rows' coefficients follow the batch as it changes)."""
     from streammerge.serve.runner import ModelRunner
     from streammerge.serve.scheduler import Request, Sampling
@@ -667,12 +871,20 @@ def test_runner_keeps_decisions_contiguous_and_answers_unchanged(stores, which, 
         return Request(torch.randint(3, 250, (int(torch.randint(2, 7, (1,), generator=g)),), generator=g).tolist(),
                        Sampling(max_tokens=6), target)
 
+    prefill_groups = []
+    groups = runner.runtime.groups
+    runner.runtime.groups = lambda batch: prefill_groups.append(groups(batch)) or prefill_groups[-1]
+
     def decode_all(reqs_in_waves, steps):
         """Prefill the waves one after another (a decode step between), then decode; tokens per request."""
         out = {}
         for wave in reqs_in_waves:
             runner.decide(wave)
-            for r, t in zip(wave, runner.prefill(wave)):
+            prefill_groups.clear()
+            tokens = runner.prefill(wave)
+            # the prefill ran its rows sorted by decision too: every group a slice
+            assert prefill_groups and all(rows is None or isinstance(rows, slice) for g in prefill_groups for _, rows in g)
+            for r, t in zip(wave, tokens):
                 out[r.id] = [t]
             last = [out[r.id][-1] for r in runner.rows]
             for r, t in zip(list(runner.rows), runner.decode(last)):

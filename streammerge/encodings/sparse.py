@@ -25,8 +25,9 @@ int8 groups (`value_bits` 8, like GGML's Q8_0 with a float32 scale: 8.5 bits a v
 scale is absmax(group) / 127 and q = round-half-even(v / scale) (0 where the scale is 0), both
 in float32, so |scale * q - v| <= scale / 2. A float32 scale, not float16: task-vector deltas
 are often below float16's normal range. Decoding gives bf16(scale * q) (the float32 product,
-rounded to nearest even), so the decoded values of both codes are bf16 numbers: every reader (the
-export, routing/encoded.py's SparseDelta, the server) holds them as bf16, exactly. The groups run
+rounded to nearest even), so the decoded values of both codes are bf16 numbers: the export
+holds them as such; the routed runtime (routing/encoded.py's Int8Values) keeps the codes and
+scales (`decode_sparse_codes`) and computes the same numbers when it uses them. The groups run
 within a blob, so int8 values (not the selection) depend on the store's row blocks; a store keeps
 its blocking when resumed, and the device path cuts the same blocks.
 
@@ -208,6 +209,24 @@ def decode_sparse(blob, size: int | None = None) -> tuple[np.ndarray, np.ndarray
     block; a bitmask whose set bits are not exactly the count or that sets bits past the block;
     int8 groups with a negative or non-finite scale, a code of -128 or values past bf16's range.
     """
+    off, scale, val = _decode(blob, size)
+    return off, val if scale is None else _int8_decoded(scale, val)
+
+
+def decode_sparse_codes(blob, size: int | None = None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """(int64 offsets, scales, values) of a blob as it stores them: bf16 values (value code 1)
+    as float32 with scales None; int8 groups (2) as the float32 scales, one per GROUP values,
+    and the int8 codes, whose decoded values are `dequantize_int8(scales, codes)`. Checked as
+    `decode_sparse` checks (the same errors): for readers that keep the codes."""
+    off, scale, val = _decode(blob, size)
+    if scale is not None:
+        _int8_decoded(scale, val)  # values past bf16's range are refused here too
+    return off, scale, val
+
+
+def _decode(blob, size: int | None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """decode_sparse_codes without the int8 values' range check (decode_sparse does it on the
+    values it computes anyway)."""
     count, layout, stored, head, code = _header(blob)
     if stored is not None and size is not None and stored != size:
         raise ValueError(f"sparse blob is for a block of {stored} elements, not {size}")
@@ -233,15 +252,14 @@ def decode_sparse(blob, size: int | None = None) -> tuple[np.ndarray, np.ndarray
                 raise ValueError(f"sparse blob offset {off[-1]} is outside a block of {bound} elements")
         pos_bytes = 4 * count
     at = head + pos_bytes
+    off = off.astype(np.int64, copy=False)
     if code == VALUE_BF16:
-        val = np.frombuffer(buf, dtype="<u2", count=count, offset=at).astype(np.uint16).view(BF16.logical).astype(np.float32)
-    else:
-        val = _int8_values(buf, at, count)
-    return off.astype(np.int64, copy=False), val
+        return off, None, np.frombuffer(buf, dtype="<u2", count=count, offset=at).astype(np.uint16).view(BF16.logical).astype(np.float32)
+    return (off, *_int8_groups(buf, at, count))
 
 
-def _int8_values(buf: bytes, at: int, count: int) -> np.ndarray:
-    """The int8 groups' decoded values (bf16 numbers, as float32) at byte `at` of a blob."""
+def _int8_groups(buf: bytes, at: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """(float32 scales, int8 codes) of the int8 groups at byte `at` of a blob, checked."""
     groups = -(-count // GROUP)
     scale = np.frombuffer(buf, dtype="<f4", count=groups, offset=at).astype(np.float32)
     if not (np.isfinite(scale).all() and (scale >= 0).all()):
@@ -249,8 +267,13 @@ def _int8_values(buf: bytes, at: int, count: int) -> np.ndarray:
     q = np.frombuffer(buf, dtype=np.int8, count=count, offset=at + 4 * groups)
     if (q == -128).any():
         raise ValueError("sparse blob has an int8 code of -128 (codes are within [-127, 127])")
+    return scale, q
+
+
+def _int8_decoded(scale: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """The groups' decoded values (bf16 numbers, as float32); ValueError past bf16's range."""
     with np.errstate(over="ignore"):
-        val = dequantize_int8(scale, q)
+        val = dequantize_int8(scale, codes)
     if not np.isfinite(val).all():
         raise ValueError("sparse blob int8 values overflow bfloat16")
     return val
@@ -324,6 +347,7 @@ __all__ = [
     "bitmask_bytes",
     "choose_layout",
     "decode_sparse",
+    "decode_sparse_codes",
     "dequantize_int8",
     "encode_sparse",
     "expert_block",

@@ -28,8 +28,10 @@ Delta terms:
             weights: top-1 / forced rows weight 1 (D + S_k), an uncertain row p_t for each of
             its tasks (D + sum p_t S_t), STATIC rows none (D). S_t stays sparse, resident as a
             CSR matrix in small types (`CompactSparse`: int32 row pointers, int16 columns, the
-            stored bf16 values; the store's bitmask or offsets are decoded once, at load), cast
-            to float32 / int32 for torch.sparse.mm per product. (One sparse product of the
+            values as stored: bf16, or int8 codes with a float32 scale per 64; the store's
+            bitmask or offsets are decoded once, at load), cast (int8: decoded) to float32 /
+            int32 for torch.sparse.mm per product (int8: 1.1-1.3x the bf16 store's decoding
+            step on CPU without a budget, hidden 256, rho 0.1-0.5). (One sparse product of the
             stacked [S_1; ...; S_N] for all rows, then each row's mix, was measured no faster on
             CPU at 32 tokens and slower above: not kept.)
   1bit      one term per task decision present in the batch: Delta_k = tau_hat_k + lambda *
@@ -65,14 +67,18 @@ forward); cached, the same as lambda 0. Where a preset drops a task's modules (p
 those terms vanish (see OneBitTensor).
 
 Cache: with `memory_budget` (bytes the weights may take on the device: model + encodings +
-cache), the decoded form of a term is kept, least recently used first out, in what the model
-and the encodings leave: Mediator the float32 CSR matrix of S_t; 1bit a task decision's full
-weight M + Delta_k of each Linear, so that its rows run one product with it, as the weight swap
-does, instead of shared + delta (in the compute dtype: on bf16 that is the export's rounding).
+row plan + cache), the decoded form of a term is kept, least recently used first out, in what
+the model, the encodings and the row plan's reserve leave: Mediator the float32 CSR matrix of
+S_t; 1bit a task decision's full weight M + Delta_k of each Linear, so that its rows run one
+product with it, as the weight swap does, instead of shared + delta (in the compute dtype: on
+bf16 that is the export's rounding).
 (Mediator's full weights D + S_k instead were measured no faster for a decoding step on CPU,
 with 5x the cache: not kept.) Without a budget nothing is cached (and nothing fused): resident
-weights are the model plus the encodings. resident_bytes() reports the three (the fused stacks
-under "cache").
+weights are the model plus the encodings. The row plan is what a forward keeps for its batch's
+decisions until they change (row indices, each decision's small tensors, a routed norm's
+per-row scale and shift, the fused coefficients); the budget reserves its worst case for the
+largest batch (`plan_bound`, `reserve_rows`: the server's --max-batch). resident_bytes()
+reports the four (the fused stacks under "cache").
 
 Fused products (DeltaLinear._fused): on CUDA, for a batch of at most FUSED_MAX_TOKENS tokens
 (decoding steps), a routed Linear whose stack fits the budget runs in two kernels whatever the
@@ -82,9 +88,12 @@ y[b] = sum_j P[b, j] y_all[b, j] with one coefficient row per batch row, built o
 P[b, 0] = 1, P[b, 1 + j] = the row's weight of term j (1 top-1, p_t a mix, 0 STATIC). The stacks
 are built on first use, in the model's dtype (on bf16 each term is rounded once, as the export
 rounds its weights; so are a mix's p_t), and take their share of the budget before the cache,
-Linear by Linear in module order while they fit; the others, long prefills and CPU keep the
-per-term products. `rt.fused = "always"` forces the fused product on any device and batch
-(tests), "never" turns it off; see FUSED_MAX_TOKENS for the policy.
+Linear by Linear in module order while they fit; the others and CPU keep the per-term
+products. A longer batch (a prefill) of a Linear with a stack runs the shared product, then
+each term's rows times its dense block of the stack (DeltaLinear._blocks: one dense product per
+term instead of a sparse one; measured on an H100 below FUSED_MAX_TOKENS). `rt.fused =
+"always"` forces the fused product on any device and batch (tests), "never" turns it off; see
+FUSED_MAX_TOKENS for the policy.
 
 Exactness: `export --variant task:k` rounds W = D + S_k (1bit: theta_0 + tau_hat_k + lambda *
 TIES) to the store's dtype once; the delta path computes x D^T + x S_k^T in float32 without that
@@ -105,7 +114,7 @@ import numpy as np
 
 from ..errors import StreammergeError
 from .decision import STATIC, Decision
-from .encoded import CHUNK_ELEMENTS, OneBitEncodings, SparseDelta, TaskPiece, onebit_terms, onebit_weight
+from .encoded import CHUNK_ELEMENTS, OneBitEncodings, SparseDelta, TaskPiece, Values, onebit_terms, onebit_weight
 from .runtime import require_torch
 
 # The stated tolerances of the delta path (float32 compute), see "Exactness" above: against the
@@ -122,9 +131,9 @@ EXACT_ATOL = 1e-5
 # coefficients: (K + 1)x the FLOPs and weight reads of the shared product, for 2 kernels instead
 # of ~5 per term (gather, cast, sparse product, scale, scatter-add) on top of the shared one. It
 # pays where a step's time is launches, not arithmetic: on a GPU, for a batch of few tokens
-# (decoding steps; up to this many tokens, rows x sequence). Long prefills keep the per-term
-# path, whose extra FLOPs are the terms' nonzeros only. On CPU each term's product is
-# arithmetic-bound already (see the table above): the per-term path stays.
+# (decoding steps; up to this many tokens, rows x sequence). Longer batches (prefills) take
+# each term's dense block of the stack over its rows only (DeltaLinear._blocks). On CPU each
+# term's product is arithmetic-bound already (see the table above): the per-term path stays.
 FUSED_MAX_TOKENS = 128
 
 
@@ -162,12 +171,14 @@ def _rows_cols(shape) -> tuple[int, int]:
 class CompactSparse:
     """One sparse delta of one tensor (rows x cols), resident as a CSR matrix in small types:
     row pointers (int32, rows + 1), column indices (int16 when cols <= 2^15, else int32) and
-    the stored bf16 values. A product builds the float32 / int32 CSR matrix torch.sparse.mm
-    takes from them (two casts of the entries), instead of decoding the store's positions (a
-    bitmask of the whole tensor, or flat int32 offsets) per forward: measured 15x faster for a
-    decoding step's products (hidden 256, intermediate 1024, rho 0.1: 0.40 ms against 6.2 ms a
-    layer's seven tensors, one thread), for 4 bytes an entry + 4 a row against the stored 3.25
-    (bitmask at rho 0.1) to 6 (offsets): the bitmask is decoded once, at load."""
+    the values as stored (encoded.py Values: bf16; Int8Values: int8 codes and scales). A
+    product builds the float32 / int32 CSR matrix torch.sparse.mm takes from them (casts of the
+    entries; int8 values decoded), instead of decoding the store's positions (a bitmask of the
+    whole tensor, or flat int32 offsets) per forward: measured 15x faster for a decoding step's
+    products (hidden 256, intermediate 1024, rho 0.1: 0.40 ms against 6.2 ms a layer's seven
+    tensors, one thread), for 2 bytes an entry of columns + 4 a row against the stored 1.25
+    (bitmask at rho 0.1) to 4 (offsets) of positions, plus the values as stored (2 bytes an
+    entry, int8 1.06): the bitmask is decoded once, at load."""
 
     def __init__(self, sparse: SparseDelta, shape):
         torch, _ = require_torch()
@@ -182,11 +193,11 @@ class CompactSparse:
             raise StreammergeError(f"a sparse delta of {self.count} entries: more than int32 row pointers hold")
         self.crow = crow.to(torch.int32)
         self.col = (idx - r * self.cols).to(torch.int16 if self.cols <= 2**15 else torch.int32)
-        self.value = sparse.value  # bf16
+        self.value = sparse.value  # Values | Int8Values
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.crow, self.col, self.value))
+        return sum(t.numel() * t.element_size() for t in (self.crow, self.col)) + self.value.nbytes
 
     def row_index(self):
         """Each entry's row (int64)."""
@@ -212,13 +223,13 @@ class CompactSparse:
         first = torch.cumsum(counts, 0) - counts  # where each row's entries start in the gathered list
         pos = start[which] + torch.arange(which.numel(), device=ids.device) - first[which]
         out = torch.zeros((uniq.numel(), self.cols), dtype=torch.float32, device=ids.device)
-        out[which, self.col[pos].long()] = self.value[pos].float()
+        out[which, self.col[pos].long()] = self.value.float(pos)
         return out[inverse]
 
     def dense(self):
         """The whole delta, float32 (rows x cols): for small tensors only."""
         torch, _ = require_torch()
-        out = torch.zeros((self.rows, self.cols), dtype=torch.float32, device=self.value.device)
+        out = torch.zeros((self.rows, self.cols), dtype=torch.float32, device=self.crow.device)
         out[self.row_index(), self.col.long()] = self.value.float()
         return out
 
@@ -483,7 +494,7 @@ def _gathered(piece: TaskPiece, ids, rows: int) -> TaskPiece:
         sub = object.__new__(SparseDelta)
         sub.size = ids.numel() * cols
         sub.index = (pos[keep] * cols + (sp.index.long() - r * cols)[keep]).to(sp.index.dtype)
-        sub.value = sp.value[keep]
+        sub.value = Values(sp.value.float(keep))  # a temporary: float32
         return TaskPiece("sparse", sparse=sub)
     return TaskPiece(piece.kind, **{k: (v[ids] if k in _ROW_PARTS else v) for k, v in piece.parts.items()})
 
@@ -511,11 +522,15 @@ class DeltaLinear(_Routed):
         self._check(x.shape[0])
         w = self.tensors.get("weight")
         terms = self.rt.terms(w, x.shape[0]) if w is not None else []
-        if terms and self.rt.fuses(m, x):
+        product = self.rt.product(m, x) if terms else "terms"
+        if product == "fused":
             y = self._fused(x, terms)
             terms = []
         elif terms and isinstance(w, OneBitTensor) and w.full_fits():
             y = self._full_weights(x, w, terms)
+            terms = []
+        elif product == "blocks":
+            y = self._blocks(x, terms)
             terms = []
         else:
             y = torch.nn.functional.linear(x, m.weight, m.bias)
@@ -545,11 +560,27 @@ class DeltaLinear(_Routed):
         torch, _ = require_torch()
         m = self.module
         keys, wcat, bcat = self.rt.stack(m, self.tensors["weight"])
-        p = self.rt.coefficients(keys, terms, x.shape[0], wcat.dtype)
+        p = self.rt.coefficients(keys, terms, x.shape[0], wcat.dtype)  # (batch, 1, 1 + K)
         y = torch.nn.functional.linear(x, wcat, bcat).view(-1, len(keys) + 1, m.out_features)
         if y.shape[0] != p.shape[0]:  # several tokens a row: each token takes its row's coefficients
-            p = p.repeat_interleave(y.shape[0] // p.shape[0], dim=0)
-        return torch.bmm(p.unsqueeze(1), y).view(*x.shape[:-1], m.out_features)
+            return torch.bmm(p.repeat_interleave(y.shape[0] // p.shape[0], dim=0), y).view(*x.shape[:-1], m.out_features)
+        # one token a row (a decoding step, x (batch, 1, h)): bmm's (batch, 1, out) is the output's shape
+        y = torch.bmm(p, y)
+        return y if x.dim() == 3 else y.view(*x.shape[:-1], m.out_features)
+
+    def _blocks(self, x, terms):
+        """The shared product for every row, then each term's rows times its dense block of the
+        stack (a long prefill: the fused product's (K+1)x FLOPs would not pay, and one dense
+        product of a term's rows runs several times faster on a GPU than its sparse one)."""
+        torch, _ = require_torch()
+        m, F = self.module, torch.nn.functional
+        keys, wcat, _ = self.rt.stack(m, self.tensors["weight"])
+        n = m.out_features
+        y = F.linear(x, m.weight, m.bias)
+        for key, rows, weights in terms:
+            j = 1 + keys.index(key)
+            _add_rows(y, rows, F.linear(_take(x, rows), wcat[j * n : (j + 1) * n]), weights)
+        return y
 
     def _full_weights(self, x, w, terms):
         """Each term's rows with its decision's full (cached) weight, the other rows with the
@@ -793,20 +824,39 @@ class DeltaRuntime:
         self._decisions: list[Decision] | None = None
         self._n_rows: int | None = None
         self._plan: dict = {}
+        self.plan_rows = 0  # the rows whose row plan the budget reserves (reserve_rows)
         self._patched = self._patch(params)
         self.set_memory_budget(memory_budget)
 
     def set_memory_budget(self, memory_budget: int | None) -> None:
-        """Bytes the weights may take (model + encodings + cache; None: no cache); the cache
-        gets what the model and the encodings leave, least recently used terms out first."""
+        """Bytes the weights may take (model + encodings + row plan + cache; None: no cache);
+        the cache gets what the model, the encodings and the row plan's reserve (`plan_bound`
+        of `plan_rows`) leave, least recently used terms out first."""
         used = self.resident_bytes()
         weights = used["model"] + used["encodings"]
-        if memory_budget is not None and memory_budget <= weights:
-            raise StreammergeError(f"memory budget {memory_budget} bytes: the model and the encodings alone take {weights}")
+        fixed = weights + self.plan_bound(self.plan_rows)
+        if memory_budget is not None and memory_budget <= fixed:
+            plan = f", with the row plan of {self.plan_rows} rows {fixed}" if fixed > weights else ""
+            raise StreammergeError(f"memory budget {memory_budget} bytes: the model and the encodings alone take {weights}{plan}")
         self.memory_budget = memory_budget
-        left = 0 if memory_budget is None else int(memory_budget) - weights
+        left = 0 if memory_budget is None else int(memory_budget) - fixed
         self._stacks = {}
         self.cache.resize(left - self._reserve_stacks(left))
+
+    def fixed_bytes(self) -> int:
+        """What the budget holds before any cache: the model, the encodings and the reserve of
+        the row plan of `plan_rows` rows."""
+        used = self.resident_bytes()
+        return used["model"] + used["encodings"] + self.plan_bound(self.plan_rows)
+
+    def reserve_rows(self, rows: int) -> None:
+        """Reserve the row plan of forwards of up to `rows` rows in the budget (it only grows:
+        the server reserves its --max-batch at load; set_rows reserves any larger batch, taking
+        it from the cache and the stacks)."""
+        if rows > self.plan_rows:
+            self.plan_rows = int(rows)
+            if self.memory_budget is not None:
+                self.set_memory_budget(self.memory_budget)
 
     # ---- fused products -------------------------------------------------------------------------
     @property
@@ -827,8 +877,7 @@ class DeltaRuntime:
         fit what the model and the encodings leave of the budget; returns the bytes reserved
         (taken from the cache's share, built on first use)."""
         self._fusable = {}
-        torch, _ = require_torch()
-        if self.memory_budget is None or self.fused == "never" or (self.fused == "auto" and torch.device(self.device).type != "cuda"):
+        if self.memory_budget is None or self.fused == "never" or (self.fused == "auto" and not fused_pays(self.device, 1)):
             return 0
         reserved = 0
         for module in self._patched:
@@ -847,11 +896,16 @@ class DeltaRuntime:
         linears = sum(isinstance(m.forward, DeltaLinear) and "weight" in m.forward.tensors for m in self._patched)
         return len(self._fusable), linears
 
-    def fuses(self, module, x) -> bool:
-        """Whether this product of `module` (input x) runs fused (see FUSED_MAX_TOKENS)."""
+    def product(self, module, x) -> str:
+        """How this product of a routed Linear (input x) adds its terms: "fused" (the stack in
+        one product, see FUSED_MAX_TOKENS), "blocks" (a batch of more tokens, where the module
+        has a stack: each term's rows times its dense block) or "terms" (no stack: the
+        per-term products from the encodings or the cache)."""
         if id(module) not in self._fusable:
-            return False
-        return self.fused == "always" or fused_pays(x.device, x.numel() // max(1, x.shape[-1]))
+            return "terms"
+        if self.fused == "always" or fused_pays(x.device, x.numel() // max(1, x.shape[-1])):
+            return "fused"
+        return "blocks"
 
     def stack(self, module, tensor) -> tuple:
         """(keys, [W; W_k for k in keys], [b; 0...] or None) of a fusable Linear, built once,
@@ -868,8 +922,8 @@ class DeltaRuntime:
         return hit
 
     def coefficients(self, keys: list, terms: list, batch: int, dtype):
-        """P (batch, 1 + len(keys)): each row's weight of the shared block (1) and of each
-        stacked term, from the plan's terms (cached with the plan)."""
+        """P (batch, 1, 1 + len(keys)), bmm's left operand: each row's weight of the shared
+        block (1) and of each stacked term, from the plan's terms (cached with the plan)."""
         torch, _ = require_torch()
         # a tensor's terms are the batch's decisions with a delta among its keys: the same for
         # every tensor with the same keys (Mediator: all of them)
@@ -880,7 +934,7 @@ class DeltaRuntime:
             for key, rows, weights in terms:
                 idx = torch.as_tensor(list(_indices(rows, batch)), dtype=torch.long)
                 p[idx, 1 + keys.index(key)] = 1.0 if weights is None else weights.cpu()
-            self._plan[plan_key] = p.to(device=self.device, dtype=dtype)
+            self._plan[plan_key] = p.to(device=self.device, dtype=dtype).unsqueeze(1)
         return self._plan[plan_key]
 
     # ---- loading --------------------------------------------------------------------------------
@@ -946,6 +1000,7 @@ class DeltaRuntime:
                 raise StreammergeError("1bit-Merging routes top-1 only (no weighted decisions)")
         if self._decisions is None or [d.key for d in decisions] != [d.key for d in self._decisions]:
             self._plan = {}  # the same decisions as the last forward (a decoding step): same plan
+        self.reserve_rows(len(decisions))
         self._decisions = decisions
         self._n_rows = None if len({d.key for d in decisions}) <= 1 else len(decisions)
 
@@ -1053,7 +1108,9 @@ class DeltaRuntime:
 
     # ---- memory ---------------------------------------------------------------------------------
     def resident_bytes(self) -> dict:
-        """Bytes on the device: the model's tensors, the encodings, the cache of decoded terms."""
+        """Bytes on the device: the model's tensors, the encodings, the row plan of the current
+        decisions (the tensors `_plan` holds), the cache of decoded terms (and the fused stacks)."""
+        torch, _ = require_torch()
         seen, model = set(), 0
         for t in [*self.model.parameters(), *self.model.buffers()]:
             if t.data_ptr() not in seen:
@@ -1061,7 +1118,45 @@ class DeltaRuntime:
                 model += t.numel() * t.element_size()
         enc = sum(t.nbytes for t in self.tensors.values())
         stacks = sum(_tensor_bytes(w) + (0 if b is None else _tensor_bytes(b)) for _, w, b in self._stacks.values())
-        return {"model": model, "encodings": enc, "cache": self.cache.bytes + stacks}
+        plan, seen, todo = 0, set(), list(dict(self._plan).values())  # a copy: the server reads this from another thread
+        while todo:
+            v = todo.pop()
+            if isinstance(v, (list, tuple)):
+                todo.extend(v)
+            elif isinstance(v, dict):
+                todo.extend(v.values())
+            elif torch.is_tensor(v) and v.data_ptr() not in seen:
+                seen.add(v.data_ptr())
+                plan += v.numel() * v.element_size()
+        return {"model": model, "encodings": enc, "plan": plan, "cache": self.cache.bytes + stacks}
+
+    def plan_bound(self, rows: int) -> int:
+        """The most bytes the row plan holds for a batch of at most `rows` rows, one decision a
+        row (so at most `rows` distinct decisions): per routed small tensor (norm weights, Linear
+        biases) a float32 delta per decision, and a norm's own tensor per decision; per norm
+        run in one pass (AffineForm) its (rows, h) float32 scale and shift; per routed product
+        (Linear and Embedding weights) each term's rows (int64) and weights (float32) and the
+        rows no term covers; the fused products' coefficients, (rows, 1 + terms) in the model's
+        dtype per set of terms; the row groups' indices."""
+        if rows <= 0:
+            return 0
+        total, coefficients = 8 * rows, {}
+        for module in self._patched:
+            fwd = module.forward
+            for attr, tensor in fwd.tensors.items():
+                own = getattr(module, attr)
+                if isinstance(fwd, DeltaGrouped):
+                    total += rows * own.numel() * (4 + own.element_size())
+                elif attr != "weight":  # a Linear's bias: its delta
+                    total += rows * own.numel() * 4
+                else:
+                    total += rows * (12 * len(self.tasks) + 8)
+                    if isinstance(fwd, DeltaLinear):
+                        coefficients[tuple(tensor.stack_keys())] = own.element_size()
+            if isinstance(fwd, DeltaGrouped) and fwd.form is not None:
+                h = getattr(module, next(iter(fwd.tensors))).shape[0]
+                total += rows * h * 4 * ((fwd.form.scale is not None) + bool(fwd.form.shifts))
+        return total + sum(rows * (1 + len(keys)) * size for keys, size in coefficients.items() if keys)
 
 
 def _indices(rows, batch: int):

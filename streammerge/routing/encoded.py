@@ -2,7 +2,8 @@
 multiplies and what a decision's dense weights are made of.
 
   SparseDelta     one task's sparse delta of one tensor (Mediator's S_t; a 1bit "sparse" task
-                  vector): flat indices (int32 when they fit) and bf16 values
+                  vector): flat indices (int32 when they fit) and the values as stored:
+                  Values (bf16) or Int8Values (int8 codes, a float32 scale per 64)
   TaskPiece       one task's 1bit-Merging encoding of one tensor (packed sign bits with their
                   scale(s): per tensor, row or group of a row; a sparse or a dense task vector), decoded as tau_hat (float32), whole
                   or by row range
@@ -28,7 +29,7 @@ from ..analysis.summary import module_kind
 from ..checkpoints.blocks import num_rows, row_elems
 from ..dtypes import float_type
 from ..encodings.onebit import group_of, packed_cols, resolve_precision, unpack_signs_flat
-from ..encodings.sparse import decode_sparse
+from ..encodings.sparse import GROUP, decode_sparse_codes, dequantize_int8
 from ..errors import StreammergeError
 from ..kernels.onebit import scaled_signs, two_bit_hat
 from ..kernels.onebit import unpack_rows as _unpack
@@ -47,40 +48,125 @@ def torch_from_raw(raw: np.ndarray, dtype_name: str):
     return torch.from_numpy(a.copy())
 
 
+class Values:
+    """A sparse delta's values held as one float tensor (the stored bf16 values, exact)."""
+
+    def __init__(self, values):
+        self.values = values
+
+    def numel(self) -> int:
+        return self.values.numel()
+
+    def float(self, entries=None):
+        """float32 values of `entries` (None: all; a slice, an index or a boolean tensor)."""
+        return (self.values if entries is None else self.values[entries]).to(require_torch()[0].float32, copy=True)
+
+    @property
+    def nbytes(self) -> int:
+        return self.values.numel() * self.values.element_size()
+
+
+class Int8Values:
+    """A sparse delta's int8 values as stored (`value_bits` 8): int8 codes and one float32 scale
+    per group of GROUP consecutive entries of a blob, 1 + 4 / GROUP bytes an entry (about 1.06)
+    instead of bf16's 2. `float` decodes bf16(code * scale) (the float32 product rounded once),
+    the numbers encodings/sparse.py's `dequantize_int8` gives the export, bit for bit.
+
+    The groups restart at each blob (a row block), so a blob whose count is not a multiple of
+    GROUP ends in a short group. A span is a run of blobs that only its last blob ends so: in
+    it, entry i is in group (i + shift) // GROUP, shift = GROUP * (its first group) - (its first
+    entry). Spans (their first entries and shifts, 16 bytes a span on the device; none kept
+    for one span, shift 0) find the groups of some entries; the whole decode repeats each scale
+    GROUP times and takes each span's run of that, which is 4x faster than repeating each
+    scale by its group's size (repeat_interleave) on CPU."""
+
+    def __init__(self, codes, scales, spans: list):
+        torch, _ = require_torch()
+        self.codes, self.scales = codes, scales  # int8 (entries,), float32 (groups,)
+        self.spans = spans  # [(first entry, shift)], ascending
+        on = lambda v: torch.tensor(v, dtype=torch.int64, device=codes.device)  # noqa: E731
+        self.span_first = on([e for e, _ in spans]) if len(spans) > 1 else None
+        self.span_shift = on([d for _, d in spans]) if len(spans) > 1 else None
+
+    @classmethod
+    def from_blobs(cls, parts: list, device) -> "Int8Values":
+        """From [(float32 scales, int8 codes)] of consecutive blobs."""
+        torch, _ = require_torch()
+        spans, entry, group, short = [], 0, 0, True
+        for scale, q in parts:
+            if short and q.size:  # the previous blob ended in a short group: a new span
+                spans.append((entry, GROUP * group - entry))
+            short = q.size % GROUP != 0 or (short and not q.size)
+            entry, group = entry + q.size, group + scale.size
+        codes = np.concatenate([q for _, q in parts]) if parts else np.zeros(0, np.int8)
+        scales = np.concatenate([s for s, _ in parts]) if parts else np.zeros(0, np.float32)
+        t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
+        return cls(t(codes), t(scales), spans or [(0, 0)])
+
+    def numel(self) -> int:
+        return self.codes.numel()
+
+    def float(self, entries=None):
+        """float32 values of `entries` (None: all; a slice, an index or a boolean tensor)."""
+        torch, _ = require_torch()
+        n = self.codes.numel()
+        if entries is None:
+            per_group = self.scales.view(-1, 1).expand(-1, GROUP).reshape(-1)
+            ends = [e for e, _ in self.spans[1:]] + [n]
+            runs = [per_group[e + d : end + d] for (e, d), end in zip(self.spans, ends)]
+            scale, codes = runs[0] if len(runs) == 1 else torch.cat(runs), self.codes
+        else:
+            if isinstance(entries, slice):
+                i = torch.arange(*entries.indices(n), device=self.codes.device)
+            else:
+                i = entries.nonzero().view(-1) if entries.dtype == torch.bool else entries.long()
+            if self.span_first is not None:
+                i_group = i + self.span_shift[torch.searchsorted(self.span_first, i, right=True) - 1]
+            else:
+                i_group = i
+            scale, codes = self.scales[torch.div(i_group, GROUP, rounding_mode="floor")], self.codes[i]
+        return codes.float().mul_(scale).to(torch.bfloat16).float()
+
+    @property
+    def nbytes(self) -> int:
+        extra = [] if self.span_first is None else [self.span_first, self.span_shift]
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, *extra))
+
+
 class SparseDelta:
-    """One task's sparse delta of one tensor: flat indices and bf16 values, on the device."""
+    """One task's sparse delta of one tensor: flat indices (int32 when they fit) and the values
+    as stored (Values: bf16; Int8Values: int8 groups), on the device."""
 
     def __init__(self, store, path: str, job: dict, device):
         torch, _ = require_torch()
         per_block = job["block_rows"] * row_elems(tuple(job["shape"]))
         n = int(np.prod(job["shape"], dtype=np.int64)) if job["shape"] else 1
-        offs, vals = [], []
+        offs, blobs = [], []
         for b in range(job["nblocks"]):
             # the block's element count bounds (and checks) the blob's offsets
-            off, val = decode_sparse(store.read_blob(path, b), size=min(per_block, n - b * per_block))
+            off, scale, val = decode_sparse_codes(store.read_blob(path, b), size=min(per_block, n - b * per_block))
             offs.append(off + b * per_block)
-            vals.append(val)
+            blobs.append((scale, val))
         off = np.concatenate(offs) if offs else np.zeros(0, np.int64)
-        val = np.concatenate(vals) if vals else np.zeros(0, np.float32)
         self.size = n
         itype = np.int32 if n < 2**31 else np.int64
         self.index = torch.from_numpy(off.astype(itype)).to(device)
-        self.value = torch.from_numpy(val).to(torch.bfloat16).to(device)  # exact: values are bf16
+        self.value = stored_values(blobs, device)
 
     def add_into(self, flat, weight=None, start: int = 0):
         """flat[index - start] += weight * value for the indices in [start, start + flat.numel())
         (float32: the product rounded once, then the sum)."""
         torch, _ = require_torch()
-        index, value = self.index, self.value
+        index, entries = self.index, None
         if index.numel() == 0:
             return flat
         if start or flat.numel() < self.size:  # a row range: the indices are sorted
             bounds = torch.tensor([start, start + flat.numel()], dtype=index.dtype, device=index.device)
             lo, hi = torch.searchsorted(index, bounds).tolist()
-            index, value = index[lo:hi] - start, value[lo:hi]
+            index, entries = index[lo:hi] - start, slice(lo, hi)
             if index.numel() == 0:
                 return flat
-        v = value.float()
+        v = self.value.float(entries)
         if weight is not None:
             v.mul_(weight)
         flat.index_add_(0, index, v)  # indices are unique within a task
@@ -88,7 +174,19 @@ class SparseDelta:
 
     @property
     def nbytes(self) -> int:
-        return self.index.numel() * self.index.element_size() + self.value.numel() * 2
+        return self.index.numel() * self.index.element_size() + self.value.nbytes
+
+
+def stored_values(blobs: list, device):
+    """The values of consecutive blobs [(scales or None, values)] (encodings/sparse.py
+    `decode_sparse_codes`) as they are stored: Int8Values when every blob holds int8 groups,
+    else Values in bf16 (exact: int8 groups decode to bf16 numbers)."""
+    torch, _ = require_torch()
+    if blobs and all(scale is not None for scale, _ in blobs):
+        return Int8Values.from_blobs(blobs, device)
+    vals = [v if scale is None else dequantize_int8(scale, v) for scale, v in blobs]
+    val = np.concatenate(vals) if vals else np.zeros(0, np.float32)
+    return Values(torch.from_numpy(val).to(torch.bfloat16).to(device))
 
 
 class TaskPiece:

@@ -8,6 +8,7 @@ naming the store manifest digest it was exported from; a store rebuilt since is 
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Sequence
@@ -20,6 +21,7 @@ INFERENCE_DIR = "inference"
 MERGED_DIR = "merged"
 
 
+@functools.cache  # called in every routed module's forward: the imports once (a failure is not cached)
 def require_torch():
     """torch and transformers, or a one-line error saying how to get them."""
     try:

@@ -64,10 +64,11 @@ class ModelRunner:
 
     @classmethod
     def from_store(cls, path, device="auto", dtype="auto", memory_budget: int | None = None, eta: float | None = None,
-                   top_m: int | None = None, fused: str = "auto") -> "ModelRunner":
-        """The runner of a store. `memory_budget` (bytes) bounds weights + decoded-term cache +
-        KV cache: what the model and the encodings leave is split in halves, one for the
-        runtime's cache of decoded terms, one for the KV cache (`kv_budget`). `fused`: the
+                   top_m: int | None = None, fused: str = "auto", max_batch: int | None = None) -> "ModelRunner":
+        """The runner of a store. `memory_budget` (bytes) bounds weights + row plan + decoded-term
+        cache + KV cache: what the model, the encodings and the row plan of `max_batch` rows
+        (the runtime's reserve for a step's per-row tensors) leave is split in halves, one for
+        the runtime's cache of decoded terms, one for the KV cache (`kv_budget`). `fused`: the
         runtime's fused-product policy (DeltaRuntime.fused), set before the budget is split."""
         from ..routing.router import Router, router_dir
         from ..routing.runtime import load_merged_model, open_routing_store, resolve_device, resolve_dtype
@@ -80,11 +81,11 @@ class ModelRunner:
         model, tok = load_merged_model(store, dev, dt)
         runtime = DeltaRuntime(model, store, method, dev, dt, None)
         runtime.fused = fused
+        runtime.reserve_rows(max_batch or 0)
         kv_budget = None
         if memory_budget is not None:
-            runtime.set_memory_budget(memory_budget)  # refuses a budget the model and the encodings fill
-            weights = sum(runtime.resident_bytes().values())
-            kv_budget = (memory_budget - weights) // 2
+            runtime.set_memory_budget(memory_budget)  # refuses a budget the model, the encodings and the plan fill
+            kv_budget = (memory_budget - runtime.fixed_bytes()) // 2
             runtime.set_memory_budget(memory_budget - kv_budget)
         runner = cls(model, tok, runtime, method, dev, router=router, eta=eta, top_m=top_m)
         runner.kv_budget = kv_budget
@@ -125,6 +126,9 @@ class ModelRunner:
         torch = self.torch
         from transformers import DynamicCache
 
+        # sorted by decision, as the batch is (_join): each decision's rows one slice of the prefill
+        order = sorted(range(len(reqs)), key=lambda i: reqs[i].decision.key)
+        asked, reqs = reqs, [reqs[i] for i in order]
         for r in reqs:
             r.runner_state = RowState(self._generator(r.sampling))
         ids, mask = pad_batch([r.prompt_ids for r in reqs], self.pad, "left", self.device)
@@ -133,9 +137,9 @@ class ModelRunner:
         with torch.inference_mode():
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
                              use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
-        tokens = self._sample(out.logits[:, -1, :], reqs)
+        tokens = dict(zip(map(id, reqs), self._sample(out.logits[:, -1, :], reqs)))
         self._join(reqs, [(layer.keys, layer.values) for layer in cache.layers], mask)
-        return tokens
+        return [tokens[id(r)] for r in asked]
 
     def decode(self, last_tokens: Sequence[int]) -> list[int]:
         """One token for every row (in self.rows order), in one forward."""

@@ -23,7 +23,7 @@ def build_engine(store: Path, device: str, dtype: str, max_batch: int, max_queue
     from .scheduler import Scheduler
 
     runner = ModelRunner.from_store(store, device=device, dtype=dtype, memory_budget=memory_budget, eta=eta,
-                                    top_m=top_m, fused=fused)
+                                    top_m=top_m, fused=fused, max_batch=max_batch)
     scheduler = Scheduler(max_batch, runner.kv_bytes_per_token, runner.kv_budget, max_queue)
     return Engine(runner, scheduler), runner
 
