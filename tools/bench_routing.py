@@ -80,6 +80,17 @@ def synthetic_family(work: Path, args):
     return shape, base, fts
 
 
+def add_family_args(ap) -> None:
+    """The synthetic family's shape options (synthetic_family reads them), shared by the
+    routing and serving benchmarks."""
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--intermediate", type=int, default=1024)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--kv-heads", type=int, default=4)
+    ap.add_argument("--vocab", type=int, default=2048)
+
+
 def build_store(root: Path, method: str, base: Path, fts: list[Path]) -> Path:
     import yaml
 
@@ -211,12 +222,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--methods", default="mediator,1bit")
     ap.add_argument("--work", type=Path, default=None, help="Working directory (default: a temporary one, removed).")
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--intermediate", type=int, default=1024)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--kv-heads", type=int, default=4)
-    ap.add_argument("--vocab", type=int, default=2048)
+    add_family_args(ap)
     ap.add_argument("--train-prompts", type=int, default=40, help="Router training prompts per task.")
     ap.add_argument("--classifier", default="mlp", choices=["mlp", "logreg"])
     ap.add_argument("--prompts-per-task", type=int, default=8)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_routing import TASKS, build_store, prompts_for, synthetic_family, work_dir  # noqa: E402
+from bench_routing import TASKS, add_family_args, build_store, prompts_for, synthetic_family, work_dir  # noqa: E402
 
 
 class PhaseTimer:
@@ -94,12 +94,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--methods", default="mediator,1bit")
     ap.add_argument("--work", type=Path, default=None)
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--intermediate", type=int, default=1024)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--kv-heads", type=int, default=4)
-    ap.add_argument("--vocab", type=int, default=2048)
+    add_family_args(ap)
     ap.add_argument("--train-prompts", type=int, default=40)
     ap.add_argument("--prompts-per-task", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=32)
