@@ -116,6 +116,91 @@ def test_cached_checkpoints_skip_training_and_training_is_deterministic(smoke, t
     assert (tmp_path / "base" / "model.safetensors").read_bytes() == (root / "base" / "model.safetensors").read_bytes()
 
 
+class _Cut(Exception):
+    """A training run killed mid-loop (the GPU machine's 10-minute command limit)."""
+
+
+def _cut_after(monkeypatch, step_to_cut: int):
+    """Every step's state saved; the loop stops dead after saving step `step_to_cut`."""
+    from quality import train as TR
+
+    save = TR.Resumable.maybe_save
+
+    def save_then_cut(self, torch, step, *a, **kw):
+        save(self, torch, step, *a, force=True)
+        if step == step_to_cut:
+            raise _Cut
+
+    monkeypatch.setattr(TR.Resumable, "maybe_save", save_then_cut)
+
+
+def _steps_run(monkeypatch) -> list:
+    """The steps the training loop runs from here on (each one passes maybe_save)."""
+    from quality import train as TR
+
+    seen, save = [], TR.Resumable.maybe_save
+
+    def record(self, torch, step, *a, **kw):
+        seen.append(step)
+        return save(self, torch, step, *a, **kw)
+
+    monkeypatch.setattr(TR.Resumable, "maybe_save", record)
+    return seen
+
+
+def test_training_cut_off_resumes_to_the_same_checkpoints(smoke, tmp_path, monkeypatch):
+    """Pretraining and fine-tuning killed mid-loop resume from their saved state and end with
+    the same weights, bit for bit, as the run that was never interrupted (the smoke cache);
+    a finished base is not pretrained again."""
+    import shutil
+
+    from quality import train as TR
+
+    root = TR.cache_dir(SMOKE, smoke / "cache")
+    with monkeypatch.context() as m:
+        _cut_after(m, SMOKE.training.pretrain_steps // 3)
+        with pytest.raises(_Cut):
+            TR.pretrain(SMOKE, tmp_path, "cpu")
+    assert (tmp_path / "pretrain.state.pt").is_file() and not (tmp_path / "base").exists()
+    with monkeypatch.context() as m:
+        steps = _steps_run(m)
+        TR.pretrain(SMOKE, tmp_path, "cpu")  # resumes: corpus and tokenizer cached, state loaded
+    assert steps[0] == SMOKE.training.pretrain_steps // 3 + 1 and steps[-1] == SMOKE.training.pretrain_steps
+    assert (tmp_path / "base" / "model.safetensors").read_bytes() == (root / "base" / "model.safetensors").read_bytes()
+    assert not (tmp_path / "pretrain.state.pt").exists()
+
+    task = T.TASKS[0]
+    with monkeypatch.context() as m:
+        _cut_after(m, SMOKE.training.ft_steps // 2)
+        with pytest.raises(_Cut):
+            TR.finetune(SMOKE, task, tmp_path, "cpu")
+    with monkeypatch.context() as m:
+        steps = _steps_run(m)
+        TR.finetune(SMOKE, task, tmp_path, "cpu")
+    assert steps[0] == SMOKE.training.ft_steps // 2 + 1
+    assert (tmp_path / task / "model.safetensors").read_bytes() == (root / task / "model.safetensors").read_bytes()
+
+    # train_all after a cut-off past the base: the base is kept (not pretrained again)
+    (tmp_path / "pretrain.json").write_text(json.dumps({"seconds": 1.0, "marker": True}))
+    for t in T.TASKS[1:]:
+        shutil.copytree(root / t, tmp_path / t)
+    info = TR.train_all(SMOKE, tmp_path, "cpu")
+    assert info["pretrain"]["marker"] and TR.is_trained(tmp_path, SMOKE)
+
+
+def test_mediator_rows_that_route_every_layer_are_named_by_the_layer_count():
+    """mediator-8-* on the full configuration (8 layers), mediator-12-* on the large one (12):
+    the rows compared across configurations route every layer of each."""
+    from quality import merges as M
+    from quality.config import FULL
+
+    for cfg in (FULL, LARGE):
+        names = {m.name: m for m in M.merges(cfg)}
+        every = names[f"mediator-{cfg.shape.layers}-0.5-outside"]
+        assert every.params["route"] == cfg.shape.layers and every.params["route_outside"]
+        assert f"mediator-{cfg.shape.layers}-0.5-outside-int8" in names
+
+
 def test_only_run_merges_into_previous_results(smoke, tmp_path):
     """--only re-evaluates the named rows and keeps every other row of OUT/results.json."""
     import shutil

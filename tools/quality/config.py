@@ -100,7 +100,9 @@ FULL = Config(training=Training(pretrain_steps=2000, task_share=0.1, ft_lr=3e-4,
 # (TASKS is one tuple for the whole harness; more families need it per configuration).
 # Pretraining: 4000 steps of 128 x 256 tokens (131M, twice the full configuration's) over a
 # corpus of ~50M tokens; fine-tuning keeps FULL's recipe, longer and at a lower peak for the
-# larger model. Not yet trained (the shape is checked by the smoke test).
+# larger model. Trained (seed 0) on an H100: pretraining 122.7 ms a step (490.6 s), the four
+# fine-tunes in parallel 215-250 s, own-task accuracy math 82.0, code 97.0, facts 99.5,
+# trans 100 (results/quality-large).
 LARGE = Config(
     name="large",
     shape=Shape(hidden=768, intermediate=2048, layers=12, heads=12, kv_heads=4, vocab=1024, max_positions=512),

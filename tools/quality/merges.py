@@ -65,8 +65,12 @@ def _tag(key: str, value) -> str:
     return f"-{value}"
 
 
-def merges(full: bool = True) -> list[Merge]:
-    """The configurations scored. `full`: the sweeps; else (smoke) one of each family."""
+def merges(cfg) -> list[Merge]:
+    """The merges scored on configuration `cfg`: the sweeps; on the smoke configuration one of
+    each family. Mediator rows that route every layer name the configuration's layer count
+    (mediator-8-* on the full configuration, mediator-12-* on the large one)."""
+    full = cfg.name != "smoke"
+    every = cfg.shape.layers
     out = [Merge("linear", "linear", "linear", "mean of the experts", model_params={"weight": 1.0})]
     tas = [0.5, 1.0] if full else [1.0]
     for lam in tas:
@@ -125,19 +129,19 @@ def merges(full: bool = True) -> list[Merge]:
         tag = "".join(_tag(k, v) for k, v in extra.items())
         label = f"preset {preset}" + "".join(f", {k} {v}" for k, v in extra.items())
         out.append(Merge(f"1bit-{preset}{tag}", "1bit", "1bit", label, params={"preset": preset, **extra}))
-    # route: a fraction of the layers (< 1) or a count (>= 1); 8 = every layer of the full model.
+    # route: a fraction of the layers (< 1) or a count (>= 1); `every` = every layer.
     # route_outside also routes embed_tokens, lm_head and the final norm (a third to two thirds of
     # each task vector's squared norm here, 4% of the parameters).
     outside = {"route_outside": True}
-    meds = [(2, 0.1, {}), (4, 0.1, {}), (8, 0.05, {}), (8, 0.1, {}), (8, 0.15, {}), (8, 0.2, {}), (8, 0.3, {}),
-            (8, 0.4, {}), (8, 0.5, {}), (8, 0.1, {"average": "ties"}), (8, 0.2, outside), (8, 0.3, outside),
-            (8, 0.4, outside), (8, 0.5, outside),
+    meds = [(2, 0.1, {}), (4, 0.1, {}), (every, 0.05, {}), (every, 0.1, {}), (every, 0.15, {}), (every, 0.2, {}), (every, 0.3, {}),
+            (every, 0.4, {}), (every, 0.5, {}), (every, 0.1, {"average": "ties"}), (every, 0.2, outside), (every, 0.3, outside),
+            (every, 0.4, outside), (every, 0.5, outside),
             # issue #21, <= 60 % of full routing's storage: fewer layers (the highest-conflict
             # ones) routed at a higher rho instead of every layer at rho 0.3
             (6, 0.4, outside), (5, 0.5, outside), (4, 0.5, outside),
             # the same: 8-bit expert values (int8, a float32 scale per 64 values) at about half
             # the experts' bytes of bf16 values
-            (8, 0.5, {"value_bits": 8}), (8, 0.5, {**outside, "value_bits": 8}), (8, 0.6, {"value_bits": 8})] if full else [(0.5, 0.1, {})]
+            (every, 0.5, {"value_bits": 8}), (every, 0.5, {**outside, "value_bits": 8}), (every, 0.6, {"value_bits": 8})] if full else [(0.5, 0.1, {})]
     tags = {"route_outside": ("-outside", ", routed outside"), "value_bits": ("-int8", ", int8 values")}
     for route, rho, extra in meds:
         tag = "".join(tags[k][0] if k in tags else f"-{v}" for k, v in extra.items())

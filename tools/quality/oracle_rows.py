@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     cfg = CONFIGS[a.config].with_seed(a.seed)
     root = cache_dir(cfg, Path(a.cache))
     work = Path(a.work or f"/tmp/oracle-rows-{a.seed}")
-    by_name = {m.name: m for m in M.merges(cfg.name != "smoke") if m.routing}
+    by_name = {m.name: m for m in M.merges(cfg) if m.routing}
     names = a.rows.split(",")
     unknown = [n for n in names if n != "full" and n not in by_name]
     if unknown:

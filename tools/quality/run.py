@@ -178,7 +178,7 @@ def evaluate_all(cfg, root: Path, out: Path, device: str, only: set | None = Non
     reference = fr["oracle"]["avg"]
 
     full = cfg.name != "smoke"
-    for m in M.merges(full):
+    for m in M.merges(cfg):
         if only and m.name not in only:
             continue
         info = M.build(m, root, workdir)
@@ -272,7 +272,7 @@ def evaluate_all(cfg, root: Path, out: Path, device: str, only: set | None = Non
 def row_order(cfg) -> list[str]:
     """Names of every row of a configuration, in table order."""
     names = ["base", *(f"expert-{t}" for t in T.TASKS), "full-routing-oracle", "full-routing-router"]
-    for m in M.merges(cfg.name != "smoke"):
+    for m in M.merges(cfg):
         names += [m.name] + ([f"mergekit-{m.name}"] if m.mergekit else []) + LR.row_names(cfg.name, m.name)
     return names
 
@@ -312,7 +312,7 @@ def merge_previous(new: dict, old: dict, cfg, command: str) -> dict:
 def pending_markdown(results: dict) -> list[str]:
     """The notes' "to run": merges configured for this configuration that the table lacks."""
     done = {r["name"] for r in results["rows"]}
-    todo = [m for m in M.merges(results["config"] != "smoke") if m.name not in done]
+    todo = [m for m in M.merges(CONFIGS[results["config"]]) if m.name not in done]
     if not todo:
         return []
     return ["Notes: to run (configured in tools/quality/merges.py, not in this table yet):", "",

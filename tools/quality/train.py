@@ -106,21 +106,75 @@ def _save(model, tok_dir: Path, out: Path) -> None:
     tmp.rename(out)
 
 
-def pretrain(cfg: Config, root: Path, device: str, fh=None) -> dict:
-    torch = setup_torch(device, cfg.training.seed)
-    from transformers import LlamaForCausalLM
+# Training state saved every SAVE_EVERY seconds, so that a run cut off (the GPU machine's
+# commands end at 10 minutes) resumes where it was: the larger configuration's pretraining does
+# not fit one command. Tensors and plain values only (torch.load weights_only: no pickle).
+SAVE_EVERY = 90.0
+
+
+class Resumable:
+    """`path`: the state of one training loop (model, optimiser, schedule, data-order generator,
+    step, losses); saved atomically, loaded if present."""
+
+    def __init__(self, path: Path):
+        self.path, self.last = Path(path), time.perf_counter()
+
+    def load(self, torch, model, opt, sched, gen) -> tuple[int, dict]:
+        if not self.path.is_file():
+            return 0, {}
+        st = torch.load(self.path, map_location="cpu", weights_only=True)
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        sched.load_state_dict(st["sched"])
+        gen.set_state(st["gen"])
+        return st["step"], st["extra"]
+
+    def maybe_save(self, torch, step: int, model, opt, sched, gen, extra: dict, force: bool = False) -> None:
+        if not force and time.perf_counter() - self.last < SAVE_EVERY:
+            return
+        tmp = self.path.with_name(self.path.name + ".partial")
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                    "gen": gen.get_state(), "step": step, "extra": extra}, tmp)
+        tmp.replace(self.path)
+        self.last = time.perf_counter()
+
+    def done(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _corpus(cfg: Config, root: Path, fh=None):
+    """The tokenizer (trained, saved under root/tokenizer) and the packed pretraining blocks
+    (n_blocks, block) int64; both cached in root, so a resumed pretraining skips them."""
+    import numpy as np
+    import torch
 
     tr = cfg.training
+    tok_dir, cached = root / "tokenizer", root / "corpus.npy"
+    if cached.is_file() and (tok_dir / "tokenizer.json").is_file():
+        blocks = np.load(cached)
+        log(f"corpus: {blocks.size} tokens, {blocks.shape[0]} blocks of {tr.block} (cached)", fh)
+        return tok_dir, torch.from_numpy(blocks.astype(np.int64)), int(blocks.size)
     t0 = time.perf_counter()
     docs = T.corpus(tr.corpus_docs, cfg.difficulty, seed=tr.seed, task_share=tr.task_share, n_test=cfg.n_test)
-    tok_dir = root / "tokenizer"
     fast = train_tokenizer(docs, cfg.shape.vocab)
     save_tokenizer(fast, tok_dir, cfg.shape.max_positions)
     ids = [e.ids for e in fast.encode_batch(docs)]  # with <s>, as AutoTokenizer encodes (parallel)
     stream = [t for seq in ids for t in (*seq, EOS)]
     n_blocks = len(stream) // tr.block
-    data = torch.tensor(stream[: n_blocks * tr.block], dtype=torch.long).view(n_blocks, tr.block)
+    blocks = np.asarray(stream[: n_blocks * tr.block], dtype=np.int32).reshape(n_blocks, tr.block)
+    np.save(root / "corpus.partial.npy", blocks)
+    (root / "corpus.partial.npy").replace(cached)
     log(f"corpus: {len(docs)} documents, {len(stream)} tokens, {n_blocks} blocks of {tr.block} ({time.perf_counter() - t0:.1f} s)", fh)
+    return tok_dir, torch.from_numpy(blocks.astype(np.int64)), len(stream)
+
+
+def pretrain(cfg: Config, root: Path, device: str, fh=None) -> dict:
+    torch = setup_torch(device, cfg.training.seed)
+    from transformers import LlamaForCausalLM
+
+    tr = cfg.training
+    tok_dir, data, n_tokens = _corpus(cfg, root, fh)
+    n_blocks = data.shape[0]
 
     model = LlamaForCausalLM(llama_config(cfg)).to(device)
     n_params = sum(p.numel() for p in model.parameters())
@@ -129,10 +183,16 @@ def pretrain(cfg: Config, root: Path, device: str, fh=None) -> dict:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, tr.pretrain_steps, tr.warmup))
     gen = torch.Generator().manual_seed(tr.seed)
     order, pos = torch.randperm(n_blocks, generator=gen), 0
+    state = Resumable(root / "pretrain.state.pt")
+    start, extra = state.load(torch, model, opt, sched, gen)
+    losses, secs = extra.get("losses", []), extra.get("seconds", 0.0)
+    if start:
+        order, pos = extra["order"], extra["pos"]
+        log(f"pretraining resumed at step {start} ({secs:.1f} s done)", fh)
     data = data.to(device)
-    losses, t1 = [], time.perf_counter()
+    t1 = time.perf_counter()
     model.train()
-    for step in range(tr.pretrain_steps):
+    for step in range(start, tr.pretrain_steps):
         if pos + tr.pretrain_batch > n_blocks:
             order, pos = torch.randperm(n_blocks, generator=gen), 0
         batch = data[order[pos : pos + tr.pretrain_batch].to(device)]
@@ -147,11 +207,14 @@ def pretrain(cfg: Config, root: Path, device: str, fh=None) -> dict:
         if step % 100 == 0 or step == tr.pretrain_steps - 1:
             losses.append((step, loss.item()))
             if step % 500 == 0 or step == tr.pretrain_steps - 1:
-                log(f"pretrain step {step}: loss {losses[-1][1]:.4f}", fh)
-    secs = time.perf_counter() - t1
+                log(f"pretrain step {step}: loss {losses[-1][1]:.4f} ({secs + time.perf_counter() - t1:.1f} s)", fh)
+        state.maybe_save(torch, step + 1, model, opt, sched, gen,
+                         {"order": order, "pos": pos, "losses": losses, "seconds": secs + time.perf_counter() - t1})
+    secs += time.perf_counter() - t1
     _save(model, tok_dir, root / "base")
+    state.done()
     log(f"pretraining: {tr.pretrain_steps} steps in {secs:.1f} s ({1000 * secs / tr.pretrain_steps:.1f} ms/step)", fh)
-    return {"params": n_params, "seconds": round(secs, 2), "losses": losses, "tokens": len(stream)}
+    return {"params": n_params, "seconds": round(secs, 2), "losses": losses, "tokens": n_tokens}
 
 
 def encode_pairs(tok, pairs):
@@ -190,9 +253,14 @@ def finetune(cfg: Config, task: str, root: Path, device: str, fh=None, lr: float
     opt = _optimizer(torch, model, lr, 0.0, device)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, tr.ft_steps, tr.ft_warmup))
     gen = torch.Generator().manual_seed(tr.seed * 100 + T.TASKS.index(task))
-    losses, t1 = [], time.perf_counter()
+    state = Resumable(out.with_name(out.name + ".state.pt"))
+    start, extra = state.load(torch, model, opt, sched, gen)
+    losses, secs = extra.get("losses", []), extra.get("seconds", 0.0)
+    if start:
+        log(f"fine-tune {task} resumed at step {start}", fh)
+    t1 = time.perf_counter()
     model.train()
-    for step in range(tr.ft_steps):
+    for step in range(start, tr.ft_steps):
         idx = torch.randint(len(pool), (tr.ft_batch,), generator=gen).tolist()
         ids, labels, mask = _sft_batch(torch, [pool[i] for i in idx], device)
         with _autocast(torch, device):
@@ -204,8 +272,10 @@ def finetune(cfg: Config, task: str, root: Path, device: str, fh=None, lr: float
         opt.zero_grad(set_to_none=True)
         if step % 50 == 0 or step == tr.ft_steps - 1:
             losses.append((step, loss.item()))
-    secs = time.perf_counter() - t1
+        state.maybe_save(torch, step + 1, model, opt, sched, gen, {"losses": losses, "seconds": secs + time.perf_counter() - t1})
+    secs += time.perf_counter() - t1
     _save(model, root / "tokenizer", out)
+    state.done()
     log(f"fine-tune {task} (lr {lr:g}): {tr.ft_steps} steps in {secs:.1f} s, loss {losses[0][1]:.3f} -> {losses[-1][1]:.4f}", fh)
     return {"seconds": round(secs, 2), "losses": losses, "pool": len(pool), "lr": lr}
 
@@ -221,7 +291,12 @@ def _ft_job(cfg: Config, task: str, root: str, device: str, lr: float, out: str)
     warnings.filterwarnings("ignore")
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
-    info = finetune(cfg, task, Path(root), device, lr=lr, out=Path(out))
+    done = Path(out + ".json")  # this expert is trained (a resumed run scores it again, cheaply)
+    if done.is_file() and (Path(out) / "model.safetensors").is_file():
+        info = json.loads(done.read_text())
+    else:
+        info = finetune(cfg, task, Path(root), device, lr=lr, out=Path(out))
+        done.write_text(json.dumps(info) + "\n")
     from transformers import AutoTokenizer
 
     sets = EvalSets.make(cfg, AutoTokenizer.from_pretrained(out))
@@ -291,14 +366,21 @@ def train_all(cfg: Config, root: Path, device: str, force: bool = False) -> dict
         return json.loads((root / "train.json").read_text())
     root.mkdir(parents=True, exist_ok=True)
     (root / "train.json").unlink(missing_ok=True)
-    with open(root / "train.log", "w") as fh:
+    with open(root / "train.log", "a") as fh:  # appended: a resumed run's lines follow the first's
         t0 = time.perf_counter()
         info = {"config": cfg.as_dict(), "hash": cfg.training_hash(), "device": describe_device(device)}
-        info["pretrain"] = pretrain(cfg, root, device, fh)
+        done = root / "pretrain.json"  # the base is trained (a run cut off after it resumes with the experts)
+        if done.is_file() and (root / "base" / "model.safetensors").is_file():
+            info["pretrain"] = json.loads(done.read_text())
+        else:
+            info["pretrain"] = pretrain(cfg, root, device, fh)
+            done.write_text(json.dumps(info["pretrain"]) + "\n")
         t1 = time.perf_counter()
         info["finetune"] = finetune_all(cfg, root, device, fh)
         info["finetune_seconds"] = round(time.perf_counter() - t1, 1)
-        info["seconds"] = round(time.perf_counter() - t0, 1)
+        # pretraining's steps summed over the runs it took (the GPU machine's commands end at 10
+        # minutes), plus this run's wall time after it (the fine-tunes)
+        info["seconds"] = round(info["pretrain"]["seconds"] + time.perf_counter() - t1, 1)
         log(f"training done in {info['seconds']} s", fh)
     (root / "train.json").write_text(json.dumps(info, indent=1) + "\n")
     return info
