@@ -252,6 +252,13 @@ def row_logits(model, ids):
         return model(input_ids=ids.unsqueeze(0)).logits[0]
 
 
+def same_batch_logits(model, ids, b):
+    """Row b of the model's logits over the whole batch: bit-equality holds only against the same
+    batch shape (BLAS may block a 42-row product differently from a 7-row one, torch >= 2.13)."""
+    with torch.inference_mode():
+        return model(input_ids=ids).logits[b]
+
+
 PATHS = ["per-term", "fused", "norms-per-group"]
 
 
@@ -285,7 +292,7 @@ def test_mediator_mixed_batch_equals_exports(stores, tmp_path_factory, which, pa
     # static rows run the merged model exactly (no delta added); fused: its block of the stacked
     # product, times 1, plus the terms' times 0
     if not fused:
-        assert torch.equal(got[1], row_logits(refs["static"], ids[1]))
+        assert torch.equal(got[1], same_batch_logits(refs["static"], ids, 1))
     else:
         assert_exact(got[1], row_logits(refs["static"], ids[1]), "static")
         assert_fused(rt, model, store, got, decisions, ids)
@@ -323,7 +330,7 @@ def test_onebit_mixed_batch_equals_exports(stores, tmp_path_factory, which, path
         assert_exact(got[b], row_logits(unrounded(store, d.task, root), ids[b]), (b, d.key))
     if which == "1bit-l0":  # lambda 0: the static model is theta_0 itself, no delta
         base = synth_base(store)
-        (assert_exact if fused else _assert_equal)(got[1], row_logits(base, ids[1]), "static")
+        (assert_exact if fused else _assert_equal)(got[1], same_batch_logits(base, ids, 1), "static")
     if fused:
         assert_fused(rt, model, store, got, decisions, ids)
     if grouped(rt):  # presets that route the norms
