@@ -26,12 +26,14 @@ their `forward` is replaced (DeltaLinear, DeltaEmbedding, DeltaGrouped). `close(
 Delta terms:
   Mediator  one term per task present in the batch, over the rows using it, with the rows'
             weights: top-1 / forced rows weight 1 (D + S_k), an uncertain row p_t for each of
-            its tasks (D + sum p_t S_t), STATIC rows none (D). S_t stays sparse, resident as a
-            CSR matrix in small types (`CompactSparse`: int32 row pointers, int16 columns, the
-            values as stored: bf16, or int8 codes with a float32 scale per 64; the store's
-            bitmask or offsets are decoded once, at load), cast (int8: decoded) to float32 /
-            int32 for torch.sparse.mm per product (int8: 1.1-1.3x the bf16 store's decoding
-            step on CPU without a budget, hidden 256, rho 0.1-0.5). (One sparse product of the
+            its tasks (D + sum p_t S_t), STATIC rows none (D). S_t stays sparse (`CompactSparse`:
+            int32 row pointers, the positions as int16 columns or as the packed bitmask,
+            whichever is smaller, the values as stored: bf16, or int8 codes with a float32
+            scale per 64), decoded per product (or once, cached within the budget) into a
+            float32 CSR matrix for torch.sparse.mm or, for a bitmask from DENSE_FROM up, a
+            dense float32 matrix (see CompactSparse for the bytes and the measured costs;
+            int8 values: 1.1-1.3x the bf16 store's decoding step on CPU without a budget,
+            hidden 256, rho 0.1-0.5, measured with int16 columns). (One sparse product of the
             stacked [S_1; ...; S_N] for all rows, then each row's mix, was measured no faster on
             CPU at 32 tokens and slower above: not kept.)
   1bit      one term per task decision present in the batch: Delta_k = tau_hat_k + lambda *
@@ -68,8 +70,8 @@ those terms vanish (see OneBitTensor).
 
 Cache: with `memory_budget` (bytes the weights may take on the device: model + encodings +
 row plan + cache), the decoded form of a term is kept, least recently used first out, in what
-the model, the encodings and the row plan's reserve leave: Mediator the float32 CSR matrix of
-S_t; 1bit a task decision's full weight M + Delta_k of each Linear, so that its rows run one
+the model, the encodings and the row plan's reserve leave: Mediator the decoded S_t (float32
+CSR, or dense: CompactSparse.decoded); 1bit a task decision's full weight M + Delta_k of each Linear, so that its rows run one
 product with it, as the weight swap does, instead of shared + delta (in the compute dtype: on
 bf16 that is the export's rounding).
 (Mediator's full weights D + S_k instead were measured no faster for a decoding step on CPU,
@@ -168,19 +170,69 @@ def _rows_cols(shape) -> tuple[int, int]:
 # ---- compressed sparse deltas -----------------------------------------------------------------
 
 
-class CompactSparse:
-    """One sparse delta of one tensor (rows x cols), resident as a CSR matrix in small types:
-    row pointers (int32, rows + 1), column indices (int16 when cols <= 2^15, else int32) and
-    the values as stored (encoded.py Values: bf16; Int8Values: int8 codes and scales). A
-    product builds the float32 / int32 CSR matrix torch.sparse.mm takes from them (casts of the
-    entries; int8 values decoded), instead of decoding the store's positions (a bitmask of the
-    whole tensor, or flat int32 offsets) per forward: measured 15x faster for a decoding step's
-    products (hidden 256, intermediate 1024, rho 0.1: 0.40 ms against 6.2 ms a layer's seven
-    tensors, one thread), for 2 bytes an entry of columns + 4 a row against the stored 1.25
-    (bitmask at rho 0.1) to 4 (offsets) of positions, plus the values as stored (2 bytes an
-    entry, int8 1.06): the bitmask is decoded once, at load."""
+# Where a decoded mask-form delta is multiplied as a dense float32 matrix instead of a CSR one:
+# from this density (kept entries / entries) up. A dense product takes the same time at any
+# density, a CSR one grows with it. Measured on one CPU thread (1024 x 256 and 256 x 1024,
+# cached forms): at 32 rows (a decoding step) they are equal near 0.3 (CSR 0.17 ms against 0.21
+# at 0.25), at 256 rows near 0.18, at 1 row the dense one is faster from 0.1; decoded per
+# product the dense form costs what the CSR one does at 0.1 and less above. At rho 0.5 the
+# dense float32 matrix takes the bytes of the float32 CSR one (4 a value + 4 a column index).
+DENSE_FROM = 0.25
 
-    def __init__(self, sparse: SparseDelta, shape):
+_SHIFTS: dict = {}
+
+
+def _unpack_bits(packed, cols: int):
+    """(r, ceil(cols / 8)) uint8, little bit order -> (r, cols) uint8 0 / 1: a shift and an and
+    per bit on uint8 (a (256, 8) table lookup takes twice as long on CPU)."""
+    torch, _ = require_torch()
+    sh = _SHIFTS.get(packed.device)
+    if sh is None:
+        sh = _SHIFTS[packed.device] = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    bits = ((packed.unsqueeze(-1) >> sh) & 1).view(packed.shape[0], -1)
+    return bits if bits.shape[1] == cols else bits[:, :cols]
+
+
+class CompactSparse:
+    """One sparse delta of one tensor (rows x cols), resident in one of two position forms,
+    whichever takes fewer bytes (`layout`), with int32 row pointers (rows + 1) and the values
+    as stored (encoded.py Values: bf16; Int8Values: int8 codes and scales) in both:
+
+      "columns"  CSR column indices, int16 when cols <= 2^15 (else int32): 2 bytes a kept entry
+      "mask"     the bitmask of the tensor packed by rows, little bit order (the store's own
+                 layout, each row padded to a byte): ceil(cols / 8) bytes a row, 1/8 a byte an
+                 entry of the tensor
+
+    The mask is the smaller from a density of 1/16 (int16 columns) up: at rho 0.5 the columns
+    take 8x its bytes (1 byte an entry of the tensor against 0.125), which put a served Mediator
+    store at 1.38x its storage figure; with the mask the encodings are 1.02-1.05x the stored
+    experts' bytes (the row pointers add 4 bytes a row, 4 / cols an entry: they spare a
+    gathered row (embeddings) a count of every row before it, and a CSR build the per-row
+    counts; the stored blobs' 20-byte headers are not kept).
+
+    A product takes the decoded form (`decoded`): the float32 CSR matrix torch.sparse.mm takes
+    (columns form: casts of the entries, int8 values decoded; mask form below DENSE_FROM:
+    positions from nonzero() of the unpacked bits) or, for a mask from DENSE_FROM up, a dense
+    float32 matrix (each kept bit's value found by a cumulative count of the bits, then one
+    index_select), multiplied by a dense product. The runtime caches decoded forms within
+    --memory-budget; without one a product decodes its term every time. Measured per product
+    (tools/bench_positions.py: one CPU thread, a 1024 x 256 and a 256 x 1024 tensor, 32 rows,
+    ms, bf16 / int8 values):
+
+                    columns                          mask
+                    decoded        cached            decoded        cached
+        rho 0.1     0.11 / 0.14    0.08              0.77 / 0.83    0.08 (CSR)
+        rho 0.5     0.36 / 0.44    0.32              0.86 / 0.88    0.21 (dense)
+
+    so without a budget a mask product costs 2-2.4x (rho 0.5) to 6-7x (rho 0.1) the column
+    form's: a CPU decoding step (32 rows over 3 tasks, hidden 256, 2 of 4 layers routed, int8
+    values, float32 compute, one thread) takes 3.9-4.2x the static model's instead of 1.7-1.9x
+    (rho 0.1) and 2.6x (0.5). With one, a cached mask term is as fast (rho 0.1) or faster (0.5:
+    a dense product): that step is as before (1.4-1.8x at rho 0.1, 1.8-2.0x at 0.5), a 32-token
+    prefill at rho 0.5 1.3-1.7x instead of 1.8-2.4x."""
+
+    def __init__(self, sparse: SparseDelta, shape, layout: str | None = None):
+        """`layout`: "columns" or "mask" (tests, benchmarks); None: the smaller."""
         torch, _ = require_torch()
         self.rows, self.cols = _rows_cols(shape)
         self.size = sparse.size
@@ -192,12 +244,31 @@ class CompactSparse:
         if self.count >= 2**31:
             raise StreammergeError(f"a sparse delta of {self.count} entries: more than int32 row pointers hold")
         self.crow = crow.to(torch.int32)
-        self.col = (idx - r * self.cols).to(torch.int16 if self.cols <= 2**15 else torch.int32)
+        col_type = torch.int16 if self.cols <= 2**15 else torch.int32
+        row_bytes = -(-self.cols // 8)
+        if layout is None:
+            layout = "mask" if self.rows * row_bytes < self.count * col_type.itemsize else "columns"
+        self.layout = layout
+        self.col = self.mask = None
+        if layout == "columns":
+            self.col = (idx - r * self.cols).to(col_type)
+        elif layout == "mask":
+            bits = torch.zeros(self.rows * row_bytes * 8, dtype=torch.uint8, device=idx.device)
+            bits[r * (row_bytes * 8) + (idx - r * self.cols)] = 1
+            sh = torch.arange(8, dtype=torch.uint8, device=idx.device)
+            self.mask = (bits.view(self.rows, row_bytes, 8) << sh).sum(-1).to(torch.uint8)  # distinct bits: sum = or
+        else:
+            raise ValueError(f"layout must be 'columns' or 'mask', got {layout!r}")
         self.value = sparse.value  # Values | Int8Values
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.crow, self.col)) + self.value.nbytes
+        pos = self.col if self.mask is None else self.mask
+        return sum(t.numel() * t.element_size() for t in (self.crow, pos)) + self.value.nbytes
+
+    @property
+    def density(self) -> float:
+        return self.count / max(1, self.rows * self.cols)
 
     def row_index(self):
         """Each entry's row (int64)."""
@@ -205,13 +276,33 @@ class CompactSparse:
         counts = (self.crow[1:] - self.crow[:-1]).long()
         return torch.repeat_interleave(torch.arange(self.rows, device=counts.device), counts)
 
+    def _columns(self):
+        """Each entry's column (int32), row by row."""
+        torch, _ = require_torch()
+        if self.mask is None:
+            return self.col.to(torch.int32)
+        return _unpack_bits(self.mask, self.cols).nonzero()[:, 1].to(torch.int32)  # row-major: the entries' order
+
     def csr(self):
         """The delta as a float32 CSR matrix (rows x cols) for torch.sparse.mm."""
         torch, _ = require_torch()
         with warnings.catch_warnings():  # "CSR support is in beta": the operations used here are covered by tests
             warnings.simplefilter("ignore", UserWarning)
-            return torch.sparse_csr_tensor(self.crow, self.col.to(torch.int32), self.value.float(), (self.rows, self.cols),
+            return torch.sparse_csr_tensor(self.crow, self._columns(), self.value.float(), (self.rows, self.cols),
                                            check_invariants=False)
+
+    def decoded(self):
+        """The form a product multiplies (and the runtime caches): the dense float32 delta for
+        a mask from DENSE_FROM up, else the CSR matrix (`product` multiplies either)."""
+        return self.dense() if self.mask is not None and self.density >= DENSE_FROM else self.csr()
+
+    @staticmethod
+    def product(m, x):
+        """x m^T for a decoded form m (rows x cols; CSR or dense), x (k, cols) float32 -> (k, rows)."""
+        torch, _ = require_torch()
+        if m.layout == torch.strided:
+            return torch.nn.functional.linear(x, m)
+        return torch.sparse.mm(m, x.t()).t()
 
     def gather_rows(self, ids):
         """Dense float32 rows `ids` (any order, repeats allowed) of the delta: (len(ids), cols)."""
@@ -223,15 +314,26 @@ class CompactSparse:
         first = torch.cumsum(counts, 0) - counts  # where each row's entries start in the gathered list
         pos = start[which] + torch.arange(which.numel(), device=ids.device) - first[which]
         out = torch.zeros((uniq.numel(), self.cols), dtype=torch.float32, device=ids.device)
-        out[which, self.col[pos].long()] = self.value.float(pos)
+        if self.mask is None:
+            out[which, self.col[pos].long()] = self.value.float(pos)
+        else:  # the rows' set bits in row-major order are their entries in `pos` order
+            out.masked_scatter_(_unpack_bits(self.mask[uniq], self.cols).bool(), self.value.float(pos))
         return out[inverse]
 
     def dense(self):
-        """The whole delta, float32 (rows x cols): for small tensors only."""
+        """The whole delta, float32 (rows x cols)."""
         torch, _ = require_torch()
-        out = torch.zeros((self.rows, self.cols), dtype=torch.float32, device=self.crow.device)
-        out[self.row_index(), self.col.long()] = self.value.float()
-        return out
+        if self.mask is None:
+            out = torch.zeros((self.rows, self.cols), dtype=torch.float32, device=self.crow.device)
+            out[self.row_index(), self.col.long()] = self.value.float()
+            return out
+        # kept bit i holds value number (bits before it, itself included) - 1: a cumulative
+        # count (int32), zero where no bit is set, indexes the values behind a leading 0.0
+        # (twice as fast as masked_scatter_, 3x nonzero() at rho 0.5)
+        bits = _unpack_bits(self.mask, self.cols).reshape(-1)
+        at = torch.cumsum(bits, 0, dtype=torch.int32).mul_(bits)
+        values = torch.cat([torch.zeros(1, dtype=torch.float32, device=bits.device), self.value.float()])
+        return values.index_select(0, at).view(self.rows, self.cols)
 
 
 # ---- the routed tensors of each method --------------------------------------------------------
@@ -289,13 +391,12 @@ class MediatorTensor:
     def nbytes(self) -> int:
         return sum(e.nbytes for e in self.experts.values())
 
-    def _csr(self, task):
-        return self.cache.get((self.name, task), self.experts[task].csr, _tensor_bytes)
+    def _decoded(self, task):
+        return self.cache.get((self.name, task), self.experts[task].decoded, _tensor_bytes)
 
     def matmul_terms(self, tasks: list, xs: list) -> list:
         """[x S_task^T for each term], x (m, cols) float32 -> (m, rows)."""
-        torch, _ = require_torch()
-        return [torch.sparse.mm(self._csr(task), x.t()).t() for task, x in zip(tasks, xs)]
+        return [CompactSparse.product(self._decoded(task), x) for task, x in zip(tasks, xs)]
 
     def gather(self, task, ids):
         return self.experts[task].gather_rows(ids)
