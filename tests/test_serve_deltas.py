@@ -436,13 +436,14 @@ def exported_merged_logits(store, ids):
 @pytest.mark.parametrize("which", ["mediator", "mediator-int8", "mediator-bf16", "1bit", "1bit-paper"])
 def test_resident_bytes_match_the_storage_figure(stores, which):
     """Resident weights, the model at the store's dtype plus the encodings, are the build's
-    storage figure within 10 % (the issue's bound); so are the encodings alone against the
-    stored encodings: 1bit's are the stored pieces themselves, Mediator's the stored entries with
-    their positions as the packed bitmask wherever it is smaller than int16 columns (every
-    tensor here, rho 0.1 and 0.5) plus int32 row pointers: 1.10x (rho 0.1), 1.08x (0.5, int8
-    values) and 1.03x (0.5, bf16) of the stored bytes on these small tensors, whose 64-entry
-    rows make the row pointers half the mask's bytes (int16 columns: 2.3x at rho 0.5, int8);
-    the model is one model; nothing is cached without a budget."""
+    storage figure within 10 % (the issue's bound). 1bit's encodings are the stored pieces
+    themselves. Mediator's are the stored entries with their positions as the packed bitmask
+    wherever it is smaller than int16 columns (every tensor here, rho 0.1 and 0.5), plus int32
+    row pointers: 1.10x (rho 0.1), 1.08x (0.5, int8 values) and 1.03x (0.5, bf16) of the stored
+    bytes on these small tensors, whose 64-entry rows make the row pointers half the mask's
+    bytes; then the sparsest go to the faster int16 columns while the extra bytes fit
+    COLUMNS_ALLOWANCE of the storage figure, until no other one fits what is left. The model is
+    one model; nothing is cached without a budget."""
     store = stores[which]
     rt, model = runtime(store)
     info = json.loads((store / "storage.json").read_text())
@@ -453,8 +454,20 @@ def test_resident_bytes_match_the_storage_figure(stores, which):
     weights = 2 * n_params + got["encodings"]  # the model in bf16, the store's dtype (float32 here: twice)
     assert abs(weights - info["total_bytes"]) <= 0.1 * info["total_bytes"], (got, info["total_bytes"])
     if which.startswith("mediator"):
-        assert got["encodings"] <= 1.1 * routed, (got, routed)
-        assert {e.layout for t in rt.tensors.values() for e in t.experts.values()} == {"mask"}
+        from streammerge.routing.deltas import COLUMNS_ALLOWANCE
+
+        experts = [e for t in rt.tensors.values() for e in t.experts.values()]
+        smaller = sum(e.nbytes - max(0, e.columns_extra_bytes()) if e.layout == "columns" else e.nbytes for e in experts)
+        assert smaller <= 1.1 * routed, (smaller, routed)
+        spent = got["encodings"] - smaller
+        left = COLUMNS_ALLOWANCE * info["total_bytes"] - spent
+        assert left >= 0, (spent, info["total_bytes"])
+        masks = [e for e in experts if e.layout == "mask"]
+        assert masks and all(e.columns_extra_bytes() > left for e in masks)  # none other fits
+        columns = [e for e in experts if e.layout == "columns"]
+        if which == "mediator":  # rho 0.1: some went to columns, the sparsest
+            assert columns and max(e.density for e in columns) <= max(e.density for e in masks)
+        print(which, len(columns), "of", len(experts), "experts in columns; encodings", got["encodings"], "stored", routed)
     else:
         assert abs(got["encodings"] - routed) <= 0.1 * routed, (got, routed)
     assert got["cache"] == 0
@@ -496,7 +509,7 @@ def test_int8_store_resident_values_are_the_stored_bytes(stores):
             assert isinstance(e8.value, Int8Values) and isinstance(e16.value, Values)
             count, values, _ = stored_blob_bytes(s8, task, job)
             assert count == e8.count == e16.count
-            assert e8.layout == e16.layout and torch.equal(e8.crow, e16.crow)  # the same top-rho entries
+            assert torch.equal(e8.crow, e16.crow)  # the same top-rho entries (their forms may differ)
             assert torch.equal(e8.csr().col_indices(), e16.csr().col_indices())
             assert e16.value.nbytes == 2 * count
             resident += e8.value.nbytes

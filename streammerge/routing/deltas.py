@@ -28,7 +28,8 @@ Delta terms:
             weights: top-1 / forced rows weight 1 (D + S_k), an uncertain row p_t for each of
             its tasks (D + sum p_t S_t), STATIC rows none (D). S_t stays sparse (`CompactSparse`:
             int32 row pointers, the positions as int16 columns or as the packed bitmask,
-            whichever is smaller, the values as stored: bf16, or int8 codes with a float32
+            whichever is smaller, then columns for the sparsest while the extra bytes fit
+            COLUMNS_ALLOWANCE of the storage figure; the values as stored: bf16, or int8 codes with a float32
             scale per 64), decoded per product (or once, cached within the budget) into a
             float32 CSR matrix for torch.sparse.mm or, for a bitmask from DENSE_FROM up, a
             dense float32 matrix (see CompactSparse for the bytes and the measured costs;
@@ -179,6 +180,12 @@ def _rows_cols(shape) -> tuple[int, int]:
 # dense float32 matrix takes the bytes of the float32 CSR one (4 a value + 4 a column index).
 DENSE_FROM = 0.25
 
+# Of the store's storage figure (storage.json), the bytes the runtime may spend on int16 columns
+# instead of bitmasks (DeltaRuntime._columns_where_they_fit): products from columns cost 2x (rho
+# 0.5) to 7x (rho 0.1) less than decoding a mask each time (CompactSparse), and this keeps the
+# resident weights within 10 % of the storage figure with room for the row pointers and the plan.
+COLUMNS_ALLOWANCE = 0.05
+
 _SHIFTS: dict = {}
 
 
@@ -203,7 +210,8 @@ class CompactSparse:
                  layout, each row padded to a byte): ceil(cols / 8) bytes a row, 1/8 a byte an
                  entry of the tensor
 
-    The mask is the smaller from a density of 1/16 (int16 columns) up: at rho 0.5 the columns
+    The mask is the smaller from a density of 1/16 (int16 columns) up (the runtime then moves
+    the sparsest tensors back to columns within COLUMNS_ALLOWANCE: `to_columns`): at rho 0.5 the columns
     take 8x its bytes (1 byte an entry of the tensor against 0.125), which put a served Mediator
     store at 1.38x its storage figure; with the mask the encodings are 1.02-1.05x the stored
     experts' bytes (the row pointers add 4 bytes a row, 4 / cols an entry: they spare a
@@ -269,6 +277,18 @@ class CompactSparse:
     @property
     def density(self) -> float:
         return self.count / max(1, self.rows * self.cols)
+
+    def columns_extra_bytes(self) -> int:
+        """What the columns form takes more than the mask form (negative: less)."""
+        col_bytes = 2 if self.cols <= 2**15 else 4
+        return self.count * col_bytes - self.rows * -(-self.cols // 8)
+
+    def to_columns(self) -> None:
+        """Hold the positions as column indices from now on (the faster products)."""
+        if self.mask is not None:
+            torch, _ = require_torch()
+            self.col = self._columns().to(torch.int16 if self.cols <= 2**15 else torch.int32)
+            self.mask, self.layout = None, "columns"
 
     def row_index(self):
         """Each entry's row (int64)."""
@@ -1051,6 +1071,7 @@ class DeltaRuntime:
                 experts = {t: CompactSparse(SparseDelta(self.store, f"{job['key']}/{t}", job, self.device), shape)
                            for t in self.tasks}
                 out[name] = MediatorTensor(name, shape, experts, self.cache)
+            self._columns_where_they_fit(out)
             return out
         enc = OneBitEncodings(self.store, self.method, self.device)
         for name in enc.names:
@@ -1060,6 +1081,24 @@ class DeltaRuntime:
             p.data = t.merged(enc.base.pop(name)).to(self.dtype).reshape(p.shape)
             out[name] = t
         return out
+
+    def _columns_where_they_fit(self, tensors: dict) -> None:
+        """Mediator experts loaded in their smaller position form (mostly the mask) go to int16
+        columns, sparsest first (the most speed for the fewest extra bytes), while the extra
+        bytes fit COLUMNS_ALLOWANCE of the storage figure (none without storage.json)."""
+        path = self.store.path / "storage.json"
+        if not path.is_file():
+            return
+        from ..limits import DOCUMENT, read_json
+
+        allowance = COLUMNS_ALLOWANCE * float(read_json(path, DOCUMENT.named("storage.json"))["total_bytes"])
+        masks = [e for t in tensors.values() for e in t.experts.values() if e.layout == "mask"]
+        for e in sorted(masks, key=lambda e: e.density):
+            extra = e.columns_extra_bytes()
+            if extra > allowance:
+                continue
+            allowance -= extra
+            e.to_columns()
 
     def _patch(self, params: dict) -> list:
         """Replace the forward of every module that holds a routed tensor."""
