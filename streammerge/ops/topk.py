@@ -111,6 +111,14 @@ PlanFn = Callable[[TensorParams, Stats, int], Sequence[tuple[int, int]]]
 OptionalPass = Pass
 
 
+def _order_stat(part: np.ndarray, at: int, j: int) -> int:
+    """The j-th smallest entry (0-based) of `part`, an array partitioned at `at`
+    (np.partition(x, at)): the smallest `at` entries come first, in any order."""
+    if j >= at:
+        return int(np.partition(part[at:], j - at)[j - at])
+    return int(np.partition(part[:at], j)[j])
+
+
 def scratch(name: str, size: int, dtype=np.float32) -> np.ndarray:
     """This thread's reusable working array `name` (workspace.py), at least a chunk long."""
     return thread_buffer(("scratch", name), size, dtype, at_least=CHUNK)
@@ -445,7 +453,8 @@ class TopK:
         p = k / n
         r = k * s / n  # expected count of samples >= the k-th largest
         at = s - min(s, max(1, round(r)))
-        E = int(np.partition(samp, at)[at])
+        part = np.partition(samp, at)
+        E = int(part[at])
         sd = math.sqrt(s * p * (1.0 - p))  # of that count, were the samples independent
         if row > 1 and s // row < rows:
             # Whole rows are sampled, and rows differ (outlier rows, rows of unused tokens): the
@@ -457,9 +466,10 @@ class TopK:
         margin = int(5.0 * sd) + 16
         hi_pos = int(math.floor(r)) - 1 - margin  # descending 0-based ranks
         lo_pos = int(math.ceil(r)) - 1 + margin
-        # two single-kth partitions: numpy's SIMD quickselect is ~10x faster than one with 2 kth
-        B = int(np.partition(samp, s - 1 - hi_pos)[s - 1 - hi_pos]) if hi_pos >= 0 else U32MAX
-        A = int(np.partition(samp, s - 1 - lo_pos)[s - 1 - lo_pos]) if lo_pos < s else 0
+        # single-kth partitions (numpy's SIMD quickselect is ~10x faster than one with 2 kth), of
+        # the side of E's partition that holds the rank: half the data of partitioning it all again
+        B = _order_stat(part, at, s - 1 - hi_pos) if hi_pos >= 0 else U32MAX
+        A = _order_stat(part, at, s - 1 - lo_pos) if lo_pos < s else 0
         window = samp[(samp >= np.uint32(A)) & (samp <= np.uint32(B))]
         vals, cnt = np.unique(window, return_counts=True)
         rep = cnt > 1
