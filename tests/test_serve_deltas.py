@@ -763,7 +763,7 @@ class PositionsOf:
     ((3, 10), "all"),  # every entry
     ((70, 45), "half"),  # int8 values over more than one group of 64
 ])
-def test_mask_form_gives_the_column_form_products(shape, kept, value_bits):
+def test_mask_form_gives_the_column_form_products(shape, kept, value_bits, monkeypatch):
     """The mask position form (the packed bitmask, rows padded to a byte) gives back exactly
     what the column form gives: the entries (dense, CSR, gathered rows), the CSR product bit for
     bit, and the decoded form's product (dense from DENSE_FROM up: another summation order)
@@ -804,6 +804,18 @@ def test_mask_form_gives_the_column_form_products(shape, kept, value_bits):
     assert (m.decoded().layout == torch.strided) == (m.density >= DENSE_FROM)
     assert got.shape == (7, rows) and torch.allclose(got, x @ want.t(), atol=EXACT_ATOL, rtol=0)
     assert torch.allclose(got, ref, atol=EXACT_ATOL, rtol=0)
+    # an uncached product decodes row range by row range (here 2 rows at a time), never the
+    # whole dense delta, and gives the decoded form's product
+    from streammerge.routing import deltas
+
+    monkeypatch.setattr(deltas, "PRODUCT_ROWS_ELEMENTS", 2 * cols)
+    for form in (m, c):
+        monkeypatch.setattr(form, "dense", lambda: pytest.fail("the whole delta decoded"))
+        got = form.product_in_rows(x)
+        assert got.shape == (7, rows) and torch.allclose(got, x @ want.t(), atol=EXACT_ATOL, rtol=0)
+        assert form.decoded_nbytes() == (4 * rows * cols if form is m and m.density >= DENSE_FROM
+                                         else 4 * (rows + 1) + 8 * index.numel())
+    monkeypatch.undo()
     assert m.nbytes - value.nbytes == 4 * (rows + 1) + rows * -(-cols // 8)
     assert c.nbytes - value.nbytes == 4 * (rows + 1) + 2 * index.numel()
     assert CompactSparse(sp, shape).layout == ("mask" if rows * -(-cols // 8) < 2 * index.numel() else "columns")

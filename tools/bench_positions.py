@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Cost of one sparse-delta product from each resident position form of a Mediator expert
 (routing/deltas.py CompactSparse): "columns" (CSR, int16 column indices) against "mask" (the
-packed bitmask), decoded per product (no --memory-budget) or cached (within one).
+packed bitmask), decoded per product (no --memory-budget: `product_in_rows`, a dense decode a
+row range at a time) or cached (within one).
 
     python tools/bench_positions.py [--shapes 1024x256,256x1024] [--rho 0.1,0.5] [--tokens 32]
                                     [--value-bits 16] [--repeat 5]
@@ -84,7 +85,7 @@ def main(argv=None) -> None:
                 x = torch.randn(args.tokens, shape[1], generator=gen)
                 m = cs.decoded()
                 assert torch.allclose(CompactSparse.product(m, x), x @ cs.dense().t(), atol=1e-5)
-                per += timed(lambda: CompactSparse.product(cs.decoded(), x), args.repeat)
+                per += timed(lambda: cs.product_in_rows(x), args.repeat)  # the runtime's uncached product
                 cached += timed(lambda: CompactSparse.product(m, x), args.repeat)
                 pos += cs.nbytes - cs.value.nbytes
                 kinds.add("dense" if m.layout == torch.strided else "CSR")
