@@ -793,7 +793,8 @@ def test_mask_form_gives_the_column_form_products(shape, kept, value_bits, monke
     want = want.view(rows, cols)
     assert torch.equal(c.dense(), want) and torch.equal(m.dense(), want)
     assert torch.equal(m.csr().crow_indices(), c.csr().crow_indices())
-    assert torch.equal(m.csr().col_indices(), c.csr().col_indices())
+    ref_cols = c.csr().col_indices()
+    assert torch.equal(m.csr().col_indices(), ref_cols)
     assert torch.equal(m.csr().values(), c.csr().values())
     ids = torch.tensor([rows - 1, 0, rows - 1, rows // 2, 1 % rows])
     assert torch.equal(m.gather_rows(ids), want[ids]) and torch.equal(c.gather_rows(ids), want[ids])
@@ -809,6 +810,15 @@ def test_mask_form_gives_the_column_form_products(shape, kept, value_bits, monke
     from streammerge.routing import deltas
 
     monkeypatch.setattr(deltas, "PRODUCT_ROWS_ELEMENTS", 2 * cols)
+    # built 2 rows at a time (bounded temporaries): the same positions
+    for whole, layout in ((c, "columns"), (m, "mask")):
+        ranged = CompactSparse(sp, shape, layout=layout)
+        assert torch.equal(ranged.crow, whole.crow)
+        assert torch.equal(ranged.csr().col_indices(), ref_cols)
+        if layout == "mask":
+            assert torch.equal(ranged.mask, whole.mask)
+            ranged.to_columns()
+        assert torch.equal(ranged.col, c.col)
     for form in (m, c):
         monkeypatch.setattr(form, "dense", lambda: pytest.fail("the whole delta decoded"))
         got = form.product_in_rows(x)

@@ -244,34 +244,54 @@ class CompactSparse:
     prefill at rho 0.5 1.3-1.7x instead of 1.8-2.4x."""
 
     def __init__(self, sparse: SparseDelta, shape, layout: str | None = None):
-        """`layout`: "columns" or "mask" (tests, benchmarks); None: the smaller."""
+        """`layout`: "columns" or "mask" (tests, benchmarks); None: the smaller. Built row range
+        by row range (`_row_ranges`): the temporaries are a few MB whatever the tensor (whole,
+        they took ~32 bytes a kept entry: 11 GB for a routed 128k-token embedding at rho 0.5)."""
         torch, _ = require_torch()
         self.rows, self.cols = _rows_cols(shape)
         self.size = sparse.size
-        idx = sparse.index.long()  # sorted flat positions
-        self.count = idx.numel()
-        r = torch.div(idx, self.cols, rounding_mode="floor")
-        crow = torch.zeros(self.rows + 1, dtype=torch.int64, device=idx.device)
-        crow[1:] = torch.cumsum(torch.bincount(r, minlength=self.rows), 0)
+        index = sparse.index  # sorted flat positions
+        self.count = index.numel()
         if self.count >= 2**31:
             raise StreammergeError(f"a sparse delta of {self.count} entries: more than int32 row pointers hold")
-        self.crow = crow.to(torch.int32)
+        starts = torch.arange(self.rows + 1, dtype=torch.int64, device=index.device) * self.cols
+        self.crow = torch.searchsorted(index, starts.to(index.dtype)).to(torch.int32)  # each row's first entry
         col_type = torch.int16 if self.cols <= 2**15 else torch.int32
         row_bytes = -(-self.cols // 8)
         if layout is None:
             layout = "mask" if self.rows * row_bytes < self.count * col_type.itemsize else "columns"
+        if layout not in ("columns", "mask"):
+            raise ValueError(f"layout must be 'columns' or 'mask', got {layout!r}")
         self.layout = layout
         self.col = self.mask = None
         if layout == "columns":
-            self.col = (idx - r * self.cols).to(col_type)
-        elif layout == "mask":
-            bits = torch.zeros(self.rows * row_bytes * 8, dtype=torch.uint8, device=idx.device)
-            bits[r * (row_bytes * 8) + (idx - r * self.cols)] = 1
-            sh = torch.arange(8, dtype=torch.uint8, device=idx.device)
-            self.mask = (bits.view(self.rows, row_bytes, 8) << sh).sum(-1).to(torch.uint8)  # distinct bits: sum = or
+            self.col = torch.empty(self.count, dtype=col_type, device=index.device)
         else:
-            raise ValueError(f"layout must be 'columns' or 'mask', got {layout!r}")
+            self.mask = torch.empty((self.rows, row_bytes), dtype=torch.uint8, device=index.device)
+            sh = torch.arange(8, dtype=torch.uint8, device=index.device)
+        for r0, r1, lo, hi in self._row_ranges():
+            at = index[lo:hi].long() - r0 * self.cols  # positions within the row range
+            if layout == "columns":
+                self.col[lo:hi] = torch.remainder(at, self.cols).to(col_type)
+                continue
+            r = torch.div(at, self.cols, rounding_mode="floor")
+            bits = torch.zeros((r1 - r0) * row_bytes * 8, dtype=torch.uint8, device=index.device)
+            bits[r * (row_bytes * 8) + (at - r * self.cols)] = 1
+            # distinct bits: their sum is their or
+            self.mask[r0:r1] = (bits.view(r1 - r0, row_bytes, 8) << sh).sum(-1, dtype=torch.uint8)
         self.value = sparse.value  # Values | Int8Values
+
+    def _row_ranges(self):
+        """(r0, r1, lo, hi): rows [r0, r1) of about PRODUCT_ROWS_ELEMENTS entries of the tensor,
+        whose kept entries are [lo, hi)."""
+        step = max(1, PRODUCT_ROWS_ELEMENTS // max(1, self.cols))
+        bounds = self.crow.tolist() if self.rows <= step else None
+        for r0 in range(0, self.rows, step):
+            r1 = min(self.rows, r0 + step)
+            if bounds is not None:
+                yield r0, r1, bounds[r0], bounds[r1]
+            else:
+                yield r0, r1, int(self.crow[r0]), int(self.crow[r1])
 
     @property
     def nbytes(self) -> int:
@@ -291,7 +311,7 @@ class CompactSparse:
         """Hold the positions as column indices from now on (the faster products)."""
         if self.mask is not None:
             torch, _ = require_torch()
-            self.col = self._columns().to(torch.int16 if self.cols <= 2**15 else torch.int32)
+            self.col = self._columns(torch.int16 if self.cols <= 2**15 else torch.int32)
             self.mask, self.layout = None, "columns"
 
     def row_index(self):
@@ -300,12 +320,16 @@ class CompactSparse:
         counts = (self.crow[1:] - self.crow[:-1]).long()
         return torch.repeat_interleave(torch.arange(self.rows, device=counts.device), counts)
 
-    def _columns(self):
-        """Each entry's column (int32), row by row."""
+    def _columns(self, dtype=None):
+        """Each entry's column (int32, or `dtype`), row by row."""
         torch, _ = require_torch()
+        dtype = torch.int32 if dtype is None else dtype
         if self.mask is None:
-            return self.col.to(torch.int32)
-        return _unpack_bits(self.mask, self.cols).nonzero()[:, 1].to(torch.int32)  # row-major: the entries' order
+            return self.col.to(dtype)
+        out = torch.empty(self.count, dtype=dtype, device=self.mask.device)
+        for r0, r1, lo, hi in self._row_ranges():  # row-major nonzero(): the entries' order
+            out[lo:hi] = _unpack_bits(self.mask[r0:r1], self.cols).nonzero()[:, 1].to(dtype)
+        return out
 
     def csr(self):
         """The delta as a float32 CSR matrix (rows x cols) for torch.sparse.mm."""
@@ -381,12 +405,11 @@ class CompactSparse:
         torch, _ = require_torch()
         if self.mask is None or self.density < DENSE_FROM:
             return self.product(self.csr(), x)
-        step = max(1, PRODUCT_ROWS_ELEMENTS // max(1, self.cols))
-        if step >= self.rows:
+        ranges = list(self._row_ranges())
+        if len(ranges) == 1:
             return torch.nn.functional.linear(x, self.dense_rows(0, self.rows))
         out = torch.empty((x.shape[0], self.rows), dtype=torch.float32, device=x.device)
-        for r0 in range(0, self.rows, step):
-            r1 = min(self.rows, r0 + step)
+        for r0, r1, _, _ in ranges:
             out[:, r0:r1] = torch.nn.functional.linear(x, self.dense_rows(r0, r1))
         return out
 
