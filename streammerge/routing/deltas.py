@@ -314,12 +314,6 @@ class CompactSparse:
             self.col = self._columns(torch.int16 if self.cols <= 2**15 else torch.int32)
             self.mask, self.layout = None, "columns"
 
-    def row_index(self):
-        """Each entry's row (int64)."""
-        torch, _ = require_torch()
-        counts = (self.crow[1:] - self.crow[:-1]).long()
-        return torch.repeat_interleave(torch.arange(self.rows, device=counts.device), counts)
-
     def _columns(self, dtype=None):
         """Each entry's column (int32, or `dtype`), row by row."""
         torch, _ = require_torch()
