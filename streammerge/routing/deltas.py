@@ -256,10 +256,9 @@ class CompactSparse:
             raise StreammergeError(f"a sparse delta of {self.count} entries: more than int32 row pointers hold")
         starts = torch.arange(self.rows + 1, dtype=torch.int64, device=index.device) * self.cols
         self.crow = torch.searchsorted(index, starts.to(index.dtype)).to(torch.int32)  # each row's first entry
-        col_type = torch.int16 if self.cols <= 2**15 else torch.int32
-        row_bytes = -(-self.cols // 8)
+        col_type, row_bytes = self._col_type, -(-self.cols // 8)
         if layout is None:
-            layout = "mask" if self.rows * row_bytes < self.count * col_type.itemsize else "columns"
+            layout = "mask" if self.columns_extra_bytes() > 0 else "columns"
         if layout not in ("columns", "mask"):
             raise ValueError(f"layout must be 'columns' or 'mask', got {layout!r}")
         self.layout = layout
@@ -285,13 +284,9 @@ class CompactSparse:
         """(r0, r1, lo, hi): rows [r0, r1) of about PRODUCT_ROWS_ELEMENTS entries of the tensor,
         whose kept entries are [lo, hi)."""
         step = max(1, PRODUCT_ROWS_ELEMENTS // max(1, self.cols))
-        bounds = self.crow.tolist() if self.rows <= step else None
         for r0 in range(0, self.rows, step):
             r1 = min(self.rows, r0 + step)
-            if bounds is not None:
-                yield r0, r1, bounds[r0], bounds[r1]
-            else:
-                yield r0, r1, int(self.crow[r0]), int(self.crow[r1])
+            yield r0, r1, int(self.crow[r0]), int(self.crow[r1])
 
     @property
     def nbytes(self) -> int:
@@ -302,16 +297,26 @@ class CompactSparse:
     def density(self) -> float:
         return self.count / max(1, self.rows * self.cols)
 
+    @property
+    def _col_type(self):
+        """The columns form's index type: int16 while the columns fit it."""
+        torch, _ = require_torch()
+        return torch.int16 if self.cols <= 2**15 else torch.int32
+
+    @property
+    def _decodes_dense(self) -> bool:
+        """Whether a product decodes the delta densely (a mask from DENSE_FROM up) rather than
+        into a CSR matrix."""
+        return self.mask is not None and self.density >= DENSE_FROM
+
     def columns_extra_bytes(self) -> int:
         """What the columns form takes more than the mask form (negative: less)."""
-        col_bytes = 2 if self.cols <= 2**15 else 4
-        return self.count * col_bytes - self.rows * -(-self.cols // 8)
+        return self.count * self._col_type.itemsize - self.rows * -(-self.cols // 8)
 
     def to_columns(self) -> None:
         """Hold the positions as column indices from now on (the faster products)."""
         if self.mask is not None:
-            torch, _ = require_torch()
-            self.col = self._columns(torch.int16 if self.cols <= 2**15 else torch.int32)
+            self.col = self._columns(self._col_type)
             self.mask, self.layout = None, "columns"
 
     def _columns(self, dtype=None):
@@ -336,7 +341,7 @@ class CompactSparse:
     def decoded(self):
         """The form a product multiplies (and the runtime caches): the dense float32 delta for
         a mask from DENSE_FROM up, else the CSR matrix (`product` multiplies either)."""
-        return self.dense() if self.mask is not None and self.density >= DENSE_FROM else self.csr()
+        return self.dense() if self._decodes_dense else self.csr()
 
     @staticmethod
     def product(m, x):
@@ -386,7 +391,7 @@ class CompactSparse:
 
     def decoded_nbytes(self) -> int:
         """The bytes of `decoded()`: what caching it takes."""
-        if self.mask is not None and self.density >= DENSE_FROM:
+        if self._decodes_dense:
             return 4 * self.rows * self.cols
         return 4 * (self.rows + 1) + 8 * self.count  # CSR: int32 pointers and columns, float32 values
 
@@ -397,7 +402,7 @@ class CompactSparse:
         dense matrix, the int32 count, the unpacked bits: 0.5 GB for a 14336 x 4096 tensor).
         The CSR form is O(kept entries) and is built whole."""
         torch, _ = require_torch()
-        if self.mask is None or self.density < DENSE_FROM:
+        if not self._decodes_dense:
             return self.product(self.csr(), x)
         ranges = list(self._row_ranges())
         if len(ranges) == 1:
