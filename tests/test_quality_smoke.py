@@ -401,6 +401,23 @@ def test_seeds_are_cached_and_packed_apart_and_import_back(smoke, tmp_path):
         Q.main(["--smoke", "--cache", str(tmp_path / "other"), "--import", str(smoke / "pack" / "seed-1"), "--train-only"])
 
 
+def test_seeds_run_apart_aggregate_to_the_same_table(smoke, tmp_path):
+    """Seeds scored by separate runs (one machine each), gathered under one OUT: --report-only
+    --seeds gives back the table one run over every seed wrote; a missing seed is named."""
+    import shutil
+
+    out = tmp_path / "out"
+    for s in SEEDS:
+        shutil.copytree(smoke / "out" / f"seed-{s}", out / f"seed-{s}")
+    assert Q.main(["--smoke", "--report-only", "--seeds", ",".join(map(str, SEEDS)), "--out", str(out)]) == 0
+    got, want = (json.loads((d / "results.json").read_text()) for d in (out, smoke / "out"))
+    assert got["rows"] == want["rows"] and got["targets"] == want["targets"] and got["seeds"] == want["seeds"]
+    assert TB.markdown_table(got) == TB.markdown_table(want)
+    assert "Mean over seeds 0, 1" in (out / "results.md").read_text()
+    with pytest.raises(SystemExit, match="seed-7/results.json is missing"):
+        Q.main(["--smoke", "--report-only", "--seeds", "0,7", "--out", str(out)])
+
+
 def test_seeds_argument_is_checked():
     for bad in ("0,x", "1,1", "-1"):
         with pytest.raises(SystemExit):

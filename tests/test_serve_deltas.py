@@ -22,6 +22,9 @@ TASKS = ["chat", "math", "code"]
 SHAPE = synth.ModelShape(hidden=64, intermediate=128, layers=4, heads=4, kv_heads=2, vocab=256, qkv_bias=True)
 TIED = synth.ModelShape(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, vocab=256, tied_embeddings=True)
 
+# the compressed forms are also checked on a GPU where one is present (CI runs the CPU ones)
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
 
 def run(*args, expect=0):
     res = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
@@ -763,11 +766,13 @@ class PositionsOf:
     ((3, 10), "all"),  # every entry
     ((70, 45), "half"),  # int8 values over more than one group of 64
 ])
-def test_mask_form_gives_the_column_form_products(shape, kept, value_bits, monkeypatch):
+@pytest.mark.parametrize("device", DEVICES)
+def test_mask_form_gives_the_column_form_products(shape, kept, value_bits, device, monkeypatch):
     """The mask position form (the packed bitmask, rows padded to a byte) gives back exactly
     what the column form gives: the entries (dense, CSR, gathered rows), the CSR product bit for
     bit, and the decoded form's product (dense from DENSE_FROM up: another summation order)
-    within EXACT_ATOL; in the bytes stated."""
+    within EXACT_ATOL; in the bytes stated. On every device the runtime serves from (the forms
+    are built where the index lies)."""
     from streammerge.encodings.sparse import quantize_int8
     from streammerge.routing.deltas import DENSE_FROM, EXACT_ATOL, CompactSparse
     from streammerge.routing.encoded import Int8Values, Values
@@ -783,12 +788,14 @@ def test_mask_form_gives_the_column_form_products(shape, kept, value_bits, monke
     val = torch.randn(index.numel(), generator=gen) * 0.01
     if value_bits == 8:
         scale, q = quantize_int8(val.numpy())
-        value = Int8Values(torch.from_numpy(q), torch.from_numpy(np.ascontiguousarray(scale)), [(0, 0)])
+        value = Int8Values(torch.from_numpy(q).to(device), torch.from_numpy(np.ascontiguousarray(scale)).to(device), [(0, 0)])
     else:
-        value = Values(val.bfloat16())
+        value = Values(val.bfloat16().to(device))
+    index = index.to(device)
     sp = PositionsOf(index, value, rows * cols)
     c, m = CompactSparse(sp, shape, layout="columns"), CompactSparse(sp, shape, layout="mask")
-    want = torch.zeros(rows * cols)
+    assert c.crow.device.type == m.mask.device.type == torch.device(device).type
+    want = torch.zeros(rows * cols, device=device)
     want[index.long()] = value.float()
     want = want.view(rows, cols)
     assert torch.equal(c.dense(), want) and torch.equal(m.dense(), want)
@@ -796,9 +803,9 @@ def test_mask_form_gives_the_column_form_products(shape, kept, value_bits, monke
     ref_cols = c.csr().col_indices()
     assert torch.equal(m.csr().col_indices(), ref_cols)
     assert torch.equal(m.csr().values(), c.csr().values())
-    ids = torch.tensor([rows - 1, 0, rows - 1, rows // 2, 1 % rows])
+    ids = torch.tensor([rows - 1, 0, rows - 1, rows // 2, 1 % rows], device=device)
     assert torch.equal(m.gather_rows(ids), want[ids]) and torch.equal(c.gather_rows(ids), want[ids])
-    x = torch.randn(7, cols, generator=gen)
+    x = torch.randn(7, cols, generator=gen).to(device)
     ref = CompactSparse.product(c.csr(), x)
     assert torch.equal(CompactSparse.product(m.csr(), x), ref)
     got = CompactSparse.product(m.decoded(), x)

@@ -25,7 +25,9 @@ Steps (each cached under --cache, default bench-out/quality/<config>-<hash>/):
      other rows are kept; the run is listed as a rerun); --fresh writes them alone.
   --seeds 0,1,2: steps 1-4 once per seed (Config.with_seed: its own cache, OUT/seed-N/,
      --pack DIR/seed-N/, --import DIR/seed-N/), then OUT/results.{json,md} and the plot give every
-     row's mean over the seeds with its min-max (table.aggregate).
+     row's mean over the seeds with its min-max (table.aggregate). Seeds run apart (say one per
+     GPU machine, each with --seeds N --out SOMEWHERE) are gathered as OUT/seed-N/ and
+     `--report-only --seeds 0,1,2 --out OUT` writes their means (rows scored in every seed).
 """
 
 from __future__ import annotations
@@ -370,7 +372,8 @@ def main(argv=None) -> int:
     ap.add_argument("--pack", type=Path, help="after training, write one tar per model here")
     ap.add_argument("--import", dest="import_dir", type=Path, help="unpack tars written by --pack into the cache first")
     ap.add_argument("--only", help="comma-separated merge names to evaluate (default: all)")
-    ap.add_argument("--report-only", action="store_true", help="rewrite OUT/results.md and the plot from OUT/results.json")
+    ap.add_argument("--report-only", action="store_true", help="rewrite OUT/results.md and the plot from OUT/results.json; "
+                    "with --seeds, from OUT/seed-N/results.json (their means and ranges: seeds run apart)")
     ap.add_argument("--no-sweep", action="store_true", help="skip Mediator's router x eta sweep (quick exploration)")
     ap.add_argument("--sweep-routers", help=f"comma-separated routers of the sweep (default all: {','.join(ROUTERS)}); "
                     f"must hold {OOD_ROUTER} and {PLAIN_ROUTER}, which the OOD target compares")
@@ -384,6 +387,12 @@ def main(argv=None) -> int:
                     "into OUT/results.json")
     a = ap.parse_args(argv)
     quiet()
+    if a.report_only and a.seeds:  # seeds trained and scored apart (by separate runs or machines): their means again
+        results = aggregate_seed_dirs(a.out, a.seeds)
+        write_outputs(results, None, a.out, results["command"])
+        print(TB.markdown_table(results))
+        print(TB.targets_markdown(results["targets"]))
+        return 0
     if a.report_only:
         results = json.loads((a.out / "results.json").read_text())
         results["targets"] = TB.targets(results)
@@ -412,6 +421,21 @@ def main(argv=None) -> int:
         print(TB.markdown_table(results))
         print(TB.targets_markdown(results["targets"]))
     return 0
+
+
+def aggregate_seed_dirs(out: Path, seeds: list[int]) -> dict:
+    """The means over OUT/seed-N/results.json (rows scored in every seed); the command names
+    each seed's own run."""
+    per_seed = {}
+    for seed in seeds:
+        path = out / f"seed-{seed}" / "results.json"
+        if not path.is_file():
+            raise SystemExit(f"error: --report-only --seeds: {path} is missing (run that seed first)")
+        per_seed[seed] = json.loads(path.read_text())
+    results = TB.aggregate(per_seed)
+    results.pop("reruns", None)  # each seed's results.md lists its own
+    results["command"] = "; ".join(dict.fromkeys(r["command"] for r in per_seed.values()))
+    return results
 
 
 def seed_list(text: str) -> list[int]:
