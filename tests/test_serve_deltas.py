@@ -726,7 +726,11 @@ def test_compact_sparse_decodes_like_the_numpy_decoder(stores):
         shape = tuple(job["shape"])
         for t in TASKS:
             sp = SparseDelta(s, f"{job['key']}/{t}", job, "cpu")
-            cs = CompactSparse(sp, shape)
+            cs = CompactSparse.load(s, f"{job['key']}/{t}", job, "cpu")  # what the runtime loads
+            whole = CompactSparse(sp, shape)  # from the flat index
+            assert cs.layout == whole.layout and torch.equal(cs.crow, whole.crow)
+            assert torch.equal(cs.csr().col_indices(), whole.csr().col_indices())
+            assert torch.equal(cs.value.float(), whole.value.float())
             rows, cols = (shape[0], int(np.prod(shape[1:]))) if len(shape) > 1 else (1, shape[0])
             want = torch.zeros(rows * cols)
             per_block = job["block_rows"] * cols
@@ -747,6 +751,40 @@ def test_compact_sparse_decodes_like_the_numpy_decoder(stores):
             assert cs.layout == ("mask" if mask < columns else "columns")
             assert cs.nbytes == 4 * (rows + 1) + min(columns, mask) + 2 * cs.count
     assert ranks == {1, 2}, ranks
+
+
+@pytest.mark.parametrize("layout", [None, "columns", "mask"])
+@pytest.mark.parametrize("shape,block_rows,codes", [
+    ((37,), 8, (16, 8, 16, 16, 8)),  # a 1-D tensor: blocks end inside its one row; bf16 and int8 blobs mixed
+    ((12, 21), 5, (8, 8, 8)),  # rows not a multiple of the blocks, int8 values (kept as codes)
+    ((9, 16), 4, (16, 16, 16)),
+])
+def test_expert_loads_block_by_block_like_the_flat_index(shape, block_rows, codes, layout, monkeypatch):
+    """CompactSparse.load reads the store's blocks into the resident form without a flat index
+    of the whole tensor, built a few rows at a time: the same pointers, positions and values as
+    the form built from SparseDelta's flat index, in either layout."""
+    from streammerge.encodings.sparse import encode_sparse
+    from streammerge.routing import deltas
+    from streammerge.routing.deltas import CompactSparse
+    from streammerge.routing.encoded import SparseDelta
+
+    rng = np.random.default_rng(len(shape) * 10 + block_rows)
+    rows_elems = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+    n, per_block = int(np.prod(shape)), block_rows * rows_elems
+    blobs = []
+    for b, bits in enumerate(codes):
+        size = min(per_block, n - b * per_block)
+        off = np.flatnonzero(rng.random(size) < 0.4)
+        blobs.append(encode_sparse(off, (rng.standard_normal(off.size) * 0.01).astype(np.float32), size, value_bits=bits))
+    job = {"shape": list(shape), "block_rows": block_rows, "nblocks": len(blobs)}
+    want = CompactSparse(SparseDelta(BlobStore(blobs), "x", job, "cpu"), shape, layout=layout)
+    monkeypatch.setattr(deltas, "PRODUCT_ROWS_ELEMENTS", 2 * shape[-1])  # two rows at a time
+    got = CompactSparse.load(BlobStore(list(blobs)), "x", job, "cpu", layout=layout)
+    assert got.layout == want.layout and got.count == want.count
+    assert torch.equal(got.crow, want.crow)
+    assert torch.equal(got.csr().col_indices(), want.csr().col_indices())
+    assert type(got.value) is type(want.value) and torch.equal(got.value.float(), want.value.float())
+    assert torch.equal(got.dense(), want.dense()) and got.nbytes == want.nbytes
 
 
 class PositionsOf:

@@ -200,6 +200,11 @@ def _header(blob) -> tuple[int, int, int | None, int, int]:
     return count, layout, size, head, code
 
 
+def sparse_count(blob) -> int:
+    """The entries a blob holds, from its checked header (nothing decoded)."""
+    return _header(blob)[0]
+
+
 def decode_sparse(blob, size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(int64 offsets, float32 values) of a blob; `size` is the block's element count, which a
     version-2 blob records: a different `size` is an error.

@@ -115,9 +115,11 @@ from typing import Sequence
 
 import numpy as np
 
+from ..encodings.sparse import sparse_count
 from ..errors import StreammergeError
 from .decision import STATIC, Decision
-from .encoded import CHUNK_ELEMENTS, OneBitEncodings, SparseDelta, TaskPiece, Values, onebit_terms, onebit_weight
+from .encoded import (CHUNK_ELEMENTS, OneBitEncodings, SparseDelta, TaskPiece, Values, onebit_terms, onebit_weight,
+                      bf16_values, sparse_blocks, stored_values)
 from .runtime import require_torch
 
 # The stated tolerances of the delta path (float32 compute), see "Exactness" above: against the
@@ -244,41 +246,78 @@ class CompactSparse:
     prefill at rho 0.5 1.3-1.7x instead of 1.8-2.4x."""
 
     def __init__(self, sparse: SparseDelta, shape, layout: str | None = None):
-        """`layout`: "columns" or "mask" (tests, benchmarks); None: the smaller. Built row range
-        by row range (`_row_ranges`): the temporaries are a few MB whatever the tensor (whole,
-        they took ~32 bytes a kept entry: 11 GB for a routed 128k-token embedding at rho 0.5)."""
+        """From a SparseDelta's sorted flat positions (tests, benchmarks: the runtime reads the
+        store's blocks with `load`). `layout`: "columns" or "mask"; None: the smaller."""
+        index = sparse.index.cpu().numpy()
+        self._build(shape, index.size, ((0, index),), sparse.value, layout, sparse.index.device)
+
+    @classmethod
+    def load(cls, store, path: str, job: dict, device, layout: str | None = None) -> "CompactSparse":
+        """One task's expert of one tensor from the store, block by block: the blobs (the
+        compressed expert, about what it takes resident) are read first, so that their headers
+        give the entry count that chooses the form, then each is decoded into the form and
+        dropped. No flat index of the whole tensor is ever held: at load a 14336 x 4096 expert
+        at rho 0.5 rose the peak by 600-850 MB (int64 and int32 indices, float32 values) before."""
+        blobs = [store.read_blob(path, b) for b in range(job["nblocks"])]
+        count = sum(sparse_count(b) for b in blobs)
+        values = []
+
+        def positions():
+            for start, off, scale, val in sparse_blocks(store, path, job, blobs):
+                values.append((scale, val if scale is not None else bf16_values(None, val)))  # bf16 at once: 2 bytes an entry
+                yield start, off
+
+        self = cls.__new__(cls)
+        self._build(tuple(job["shape"]), count, positions(), None, layout, device)
+        self.value = stored_values(values, device)
+        return self
+
+    def _build(self, shape, count: int, parts, value, layout: str | None, device) -> None:
+        """The row pointers and the positions' form from `parts`: (first entry, sorted integer
+        offsets from it) in ascending order, built in numpy a row range of about
+        PRODUCT_ROWS_ELEMENTS entries at a time (bounded temporaries whatever the tensor), then
+        moved to `device`."""
         torch, _ = require_torch()
-        self.rows, self.cols = _rows_cols(shape)
-        self.size = sparse.size
-        index = sparse.index  # sorted flat positions
-        self.count = index.numel()
-        if self.count >= 2**31:
-            raise StreammergeError(f"a sparse delta of {self.count} entries: more than int32 row pointers hold")
-        starts = torch.arange(self.rows + 1, dtype=torch.int64, device=index.device) * self.cols
-        self.crow = torch.searchsorted(index, starts.to(index.dtype)).to(torch.int32)  # each row's first entry
-        col_type, row_bytes = self._col_type, -(-self.cols // 8)
+        self.rows, self.cols = rows, cols = _rows_cols(shape)
+        self.size, self.count = rows * cols, count
+        if count >= 2**31:
+            raise StreammergeError(f"a sparse delta of {count} entries: more than int32 row pointers hold")
+        col_type, row_bytes = self._col_type, -(-cols // 8)
         if layout is None:
             layout = "mask" if self.columns_extra_bytes() > 0 else "columns"
         if layout not in ("columns", "mask"):
             raise ValueError(f"layout must be 'columns' or 'mask', got {layout!r}")
         self.layout = layout
-        self.col = self.mask = None
-        if layout == "columns":
-            self.col = torch.empty(self.count, dtype=col_type, device=index.device)
-        else:
-            self.mask = torch.empty((self.rows, row_bytes), dtype=torch.uint8, device=index.device)
-            sh = torch.arange(8, dtype=torch.uint8, device=index.device)
-        for r0, r1, lo, hi in self._row_ranges():
-            at = index[lo:hi].long() - r0 * self.cols  # positions within the row range
-            if layout == "columns":
-                self.col[lo:hi] = torch.remainder(at, self.cols).to(col_type)
-                continue
-            r = torch.div(at, self.cols, rounding_mode="floor")
-            bits = torch.zeros((r1 - r0) * row_bytes * 8, dtype=torch.uint8, device=index.device)
-            bits[r * (row_bytes * 8) + (at - r * self.cols)] = 1
-            # distinct bits: their sum is their or
-            self.mask[r0:r1] = (bits.view(r1 - r0, row_bytes, 8) << sh).sum(-1, dtype=torch.uint8)
-        self.value = sparse.value  # Values | Int8Values
+        counts = np.zeros(rows, dtype=np.int64)
+        col = np.empty(count, dtype=np.int16 if col_type == torch.int16 else np.int32) if layout == "columns" else None
+        mask = np.zeros((rows, row_bytes), dtype=np.uint8) if layout == "mask" else None
+        step, done = max(1, PRODUCT_ROWS_ELEMENTS // max(1, cols)) * cols, 0
+        for first, off in parts:
+            at = off + first if first else off  # flat positions
+            cuts = np.searchsorted(at, np.arange((at[0] // step + 1) * step, at[-1] + 1, step)) if at.size else []
+            for piece in np.split(at, cuts):
+                if not piece.size:
+                    continue
+                r0 = int(piece[0]) // cols
+                r = piece // cols
+                counts[r0 : int(r[-1]) + 1] += np.bincount(r - r0)
+                c = piece - r * cols
+                if col is not None:
+                    col[done : done + piece.size] = c
+                else:  # a block may end inside a row (1-D tensors): or the bits into what is there
+                    r1 = int(r[-1]) + 1
+                    bits = np.zeros((r1 - r0) * row_bytes * 8, dtype=np.uint8)
+                    bits[(r - r0) * (row_bytes * 8) + c] = 1
+                    mask[r0:r1] |= np.packbits(bits, bitorder="little").reshape(r1 - r0, row_bytes)
+                done += piece.size
+        if done != count:
+            raise StreammergeError(f"a sparse delta announced {count} entries and holds {done}")
+        crow = np.zeros(rows + 1, dtype=np.int32)
+        np.cumsum(counts, out=crow[1:], dtype=np.int32)
+        self.crow = torch.from_numpy(crow).to(device)
+        self.col = None if col is None else torch.from_numpy(col).to(device)
+        self.mask = None if mask is None else torch.from_numpy(mask).to(device)
+        self.value = value  # Values | Int8Values
 
     def _row_ranges(self):
         """(r0, r1, lo, hi): rows [r0, r1) of about PRODUCT_ROWS_ELEMENTS entries of the tensor,
@@ -1133,8 +1172,7 @@ class DeltaRuntime:
                     continue
                 name, shape = job["name"], tuple(job["shape"])
                 _param(params, name)
-                experts = {t: CompactSparse(SparseDelta(self.store, f"{job['key']}/{t}", job, self.device), shape)
-                           for t in self.tasks}
+                experts = {t: CompactSparse.load(self.store, f"{job['key']}/{t}", job, self.device) for t in self.tasks}
                 out[name] = MediatorTensor(name, shape, experts, self.cache)
             self._columns_where_they_fit(out)
             return out

@@ -139,18 +139,13 @@ class SparseDelta:
 
     def __init__(self, store, path: str, job: dict, device):
         torch, _ = require_torch()
-        per_block = job["block_rows"] * row_elems(tuple(job["shape"]))
-        n = int(np.prod(job["shape"], dtype=np.int64)) if job["shape"] else 1
-        offs, blobs = [], []
-        for b in range(job["nblocks"]):
-            # the block's element count bounds (and checks) the blob's offsets
-            off, scale, val = decode_sparse_codes(store.read_blob(path, b), size=min(per_block, n - b * per_block))
-            offs.append(off + b * per_block)
-            blobs.append((scale, val))
-        off = np.concatenate(offs) if offs else np.zeros(0, np.int64)
-        self.size = n
+        self.size = n = tensor_elems(job)
         itype = np.int32 if n < 2**31 else np.int64
-        self.index = torch.from_numpy(off.astype(itype)).to(device)
+        offs, blobs = [], []
+        for start, off, scale, val in sparse_blocks(store, path, job):
+            offs.append((off + start).astype(itype))  # narrowed a block at a time: 4 bytes an entry, not 8
+            blobs.append((scale, val))
+        self.index = torch.from_numpy(np.concatenate(offs) if offs else np.zeros(0, itype)).to(device)
         self.value = stored_values(blobs, device)
 
     def add_into(self, flat, weight=None, start: int = 0):
@@ -177,16 +172,45 @@ class SparseDelta:
         return self.index.numel() * self.index.element_size() + self.value.nbytes
 
 
+def tensor_elems(job: dict) -> int:
+    return int(np.prod(job["shape"], dtype=np.int64)) if job["shape"] else 1
+
+
+def sparse_blocks(store, path: str, job: dict, blobs: list | None = None):
+    """Each stored block of one task's sparse tensor, decoded and checked: (its first entry in
+    the flattened tensor, int64 offsets within the block, scales or None, values) as
+    encodings/sparse.py `decode_sparse_codes` gives them. `blobs`: the blocks' bytes already
+    read (each is dropped from the list once decoded)."""
+    per_block = job["block_rows"] * row_elems(tuple(job["shape"]))
+    n = tensor_elems(job)
+    for b in range(job["nblocks"]):
+        blob = store.read_blob(path, b) if blobs is None else blobs[b]
+        if blobs is not None:
+            blobs[b] = None
+        # the block's element count bounds (and checks) the blob's offsets
+        off, scale, val = decode_sparse_codes(blob, size=min(per_block, n - b * per_block))
+        yield b * per_block, off, scale, val
+
+
 def stored_values(blobs: list, device):
     """The values of consecutive blobs [(scales or None, values)] (encodings/sparse.py
     `decode_sparse_codes`) as they are stored: Int8Values when every blob holds int8 groups,
-    else Values in bf16 (exact: int8 groups decode to bf16 numbers)."""
+    else Values in bf16 (exact: int8 groups decode to bf16 numbers), each blob's narrowed to
+    bf16 (`bf16_values`, also done earlier by a reader) before they are joined."""
     torch, _ = require_torch()
     if blobs and all(scale is not None for scale, _ in blobs):
         return Int8Values.from_blobs(blobs, device)
-    vals = [v if scale is None else dequantize_int8(scale, v) for scale, v in blobs]
-    val = np.concatenate(vals) if vals else np.zeros(0, np.float32)
-    return Values(torch.from_numpy(val).to(torch.bfloat16).to(device))
+    vals = [bf16_values(scale, v) for scale, v in blobs]
+    return Values((torch.cat(vals) if vals else torch.zeros(0, dtype=torch.bfloat16)).to(device))
+
+
+def bf16_values(scale, values):
+    """A blob's values (float32, or int8 codes with their scales; a bf16 tensor stays) as a
+    bf16 tensor on the CPU: exact, the stored values are bf16 numbers."""
+    torch, _ = require_torch()
+    if torch.is_tensor(values):
+        return values
+    return torch.from_numpy(values if scale is None else dequantize_int8(scale, values)).to(torch.bfloat16)
 
 
 class TaskPiece:
