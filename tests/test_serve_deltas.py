@@ -86,16 +86,17 @@ def exported(store, variant, root):
     return _exports[key]
 
 
-def runtime(store, memory_budget=None, fused=False, norms_per_group=False):
-    """The runtime on CPU, float32; fused: every routed Linear through the fused product (forced
-    on CPU, a budget that holds every stack); norms_per_group: every routed norm run once per row
-    group (the path of modules that are not affine in their tensors) instead of once."""
+def runtime(store, memory_budget=None, fused=False, norms_per_group=False, device="cpu"):
+    """The runtime on `device` (CPU by default), float32; fused: every routed Linear through the
+    fused product (forced on CPU, a budget that holds every stack); norms_per_group: every routed
+    norm run once per row group (the path of modules that are not affine in their tensors)
+    instead of once."""
     from streammerge.routing.runtime import load_merged_model, open_routing_store
     from streammerge.routing.deltas import DeltaRuntime
 
     s, method = open_routing_store(store)
-    model, _ = load_merged_model(s, torch.device("cpu"), torch.float32)
-    rt = DeltaRuntime(model, s, method, torch.device("cpu"), torch.float32, 1 << 34 if fused else memory_budget)
+    model, _ = load_merged_model(s, torch.device(device), torch.float32)
+    rt = DeltaRuntime(model, s, method, torch.device(device), torch.float32, 1 << 34 if fused else memory_budget)
     if fused:
         rt.fused = "always"
     if norms_per_group:
@@ -303,6 +304,31 @@ def test_mediator_mixed_batch_equals_exports(stores, tmp_path_factory, which, pa
     patched = {type(m.forward).__name__ for m in rt._patched}
     assert {"DeltaLinear", "DeltaEmbedding", "DeltaGrouped"} <= patched, patched
     assert_norms_paths(rt, store, got, decisions, ids, path)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (run it on one: pytest -k cuda)")
+@pytest.mark.parametrize("budget", [None, 1 << 34], ids=["uncached", "cached"])
+@pytest.mark.parametrize("which", ["mediator", "mediator-int8", "mediator-bf16", "1bit", "1bit-l1"])
+def test_cuda_runtime_gives_the_cpu_logits(stores, which, budget):
+    """On a GPU the runtime (both position forms of the experts, int8 and bf16 values, decoded
+    per product or cached; 1bit's sign products) gives the CPU runtime's logits for a batch of
+    top-1, STATIC and mixed rows, within float32 summation-order differences."""
+    mix = Decision("mix", (("chat", 0.5), ("code", 0.3), ("math", 0.2)))  # Mediator's uncertain rows (1bit: top-1 only)
+    decisions = [forced("math", TASKS), STATIC, forced("chat", TASKS), mix if which.startswith("mediator") else STATIC,
+                 forced("code", TASKS), forced("math", TASKS)]
+    ids = batch_ids(len(decisions))
+    got = {}
+    for device in ("cpu", "cuda"):
+        rt, model = runtime(stores[which], budget, device=device)
+        if which.startswith("mediator"):
+            layouts = {e.layout for t in rt.tensors.values() for e in t.experts.values()}
+            assert which == "mediator" or layouts == {"columns", "mask"}, layouts  # rho 0.5: both forms served
+        rt.set_rows(decisions)
+        with torch.inference_mode():
+            got[device] = model(input_ids=ids.to(device)).logits.float().cpu()
+    scale = got["cpu"].abs().max()
+    assert (got["cpu"] - got["cuda"]).abs().max() <= 1e-5 * scale
+    assert torch.equal(got["cpu"].argmax(-1), got["cuda"].argmax(-1))
 
 
 def assert_norms_paths(rt, store, got, decisions, ids, path):
