@@ -33,34 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 sys.path.insert(0, str(ROOT))
 
-TASKS = ["chat", "math", "code"]
-
-
-def cli(*args) -> None:
-    from streammerge.cli import main
-
-    try:
-        main([str(a) for a in args], standalone_mode=False)
-    except SystemExit as e:
-        if e.code:
-            raise
-
-
-def build(root: Path, name: str, method: str, base: Path, fts: list[Path], params: dict) -> Path:
-    import yaml
-
-    recipe = {
-        "merge_method": method,
-        "base_model": str(base),
-        "models": [{"model": str(f), "parameters": {"task": t}} for f, t in zip(fts, TASKS)],
-        "parameters": params,
-        "dtype": "bfloat16",
-    }
-    (root / f"{name}.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
-    store = root / f"{name}.zarr"
-    if not (store / "method.json").is_file():
-        cli("build", root / f"{name}.yaml", "--store", store)
-    return store
+from bench_routing import TASKS, build_store  # noqa: E402
 
 
 def best(fn, repeat: int) -> float:
@@ -87,14 +60,15 @@ def bench_store(store: Path, rows: int, prefill: int, repeat: int) -> dict:
     decisions = [forced(TASKS[b % len(TASKS)], TASKS) for b in range(rows)]
     out = {}
     for label, seq in (("decode", 1), ("prefill", prefill)):
-        ids = torch.randint(3, 1000, (rows, seq), generator=torch.Generator().manual_seed(0))
+        static, _ = load_merged_model(s, cpu, torch.float32)  # the floor: the merged model (1bit: the runtime's M)
+        vocab = static.config.vocab_size
+        ids = torch.randint(3, min(1000, vocab), (rows, seq), generator=torch.Generator().manual_seed(0))
         res = {}
 
         def fwd(model):
             with torch.inference_mode():
                 model(input_ids=ids, use_cache=False)
 
-        static, _ = load_merged_model(s, cpu, torch.float32)  # the floor: the merged model (1bit: the runtime's M)
         res["static"] = best(lambda: fwd(static), repeat)
         del static
         for name, budget in (("delta", None), ("delta+c", 1 << 40)):
@@ -145,9 +119,9 @@ def main() -> None:
         synth.make_family(root, shape, n_finetunes=3, dtype="bfloat16", delta_scale=0.004)
     base, fts = root / "base", [root / f"ft{i}" for i in (1, 2, 3)]
     stores = {
-        "mediator": build(root, "med", "mediator", base, fts, {"route": 0.5, "rho": 0.1}),
-        "1bit lambda 0": build(root, "bit0", "1bit", base, fts, {"preset": "uniform", "lambda": 0.0}),
-        "1bit lambda 1": build(root, "bit1", "1bit", base, fts, {"preset": "uniform", "lambda": 1.0}),
+        "mediator": build_store(root, "mediator", base, fts, {"route": 0.5, "rho": 0.1}, "med"),
+        "1bit lambda 0": build_store(root, "1bit", base, fts, {"preset": "uniform", "lambda": 0.0}, "bit0"),
+        "1bit lambda 1": build_store(root, "1bit", base, fts, {"preset": "uniform", "lambda": 1.0}, "bit1"),
     }
     print(f"model hidden {a.hidden}, intermediate {a.intermediate}, {a.layers} layers, vocab {a.vocab}; "
           f"batch {a.rows} rows over {len(TASKS)} tasks; torch threads {torch.get_num_threads()}; best of {a.repeat}")

@@ -91,10 +91,14 @@ def add_family_args(ap) -> None:
     ap.add_argument("--vocab", type=int, default=2048)
 
 
-def build_store(root: Path, method: str, base: Path, fts: list[Path]) -> Path:
+def build_store(root: Path, method: str, base: Path, fts: list[Path], params: dict | None = None, name: str | None = None) -> Path:
+    """ROOT/NAME.zarr (default: the method's name) built once from the family, with `params`
+    (default: Mediator route 0.5, rho 0.1; 1bit preset auto)."""
     import yaml
 
-    params = {"route": 0.5, "rho": 0.1} if method == "mediator" else {"preset": "auto"}
+    if params is None:
+        params = {"route": 0.5, "rho": 0.1} if method == "mediator" else {"preset": "auto"}
+    name = name or method
     recipe = {
         "merge_method": method,
         "base_model": str(base),
@@ -102,10 +106,10 @@ def build_store(root: Path, method: str, base: Path, fts: list[Path]) -> Path:
         "parameters": params,
         "dtype": "bfloat16",
     }
-    (root / f"{method}.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
-    store = root / f"{method}.zarr"
+    (root / f"{name}.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    store = root / f"{name}.zarr"
     if not (store / "method.json").is_file():
-        cli("build", root / f"{method}.yaml", "--store", store)
+        cli("build", root / f"{name}.yaml", "--store", store)
     return store
 
 
