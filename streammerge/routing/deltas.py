@@ -119,7 +119,7 @@ from ..encodings.sparse import sparse_count
 from ..errors import StreammergeError
 from .decision import STATIC, Decision
 from .encoded import (CHUNK_ELEMENTS, OneBitEncodings, SparseDelta, TaskPiece, Values, onebit_terms, onebit_weight,
-                      bf16_values, sparse_blocks, stored_values)
+                      sparse_blocks, stored_values)
 from .runtime import require_torch
 
 # The stated tolerances of the delta path (float32 compute), see "Exactness" above: against the
@@ -264,7 +264,7 @@ class CompactSparse:
 
         def positions():
             for start, off, scale, val in sparse_blocks(store, path, job, blobs):
-                values.append((scale, val if scale is not None else bf16_values(None, val)))  # bf16 at once: 2 bytes an entry
+                values.append((scale, val))
                 yield start, off
 
         self = cls.__new__(cls)

@@ -178,9 +178,10 @@ def tensor_elems(job: dict) -> int:
 
 def sparse_blocks(store, path: str, job: dict, blobs: list | None = None):
     """Each stored block of one task's sparse tensor, decoded and checked: (its first entry in
-    the flattened tensor, int64 offsets within the block, scales or None, values) as
-    encodings/sparse.py `decode_sparse_codes` gives them. `blobs`: the blocks' bytes already
-    read (each is dropped from the list once decoded)."""
+    the flattened tensor, int64 offsets within the block, scales or None, values as stored:
+    int8 codes with their scales, else a bf16 tensor, narrowed at once: 2 bytes an entry, not
+    float32's 4), from encodings/sparse.py `decode_sparse_codes`. `blobs`: the blocks' bytes
+    already read (each is dropped from the list once decoded)."""
     per_block = job["block_rows"] * row_elems(tuple(job["shape"]))
     n = tensor_elems(job)
     for b in range(job["nblocks"]):
@@ -189,27 +190,24 @@ def sparse_blocks(store, path: str, job: dict, blobs: list | None = None):
             blobs[b] = None
         # the block's element count bounds (and checks) the blob's offsets
         off, scale, val = decode_sparse_codes(blob, size=min(per_block, n - b * per_block))
-        yield b * per_block, off, scale, val
+        yield b * per_block, off, scale, bf16_values(None, val) if scale is None else val
 
 
 def stored_values(blobs: list, device):
-    """The values of consecutive blobs [(scales or None, values)] (encodings/sparse.py
-    `decode_sparse_codes`) as they are stored: Int8Values when every blob holds int8 groups,
-    else Values in bf16 (exact: int8 groups decode to bf16 numbers), each blob's narrowed to
-    bf16 (`bf16_values`, also done earlier by a reader) before they are joined."""
+    """The values of consecutive blobs [(scales or None, values)] as `sparse_blocks` gives them:
+    Int8Values when every blob holds int8 groups, else Values in bf16 (exact: int8 groups
+    decode to bf16 numbers), each int8 blob's narrowed to bf16 before they are joined."""
     torch, _ = require_torch()
     if blobs and all(scale is not None for scale, _ in blobs):
         return Int8Values.from_blobs(blobs, device)
-    vals = [bf16_values(scale, v) for scale, v in blobs]
+    vals = [v if scale is None else bf16_values(scale, v) for scale, v in blobs]
     return Values((torch.cat(vals) if vals else torch.zeros(0, dtype=torch.bfloat16)).to(device))
 
 
 def bf16_values(scale, values):
-    """A blob's values (float32, or int8 codes with their scales; a bf16 tensor stays) as a
-    bf16 tensor on the CPU: exact, the stored values are bf16 numbers."""
+    """A blob's values (float32, or int8 codes with their scales) as a bf16 tensor on the CPU:
+    exact, the stored values are bf16 numbers."""
     torch, _ = require_torch()
-    if torch.is_tensor(values):
-        return values
     return torch.from_numpy(values if scale is None else dequantize_int8(scale, values)).to(torch.bfloat16)
 
 
