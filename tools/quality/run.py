@@ -387,15 +387,13 @@ def main(argv=None) -> int:
                     "into OUT/results.json")
     a = ap.parse_args(argv)
     quiet()
-    if a.report_only and a.seeds:  # seeds trained and scored apart (by separate runs or machines): their means again
-        results = aggregate_seed_dirs(a.out, a.seeds)
-        write_outputs(results, None, a.out, results["command"])
-        print(TB.markdown_table(results))
-        print(TB.targets_markdown(results["targets"]))
-        return 0
     if a.report_only:
-        results = json.loads((a.out / "results.json").read_text())
-        results["targets"] = TB.targets(results)
+        if a.seeds:  # seeds trained and scored apart (by separate runs or machines): their means again
+            results = aggregate_seed_dirs(a.out, a.seeds)
+            print(TB.markdown_table(results))
+        else:
+            results = json.loads((a.out / "results.json").read_text())
+            results["targets"] = TB.targets(results)
         write_outputs(results, None, a.out, results["command"])
         print(TB.targets_markdown(results["targets"]))
         return 0
