@@ -44,6 +44,13 @@ def _markers(store: Path) -> int:
     return fault_inject.count_markers(store)
 
 
+def _default_sigint():
+    """In the child before exec: SIGINT back to its default. A shell starts background jobs
+    with SIGINT ignored (`pytest ... &`), exec keeps it ignored, and Python then leaves it so:
+    the build would never see the test's Ctrl-C (it finished, exit 0)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _signal_when(cond, proc, sig, timeout=60.0) -> bool:
     """Send `sig` once cond() holds, checking with the process frozen (SIGSTOP, then SIGCONT):
     it cannot finish between the check and the signal however late this test is scheduled (a
@@ -73,7 +80,8 @@ def test_kill_anywhere_resumes_to_identical_export(tmp_path):
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_stops_build_cleanly_and_resumes(job, tmp_path, sig, code):
     store = tmp_path / "job.zarr"
-    proc = subprocess.Popen(job["build"] + ["--store", store], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(job["build"] + ["--store", store], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_sigint)
     assert _signal_when(lambda: _markers(store) >= 30, proc, sig), "the build should still be running"
     t0 = time.time()
     out, err = proc.communicate(timeout=30)
@@ -99,7 +107,7 @@ def test_signal_stops_export_cleanly(job, tmp_path, sig, code):
     (out / "keep.txt").write_text("an older export")
     before = file_digest(out)
     cmd = sm("export", job["ref_store"], out, "--overwrite", "--workers", 1, "--no-progress")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
     assert _signal_when(lambda: fault_inject.export_litter(out), proc, sig), "the export should still be running"
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == code, err

@@ -52,6 +52,11 @@ Passes (static; each is an OptionalPass whose `needed` says when it has no work)
   della, della_linear: "della1d" (1-D tensors only: their single row spans the whole tensor, so
       its ranks are computed in the reduce), "l1" (rescale in l1 mode, the default).
 Every map returns O(1) numbers (or the bounded top-k candidates); merge is one read of the block.
+
+Where numba is importable (streammerge/jit.py), the merge of each row group is one compiled loop
+(ops/fused.py: masks applied, rescaled, weighted, elected and added to the base in one pass;
+della keeps the numpy loop, its divisor being per entry), and |tau| for the masks and the l1
+sums is one pass too; the numpy code below stays the reference and the path without numba.
 """
 
 from __future__ import annotations
@@ -59,7 +64,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..kernels import ties as kernels
-from ..ops import random_streams
+from ..ops import fused, random_streams
 from ..ops.consensus import consensus, disjoint_mean, sum_into
 from ..ops.sparsify import (
     DELLA,
@@ -101,7 +106,10 @@ def row_chunks(block: Block, nb: int):
 
 
 def _abs_delta(block: Block, i: int, sl: slice, out: np.ndarray | None = None) -> np.ndarray:
-    d = np.subtract(flat(block.models[i])[sl], flat(block.base)[sl], out=out)
+    m, b = flat(block.models[i])[sl], flat(block.base)[sl]
+    if out is not None and fused.available():
+        return fused.abs_delta(m, b, out[: m.size])
+    d = np.subtract(m, b, out=out)
     return np.abs(d, out=d)
 
 
@@ -165,8 +173,17 @@ class _Family:
         nb = block_size(block)
         ctx = _BlockMasks(self, block, params, stats)
         sums = np.zeros((len(models), 2), dtype=np.float64)
+        compiled = fused.available() and self.spec.sparsify == RANDOM  # masks drawn without tau
         for c0, c1 in row_chunks(block, nb):
             d64 = scratch("l1d64", c1 - c0, np.float64)
+            if compiled:  # |tau| widened in one pass; the same float64 sums (numpy's reduce)
+                for r, i in enumerate(models):
+                    fused.abs_delta64(flat(block.models[i])[c0:c1], flat(block.base)[c0:c1], d64)
+                    sums[r, 0] += float(np.add.reduce(d64))
+                    mask, _ = ctx.mask(i, None, c0, c1, keep=True)
+                    np.multiply(d64, mask, out=d64)
+                    sums[r, 1] += float(np.add.reduce(d64))
+                continue
             for r, i in enumerate(models):
                 d = np.subtract(flat(block.models[i])[c0:c1], flat(block.base)[c0:c1], out=scratch("l1d", c1 - c0))
                 np.abs(d, out=d)
@@ -252,6 +269,10 @@ class _Family:
         mflat = [flat(m) for m in block.models]
         lin_div = weight_sum(weights)
 
+        if fused.available() and self.spec.sparsify != DELLA:  # della's divisor is per entry
+            self._merge_fused(ctx, bflat, mflat, oflat, nb, block, states, weights, l1_scale, lin_div)
+            return out
+
         for c0, c1 in row_chunks(block, nb):
             L = c1 - c0
             b = bflat[c0:c1]
@@ -292,6 +313,39 @@ class _Family:
                 np.multiply(S, lam32, out=S)
             np.add(b, S, out=oflat[c0:c1])
         return out
+
+    def _merge_fused(self, ctx, bflat, mflat, oflat, nb, block, states, weights, l1_scale, lin_div):
+        """`merge`'s loop as one compiled pass per row group (ops/fused.py): the same float32
+        operations in the same order, so the same bits; only the masks are drawn here."""
+        params = ctx.params
+        N = len(mflat)
+        rescale = bool(params.globals["rescale"])
+        mode = params.globals["rescale_mode"]
+        masked = [st == "mask" for st in states]
+        zero = [st == "zero" for st in states]
+        mul = np.ones(N, np.float32)
+        div = np.ones(N, np.float32)
+        for c0, c1 in row_chunks(block, nb):
+            L = c1 - c0
+            keep = scratch("fused.keep", N * L, bool)[: N * L].reshape(N, L)
+            for i in range(N):
+                if not masked[i]:
+                    continue
+                if self.spec.sparsify == RANDOM:
+                    m, d = ctx.mask(i, None, c0, c1)
+                else:
+                    u = _abs_delta(block, i, slice(c0, c1), out=scratch("fused.abs", L))
+                    m, d = ctx.mask(i, u, c0, c1, absolute=True)
+                np.copyto(keep[i], m)
+                if rescale:
+                    if mode == "l1":
+                        mul[i] = l1_scale.get(i, np.float32(1))
+                    elif d is not None:
+                        div[i] = d
+            fused.family_merge(
+                bflat[c0:c1], [m[c0:c1] for m in mflat], keep, masked, zero, mul, div, weights,
+                self.spec.consensus, params.globals["normalize"], lin_div, float(params.globals["lambda"]), oflat[c0:c1],
+            )  # fmt: skip
 
 
 def _sum64(x: np.ndarray, work: np.ndarray) -> float:

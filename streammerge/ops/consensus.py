@@ -16,7 +16,10 @@ S = sum_i h_i * (w_i * counted_i).
 (methods/onebit.py, kernels/onebit.py) and the routed runtime (routing/encoded.py) all use
 these, so the CPU path, the device path and a served answer share one election. Both
 implementations do the same float32 operations in the same order (comparisons are written
-differently: they round nothing), so they agree bit for bit (tests/test_consensus.py).
+differently: they round nothing), so they agree bit for bit (tests/test_consensus.py). The TIES
+family's streamed merge runs the election inside one compiled loop with its masks and weights
+(ops/fused.py, where numba is importable), tested bit for bit against this numpy code
+(tests/test_fused.py).
 
 torch is imported inside the torch functions: importing this module never imports torch.
 """

@@ -1,0 +1,67 @@
+"""numba, where it can be imported: the compiled loops of the merge's hot path (ops/fused.py,
+the bf16 conversions of dtypes.py) are written once in plain Python and compiled by `jit`.
+
+A streamed merge spends its time in elementwise passes that numpy makes at memory-copy speed
+each (README, Benchmark); a loop compiled by numba does several of them in one pass over the
+data, with the GIL released (`nogil`), so the engine's threads run it side by side. Where numba
+cannot be imported (not installed, refusing this numpy, NUMBA_DISABLE_JIT, or
+STREAMMERGE_NO_NUMBA=1) `AVAILABLE` is False and every caller keeps its numpy code, which is
+also the tests' reference (tests/test_fused.py). Compiled code is cached on disk (numba's
+`cache=True`, beside the sources or in NUMBA_CACHE_DIR): the first use after an install compiles
+(~1-2 s a loop), later processes load it in milliseconds.
+
+numba is imported on first use, not with this module, so that commands that never merge
+(`status`, `serve`, `export` of a finished store) do not pay its ~0.2 s and ~70 MB.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+_lock = threading.Lock()
+_numba = None
+_state = None  # None: not tried yet; True / False: importable
+
+
+def available() -> bool:
+    """Whether compiled loops are used (imports numba on the first call)."""
+    global _numba, _state
+    if _state is None:
+        with _lock:
+            if _state is None:
+                ok = False
+                if os.environ.get("STREAMMERGE_NO_NUMBA", "") in ("", "0"):
+                    try:
+                        import numba
+
+                        _numba, ok = numba, not numba.config.DISABLE_JIT
+                    except ImportError:  # missing, or refusing this numpy
+                        ok = False
+                _state = ok
+    return _state
+
+
+def loaded() -> bool:
+    """Whether compiled loops are in use already (numba imported by an earlier `available()`),
+    without importing it: for loops that pay off only where numba is in the process anyway
+    (dtypes' bf16 conversions; a task_arithmetic build never imports numba, whose import and
+    cache load, ~0.4 s, would cost more than they save it)."""
+    return _state is True
+
+
+def jit(fn):
+    """`fn` compiled (nogil, cached, numpy's float semantics) when first called, where
+    `available()`; else `fn` itself, which callers only reach through tests."""
+    compiled = None
+
+    def call(*args):
+        nonlocal compiled
+        if compiled is None:
+            compiled = _numba.njit(nogil=True, cache=True, error_model="numpy", boundscheck=False)(fn) if available() else fn
+        return compiled(*args)
+
+    call.__wrapped__ = fn
+    call.__name__ = fn.__name__
+    call.__doc__ = fn.__doc__
+    return call

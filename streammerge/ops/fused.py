@@ -1,0 +1,148 @@
+"""Fused CPU loops for the streamed merges' hot path, compiled with numba when it is importable.
+
+A TIES-family merge written as numpy calls makes ~40 passes over each entry of a row group
+(subtract, mask, scale, weigh, the election's compares and products, the disjoint mean, the
+base added back); each pass runs at memory-copy speed, so they, not arithmetic, set the time
+(README, Benchmark). `family_merge` does all of that in one loop over tiles of a few hundred
+entries: a tile's task vectors stay in L1 while the election reads them. It does the same
+float32 operations in the same order as methods/ties.py's numpy code, written without branches
+on data (a comparison becomes a 0/1 factor: multiplying by 1 or 0 rounds exactly as the
+numpy code's multiply by a bool array), so the two give the same bits (a NaN's sign aside: tests/test_fused.py).
+
+Compiled by streammerge/jit.py where numba is importable; elsewhere `available()` is False
+and the callers keep their numpy code, which is also the tests' reference.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..jit import available, jit
+
+TILE = 512  # entries per tile: (models + 3) x TILE float32 stay in L1
+
+
+@jit
+def _family_merge(base, models, keep, masked, zero, mul, div, w, elect, normalize, lin_div, lam, scale_lam, out, work):
+    """One row group of a TIES-family merge; the arrays are flat float32, `keep` (N, L) bool.
+
+    Per model i (in order): d = models[i] - base; zero[i]: d * 0; else masked[i]: d * keep[i],
+    then d * mul[i] (the L1 scale, or 1) and d / div[i] (the inverse keep probability, or 1);
+    then d * w[i]. With `elect`: the TIES election of ops/consensus.py (total in order, elected
+    sign total >= 0, counted = d * sign > 0, S and D summed from the first term), S + 0, and
+    with `normalize` S / D (a zero D counting as 1). Without: S = d_1 + ... + d_N, S + 0, and
+    with `normalize` S / lin_div. Then S * lam where `scale_lam`, and out = base + S.
+    `work` is (N + 3, TILE) float32 scratch.
+    """
+    N = len(models)
+    L = base.shape[0]
+    T = work.shape[1]
+    z = np.float32(0)
+    tot = work[N]
+    S = work[N + 1]
+    D = work[N + 2]
+    for t0 in range(0, L, T):
+        n = min(T, L - t0)
+        b = base[t0 : t0 + n]
+        for i in range(N):
+            m = models[i][t0 : t0 + n]
+            d = work[i]
+            for j in range(n):
+                d[j] = m[j] - b[j]
+            if zero[i]:
+                for j in range(n):
+                    d[j] = d[j] * z
+            else:
+                if masked[i]:
+                    k = keep[i, t0 : t0 + n]
+                    for j in range(n):
+                        d[j] = d[j] * np.float32(k[j])
+                if mul[i] != 1:
+                    s = mul[i]
+                    for j in range(n):
+                        d[j] = d[j] * s
+                if div[i] != 1:
+                    q = div[i]
+                    for j in range(n):
+                        d[j] = d[j] / q
+            wi = w[i]
+            for j in range(n):
+                d[j] = d[j] * wi
+            if i == 0:
+                for j in range(n):
+                    tot[j] = d[j]
+            else:
+                for j in range(n):
+                    tot[j] = tot[j] + d[j]
+        if elect:
+            for i in range(N):
+                d = work[i]
+                wi = w[i]
+                for j in range(n):
+                    pos = tot[j] >= z
+                    x = d[j]
+                    c = np.float32((pos and x > z) or ((not pos) and x < z))
+                    if i == 0:
+                        S[j] = x * c
+                        D[j] = c * wi
+                    else:
+                        S[j] = S[j] + x * c
+                        D[j] = D[j] + c * wi
+            for j in range(n):
+                s = S[j] + z  # torch sums from +0: an all-zero sum is +0
+                if normalize:
+                    dj = D[j]
+                    s = s / (dj + np.float32(dj == z))
+                S[j] = s
+        else:
+            for j in range(n):
+                s = tot[j] + z
+                if normalize:
+                    s = s / lin_div
+                S[j] = s
+        o = out[t0 : t0 + n]
+        if scale_lam:
+            for j in range(n):
+                o[j] = b[j] + S[j] * lam
+        else:
+            for j in range(n):
+                o[j] = b[j] + S[j]
+
+
+def family_merge(base, models, keep, masked, zero, mul, div, w, elect, normalize, lin_div, lam, out):
+    """`_family_merge` on numpy inputs (models: a sequence of flat float32 arrays)."""
+    N = len(models)
+    models = tuple(np.ascontiguousarray(m) for m in models)
+    work = np.empty((N + 3, TILE), np.float32)
+    f = np.float32
+    _family_merge(
+        np.ascontiguousarray(base), models, keep,
+        np.asarray(masked, np.bool_), np.asarray(zero, np.bool_),
+        np.asarray(mul, f), np.asarray(div, f), np.asarray(w, f),
+        bool(elect), bool(normalize), f(lin_div), f(lam), f(lam) != 1, out, work,
+    )  # fmt: skip
+    return out
+
+
+@jit
+def _abs_delta(model, base, out):
+    for j in range(out.shape[0]):
+        out[j] = abs(model[j] - base[j])
+
+
+def abs_delta(model: np.ndarray, base: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """out = |model - base| (flat float32, out of the same length), in one pass."""
+    _abs_delta(model, base, out)
+    return out
+
+
+@jit
+def _abs_delta64(model, base, out):
+    for j in range(out.shape[0]):
+        out[j] = np.float64(abs(model[j] - base[j]))
+
+
+def abs_delta64(model: np.ndarray, base: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """out = float64(|model - base|) (the float32 difference, widened), in one pass."""
+    _abs_delta64(model, base, out)
+    return out
