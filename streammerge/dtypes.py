@@ -109,13 +109,15 @@ def to_float32(raw: np.ndarray, ftype: FloatType, out: np.ndarray) -> np.ndarray
     """Convert raw storage values into the float32 array `out` (same shape), without allocating.
 
     bf16 is the top half of a float32: widening is a 16-bit shift of the bits (NaN payloads
-    included), 1.6-1.8x as fast as ml_dtypes' cast here (tests/test_foundations.py compares all 65536
-    patterns)."""
+    included), ~3x as fast as ml_dtypes' cast here (tests/test_foundations.py compares all 65536
+    patterns); once numba is loaded, one compiled pass (~2x faster again)."""
     if ftype is BF16:
         if out.flags.c_contiguous and raw.flags.c_contiguous and loaded():
             _widen_bf16(raw.reshape(-1).view(np.uint16), out.reshape(-1).view(np.uint32))
-        else:
-            np.left_shift(raw.view(np.uint16), 16, out=out.view(np.uint32), dtype=np.uint32)
+        else:  # widen, then shift in place: 0.8x the time of one shift that casts as it goes
+            wide = out.view(np.uint32)
+            np.copyto(wide, raw.view(np.uint16))
+            np.left_shift(wide, 16, out=wide)
     else:
         np.copyto(out, raw.view(ftype.logical), casting="unsafe")
     return out

@@ -176,13 +176,13 @@ class _Family:
         compiled = fused.available() and self.spec.sparsify == RANDOM  # masks drawn without tau
         for c0, c1 in row_chunks(block, nb):
             d64 = scratch("l1d64", c1 - c0, np.float64)
-            if compiled:  # |tau| widened in one pass; the same float64 sums (numpy's reduce)
+            if compiled:  # |tau| and its masked copy widened in one pass; the same sums (numpy's reduce)
+                k64 = scratch("l1k64", c1 - c0, np.float64)
                 for r, i in enumerate(models):
-                    fused.abs_delta64(flat(block.models[i])[c0:c1], flat(block.base)[c0:c1], d64)
-                    sums[r, 0] += float(np.add.reduce(d64))
                     mask, _ = ctx.mask(i, None, c0, c1, keep=True)
-                    np.multiply(d64, mask, out=d64)
-                    sums[r, 1] += float(np.add.reduce(d64))
+                    fused.abs_delta64(flat(block.models[i])[c0:c1], flat(block.base)[c0:c1], mask, d64, k64)
+                    sums[r, 0] += float(np.add.reduce(d64))
+                    sums[r, 1] += float(np.add.reduce(k64))
                 continue
             for r, i in enumerate(models):
                 d = np.subtract(flat(block.models[i])[c0:c1], flat(block.base)[c0:c1], out=scratch("l1d", c1 - c0))

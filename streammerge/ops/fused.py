@@ -137,12 +137,15 @@ def abs_delta(model: np.ndarray, base: np.ndarray, out: np.ndarray) -> np.ndarra
 
 
 @jit
-def _abs_delta64(model, base, out):
+def _abs_delta64(model, base, keep, out, kept):
     for j in range(out.shape[0]):
-        out[j] = np.float64(abs(model[j] - base[j]))
+        a = np.float64(abs(model[j] - base[j]))
+        out[j] = a
+        kept[j] = a * np.float64(keep[j])
 
 
-def abs_delta64(model: np.ndarray, base: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """out = float64(|model - base|) (the float32 difference, widened), in one pass."""
-    _abs_delta64(model, base, out)
-    return out
+def abs_delta64(model: np.ndarray, base: np.ndarray, keep: np.ndarray, out: np.ndarray, kept: np.ndarray):
+    """out = float64(|model - base|) (the float32 difference, widened) and kept = out * keep
+    (bool), in one pass: the two arrays whose float64 sums DARE's l1 rescale compares."""
+    _abs_delta64(model, base, keep, out, kept)
+    return out, kept
