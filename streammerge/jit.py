@@ -5,7 +5,7 @@ A streamed merge spends its time in elementwise passes that numpy makes at memor
 each (README, Benchmark); a loop compiled by numba does several of them in one pass over the
 data, with the GIL released (`nogil`), so the engine's threads run it side by side. Where numba
 cannot be imported (not installed, refusing this numpy, NUMBA_DISABLE_JIT, or
-STREAMMERGE_NO_NUMBA=1) `AVAILABLE` is False and every caller keeps its numpy code, which is
+STREAMMERGE_NO_NUMBA=1) `available()` is False and every caller keeps its numpy code, which is
 also the tests' reference (tests/test_fused.py). Compiled code is cached on disk (numba's
 `cache=True`, beside the sources or in NUMBA_CACHE_DIR): the first use after an install compiles
 (the TIES merge loop: ~2.5 s for each model count), later processes load it (numba's import and

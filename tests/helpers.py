@@ -6,9 +6,13 @@ import hashlib
 import re
 from pathlib import Path
 
+import ml_dtypes
+import numpy as np
 import torch
 import yaml
 from safetensors.torch import load_file
+
+from streammerge.methods import TensorParams, get_method
 
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 LAYER_RE = re.compile(r"\.layers\.(\d+)\.")
@@ -85,3 +89,40 @@ def torch_linear(models, weights, normalize=True):
     if normalize:
         acc = acc / torch.tensor(weights, dtype=torch.float32).sum()
     return acc
+
+
+# ---- method-level fixtures: a base with fine-tunes, a method's parameters --------------------
+
+
+def make(shape, kind, nmodels=3, seed=0):
+    """base + fine-tunes: 'cont' (continuous), 'bf16' (bf16-rounded, many equal deltas),
+    'small' (deltas from a small set: massive ties)."""
+    rng = np.random.default_rng(seed)
+    base = (rng.standard_normal(shape) * 0.02).astype(np.float32)
+    models = []
+    for _ in range(nmodels):
+        if kind == "cont":
+            models.append(base + (rng.standard_normal(shape) * 1e-3).astype(np.float32))
+        elif kind == "bf16":
+            base = base.astype(ml_dtypes.bfloat16).astype(np.float32)
+            m = base + (rng.standard_normal(shape) * 1e-3).astype(np.float32)
+            models.append(m.astype(ml_dtypes.bfloat16).astype(np.float32))
+        elif kind == "small":
+            models.append(base + rng.integers(-4, 5, size=shape).astype(np.float32) * np.float32(0.25))
+        else:
+            raise ValueError(kind)
+    return base, models
+
+
+def tensor_params(name, nmodels, seed=0, **parameters):
+    """The method's parameters, defaults filled in; per-model values may be lists."""
+    glob, per_model = {}, [{} for _ in range(nmodels)]
+    for p in get_method(name).params:
+        value = parameters.get(p.name, p.default)
+        if p.scope == "global":
+            glob[p.name] = p.validate(value)
+        else:
+            for i in range(nmodels):
+                v = value[i] if isinstance(value, (list, tuple)) else value
+                per_model[i][p.name] = p.validate(v)
+    return TensorParams(glob, tuple(per_model), seed)

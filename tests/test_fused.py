@@ -7,34 +7,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from streammerge.methods import TensorParams, get_method
+from helpers import make, tensor_params
+from streammerge.methods import get_method
 from streammerge.methods.inmemory import merge_tensor
 from streammerge.ops import fused
 
 pytestmark = pytest.mark.skipif(not fused.available(), reason="numba is not importable")
-
-def make(shape, kind, nmodels=3, seed=0):
-    """base + fine-tunes: 'cont' (continuous deltas) or 'small' (deltas from a small set: many
-    exact ties in magnitude and in sign)."""
-    rng = np.random.default_rng(seed)
-    base = (rng.standard_normal(shape) * 0.02).astype(np.float32)
-    if kind == "cont":
-        return base, [base + (rng.standard_normal(shape) * 1e-3).astype(np.float32) for _ in range(nmodels)]
-    return base, [base + rng.integers(-4, 5, size=shape).astype(np.float32) * np.float32(0.25) for _ in range(nmodels)]
-
-
-def tensor_params(name, nmodels, seed=0, **parameters):
-    """The method's parameters, defaults filled in; per-model values may be lists."""
-    glob, per_model = {}, [{} for _ in range(nmodels)]
-    for p in get_method(name).params:
-        value = parameters.get(p.name, p.default)
-        if p.scope == "global":
-            glob[p.name] = p.validate(value)
-        else:
-            for i in range(nmodels):
-                per_model[i][p.name] = p.validate(value[i] if isinstance(value, (list, tuple)) else value)
-    return TensorParams(glob, tuple(per_model), seed)
-
 
 CASES = [
     ("ties", dict(weight=[0.5, 0.3, 0.4], density=0.5)),

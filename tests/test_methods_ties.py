@@ -15,6 +15,7 @@ from streammerge.methods import MergeMethod, TensorParams, get_method
 from streammerge.ops import random_streams as _random
 from streammerge.ops import topk as _topk
 from streammerge.methods.inmemory import merge_tensor
+from helpers import make, tensor_params
 
 torch = pytest.importorskip("torch")
 mk_registry = pytest.importorskip("mergekit.merge_methods.registry")
@@ -42,45 +43,11 @@ def ours(name, base, models, block_rows=None, seed=0, tensor="model.layers.0.mlp
     return merge_tensor(get_method(name), tensor, base, list(models), params, block_rows)
 
 
-def tensor_params(name, nmodels, seed=0, **parameters):
-    """The method's parameters, defaults filled in; per-model values may be lists."""
-    glob, per_model = {}, [{} for _ in range(nmodels)]
-    for p in get_method(name).params:
-        value = parameters.get(p.name, p.default)
-        if p.scope == "global":
-            glob[p.name] = p.validate(value)
-        else:
-            for i in range(nmodels):
-                v = value[i] if isinstance(value, (list, tuple)) else value
-                per_model[i][p.name] = p.validate(v)
-    return TensorParams(glob, tuple(per_model), seed)
-
-
 def bits_equal(a, b, where=None):
     diff = a.view(np.uint32) != b.view(np.uint32)
     if where is not None:
         diff &= where
     return int(diff.sum())
-
-
-def make(shape, kind, nmodels=3, seed=0):
-    """base + fine-tunes: 'cont' (continuous), 'bf16' (bf16-rounded, many equal deltas),
-    'small' (deltas from a small set: massive ties)."""
-    rng = np.random.default_rng(seed)
-    base = (rng.standard_normal(shape) * 0.02).astype(np.float32)
-    models = []
-    for _ in range(nmodels):
-        if kind == "cont":
-            models.append(base + (rng.standard_normal(shape) * 1e-3).astype(np.float32))
-        elif kind == "bf16":
-            base = base.astype(ml_dtypes.bfloat16).astype(np.float32)
-            m = base + (rng.standard_normal(shape) * 1e-3).astype(np.float32)
-            models.append(m.astype(ml_dtypes.bfloat16).astype(np.float32))
-        elif kind == "small":
-            models.append(base + rng.integers(-4, 5, size=shape).astype(np.float32) * np.float32(0.25))
-        else:
-            raise ValueError(kind)
-    return base, models
 
 
 def kth_largest(a: np.ndarray, k: int):

@@ -323,11 +323,17 @@ class _Family:
         mode = params.globals["rescale_mode"]
         masked = [st == "mask" for st in states]
         zero = [st == "zero" for st in states]
+        # the rescale of a masked model, as merge's numpy loop applies it: the l1 scale (a
+        # tensor-wide stat), or the divisor its mask comes with (inverse_density, below)
         mul = np.ones(N, np.float32)
         div = np.ones(N, np.float32)
+        if rescale and mode == "l1":
+            for i in range(N):
+                if masked[i]:
+                    mul[i] = l1_scale.get(i, np.float32(1))
         for c0, c1 in row_chunks(block, nb):
             L = c1 - c0
-            keep = scratch("fused.keep", N * L, bool)[: N * L].reshape(N, L)
+            keep = scratch("fused.keep", N * L, bool).reshape(N, L)
             for i in range(N):
                 if not masked[i]:
                     continue
@@ -337,11 +343,8 @@ class _Family:
                     u = _abs_delta(block, i, slice(c0, c1), out=scratch("fused.abs", L))
                     m, d = ctx.mask(i, u, c0, c1, absolute=True)
                 np.copyto(keep[i], m)
-                if rescale:
-                    if mode == "l1":
-                        mul[i] = l1_scale.get(i, np.float32(1))
-                    elif d is not None:
-                        div[i] = d
+                if rescale and mode != "l1" and d is not None:
+                    div[i] = d
             fused.family_merge(
                 bflat[c0:c1], [m[c0:c1] for m in mflat], keep, masked, zero, mul, div, weights,
                 self.spec.consensus, params.globals["normalize"], lin_div, float(params.globals["lambda"]), oflat[c0:c1],
