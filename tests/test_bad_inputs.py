@@ -434,22 +434,32 @@ def test_nonfinite_named_whichever_check_finds_it(world, tmp_path, method, where
         assert f"{bad / 'model.safetensors'}: tensor {DOWN} holds a non-finite value (-inf) at flat index 4321" in res.stderr
 
 
-def test_an_overflow_is_not_taken_for_a_nonfinite_input(world, tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # bf16: the compiled bits path (MergeMethod.merge_bf16)
+def test_an_overflow_is_not_taken_for_a_nonfinite_input(world, tmp_path, dtype, monkeypatch):
     """A result checked in place of the inputs may be infinite from finite inputs (a weight
     near float32's largest, a large lambda): the inputs are then checked, found finite, and the merge goes on,
     giving what float32 arithmetic gives (inf), as when every input is checked."""
     import numpy as np
     from safetensors.numpy import load_file
 
+    from streammerge.dtypes import BF16, from_float32
+    from streammerge.ops import fused
+
+    calls = []
+    real = fused.task_arithmetic_bf16
+    monkeypatch.setattr(fused, "task_arithmetic_bf16", lambda *a: calls.append(1) or real(*a))
+
     r = tmp_path / "r.yaml"
     r.write_text(yaml.safe_dump({
-        "merge_method": "task_arithmetic", "base_model": str(world["base"]), "dtype": "float32",
+        "merge_method": "task_arithmetic", "base_model": str(world["base"]), "dtype": dtype,
         "parameters": {"lambda": 1e6},
         "models": [{"model": str(world["ft1"]), "parameters": {"weight": 3e38}}],
     }, sort_keys=False))
     res = invoke("build", r, "--store", tmp_path / "s.zarr", "--export", tmp_path / "out", "--no-progress")
     assert res.exit_code == 0, res.output
     got = load_file(str(tmp_path / "out" / "model.safetensors"))[DOWN]
+    if dtype == "bfloat16":  # safetensors.numpy reads bf16 as raw 2-byte words here
+        got = (got.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
 
     def f32(model):
         raw = read_raw(model / "model.safetensors")[DOWN][2]
@@ -459,6 +469,9 @@ def test_an_overflow_is_not_taken_for_a_nonfinite_input(world, tmp_path):
     with np.errstate(over="ignore", invalid="ignore"):
         want = (t - b) * np.float32(3e38) * np.float32(1e6) + b
     assert not np.isfinite(want).all() and np.isfinite(b).all() and np.isfinite(t).all()
+    if dtype == "bfloat16":
+        want = (from_float32(want, BF16).astype(np.uint32) << 16).view(np.float32)
+        assert bool(calls) == fused.available()  # the bits path where numba is
     np.testing.assert_array_equal(got.reshape(-1), want)
 
 

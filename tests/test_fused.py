@@ -78,11 +78,61 @@ def test_fused_merge_gives_the_numpy_bits(monkeypatch, name, parameters, kind, b
         assert nan.any()  # the planted non-finite inputs reached the result
 
 
-@pytest.mark.parametrize("method,imports", [("task_arithmetic", False), ("ties", True)])
+BITS_CASES = [
+    ("task_arithmetic", dict(weight=[0.5, 0.3, 0.4])),
+    ("task_arithmetic", dict(weight=[1.0, -0.7, 0.4], normalize=True, **{"lambda": 0.7})),
+    ("task_arithmetic", dict(weight=[0.5, -0.25, -0.25], normalize=True)),  # weights sum to 0: no divisor
+    ("task_arithmetic", dict(weight=[3e38, 1.0, 2.0], **{"lambda": 1e6})),  # overflows from finite inputs
+    ("linear", dict(weight=[0.5, 0.3, 0.2])),
+    ("linear", dict(weight=[1.0, -0.7, 0.4], normalize=False)),
+    ("linear", dict(weight=[0.5, -0.25, -0.25])),  # weights sum to 0: a division by zero
+]
+
+
+def _bf16_bits(x: np.ndarray) -> np.ndarray:
+    from streammerge import dtypes
+
+    return dtypes.from_float32(np.ascontiguousarray(x, np.float32), dtypes.BF16)
+
+
+@pytest.mark.parametrize("name,parameters", BITS_CASES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(BITS_CASES)])
+@pytest.mark.parametrize("kind", ["cont", "small", "hostile"])
+def test_bf16_bits_merge_gives_the_numpy_bits(name, parameters, kind):
+    """A method's compiled bf16-bits merge (MergeMethod.merge_bf16) against its numpy merge of
+    the widened inputs, then the engine's rounding: the same bf16 words (NaN as NaN) and the
+    same finiteness, on a group of several tiles and a tail."""
+    from streammerge import dtypes
+
+    shape = (7, 1100)
+    base, models = make(shape, "small" if kind == "small" else "cont", seed=5)
+    if kind == "hostile":
+        base, models = _hostile(base, list(models), seed=6)
+        base.reshape(-1)[:40] = np.float32(1e-40)  # subnormals: bf16 keeps some
+        models[0].reshape(-1)[40:80] = np.float32(-1e-39)
+    bits = [_bf16_bits(x).reshape(-1) for x in (base, *models)]
+    wide = [(b.astype(np.uint32) << 16).view(np.float32).reshape(shape) for b in bits]
+    method = get_method(name)
+    params = tensor_params(name, len(models), seed=0, **parameters)
+    with np.errstate(all="ignore"):
+        merged = merge_tensor(method, "t", wide[0], wide[1:], params, None)
+        want = np.zeros(merged.size, np.uint16)
+        want_finite = dtypes.float32_into_finite(merged, dtypes.BF16, want)
+        got = np.zeros(merged.size, np.uint16)
+        got_finite = method.merge_bf16(bits[0], bits[1:], params, got)
+    assert got_finite == want_finite
+    nan = (want & 0x7FFF) > 0x7F80
+    assert np.array_equal((got & 0x7FFF) > 0x7F80, nan)
+    differ = (got != want) & ~nan
+    assert not differ.any(), f"{int(differ.sum())} entries differ"
+    overflow = max(abs(w) for w in parameters["weight"]) > 1e30
+    assert want_finite == (kind != "hostile" and not overflow and not (name == "linear" and sum(parameters["weight"]) == 0))
+
+
+@pytest.mark.parametrize("method,imports", [("slerp", False), ("task_arithmetic", True), ("ties", True)])
 def test_only_methods_with_compiled_loops_import_numba(tmp_path, method, imports):
     """A bf16 build of a method without compiled loops leaves numba out of the process (its
-    import and cache load would cost a task_arithmetic build more than the conversions' loops
-    save); a TIES-family build brings it in. Seen in the build's own `-X importtime` lines."""
+    import and cache load, ~0.4 s, would buy nothing); task_arithmetic (its bf16-bits merge)
+    and a TIES-family build bring it in. Seen in the build's own `-X importtime` lines."""
     import os
     import subprocess
     import sys

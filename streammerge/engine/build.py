@@ -17,9 +17,10 @@ from typing import ClassVar
 import numpy as np
 
 from ..checkpoints.blocks import RawRows, block_shape, check_finite, convert, read_rows, read_rows_at, row_elems
-from ..dtypes import float32_into_finite, float_type
+from ..dtypes import BF16, float32_into_finite, float_type
 from ..fsutil import store_writers
 from ..geometry import numel
+from ..jit import available
 from ..methods import Block, MergeMethod
 from ..methods.base import Output, row_group_elems
 from ..plan.planner import Plan, TensorJob, rows_in
@@ -149,6 +150,9 @@ def _merge_row_groups(method: MergeMethod, job: TensorJob, i: int, stats, group_
     stored = {out.name: _stored_buffer(job, k, out, r0, r1) for k, out in enumerate(job.output_list)}
     unsplit = method.unsplit(stats, r0 * job.row_elems, r1 * job.row_elems) if method.unsplit else ()
     by_result = method.nonfinite_spreads and len(job.output_list) == 1 and _float_type(job.output_list[0]) is not None
+    if by_result and not unsplit and _bf16_bits(method, job):
+        _merge_bf16_groups(method, job, i, group_elems, stored[job.output_list[0].name])
+        return stored
     for a, b, block in _row_groups(job, i, group_elems, merging=True, checked=not by_result, unsplit=unsplit):
         result = _by_output(job, method.merge(block, job.params, stats))
         for out in job.output_list:
@@ -156,6 +160,40 @@ def _merge_row_groups(method: MergeMethod, job: TensorJob, i: int, stats, group_
             if by_result and not finite:
                 _check_inputs(job, block)  # raises for a non-finite input; else an overflow: kept
     return stored
+
+
+def _bf16_bits(method: MergeMethod, job: TensorJob) -> bool:
+    """Whether `method.merge_bf16` merges this job: every input stored as bf16 bytes, the one
+    output bf16, and numba importable (jit.available: the first such job imports it)."""
+    if method.merge_bf16 is None or _float_type(job.output_list[0]) is not BF16:
+        return False
+    if not all(h.has_raw and float_type(h.dtype) is BF16 for h in job.inputs):
+        return False
+    return available()
+
+
+def _merge_bf16_groups(method: MergeMethod, job: TensorJob, i: int, group_elems: int, dest: np.ndarray) -> None:
+    """Block i merged by `method.merge_bf16` group of rows by group of rows: each input's
+    stored bytes read into a cache-sized buffer and merged from there into `dest` (the block's
+    stored output, bf16 bits). Where a group's result is not finite, its inputs are converted
+    and checked (`_check_inputs`: an error names the first NaN/Inf input), else the overflow is
+    kept, as `_merge_row_groups` does."""
+    r0, r1 = job.block_range(i)
+    L = max(1, job.row_elems)
+    out = dest.reshape(-1).view(np.uint16)
+    with ExitStack() as files:
+        sources = [files.enter_context(RawRows(h, r0, r1, pieces=True)) for h in job.inputs]
+        for a, b in group_bounds(r0, r1, max(1, group_elems // L)):
+            n = (b - a) * L
+            bits = [src.read(a, b, buffer(("raw", slot), 2 * n, np.uint8)).view(np.uint16) for slot, src in enumerate(sources)]
+            base = bits.pop(0) if job.base is not None else None
+            if not method.merge_bf16(base, bits, job.params, out[(a - r0) * L : (b - r0) * L]):
+                raws = bits if base is None else [base, *bits]
+                arrays = [
+                    convert(h, raw, buffer(slot, n), a * L, check=False).reshape(block_shape(h.shape, a, b))
+                    for slot, (h, raw) in enumerate(zip(job.inputs, raws))
+                ]
+                _check_inputs(job, _as_block(job, arrays, a))
 
 
 def _check_inputs(job: TensorJob, block: Block) -> None:

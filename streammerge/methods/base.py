@@ -229,6 +229,14 @@ class MergeMethod:
     # comparison that could drop one). The engine then checks the result of a row group for
     # NaN/Inf instead of each input, and the inputs only where the result is not finite.
     nonfinite_spreads: bool = False
+    # With row_groups and nonfinite_spreads: the merge of a row group from the inputs' stored
+    # bf16 bits straight into the output's, in one compiled pass (ops/fused.py), for jobs whose
+    # inputs and output are all bf16, where numba is importable:
+    # merge_bf16(base bits, [model bits], params, out bits) -> whether every result was finite,
+    # giving the bits that `merge` and the engine's rounding give. Each input's float32
+    # conversion, the float32 result and its rounding then never touch memory: 0.5B
+    # task_arithmetic spent more time in those three passes than in its arithmetic.
+    merge_bf16: Callable[[np.ndarray, list, TensorParams, np.ndarray], bool] | None = None
     # How many input models besides the base the example recipe of `streammerge methods NAME` lists.
     example_models: int = 2
     # The most input models besides the base it merges (None: any number); more is a recipe error.

@@ -10,6 +10,7 @@ rounded once to float32, which reproduces the fused result.
 import numpy as np
 
 from ..kernels import linear as kernels
+from ..ops import fused
 from ..workspace import thread_buffer
 from .base import CACHE_ELEMS, Block, MergeMethod, Param, TensorParams, cache_slices, register, result_array
 
@@ -34,10 +35,16 @@ def linear(block: Block, params: TensorParams, stats) -> np.ndarray:
     return out.reshape(block.models[0].shape)
 
 
+def linear_bf16(base, models: list, params: TensorParams, out: np.ndarray) -> bool:
+    """The same merge from bf16 bits to bf16 bits in one compiled pass (MergeMethod.merge_bf16)."""
+    return fused.linear_bf16(models, params.model_values("weight"), params.globals["normalize"], out)
+
+
 register(
     MergeMethod(
         name="linear",
         merge=linear,
+        merge_bf16=linear_bf16,
         row_groups=True,
         nonfinite_spreads=True,
         kernel=kernels.linear,

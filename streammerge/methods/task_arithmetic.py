@@ -9,11 +9,13 @@ added to the base.
 import numpy as np
 
 from ..kernels import linear as kernels
+from ..ops import fused
 from ..workspace import thread_buffer
 from .base import CACHE_ELEMS, Block, MergeMethod, Param, TensorParams, cache_slices, register, result_array
 
 
-def task_arithmetic(block: Block, params: TensorParams, stats) -> np.ndarray:
+def _coefficients(params: TensorParams):
+    """(float32 weights, the divisor or None, lambda)."""
     weights = [np.float32(w) for w in params.model_values("weight")]
     divisor = None
     if params.globals["normalize"]:
@@ -21,7 +23,11 @@ def task_arithmetic(block: Block, params: TensorParams, stats) -> np.ndarray:
         for w in weights:
             d = np.float32(d + w)
         divisor = d if abs(d) >= 1e-8 else None
-    lam = params.globals["lambda"]
+    return weights, divisor, params.globals["lambda"]
+
+
+def task_arithmetic(block: Block, params: TensorParams, stats) -> np.ndarray:
+    weights, divisor, lam = _coefficients(params)
     base = block.base.reshape(-1)
     models = [m.reshape(-1) for m in block.models]
     out = result_array(block).reshape(-1)
@@ -42,10 +48,17 @@ def task_arithmetic(block: Block, params: TensorParams, stats) -> np.ndarray:
     return out.reshape(block.base.shape)
 
 
+def task_arithmetic_bf16(base: np.ndarray, models: list, params: TensorParams, out: np.ndarray) -> bool:
+    """The same merge from bf16 bits to bf16 bits in one compiled pass (MergeMethod.merge_bf16)."""
+    weights, divisor, lam = _coefficients(params)
+    return fused.task_arithmetic_bf16(base, models, weights, divisor, lam, out)
+
+
 register(
     MergeMethod(
         name="task_arithmetic",
         merge=task_arithmetic,
+        merge_bf16=task_arithmetic_bf16,
         row_groups=True,
         nonfinite_spreads=True,
         kernel=kernels.task_arithmetic,

@@ -125,6 +125,117 @@ def family_merge(base, models, keep, masked, zero, mul, div, w, elect, normalize
 
 
 @jit
+def _task_arithmetic_bf16(base, models, w, divisor, has_divisor, lam, scale_lam, out, wide, acc):
+    """methods/task_arithmetic.py's merge of a row group from the inputs' bf16 bits (flat
+    uint16) into the output's bf16 bits, a tile at a time: each input widened into `wide`
+    ((N + 1, TILE) uint32), then the numpy code's float32 operations in its order (per model
+    d = (theta_i - base) * w_i summed, then / divisor, * lam, + base) into `acc` (TILE float32),
+    rounded as dtypes.float32_into_finite rounds (same bits, NaNs included). Returns the
+    largest exponent field of the float32 results: 0x7F800000 if one was not finite."""
+    L = base.shape[0]
+    T = acc.shape[0]
+    N = len(models)
+    f = wide.view(np.float32)
+    bits = acc.view(np.uint32)
+    top = np.uint32(0)
+    for t0 in range(0, L, T):
+        n = min(T, L - t0)
+        src = base[t0 : t0 + n]
+        dst = wide[0]
+        for j in range(n):
+            dst[j] = np.uint32(src[j]) << np.uint32(16)
+        for i in range(N):
+            src = models[i][t0 : t0 + n]
+            dst = wide[i + 1]
+            for j in range(n):
+                dst[j] = np.uint32(src[j]) << np.uint32(16)
+        b = f[0]
+        m = f[1]
+        w0 = w[0]
+        for j in range(n):
+            acc[j] = (m[j] - b[j]) * w0
+        for i in range(1, N):
+            m = f[i + 1]
+            wi = w[i]
+            for j in range(n):
+                acc[j] = acc[j] + (m[j] - b[j]) * wi
+        if has_divisor:
+            for j in range(n):
+                acc[j] = acc[j] / divisor
+        if scale_lam:
+            for j in range(n):
+                acc[j] = acc[j] * lam
+        for j in range(n):
+            acc[j] = acc[j] + b[j]
+        o = out[t0 : t0 + n]
+        for j in range(n):
+            v = bits[j]
+            r = (v + np.uint32(0x7FFF) + ((v >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+            nan = ((v >> np.uint32(16)) & np.uint32(0x8000)) | np.uint32(0x7FC0)
+            o[j] = np.uint16(nan if (v & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000) else r)
+            top = max(top, v & np.uint32(0x7F800000))
+    return top
+
+
+def task_arithmetic_bf16(base, models, w, divisor, lam, out) -> bool:
+    """`_task_arithmetic_bf16` on flat uint16 numpy arrays (bf16 bits; divisor None: none);
+    returns whether every result was finite."""
+    f = np.float32
+    models = tuple(np.ascontiguousarray(m) for m in models)
+    wide = np.empty((len(models) + 1, TILE), np.uint32)
+    acc = np.empty(TILE, np.float32)
+    top = _task_arithmetic_bf16(np.ascontiguousarray(base), models, np.asarray(w, f), f(1 if divisor is None else divisor),
+                                divisor is not None, f(lam), f(lam) != 1, out, wide, acc)  # fmt: skip
+    return top != 0x7F800000
+
+
+@jit
+def _linear_bf16(models, w, denominator, normalize, out, wide, acc):
+    """methods/linear.py's merge of a row group from the models' bf16 bits (flat uint16) into
+    the output's: per model in order acc = float32(float64(acc) + float64(theta_i) * w_i) (the
+    numpy code's emulation of torch's fused multiply-add), then acc / denominator where
+    `normalize`, rounded to bf16 as dtypes.float32_into_finite rounds. `wide` is (TILE,)
+    uint32 scratch, `acc` (TILE,) float32. Returns the largest exponent field of the float32
+    results: 0x7F800000 if one was not finite."""
+    L = out.shape[0]
+    T = acc.shape[0]
+    f = wide.view(np.float32)
+    bits = acc.view(np.uint32)
+    top = np.uint32(0)
+    for t0 in range(0, L, T):
+        n = min(T, L - t0)
+        for j in range(n):
+            acc[j] = 0
+        for i in range(len(models)):
+            src = models[i][t0 : t0 + n]
+            for j in range(n):
+                wide[j] = np.uint32(src[j]) << np.uint32(16)
+            wi = np.float64(w[i])
+            for j in range(n):
+                acc[j] = np.float32(np.float64(acc[j]) + np.float64(f[j]) * wi)
+        if normalize:
+            for j in range(n):
+                acc[j] = acc[j] / denominator
+        o = out[t0 : t0 + n]
+        for j in range(n):
+            v = bits[j]
+            r = (v + np.uint32(0x7FFF) + ((v >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+            nan = ((v >> np.uint32(16)) & np.uint32(0x8000)) | np.uint32(0x7FC0)
+            o[j] = np.uint16(nan if (v & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000) else r)
+            top = max(top, v & np.uint32(0x7F800000))
+    return top
+
+
+def linear_bf16(models, w, normalize: bool, out) -> bool:
+    """`_linear_bf16` on flat uint16 numpy arrays (bf16 bits); returns whether every result
+    was finite."""
+    w = np.asarray(w, np.float32)
+    models = tuple(np.ascontiguousarray(m) for m in models)
+    top = _linear_bf16(models, w, w.sum(dtype=np.float32), bool(normalize), out, np.empty(TILE, np.uint32), np.empty(TILE, np.float32))
+    return top != 0x7F800000
+
+
+@jit
 def _abs_delta(model, base, out):
     for j in range(out.shape[0]):
         out[j] = abs(model[j] - base[j])

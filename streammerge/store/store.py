@@ -63,6 +63,7 @@ from ..fsutil import (
 
 FORMAT = 1
 MERGE_STAGE = "merge"
+_STATS_LOCK = threading.Lock()  # Store.load_stats: one np.load at a time (see there)
 
 
 def manifest_digest(manifest: dict) -> str:
@@ -412,7 +413,11 @@ class Store:
         p = self._stats_path(stage, key)
         if not p.is_file():
             return None
-        with np.load(p, allow_pickle=False) as z:
+        # One thread at a time: numpy parses each member's header with ast.literal_eval, which
+        # CPython 3.11 can fail spuriously from concurrent threads ("SystemError: AST constructor
+        # recursion depth mismatch", python/cpython#106905), and the engine's threads load a
+        # tensor's stats as its blocks start.
+        with _STATS_LOCK, np.load(p, allow_pickle=False) as z:
             return {k: (z[k].item() if z[k].ndim == 0 else z[k]) for k in z.files}
 
     # ---- housekeeping -----------------------------------------------------------------------
