@@ -453,6 +453,29 @@ def test_wrong_batch_and_unknown_task(stores):
         assert torch.equal(model(input_ids=batch_ids(3)).logits, exported_merged_logits(stores["mediator"], batch_ids(3)))
 
 
+def test_rebuilt_tensors_and_the_servers_note(stores):
+    """The tensors whose task terms are rebuilt from every task's encodings at each product
+    (1bit, lambda != 0, two or more tasks' pieces): every routed tensor of a uniform store at
+    lambda 0.8, none at lambda 0 or for Mediator, those with several tasks' pieces for the paper
+    preset at lambda 1 (chat keeps attention alone, math and code share the MLP); `serve` says
+    so at start-up without --memory-budget, and not with one."""
+    from streammerge.serve.server import rebuild_note
+
+    counts = {}
+    for which in ("1bit", "1bit-l0", "mediator", "1bit-l1"):
+        rt, _ = runtime(stores[which])
+        shared = sum(len([t for t, pc in getattr(x, "pieces", {}).items() if pc is not None]) >= 2 for x in rt.tensors.values())
+        counts[which] = (rt.rebuilt_tensors(), len(rt.tensors), shared)
+        if which == "1bit":
+            assert "--memory-budget" in rebuild_note(rt, None) and rebuild_note(rt, 1 << 30) is None
+        if which == "1bit-l0":
+            assert rebuild_note(rt, None) is None
+        rt.close()
+    assert counts["1bit"][0] == counts["1bit"][1] > 0
+    assert counts["1bit-l0"][0] == counts["mediator"][0] == 0
+    assert 0 < counts["1bit-l1"][0] == counts["1bit-l1"][2] < counts["1bit-l1"][1]
+
+
 def exported_merged_logits(store, ids):
     from streammerge.routing.runtime import load_merged_model, open_routing_store
 

@@ -1116,6 +1116,15 @@ class DeltaRuntime:
                 reserved += need
         return reserved
 
+    def rebuilt_tensors(self) -> int:
+        """Routed tensors with a task term that no compressed delta gives (1bit with lambda != 0
+        where two or more tasks have pieces: OneBitTensor's nonlinear Delta_k): each product
+        builds it from every task's encodings unless the cache, within the memory budget, holds it."""
+        return sum(
+            isinstance(t, OneBitTensor) and any(t.own_scale(("task", k)) is None for k in t.present)
+            for t in self.tensors.values()
+        )
+
     def fused_layers(self) -> tuple[int, int]:
         """(routed Linear layers whose fused stack is reserved in the budget, routed Linear layers)."""
         linears = sum(isinstance(m.forward, DeltaLinear) and "weight" in m.forward.tensors for m in self._patched)
