@@ -20,6 +20,7 @@ from __future__ import annotations
 import gc
 import os
 import threading
+import types
 
 _lock = threading.Lock()
 _numba = None
@@ -61,16 +62,41 @@ def loaded() -> bool:
 
 def jit(fn):
     """`fn` compiled (nogil, cached, numpy's float semantics) when first called, where
-    `available()`; else `fn` itself, which callers only reach through tests."""
+    `available()`; else `fn` itself, which callers only reach through tests. Compiled code may
+    call other `jit` functions of its module by name (compiled with it); keep such helpers in the
+    caller's file: numba's disk cache is keyed on the caller's source file alone, so a helper
+    changed in another file would leave the caller's cached code stale."""
     compiled = None
 
-    def call(*args):
+    def compile_():
         nonlocal compiled
         if compiled is None:
-            compiled = _numba.njit(nogil=True, cache=True, error_model="numpy", boundscheck=False)(fn) if available() else fn
-        return compiled(*args)
+            if available():
+                compiled = _numba.njit(nogil=True, cache=True, error_model="numpy", boundscheck=False)(_with_compiled_helpers(fn))
+            else:
+                compiled = fn
+        return compiled
+
+    def call(*args):
+        return (compiled if compiled is not None else compile_())(*args)
 
     call.__wrapped__ = fn
     call.__name__ = fn.__name__
     call.__doc__ = fn.__doc__
+    call._jit_compiled = compile_
     return call
+
+
+def _with_compiled_helpers(fn):
+    """`fn`, with the `jit` functions it names as globals bound to their compiled code (inside
+    compiled code numba can only call compiled functions, not the wrappers `jit` returns)."""
+    helpers = {}
+    for name in fn.__code__.co_names:
+        compile_ = getattr(fn.__globals__.get(name), "_jit_compiled", None)
+        if compile_ is not None:
+            helpers[name] = compile_()
+    if not helpers:
+        return fn
+    out = types.FunctionType(fn.__code__, {**fn.__globals__, **helpers}, fn.__name__, fn.__defaults__, fn.__closure__)
+    out.__qualname__, out.__doc__ = fn.__qualname__, fn.__doc__
+    return out

@@ -125,6 +125,15 @@ def family_merge(base, models, keep, masked, zero, mul, div, w, elect, normalize
 
 
 @jit
+def _bf16_word(v):
+    """The float32 bits v rounded to bf16 bits as dtypes.float32_into_finite rounds (nearest
+    even: the carry of v + 0x7FFF + its lowest kept bit; NaN as its sign | 0x7FC0)."""
+    r = (v + np.uint32(0x7FFF) + ((v >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+    nan = ((v >> np.uint32(16)) & np.uint32(0x8000)) | np.uint32(0x7FC0)
+    return np.uint16(nan if (v & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000) else r)
+
+
+@jit
 def _task_arithmetic_bf16(base, models, w, divisor, has_divisor, lam, scale_lam, out, wide, acc):
     """methods/task_arithmetic.py's merge of a row group from the inputs' bf16 bits (flat
     uint16) into the output's bf16 bits, a tile at a time: each input widened into `wide`
@@ -169,11 +178,8 @@ def _task_arithmetic_bf16(base, models, w, divisor, has_divisor, lam, scale_lam,
             acc[j] = acc[j] + b[j]
         o = out[t0 : t0 + n]
         for j in range(n):
-            v = bits[j]
-            r = (v + np.uint32(0x7FFF) + ((v >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
-            nan = ((v >> np.uint32(16)) & np.uint32(0x8000)) | np.uint32(0x7FC0)
-            o[j] = np.uint16(nan if (v & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000) else r)
-            top = max(top, v & np.uint32(0x7F800000))
+            o[j] = _bf16_word(bits[j])
+            top = max(top, bits[j] & np.uint32(0x7F800000))
     return top
 
 
@@ -218,11 +224,8 @@ def _linear_bf16(models, w, denominator, normalize, out, wide, acc):
                 acc[j] = acc[j] / denominator
         o = out[t0 : t0 + n]
         for j in range(n):
-            v = bits[j]
-            r = (v + np.uint32(0x7FFF) + ((v >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
-            nan = ((v >> np.uint32(16)) & np.uint32(0x8000)) | np.uint32(0x7FC0)
-            o[j] = np.uint16(nan if (v & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000) else r)
-            top = max(top, v & np.uint32(0x7F800000))
+            o[j] = _bf16_word(bits[j])
+            top = max(top, bits[j] & np.uint32(0x7F800000))
     return top
 
 
