@@ -42,10 +42,10 @@ def available() -> bool:
                     except ImportError:  # missing, or refusing this numpy
                         ok = False
                     else:
-                        # numba, llvmlite and the scipy numba imports leave ~100k long-lived
-                        # objects that every later full collection, and the interpreter's exit,
-                        # would traverse again: moved out of the collector's sight (a build's
-                        # exit took 0.25-0.33 s more without this, 0.5B task_arithmetic).
+                        # numba, llvmlite and the scipy that numba imports leave ~100k
+                        # long-lived objects that every later full collection, and the
+                        # interpreter's exit, would traverse again: moved out of the collector's
+                        # sight (a 0.5B task_arithmetic build's exit took 0.25-0.33 s without).
                         gc.freeze()
                 _state = ok
     return _state
