@@ -25,6 +25,7 @@ def test_baseline_tree_runs_alternating_with_this_one(tmp_path):
     res = json.loads(out.read_text())["results"][0]
     tools = res["tools"]
     assert set(tools) == {"streammerge", "baseline", "floor"}
+    assert set(res["warmup_s"]) == {"streammerge", "baseline"}  # untimed first runs (numba's compile)
     assert all(t["failed"] == 0 and len(t["wall_s"]["runs"]) == 2 for t in tools.values())
     ratio = res["baseline_over_streammerge"]
     walls = [tools[t]["wall_s"]["runs"] for t in ("baseline", "streammerge")]
