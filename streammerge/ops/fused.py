@@ -9,6 +9,10 @@ float32 operations in the same order as methods/ties.py's numpy code, written wi
 on data (a comparison becomes a 0/1 factor: multiplying by 1 or 0 rounds exactly as the
 numpy code's multiply by a bool array), so the two give the same bits (a NaN's sign aside: tests/test_fused.py).
 
+`task_arithmetic_bf16` and `linear_bf16` go further for bf16 jobs (MergeMethod.merge_bf16): the
+inputs' stored bf16 bits in, the output's bf16 bits out, widening and rounding inside the tile,
+so neither the float32 inputs nor the float32 result ever reach memory.
+
 Compiled by streammerge/jit.py where numba is importable; elsewhere `available()` is False
 and the callers keep their numpy code, which is also the tests' reference.
 """
