@@ -131,7 +131,9 @@ def family_merge(base, models, keep, masked, zero, mul, div, w, elect, normalize
 @jit
 def _bf16_word(v):
     """The float32 bits v rounded to bf16 bits as dtypes.float32_into_finite rounds (nearest
-    even: the carry of v + 0x7FFF + its lowest kept bit; NaN as its sign | 0x7FC0)."""
+    even: the carry of v + 0x7FFF + its lowest kept bit; NaN as its sign | 0x7FC0). Its twin is
+    the loop of dtypes._round_bf16: kept apart because a compiled caller's disk cache is keyed on
+    its own file only (jit.py), so a helper shared across files could go stale in the cache."""
     r = (v + np.uint32(0x7FFF) + ((v >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
     nan = ((v >> np.uint32(16)) & np.uint32(0x8000)) | np.uint32(0x7FC0)
     return np.uint16(nan if (v & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000) else r)
