@@ -258,8 +258,10 @@ def main() -> None:
     args = ap.parse_args()
     args.concurrency = [int(x) for x in args.concurrency.split(",")]
     args.fused = args.fused.split(",")
-    if any(f not in ("auto", "always", "never") for f in args.fused):
-        ap.error(f"--fused {','.join(args.fused)}: each one of auto, always, never")
+    from streammerge.routing.deltas import FUSED_MODES
+
+    if any(f not in FUSED_MODES for f in args.fused):
+        ap.error(f"--fused {','.join(args.fused)}: each one of {', '.join(FUSED_MODES)}")
 
     from transformers.utils import logging as hf_logging
 

@@ -140,6 +140,7 @@ EXACT_ATOL = 1e-5
 # each term's dense block of the stack over its rows only (DeltaLinear._blocks). On CPU each
 # term's product is arithmetic-bound already (see the table above): the per-term path stays.
 FUSED_MAX_TOKENS = 128
+FUSED_MODES = ("auto", "always", "never")  # DeltaRuntime.fused; `serve --fused`
 
 
 def fused_pays(device, tokens: int) -> bool:
@@ -193,6 +194,24 @@ COLUMNS_ALLOWANCE = 0.05
 PRODUCT_ROWS_ELEMENTS = 1 << 20
 
 _SHIFTS: dict = {}
+
+
+_CSR_WARNED: list = []
+
+
+def _csr_tensor(crow, col, values, shape):
+    """torch.sparse_csr_tensor without the invariant checks (built from our own sorted
+    positions). torch warns once per process that CSR support is in beta: the first build
+    swallows that warning (the operations used here are covered by tests); later ones skip
+    the warnings machinery, a few microseconds of a decoding step's ~40 products a layer."""
+    torch, _ = require_torch()
+    if _CSR_WARNED:
+        return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        m = torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
+    _CSR_WARNED.append(True)
+    return m
 
 
 def _unpack_bits(packed, cols: int):
@@ -371,11 +390,7 @@ class CompactSparse:
 
     def csr(self):
         """The delta as a float32 CSR matrix (rows x cols) for torch.sparse.mm."""
-        torch, _ = require_torch()
-        with warnings.catch_warnings():  # "CSR support is in beta": the operations used here are covered by tests
-            warnings.simplefilter("ignore", UserWarning)
-            return torch.sparse_csr_tensor(self.crow, self._columns(), self.value.float(), (self.rows, self.cols),
-                                           check_invariants=False)
+        return _csr_tensor(self.crow, self._columns(), self.value.float(), (self.rows, self.cols))
 
     def decoded(self):
         """The form a product multiplies (and the runtime caches): the dense float32 delta for
@@ -384,11 +399,13 @@ class CompactSparse:
 
     @staticmethod
     def product(m, x):
-        """x m^T for a decoded form m (rows x cols; CSR or dense), x (k, cols) float32 -> (k, rows)."""
+        """x m^T for a decoded form m (rows x cols; CSR or dense), x (k, cols) float32 -> (k, rows)
+        (from a CSR m the transpose of m x^T: adding it where it goes reads it strided, cheaper
+        than making it contiguous)."""
         torch, _ = require_torch()
         if m.layout == torch.strided:
             return torch.nn.functional.linear(x, m)
-        return torch.sparse.mm(m, x.t()).t()
+        return torch.mm(m, x.t()).t()
 
     def gather_rows(self, ids):
         """Dense float32 rows `ids` (any order, repeats allowed) of the delta: (len(ids), cols)."""
@@ -761,7 +778,7 @@ class DeltaLinear(_Routed):
             y = torch.nn.functional.linear(x, m.weight, m.bias)
         if terms:
             xs = [_take(x, rows) for _, rows, _ in terms]
-            ds = w.matmul_terms([key for key, _, _ in terms], [xr.reshape(-1, xr.shape[-1]).float() for xr in xs])
+            ds = w.matmul_terms([key for key, _, _ in terms], [_float32(xr.reshape(-1, xr.shape[-1])) for xr in xs])
             for (_, rows, weights), xr, d in zip(terms, xs, ds):
                 _add_rows(y, rows, d.reshape(*xr.shape[:-1], -1), weights)
         b = self.tensors.get("bias")
@@ -997,6 +1014,12 @@ def _take(x, rows):
     return x[rows] if isinstance(rows, slice) else x.index_select(0, rows)
 
 
+def _float32(x):
+    """x as float32 (itself when it is)."""
+    torch, _ = require_torch()
+    return x if x.dtype == torch.float32 else x.float()
+
+
 def _put(y, rows, v) -> None:
     """y[rows] = v along dim 0."""
     if rows is None:
@@ -1011,11 +1034,12 @@ def _add_rows(y, rows, d, weights) -> None:
     """y[rows] += weights[:, None...] * d (all of y when rows is None)."""
     if weights is not None:
         d = d * weights.view(-1, *([1] * (d.dim() - 1)))
-    d = d.to(y.dtype)
+    if d.dtype != y.dtype:
+        d = d.to(y.dtype)
     if rows is None:
         y.add_(d)
     elif isinstance(rows, slice):
-        y[rows] += d
+        y[rows].add_(d)  # in place on the view: `y[rows] += d` would copy it back onto itself
     else:
         y.index_add_(0, rows, d)
 
@@ -1092,8 +1116,8 @@ class DeltaRuntime:
 
     @fused.setter
     def fused(self, mode: str) -> None:
-        if mode not in ("auto", "always", "never"):
-            raise StreammergeError(f"fused mode {mode!r}: one of auto, always, never")
+        if mode not in FUSED_MODES:
+            raise StreammergeError(f"fused mode {mode!r}: one of {', '.join(FUSED_MODES)}")
         self._fused_mode = mode
         self.set_memory_budget(self.memory_budget)  # the stacks' share of the budget
 
