@@ -107,7 +107,7 @@ def runtime(store, memory_budget=None, fused=False, norms_per_group=False, devic
 
 def grouped(rt):
     """The forwards of the routed modules that are neither Linear nor Embedding (the norms)."""
-    from streammerge.routing.deltas import DeltaGrouped
+    from streammerge.routing.modules import DeltaGrouped
 
     return [m.forward for m in rt._patched if isinstance(m.forward, DeltaGrouped)]
 
@@ -131,7 +131,7 @@ def stack_bytes(rt, model, store):
     """What the fused stacks of every routed Linear take, counted from the store's encodings:
     per Linear (1 + its terms) copies of its weight and bias, a term per task (Mediator) or per
     task decision with a delta there (1bit), in the model's dtype."""
-    from streammerge.routing.deltas import DeltaLinear
+    from streammerge.routing.modules import DeltaLinear
 
     total = 0
     for module in rt._patched:
@@ -684,7 +684,7 @@ def test_cache_within_budget_gives_the_same_logits(stores, which):
 def test_fused_stacks_only_within_the_budget(stores, which):
     """A stack is built only where it fits what the model and the encodings leave of the budget
     (in module order); the other Linears keep the per-term path; the logits are the same."""
-    from streammerge.routing.deltas import DeltaLinear
+    from streammerge.routing.modules import DeltaLinear
 
     store = stores[which]
     mix = Decision("mix", (("chat", 0.5), ("math", 0.5)))
@@ -735,7 +735,7 @@ def test_long_batches_take_the_stacks_dense_blocks(stores, which, monkeypatch):
     """Where "auto" fuses a few tokens but a batch has more (a prefill), a Linear with a stack
     runs the shared product and each term's rows times its dense block of the stack: the
     per-term path's logits, no decoded term cached beside the stacks, one product per term."""
-    from streammerge.routing import deltas
+    from streammerge.routing import deltas, modules, terms
 
     # the policy of a GPU, on this CPU: stacks reserved, up to 4 tokens fused, more in blocks
     monkeypatch.setattr(deltas, "fused_pays", lambda device, tokens: tokens <= 4)
@@ -748,10 +748,10 @@ def test_long_batches_take_the_stacks_dense_blocks(stores, which, monkeypatch):
     rt, model = runtime(store, memory_budget=1 << 34)
     assert rt.fused == "auto" and rt.fused_layers()[0] > 0
     ran = []
-    monkeypatch.setattr(deltas.DeltaLinear, "_fused", lambda self, x, terms: pytest.fail("fused a long batch"))
-    blocks = deltas.DeltaLinear._blocks
-    monkeypatch.setattr(deltas.DeltaLinear, "_blocks", lambda self, x, terms: ran.append(len(terms)) or blocks(self, x, terms))
-    monkeypatch.setattr(deltas.OneBitTensor, "full_fits", lambda self: False)  # 1bit: not its cached full weights
+    monkeypatch.setattr(modules.DeltaLinear, "_fused", lambda self, x, terms: pytest.fail("fused a long batch"))
+    blocks = modules.DeltaLinear._blocks
+    monkeypatch.setattr(modules.DeltaLinear, "_blocks", lambda self, x, terms: ran.append(len(terms)) or blocks(self, x, terms))
+    monkeypatch.setattr(terms.OneBitTensor, "full_fits", lambda self: False)  # 1bit: not its cached full weights
     rt.set_rows(decisions)
     with torch.inference_mode():
         got = model(input_ids=ids).logits
@@ -767,7 +767,7 @@ def test_compact_sparse_decodes_like_the_numpy_decoder(stores):
     from streammerge.encodings.sparse import decode_sparse
     from streammerge.routing.runtime import open_routing_store
     from streammerge.routing.encoded import SparseDelta
-    from streammerge.routing.deltas import CompactSparse
+    from streammerge.routing.compact import CompactSparse
 
     s, method = open_routing_store(stores["mediator"])
     ranks = set()
@@ -813,8 +813,8 @@ def test_expert_loads_block_by_block_like_the_flat_index(shape, block_rows, code
     of the whole tensor, built a few rows at a time: the same pointers, positions and values as
     the form built from SparseDelta's flat index, in either layout."""
     from streammerge.encodings.sparse import encode_sparse
-    from streammerge.routing import deltas
-    from streammerge.routing.deltas import CompactSparse
+    from streammerge.routing import compact
+    from streammerge.routing.compact import CompactSparse
     from streammerge.routing.encoded import SparseDelta
 
     rng = np.random.default_rng(len(shape) * 10 + block_rows)
@@ -827,7 +827,7 @@ def test_expert_loads_block_by_block_like_the_flat_index(shape, block_rows, code
         blobs.append(encode_sparse(off, (rng.standard_normal(off.size) * 0.01).astype(np.float32), size, value_bits=bits))
     job = {"shape": list(shape), "block_rows": block_rows, "nblocks": len(blobs)}
     want = CompactSparse(SparseDelta(BlobStore(blobs), "x", job, "cpu"), shape, layout=layout)
-    monkeypatch.setattr(deltas, "PRODUCT_ROWS_ELEMENTS", 2 * shape[-1])  # two rows at a time
+    monkeypatch.setattr(compact, "PRODUCT_ROWS_ELEMENTS", 2 * shape[-1])  # two rows at a time
     got = CompactSparse.load(BlobStore(list(blobs)), "x", job, "cpu", layout=layout)
     assert got.layout == want.layout and got.count == want.count
     assert torch.equal(got.crow, want.crow)
@@ -861,7 +861,8 @@ def test_mask_form_gives_the_column_form_products(shape, kept, value_bits, devic
     within EXACT_ATOL; in the bytes stated. On every device the runtime serves from (the forms
     are built where the index lies)."""
     from streammerge.encodings.sparse import quantize_int8
-    from streammerge.routing.deltas import DENSE_FROM, EXACT_ATOL, CompactSparse
+    from streammerge.routing.compact import DENSE_FROM, CompactSparse
+    from streammerge.routing.deltas import EXACT_ATOL
     from streammerge.routing.encoded import Int8Values, Values
 
     gen = torch.Generator().manual_seed(len(shape) * 100 + shape[-1])
@@ -901,9 +902,9 @@ def test_mask_form_gives_the_column_form_products(shape, kept, value_bits, devic
     assert torch.allclose(got, ref, atol=EXACT_ATOL, rtol=0)
     # an uncached product decodes row range by row range (here 2 rows at a time), never the
     # whole dense delta, and gives the decoded form's product
-    from streammerge.routing import deltas
+    from streammerge.routing import compact
 
-    monkeypatch.setattr(deltas, "PRODUCT_ROWS_ELEMENTS", 2 * cols)
+    monkeypatch.setattr(compact, "PRODUCT_ROWS_ELEMENTS", 2 * cols)
     # built 2 rows at a time (bounded temporaries): the same positions
     for whole, layout in ((c, "columns"), (m, "mask")):
         ranged = CompactSparse(sp, shape, layout=layout)
@@ -981,7 +982,7 @@ def test_signs_product_equals_the_reconstructed_task_vector(kind):
     """The sign-bits x activation product (lambda 0 terms) against encoded.py's tau_hat (itself
     checked against the numpy decoder in test_routing), odd column count, row chunks of 3."""
     from streammerge.routing.encoded import TaskPiece
-    from streammerge.routing.deltas import signs_product
+    from streammerge.routing.terms import signs_product
 
     g = torch.Generator().manual_seed(5)
     rows, cols = 10, 21
@@ -1004,7 +1005,7 @@ def test_gathered_rows_of_a_piece(kind):
     """Embedding rows of a 1bit task vector: the piece restricted to some rows reconstructs
     exactly those rows of encoded.py's tau_hat."""
     from streammerge.routing.encoded import SparseDelta, TaskPiece, Values
-    from streammerge.routing.deltas import _gathered
+    from streammerge.routing.terms import _gathered
 
     g = torch.Generator().manual_seed(7)
     rows, cols = 12, 19
@@ -1171,7 +1172,7 @@ def test_affine_norm_in_one_pass_equals_the_module_per_row(name, dtype):
     index tensor and a lone row)."""
     import copy
 
-    from streammerge.routing.deltas import AffineForm
+    from streammerge.routing.modules import AffineForm
 
     h = 48
     module, routed, form_want = _norm_modules(h)[name]
@@ -1209,6 +1210,6 @@ def test_affine_norm_in_one_pass_equals_the_module_per_row(name, dtype):
 def test_modules_not_affine_keep_the_per_group_path(module):
     """Not affine, not element by element, or affine with a part no neutral tensor removes: no
     form (DeltaGrouped runs them once per row group: the norms-per-group tests above)."""
-    from streammerge.routing.deltas import AffineForm
+    from streammerge.routing.modules import AffineForm
 
     assert AffineForm.probe(module, {"weight": None}, type(module).forward) is None

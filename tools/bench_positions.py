@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Cost of one sparse-delta product from each resident position form of a Mediator expert
-(routing/deltas.py CompactSparse): "columns" (CSR, int16 column indices) against "mask" (the
+(routing/compact.py CompactSparse): "columns" (CSR, int16 column indices) against "mask" (the
 packed bitmask), decoded per product (no --memory-budget: `product_in_rows`, a dense decode a
 row range at a time) or cached (within one).
 
@@ -86,7 +86,7 @@ def load_once(shape, rho: float, value_bits: int, block_rows: int, path: str) ->
     import torch
 
     from streammerge.encodings.sparse import encode_sparse
-    from streammerge.routing.deltas import CompactSparse
+    from streammerge.routing.compact import CompactSparse
     from streammerge.routing.encoded import SparseDelta
 
     torch.set_num_threads(1)
@@ -153,7 +153,7 @@ def bench_load(args, shapes) -> None:
 def main(argv=None) -> None:
     import torch
 
-    from streammerge.routing.deltas import CompactSparse
+    from streammerge.routing.compact import CompactSparse
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default=None, help="default 1024x256,256x1024 (products), 14336x4096 (--load)")

@@ -9,8 +9,9 @@
 Needs torch and transformers (not dependencies of the merge engine). Modules: decision.py
 (probabilities -> decision), router.py (features, classifier, fit/save/load), encoded.py
 (the store's encodings decoded into torch), deltas.py (DeltaRuntime: each batch row computed
-with its own decision in one forward, from the encodings; `streammerge serve` runs it too),
-model.py (RoutedModel on that runtime), runtime.py (devices, dtypes, the cached merged export,
+with its own decision in one forward, from the encodings; `streammerge serve` runs it too) with
+modules.py (the routed modules' forwards), terms.py (each method's routed tensors and their
+delta products) and compact.py (a sparse delta resident compressed), model.py (RoutedModel on that runtime), runtime.py (devices, dtypes, the cached merged export,
 prompt encoding), prompts.py (JSONL).
 """
 
