@@ -252,6 +252,10 @@ def test_bad_input_table(server):
         (url, {**ok, "prompt": [1, 99999]}, 400, "prompt"),
         (url, {**ok, "prompt": long_prompt}, 400, "prompt"),
         (url, {**ok, "max_tokens": 5000}, 400, "max_tokens"),
+        # beyond what a torch.Generator takes (a 500 from the prefill before)
+        (url, {**ok, "seed": 2**64, "temperature": 1}, 400, "seed"),
+        (url, {**ok, "seed": -(2**63) - 1, "temperature": 1}, 400, "seed"),
+        (url, {**ok, "stream": True, "stream_options": {"include_usage": "x"}}, 400, "stream_options"),
         (chat, {"model": "job", "messages": "hi"}, 400, "messages"),
         (chat, {"model": "job", "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages"),
         (chat, {"model": "job", "messages": []}, 400, "messages"),
@@ -269,6 +273,8 @@ def test_bad_input_table(server):
         c.completions.create(model="job", prompt=long_prompt, max_tokens=1)
     assert e.value.code == "context_length_exceeded"
     assert c.completions.create(**ok).choices[0].text is not None  # still serving
+    for seed in (2**64 - 1, -(2**63)):  # the ends of the range are served
+        assert httpx.post(url, json={**ok, "seed": seed, "temperature": 1}, timeout=30).status_code == 200
 
 
 def test_serve_command_errors(store, tmp_path):

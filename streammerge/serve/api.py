@@ -50,6 +50,11 @@ class APIError(Exception):
 # ---- request bodies ------------------------------------------------------------------------------
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    include_usage: bool | None = None
+
+
 class _Body(BaseModel):
     # strict: "5" is not a number, true is not 1; unknown fields are ignored, as OpenAI's SDKs
     # add new ones over time
@@ -60,9 +65,10 @@ class _Body(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     n: int | None = Field(None, ge=1, le=1)  # one choice per request
     stream: bool | None = False
-    stream_options: dict | None = None
+    stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    # what torch.Generator.manual_seed takes (a negative seed counts modulo 2^64)
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
     user: str | None = None
 
 
@@ -278,7 +284,7 @@ def create_app(engine, name: str, api_key: str | None = None, max_body: int = MA
         meta = {"id": f"{'cmpl' if kind == 'text_completion' else 'chatcmpl'}-{uuid.uuid4().hex[:24]}",
                 "created": int(time.time()), "model": body.model}
         if body.stream:
-            include_usage = bool((body.stream_options or {}).get("include_usage"))
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(stream(req, events, meta, kind, include_usage), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         return await collect(http, req, events, meta, kind)
