@@ -173,6 +173,9 @@ def test_models_and_routed_requests(server):
     c = server.client()
     ids = [m.id for m in c.models.list().data]
     assert ids == ["job", "job:static"] + [f"job:task:{t}" for t in TASKS]
+    assert [c.models.retrieve(m).id for m in ids] == ids
+    with pytest.raises(openai.NotFoundError):
+        c.models.retrieve("job:task:poetry")
     for t in TASKS:
         r = c.completions.create(model="job", prompt=prompts_for(t, 1, 11)[0], max_tokens=3, temperature=0)
         routing = r.model_extra["routing"]
@@ -265,6 +268,9 @@ def test_bad_input_table(server):
     for target, body, status, param in cases:
         kw = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) else {"json": body}
         _error(httpx.post(target, timeout=30, **kw), status, param)
+    # a route or method that does not exist answers in the same shape
+    assert "/v1/embeddings" in _error(httpx.post(server.base + "/v1/embeddings", json=ok, timeout=30), 404)["message"]
+    assert "GET" in _error(httpx.get(url, timeout=30), 405)["message"]
     # the official client sees the same as exceptions of the matching class
     c = server.client()
     with pytest.raises(openai.NotFoundError):

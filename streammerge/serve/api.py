@@ -1,6 +1,6 @@
 """The OpenAI-compatible HTTP routes (FastAPI): requests in, events out. No torch here.
 
-    POST /v1/completions        POST /v1/chat/completions        GET /v1/models
+    POST /v1/completions        POST /v1/chat/completions        GET /v1/models, /v1/models/ID
     GET /health                 GET /metrics (Prometheus text)
 
 Models: NAME (routed per request; listed when the store has a router), NAME:task:T (forced to
@@ -9,8 +9,9 @@ task T), NAME:static (the merged model). Every response (and the first stream ch
 
 Errors are OpenAI's shape, {"error": {"message", "type", "param", "code"}}: 400 for malformed
 JSON, wrong types, a prompt over the context, max_tokens over what the context leaves; 401 for
-a missing or wrong API key; 404 for an unknown model; 413 for a body over the limit; 429 with
-Retry-After when the waiting queue is full; 503 with Retry-After when the engine is not running.
+a missing or wrong API key; 404 for an unknown model or route; 405 for a method a route does not
+take; 413 for a body over the limit; 429 with Retry-After when the waiting queue is full; 503
+with Retry-After when the engine is not running.
 Why FastAPI + uvicorn: well kept, pydantic request models (already a dependency), SSE through a
 StreamingResponse, and a disconnecting client cancels the stream (its request is then aborted
 and its batch slot freed).
@@ -27,6 +28,7 @@ from typing import Literal
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import StreammergeError
 from ..limits import REQUEST, parse_request_body
@@ -142,6 +144,11 @@ def create_app(engine, name: str, api_key: str | None = None, max_body: int = MA
     async def _api_error(request, exc: APIError):
         return exc.response()
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, exc: StarletteHTTPException):  # no such route (404), method (405)
+        what = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}
+        return APIError(exc.status_code, what.get(exc.status_code, str(exc.detail)), headers=exc.headers).response()
+
     @app.exception_handler(Exception)
     async def _internal(request, exc: Exception):  # a bug answers 500; the server stays up
         return APIError(500, f"internal error: {type(exc).__name__}", type="server_error").response()
@@ -171,6 +178,13 @@ def create_app(engine, name: str, api_key: str | None = None, max_body: int = MA
         created = int(time.time())
         return {"object": "list", "data": [{"id": m, "object": "model", "created": created, "owned_by": "streammerge"}
                                            for m in model_ids()]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model_info(model: str):
+        if model not in model_ids():
+            raise APIError(404, f"no model {model!r}; models: {', '.join(model_ids())}", param="model",
+                           code="model_not_found")
+        return {"id": model, "object": "model", "created": int(time.time()), "owned_by": "streammerge"}
 
     def target(model: str) -> tuple:
         if model == name and routed:
