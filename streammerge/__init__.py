@@ -17,7 +17,7 @@ Layout (one place per concern):
 
 Imports point one way (tests/test_import_graph.py): dtypes/geometry/workspace/errors and
 methods/base.py <- ops/ <- kernels/, encodings/, analysis/ <- methods/ <- plan/ <- engine/,
-export/ <- routing/, cli.py.
+export/ <- routing/, cli/.
 """
 
 __version__ = "0.1.0"
