@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import os
 import queue
+import re
+import shutil
 import threading
 import uuid
 from pathlib import Path
@@ -37,6 +39,66 @@ def pid_alive(pid) -> bool:
     except PermissionError:
         return True
     return True
+
+
+# ---- output directories written beside their final name, then renamed into place ----------------
+# An export (or an adapter) is written under `.OUT.partial-<pid>-<id>` beside OUT and renamed
+# over it when complete, so OUT is the old output or the whole new one, never half of either. A
+# killed writer's litter names its pid: the next writer of OUT removes it once that pid is gone.
+
+
+def staging_dir(out_dir: Path) -> Path:
+    """A fresh hidden name beside `out_dir` to write it under (not created)."""
+    return out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def publish_dir(tmp: Path, out_dir: Path) -> None:
+    """Make `tmp`'s files and entries durable, then rename it to `out_dir`, replacing what was there
+    (moved aside first, removed after). Files named *.safetensors were fsynced by their writer."""
+    for f in tmp.iterdir():
+        if f.is_file() and not f.name.endswith(".safetensors"):
+            with open(f, "rb+") as fh:
+                os.fsync(fh.fileno())
+    _fsync_path(tmp)
+    if out_dir.exists():
+        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        os.rename(out_dir, old)
+        os.rename(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, out_dir)
+    _fsync_path(out_dir.parent)
+    remove_stale_temps(out_dir)
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temps(out_dir: Path) -> int:
+    """Remove what killed writers left beside OUT: `.OUT.partial-<pid>-<id>` directories, and,
+    once OUT exists, `.OUT.old-<pid>-<id>` (a replaced output), whose process <pid> is gone."""
+
+    pattern = re.compile(rf"\.{re.escape(out_dir.name)}\.(partial|old)-(\d+)-[0-9a-f]{{8}}")
+    removed = 0
+    try:
+        entries = list(out_dir.parent.iterdir())
+    except OSError:
+        return 0
+    for p in entries:
+        m = pattern.fullmatch(p.name)
+        if not m or p.is_symlink() or not p.is_dir():
+            continue
+        pid = int(m.group(2))
+        if pid == os.getpid() or pid_alive(pid) or (m.group(1) == "old" and not out_dir.exists()):
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        removed += 1
+    return removed
 
 
 # ---- writes that bypass the page cache ----------------------------------------------------------

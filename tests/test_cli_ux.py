@@ -5,7 +5,6 @@ synthetic checkpoints and asserts the output and the exit code."""
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 

@@ -89,7 +89,7 @@ def test_device_build_of_f64_inputs_is_bit_identical_to_cpu(tmp_path, device):
         "merge_method": "task_arithmetic", "base_model": str(base),
         "models": [{"model": str(f), "parameters": {"weight": w}} for f, w in zip(fts, (0.7, 0.4))],
     })
-    cpu = build(recipe, tmp_path / "cpu.zarr", progress=False, block_elems=2048)
+    build(recipe, tmp_path / "cpu.zarr", progress=False, block_elems=2048)
     dev = build(recipe, tmp_path / "dev.zarr", progress=False, block_elems=2048, device=device)
     assert dev.report.on_cpu == () and {t["dtype"] for t in dev.store.tensors} == {"float64"}
     assert store_digest(tmp_path / "dev.zarr") == store_digest(tmp_path / "cpu.zarr")

@@ -178,6 +178,35 @@ def test_bad_inputs_are_one_line_errors(models, tmp_path):
     assert not list(tmp_path.glob(".*partial*"))
 
 
+def test_overwrite_replaces_whole_and_a_killed_runs_litter_is_removed(models, tmp_path):
+    """The adapter is written beside OUT and renamed into place (fsutil.publish_dir): --overwrite
+    swaps in the whole new adapter, and what a killed extraction left (its pid gone) is removed
+    by the next one, while a running one's is left alone."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "adapter"
+    out.mkdir()
+    (out / "old.txt").write_text("an older adapter")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        stale = tmp_path / f".adapter.partial-{dead.pid}-0123abcd"
+        stale_old = tmp_path / f".adapter.old-{dead.pid}-89abcdef"
+        running = tmp_path / f".adapter.partial-{live.pid}-0123abcd"
+        for d in (stale, stale_old, running):
+            d.mkdir()
+            (d / "adapter_model.safetensors").write_bytes(b"half")
+        run("extract-lora", models["exact"], "--base", models["base"], "-o", out, "--rank", 2, "--overwrite")
+        assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "extraction.json"]
+        assert not stale.exists() and not stale_old.exists() and running.exists()
+        assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".adapter.")] == [running.name]
+    finally:
+        live.kill()
+        live.wait()
+
+
 # What vLLM's parse_fine_tuned_lora_name accepts from a linear layer's adapter (anything else:
 # "... is unsupported LoRA weight"), and SGLang likewise.
 ENGINE_KEY = r"base_model\.model\..+\.lora_[AB]\.weight"

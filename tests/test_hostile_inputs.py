@@ -28,7 +28,6 @@ import pytest
 import yaml
 
 import synth_checkpoints as synth
-from streammerge.cli import main as cli
 from streammerge.errors import StreammergeError
 from streammerge.limits import DOCUMENT, LISTING, RECIPE, REQUEST, parse_json, parse_request_body
 from streammerge.recipe import parse_recipe

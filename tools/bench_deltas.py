@@ -70,14 +70,14 @@ def bench_store(store: Path, rows: int, prefill: int, repeat: int) -> dict:
                 model(input_ids=ids, use_cache=False)
 
         res["static"] = best(lambda: fwd(static), repeat)
-        del static
+        static = None  # freed before the runtimes load their copies
         for name, budget in (("delta", None), ("delta+c", 1 << 40)):
             model, _ = load_merged_model(s, cpu, torch.float32)
             rt = DeltaRuntime(model, s, method, cpu, torch.float32, memory_budget=budget)
             rt.set_rows(decisions)
             res[name] = best(lambda: fwd(model), repeat)
             res[f"{name} bytes"] = rt.resident_bytes()
-            del model, rt
+            model = rt = None
         sw = WeightSwapModel.load(store, device="cpu", dtype="float32")
         groups = {t: torch.tensor([b for b, d in enumerate(decisions) if d.task == t]) for t in TASKS}
 
@@ -89,7 +89,7 @@ def bench_store(store: Path, rows: int, prefill: int, repeat: int) -> dict:
 
         res["swap"] = best(swap, repeat)
         sw.apply(STATIC)
-        del sw
+        sw = None
         out[label] = res
     return out
 

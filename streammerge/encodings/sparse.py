@@ -158,11 +158,6 @@ def encode_sparse(offsets, values_f32, size: int, value_bits: int = 16) -> bytes
     return head + pos + scale.astype("<f4").tobytes() + q.tobytes()
 
 
-def sparse_count(blob) -> int:
-    """The number of entries in a blob (header checks only)."""
-    return _header(blob)[0]
-
-
 def _header(blob) -> tuple[int, int, int | None, int, int]:
     """(count, layout, block elements or None for version 1, header size, value code) after
     checking the header and that the blob has exactly the bytes it announces."""

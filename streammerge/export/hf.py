@@ -8,13 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import hashlib
 import json
 import os
-import re
 import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +24,7 @@ from ..dtypes import FloatType, float_type, from_float32, to_float32
 from ..engine.scheduler import run_graph
 from ..errors import StoreError, StreammergeError
 from ..limits import DOCUMENT, LISTING, read_json
-from ..fsutil import atomic_write, pid_alive
+from ..fsutil import atomic_write, publish_dir, remove_stale_temps, staging_dir
 from ..store.store import Store
 from .card import write_card
 from .safetensors_writer import ShardedWriter, TensorSpec, holds_layout, shard_layout, write_index
@@ -221,7 +218,7 @@ class OpenExport:
         self._total_size = sum(t.nbytes for t in specs)
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(out_dir)
-        self.tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.tmp = staging_dir(out_dir)
         self.writer: ShardedWriter | None = None
         try:
             with self._naming_out_dir():
@@ -246,8 +243,7 @@ class OpenExport:
                 _write_side_files(self.store, self.tmp, self.out_type)
                 extra_files = list(extra(self.tmp) or ()) if extra is not None else []
                 extra_size = sum(_tree_size(self.tmp / f) for f in extra_files)
-                _fsync_dir(self.tmp)
-                _replace_dir(self.tmp, self.out_dir)
+                publish_dir(self.tmp, self.out_dir)
         except BaseException:
             self.abort()
             raise
@@ -350,47 +346,3 @@ def _link_or_copy(src: Path, dest: Path) -> None:
             os.close(fd)
 
 
-def _fsync_dir(path: Path) -> None:
-    """Make the side files and the directory entries durable (shards were fsynced by the writer)."""
-    for f in path.iterdir():
-        if f.is_file() and not f.name.endswith(".safetensors"):
-            with open(f, "rb+") as fh:
-                os.fsync(fh.fileno())
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _replace_dir(tmp: Path, out_dir: Path) -> None:
-    if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        os.rename(out_dir, old)
-        os.rename(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out_dir)
-    remove_stale_temps(out_dir)
-
-
-def remove_stale_temps(out_dir: Path) -> int:
-    """Remove what killed exports left beside OUT: `.OUT.partial-<pid>-<id>` directories, and,
-    once OUT exists, `.OUT.old-<pid>-<id>` (a replaced export), whose process <pid> is gone."""
-
-    pattern = re.compile(rf"\.{re.escape(out_dir.name)}\.(partial|old)-(\d+)-[0-9a-f]{{8}}")
-    removed = 0
-    try:
-        entries = list(out_dir.parent.iterdir())
-    except OSError:
-        return 0
-    for p in entries:
-        m = pattern.fullmatch(p.name)
-        if not m or p.is_symlink() or not p.is_dir():
-            continue
-        pid = int(m.group(2))
-        if pid == os.getpid() or pid_alive(pid) or (m.group(1) == "old" and not out_dir.exists()):
-            continue
-        shutil.rmtree(p, ignore_errors=True)
-        removed += 1
-    return removed

@@ -27,10 +27,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -42,6 +40,7 @@ from ..checkpoints import open_model
 from ..checkpoints.blocks import read_rows
 from ..dtypes import is_float_st
 from ..errors import StreammergeError
+from ..fsutil import publish_dir, remove_stale_temps, staging_dir
 from ..geometry import numel, row_elems
 from ..workspace import thread_buffer
 from .safetensors_writer import ShardedWriter, TensorSpec
@@ -295,7 +294,7 @@ def extract_lora(finetune: str, base: str, out: Path, rank: int, *, modules_to_s
         "dropped_share": dropped_share(report),
         "tensors": report,
     }
-    _write_adapter(out, tensors, config, summary, overwrite)
+    _write_adapter(out, tensors, config, summary)
     return summary
 
 
@@ -328,20 +327,15 @@ def write_adapter_files(directory: Path, tensors: dict[str, np.ndarray | WholeTe
     (directory / "extraction.json").write_text(json.dumps(summary, indent=1) + "\n")
 
 
-def _write_adapter(out: Path, tensors: dict, config: dict, summary: dict, overwrite: bool) -> None:
-    """Written under a hidden name beside `out`, renamed into place when complete."""
+def _write_adapter(out: Path, tensors: dict, config: dict, summary: dict) -> None:
+    """Written under a hidden name beside `out`, renamed into place when complete (fsutil)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    remove_stale_temps(out)
+    tmp = staging_dir(out)
     tmp.mkdir()
     try:
         write_adapter_files(tmp, tensors, config, summary)
-        if out.exists() and overwrite:
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        publish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -367,7 +367,6 @@ def train_all(cfg: Config, root: Path, device: str, force: bool = False) -> dict
     root.mkdir(parents=True, exist_ok=True)
     (root / "train.json").unlink(missing_ok=True)
     with open(root / "train.log", "a") as fh:  # appended: a resumed run's lines follow the first's
-        t0 = time.perf_counter()
         info = {"config": cfg.as_dict(), "hash": cfg.training_hash(), "device": describe_device(device)}
         done = root / "pretrain.json"  # the base is trained (a run cut off after it resumes with the experts)
         if done.is_file() and (root / "base" / "model.safetensors").is_file():
