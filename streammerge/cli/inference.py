@@ -9,7 +9,7 @@ import click
 
 from ..errors import StreammergeError
 from ..limits import DOCUMENT, read_json
-from .main import SIZE, _WRITING, main, user_errors
+from .main import SIZE, WRITING_KEY, main, user_errors
 
 
 # ---- inference for routing stores (streammerge/routing): router fit / show, generate ----------
@@ -187,7 +187,7 @@ def generate(store, prompt_texts, input_path, output_path, show_routing, max_new
         temperature=temperature, top_p=top_p, seed=seed, details=True,
     )
     if output_path is not None:
-        click.get_current_context().meta[_WRITING] = output_path  # a full disk from here on is its
+        click.get_current_context().meta[WRITING_KEY] = output_path  # a full disk from here on is its
         output_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = output_path.with_name(f".{output_path.name}.{uuid.uuid4().hex[:8]}.partial")
         try:

@@ -70,7 +70,7 @@ def user_errors(fn):
             ctx = click.get_current_context()
             # an export names OUT (not its hidden temporary); else the file (filename2: a copy's
             # destination, shutil names the source first), else the store
-            where = ctx.meta.get(_WRITING) or e.filename2 or e.filename or kwargs.get("store_path") or kwargs.get("out")
+            where = ctx.meta.get(WRITING_KEY) or e.filename2 or e.filename or kwargs.get("store_path") or kwargs.get("out")
             click.echo(f"error: {where}: no space left on device; free some space and run the same command "
                        "again to resume", err=True)
             sys.exit(1)
@@ -82,7 +82,7 @@ def user_errors(fn):
 
 
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
-_WRITING = "streammerge.writing"  # ctx.meta key: the output being written (names a full disk)
+WRITING_KEY = "streammerge.writing"  # ctx.meta key: the output being written (names a full disk)
 
 
 class Terminated(KeyboardInterrupt):
@@ -115,8 +115,8 @@ def _sigterm_as_interrupt():
 _SAFETY = "streammerge.safety"  # ctx.meta key: the --allow-* flags of this command
 
 
-def _safety_options(*names):
-    """Add the --allow-* flags `names` to a command; they reach the engine through `_safety()`."""
+def SAFETY_OPTIONS(*names):
+    """Add the --allow-* flags `names` to a command; they reach the engine through `safety()`."""
     helps = {
         "allow_nonfinite": "Merge inputs that hold NaN or Inf (refused by default, naming the tensor and index).",
         "allow_pickle": "Load pickle checkpoints (.bin, .pt) with torch.load(weights_only=True), converted once to "
@@ -137,13 +137,14 @@ def _safety_options(*names):
     return deco
 
 
-def _safety() -> dict:
+def safety() -> dict:
+    """The engine's keywords for this command's --allow-* flags (those it declared)."""
     return dict(click.get_current_context().meta.get(_SAFETY, {}))
 
 
-def _plan_safety() -> dict:
+def plan_safety() -> dict:
     """make_plan's keywords for `plan`: pickles are converted into a temporary directory."""
-    flags = _safety()
+    flags = safety()
     cache = None
     if flags.get("allow_pickle"):
         import tempfile
@@ -171,7 +172,7 @@ def main(debug: bool) -> None:
     """
 
 
-_build_options = [
+BUILD_OPTIONS = [
     click.option("--workers", "-j", type=click.IntRange(1), default=2, show_default=True, help="Worker threads."),
     click.option(
         "--memory-limit",
@@ -191,7 +192,7 @@ _build_options = [
 ]
 
 # Where the dask graph runs (default: threads in this process). Needs `streammerge[distributed]`.
-_dask_options = [
+DASK_OPTIONS = [
     click.option(
         "--scheduler",
         metavar="ADDRESS",
@@ -220,7 +221,7 @@ def _check_cluster(value):
     return value
 
 
-def _apply(options):
+def apply_options(options):
     def deco(fn):
         for opt in reversed(options):
             fn = opt(fn)
@@ -230,7 +231,7 @@ def _apply(options):
 
 
 # extract-lora's and export --variant lora's: what becomes of the changed weights a LoRA cannot factor
-_modules_to_save_option = [
+MODULES_TO_SAVE_OPTION = [
     click.option(
         "--modules-to-save",
         type=click.Choice(["keep", "drop"]),  # export.lora.MODULES_TO_SAVE, not imported at start-up

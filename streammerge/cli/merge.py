@@ -10,15 +10,15 @@ import click
 
 from ..errors import StreammergeError
 from ..limits import DOCUMENT, read_json
-from .main import (SIZE, _WRITING, _apply, _build_options, _dask_options, _modules_to_save_option, _plan_safety, _safety,
-                   _safety_options, human, main, user_errors)
+from .main import (BUILD_OPTIONS, DASK_OPTIONS, MODULES_TO_SAVE_OPTION, SAFETY_OPTIONS, SIZE, WRITING_KEY, apply_options,
+                   human, main, plan_safety, safety, user_errors)
 
 
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
-@_apply(_build_options)
+@apply_options(BUILD_OPTIONS)
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
-@_safety_options("allow_pickle", "allow_crimes")
+@SAFETY_OPTIONS("allow_pickle", "allow_crimes")
 @user_errors
 def plan(recipe: Path, workers: int, memory_limit: int, seed: int, block_elements, as_json: bool) -> None:
     """Dry run: list tensors, bytes, blocks and the memory estimate; reads only headers."""
@@ -32,7 +32,7 @@ def plan(recipe: Path, workers: int, memory_limit: int, seed: int, block_element
         seed=seed,
         recipe_dir=recipe.parent,
         block_elems=block_elements,
-        **_plan_safety(),
+        **plan_safety(),
     )
     info = {
         "method": p.method.name,
@@ -86,7 +86,7 @@ def plan(recipe: Path, workers: int, memory_limit: int, seed: int, block_element
 @click.option("--store", "store_path", type=click.Path(path_type=Path),
               help="Job store directory (created, or resumed). Default with OUT: OUT.zarr beside it.")
 @click.option("--export", "export_dir", type=click.Path(path_type=Path), help="Also export the result to this directory (= OUT).")
-@_apply(_build_options)
+@apply_options(BUILD_OPTIONS)
 @click.option("--restart", is_flag=True, help="Discard an existing store for this path and start over.")
 @click.option("--shard-size", "--out-shard-size", "shard_size", type=SIZE, default="5GB", show_default=True,
               help="With an output: max bytes per shard.")
@@ -105,8 +105,8 @@ def plan(recipe: Path, workers: int, memory_limit: int, seed: int, block_element
 @click.option("--cuda", is_flag=True, help="mergekit's flag: the same as --device cuda.")
 @click.option("--copy-tokenizer", is_flag=True, hidden=True)  # mergekit's default, and ours: accepted, changes nothing
 @click.option("--lazy-unpickle", is_flag=True, hidden=True)  # mergekit's flag: accepted with a note (see below)
-@_apply(_dask_options)
-@_safety_options("allow_nonfinite", "allow_pickle", "allow_crimes")
+@apply_options(DASK_OPTIONS)
+@SAFETY_OPTIONS("allow_nonfinite", "allow_pickle", "allow_crimes")
 @user_errors
 def build(
     recipe, out, store_path, export_dir, workers, memory_limit, seed, block_elements, restart, shard_size, dtype, overwrite,
@@ -170,7 +170,7 @@ def _build(recipe, store_path, export_dir, workers, memory_limit, seed, block_el
         scheduler=client,
         device=device,
         export=None if export_dir is None else dict(out_dir=export_dir, shard_size=shard_size, dtype=dtype, overwrite=overwrite),
-        **_safety(),
+        **safety(),
     )
     for w in result.warnings:
         click.echo(f"warning: {w}", err=True)
@@ -247,9 +247,9 @@ def status(store: Path, as_json: bool) -> None:
 )
 @click.option("--rank", type=click.IntRange(1), default=32, show_default=True,
               help="With --variant lora: the adapters' rank (each approximates its task's model by a randomized SVD).")
-@_apply(_modules_to_save_option)
+@apply_options(MODULES_TO_SAVE_OPTION)
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
-@_apply(_dask_options)
+@apply_options(DASK_OPTIONS)
 @user_errors
 def export(store, out, shard_size, dtype, workers, overwrite, variant, rank, modules_to_save, progress, scheduler,
            cluster):
@@ -270,7 +270,7 @@ def _export(store, out, shard_size, dtype, workers, overwrite, progress, client=
     from ..export.variants import export_variant
 
     t0 = time.perf_counter()
-    click.get_current_context().meta[_WRITING] = out  # a full disk from here on is out's
+    click.get_current_context().meta[WRITING_KEY] = out  # a full disk from here on is out's
     info = export_variant(
         store, out, variant, rank=rank, modules_to_save=modules_to_save, shard_size=shard_size, dtype=dtype,
         workers=workers, overwrite=overwrite, progress=progress, scheduler=client,
@@ -303,7 +303,7 @@ def _print_exported(info: dict) -> None:
 @click.option("--rank", "-r", required=True, type=click.IntRange(1), help="LoRA rank (the largest; see --sv-epsilon).")
 @click.option("--sv-epsilon", type=click.FloatRange(0), default=0.0, show_default=True,
               help="Drop singular values at or below this (absolute, as mergekit-extract-lora): lower ranks per tensor.")
-@_apply(_modules_to_save_option)
+@apply_options(MODULES_TO_SAVE_OPTION)
 @click.option("--include", multiple=True, metavar="REGEX", help="Only tensors whose name matches (repeatable).")
 @click.option("--exclude", multiple=True, metavar="REGEX", help="Skip tensors whose name matches (repeatable).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the randomized SVD's sketches.")
@@ -374,7 +374,7 @@ def report(store: Path, out, as_json: bool) -> None:
     rep = load_report(store)
     written = None
     if out is not None:
-        click.get_current_context().meta[_WRITING] = out  # a full disk from here on is out's
+        click.get_current_context().meta[WRITING_KEY] = out  # a full disk from here on is out's
         written = write_report(rep, out)
     if as_json:
         doc = {k: rep[k] for k in ("store", "built_with", "method", "analysis", "storage", "summary")}
