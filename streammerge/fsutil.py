@@ -21,11 +21,14 @@ def atomic_write(path: Path, data: bytes) -> None:
     """Write a file so that readers see either nothing/the old file or the whole new one."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:  # a failed write (a full disk) leaves neither the old file changed nor a partial one
+        tmp.unlink(missing_ok=True)
 
 
 def pid_alive(pid) -> bool:

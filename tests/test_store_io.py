@@ -3,6 +3,7 @@ against zarr reading and writing the same arrays, and the write-behind thread of
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import threading
@@ -13,7 +14,7 @@ import zarr
 from zarr.storage import LocalStore
 
 from streammerge.errors import StoreError
-from streammerge.fsutil import WriteBehind, write_new_file
+from streammerge.fsutil import WriteBehind, atomic_write, write_new_file
 from streammerge.store.store import Store
 
 
@@ -110,6 +111,24 @@ def test_write_new_file_pads_with_zeros_and_leaves_no_partial(tmp_path, size, da
     got = (tmp_path / "f").read_bytes()
     assert got == data.tobytes() + bytes(size - data_len)
     assert os.listdir(tmp_path) == ["f"]
+
+
+def test_atomic_write_that_fails_keeps_the_old_file_and_leaves_no_partial(tmp_path, monkeypatch):
+    """A full disk mid-write (here: at the fsync) raises, the old file is unchanged, and no
+    hidden .partial file stays behind (`generate --output` and the store's JSON use it)."""
+    path = tmp_path / "answers.jsonl"
+    atomic_write(path, b"old\n")
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError, match="No space left"):
+        atomic_write(path, b"new\n" * 1000)
+    assert path.read_bytes() == b"old\n" and [p.name for p in tmp_path.iterdir()] == ["answers.jsonl"]
+    monkeypatch.undo()
+    atomic_write(path, b"new\n")
+    assert path.read_bytes() == b"new\n" and [p.name for p in tmp_path.iterdir()] == ["answers.jsonl"]
 
 
 def test_write_behind_copies_the_data_keeps_order_and_raises_the_first_error(tmp_path):

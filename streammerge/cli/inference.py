@@ -165,9 +165,7 @@ def generate(store, prompt_texts, input_path, output_path, show_routing, max_new
       streammerge generate job.zarr --prompt "What is 17*23?" --show-routing
       streammerge generate job.zarr --input prompts.jsonl --output answers.jsonl --device cuda
     """
-    import os
-    import uuid
-
+    from ..fsutil import atomic_write
     from ..routing.model import RoutedModel
     from ..routing.prompts import read_prompt_records
 
@@ -189,16 +187,9 @@ def generate(store, prompt_texts, input_path, output_path, show_routing, max_new
     if output_path is not None:
         click.get_current_context().meta[WRITING_KEY] = output_path  # a full disk from here on is its
         output_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = output_path.with_name(f".{output_path.name}.{uuid.uuid4().hex[:8]}.partial")
-        try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                for (_, rec), g in zip(records, gens):
-                    f.write(json.dumps({**rec, "output": g.text, "routing": g.decision.as_dict(), "new_tokens": g.new_tokens},
-                                       ensure_ascii=False) + "\n")
-            os.replace(tmp, output_path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        lines = (json.dumps({**rec, "output": g.text, "routing": g.decision.as_dict(), "new_tokens": g.new_tokens},
+                            ensure_ascii=False) + "\n" for (_, rec), g in zip(records, gens))
+        atomic_write(output_path, "".join(lines).encode("utf-8"))
     for i, g in enumerate(gens):
         if show_routing:
             click.echo(f"routing: {rm.describe(g.decision)}")
