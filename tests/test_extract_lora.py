@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -182,9 +184,6 @@ def test_overwrite_replaces_whole_and_a_killed_runs_litter_is_removed(models, tm
     """The adapter is written beside OUT and renamed into place (fsutil.publish_dir): --overwrite
     swaps in the whole new adapter, and what a killed extraction left (its pid gone) is removed
     by the next one, while a running one's is left alone."""
-    import subprocess
-    import sys
-
     out = tmp_path / "adapter"
     out.mkdir()
     (out / "old.txt").write_text("an older adapter")

@@ -115,7 +115,7 @@ def _sigterm_as_interrupt():
 _SAFETY = "streammerge.safety"  # ctx.meta key: the --allow-* flags of this command
 
 
-def SAFETY_OPTIONS(*names):
+def safety_options(*names):
     """Add the --allow-* flags `names` to a command; they reach the engine through `safety()`."""
     helps = {
         "allow_nonfinite": "Merge inputs that hold NaN or Inf (refused by default, naming the tensor and index).",

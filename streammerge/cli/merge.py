@@ -10,15 +10,15 @@ import click
 
 from ..errors import StreammergeError
 from ..limits import DOCUMENT, read_json
-from .main import (BUILD_OPTIONS, DASK_OPTIONS, MODULES_TO_SAVE_OPTION, SAFETY_OPTIONS, SIZE, WRITING_KEY, apply_options,
-                   human, main, plan_safety, safety, user_errors)
+from .main import (BUILD_OPTIONS, DASK_OPTIONS, MODULES_TO_SAVE_OPTION, SIZE, WRITING_KEY, apply_options, human, main,
+                   plan_safety, safety, safety_options, user_errors)
 
 
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
 @apply_options(BUILD_OPTIONS)
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
-@SAFETY_OPTIONS("allow_pickle", "allow_crimes")
+@safety_options("allow_pickle", "allow_crimes")
 @user_errors
 def plan(recipe: Path, workers: int, memory_limit: int, seed: int, block_elements, as_json: bool) -> None:
     """Dry run: list tensors, bytes, blocks and the memory estimate; reads only headers."""
@@ -106,7 +106,7 @@ def plan(recipe: Path, workers: int, memory_limit: int, seed: int, block_element
 @click.option("--copy-tokenizer", is_flag=True, hidden=True)  # mergekit's default, and ours: accepted, changes nothing
 @click.option("--lazy-unpickle", is_flag=True, hidden=True)  # mergekit's flag: accepted with a note (see below)
 @apply_options(DASK_OPTIONS)
-@SAFETY_OPTIONS("allow_nonfinite", "allow_pickle", "allow_crimes")
+@safety_options("allow_nonfinite", "allow_pickle", "allow_crimes")
 @user_errors
 def build(
     recipe, out, store_path, export_dir, workers, memory_limit, seed, block_elements, restart, shard_size, dtype, overwrite,
