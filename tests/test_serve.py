@@ -372,6 +372,14 @@ def test_concurrent_mixed_requests_equal_each_alone(server):
     # some decode steps ran 8 or more rows together, some with 3 or more decisions
     assert _steps(after, "batch_size", 8) > _steps(before, "batch_size", 8)
     assert _steps(after, "batch_decisions", 3) > _steps(before, "batch_decisions", 3)
+    # each request prefilled once, some of them together (one routing forward and one prefill)
+    prefilled = _metric(after, "streammerge_prefill_size_sum") - _metric(before, "streammerge_prefill_size_sum")
+    prefills = _metric(after, "streammerge_prefill_size_count") - _metric(before, "streammerge_prefill_size_count")
+    assert prefilled == len(jobs) and 1 <= prefills < len(jobs)
+
+
+def _metric(text: str, name: str) -> float:
+    return next(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.split(" ")[0] == name)
 
 
 def _steps(text: str, histogram: str, min_size: int) -> int:

@@ -64,6 +64,16 @@ class Server(ServeProcess):
             out["process_rss"] = next(int(x.split()[1]) * 1024 for x in f if x.startswith("VmRSS"))
         return out
 
+    def prefills(self) -> int:
+        """Prefills so far (/metrics): each admission of waiting requests is one (and, for routed
+        requests, one routing forward before it)."""
+        import httpx
+
+        for line in httpx.get(self.base + "/metrics").text.splitlines():
+            if line.startswith("streammerge_prefill_size_count"):
+                return int(float(line.rsplit(" ", 1)[1]))
+        return 0
+
     def cpu_seconds(self) -> float:
         """User + system time of the server process so far (all its threads)."""
         return process_cpu_seconds(self.proc.pid)
@@ -83,6 +93,7 @@ def run_load(base: str | list[str], reqs: list[dict], concurrency: int, servers:
     import httpx
 
     cpu0 = sum(s.cpu_seconds() for s in servers or [])
+    prefills0 = sum(s.prefills() for s in servers or [])
 
     client = httpx.Client(timeout=600, limits=httpx.Limits(max_connections=concurrency + 4))
     bases = [base] * len(reqs) if isinstance(base, str) else base
@@ -105,6 +116,7 @@ def run_load(base: str | list[str], reqs: list[dict], concurrency: int, servers:
            "tokens": tokens, "wall_s": wall}
     if servers:
         out["tok_cpu_s"] = tokens / max(1e-9, sum(s.cpu_seconds() for s in servers) - cpu0)
+        out["prefills"] = sum(s.prefills() for s in servers) - prefills0
     return out
 
 
@@ -212,7 +224,8 @@ def bench_method(method: str, store: Path, work: Path, args) -> list[dict]:
                     r = run_load(srv.base, reqs[mode], c, [srv])
                     runs.setdefault((mode, f, c), []).append(r)
                     print(f"{method:8} {mode:7} fused {f:6} c={c:<3} round {rnd}: {r['tok_s']:8.1f} tok/s  "
-                          f"{r['tok_cpu_s']:8.1f} tok/CPU-s  p50 {r['p50_s']:.2f}s  p95 {r['p95_s']:.2f}s", flush=True)
+                          f"{r['tok_cpu_s']:8.1f} tok/CPU-s  p50 {r['p50_s']:.2f}s  p95 {r['p95_s']:.2f}s  "
+                          f"prefills {r['prefills']}", flush=True)
         for (mode, f, c), rs in runs.items():
             rows.append({"method": method, "mode": mode if f == args.fused[0] else f"{mode} (fused {f})", "fused": f,
                          "concurrency": c, "memory_budget": args.memory_budget, **summarize(rs)})

@@ -97,6 +97,7 @@ class Engine:
             r.emit(("routing", d))
         live = [r for r in reqs if not r.aborted]  # the aborted: the scheduler finishes them next step
         if live:
+            self.metrics.observe("streammerge_prefill_size", len(live))
             self._prefill(live)
 
     def _prefill(self, reqs: Sequence[Request]) -> None:
@@ -186,6 +187,8 @@ class Engine:
         m.histogram("streammerge_request_latency_seconds", "Time from arrival to the last token.", LATENCY_BUCKETS)
         m.histogram("streammerge_time_to_first_token_seconds", "Time from arrival to the first token.", LATENCY_BUCKETS)
         m.histogram("streammerge_batch_size", "Rows in each decode step.", BATCH_BUCKETS)
+        m.histogram("streammerge_prefill_size", "Requests admitted together: one routing forward and one prefill each time.",
+                    BATCH_BUCKETS)
         m.histogram("streammerge_batch_decisions", "Distinct routing decisions in each decode step.", BATCH_BUCKETS)
         m.gauge("streammerge_requests", "Requests waiting and running now.",
                 lambda: {(("state", k),): v for k, v in self.scheduler.load().items()})
