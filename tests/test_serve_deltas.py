@@ -1213,3 +1213,48 @@ def test_modules_not_affine_keep_the_per_group_path(module):
     from streammerge.routing.modules import AffineForm
 
     assert AffineForm.probe(module, {"weight": None}, type(module).forward) is None
+
+
+def test_runner_kv_cache_is_written_in_place_within_the_reservation(stores):
+    """After rows join, each cache layer holds room for the steps before a row must leave
+    (written in place: no step reallocates), within what the scheduler reserves for those rows,
+    and /metrics' kv_cache counts the buffers."""
+    from streammerge.serve.runner import ModelRunner
+    from streammerge.serve.scheduler import Request, Sampling
+
+    runner = ModelRunner.from_store(stores["mediator"], device="cpu", dtype="float32")
+    reqs = [Request([5, 6, 7, 8][: 2 + i], Sampling(max_tokens=3 + 2 * i), ("task", t)) for i, t in enumerate(["math", "chat"])]
+    runner.decide(reqs)
+    tokens = runner.prefill(reqs)
+    for r in reqs:
+        r.generated = 1  # the prefill's token, as the engine counts it
+    width = runner.mask.shape[1]
+    layer = runner.cache.layers[0]
+    steps = min(r.sampling.max_tokens for r in reqs)  # then the shorter request has its max_tokens
+    assert layer._k.shape[-2] == width + steps
+    buffers = [(la._k.data_ptr(), la._v.data_ptr()) for la in runner.cache.layers]
+    last = dict(zip(map(id, reqs), tokens))
+    for step in range(steps):
+        out = runner.decode([last[id(r)] for r in runner.rows])
+        last = dict(zip(map(id, runner.rows), out))
+        assert runner.cache.layers[0].keys.shape[-2] == width + step + 1
+    assert [(la._k.data_ptr(), la._v.data_ptr()) for la in runner.cache.layers] == buffers
+    reserved = len(reqs) * max(r.reserved_tokens for r in reqs) * runner.kv_bytes_per_token
+    kv = runner.resident_bytes()["kv_cache"]
+    assert kv == sum(la._k.nbytes + la._v.nbytes for la in runner.cache.layers) and kv <= reserved
+
+
+def test_preallocated_layer_grows_past_its_capacity_like_a_dynamic_layer():
+    from transformers.cache_utils import DynamicLayer
+
+    from streammerge.serve.runner import preallocated_layer
+
+    g = torch.Generator().manual_seed(3)
+    k0, v0 = torch.randn(2, 3, 4, 8, generator=g), torch.randn(2, 3, 4, 5, generator=g)
+    ours, ref = preallocated_layer(k0, v0, 5), DynamicLayer()
+    ref.update(k0, v0)
+    for t in (1, 1, 3, 1):  # past the capacity of 5 twice
+        k, v = torch.randn(2, 3, t, 8, generator=g), torch.randn(2, 3, t, 5, generator=g)
+        got, want = ours.update(k, v), ref.update(k, v)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        assert ours.get_seq_length() == ref.get_seq_length()

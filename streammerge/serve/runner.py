@@ -10,7 +10,12 @@ The batch's KV cache is one transformers DynamicCache, rows left-padded to the l
 attention mask; each row's position ids count its own tokens, so a row computes what it would
 alone. The requests admitted in a step are prefilled together (left-padded, one forward) and
 padded into the batch cache; a request leaves by dropping its row, and columns that every
-remaining row pads are trimmed.
+remaining row pads are trimmed. Each time the batch changes, its cache layers are allocated once
+for the steps before a row must leave (the width plus the fewest tokens a row may still
+generate; within the reservation the scheduler counted), and a step writes its keys and values
+in place. A
+DynamicLayer concatenates instead, copying the whole cache every step: on CPU that was ~10 % of
+a 32-token decode (tools/profile_serve.py), and it grows with the length.
 
 Weights: the runtime (routing/deltas.py DeltaRuntime) computes row b with decision b's weights in the
 same forward; `set_rows` is called with one decision per row before every forward. The batch's
@@ -177,7 +182,7 @@ class ModelRunner:
             rows = [rows[i] for i in order]
         self.rows = rows
         self.mask, self.next_pos = mask, next_pos
-        self.cache = self._cache_of(layers)
+        self.cache = self._cache_of(layers, self._steps_left())
 
     def remove(self, reqs: Sequence[Request]) -> None:
         """Drop the requests' rows (those not in the batch are ignored) and trim the padding."""
@@ -197,15 +202,22 @@ class ModelRunner:
         self.rows = [self.rows[i] for i in keep]
         layers = [(layer.keys.index_select(0, idx)[..., start:, :], layer.values.index_select(0, idx)[..., start:, :])
                   for layer in self.cache.layers]
-        self.cache = self._cache_of(layers)
+        self.cache = self._cache_of(layers, self._steps_left())
+
+    def _steps_left(self) -> int:
+        """Decoding steps before the batch's rows change for sure: the fewest tokens a row may
+        still generate (then it leaves, and `remove` builds the cache again). The width after
+        them stays within the longest row's reservation, prompt plus max_tokens, which the
+        scheduler counted for every row."""
+        return min(r.sampling.max_tokens - r.generated for r in self.rows)
 
     @staticmethod
-    def _cache_of(layers):
+    def _cache_of(layers, steps: int):
+        """A cache holding `layers` (each (keys, values)) with room for `steps` more tokens."""
         from transformers import DynamicCache
 
         cache = DynamicCache()
-        for i, (k, v) in enumerate(layers):
-            cache.update(k.contiguous(), v.contiguous(), i)
+        cache.layers = [preallocated_layer(k, v, k.shape[-2] + max(0, steps)) for k, v in layers]
         return cache
 
     # ---- sampling -------------------------------------------------------------------------------
@@ -239,8 +251,50 @@ class ModelRunner:
     def resident_bytes(self) -> dict:
         out = dict(self.runtime.resident_bytes())
         cache = self.cache  # read from the API's thread while the engine's replaces it
-        out["kv_cache"] = sum(2 * layer.keys.numel() * layer.keys.element_size() for layer in cache.layers) if cache else 0
+        out["kv_cache"] = sum(layer.allocated_bytes() for layer in cache.layers) if cache else 0
         return out
+
+
+_LAYER_CLASS = None
+
+
+def preallocated_layer(keys, values, capacity: int):
+    """A transformers cache layer holding `keys` and `values` ((B, H, T, D)) in buffers of
+    `capacity` positions: `update` writes the new positions in place and returns views of the
+    filled part (a DynamicLayer concatenates, copying the cache). Past the capacity it doubles."""
+    global _LAYER_CLASS
+    if _LAYER_CLASS is None:
+        from transformers.cache_utils import DynamicLayer
+
+        class PreallocatedLayer(DynamicLayer):
+            def fill(self, keys, values, capacity: int):
+                self.lazy_initialization(keys, values)
+                self._length = 0
+                self._k = keys.new_empty((*keys.shape[:-2], max(capacity, keys.shape[-2]), keys.shape[-1]))
+                self._v = values.new_empty((*values.shape[:-2], self._k.shape[-2], values.shape[-1]))
+                return self.update(keys, values)
+
+            def update(self, key_states, value_states, *args, **kwargs):
+                n, t = self._length, key_states.shape[-2]
+                if n + t > self._k.shape[-2]:  # not reserved (the runner sizes it): grow, amortised
+                    cap = max(n + t, 2 * self._k.shape[-2])
+                    k, v = self._k, self._v
+                    self._k = k.new_empty((*k.shape[:-2], cap, k.shape[-1]))
+                    self._v = v.new_empty((*v.shape[:-2], cap, v.shape[-1]))
+                    self._k[..., :n, :], self._v[..., :n, :] = k[..., :n, :], v[..., :n, :]
+                self._k[..., n : n + t, :] = key_states
+                self._v[..., n : n + t, :] = value_states
+                self._length = n + t
+                self.keys, self.values = self._k[..., : n + t, :], self._v[..., : n + t, :]
+                return self.keys, self.values
+
+            def allocated_bytes(self) -> int:
+                return self._k.numel() * self._k.element_size() + self._v.numel() * self._v.element_size()
+
+        _LAYER_CLASS = PreallocatedLayer
+    layer = _LAYER_CLASS()
+    layer.fill(keys, values, capacity)
+    return layer
 
 
 def _left_pad(t, width: int):
