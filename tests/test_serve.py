@@ -170,6 +170,8 @@ def test_forced_and_static_equal_the_exported_models(server, tokenizer, exports)
 
 
 def test_models_and_routed_requests(server):
+    # serve's default budget: chosen at start-up from the free memory, and said
+    assert re.search(r"memory budget auto: [0-9.]+ GiB = the model", server.log.read_text()), server.log.read_text()
     c = server.client()
     ids = [m.id for m in c.models.list().data]
     assert ids == ["job", "job:static"] + [f"job:task:{t}" for t in TASKS]
@@ -293,6 +295,9 @@ def test_serve_command_errors(store, tmp_path):
     cmd, env = serve_command(tmp_path / "missing.zarr")
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 1 and res.stderr.startswith("error: ") and res.stderr.count("\n") == 1, res.stderr
+    cmd, env = serve_command(store, "--memory-budget", "lots")  # click's usage error
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "'lots' is not a size" in res.stderr, res.stderr
 
 
 def test_memory_budget_bounds_the_kv_cache(store, tmp_path):

@@ -458,7 +458,7 @@ def test_rebuilt_tensors_and_the_servers_note(stores):
     (1bit, lambda != 0, two or more tasks' pieces): every routed tensor of a uniform store at
     lambda 0.8, none at lambda 0 or for Mediator, those with several tasks' pieces for the paper
     preset at lambda 1 (chat keeps attention alone, math and code share the MLP); `serve` says
-    so at start-up without --memory-budget, and not with one."""
+    so at start-up with no memory budget (--memory-budget none), and not with one."""
     from streammerge.serve.server import rebuild_note
 
     counts = {}
@@ -467,9 +467,11 @@ def test_rebuilt_tensors_and_the_servers_note(stores):
         shared = sum(len([t for t, pc in getattr(x, "pieces", {}).items() if pc is not None]) >= 2 for x in rt.tensors.values())
         counts[which] = (rt.rebuilt_tensors(), len(rt.tensors), shared)
         if which == "1bit":
-            assert "--memory-budget" in rebuild_note(rt, None) and rebuild_note(rt, 1 << 30) is None
+            assert "--memory-budget" in rebuild_note(rt)
+            rt.set_memory_budget(1 << 30)
+            assert rebuild_note(rt) is None
         if which == "1bit-l0":
-            assert rebuild_note(rt, None) is None
+            assert rebuild_note(rt) is None
         rt.close()
     assert counts["1bit"][0] == counts["1bit"][1] > 0
     assert counts["1bit-l0"][0] == counts["mediator"][0] == 0
@@ -1258,3 +1260,37 @@ def test_preallocated_layer_grows_past_its_capacity_like_a_dynamic_layer():
         got, want = ours.update(k, v), ref.update(k, v)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
         assert ours.get_seq_length() == ref.get_seq_length()
+
+
+def test_runner_memory_budget_auto_and_none(stores, monkeypatch):
+    """--memory-budget auto (serve's default): the model, the encodings and the row plan plus
+    AUTO_SHARE of the memory free after loading them, split as an explicit budget is (so a 1bit
+    store with lambda != 0 keeps its rebuilt terms decoded); none: no cache, no KV limit;
+    free memory unknown: none, and the start-up line says why."""
+    import streammerge.serve.runner as runner_mod
+    from streammerge.serve.runner import AUTO_SHARE, ModelRunner
+    from streammerge.serve.server import rebuild_note
+
+    free = 3 << 30
+    monkeypatch.setattr(runner_mod, "free_memory", lambda device: free)
+    auto = ModelRunner.from_store(stores["1bit"], device="cpu", dtype="float32", memory_budget="auto", max_batch=8)
+    fixed = auto.runtime.fixed_bytes()
+    budget = fixed + int(AUTO_SHARE["cpu"] * free)
+    assert auto.kv_budget == (budget - fixed) // 2 and auto.runtime.memory_budget == budget - auto.kv_budget
+    assert "memory budget auto: " in auto.budget_note and rebuild_note(auto.runtime) is None
+    none = ModelRunner.from_store(stores["1bit"], device="cpu", dtype="float32", memory_budget="none")
+    assert none.kv_budget is None and none.runtime.memory_budget is None and none.budget_note is None
+    assert "--memory-budget" in rebuild_note(none.runtime)
+    monkeypatch.setattr(runner_mod, "free_memory", lambda device: None)
+    unknown = ModelRunner.from_store(stores["1bit"], device="cpu", dtype="float32", memory_budget="auto")
+    assert unknown.kv_budget is None and unknown.runtime.memory_budget is None and "unknown" in unknown.budget_note
+
+
+def test_free_memory_of_this_machine():
+    """The CPU's free memory is the kernel's MemAvailable (a brute-force read of /proc/meminfo)."""
+    from streammerge.serve.runner import free_memory
+
+    with open("/proc/meminfo") as f:
+        avail = next(int(x.split()[1]) * 1024 for x in f if x.startswith("MemAvailable:"))
+    got = free_memory(torch.device("cpu"))
+    assert got is not None and abs(got - avail) < 0.2 * avail

@@ -261,7 +261,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="Alternating rounds of static / forced / routed (medians reported).")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--memory-budget", default=None,
-                    help="Passed to `serve --memory-budget` (e.g. 8GB): lets the runtime cache decoded deltas.")
+                    help="Passed to `serve --memory-budget` (e.g. 8GB, or none: no cache and no KV limit); "
+                    "default: serve's own (auto).")
     ap.add_argument("--fused", default="auto",
                     help="`serve --fused` policies, comma-separated (e.g. auto,never): the first serves static / forced / "
                     "routed, each further one forced and routed again in its own server, alternating with the first.")
@@ -287,7 +288,7 @@ def main() -> None:
             rows += bench_method(method, build_store(work, method, base, fts), work, args)
 
     print(f"\nmodel: {shape.n_params / 1e6:.2f}M params; device {args.device}; {args.prompts_per_task} prompts/task x 3 tasks, "
-          f"max_tokens {args.max_tokens}, greedy; memory budget {args.memory_budget}; {args.rounds} rounds "
+          f"max_tokens {args.max_tokens}, greedy; memory budget {args.memory_budget or 'auto (serve default)'}; {args.rounds} rounds "
           f"(median [min-max]); load {' '.join(f'{x:.1f}' for x in os.getloadavg())} at the end\n")
     print("| method | mode | concurrency | tok/s | vs static | tok/CPU-s | vs static | p50 s | p95 s |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -9,7 +9,7 @@ import click
 
 from ..errors import StreammergeError
 from ..limits import DOCUMENT, read_json
-from .main import SIZE, WRITING_KEY, main, user_errors
+from .main import BUDGET, SIZE, WRITING_KEY, main, user_errors
 
 
 # ---- inference for routing stores (streammerge/routing): router fit / show, generate ----------
@@ -221,9 +221,11 @@ def generate(store, prompt_texts, input_path, output_path, show_routing, max_new
               help="Requests decoded together in one forward pass; more wait in the queue.")
 @click.option("--max-queue", type=click.IntRange(0), default=256, show_default=True,
               help="Requests waiting beyond --max-batch; a request beyond that gets 429 with Retry-After.")
-@click.option("--memory-budget", type=SIZE, default=None,
-              help="Device memory for weights plus KV cache (e.g. 20GB); requests wait while their KV cache "
-              "would not fit. Default: no limit but --max-batch.")
+@click.option("--memory-budget", type=BUDGET, default="auto", show_default=True,
+              help="Device memory for the weights, a cache of decoded deltas and the KV cache (e.g. 20GB); "
+              "requests wait while their KV cache would not fit. auto: the model and the encodings plus 80% of "
+              "the GPU's free memory after loading them (CUDA), or half of the machine's available memory (CPU). "
+              "none: no cache, and no limit but --max-batch.")
 @click.option("--api-key", default=None, envvar="STREAMMERGE_API_KEY", show_envvar=True,
               help="Require 'Authorization: Bearer KEY' on every route but /health.")
 @click.option("--name", default=None, help="Model name clients use (default: the store's name without .zarr).")

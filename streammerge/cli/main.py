@@ -51,6 +51,20 @@ class SizeType(click.ParamType):
 SIZE = SizeType()
 
 
+class BudgetType(SizeType):
+    """A size, or `auto` / `none` (returned as those strings, lower-case)."""
+
+    name = "size|auto|none"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and value.strip().lower() in ("auto", "none"):
+            return value.strip().lower()
+        return super().convert(value, param, ctx)
+
+
+BUDGET = BudgetType()
+
+
 def user_errors(fn):
     """Print StreammergeError as one line and exit 1 (a traceback only with --debug)."""
 

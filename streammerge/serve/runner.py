@@ -66,15 +66,18 @@ class ModelRunner:
         self.mask = None  # (B, T) long
         self.next_pos = None  # (B,) long: each row's count of real tokens in the cache
         self.kv_budget: int | None = None  # bytes the KV cache may take (None: no limit)
+        self.budget_note: str | None = None  # how an automatic memory budget was chosen
 
     @classmethod
-    def from_store(cls, path, device="auto", dtype="auto", memory_budget: int | None = None, eta: float | None = None,
+    def from_store(cls, path, device="auto", dtype="auto", memory_budget: int | str | None = None, eta: float | None = None,
                    top_m: int | None = None, fused: str = "auto", max_batch: int | None = None) -> "ModelRunner":
         """The runner of a store. `memory_budget` (bytes) bounds weights + row plan + decoded-term
         cache + KV cache: what the model, the encodings and the row plan of `max_batch` rows
         (the runtime's reserve for a step's per-row tensors) leave is split in halves, one for
-        the runtime's cache of decoded terms, one for the KV cache (`kv_budget`). `fused`: the
-        runtime's fused-product policy (DeltaRuntime.fused), set before the budget is split."""
+        the runtime's cache of decoded terms, one for the KV cache (`kv_budget`). "auto": those
+        plus a share of the memory still free once they are loaded (`auto_budget`); None or
+        "none": no cache and no KV limit. `fused`: the runtime's fused-product policy
+        (DeltaRuntime.fused), set before the budget is split."""
         from ..routing.router import Router, router_dir
         from ..routing.runtime import load_merged_model, open_routing_store, resolve_device, resolve_dtype
         from ..routing.deltas import DeltaRuntime
@@ -87,13 +90,18 @@ class ModelRunner:
         runtime = DeltaRuntime(model, store, method, dev, dt, None)
         runtime.fused = fused
         runtime.reserve_rows(max_batch or 0)
-        kv_budget = None
+        kv_budget, auto = None, None
+        if memory_budget == "none":
+            memory_budget = None
+        elif memory_budget == "auto":
+            memory_budget, auto = auto_budget(runtime.fixed_bytes(), dev)
         if memory_budget is not None:
             runtime.set_memory_budget(memory_budget)  # refuses a budget the model, the encodings and the plan fill
             kv_budget = (memory_budget - runtime.fixed_bytes()) // 2
             runtime.set_memory_budget(memory_budget - kv_budget)
         runner = cls(model, tok, runtime, method, dev, router=router, eta=eta, top_m=top_m)
         runner.kv_budget = kv_budget
+        runner.budget_note = auto
         return runner
 
     @property
@@ -295,6 +303,45 @@ def preallocated_layer(keys, values, capacity: int):
     layer = _LAYER_CLASS()
     layer.fill(keys, values, capacity)
     return layer
+
+
+# the share of the memory still free after loading that `--memory-budget auto` adds to what the
+# model and the encodings take: most of a GPU (activations and the libraries' workspaces live
+# outside the budget), half of a machine's RAM (other processes share it)
+AUTO_SHARE = {"cuda": 0.8, "cpu": 0.5}
+
+
+def auto_budget(fixed: int, device) -> tuple[int | None, str]:
+    """(budget, how it was chosen): `fixed` (the model, the encodings and the row plan, loaded
+    already) plus AUTO_SHARE of the device's free memory now; (None, why) where that is unknown."""
+    free = free_memory(device)
+    if free is None:
+        return None, f"memory budget auto: the free memory of {device} is unknown, so none (no cache, no KV limit)"
+    share = AUTO_SHARE.get(device.type, AUTO_SHARE["cpu"])
+    budget = fixed + int(share * free)
+    return budget, (f"memory budget auto: {budget / 2**30:.2f} GiB = the model, the encodings and the row plan "
+                    f"({fixed / 2**30:.2f} GiB) + {share:.0%} of the {free / 2**30:.2f} GiB free on {device}")
+
+
+def free_memory(device) -> int | None:
+    """Bytes free on `device` now: CUDA's free memory, or the machine's available memory (Linux
+    MemAvailable; elsewhere the free pages); None where unknown."""
+    import os
+
+    torch = require_torch()[0]
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(x.split()[1]) * 1024 for x in f if x.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 def _left_pad(t, width: int):

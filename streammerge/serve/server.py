@@ -15,7 +15,7 @@ def model_name(store: Path, name: str | None) -> str:
     return n
 
 
-def build_engine(store: Path, device: str, dtype: str, max_batch: int, max_queue: int, memory_budget: int | None,
+def build_engine(store: Path, device: str, dtype: str, max_batch: int, max_queue: int, memory_budget: int | str | None,
                  eta: float | None = None, top_m: int | None = None, fused: str = "auto"):
     """(engine, runner), the engine not started."""
     from .engine import Engine
@@ -28,19 +28,20 @@ def build_engine(store: Path, device: str, dtype: str, max_batch: int, max_queue
     return Engine(runner, scheduler), runner
 
 
-def rebuild_note(runtime, memory_budget: int | None) -> str | None:
+def rebuild_note(runtime) -> str | None:
     """The start-up line telling a user of a 1bit store with lambda != 0 and no budget what it
     costs (README, Serving: 7-9x the static model's time a decoding step on CPU) and what helps."""
     rebuilt = runtime.rebuilt_tensors()
-    if not rebuilt or memory_budget is not None:
+    if not rebuilt or runtime.memory_budget is not None:
         return None
     return (f"note: {rebuilt} routed tensor(s) have task terms no compressed delta gives (1bit, lambda != 0): "
-            "without --memory-budget every forward rebuilds them from all tasks' encodings (on CPU 7-9x the "
-            "static model's time a decoding step); --memory-budget lets the runtime keep them decoded")
+            "with no memory budget every forward rebuilds them from all tasks' encodings (on CPU 7-9x the "
+            "static model's time a decoding step); --memory-budget auto (the default) or a size lets the "
+            "runtime keep them decoded")
 
 
 def serve(store: Path, host: str, port: int, device: str, dtype: str, max_batch: int, max_queue: int,
-          memory_budget: int | None, api_key: str | None, name: str | None, eta: float | None, top_m: int | None,
+          memory_budget: int | str | None, api_key: str | None, name: str | None, eta: float | None, top_m: int | None,
           fused: str = "auto") -> None:
     import uvicorn
 
@@ -55,9 +56,9 @@ def serve(store: Path, host: str, port: int, device: str, dtype: str, max_batch:
     print(f"serving {', '.join(models)} on http://{host}:{port}/v1 ({runner.device}, max batch {max_batch}; "
           f"fused {fused}: {stacked} of {linears} routed linear layers stacked)",
           file=sys.stderr, flush=True)
-    note = rebuild_note(runner.runtime, memory_budget)
-    if note:
-        print(note, file=sys.stderr, flush=True)
+    for note in (runner.budget_note, rebuild_note(runner.runtime)):
+        if note:
+            print(note, file=sys.stderr, flush=True)
     try:
         uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
     finally:

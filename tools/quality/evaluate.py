@@ -339,8 +339,9 @@ class ServedEval:
         args = ["--device", self.device, "--name", self.NAME, "--max-batch", self.concurrency]
         if self.eta is not None:
             args += ["--eta", self.eta]
-        if self.memory_budget is not None:  # the server gives half of what the weights leave to the KV cache
-            args += ["--memory-budget", 2 * self.memory_budget]
+        # the server gives half of what the weights leave to the KV cache; no budget in process is
+        # none on the server (its default is auto)
+        args += ["--memory-budget", "none" if self.memory_budget is None else 2 * self.memory_budget]
         self.log = self.log or Path(tempfile.mkstemp(prefix="quality-serve-", suffix=".log")[1])
         self.server = ServeProcess(self.store, *args, log=self.log, timeout=timeout)
         self.base = self.server.base
