@@ -1294,3 +1294,44 @@ def test_free_memory_of_this_machine():
         avail = next(int(x.split()[1]) * 1024 for x in f if x.startswith("MemAvailable:"))
     got = free_memory(torch.device("cpu"))
     assert got is not None and abs(got - avail) < 0.2 * avail
+
+
+@pytest.mark.parametrize("which", ["mediator", "mediator-int8"])
+def test_mediator_top1_rows_take_full_weights_within_the_budget(stores, tmp_path_factory, which, monkeypatch):
+    """With a budget that holds them and no stack (CPU), a batch whose rows are top-1 or STATIC
+    runs each routed Linear as one product a decision with D + S_t (cached): the rows give the
+    exported task models' logits; a batch with a mixed row keeps the per-term products."""
+    from streammerge.routing.terms import MediatorTensor
+
+    store, root = stores[which], tmp_path_factory.mktemp("full")
+    calls = []
+    full = MediatorTensor.full
+    monkeypatch.setattr(MediatorTensor, "full", lambda self, task, shared: calls.append(task) or full(self, task, shared))
+    rt, model = runtime(store, memory_budget=1 << 34)
+    decisions = [forced("math", TASKS), STATIC, forced("chat", TASKS), forced("code", TASKS), forced("math", TASKS)]
+    ids = batch_ids(len(decisions), seed=6)
+    rt.set_rows(decisions)
+    with torch.inference_mode():
+        got = model(input_ids=ids).logits
+    assert set(calls) == set(TASKS)
+    for b, d in enumerate(decisions):
+        assert_exact(got[b], row_logits(unrounded(store, d.task, root), ids[b]), (b, d.key))
+        assert_close(got[b], row_logits(exported(store, f"task:{d.task}" if d.task else "merged", root), ids[b]), (b, d.key))
+    mix = Decision("mix", (("chat", 0.5), ("code", 0.3), ("math", 0.2)))
+    calls.clear()
+    rt.set_rows([*decisions[:3], mix])
+    with torch.inference_mode():
+        got = model(input_ids=ids[:4]).logits
+    assert calls == []
+    assert_exact(got[3], row_logits(mix_reference(store, dict(mix.weights), root), ids[3]), "mix")
+    assert_exact(got[0], row_logits(unrounded(store, "math", root), ids[0]), "math beside a mix")
+    # a budget that cannot hold every full weight at once: none is built (they would evict
+    # each other every step), the per-term products run
+    used = rt.resident_bytes()
+    rt.set_memory_budget(used["model"] + used["encodings"] + rt.plan_bound(rt.plan_rows) + 50_000)
+    calls.clear()
+    rt.set_rows(decisions)
+    with torch.inference_mode():
+        got = model(input_ids=ids).logits
+    assert calls == [] and rt.cache.budget > 0
+    assert_exact(got[2], row_logits(unrounded(store, "chat", root), ids[2]), "chat, per term")

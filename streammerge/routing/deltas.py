@@ -201,6 +201,9 @@ class DeltaRuntime:
         left = 0 if memory_budget is None else int(memory_budget) - fixed
         self._stacks = {}
         self.cache.resize(left - self._reserve_stacks(left))
+        full = sum(len(t.experts) * t.rows * t.cols * m.weight.element_size() for m, t in self._linear_weights()
+                   if isinstance(t, MediatorTensor))
+        self.cache.holds_mediator_full = memory_budget is not None and full <= self.cache.budget
 
     def fixed_bytes(self) -> int:
         """What the budget holds before any cache: the model, the encodings and the reserve of
@@ -231,6 +234,11 @@ class DeltaRuntime:
         self._fused_mode = mode
         self.set_memory_budget(self.memory_budget)  # the stacks' share of the budget
 
+    def _linear_weights(self) -> list:
+        """[(module, its routed weight tensor)] of the routed Linear layers."""
+        return [(m, m.forward.tensors["weight"]) for m in self._patched
+                if isinstance(m.forward, DeltaLinear) and "weight" in m.forward.tensors]
+
     def _reserve_stacks(self, left: int) -> int:
         """Which routed Linear layers get a fused stack: in module order, while their stacks
         fit what the model and the encodings leave of the budget; returns the bytes reserved
@@ -239,11 +247,8 @@ class DeltaRuntime:
         if self.memory_budget is None or self.fused == "never" or (self.fused == "auto" and not fused_pays(self.device, 1)):
             return 0
         reserved = 0
-        for module in self._patched:
-            fwd = module.forward
-            if not isinstance(fwd, DeltaLinear) or "weight" not in fwd.tensors:
-                continue
-            keys = fwd.tensors["weight"].stack_keys()
+        for module, weight in self._linear_weights():
+            keys = weight.stack_keys()
             need = (len(keys) + 1) * sum(t.numel() * t.element_size() for t in (module.weight, module.bias) if t is not None)
             if keys and reserved + need <= left:
                 self._fusable[id(module)] = keys
@@ -261,8 +266,7 @@ class DeltaRuntime:
 
     def fused_layers(self) -> tuple[int, int]:
         """(routed Linear layers whose fused stack is reserved in the budget, routed Linear layers)."""
-        linears = sum(isinstance(m.forward, DeltaLinear) and "weight" in m.forward.tensors for m in self._patched)
-        return len(self._fusable), linears
+        return len(self._fusable), len(self._linear_weights())
 
     def product(self, module, x) -> str:
         """How this product of a routed Linear (input x) adds its terms: "fused" (the stack in
@@ -430,6 +434,16 @@ class DeltaRuntime:
                 covered.update(_indices(rows, batch))
             rest = [i for i in range(batch) if i not in covered]
             self._plan[key] = self._rows(rest, batch) if rest else None
+        return self._plan[key]
+
+    def top1(self, tensor, batch: int) -> bool:
+        """Whether each row of the batch takes at most one term of `tensor`, whole (no row
+        mixes tasks): then each row has one decision's full weight (DeltaLinear._full_weights)."""
+        key = ("top1", id(tensor), batch)
+        if key not in self._plan:
+            terms = self.terms(tensor, batch)
+            rows = [i for _, r, _ in terms for i in _indices(r, batch)]
+            self._plan[key] = all(w is None for _, _, w in terms) and len(rows) == len(set(rows))
         return self._plan[key]
 
     def terms(self, tensor, batch: int) -> list:

@@ -36,7 +36,7 @@ class DeltaLinear(_Routed):
         if product == "fused":
             y = self._fused(x, terms)
             terms = []
-        elif terms and isinstance(w, OneBitTensor) and w.full_fits():
+        elif terms and w.full_fits() and (isinstance(w, OneBitTensor) or (product == "terms" and self.rt.top1(w, x.shape[0]))):
             y = self._full_weights(x, w, terms)
             terms = []
         elif product == "blocks":

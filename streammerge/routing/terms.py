@@ -36,6 +36,9 @@ class _Cache:
         self.budget = max(0, int(budget))
         self.items: OrderedDict[tuple, tuple[object, int]] = OrderedDict()
         self.bytes = 0
+        # the runtime sets it: whether every Mediator Linear's full weight of every task fits at
+        # once (else the full weights would evict each other every step: built per product)
+        self.holds_mediator_full = False
 
     def get(self, key, build, nbytes):
         hit = self.items.get(key)
@@ -98,6 +101,17 @@ class MediatorTensor:
 
     def gather(self, task, ids):
         return self.experts[task].gather_rows(ids)
+
+    def full_fits(self) -> bool:
+        """Whether the cache holds every task's full weight of every routed Linear at once (then,
+        on the per-term path, a Linear layer's top-1 rows take full(): one dense product a task
+        instead of the shared product plus a sparse one, docs/serving.md)."""
+        return self.cache.holds_mediator_full
+
+    def full(self, task, shared):
+        """D + S_task, in the shared weight's dtype (cached)."""
+        build = lambda: (shared.float() + self.experts[task].dense().view(shared.shape)).to(shared.dtype)  # noqa: E731
+        return self.cache.get((self.name, "full", task), build, _tensor_bytes)
 
     def stack_keys(self) -> list:
         """The terms a fused stack holds (every task: any row may weigh any of them)."""
