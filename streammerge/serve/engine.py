@@ -5,7 +5,11 @@ Events a request's `emit` receives, in order: ("routing", decision) once, ("text
 each piece of text that is final, then ("done", finish_reason, usage) or ("error", message).
 Text is held back while it could still become a stop string, or ends in an incomplete
 character; a stop string ends the request and is not part of the text (OpenAI's rule); EOS is
-not part of the text either.
+not part of the text either. Text is detokenized incrementally: each token decodes a window of
+the last few tokens (the window before it and with it; what the second adds is new text), so a
+token costs the same at any length; decoding the whole answer again every token made a step's
+detokenization grow with the answer (0.22 us a token with a 32k BPE tokenizer: 7 ms a step for
+32 rows of 1000 tokens).
 
 A request that fails (its prefill raises, alone) finishes with an error event and the others go
 on; a decode step that raises fails the rows of that step. The thread never dies of a request.
@@ -132,19 +136,35 @@ class Engine:
             return
         r.tokens.append(token)
         if self._text(r):
-            self._finish(r, "stop")
+            self._finish(r, "stop", flush=False)
         elif len(r.tokens) >= r.sampling.max_tokens:
             self._finish(r, "length")
 
-    def _text(self, r: Request) -> bool:
+    def _detokenize(self, r: Request, final: bool = False) -> None:
+        """Extend r.decoded with the new tokens' text: tokens[prefix_offset:] decoded against
+        tokens[prefix_offset:read_offset] (a window, so that a tokenizer joining pieces
+        differently at a sequence's start, or dropping a leading space, gives the same text
+        as decoding everything); held while it ends in an incomplete character, unless final."""
+        decode = self.tokenizer.decode
+        prefix = decode(r.tokens[r.prefix_offset : r.read_offset], skip_special_tokens=True)
+        window = decode(r.tokens[r.prefix_offset :], skip_special_tokens=True)
+        if len(window) > len(prefix) and (final or not window.endswith("\ufffd")):
+            r.decoded += window[len(prefix) :]
+            r.prefix_offset, r.read_offset = r.read_offset, len(r.tokens)
+
+    def _text(self, r: Request, final: bool = False) -> bool:
         """Emit the text that is final; True when a stop string ended the request."""
-        text = self.tokenizer.decode(r.tokens, skip_special_tokens=True)
+        before = len(r.decoded)
+        self._detokenize(r, final)
+        text = r.decoded
         stops = r.sampling.stop
-        hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-        if hits:
-            r.text = text[: min(hits)]
-            self._emit_text(r, len(r.text))
-            return True
+        if stops and len(text) > before:
+            start = max(0, before - max(map(len, stops)) + 1)  # a stop may begin in the old text
+            hits = [i for i in (text.find(s, start) for s in stops) if i >= 0]
+            if hits:
+                r.text = text[: min(hits)]
+                self._emit_text(r, len(r.text))
+                return True
         r.text = text
         safe = len(text) - (max(map(len, stops)) - 1 if stops else 0)
         while safe > r.sent and text[safe - 1] == "\ufffd":  # an incomplete character, for now
@@ -158,7 +178,11 @@ class Engine:
             r.emit(("text", r.text[r.sent : upto]))
             r.sent = upto
 
-    def _finish(self, r: Request, reason: str) -> None:
+    def _finish(self, r: Request, reason: str, flush: bool = True) -> None:
+        # EOS or max_tokens: the text held back is final (an incomplete character too), and may
+        # still hold a stop string
+        if flush and self._text(r, final=True):
+            reason = "stop"
         self._emit_text(r, len(r.text))
         self.runner.remove([r])
         self.scheduler.finish(r, reason)

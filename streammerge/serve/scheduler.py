@@ -61,6 +61,9 @@ class Request:
     generated: int = 0  # tokens generated, EOS included
     text: str = ""  # the text of `tokens`, cut at a stop string
     sent: int = 0  # characters of `text` emitted
+    decoded: str = ""  # the text of tokens[:read_offset] (engine.py: detokenized incrementally)
+    prefix_offset: int = 0  # tokens[prefix_offset:read_offset] decode to the end of `decoded`
+    read_offset: int = 0
     finish_reason: str | None = None
     arrived: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
