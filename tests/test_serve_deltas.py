@@ -1267,12 +1267,13 @@ def test_runner_memory_budget_auto_and_none(stores, monkeypatch):
     AUTO_SHARE of the memory free after loading them, split as an explicit budget is (so a 1bit
     store with lambda != 0 keeps its rebuilt terms decoded); none: no cache, no KV limit;
     free memory unknown: none, and the start-up line says why."""
-    import streammerge.serve.runner as runner_mod
-    from streammerge.serve.runner import AUTO_SHARE, ModelRunner
+    import streammerge.routing.runtime as runtime_mod
+    from streammerge.routing.runtime import AUTO_SHARE
+    from streammerge.serve.runner import ModelRunner
     from streammerge.serve.server import rebuild_note
 
     free = 3 << 30
-    monkeypatch.setattr(runner_mod, "free_memory", lambda device: free)
+    monkeypatch.setattr(runtime_mod, "free_memory", lambda device: free)
     auto = ModelRunner.from_store(stores["1bit"], device="cpu", dtype="float32", memory_budget="auto", max_batch=8)
     fixed = auto.runtime.fixed_bytes()
     budget = fixed + int(AUTO_SHARE["cpu"] * free)
@@ -1281,14 +1282,21 @@ def test_runner_memory_budget_auto_and_none(stores, monkeypatch):
     none = ModelRunner.from_store(stores["1bit"], device="cpu", dtype="float32", memory_budget="none")
     assert none.kv_budget is None and none.runtime.memory_budget is None and none.budget_note is None
     assert "--memory-budget" in rebuild_note(none.runtime)
-    monkeypatch.setattr(runner_mod, "free_memory", lambda device: None)
+    # generate's RoutedModel: the same rule, all of it for the weights and the cache (no KV cache)
+    from streammerge.routing.model import RoutedModel
+
+    rm = RoutedModel.from_store(stores["1bit"], device="cpu", dtype="float32", router=False, memory_budget="auto")
+    assert rm.runtime.memory_budget == rm.runtime.fixed_bytes() + int(AUTO_SHARE["cpu"] * free) and rm.budget_note
+    assert RoutedModel.from_store(stores["1bit"], device="cpu", dtype="float32", router=False,
+                                  memory_budget="none").runtime.memory_budget is None
+    monkeypatch.setattr(runtime_mod, "free_memory", lambda device: None)
     unknown = ModelRunner.from_store(stores["1bit"], device="cpu", dtype="float32", memory_budget="auto")
     assert unknown.kv_budget is None and unknown.runtime.memory_budget is None and "unknown" in unknown.budget_note
 
 
 def test_free_memory_of_this_machine():
     """The CPU's free memory is the kernel's MemAvailable (a brute-force read of /proc/meminfo)."""
-    from streammerge.serve.runner import free_memory
+    from streammerge.routing.runtime import free_memory
 
     with open("/proc/meminfo") as f:
         avail = next(int(x.split()[1]) * 1024 for x in f if x.startswith("MemAvailable:"))

@@ -9,7 +9,7 @@ import click
 
 from ..errors import StreammergeError
 from ..limits import DOCUMENT, read_json
-from .main import BUDGET, SIZE, WRITING_KEY, main, user_errors
+from .main import BUDGET, WRITING_KEY, main, user_errors
 
 
 # ---- inference for routing stores (streammerge/routing): router fit / show, generate ----------
@@ -147,9 +147,10 @@ def router_show(store, as_json):
 @click.option("--static", is_flag=True, help="Skip the router: the merged (static) model.")
 @click.option("--eta", type=click.FloatRange(0, 1), default=None, help="Mediator: entropy threshold (default: method.json's).")
 @click.option("--top-m", type=click.IntRange(0), default=None, help="Mediator: experts mixed when uncertain (0: all; default: method.json's).")
-@click.option("--memory-budget", type=SIZE, default=None,
+@click.option("--memory-budget", type=BUDGET, default="auto", show_default=True,
               help="Device memory for the weights: the model, the encodings and a cache of decoded deltas "
-              "(e.g. 2GB; faster where it fits). Default: no cache.")
+              "(e.g. 2GB; faster where it fits). auto: the model and the encodings plus 80% of the GPU's free "
+              "memory after loading them (CUDA), or half of the machine's available memory (CPU); none: no cache.")
 @click.option("--device", default="auto", show_default=True, help=_DEVICE_HELP)
 @_DTYPE_OPTION
 @user_errors

@@ -22,6 +22,7 @@ from typing import Sequence
 from ..errors import StreammergeError
 from .decision import STATIC, Decision, forced, route_decision
 from .runtime import (
+    auto_budget,
     encode_for_features,
     encode_for_generation,
     eos_ids,
@@ -63,7 +64,7 @@ class RoutedModel:
     """The merged model of a routing store, its router and the delta runtime (one call at a
     time: the runtime holds the rows' decisions of the forward in progress)."""
 
-    def __init__(self, store, method: dict, model, tokenizer, device, dtype, router=None, memory_budget: int | None = None,
+    def __init__(self, store, method: dict, model, tokenizer, device, dtype, router=None, memory_budget: int | str | None = None,
                  eta: float | None = None, top_m: int | None = None, max_tokens: int | None = None):
         from .deltas import DeltaRuntime
 
@@ -75,17 +76,24 @@ class RoutedModel:
         self.eta = float(method.get("eta", 0.5)) if eta is None else float(eta)
         self.top_m = int(method.get("top_m", 0) or 0) if top_m is None else int(top_m)
         self.max_tokens = router.meta.get("max_tokens") if (router is not None and max_tokens is None) else max_tokens
-        self.runtime = DeltaRuntime(model, store, method, device, dtype, memory_budget)
+        self.budget_note = None  # how an automatic memory budget was chosen
+        if memory_budget == "none":
+            memory_budget = None
+        self.runtime = DeltaRuntime(model, store, method, device, dtype, None if memory_budget == "auto" else memory_budget)
+        if memory_budget == "auto":
+            budget, self.budget_note = auto_budget(self.runtime.fixed_bytes(), device)
+            self.runtime.set_memory_budget(budget)
         self.timings = Timings()
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
-    def from_store(cls, path, device="auto", dtype="auto", *, router: bool | str = "auto", memory_budget: int | None = None,
+    def from_store(cls, path, device="auto", dtype="auto", *, router: bool | str = "auto", memory_budget: int | str | None = None,
                    eta: float | None = None, top_m: int | None = None, cache_size=None) -> "RoutedModel":
         """Load a built mediator / 1bit store. router: True (required), False (none: pass a task
         or static=True to generate), "auto" (load it when one was fitted). memory_budget: bytes
-        the weights may take on the device (model + encodings + cache of decoded terms; None:
-        no cache). cache_size (the decision LRU of the weight swap) is gone: an error says so."""
+        the weights may take on the device (model + encodings + cache of decoded terms; None or
+        "none": no cache; "auto": the model and the encodings plus a share of the memory free
+        once they are loaded, runtime.auto_budget). cache_size (the decision LRU of the weight swap) is gone: an error says so."""
         from .router import Router, router_dir
 
         if cache_size is not None:

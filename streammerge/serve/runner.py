@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from ..routing.decision import STATIC, forced, route_decision
-from ..routing.runtime import encode_for_features, eos_ids, mean_hidden_features, pad_batch, pad_id, require_torch
+from ..routing.runtime import auto_budget, encode_for_features, eos_ids, mean_hidden_features, pad_batch, pad_id, require_torch
 from .scheduler import Request, Sampling
 
 
@@ -303,45 +303,6 @@ def preallocated_layer(keys, values, capacity: int):
     layer = _LAYER_CLASS()
     layer.fill(keys, values, capacity)
     return layer
-
-
-# the share of the memory still free after loading that `--memory-budget auto` adds to what the
-# model and the encodings take: most of a GPU (activations and the libraries' workspaces live
-# outside the budget), half of a machine's RAM (other processes share it)
-AUTO_SHARE = {"cuda": 0.8, "cpu": 0.5}
-
-
-def auto_budget(fixed: int, device) -> tuple[int | None, str]:
-    """(budget, how it was chosen): `fixed` (the model, the encodings and the row plan, loaded
-    already) plus AUTO_SHARE of the device's free memory now; (None, why) where that is unknown."""
-    free = free_memory(device)
-    if free is None:
-        return None, f"memory budget auto: the free memory of {device} is unknown, so none (no cache, no KV limit)"
-    share = AUTO_SHARE.get(device.type, AUTO_SHARE["cpu"])
-    budget = fixed + int(share * free)
-    return budget, (f"memory budget auto: {budget / 2**30:.2f} GiB = the model, the encodings and the row plan "
-                    f"({fixed / 2**30:.2f} GiB) + {share:.0%} of the {free / 2**30:.2f} GiB free on {device}")
-
-
-def free_memory(device) -> int | None:
-    """Bytes free on `device` now: CUDA's free memory, or the machine's available memory (Linux
-    MemAvailable; elsewhere the free pages); None where unknown."""
-    import os
-
-    torch = require_torch()[0]
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    if device.type != "cpu":
-        return None
-    try:
-        with open("/proc/meminfo") as f:
-            return next(int(x.split()[1]) * 1024 for x in f if x.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):
-        return None
 
 
 def _left_pad(t, width: int):
