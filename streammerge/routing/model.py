@@ -93,7 +93,8 @@ class RoutedModel:
         or static=True to generate), "auto" (load it when one was fitted). memory_budget: bytes
         the weights may take on the device (model + encodings + cache of decoded terms; None or
         "none": no cache; "auto": the model and the encodings plus a share of the memory free
-        once they are loaded, runtime.auto_budget). cache_size (the decision LRU of the weight swap) is gone: an error says so."""
+        once they are loaded, runtime.auto_budget). cache_size (the decision LRU of the weight
+        swap) is gone: an error says so."""
         from .router import Router, router_dir
 
         if cache_size is not None:

@@ -13,9 +13,8 @@ padded into the batch cache; a request leaves by dropping its row, and columns t
 remaining row pads are trimmed. Each time the batch changes, its cache layers are allocated once
 for the steps before a row must leave (the width plus the fewest tokens a row may still
 generate; within the reservation the scheduler counted), and a step writes its keys and values
-in place. A
-DynamicLayer concatenates instead, copying the whole cache every step: on CPU that was ~10 % of
-a 32-token decode (tools/profile_serve.py), and it grows with the length.
+in place. A DynamicLayer concatenates instead, copying the whole cache every step: on CPU that
+was ~10 % of a 32-token decode (tools/profile_serve.py), and it grows with the length.
 
 Weights: the runtime (routing/deltas.py DeltaRuntime) computes row b with decision b's weights in the
 same forward; `set_rows` is called with one decision per row before every forward. The batch's
