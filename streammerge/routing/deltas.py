@@ -191,6 +191,7 @@ class DeltaRuntime:
         """Bytes the weights may take (model + encodings + row plan + cache; None: no cache);
         the cache gets what the model, the encodings and the row plan's reserve (`plan_bound`
         of `plan_rows`) leave, least recently used terms out first."""
+        torch, _ = require_torch()
         used = self.resident_bytes()
         weights = used["model"] + used["encodings"]
         fixed = weights + self.plan_bound(self.plan_rows)
@@ -203,7 +204,9 @@ class DeltaRuntime:
         self.cache.resize(left - self._reserve_stacks(left))
         full = sum(len(t.experts) * t.rows * t.cols * m.weight.element_size() for m, t in self._linear_weights()
                    if isinstance(t, MediatorTensor))
-        self.cache.holds_mediator_full = memory_budget is not None and full <= self.cache.budget
+        # measured faster on CPU (docs/serving.md); a GPU without a stack keeps the per-term path
+        self.cache.holds_mediator_full = (memory_budget is not None and full <= self.cache.budget
+                                          and torch.device(self.device).type == "cpu")
 
     def fixed_bytes(self) -> int:
         """What the budget holds before any cache: the model, the encodings and the reserve of

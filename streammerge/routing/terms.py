@@ -37,7 +37,8 @@ class _Cache:
         self.items: OrderedDict[tuple, tuple[object, int]] = OrderedDict()
         self.bytes = 0
         # the runtime sets it: whether every Mediator Linear's full weight of every task fits at
-        # once (else the full weights would evict each other every step: built per product)
+        # once (else the full weights would evict each other every step: built per product), on
+        # CPU only (measured faster there)
         self.holds_mediator_full = False
 
     def get(self, key, build, nbytes):
