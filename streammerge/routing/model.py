@@ -22,7 +22,6 @@ from typing import Sequence
 from ..errors import StreammergeError
 from .decision import STATIC, Decision, forced, route_decision
 from .runtime import (
-    auto_budget,
     encode_for_features,
     encode_for_generation,
     eos_ids,
@@ -33,6 +32,7 @@ from .runtime import (
     pad_id,
     require_torch,
     resolve_device,
+    resolve_budget,
     resolve_dtype,
 )
 
@@ -76,13 +76,9 @@ class RoutedModel:
         self.eta = float(method.get("eta", 0.5)) if eta is None else float(eta)
         self.top_m = int(method.get("top_m", 0) or 0) if top_m is None else int(top_m)
         self.max_tokens = router.meta.get("max_tokens") if (router is not None and max_tokens is None) else max_tokens
-        self.budget_note = None  # how an automatic memory budget was chosen
-        if memory_budget == "none":
-            memory_budget = None
-        self.runtime = DeltaRuntime(model, store, method, device, dtype, None if memory_budget == "auto" else memory_budget)
-        if memory_budget == "auto":
-            budget, self.budget_note = auto_budget(self.runtime.fixed_bytes(), device)
-            self.runtime.set_memory_budget(budget)
+        self.runtime = DeltaRuntime(model, store, method, device, dtype, None)
+        budget, self.budget_note = resolve_budget(memory_budget, self.runtime.fixed_bytes(), device)
+        self.runtime.set_memory_budget(budget)
         self.timings = Timings()
 
     # ---- construction -------------------------------------------------------------------------
@@ -93,7 +89,7 @@ class RoutedModel:
         or static=True to generate), "auto" (load it when one was fitted). memory_budget: bytes
         the weights may take on the device (model + encodings + cache of decoded terms; None or
         "none": no cache; "auto": the model and the encodings plus a share of the memory free
-        once they are loaded, runtime.auto_budget). cache_size (the decision LRU of the weight
+        once they are loaded, runtime.resolve_budget). cache_size (the decision LRU of the weight
         swap) is gone: an error says so."""
         from .router import Router, router_dir
 

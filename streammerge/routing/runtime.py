@@ -142,6 +142,14 @@ def ensure_merged_export(store: Store, workers: int = 2) -> Path:
 AUTO_SHARE = {"cuda": 0.8, "cpu": 0.5}
 
 
+def resolve_budget(memory_budget: int | str | None, fixed: int, device) -> tuple[int | None, str | None]:
+    """(bytes or None, how an automatic budget was chosen) of a --memory-budget value: a size,
+    None or "none" (no budget), or "auto" (`auto_budget` of the `fixed` bytes loaded already)."""
+    if memory_budget == "auto":
+        return auto_budget(fixed, device)
+    return (None if memory_budget == "none" else memory_budget), None
+
+
 def auto_budget(fixed: int, device) -> tuple[int | None, str]:
     """(budget, how it was chosen): `fixed` (the model, the encodings and the row plan, loaded
     already) plus AUTO_SHARE of the device's free memory now; (None, why) where that is unknown."""

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from ..routing.decision import STATIC, forced, route_decision
-from ..routing.runtime import auto_budget, encode_for_features, eos_ids, mean_hidden_features, pad_batch, pad_id, require_torch
+from ..routing.runtime import encode_for_features, eos_ids, mean_hidden_features, pad_batch, pad_id, require_torch, resolve_budget
 from .scheduler import Request, Sampling
 
 
@@ -74,7 +74,7 @@ class ModelRunner:
         cache + KV cache: what the model, the encodings and the row plan of `max_batch` rows
         (the runtime's reserve for a step's per-row tensors) leave is split in halves, one for
         the runtime's cache of decoded terms, one for the KV cache (`kv_budget`). "auto": those
-        plus a share of the memory still free once they are loaded (`auto_budget`); None or
+        plus a share of the memory still free once they are loaded (`resolve_budget`); None or
         "none": no cache and no KV limit. `fused`: the runtime's fused-product policy
         (DeltaRuntime.fused), set before the budget is split."""
         from ..routing.router import Router, router_dir
@@ -89,18 +89,15 @@ class ModelRunner:
         runtime = DeltaRuntime(model, store, method, dev, dt, None)
         runtime.fused = fused
         runtime.reserve_rows(max_batch or 0)
-        kv_budget, auto = None, None
-        if memory_budget == "none":
-            memory_budget = None
-        elif memory_budget == "auto":
-            memory_budget, auto = auto_budget(runtime.fixed_bytes(), dev)
+        kv_budget = None
+        memory_budget, note = resolve_budget(memory_budget, runtime.fixed_bytes(), dev)
         if memory_budget is not None:
             runtime.set_memory_budget(memory_budget)  # refuses a budget the model, the encodings and the plan fill
             kv_budget = (memory_budget - runtime.fixed_bytes()) // 2
             runtime.set_memory_budget(memory_budget - kv_budget)
         runner = cls(model, tok, runtime, method, dev, router=router, eta=eta, top_m=top_m)
         runner.kv_budget = kv_budget
-        runner.budget_note = auto
+        runner.budget_note = note
         return runner
 
     @property
