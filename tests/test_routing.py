@@ -535,3 +535,59 @@ def test_generation_input_uses_the_chat_template(stores):
     want = tok("<s>user: abc\nbot:", add_special_tokens=False)["input_ids"]
     assert encode_for_generation(tok, ["abc"]) == [want] and want[0] == tok.bos_token_id and want.count(tok.bos_token_id) == 1
     assert encode_for_features(tok, ["abc"]) == [tok("abc")["input_ids"]]  # the router reads the raw prompt
+
+
+def test_length_batches_is_the_cheapest_partition_of_the_sorted_lengths():
+    """Against a brute force over every cut of the sorted order: the same cost, each index once,
+    no batch over max_rows, batches in length order."""
+    from itertools import product
+
+    from streammerge.routing.runtime import length_batches
+
+    rng = random.Random(5)
+    for trial in range(60):
+        n = rng.randint(0, 9)
+        lengths = [rng.randint(1, 80) for _ in range(n)]
+        max_rows, overhead = rng.randint(1, 5), rng.choice([0, 8, 64, 4096])
+        got = length_batches(lengths, max_rows, overhead)
+        assert sorted(i for b in got for i in b) == list(range(n))
+        assert all(1 <= len(b) <= max_rows for b in got)
+        flat = [lengths[i] for b in got for i in b]
+        assert flat == sorted(lengths)
+
+        def cost(batches):
+            return sum(overhead + max(lengths[i] for i in b) * len(b) for b in batches)
+
+        order = sorted(range(n), key=lambda i: (lengths[i], i))
+        best = float("inf")
+        for cuts in product([0, 1], repeat=max(0, n - 1)):
+            batches, cur = [], [order[0]] if n else []
+            for k, c in enumerate(cuts):
+                if c:
+                    batches.append(cur)
+                    cur = []
+                cur.append(order[k + 1])
+            if cur:
+                batches.append(cur)
+            if all(len(b) <= max_rows for b in batches):
+                best = min(best, cost(batches))
+        assert cost(got) == (best if n else 0), (lengths, max_rows, overhead, got)
+    # padding that costs more than a forward is cut off; a large overhead keeps one batch
+    assert length_batches([10, 10, 90, 10], 8, 64) == [[0, 1, 3], [2]]
+    assert length_batches([10, 10, 90, 10], 8, 4096) == [[0, 1, 3, 2]]
+
+
+def test_router_features_equal_each_prompt_alone_whatever_the_batching(stores):
+    """mean_hidden_features against an unpadded forward of each prompt by itself, over batchings
+    from one prompt a batch to all in one (padding to ~6x a prompt's length)."""
+    from streammerge.routing.runtime import encode_for_features, load_merged_model, mean_hidden_features, pad_id
+    from streammerge.store.store import Store
+
+    lm, tok = load_merged_model(Store.open(stores["mediator"]), torch.device("cpu"), torch.float32)
+    texts = prompts_for("chat", 6, 7) + ["a", "0+1=" * 40] + prompts_for("code", 6, 8)
+    seqs = encode_for_features(tok, texts)
+    with torch.inference_mode():
+        want = torch.stack([lm.base_model(input_ids=torch.tensor([s])).last_hidden_state[0].mean(0) for s in seqs])
+    for batch_size in (1, 3, len(seqs)):
+        got = mean_hidden_features(lm, seqs, pad_id(tok), batch_size)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

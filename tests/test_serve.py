@@ -169,9 +169,30 @@ def test_forced_and_static_equal_the_exported_models(server, tokenizer, exports)
         assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == n
 
 
+def test_compute_threads_leave_a_core_to_the_front_end():
+    import os
+
+    from streammerge.serve.server import set_compute_threads
+
+    before = torch.get_num_threads()
+    try:
+        cpus = len(os.sched_getaffinity(0))
+        line = set_compute_threads("auto", torch.device("cpu"))
+        assert torch.get_num_threads() == max(1, min(before, cpus - 1)), line
+        torch.set_num_threads(before)
+        set_compute_threads("auto", torch.device("cuda", 0))  # a GPU server keeps torch's own count
+        assert torch.get_num_threads() == before
+        assert set_compute_threads(1, torch.device("cpu")) == "1 compute thread(s)" and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    out = run("serve", "/nonexistent.zarr", "--threads", "0", expect=2)
+    assert "at least 1" in out
+
+
 def test_models_and_routed_requests(server):
     # serve's default budget: chosen at start-up from the free memory, and said
     assert re.search(r"memory budget auto: [0-9.]+ GiB = the model", server.log.read_text()), server.log.read_text()
+    assert re.search(r"\(cpu, [0-9]+ compute thread", server.log.read_text()), server.log.read_text()
     c = server.client()
     ids = [m.id for m in c.models.list().data]
     assert ids == ["job", "job:static"] + [f"job:task:{t}" for t in TASKS]

@@ -9,7 +9,7 @@ import click
 
 from ..errors import StreammergeError
 from ..limits import DOCUMENT, read_json
-from .main import BUDGET, WRITING_KEY, main, user_errors
+from .main import BUDGET, THREADS, WRITING_KEY, main, user_errors
 
 
 # ---- inference for routing stores (streammerge/routing): router fit / show, generate ----------
@@ -235,8 +235,12 @@ def generate(store, prompt_texts, input_path, output_path, show_routing, max_new
 @click.option("--fused", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True,
               help="Routed linear layers of a decoding step as one stacked product (the shared weight and every "
               "task's delta, within --memory-budget): auto = on CUDA for small batches, where it was measured faster.")
+@click.option("--threads", type=THREADS, default="auto", show_default=True,
+              help="torch's compute threads. auto: on CPU one fewer than the CPUs (the HTTP front end keeps one; "
+              "measured faster on 2 cores), on CUDA torch's default.")
 @user_errors
-def serve(store, host, port, device, compute_dtype, max_batch, max_queue, memory_budget, api_key, name, eta, top_m, fused):
+def serve(store, host, port, device, compute_dtype, max_batch, max_queue, memory_budget, api_key, name, eta, top_m, fused,
+          threads):
     """Serve a mediator or 1bit store behind an OpenAI-compatible HTTP API.
 
     \b
@@ -255,4 +259,5 @@ def serve(store, host, port, device, compute_dtype, max_batch, max_queue, memory
     from ..serve.server import serve as run_server
 
     _quiet_transformers()
-    run_server(store, host, port, device, compute_dtype, max_batch, max_queue, memory_budget, api_key, name, eta, top_m, fused)
+    run_server(store, host, port, device, compute_dtype, max_batch, max_queue, memory_budget, api_key, name, eta, top_m, fused,
+               threads)

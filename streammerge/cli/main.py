@@ -65,6 +65,27 @@ class BudgetType(SizeType):
 BUDGET = BudgetType()
 
 
+class ThreadsType(click.ParamType):
+    """A positive integer, or `auto` (returned as that string)."""
+
+    name = "auto|N"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) or str(value).strip().lower() == "auto":
+            n = value if isinstance(value, int) else "auto"
+        else:
+            try:
+                n = int(str(value).strip())
+            except ValueError:
+                self.fail(f"{value!r} is not 'auto' or a number of threads", param, ctx)
+        if n != "auto" and n < 1:
+            self.fail(f"{n} threads: at least 1", param, ctx)
+        return n
+
+
+THREADS = ThreadsType()
+
+
 def user_errors(fn):
     """Print StreammergeError as one line and exit 1 (a traceback only with --debug)."""
 
