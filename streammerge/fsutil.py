@@ -17,6 +17,37 @@ import numpy as np
 from .workspace import page_aligned, thread_buffer
 
 
+def memory_available() -> int | None:
+    """Bytes this process may still fill: the kernel's MemAvailable, or less where the process's
+    memory cgroup (v2 memory.max, v1 memory.limit_in_bytes) sets a lower limit; None where
+    neither is known (not Linux)."""
+    found = []
+    try:
+        with open("/proc/meminfo") as f:
+            found.append(next(int(x.split()[1]) * 1024 for x in f if x.startswith("MemAvailable:")))
+    except (OSError, StopIteration, ValueError):
+        pass
+    try:
+        with open("/proc/self/cgroup") as f:
+            lines = [line.rstrip("\n").split(":", 2) for line in f]
+    except OSError:
+        lines = []
+    for hier, ctrls, path in (x for x in lines if len(x) == 3):
+        if hier == "0" and not ctrls:
+            limit_file = Path("/sys/fs/cgroup") / path.lstrip("/") / "memory.max"
+        elif "memory" in ctrls.split(","):
+            limit_file = Path("/sys/fs/cgroup/memory") / path.lstrip("/") / "memory.limit_in_bytes"
+        else:
+            continue
+        try:
+            text = limit_file.read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < 1 << 60:  # "max" or v1's huge number: no limit
+            found.append(int(text))
+    return min(found) if found else None
+
+
 def atomic_write(path: Path, data: bytes) -> None:
     """Write a file so that readers see either nothing/the old file or the whole new one."""
     path = Path(path)

@@ -8,7 +8,9 @@ independently, results rounded to the output dtype; for any block size and worke
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
+from pathlib import Path
 
 import ml_dtypes
 import numpy as np
@@ -312,3 +314,75 @@ def test_merge_allocates_no_block(method, synth_family, tmp_path):
         tracemalloc.stop()
     block_bytes = (job.block_range(1)[1] - job.block_range(1)[0]) * job.row_elems * 4
     assert peak < block_bytes / 8, (peak, block_bytes)
+
+
+@pytest.mark.parametrize("ahead", [0, 96])
+def test_pieces_read_ahead_is_bounded(tmp_path, monkeypatch, ahead):
+    """A block read in pieces: with the kernel's read-ahead (plentiful memory) the span is
+    advised sequential; with our own (tight memory), random, then WILLNEED ranges that follow
+    each other from the first piece's end to the span's end, never more than `ahead` bytes past
+    the piece being read. The bytes are the file's either way."""
+    import os
+
+    from streammerge.checkpoints import TensorHandle
+    from streammerge.checkpoints import blocks
+
+    x = np.arange(40 * 6, dtype=np.float32).reshape(40, 6)  # rows of 24 bytes
+    path = tmp_path / "t.bin"
+    path.write_bytes(b"\0" * 8 + x.tobytes())
+    h = TensorHandle("t", str(path), 8, "F32", (40, 6))
+    calls = []
+    real = os.posix_fadvise
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, adv: (calls.append((off, n, adv)), real(fd, off, n, adv))[1])
+    monkeypatch.setattr(blocks, "read_ahead", lambda: ahead)
+    r0, r1 = 3, 37
+    with blocks.RawRows(h, r0, r1, pieces=True) as rows:
+        start = 8 + r0 * 24
+        assert calls.pop(0) == (start, (r1 - r0) * 24, os.POSIX_FADV_RANDOM if ahead else os.POSIX_FADV_SEQUENTIAL)
+        for a in range(r0, r1, 2):
+            b = min(r1, a + 2)
+            got = rows.read(a, b, np.empty((b - a) * 24, np.uint8)).view(np.float32).reshape(-1, 6)
+            np.testing.assert_array_equal(got, x[a:b])
+            advised = [c for c in calls if c[2] == os.POSIX_FADV_WILLNEED]
+            if ahead:
+                assert advised, "the first read advises what follows"
+                last = advised[-1][0] + advised[-1][1]
+                assert 8 + b * 24 <= last <= 8 + b * 24 + ahead or last == 8 + r1 * 24
+    advised = [c for c in calls if c[2] == os.POSIX_FADV_WILLNEED]
+    assert len(advised) == len(calls)
+    if not ahead:
+        assert advised == []
+        return
+    assert advised[0][0] == start + 2 * 24 and advised[-1][0] + advised[-1][1] == 8 + r1 * 24
+    assert all(p[0] + p[1] == q[0] for p, q in zip(advised, advised[1:])), advised  # no gap, no overlap
+    assert len(advised) < (r1 - r0) // 2, "advised in halves of `ahead`, not a call a piece"
+
+
+def test_read_ahead_follows_the_memory_available(monkeypatch):
+    from streammerge.checkpoints import blocks
+
+    for avail, want in ((1000 << 20, blocks.READ_AHEAD), (24 << 30, 0), (None, 0)):
+        monkeypatch.setattr(blocks, "memory_available", lambda a=avail: a)
+        blocks.read_ahead.cache_clear()
+        assert blocks.read_ahead() == want
+    blocks.read_ahead.cache_clear()
+
+
+def test_memory_available_is_at_most_meminfo_and_the_cgroup_limit():
+    from streammerge.fsutil import memory_available
+
+    with open("/proc/meminfo") as f:
+        avail = next(int(x.split()[1]) * 1024 for x in f if x.startswith("MemAvailable:"))
+    got = memory_available()
+    assert got is not None and got <= avail * 1.2
+    # under a memory cgroup of 300 MB (tools/memcap.sh, where this machine lets us make one)
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    code = "from streammerge.fsutil import memory_available; print(memory_available())"
+    res = subprocess.run(["bash", str(root / "tools" / "memcap.sh"), "300", sys.executable, "-c", code],
+                         capture_output=True, text=True, cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
+    if "cannot create a cgroup" in res.stderr:
+        pytest.skip("no memory cgroup can be made here")
+    assert int(res.stdout.split()[0]) == 300 << 20, res.stdout + res.stderr

@@ -225,8 +225,8 @@ def generate(store, prompt_texts, input_path, output_path, show_routing, max_new
 @click.option("--memory-budget", type=BUDGET, default="auto", show_default=True,
               help="Device memory for the weights, a cache of decoded deltas and the KV cache (e.g. 20GB); "
               "requests wait while their KV cache would not fit. auto: the model and the encodings plus 80% of "
-              "the GPU's free memory after loading them (CUDA), or half of the machine's available memory (CPU). "
-              "none: no cache, and no limit but --max-batch.")
+              "the GPU's free memory after loading them (CUDA), or half of the available memory (CPU; a memory "
+              "cgroup's limit counted). none: no cache, and no limit but --max-batch.")
 @click.option("--api-key", default=None, envvar="STREAMMERGE_API_KEY", show_envvar=True,
               help="Require 'Authorization: Bearer KEY' on every route but /health.")
 @click.option("--name", default=None, help="Model name clients use (default: the store's name without .zarr).")

@@ -163,24 +163,17 @@ def auto_budget(fixed: int, device) -> tuple[int | None, str]:
 
 
 def free_memory(device) -> int | None:
-    """Bytes free on `device` now: CUDA's free memory, or the machine's available memory (Linux
-    MemAvailable; elsewhere the free pages); None where unknown."""
-    import os
+    """Bytes free on `device` now: CUDA's free memory, or what this process may still fill on
+    the machine (fsutil.memory_available: MemAvailable, or a lower memory cgroup limit); None
+    where unknown."""
+    from ..fsutil import memory_available
 
     torch = require_torch()[0]
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
     if device.type != "cpu":
         return None
-    try:
-        with open("/proc/meminfo") as f:
-            return next(int(x.split()[1]) * 1024 for x in f if x.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):
-        return None
+    return memory_available()
 
 
 def load_merged_model(store: Store, device, dtype):
