@@ -150,7 +150,8 @@ def router_show(store, as_json):
 @click.option("--memory-budget", type=BUDGET, default="auto", show_default=True,
               help="Device memory for the weights: the model, the encodings and a cache of decoded deltas "
               "(e.g. 2GB; faster where it fits). auto: the model and the encodings plus 80% of the GPU's free "
-              "memory after loading them (CUDA), or half of the machine's available memory (CPU); none: no cache.")
+              "memory after loading them (CUDA), or half of the available memory (CPU; a memory cgroup's limit "
+              "counted); none: no cache.")
 @click.option("--device", default="auto", show_default=True, help=_DEVICE_HELP)
 @_DTYPE_OPTION
 @user_errors

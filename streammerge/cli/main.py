@@ -71,14 +71,13 @@ class ThreadsType(click.ParamType):
     name = "auto|N"
 
     def convert(self, value, param, ctx):
-        if isinstance(value, int) or str(value).strip().lower() == "auto":
-            n = value if isinstance(value, int) else "auto"
-        else:
-            try:
-                n = int(str(value).strip())
-            except ValueError:
-                self.fail(f"{value!r} is not 'auto' or a number of threads", param, ctx)
-        if n != "auto" and n < 1:
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        try:
+            n = int(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not 'auto' or a number of threads", param, ctx)
+        if n < 1:
             self.fail(f"{n} threads: at least 1", param, ctx)
         return n
 

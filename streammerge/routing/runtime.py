@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import StreammergeError
+from ..fsutil import memory_available
 from ..limits import DOCUMENT, read_json
 from ..store.store import Store, atomic_write
 
@@ -166,8 +167,6 @@ def free_memory(device) -> int | None:
     """Bytes free on `device` now: CUDA's free memory, or what this process may still fill on
     the machine (fsutil.memory_available: MemAvailable, or a lower memory cgroup limit); None
     where unknown."""
-    from ..fsutil import memory_available
-
     torch = require_torch()[0]
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
@@ -275,8 +274,7 @@ def pad_batch(seqs: Sequence[Sequence[int]], pad: int, side: str, device):
 # forward of the 5M-parameter serving model costs ~2.4 ms plus ~0.047 ms a token (50 tokens); a
 # larger model raises the per-token cost, so 64 overstates the overhead there and splits less. On a
 # GPU a forward of a few thousand tokens is bound by its launches, not by padding.
-BATCH_OVERHEAD_TOKENS = {"cpu": 64}
-GPU_BATCH_OVERHEAD_TOKENS = 4096
+BATCH_OVERHEAD_TOKENS = {"cpu": 64, "cuda": 4096}
 
 
 def length_batches(lengths: Sequence[int], max_rows: int, overhead: int) -> list[list[int]]:
@@ -308,7 +306,7 @@ def mean_hidden_features(model, seqs: Sequence[Sequence[int]], pad: int, batch_s
     from the mean."""
     torch, _ = require_torch()
     device = next(model.parameters()).device
-    overhead = BATCH_OVERHEAD_TOKENS.get(device.type, GPU_BATCH_OVERHEAD_TOKENS)
+    overhead = BATCH_OVERHEAD_TOKENS.get(device.type, BATCH_OVERHEAD_TOKENS["cuda"])
     rows: dict[int, object] = {}
     inner = model.base_model
     with torch.inference_mode():

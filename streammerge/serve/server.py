@@ -41,7 +41,7 @@ def set_compute_threads(threads: int | str, device) -> str:
     import torch
 
     if threads == "auto":
-        if getattr(device, "type", str(device)) != "cpu":
+        if device.type != "cpu":
             return f"{torch.get_num_threads()} CPU thread(s)"
         try:
             cpus = len(os.sched_getaffinity(0))
