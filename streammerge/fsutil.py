@@ -194,6 +194,25 @@ def pwrite_direct(fd: int, view: memoryview, pos: int, direct_fd: int | None = N
     pwrite_loop(fd, view[b - pos :], b)
 
 
+def _write_direct(fd: int, data: memoryview, padded: int) -> None:
+    """`data` zero-padded to `padded` bytes (a multiple of DIRECT_ALIGN) through the O_DIRECT
+    `fd`: its whole pages from where they are when `data` starts on a page (WriteBehind places
+    blocks so), the rest staged in this thread's aligned buffer by numpy's copy, which releases
+    the GIL (a memoryview assignment holds it through the memcpy: on 16 threads the store's
+    writer thread staging whole chunks that way held the GIL for an eighth of the workers'
+    GIL-held time, py-spy --gil on a 0.5B-shaped ties build)."""
+    head = len(data) // DIRECT_ALIGN * DIRECT_ALIGN if _address(data) % DIRECT_ALIGN == 0 else 0
+    if head:
+        pwrite_loop(fd, data[:head], 0)
+    if head == padded:
+        return
+    staged = np.frombuffer(aligned_buffer(padded - head), np.uint8)
+    tail = len(data) - head
+    np.copyto(staged[:tail], np.frombuffer(data, np.uint8)[head:])
+    staged[tail:] = 0
+    pwrite_loop(fd, memoryview(staged), head)
+
+
 def write_new_file(path: Path, data: memoryview, size: int | None = None) -> None:
     """Create `path` holding `data` zero-padded to `size` bytes, atomically (a `.partial` file
     renamed into place, as zarr's local store does), bypassing the page cache where possible."""
@@ -204,10 +223,7 @@ def write_new_file(path: Path, data: memoryview, size: int | None = None) -> Non
     fd = open_direct(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL) if size >= DIRECT_ALIGN else None
     try:
         if fd is not None:
-            staged = aligned_buffer(padded)
-            staged[: len(data)] = data
-            staged[len(data) :] = bytes(padded - len(data))
-            pwrite_loop(fd, staged, 0)
+            _write_direct(fd, data, padded)
             if padded != size:
                 os.ftruncate(fd, size)
         else:

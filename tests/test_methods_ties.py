@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from streammerge.methods import MergeMethod, TensorParams, get_method
+from streammerge.methods import base as _base
 from streammerge.ops import random_streams as _random
 from streammerge.ops import topk as _topk
 from streammerge.methods.inmemory import merge_tensor
@@ -143,6 +144,18 @@ def test_topk_exact_overflow_and_refine(name, x, monkeypatch):
     monkeypatch.setattr(_topk, "CAP_MIN", 2)
     monkeypatch.setattr(_topk, "CAP_DIV", 10**9)
     check_topk(x, (None, 7))
+
+
+@pytest.mark.parametrize("name,x", list(topk_cases()), ids=lambda v: v if isinstance(v, str) else "")
+def test_topk_exact_scanned_in_pieces(name, x, monkeypatch):
+    """The collect pass scans a block over SCAN_MAX_ELEMS in pieces (a row group whole): the
+    selection, tie cut included, is the brute force's whichever way a block is cut."""
+    monkeypatch.setattr(_base, "SCAN_MAX_ELEMS", 2000)
+    monkeypatch.setattr(_base, "CACHE_ELEMS", 512)
+    monkeypatch.setattr(_topk, "CHUNK", 128)
+    monkeypatch.setattr(_topk, "SAMPLE_TARGET", 64)
+    monkeypatch.setattr(_topk, "SAMPLE_ROWS", 4)
+    check_topk(x, block_sizes=(None, 40, 7))
 
 
 @pytest.mark.parametrize("where", ["above", "below", "narrow", "noheavy"])
@@ -371,6 +384,26 @@ def test_magnitude_parity(name, kind, shape):
                 assert ties.sum() <= 8
     if kind == "cont":  # no (or almost no) ties: bit-identical everywhere
         assert bits_equal(out, ref) <= ties.sum()
+
+
+@pytest.mark.parametrize("name", ["ties", "breadcrumbs_ties"])
+def test_magnitude_parity_scanned_in_pieces(name, monkeypatch):
+    """A block scanned in several pieces (a block over SCAN_MAX_ELEMS: cache-sized pieces, made
+    tiny here) gives mergekit's merge as a block scanned whole does: the top-k collect and the
+    merge's row chunks both cut it."""
+    monkeypatch.setattr(_base, "SCAN_MAX_ELEMS", 3000)
+    monkeypatch.setattr(_base, "CACHE_ELEMS", 1024)
+    monkeypatch.setattr(_topk, "CHUNK", 256)
+    monkeypatch.setattr(_topk, "SAMPLE_TARGET", 256)  # the streamed path: sample, bracket, collect
+    shape = (300, 40)
+    base, models = make(shape, "cont", seed=11)
+    dens = [0.5, 0.1, 0.9]
+    ties = tie_mask(base, models, _magnitude_ks(name, base.size, dens, [0.01, 0.05, 0.0]))
+    extra = {"gamma": [0.01, 0.05, 0.0]} if name != "ties" else {}
+    ref = mergekit_merge(name, base, models, density=dens, weight=[1.0, 0.5, 0.7], **extra)
+    for br in (None, 70, 7):  # 12000 elements in 1024-element pieces; 2800 whole; 280 whole
+        out = ours(name, base, models, br, density=dens, weight=[1.0, 0.5, 0.7], **extra)
+        assert bits_equal(out, ref, where=~ties) == 0, br
 
 
 @pytest.mark.parametrize("name", ["ties", "breadcrumbs_ties"])

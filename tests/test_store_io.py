@@ -14,7 +14,9 @@ import zarr
 from zarr.storage import LocalStore
 
 from streammerge.errors import StoreError
+from streammerge import fsutil
 from streammerge.fsutil import WriteBehind, atomic_write, write_new_file
+from streammerge.workspace import page_aligned
 from streammerge.store.store import Store
 
 
@@ -104,10 +106,24 @@ def test_block_larger_than_its_chunk_is_refused(tmp_path):
         store.write_block("tensors/w", 0, np.ones((5, 16), np.uint16))
 
 
-@pytest.mark.parametrize("size,data_len", [(10_000, 10_000), (12_288, 5_000), (100, 100), (4096 * 3, 4096 * 3)])
-def test_write_new_file_pads_with_zeros_and_leaves_no_partial(tmp_path, size, data_len):
+@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("size,data_len", [(10_000, 10_000), (12_288, 5_000), (100, 100), (4096 * 3, 4096 * 3), (4096 * 5, 4096 * 2)])
+def test_write_new_file_pads_with_zeros_and_leaves_no_partial(tmp_path, monkeypatch, size, data_len, aligned):
+    """Page-aligned data (as WriteBehind hands it) is written from where it is, its last partial
+    page and the padding staged; other data is staged whole: the same bytes either way."""
     data = np.random.default_rng(1).integers(0, 256, data_len, dtype=np.uint8)
+    if aligned:
+        buf = page_aligned(data_len)
+        buf[:] = data
+        data = buf
+    else:
+        data = np.concatenate([np.zeros(1, np.uint8), data])[1:]  # one byte off any page
+    writes = []
+    real = fsutil.pwrite_loop
+    monkeypatch.setattr(fsutil, "pwrite_loop", lambda fd, view, pos: (writes.append((fsutil._address(view), pos)), real(fd, view, pos)))
     write_new_file(tmp_path / "f", memoryview(data), size)
+    if aligned and data_len >= 4096:
+        assert writes[0] == (data.ctypes.data, 0)  # its whole pages written from where they are
     got = (tmp_path / "f").read_bytes()
     assert got == data.tobytes() + bytes(size - data_len)
     assert os.listdir(tmp_path) == ["f"]

@@ -83,7 +83,7 @@ import numpy as np
 from ..workspace import thread_buffer
 from ..errors import StreammergeError
 from ..geometry import numel, row_elems
-from ..methods.base import Block, Pass, Stats, TensorParams
+from ..methods.base import Block, Pass, Stats, TensorParams, scan_elems
 
 SAMPLE_TARGET = 1 << 18  # about this many samples per tensor (one of < 2 * SAMPLE_TARGET: all)
 SAMPLE_ROWS = 256  # rows sampled at least (all, in a tensor with fewer)
@@ -517,7 +517,7 @@ class TopK:
                 _Acc(P, H.size, cap, int(_codes(np.array([stats[self._k(j, "E")]], np.uint32), P)[0])),
             )
         for src, js in by_src.items():
-            for c0, c1 in chunks(nb):
+            for c0, c1 in chunks(nb, max(CHUNK, scan_elems(nb))):  # a row group whole: fewer GIL-held calls
                 L = c1 - c0
                 u = as_u32(self.values(block, params, stats, src, slice(c0, c1), scratch("tk.v", L)))
                 g = scratch("tk.g", L, bool)

@@ -33,7 +33,7 @@ from ..dtypes import float_type, is_float_st
 from ..errors import CheckpointError, RecipeError, StreammergeError
 from ..fsutil import WRITE_BEHIND_DEPTH, store_writers
 from ..methods import MergeMethod, TensorParams, get_method
-from ..methods.base import Output, Pass
+from ..methods.base import SCAN_MAX_ELEMS, Output, Pass, row_group_elems
 from ..recipe import Recipe, layer_position, resolve_tensor_params
 
 # Memory the process needs before any block: interpreter, numpy, zarr, dask, bookkeeping.
@@ -46,6 +46,17 @@ MAX_BLOCK_ELEMS = 4 * 2**20
 MIN_BLOCK_ELEMS = 64 * 2**10
 # float32 working arrays per block besides the inputs: the method's result and temporaries.
 WORK_ARRAYS = 3
+
+
+# Bytes per element of the piece a method scans at once (methods.base.scan_elems: a row group
+# whole, up to SCAN_MAX_ELEMS): its float32 and bool temporaries (ties: |tau|, the keep masks, the
+# election's sums and signs; the top-k collect's comparisons).
+SCAN_BYTES_PER_ELEM = 32
+
+
+def scan_bytes(workers: int) -> int:
+    """Per worker: the temporaries of the piece of a row group a method scans at once."""
+    return SCAN_BYTES_PER_ELEM * min(SCAN_MAX_ELEMS, row_group_elems(workers))
 
 
 def writer_blocks(workers: int) -> int:
@@ -191,10 +202,12 @@ class Plan:
         return BASELINE_BYTES + (TOKENIZER_LIBS_BYTES if self.tokenizer_files is not None else 0)
 
     def memory_estimate(self) -> int:
-        """Peak resident bytes: baseline + per worker, the float32 inputs and work arrays of a block."""
+        """Peak resident bytes: baseline + per worker, the float32 inputs and work arrays of a
+        block and the temporaries of the piece it scans at once."""
         n_inputs = len(self.model_specs) + (1 if self.base_spec else 0)
         biggest = max((min(j.block_rows * j.row_elems, j.numel) for j in self.jobs), default=0)
-        return self.baseline_bytes + biggest * 4 * (self.workers * (n_inputs + WORK_ARRAYS) + writer_blocks(self.workers))
+        scan = self.workers * min(biggest * SCAN_BYTES_PER_ELEM, scan_bytes(self.workers))
+        return self.baseline_bytes + scan + biggest * 4 * (self.workers * (n_inputs + WORK_ARRAYS) + writer_blocks(self.workers))
 
     def with_block_rows(self, block_rows: dict[str, int]) -> "Plan":
         """The same plan cut as an existing store was (resuming keeps the store's chunking)."""
@@ -261,7 +274,8 @@ def _check_architectures(checkpoints: dict[str, ModelCheckpoint]) -> None:
 
 def block_elems_for(memory_limit: int, workers: int, n_inputs: int) -> int:
     workers = max(1, workers)
-    elems = max(0, memory_limit - BASELINE_BYTES) // (4 * (workers * (n_inputs + WORK_ARRAYS) + writer_blocks(workers)))
+    free = memory_limit - BASELINE_BYTES - workers * scan_bytes(workers)
+    elems = max(0, free) // (4 * (workers * (n_inputs + WORK_ARRAYS) + writer_blocks(workers)))
     return int(max(MIN_BLOCK_ELEMS, min(MAX_BLOCK_ELEMS, elems)))
 
 
