@@ -89,11 +89,12 @@ _F2 = np.float32(2)
 
 
 def row_chunks(block: Block, nb: int):
-    """Chunks of whole rows, (c0, c1) flat offsets within the block: the engine's row group in
-    one chunk (`scan_elems`; a block beyond SCAN_MAX_ELEMS in cache-sized chunks), not two or three of half
-    its size (down_proj's 5632-entry rows made 11 + 11 + 1): every chunk costs ~40 numpy calls
-    of Python, and same-run A/Bs on the 0.5B set (3 rounds) put ties at 1.09x (1.01-1.10) and
-    dare_ties at 1.20x (1.19-1.29) faster than with 64 Ki-element chunks; 32 Ki was 0.92x / 0.78x."""
+    """Chunks of whole rows, (c0, c1) flat offsets within the block: the engine's row group is
+    one chunk (`scan_elems`; a block beyond SCAN_MAX_ELEMS goes in cache-sized chunks), not two
+    or three of half its size (down_proj's 5632-entry rows made 11 + 11 + 1): every chunk costs
+    ~40 numpy calls of Python, and same-run A/Bs on the 0.5B set (3 rounds) put ties at 1.09x
+    (1.01-1.10) and dare_ties at 1.20x (1.19-1.29) faster than with 64 Ki-element chunks; 32 Ki
+    was 0.92x / 0.78x."""
     rows = block.models[0].shape[0] if block.models[0].ndim else 1
     row = max(1, nb // max(1, rows))
     step = max(1, scan_elems(nb) // row) * row
