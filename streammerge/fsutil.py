@@ -19,14 +19,17 @@ from .workspace import page_aligned, thread_buffer
 
 def memory_available() -> int | None:
     """Bytes this process may still fill: the kernel's MemAvailable, or less where the process's
-    memory cgroup (v2 memory.max, v1 memory.limit_in_bytes) sets a lower limit; None where
-    neither is known (not Linux)."""
+    memory cgroup (v2 memory.max, v1 memory.limit_in_bytes) sets a lower limit; elsewhere the
+    free pages; None where nothing is known."""
     found = []
     try:
         with open("/proc/meminfo") as f:
             found.append(next(int(x.split()[1]) * 1024 for x in f if x.startswith("MemAvailable:")))
     except (OSError, StopIteration, ValueError):
-        pass
+        try:
+            found.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        except (AttributeError, ValueError, OSError):
+            pass
     try:
         with open("/proc/self/cgroup") as f:
             lines = [line.rstrip("\n").split(":", 2) for line in f]

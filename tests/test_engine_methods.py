@@ -386,3 +386,44 @@ def test_memory_available_is_at_most_meminfo_and_the_cgroup_limit():
     if "cannot create a cgroup" in res.stderr:
         pytest.skip("no memory cgroup can be made here")
     assert int(res.stdout.split()[0]) == 300 << 20, res.stdout + res.stderr
+
+
+def test_memory_available_without_meminfo_counts_the_free_pages(monkeypatch):
+    """Where /proc/meminfo cannot be read (not Linux), the free pages (sysconf), as serve's auto
+    budget had before it used this function; never more than a memory cgroup's limit."""
+    import builtins
+
+    from streammerge import fsutil
+
+    real_open = builtins.open
+
+    def no_meminfo(path, *args, **kwargs):
+        if str(path) == "/proc/meminfo":
+            raise FileNotFoundError(path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", no_meminfo)
+    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    got = fsutil.memory_available()
+    assert got is not None and got <= free * 1.2 and got > 0
+
+
+@pytest.mark.parametrize("workers", [1, 2, 4, 16, 32])
+@pytest.mark.parametrize("n_inputs", [2, 4, 9])
+def test_planned_block_is_the_largest_whose_memory_estimate_fits(workers, n_inputs):
+    """block_elems_for inverts the estimate (inputs, work arrays, queued writes and the scan
+    pieces' temporaries, counted whole up to SCAN_MAX_ELEMS): the block it picks fits the limit
+    and one element more would not, on both sides of the scan cap."""
+    from streammerge.plan.planner import (BASELINE_BYTES, MAX_BLOCK_ELEMS, MIN_BLOCK_ELEMS, WORK_ARRAYS,
+                                          block_elems_for, scan_bytes, writer_blocks)
+
+    def estimate(elems):
+        return BASELINE_BYTES + workers * scan_bytes(elems) + elems * 4 * (workers * (n_inputs + WORK_ARRAYS) + writer_blocks(workers))
+
+    sides = set()
+    for limit in np.geomspace(320 << 20, 64 << 30, 60).astype(np.int64).tolist():
+        elems = block_elems_for(limit, workers, n_inputs)
+        if MIN_BLOCK_ELEMS < elems < MAX_BLOCK_ELEMS:
+            assert estimate(elems) <= limit < estimate(elems + 1), (limit, elems)
+            sides.add(elems <= 1 << 20)
+    assert sides == {True, False}  # blocks under and over the scan cap both checked

@@ -33,7 +33,7 @@ from ..dtypes import float_type, is_float_st
 from ..errors import CheckpointError, RecipeError, StreammergeError
 from ..fsutil import WRITE_BEHIND_DEPTH, store_writers
 from ..methods import MergeMethod, TensorParams, get_method
-from ..methods.base import SCAN_MAX_ELEMS, Output, Pass, row_group_elems
+from ..methods.base import SCAN_MAX_ELEMS, Output, Pass
 from ..recipe import Recipe, layer_position, resolve_tensor_params
 
 # Memory the process needs before any block: interpreter, numpy, zarr, dask, bookkeeping.
@@ -48,15 +48,15 @@ MIN_BLOCK_ELEMS = 64 * 2**10
 WORK_ARRAYS = 3
 
 
-# Bytes per element of the piece a method scans at once (methods.base.scan_elems: a row group
-# whole, up to SCAN_MAX_ELEMS): its float32 and bool temporaries (ties: |tau|, the keep masks, the
-# election's sums and signs; the top-k collect's comparisons).
+# Bytes per element of the piece a method scans at once (methods.base.scan_elems: a block or row
+# group whole, up to SCAN_MAX_ELEMS): its float32 and bool temporaries (ties: |tau|, the keep
+# masks, the election's sums and signs; the top-k collect's comparisons).
 SCAN_BYTES_PER_ELEM = 32
 
 
-def scan_bytes(workers: int) -> int:
-    """Per worker: the temporaries of the piece of a row group a method scans at once."""
-    return SCAN_BYTES_PER_ELEM * min(SCAN_MAX_ELEMS, row_group_elems(workers))
+def scan_bytes(block_elems: int) -> int:
+    """Per worker: the temporaries of the piece a method scans at once of blocks of `block_elems`."""
+    return SCAN_BYTES_PER_ELEM * min(SCAN_MAX_ELEMS, block_elems)
 
 
 def writer_blocks(workers: int) -> int:
@@ -206,8 +206,8 @@ class Plan:
         block and the temporaries of the piece it scans at once."""
         n_inputs = len(self.model_specs) + (1 if self.base_spec else 0)
         biggest = max((min(j.block_rows * j.row_elems, j.numel) for j in self.jobs), default=0)
-        scan = self.workers * min(biggest * SCAN_BYTES_PER_ELEM, scan_bytes(self.workers))
-        return self.baseline_bytes + scan + biggest * 4 * (self.workers * (n_inputs + WORK_ARRAYS) + writer_blocks(self.workers))
+        per_elem = 4 * (self.workers * (n_inputs + WORK_ARRAYS) + writer_blocks(self.workers))
+        return self.baseline_bytes + self.workers * scan_bytes(biggest) + biggest * per_elem
 
     def with_block_rows(self, block_rows: dict[str, int]) -> "Plan":
         """The same plan cut as an existing store was (resuming keeps the store's chunking)."""
@@ -274,8 +274,13 @@ def _check_architectures(checkpoints: dict[str, ModelCheckpoint]) -> None:
 
 def block_elems_for(memory_limit: int, workers: int, n_inputs: int) -> int:
     workers = max(1, workers)
-    free = memory_limit - BASELINE_BYTES - workers * scan_bytes(workers)
-    elems = max(0, free) // (4 * (workers * (n_inputs + WORK_ARRAYS) + writer_blocks(workers)))
+    free = max(0, memory_limit - BASELINE_BYTES)
+    per_elem = 4 * (workers * (n_inputs + WORK_ARRAYS) + writer_blocks(workers))
+    # the largest block whose memory_estimate fits: scan pieces capped at SCAN_MAX_ELEMS, or
+    # (a smaller block) each block scanned whole
+    elems = (free - workers * scan_bytes(SCAN_MAX_ELEMS)) // per_elem
+    if elems < SCAN_MAX_ELEMS:
+        elems = free // (per_elem + workers * SCAN_BYTES_PER_ELEM)
     return int(max(MIN_BLOCK_ELEMS, min(MAX_BLOCK_ELEMS, elems)))
 
 
