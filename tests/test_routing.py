@@ -489,7 +489,7 @@ def test_generate_sorts_a_batch_by_decision(stores):
     decs = [forced(("math", "code")[i % 2], TASKS) for i in range(4)]
     together = rm.generate(prompts, decisions=decs, max_new_tokens=4, batch_size=4)
     assert rm.timings.batches == 1
-    assert [d.key for d in rm.runtime._decisions] == sorted(d.key for d in decs)
+    assert [d.key for d in rm.runtime.decisions] == sorted(d.key for d in decs)
     assert all(isinstance(rows, slice) for _, rows in rm.runtime.groups(4))
     assert together == [rm.generate(p, decisions=[d], max_new_tokens=4) for p, d in zip(prompts, decs)]
 

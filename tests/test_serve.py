@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
+import os
 import re
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -19,7 +21,7 @@ import pytest
 import torch
 
 import serve_process
-from streammerge.serve.scheduler import FINISHED, RUNNING, QueueFull, Request, Sampling, Scheduler
+from streammerge.serve.scheduler import FINISHED, READY, ROUTING, RUNNING, QueueFull, Request, Sampling, Scheduler
 from test_routing import TASKS, prompts_for, routers, run, stores  # noqa: F401 (fixtures reused)
 
 CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -44,7 +46,7 @@ def test_scheduler_admits_within_rows_and_padded_kv_budget():
     for r in step.admitted:
         s.started(r)
     s.submit(c)  # 8 tokens, but the padded batch would be 3 rows x 20 = 600 bytes
-    assert s.schedule(timeout=0).admitted == [] and s.load() == {"waiting": 1, "running": 2}
+    assert s.schedule(timeout=0).admitted == [] and s.load() == {"waiting": 1, "routing": 0, "running": 2}
     s.submit(_req(1, 1))
     with pytest.raises(QueueFull):
         s.submit(_req(1, 1))
@@ -73,7 +75,141 @@ def test_scheduler_abort_frees_the_slot():
     assert c.finish_reason == "abort" and s.load()["waiting"] == 0
 
 
+def test_scheduler_routes_beside_the_steps():
+    """A routed request goes to the router (take_routing), not into a step; while it is there
+    it holds its row (max_batch), the engine's steps go on without it, and it joins the step
+    after it is routed; one aborted while the router has it is not handed to a step."""
+    s = Scheduler(max_batch=3, kv_bytes_per_token=1)
+    static = _req(3, 3)
+    routed = [Request([1, 2], Sampling(max_tokens=2), ("routed",)) for _ in range(3)]
+    s.submit(static)
+    s.submit(routed[0])
+    s.submit(routed[1])
+    step = s.schedule(timeout=0)
+    assert step.admitted == [static] and routed[0].state == ROUTING and routed[1].state == ROUTING
+    s.started(static)
+    assert s.take_routing(timeout=0) == routed[:2] and s.take_routing(timeout=0) is None
+    s.submit(routed[2])  # the batch is full: the static row and the two with the router
+    step = s.schedule(timeout=0)
+    assert step.admitted == [] and step.running == [static] and routed[2].state == "waiting"
+    assert s.load() == {"waiting": 1, "routing": 2, "running": 1}
+    s.abort(routed[1])  # gone while the router works on it
+    s.routed(routed[:2])
+    assert routed[0].state == READY
+    step = s.schedule(timeout=0)
+    assert step.admitted == [routed[0]] and step.dropped == [routed[1]] and routed[1].finish_reason == "abort"
+    assert routed[2].state == ROUTING  # its slot came free with the abort
+    s.started(routed[0])
+    s.finish(static, "length")
+    assert s.take_routing(timeout=0) == [routed[2]]
+    assert s.schedule(timeout=0).admitted == []  # with the router: nothing for the engine yet
+    s.routed([routed[2]])
+    assert s.schedule(timeout=0).admitted == [routed[2]]
+
+
+class _RoutingRunner:
+    """A fake runner: each row's token is 1 (EOS 0 never comes), a decoding step takes 5 ms, and
+    `route` waits until the engine has run 3 decoding steps since it began (so it only returns in
+    time if the steps go on beside it), then fails a batch holding the prompt "poison"."""
+
+    eos = {0}
+
+    def __init__(self):
+        from types import SimpleNamespace
+
+        self.rows, self.routed_batches = [], []
+        self.tokenizer = SimpleNamespace(decode=lambda toks, skip_special_tokens=True: "x" * len(toks))
+        self._steps = 0
+        self._cv = threading.Condition()
+
+    def decide(self, reqs):  # as ModelRunner.decide: routes the routed requests not routed yet
+        from streammerge.routing import STATIC
+
+        self.route([r for r in reqs if r.target[0] == "routed" and r.decision is None])
+        for r in reqs:
+            if r.decision is None:
+                r.decision = STATIC
+
+    def route(self, reqs):
+        from streammerge.routing import forced
+
+        if not reqs:
+            return
+        with self._cv:
+            begun = self._steps
+            if not self._cv.wait_for(lambda: self._steps >= begun + 3, timeout=10):
+                raise RuntimeError("no decoding step ran while routing")
+        self.routed_batches.append(list(reqs))
+        if any(r.features_text == "poison" for r in reqs):
+            raise ValueError("bad features")
+        for r in reqs:
+            r.decision = forced("math", ["math", "code"])
+
+    def prefill(self, reqs):
+        self.rows += reqs
+        return [1] * len(reqs)
+
+    def decode(self, last):
+        time.sleep(0.005)
+        with self._cv:
+            self._steps += 1
+            self._cv.notify_all()
+        return [1] * len(self.rows)
+
+    def remove(self, reqs):
+        self.rows = [r for r in self.rows if r not in reqs]
+
+    def resident_bytes(self):
+        return {}
+
+
+def test_engine_routes_beside_the_decoding_steps():
+    """The engine's router thread routes while the engine thread decodes the running batch: a
+    routed request's routing forward overlaps the running request's steps (the fake router
+    returns only once steps ran meanwhile); a routing failure finishes its requests with an
+    error event, and the engine goes on serving."""
+    from streammerge.serve.engine import Engine
+
+    runner = _RoutingRunner()
+    engine = Engine(runner, Scheduler(max_batch=8, kv_bytes_per_token=1))
+    engine.start()
+    try:
+        events: dict[str, list] = {}
+
+        def submit(name, target, text="", max_tokens=400):
+            done = threading.Event()
+            events[name] = []
+
+            def emit(e):
+                events[name].append(e)
+                if e[0] in ("done", "error"):
+                    done.set()
+            engine.submit(Request([1], Sampling(max_tokens=max_tokens), target, features_text=text, emit=emit))
+            return done
+
+        long_static = submit("static", ("static",))
+        poisoned = submit("poison", ("routed",), "poison")
+        assert poisoned.wait(10) and events["poison"][-1][0] == "error"
+        assert "ValueError: bad features" in events["poison"][-1][1]
+        routed = submit("routed", ("routed",), "fine", max_tokens=5)
+        assert routed.wait(10)
+        assert events["routed"][0][0] == "routing" and events["routed"][0][1].task == "math"
+        assert events["routed"][-1][:2] == ("done", "length")
+        assert not long_static.is_set()  # it decoded all along, and goes on
+        assert long_static.wait(20) and events["static"][-1][:2] == ("done", "length") and engine.alive
+        assert [len(b) for b in runner.routed_batches] == [1, 1]
+    finally:
+        engine.stop()
+    assert not engine.alive
+
+
 # ---- the server -------------------------------------------------------------------------------
+
+
+# The servers run on the CPU (CI); on a GPU machine STREAMMERGE_TEST_SERVE_DEVICE=cuda runs the
+# `server` fixture's on the GPU, for the tests that hold on any device (those that compare
+# answers with each other, not with CPU float32 references: concurrency, streaming).
+SERVER_DEVICE = os.environ.get("STREAMMERGE_TEST_SERVE_DEVICE", "cpu")
 
 
 def serve_command(store: Path, *args) -> tuple[list[str], dict]:
@@ -81,8 +217,8 @@ def serve_command(store: Path, *args) -> tuple[list[str], dict]:
 
 
 class Server(serve_process.ServeProcess):
-    def __init__(self, store: Path, log: Path, *args):
-        super().__init__(store, "--device", "cpu", *args, log=log, timeout=90)
+    def __init__(self, store: Path, log: Path, *args, device: str = "cpu"):
+        super().__init__(store, "--device", device, *args, log=log, timeout=90)
 
     def client(self, key: str = "none", **kw) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.base + "/v1", api_key=key, max_retries=0, timeout=60, **kw)
@@ -104,7 +240,7 @@ def store(stores, routers):
 
 @pytest.fixture(scope="module")
 def server(store, tmp_path_factory):
-    srv = Server(store, tmp_path_factory.mktemp("srv") / "log", "--name", "job", "--max-batch", "32")
+    srv = Server(store, tmp_path_factory.mktemp("srv") / "log", "--name", "job", "--max-batch", "32", device=SERVER_DEVICE)
     yield srv
     srv.stop()
 

@@ -604,6 +604,75 @@ def test_row_plan_is_resident_and_counted(stores):
     assert rt.resident_bytes()["plan"] == 0
 
 
+@pytest.mark.parametrize("which,budget", [("mediator", None), ("mediator", 1 << 30), ("1bit", None), ("1bit", 1 << 30)])
+def test_threads_forward_with_their_own_rows(stores, which, budget):
+    """The rows set_rows gives are the calling thread's: two threads run forwards at once, each
+    with its own decisions (the server's engine decodes while its router thread runs the STATIC
+    routing forward; here both routed too, so that the shared cache of decoded terms is built
+    from both), and each gets the logits it gets alone; resident_bytes counts the plans of
+    both live threads, and a thread's plan goes with it."""
+    import gc
+    import threading
+
+    rt, model = runtime(stores[which], memory_budget=budget)
+    ids = batch_ids(4)
+    rows = {"a": [forced("math", TASKS), STATIC, forced("chat", TASKS), forced("code", TASKS)],
+            "b": [forced("code", TASKS), forced("code", TASKS), forced("math", TASKS), STATIC],
+            "static": [STATIC] * 4}
+
+    def logits(name):
+        rt.set_rows(rows[name])
+        with torch.inference_mode():
+            return model(input_ids=ids).logits
+
+    want = {name: logits(name) for name in rows}
+    plans = {}
+    for name in rows:
+        logits(name)
+        plans[name] = rt.resident_bytes()["plan"]
+    assert plans["a"] > 0 and plans["b"] > 0 and plans["static"] == 0
+    rt.cache.resize(0)  # built again, from both threads at once
+    rt.cache.resize(rt.memory_budget - rt.fixed_bytes() if budget else 0)
+    rt.set_rows(rows["static"])  # this thread's plan: empty
+    started, computed, done = threading.Barrier(2), threading.Barrier(3), threading.Barrier(3)
+    got, errors = {}, []
+
+    def worker(name):
+        try:
+            rt.set_rows(rows[name])
+            started.wait()
+            outs = []
+            for _ in range(6):
+                with torch.inference_mode():
+                    outs.append(model(input_ids=ids).logits)
+            got[name] = outs
+        except BaseException as e:  # the main thread reports it
+            errors.append(e)
+            started.abort()
+        finally:
+            try:
+                computed.wait()
+                done.wait()
+            except threading.BrokenBarrierError:
+                pass
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    computed.wait()
+    live_plans = rt.resident_bytes()["plan"]
+    done.wait()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for name in ("a", "b"):
+        for out in got[name]:
+            torch.testing.assert_close(out, want[name], rtol=0, atol=1e-5)
+    assert live_plans == plans["a"] + plans["b"]
+    gc.collect()
+    assert rt.resident_bytes()["plan"] == 0  # the threads are gone, with their plans
+
+
 @pytest.mark.parametrize("fused", [False, True], ids=["per-term", "fused"])
 def test_row_plan_is_bounded_and_reserved_in_the_budget(stores, fused):
     """The worst row plan of 6 rows (every row its own decision: weighted mixes whose tasks'

@@ -2,7 +2,7 @@
 """Benchmark `streammerge serve`: the same mixed-task prompts at several concurrencies.
 
     python tools/bench_serve.py [--methods mediator,1bit] [--concurrency 1,8,32] [--prompts-per-task 16]
-                                [--max-tokens 32] [--rounds 3] [--memory-budget 256MB] [--fused auto,never] [--hidden 256 --layers 4 --vocab 2048] [--device cpu] [--json out.json]
+                                [--max-tokens 32] [--rounds 3] [--memory-budget 256MB] [--fused auto,never] [--hidden 256 --layers 4 --vocab 2048] [--device cpu] [--stream] [--json out.json]
 
 Generates a synthetic base + 3 fine-tunes, builds a store per method and fits its router (as
 tools/bench_routing.py does), starts `streammerge serve` as a subprocess per store and sends
@@ -25,6 +25,11 @@ other jobs still measures fairly), and the server's resident bytes (/metrics: mo
 encodings, cache, KV cache) against the storage figure `build` prints (storage.json), plus the
 server process' RSS. static / forced / routed run `--rounds` times, alternating (static, forced,
 routed, static, ...), each figure the median with its min-max.
+
+With --stream the requests stream (server-sent events, usage in the last event) and the client
+also times the gaps between a request's consecutive text events: the inter-token latency
+(p50, p99 and the longest gap of each run), where a running request's pause while others are
+routed and prefilled shows.
 """
 
 from __future__ import annotations
@@ -87,9 +92,11 @@ def process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
-def run_load(base: str | list[str], reqs: list[dict], concurrency: int, servers: list | None = None) -> dict:
+def run_load(base: str | list[str], reqs: list[dict], concurrency: int, servers: list | None = None,
+             stream: bool = False) -> dict:
     """reqs sent with `concurrency` in flight, request i to base (or base[i], one per request);
-    with `servers`, also the completion tokens per CPU second those processes spent."""
+    with `servers`, also the completion tokens per CPU second those processes spent; with
+    `stream`, streamed, and the gaps between each request's consecutive text events (itl_*)."""
     import httpx
 
     cpu0 = sum(s.cpu_seconds() for s in servers or [])
@@ -101,19 +108,37 @@ def run_load(base: str | list[str], reqs: list[dict], concurrency: int, servers:
     def one(i):
         body = reqs[i]
         t0 = time.perf_counter()
-        r = client.post(bases[i] + "/v1/completions", json=body)
-        r.raise_for_status()
-        return time.perf_counter() - t0, r.json()["usage"]["completion_tokens"]
+        if not stream:
+            r = client.post(bases[i] + "/v1/completions", json=body)
+            r.raise_for_status()
+            return time.perf_counter() - t0, r.json()["usage"]["completion_tokens"], []
+        times, usage = [], None
+        body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+        with client.stream("POST", bases[i] + "/v1/completions", json=body) as r:
+            r.raise_for_status()
+            for line in r.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[6:])
+                if event.get("usage"):
+                    usage = event["usage"]
+                elif any(c.get("text") for c in event.get("choices", [])):
+                    times.append(time.perf_counter())
+        return time.perf_counter() - t0, usage["completion_tokens"], [b - a for a, b in zip(times, times[1:])]
 
     t0 = time.perf_counter()
     with cf.ThreadPoolExecutor(concurrency) as pool:
         res = list(pool.map(one, range(len(reqs))))
     wall = time.perf_counter() - t0
     client.close()
-    lat = sorted(x for x, _ in res)
-    tokens = sum(n for _, n in res)
+    lat = sorted(x for x, _, _ in res)
+    tokens = sum(n for _, n, _ in res)
     out = {"tok_s": tokens / wall, "p50_s": statistics.median(lat), "p95_s": lat[min(len(lat) - 1, int(0.95 * len(lat)))],
            "tokens": tokens, "wall_s": wall}
+    gaps = sorted(g for _, _, gs in res for g in gs)
+    if gaps:
+        out.update(itl_p50_s=statistics.median(gaps), itl_p99_s=gaps[min(len(gaps) - 1, int(0.99 * len(gaps)))],
+                   itl_max_s=gaps[-1])
     if servers:
         out["tok_cpu_s"] = tokens / max(1e-9, sum(s.cpu_seconds() for s in servers) - cpu0)
         out["prefills"] = sum(s.prefills() for s in servers) - prefills0
@@ -123,7 +148,7 @@ def run_load(base: str | list[str], reqs: list[dict], concurrency: int, servers:
 def summarize(runs: list[dict]) -> dict:
     """Rounds of one configuration: each figure's median, and its [min, max] under *_range."""
     out = {"rounds": len(runs)}
-    for k in ("tok_s", "tok_cpu_s", "p50_s", "p95_s"):
+    for k in ("tok_s", "tok_cpu_s", "p50_s", "p95_s", "itl_p50_s", "itl_p99_s", "itl_max_s"):
         vals = [r[k] for r in runs if k in r]
         if vals:
             out[k], out[k + "_range"] = statistics.median(vals), [min(vals), max(vals)]
@@ -214,18 +239,20 @@ def bench_method(method: str, store: Path, work: Path, args) -> list[dict]:
         configs = [(mode, f) for f in args.fused for mode in models if f == args.fused[0] or mode != "static"]
         reqs = {mode: [{"model": model(t), "prompt": p, "max_tokens": args.max_tokens, "temperature": 0} for t, p in prompts]
                 for mode, model in models.items()}
-        for mode, f in configs:
-            run_load(servers[f].base, reqs[mode][: max(args.concurrency)], max(args.concurrency))  # warm-up
+        for mode, f in configs:  # warm-up: every prompt once (on a GPU, a first round's new shapes ran at 1/3 speed)
+            run_load(servers[f].base, reqs[mode], max(args.concurrency))
         runs: dict = {}
         for rnd in range(args.rounds):  # alternating: the box's load drifts alike over each mode
             for c in args.concurrency:
                 for mode, f in configs:
                     srv = servers[f]
-                    r = run_load(srv.base, reqs[mode], c, [srv])
+                    r = run_load(srv.base, reqs[mode], c, [srv], stream=args.stream)
                     runs.setdefault((mode, f, c), []).append(r)
+                    itl = (f"  itl p50 {1e3 * r['itl_p50_s']:.1f} p99 {1e3 * r['itl_p99_s']:.1f} max {1e3 * r['itl_max_s']:.1f} ms"
+                           if "itl_p50_s" in r else "")
                     print(f"{method:8} {mode:7} fused {f:6} c={c:<3} round {rnd}: {r['tok_s']:8.1f} tok/s  "
                           f"{r['tok_cpu_s']:8.1f} tok/CPU-s  p50 {r['p50_s']:.2f}s  p95 {r['p95_s']:.2f}s  "
-                          f"prefills {r['prefills']}", flush=True)
+                          f"prefills {r['prefills']}{itl}", flush=True)
         for (mode, f, c), rs in runs.items():
             rows.append({"method": method, "mode": mode if f == args.fused[0] else f"{mode} (fused {f})", "fused": f,
                          "concurrency": c, "memory_budget": args.memory_budget, **summarize(rs)})
@@ -268,6 +295,9 @@ def main() -> None:
                     "routed, each further one forced and routed again in its own server, alternating with the first.")
     ap.add_argument("--skip-swap", action="store_true", help="Leave out the old weight-swap path.")
     ap.add_argument("--skip-experts", action="store_true", help="Leave out the one-process-per-expert servers.")
+    ap.add_argument("--stream", action="store_true",
+                    help="Stream the static / forced / routed requests and report the inter-token latency (the gaps "
+                         "between a request's text events: p50, p99, longest).")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     args.concurrency = [int(x) for x in args.concurrency.split(",")]
@@ -290,8 +320,9 @@ def main() -> None:
     print(f"\nmodel: {shape.n_params / 1e6:.2f}M params; device {args.device}; {args.prompts_per_task} prompts/task x 3 tasks, "
           f"max_tokens {args.max_tokens}, greedy; memory budget {args.memory_budget or 'auto (serve default)'}; {args.rounds} rounds "
           f"(median [min-max]); load {' '.join(f'{x:.1f}' for x in os.getloadavg())} at the end\n")
-    print("| method | mode | concurrency | tok/s | vs static | tok/CPU-s | vs static | p50 s | p95 s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    itl = " itl p50 / p99 / max ms |" if args.stream else ""
+    print(f"| method | mode | concurrency | tok/s | vs static | tok/CPU-s | vs static | p50 s | p95 s |{itl}")
+    print("|---|---|---|---|---|---|---|---|---|" + ("---|" if itl else ""))
     static = {(r["method"], r["concurrency"]): r for r in rows if r["mode"] == "static"}
 
     def rng(r, k, fmt):
@@ -301,8 +332,10 @@ def main() -> None:
         ref = static[(r["method"], r["concurrency"])]
         p = (f"{r['p50_s']:.2f} | {r['p95_s']:.2f}") if "p50_s" in r else "- | -"
         cpu = (f"{rng(r, 'tok_cpu_s', '.0f')} | {100 * r['tok_cpu_s'] / ref['tok_cpu_s']:.0f}%") if "tok_cpu_s" in r else "- | -"
+        gaps = (f" {1e3 * r['itl_p50_s']:.1f} / {1e3 * r['itl_p99_s']:.1f} / {1e3 * r['itl_max_s']:.0f} |"
+                if "itl_p50_s" in r else (" - |" if itl else ""))
         print(f"| {r['method']} | {r['mode']} | {r['concurrency']} | {rng(r, 'tok_s', '.0f')} | "
-              f"{100 * r['tok_s'] / ref['tok_s']:.0f}% | {cpu} | {p} |")
+              f"{100 * r['tok_s'] / ref['tok_s']:.0f}% | {cpu} | {p} |{gaps}")
     print("\n| method | serving | storage (build) | resident weights (model + encodings + cache) | ratio | process RSS |")
     print("|---|---|---|---|---|---|")
     for m, mode in ((m, mode) for m in args.methods.split(",") for mode in ("routed", "experts")):

@@ -86,6 +86,12 @@ per-row scale and shift, the fused coefficients); the budget reserves its worst 
 largest batch (`plan_bound`, `reserve_rows`: the server's --max-batch). resident_bytes()
 reports the four (the fused stacks under "cache").
 
+Threads: the decisions set_rows gives and the row plan built from them belong to the calling
+thread (`_RowState`), so two threads may run forwards at once, each with its own rows: the
+server's engine decodes its batch while its router thread runs the routing forward (all rows
+STATIC) of the requests that arrived meanwhile. The decoded-term cache and the fused stacks are
+shared, built under a lock.
+
 Fused products (DeltaLinear._fused): on CUDA, for a batch of at most FUSED_MAX_TOKENS tokens
 (decoding steps), a routed Linear whose stack fits the budget runs in two kernels whatever the
 batch's decisions: y_all = x [W; W_1; ...; W_K]^T, the shared weight stacked with its K terms
@@ -111,6 +117,8 @@ export's on the test models.
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections import OrderedDict
 from functools import partial
 from typing import Sequence
@@ -180,9 +188,9 @@ class DeltaRuntime:
         self._stacks: dict = {}  # id(Linear module) -> (keys, stacked weight, stacked bias or None)
         params = dict(model.named_parameters(remove_duplicate=False))
         self.tensors = self._load(params)  # store tensor name -> MediatorTensor | OneBitTensor
-        self._decisions: list[Decision] | None = None
-        self._n_rows: int | None = None
-        self._plan: dict = {}
+        self._lock = threading.RLock()  # the shared cache and stacks (built from any thread)
+        self._rows_of_threads = weakref.WeakSet()  # every live thread's _RowState: resident_bytes counts their plans
+        self._local = threading.local()
         self.plan_rows = 0  # the rows whose row plan the budget reserves (reserve_rows)
         self._patched = self._patch(params)
         self.set_memory_budget(memory_budget)
@@ -287,30 +295,35 @@ class DeltaRuntime:
         in the module's dtype: W the model's weight, W_k the term's dense delta."""
         torch, _ = require_torch()
         hit = self._stacks.get(id(module))
-        if hit is None:
-            keys, w, bias = self._fusable[id(module)], module.weight, module.bias
-            with torch.no_grad():
-                stacked = torch.cat([w, *(tensor.dense_term(k).view(w.shape).to(w.dtype) for k in keys)])
-                if bias is not None:
-                    bias = torch.cat([bias, bias.new_zeros(len(keys) * bias.numel())])
-            hit = self._stacks[id(module)] = (keys, stacked, bias)
+        if hit is not None:
+            return hit
+        with self._lock:  # built once, whichever thread's forward comes first
+            hit = self._stacks.get(id(module))
+            if hit is None:
+                keys, w, bias = self._fusable[id(module)], module.weight, module.bias
+                with torch.no_grad():
+                    stacked = torch.cat([w, *(tensor.dense_term(k).view(w.shape).to(w.dtype) for k in keys)])
+                    if bias is not None:
+                        bias = torch.cat([bias, bias.new_zeros(len(keys) * bias.numel())])
+                hit = self._stacks[id(module)] = (keys, stacked, bias)
         return hit
 
     def coefficients(self, keys: list, terms: list, batch: int, dtype):
         """P (batch, 1, 1 + len(keys)), bmm's left operand: each row's weight of the shared
         block (1) and of each stacked term, from the plan's terms (cached with the plan)."""
+        plan = self._state().plan
         torch, _ = require_torch()
         # a tensor's terms are the batch's decisions with a delta among its keys: the same for
         # every tensor with the same keys (Mediator: all of them)
         plan_key = ("coef", tuple(keys), batch, dtype)
-        if plan_key not in self._plan:
+        if plan_key not in plan:
             p = torch.zeros((batch, 1 + len(keys)), dtype=torch.float32)
             p[:, 0] = 1.0
             for key, rows, weights in terms:
                 idx = torch.as_tensor(list(_indices(rows, batch)), dtype=torch.long)
                 p[idx, 1 + keys.index(key)] = 1.0 if weights is None else weights.cpu()
-            self._plan[plan_key] = p.to(device=self.device, dtype=dtype).unsqueeze(1)
-        return self._plan[plan_key]
+            plan[plan_key] = p.to(device=self.device, dtype=dtype).unsqueeze(1)
+        return plan[plan_key]
 
     # ---- loading --------------------------------------------------------------------------------
     def _load(self, params: dict) -> dict:
@@ -383,7 +396,7 @@ class DeltaRuntime:
 
     # ---- the rows of the next forward -----------------------------------------------------------
     def set_rows(self, decisions: Sequence[Decision]) -> None:
-        """One decision per batch row of the next forward(s)."""
+        """One decision per batch row of this thread's next forward(s)."""
         decisions = list(decisions)
         for d in decisions:
             for task, _ in d.weights:
@@ -391,27 +404,42 @@ class DeltaRuntime:
                     raise StreammergeError(f"no task {task!r} (tasks: {', '.join(self.tasks)})")
             if self.kind == "1bit" and d.mode == "mix":
                 raise StreammergeError("1bit-Merging routes top-1 only (no weighted decisions)")
-        if self._decisions is None or [d.key for d in decisions] != [d.key for d in self._decisions]:
-            self._plan = {}  # the same decisions as the last forward (a decoding step): same plan
+        state = self._state()
+        if state.decisions is None or [d.key for d in decisions] != [d.key for d in state.decisions]:
+            state.plan = {}  # the same decisions as the last forward (a decoding step): same plan
         self.reserve_rows(len(decisions))
-        self._decisions = decisions
-        self._n_rows = None if len({d.key for d in decisions}) <= 1 else len(decisions)
+        state.decisions = decisions
+        state.n_rows = None if len({d.key for d in decisions}) <= 1 else len(decisions)
+
+    def _state(self) -> "_RowState":
+        """The calling thread's rows (made, and registered for resident_bytes, on first use)."""
+        state = getattr(self._local, "state", None)
+        if state is None:
+            state = self._local.state = _RowState()
+            with self._lock:
+                self._rows_of_threads.add(state)
+        return state
+
+    @property
+    def decisions(self) -> list[Decision] | None:
+        """This thread's decisions, one per row, as set_rows gave them (None: none set)."""
+        return self._state().decisions
 
     @property
     def n_rows(self) -> int | None:
-        """Rows the decisions are for (None: one decision for any batch, or none set: static)."""
-        return self._n_rows
+        """Rows this thread's decisions are for (None: one decision for any batch, or none set: static)."""
+        return self._state().n_rows
 
     def groups(self, batch: int) -> list:
         """[(decision, rows or None for all)] for a batch of `batch` rows."""
-        key = ("groups", batch)
-        if key not in self._plan:
-            self._plan[key] = self._groups(batch)
-        return self._plan[key]
+        plan, key = self._state().plan, ("groups", batch)
+        if key not in plan:
+            plan[key] = self._groups(batch)
+        return plan[key]
 
     def _groups(self, batch: int) -> list:
         torch, _ = require_torch()
-        decs = self._decisions or [STATIC]
+        decs = self._state().decisions or [STATIC]
         if len({d.key for d in decs}) == 1:
             return [(decs[0], None)]
         by_key: OrderedDict[tuple, list[int]] = OrderedDict()
@@ -430,31 +458,34 @@ class DeltaRuntime:
 
     def uncovered(self, tensor, batch: int):
         """The rows no term of `tensor` covers (None: none), for a top-1 plan (disjoint terms)."""
+        plan = self._state().plan
         key = ("uncovered", id(tensor), batch)
-        if key not in self._plan:
+        if key not in plan:
             covered = set()
             for _, rows, _ in self.terms(tensor, batch):
                 covered.update(_indices(rows, batch))
             rest = [i for i in range(batch) if i not in covered]
-            self._plan[key] = self._rows(rest, batch) if rest else None
-        return self._plan[key]
+            plan[key] = self._rows(rest, batch) if rest else None
+        return plan[key]
 
     def top1(self, tensor, batch: int) -> bool:
         """Whether each row of the batch takes at most one term of `tensor`, whole (no row
         mixes tasks): then each row has one decision's full weight (DeltaLinear._full_weights)."""
+        plan = self._state().plan
         key = ("top1", id(tensor), batch)
-        if key not in self._plan:
+        if key not in plan:
             terms = self.terms(tensor, batch)
             rows = [i for _, r, _ in terms for i in _indices(r, batch)]
-            self._plan[key] = all(w is None for _, _, w in terms) and len(rows) == len(set(rows))
-        return self._plan[key]
+            plan[key] = all(w is None for _, _, w in terms) and len(rows) == len(set(rows))
+        return plan[key]
 
     def terms(self, tensor, batch: int) -> list:
         """[(term key, rows or None, row weights or None)] of the delta products of `tensor`."""
+        plan = self._state().plan
         key = ("terms", id(tensor), batch)
-        if key not in self._plan:
-            self._plan[key] = self._terms(tensor, batch)
-        return self._plan[key]
+        if key not in plan:
+            plan[key] = self._terms(tensor, batch)
+        return plan[key]
 
     def _terms(self, tensor, batch: int) -> list:
         torch, _ = require_torch()
@@ -483,31 +514,34 @@ class DeltaRuntime:
     def small_params(self, module, tensors: dict, decision: Decision) -> dict:
         """{attribute: the module's tensor + the decision's delta} of its routed small tensors
         (those with a delta), in the module's dtype (cached with the plan)."""
+        plan = self._state().plan
         key = ("params", id(module), decision.key)
-        if key not in self._plan:
+        if key not in plan:
             params = {}
             for attr, t in tensors.items():
                 d = self.small_delta(t, decision)
                 if d is not None:
                     base = getattr(module, attr)
                     params[attr] = (base.float() + d.view(base.shape)).to(base.dtype)
-            self._plan[key] = params
-        return self._plan[key]
+            plan[key] = params
+        return plan[key]
 
     def row_params(self, grouped: "DeltaGrouped", batch: int) -> tuple:
         """An affine module's per-row (scale, shift) tensors (AffineForm.rows), cached with the plan."""
+        plan = self._state().plan
         key = ("rows", id(grouped.module), batch)
-        if key not in self._plan:
+        if key not in plan:
             params_of = partial(self.small_params, grouped.module, grouped.tensors)
-            self._plan[key] = grouped.form.rows(grouped.module, self.groups(batch), params_of, batch)
-        return self._plan[key]
+            plan[key] = grouped.form.rows(grouped.module, self.groups(batch), params_of, batch)
+        return plan[key]
 
     def small_delta(self, tensor, decision: Decision):
         """A small routed tensor's delta for a decision (cached with the plan), or None."""
+        plan = self._state().plan
         key = ("small", id(tensor), decision.key)
-        if key not in self._plan:
-            self._plan[key] = tensor.decision_delta(decision)
-        return self._plan[key]
+        if key not in plan:
+            plan[key] = tensor.decision_delta(decision)
+        return plan[key]
 
     # ---- memory ---------------------------------------------------------------------------------
     def resident_bytes(self) -> dict:
@@ -521,7 +555,10 @@ class DeltaRuntime:
                 model += t.numel() * t.element_size()
         enc = sum(t.nbytes for t in self.tensors.values())
         stacks = sum(_tensor_bytes(w) + (0 if b is None else _tensor_bytes(b)) for _, w, b in self._stacks.values())
-        plan, seen, todo = 0, set(), list(dict(self._plan).values())  # a copy: the server reads this from another thread
+        with self._lock:
+            states = list(self._rows_of_threads)
+        todo = [v for state in states for v in dict(state.plan).values()]  # copies: the plans are other threads'
+        plan, seen = 0, set()
         while todo:
             v = todo.pop()
             if isinstance(v, (list, tuple)):
@@ -561,6 +598,17 @@ class DeltaRuntime:
                 total += rows * h * 4 * ((fwd.form.scale is not None) + bool(fwd.form.shifts))
         return total + sum(rows * (1 + len(keys)) * size for keys, size in coefficients.items() if keys)
 
+
+
+class _RowState:
+    """One thread's rows: the decisions of its next forward(s) and the row plan built from them."""
+
+    __slots__ = ("decisions", "n_rows", "plan", "__weakref__")
+
+    def __init__(self):
+        self.decisions: list[Decision] | None = None
+        self.n_rows: int | None = None
+        self.plan: dict = {}
 
 
 def _param(params: dict, name: str):

@@ -7,6 +7,7 @@ its terms' products x Delta^T for the rows that use them, and the cache of decod
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 
 from .compact import CompactSparse, _rows_cols
@@ -30,36 +31,41 @@ def _sign_table(device):
 
 
 class _Cache:
-    """Decoded delta terms, least recently used out, within a byte budget."""
+    """Decoded delta terms, least recently used out, within a byte budget. Thread-safe: the
+    server's threads run forwards at once (deltas.py, Threads); a term is built once, under
+    the lock, whichever thread asks first."""
 
     def __init__(self, budget: int):
         self.budget = max(0, int(budget))
         self.items: OrderedDict[tuple, tuple[object, int]] = OrderedDict()
         self.bytes = 0
+        self._lock = threading.RLock()
         # the runtime sets it: whether every Mediator Linear's full weight of every task fits at
         # once (else the full weights would evict each other every step: built per product), on
         # CPU only (measured faster there)
         self.holds_mediator_full = False
 
     def get(self, key, build, nbytes):
-        hit = self.items.get(key)
-        if hit is not None:
-            self.items.move_to_end(key)
-            return hit[0]
-        value = build()
-        size = nbytes(value)
-        if size <= self.budget:
-            self._evict(self.budget - size)
-            self.items[key] = (value, size)
-            self.bytes += size
-        return value
+        with self._lock:
+            hit = self.items.get(key)
+            if hit is not None:
+                self.items.move_to_end(key)
+                return hit[0]
+            value = build()
+            size = nbytes(value)
+            if size <= self.budget:
+                self._evict(self.budget - size)
+                self.items[key] = (value, size)
+                self.bytes += size
+            return value
 
     def holds(self, key) -> bool:
         return key in self.items
 
     def resize(self, budget: int) -> None:
-        self.budget = max(0, int(budget))
-        self._evict(self.budget)
+        with self._lock:
+            self.budget = max(0, int(budget))
+            self._evict(self.budget)
 
     def _evict(self, keep: int) -> None:
         """Least recently used out until at most `keep` bytes are held."""

@@ -1,5 +1,7 @@
 """The engine: one thread that drives the steps (scheduler -> runner -> requests) and turns each
-new token into the request's events.
+new token into the request's events, and one that routes (scheduler.take_routing -> runner.route
+-> scheduler.routed): the routing forward of the requests that arrive while a batch decodes runs
+beside its steps instead of between them.
 
 Events a request's `emit` receives, in order: ("routing", decision) once, ("text", delta) for
 each piece of text that is final, then ("done", finish_reason, usage) or ("error", message).
@@ -11,8 +13,9 @@ token costs the same at any length; decoding the whole answer again every token 
 detokenization grow with the answer (0.22 us a token with a 32k BPE tokenizer: 7 ms a step for
 32 rows of 1000 tokens).
 
-A request that fails (its prefill raises, alone) finishes with an error event and the others go
-on; a decode step that raises fails the rows of that step. The thread never dies of a request.
+A request that fails (its routing or its prefill raises, alone) finishes with an error event and
+the others go on; a decode step that raises fails the rows of that step. The threads never die
+of a request.
 """
 
 from __future__ import annotations
@@ -32,22 +35,24 @@ class Engine:
         self.tokenizer = runner.tokenizer
         self.metrics = metrics or Metrics()
         self._declare_metrics()
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self.steps = 0
 
     # ---- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="streammerge-engine", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=loop, name=name, daemon=True)
+                         for loop, name in ((self._loop, "streammerge-engine"), (self._route_loop, "streammerge-router"))]
+        for t in self._threads:
+            t.start()
 
     def stop(self) -> None:
         self.scheduler.close()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+        for t in self._threads:
+            t.join(timeout=10)
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return bool(self._threads) and all(t.is_alive() for t in self._threads)
 
     def submit(self, req: Request) -> None:
         self.scheduler.submit(req)  # QueueFull propagates: the API answers 429
@@ -67,6 +72,22 @@ class Engine:
                 self._step(step)
             except Exception as e:  # a bug in a step must not end the server: fail what ran
                 self._fail(list(self.runner.rows), e)
+
+    def _route_loop(self) -> None:
+        while True:
+            reqs = self.scheduler.take_routing(timeout=1.0)
+            if reqs is None:
+                if self.scheduler.closed:
+                    return
+                continue
+            try:
+                self.runner.route(reqs)
+            except Exception as e:  # the engine fails them (_admit): it owns the requests' events
+                traceback.print_exception(e)
+                for r in reqs:
+                    r.error = e
+            self.metrics.observe("streammerge_routing_size", len(reqs))
+            self.scheduler.routed(reqs)
 
     def _step(self, step) -> None:
         if step.dropped:
@@ -90,6 +111,10 @@ class Engine:
             self._token(r, t)
 
     def _admit(self, reqs: Sequence[Request]) -> None:
+        failed = [r for r in reqs if r.error is not None]
+        for r in failed:
+            self._fail([r], r.error, log=False)  # the router thread logged it
+        reqs = [r for r in reqs if r.error is None]
         try:
             self.runner.decide(reqs)
         except Exception as e:
@@ -192,8 +217,9 @@ class Engine:
         self.metrics.observe("streammerge_request_latency_seconds", time.monotonic() - r.arrived)
         r.emit(("done", reason, usage))
 
-    def _fail(self, reqs: Sequence[Request], e: BaseException) -> None:
-        traceback.print_exception(e)  # the operator's log; the client gets one line
+    def _fail(self, reqs: Sequence[Request], e: BaseException, log: bool = True) -> None:
+        if log:
+            traceback.print_exception(e)  # the operator's log; the client gets one line
         msg = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
         self.runner.remove(reqs)
         for r in reqs:
@@ -211,10 +237,11 @@ class Engine:
         m.histogram("streammerge_request_latency_seconds", "Time from arrival to the last token.", LATENCY_BUCKETS)
         m.histogram("streammerge_time_to_first_token_seconds", "Time from arrival to the first token.", LATENCY_BUCKETS)
         m.histogram("streammerge_batch_size", "Rows in each decode step.", BATCH_BUCKETS)
-        m.histogram("streammerge_prefill_size", "Requests admitted together: one routing forward and one prefill each time.",
+        m.histogram("streammerge_prefill_size", "Requests prefilled together (one forward).", BATCH_BUCKETS)
+        m.histogram("streammerge_routing_size", "Routed requests featurised together (one forward on the router thread).",
                     BATCH_BUCKETS)
         m.histogram("streammerge_batch_decisions", "Distinct routing decisions in each decode step.", BATCH_BUCKETS)
-        m.gauge("streammerge_requests", "Requests waiting and running now.",
+        m.gauge("streammerge_requests", "Requests now: waiting, routing (with the router, or routed and not yet prefilled), running.",
                 lambda: {(("state", k),): v for k, v in self.scheduler.load().items()})
         m.gauge("streammerge_resident_bytes", "Bytes resident on the device, by part.",
                 lambda: {(("part", k),): v for k, v in self.runner.resident_bytes().items()})

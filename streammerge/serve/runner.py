@@ -2,9 +2,10 @@
 cache, routing, prefill, ONE batched decode forward per step, sampling.
 
 Routing: a routed request's router features are the mean last hidden state of the static
-(merged) model on its raw prompt (router.py); all requests admitted in a step are featurised in
-one forward with every row STATIC. Its prompt is then prefilled with its decision's weights (the
-static pass's KV cache is not reused: the routed layers' keys and values differ).
+(merged) model on its raw prompt (router.py); the requests admitted while the router was busy
+are featurised together, in one forward with every row STATIC (`route`: the server runs it on its
+own thread, beside the decoding steps). Its prompt is then prefilled with its decision's weights
+(the static pass's KV cache is not reused: the routed layers' keys and values differ).
 
 The batch's KV cache is one transformers DynamicCache, rows left-padded to the longest row with an
 attention mask; each row's position ids count its own tokens, so a row computes what it would
@@ -28,6 +29,7 @@ tokens whatever else is in the batch).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import random
 from dataclasses import dataclass
@@ -66,6 +68,7 @@ class ModelRunner:
         self.next_pos = None  # (B,) long: each row's count of real tokens in the cache
         self.kv_budget: int | None = None  # bytes the KV cache may take (None: no limit)
         self.budget_note: str | None = None  # how an automatic memory budget was chosen
+        self._stream = None  # the routing forwards' CUDA stream (_routing_stream)
 
     @classmethod
     def from_store(cls, path, device="auto", dtype="auto", memory_budget: int | str | None = None, eta: float | None = None,
@@ -111,22 +114,41 @@ class ModelRunner:
 
     # ---- routing --------------------------------------------------------------------------------
     def decide(self, reqs: Sequence[Request]) -> None:
-        """Set each request's decision: forced, static, or routed (one STATIC forward for all
-        routed ones)."""
-        routed = [r for r in reqs if r.target[0] == "routed"]
+        """Set each request's decision: forced, static, or routed (`route`, for the routed ones
+        not routed yet)."""
         for r in reqs:
             if r.target[0] == "static":
                 r.decision = STATIC
             elif r.target[0] == "task":
                 r.decision = forced(r.target[1], self.tasks)
-        if not routed:
+        self.route([r for r in reqs if r.target[0] == "routed" and r.decision is None])
+
+    def route(self, reqs: Sequence[Request]) -> None:
+        """Route requests: one STATIC forward over their raw prompts (the router's features),
+        then the router. Thread-safe against the decoding steps: the server runs it on its
+        router thread while the engine decodes (the runtime's rows are per thread; on CUDA it
+        runs on its own stream, so its kernels need not wait behind a step's)."""
+        if not reqs:
             return
-        seqs = encode_for_features(self.tokenizer, [r.features_text for r in routed], self.router.meta.get("max_tokens"))
-        self.runtime.set_rows([STATIC] * len(seqs))
-        feats = mean_hidden_features(self.model, seqs, self.pad, batch_size=len(seqs))
-        for r, p in zip(routed, self.router.probs(feats)):
+        torch = self.torch
+        seqs = encode_for_features(self.tokenizer, [r.features_text for r in reqs], self.router.meta.get("max_tokens"))
+        stream = self._routing_stream()
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            self.runtime.set_rows([STATIC] * len(seqs))
+            feats = mean_hidden_features(self.model, seqs, self.pad, batch_size=len(seqs))
+            probs = self.router.probs(feats)  # on the host: the stream's work is done
+        for r, p in zip(reqs, probs):
             r.decision = route_decision(p, self.tasks, self.method["method"], self.eta, self.top_m,
                                         background=self.router.background)
+
+    def _routing_stream(self):
+        """The CUDA stream of the routing forwards (None on CPU), one per runner."""
+        torch = self.torch
+        if torch.device(self.device).type != "cuda":
+            return None
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device=self.device)
+        return self._stream
 
     # ---- the batch ------------------------------------------------------------------------------
     def prefill(self, reqs: Sequence[Request]) -> list[int]:
