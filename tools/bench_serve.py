@@ -2,7 +2,7 @@
 """Benchmark `streammerge serve`: the same mixed-task prompts at several concurrencies.
 
     python tools/bench_serve.py [--methods mediator,1bit] [--concurrency 1,8,32] [--prompts-per-task 16]
-                                [--max-tokens 32] [--rounds 3] [--memory-budget 256MB] [--fused auto,never] [--hidden 256 --layers 4 --vocab 2048] [--device cpu] [--stream] [--json out.json]
+                                [--max-tokens 32] [--rounds 3] [--memory-budget 256MB] [--fused auto,never] [--hidden 256 --layers 4 --vocab 2048] [--device cpu] [--threads auto] [--stream] [--json out.json]
 
 Generates a synthetic base + 3 fine-tunes, builds a store per method and fits its router (as
 tools/bench_routing.py does), starts `streammerge serve` as a subprocess per store and sends
@@ -54,8 +54,9 @@ from serve_process import ServeProcess  # noqa: E402
 
 class Server(ServeProcess):
     def __init__(self, store: Path, device: str, max_batch: int, log: Path, memory_budget: str | None = None,
-                 fused: str = "auto"):
+                 fused: str = "auto", threads: str = "auto"):
         super().__init__(store, "--device", device, "--max-batch", max_batch, "--name", "bench", "--fused", fused,
+                         "--threads", threads,
                          *(["--memory-budget", memory_budget] if memory_budget else []), log=log, timeout=300)
 
     def resident(self) -> dict:
@@ -173,7 +174,8 @@ def bench_experts(store: Path, prompts: list[tuple[str, str]], work: Path, args)
                     print(f"experts: stopped at {len(servers)} process(es): MemAvailable {mem_available() / 2**20:.0f} MiB "
                           f"< 1.2 x {need / 2**20:.0f} MiB", flush=True)
                     return []
-            servers[t] = Server(store, args.device, max(args.concurrency), work / f"expert-{t}.log", args.memory_budget)
+            servers[t] = Server(store, args.device, max(args.concurrency), work / f"expert-{t}.log", args.memory_budget,
+                                threads=args.threads)
         reqs = [{"model": f"bench:task:{t}", "prompt": p, "max_tokens": args.max_tokens, "temperature": 0} for t, p in prompts]
         bases = [servers[t].base for t, _ in prompts]
         n = max(args.concurrency)
@@ -232,7 +234,8 @@ def bench_method(method: str, store: Path, work: Path, args) -> list[dict]:
     rows = []
     # one server per --fused value: the first serves static / forced / routed, each further one
     # forced and routed again (the same store with another fused policy), all alternating
-    servers = {f: Server(store, args.device, max(args.concurrency), work / f"{method}-server-{f}.log", args.memory_budget, f)
+    servers = {f: Server(store, args.device, max(args.concurrency), work / f"{method}-server-{f}.log", args.memory_budget, f,
+                         args.threads)
                for f in args.fused}
     try:
         models = {"static": lambda t: "bench:static", "forced": lambda t: f"bench:task:{t}", "routed": lambda t: "bench"}
@@ -295,6 +298,7 @@ def main() -> None:
                     "routed, each further one forced and routed again in its own server, alternating with the first.")
     ap.add_argument("--skip-swap", action="store_true", help="Leave out the old weight-swap path.")
     ap.add_argument("--skip-experts", action="store_true", help="Leave out the one-process-per-expert servers.")
+    ap.add_argument("--threads", default="auto", help="Passed to `serve --threads` (torch's CPU threads; default auto).")
     ap.add_argument("--stream", action="store_true",
                     help="Stream the static / forced / routed requests and report the inter-token latency (the gaps "
                          "between a request's text events: p50, p99, longest).")
