@@ -334,7 +334,7 @@ def test_pieces_read_ahead_is_bounded(tmp_path, monkeypatch, ahead):
     calls = []
     real = os.posix_fadvise
     monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, adv: (calls.append((off, n, adv)), real(fd, off, n, adv))[1])
-    monkeypatch.setattr(blocks, "read_ahead", lambda: ahead)
+    monkeypatch.setattr(blocks, "read_ahead", lambda streams=1: ahead)
     r0, r1 = 3, 37
     with blocks.RawRows(h, r0, r1, pieces=True) as rows:
         start = 8 + r0 * 24
@@ -359,13 +359,31 @@ def test_pieces_read_ahead_is_bounded(tmp_path, monkeypatch, ahead):
 
 
 def test_read_ahead_follows_the_memory_available(monkeypatch):
+    """Tight memory (our own read-ahead) scales with the descriptors reading at once: 3000 MB is
+    plenty for 2 threads x 4 inputs and tight for 16 x 4 (both measured, tools/bench_70b.py)."""
     from streammerge.checkpoints import blocks
 
-    for avail, want in ((1000 << 20, blocks.READ_AHEAD), (24 << 30, 0), (None, 0)):
+    ours = blocks.READ_AHEAD
+    for avail, streams, want in ((1000 << 20, 1, ours), (1000 << 20, 8, ours), (24 << 30, 8, 0), (None, 64, 0),
+                                 (3000 << 20, 8, 0), (3000 << 20, 64, ours), (24 << 30, 64, 0), (20 << 30, 128, ours)):
         monkeypatch.setattr(blocks, "memory_available", lambda a=avail: a)
         blocks.read_ahead.cache_clear()
-        assert blocks.read_ahead() == want
+        assert blocks.read_ahead(streams) == want, (avail, streams)
     blocks.read_ahead.cache_clear()
+
+
+def test_build_reads_ahead_for_its_threads_times_inputs(synth_family, tmp_path, monkeypatch):
+    """Every block read in pieces asks read_ahead for the build's threads x the job's inputs
+    (ties over a base and 3 fine-tunes: 4 inputs)."""
+    from streammerge.checkpoints import blocks
+
+    base, fts = synth_family("rows", shape=ROWS_SHAPE)
+    recipe = _ties_recipe(tmp_path, base, fts)
+    for workers in (1, 3):
+        asked = []
+        monkeypatch.setattr(blocks, "read_ahead", lambda streams=1: asked.append(streams) or 0)
+        build(recipe, tmp_path / f"job{workers}.zarr", workers=workers, block_elems=300_000, seed=3, progress=False)
+        assert asked and set(asked) == {workers * 4}, (workers, set(asked))
 
 
 def test_memory_available_is_at_most_meminfo_and_the_cgroup_limit():

@@ -76,14 +76,15 @@ class RawRows:
     cache-sized buffer. Opened per block (~20 us): no descriptor cache to bound or to keep
     valid across threads."""
 
-    def __init__(self, handle, r0: int, r1: int, pieces: bool = False):
+    def __init__(self, handle, r0: int, r1: int, pieces: bool = False, streams: int = 1):
         self.handle, self.r0 = handle, r0
         self.row_bytes = row_elems(handle.shape) * DTYPE_BITS[handle.dtype] // 8
         self.start = handle.offset + r0 * self.row_bytes
         self.span = (r1 - r0) * self.row_bytes
         # In pieces the reads go forward through the span, and read-ahead fetches what follows
-        # from disk while a piece is merged: the kernel's (sequential) or ours (read_ahead()).
-        self.ahead = read_ahead() if pieces else 0
+        # from disk while a piece is merged: the kernel's (sequential) or ours (read_ahead();
+        # `streams`: the descriptors reading in pieces at once, this one included).
+        self.ahead = read_ahead(streams) if pieces else 0
         self.advised = 0  # bytes of the span advised (WILLNEED) so far, with our own read-ahead
         advice = "POSIX_FADV_SEQUENTIAL" if pieces and not self.ahead else "POSIX_FADV_RANDOM"
         self.fd = _open_span(handle, self.start, self.span, advice)
@@ -117,18 +118,23 @@ class RawRows:
 # 95-99 GB from disk for its 36 GB of preads and took 67-86 s. There the reader advises the next
 # READ_AHEAD bytes itself (WILLNEED, in halves, so at most that much is in flight a descriptor):
 # 34-36 GB read, 51-52 s. Uncapped (24 GiB box) the kernel's took 55-58 s against 62-67 s.
+# "Tight" scales with the descriptors reading at once (threads x inputs): below STREAM_MEMORY
+# each, and below TIGHT_MEMORY whatever their number. Under a 3000 MB cgroup the kernel's was
+# right for 2 threads x 4 inputs (36 GB read) and evicted for 16 x 4 (59 GB read; ours 34 GB).
 READ_AHEAD = 16 << 20
 TIGHT_MEMORY = 2 << 30  # memory_available() below this: tight (1000 MB measured; 24 GiB not)
+STREAM_MEMORY = TIGHT_MEMORY // 8  # per descriptor reading at once (TIGHT_MEMORY: 2 threads x 4 inputs)
 
 
-@functools.lru_cache(maxsize=1)
-def read_ahead() -> int:
-    """Bytes a reader in pieces advises ahead itself (where memory is tight), or 0: the kernel's
-    sequential read-ahead. Decided once a process."""
+@functools.lru_cache(maxsize=64)
+def read_ahead(streams: int = 1) -> int:
+    """Bytes a reader in pieces advises ahead itself (where memory is tight for `streams`
+    descriptors reading in pieces at once: the build's threads x the job's inputs), or 0: the
+    kernel's sequential read-ahead. Decided once a process for each number of streams."""
     if not hasattr(os, "posix_fadvise"):
         return 0
     avail = memory_available()
-    return READ_AHEAD if avail is not None and avail < TIGHT_MEMORY else 0
+    return READ_AHEAD if avail is not None and avail < max(TIGHT_MEMORY, streams * STREAM_MEMORY) else 0
 
 
 def _open_span(handle, start: int, nbytes: int, advice: str = "POSIX_FADV_RANDOM") -> int:

@@ -138,7 +138,7 @@ def _as_stored(job: TensorJob, k: int, out: Output, r0: int, r1: int, value):
     return dest
 
 
-def _merge_row_groups(method: MergeMethod, job: TensorJob, i: int, stats, group_elems: int) -> dict:
+def _merge_row_groups(method: MergeMethod, job: TensorJob, i: int, stats, group_elems: int, workers: int = 1) -> dict:
     """What `_merge_block` returns, computed group of rows by group of rows (methods with
     `row_groups`): per group, each input's stored bytes are read into a cache-sized buffer,
     converted to float32, merged and rounded into the outputs while they are in cache. Neither
@@ -151,9 +151,9 @@ def _merge_row_groups(method: MergeMethod, job: TensorJob, i: int, stats, group_
     unsplit = method.unsplit(stats, r0 * job.row_elems, r1 * job.row_elems) if method.unsplit else ()
     by_result = method.nonfinite_spreads and len(job.output_list) == 1 and _float_type(job.output_list[0]) is not None
     if by_result and not unsplit and _bf16_bits(method, job):
-        _merge_bf16_groups(method, job, i, group_elems, stored[job.output_list[0].name])
+        _merge_bf16_groups(method, job, i, group_elems, stored[job.output_list[0].name], workers)
         return stored
-    for a, b, block in _row_groups(job, i, group_elems, merging=True, checked=not by_result, unsplit=unsplit):
+    for a, b, block in _row_groups(job, i, group_elems, merging=True, checked=not by_result, unsplit=unsplit, workers=workers):
         result = _by_output(job, method.merge(block, job.params, stats))
         for out in job.output_list:
             finite = _storage_into(out, result[out.name], stored[out.name][a - r0 : b - r0])
@@ -172,7 +172,8 @@ def _bf16_bits(method: MergeMethod, job: TensorJob) -> bool:
     return available()
 
 
-def _merge_bf16_groups(method: MergeMethod, job: TensorJob, i: int, group_elems: int, dest: np.ndarray) -> None:
+def _merge_bf16_groups(method: MergeMethod, job: TensorJob, i: int, group_elems: int, dest: np.ndarray,
+                       workers: int = 1) -> None:
     """Block i merged by `method.merge_bf16` group of rows by group of rows: each input's
     stored bytes read into a cache-sized buffer and merged from there into `dest` (the block's
     stored output, bf16 bits). Where a group's result is not finite, its inputs are converted
@@ -182,7 +183,8 @@ def _merge_bf16_groups(method: MergeMethod, job: TensorJob, i: int, group_elems:
     L = max(1, job.row_elems)
     out = dest.reshape(-1).view(np.uint16)
     with ExitStack() as files:
-        sources = [files.enter_context(RawRows(h, r0, r1, pieces=True)) for h in job.inputs]
+        streams = workers * len(job.inputs)  # the build's descriptors reading in pieces at once (read_ahead)
+        sources = [files.enter_context(RawRows(h, r0, r1, pieces=True, streams=streams)) for h in job.inputs]
         for a, b in group_bounds(r0, r1, max(1, group_elems // L)):
             n = (b - a) * L
             bits = [src.read(a, b, buffer(("raw", slot), 2 * n, np.uint8)).view(np.uint16) for slot, src in enumerate(sources)]
@@ -206,7 +208,8 @@ def _check_inputs(job: TensorJob, block: Block) -> None:
             check_finite(h, values.reshape(-1), block.start)
 
 
-def _row_groups(job: TensorJob, i: int, group_elems: int, merging: bool = False, checked: bool = True, unsplit=()):
+def _row_groups(job: TensorJob, i: int, group_elems: int, merging: bool = False, checked: bool = True, unsplit=(),
+                workers: int = 1):
     """(a, b, Block of rows [a, b)) for the groups of about `group_elems` elements of block i,
     read and converted group by group (each Block's arrays are reused by the next), none
     cutting a flat span of `unsplit` (MergeMethod.unsplit). `checked` False: raw inputs are
@@ -217,7 +220,7 @@ def _row_groups(job: TensorJob, i: int, group_elems: int, merging: bool = False,
         sources = []  # per input: its RawRows, or its float32 rows
         for slot, h in enumerate(job.inputs):
             if h.has_raw:
-                sources.append(files.enter_context(RawRows(h, r0, r1, pieces=True)))
+                sources.append(files.enter_context(RawRows(h, r0, r1, pieces=True, streams=workers * len(job.inputs))))
             else:
                 sources.append(read_rows(h, r0, r1, buffer(("rows", slot), (r1 - r0) * L)).reshape(-1))
         spans = [(s0 // max(1, L), -(-s1 // max(1, L))) for s0, s1 in unsplit]  # in rows
@@ -283,6 +286,7 @@ class PassMap(Node):
     pass_index: int
     block: int
     group_elems: int = 0  # > 0: a pass with `row_groups` maps groups of about this many elements
+    workers: int = 1  # the build's threads (how many read at once: RawRows' read-ahead)
 
     def index(self) -> tuple:
         return (self.pass_index, self.block)
@@ -296,7 +300,7 @@ class PassMap(Node):
             # A job that merges checks every input as its merge reads it, before any of its
             # blocks is written: its passes, which only compute stats, read unchecked.
             checked = not (job.output_list and self.method.merge is not None)
-            groups = _row_groups(job, self.block, self.group_elems, checked=checked)
+            groups = _row_groups(job, self.block, self.group_elems, checked=checked, workers=self.workers)
             return GroupPartials(_map_group(p, job, block, stats, checked) for _, _, block in groups)
         return p.map(_read_block(job, self.block, rows), job.params, stats)
 
@@ -358,6 +362,7 @@ class MergeBlock(Node):
     store: Store
     block: int
     group_elems: int
+    workers: int = 1  # the build's threads (how many read at once: RawRows' read-ahead)
 
     def index(self) -> tuple:
         return (self.block,)
@@ -369,7 +374,7 @@ class MergeBlock(Node):
         r0, r1 = job.block_range(self.block)
         in_groups = method.in_row_groups(stats or {}, r0 * job.row_elems, r1 * job.row_elems)
         if in_groups and not any(out.blob for out in job.output_list):
-            stored = _merge_row_groups(method, job, self.block, stats or {}, self.group_elems)
+            stored = _merge_row_groups(method, job, self.block, stats or {}, self.group_elems, self.workers)
         else:
             stored = _merge_block(method, job, self.block, stats or {})
         _commit(self.store, job, self.block, stored)
@@ -441,7 +446,7 @@ def build_graph(plan: Plan, store: Store, device: str | None = None) -> tuple[di
                 maps = []
                 rows = job.pass_rows(method.passes[p])
                 for i in range(job.nblocks):
-                    k = _add(dsk, PassMap(method, job, p, i, group_elems), prev)
+                    k = _add(dsk, PassMap(method, job, p, i, group_elems, plan.workers), prev)
                     maps.append(k)
                     task_bytes[k] = job.block_bytes(i, rows)
                 prev = _add(dsk, PassReduce(method, job, p), maps, prev)
@@ -449,7 +454,7 @@ def build_graph(plan: Plan, store: Store, device: str | None = None) -> tuple[di
             if not has_outputs:
                 targets.append(stats_key)
         for i in todo:
-            k = _add(dsk, MergeBlock(method, job, store, i, group_elems), stats_key)
+            k = _add(dsk, MergeBlock(method, job, store, i, group_elems, plan.workers), stats_key)
             targets.append(k)
             task_bytes[k] = job.block_bytes(i)
     return dsk, targets, task_bytes, skipped
