@@ -141,7 +141,7 @@ class _RoutingRunner:
                 raise RuntimeError("no decoding step ran while routing")
         self.routed_batches.append(list(reqs))
         if any(r.features_text == "poison" for r in reqs):
-            raise ValueError("bad features")
+            raise ValueError("bad features")  # the whole batch's forward fails
         for r in reqs:
             r.decision = forced("math", ["math", "code"])
 
@@ -166,8 +166,9 @@ class _RoutingRunner:
 def test_engine_routes_beside_the_decoding_steps():
     """The engine's router thread routes while the engine thread decodes the running batch: a
     routed request's routing forward overlaps the running request's steps (the fake router
-    returns only once steps ran meanwhile); a routing failure finishes its requests with an
-    error event, and the engine goes on serving."""
+    returns only once steps ran meanwhile); a routing batch that fails is routed again request
+    by request, the request at fault finishes with an error event, the others are served, and
+    the engine goes on."""
     from streammerge.serve.engine import Engine
 
     runner = _RoutingRunner()
@@ -188,16 +189,19 @@ def test_engine_routes_beside_the_decoding_steps():
             return done
 
         long_static = submit("static", ("static",))
-        poisoned = submit("poison", ("routed",), "poison")
+        with engine.scheduler._cv:  # both arrive before the router looks: one routing batch
+            poisoned = submit("poison", ("routed",), "poison")
+            beside = submit("beside", ("routed",), "fine", max_tokens=5)
         assert poisoned.wait(10) and events["poison"][-1][0] == "error"
         assert "ValueError: bad features" in events["poison"][-1][1]
+        assert beside.wait(10) and events["beside"][-1][:2] == ("done", "length")  # retried alone: served
         routed = submit("routed", ("routed",), "fine", max_tokens=5)
         assert routed.wait(10)
         assert events["routed"][0][0] == "routing" and events["routed"][0][1].task == "math"
         assert events["routed"][-1][:2] == ("done", "length")
         assert not long_static.is_set()  # it decoded all along, and goes on
         assert long_static.wait(20) and events["static"][-1][:2] == ("done", "length") and engine.alive
-        assert [len(b) for b in runner.routed_batches] == [1, 1]
+        assert [len(b) for b in runner.routed_batches] == [2, 1, 1, 1]
     finally:
         engine.stop()
     assert not engine.alive

@@ -237,8 +237,9 @@ def generate(store, prompt_texts, input_path, output_path, show_routing, max_new
               help="Routed linear layers of a decoding step as one stacked product (the shared weight and every "
               "task's delta, within --memory-budget): auto = on CUDA for small batches, where it was measured faster.")
 @click.option("--threads", type=THREADS, default="auto", show_default=True,
-              help="torch's compute threads. auto: on CPU one fewer than the CPUs (the HTTP front end keeps one; "
-              "measured faster on 2 cores), on CUDA torch's default.")
+              help="torch's compute threads, for the decoding steps and for the router's forward each (they run "
+              "beside each other). auto: on CPU one fewer than the CPUs (the HTTP front end keeps one; measured "
+              "faster on 2 cores), on CUDA torch's default.")
 @user_errors
 def serve(store, host, port, device, compute_dtype, max_batch, max_queue, memory_budget, api_key, name, eta, top_m, fused,
           threads):

@@ -80,14 +80,22 @@ class Engine:
                 if self.scheduler.closed:
                     return
                 continue
-            try:
-                self.runner.route(reqs)
-            except Exception as e:  # the engine fails them (_admit): it owns the requests' events
-                traceback.print_exception(e)
-                for r in reqs:
-                    r.error = e
+            self._route(reqs)
             self.metrics.observe("streammerge_routing_size", len(reqs))
             self.scheduler.routed(reqs)
+
+    def _route(self, reqs: Sequence[Request]) -> None:
+        """Route together; if that fails, each alone, so only the request at fault fails (its
+        `error`: the engine fails it in _admit, as it owns the requests' events)."""
+        try:
+            self.runner.route(reqs)
+        except Exception as e:
+            if len(reqs) > 1:
+                for r in reqs:
+                    self._route([r])
+            else:
+                traceback.print_exception(e)
+                reqs[0].error = e
 
     def _step(self, step) -> None:
         if step.dropped:
