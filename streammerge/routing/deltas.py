@@ -90,7 +90,8 @@ Threads: the decisions set_rows gives and the row plan built from them belong to
 thread (`_RowState`), so two threads may run forwards at once, each with its own rows: the
 server's engine decodes its batch while its router thread runs the routing forward (all rows
 STATIC) of the requests that arrived meanwhile. The decoded-term cache and the fused stacks are
-shared, built under a lock.
+shared, built under a lock. The budget reserves one thread's row plan (`plan_bound`): an all-STATIC
+forward, the router's, keeps none.
 
 Fused products (DeltaLinear._fused): on CUDA, for a batch of at most FUSED_MAX_TOKENS tokens
 (decoding steps), a routed Linear whose stack fits the budget runs in two kernels whatever the
