@@ -61,25 +61,23 @@ class Engine:
         self.scheduler.abort(req)
 
     # ---- the loop -------------------------------------------------------------------------------
+    def _taken(self, take):
+        """What `take` (a scheduler call that waits up to its timeout, None when there was
+        nothing) hands out, until the scheduler closes."""
+        while not self.scheduler.closed:
+            got = take(timeout=1.0)
+            if got is not None:
+                yield got
+
     def _loop(self) -> None:
-        while True:
-            step = self.scheduler.schedule(timeout=1.0)
-            if step is None:
-                if self.scheduler.closed:
-                    return
-                continue
+        for step in self._taken(self.scheduler.schedule):
             try:
                 self._step(step)
             except Exception as e:  # a bug in a step must not end the server: fail what ran
                 self._fail(list(self.runner.rows), e)
 
     def _route_loop(self) -> None:
-        while True:
-            reqs = self.scheduler.take_routing(timeout=1.0)
-            if reqs is None:
-                if self.scheduler.closed:
-                    return
-                continue
+        for reqs in self._taken(self.scheduler.take_routing):
             self._route(reqs)
             self.metrics.observe("streammerge_routing_size", len(reqs))
             self.scheduler.routed(reqs)

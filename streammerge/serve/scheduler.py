@@ -142,10 +142,7 @@ class Scheduler:
         """The next step; blocks while there is nothing to do (None: closed, or the timeout).
         Routed requests admitted now go to the router, not into this step."""
         with self._cv:
-            while not self._work() and not self.closed:
-                if not self._cv.wait(timeout):
-                    return None
-            if self.closed:
+            if not self._cv.wait_for(lambda: self._work() or self.closed, timeout) or self.closed:
                 return None
             dropped, self._dropped = self._dropped, []
             for r in dropped:
@@ -208,10 +205,7 @@ class Scheduler:
         """Every request admitted for routing since the last call; blocks while there is none
         (None: closed, or the timeout)."""
         with self._cv:
-            while not self._to_route and not self.closed:
-                if not self._cv.wait(timeout):
-                    return None
-            if self.closed:
+            if not self._cv.wait_for(lambda: self._to_route or self.closed, timeout) or self.closed:
                 return None
             reqs, self._to_route = self._to_route, []
             return reqs
