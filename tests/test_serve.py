@@ -332,7 +332,9 @@ def test_compute_threads_leave_a_core_to_the_front_end():
 def test_models_and_routed_requests(server):
     # serve's default budget: chosen at start-up from the free memory, and said
     assert re.search(r"memory budget auto: [0-9.]+ GiB = the model", server.log.read_text()), server.log.read_text()
-    assert re.search(r"\(cpu, [0-9]+ compute thread", server.log.read_text()), server.log.read_text()
+    # the device and its threads, said at start-up: a CPU server's compute threads, a GPU server's CPU threads
+    said = r"\(cpu, [0-9]+ compute thread" if SERVER_DEVICE == "cpu" else rf"\({SERVER_DEVICE}[:0-9]*, [0-9]+ CPU thread"
+    assert re.search(said, server.log.read_text()), server.log.read_text()
     c = server.client()
     ids = [m.id for m in c.models.list().data]
     assert ids == ["job", "job:static"] + [f"job:task:{t}" for t in TASKS]

@@ -11,7 +11,10 @@ For each checkpoint set (a base + 3 bf16 fine-tunes from tools/synth_checkpoints
      `--device cpu -j N` for each --cpu-workers count and with `--device cuda`, wall time of the
      whole command, in alternating rounds (every path and the read rate once per round);
   3. input GB/s = input bytes / wall time (medians with min-max ranges), GPU / CPU ratios per
-     round, the CPU path's scaling with threads, and whether all stores hold the same bytes.
+     round, the CPU path's scaling with threads, and whether all stores hold the same bytes;
+  4. the GPU command's floors, once per round: a bare interpreter that imports torch and starts
+     CUDA (beside what the build waited for its device, started beside the planning), and the
+     store's bytes written with O_DIRECT (bench_merge's write floor).
 
 Prints a markdown table and writes the figures to --out (JSON).
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import mmap
 import os
 import re
 import statistics
@@ -119,9 +123,36 @@ def run_build(recipe: Path, store: Path, device: str, workers: int) -> dict:
     wall = time.perf_counter() - t0
     if p.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed:\n{p.stdout}{p.stderr}")
-    # The build's own figure leaves out the interpreter, imports (torch: seconds) and planning.
-    merge = re.search(r"read in ([0-9.]+)s", p.stdout)
-    return {"wall_s": wall, "merge_s": float(merge.group(1)) if merge else None, "output": (p.stdout + p.stderr).strip()[-400:]}
+    # The build's own figure leaves out the interpreter, imports (torch: seconds) and planning;
+    # what it spent waiting for the device to finish starting is said apart and taken out here.
+    merge = re.search(r"read in ([0-9.]+)s(?:, ([0-9.]+)s of it waiting for the device)?", p.stdout)
+    wait = float(merge.group(2) or 0) if merge else 0.0
+    return {"wall_s": wall, "merge_s": float(merge.group(1)) - wait if merge else None, "device_wait_s": wait,
+            "output": (p.stdout + p.stderr).strip()[-400:]}
+
+
+def write_rate(work: Path, nbytes: int) -> float:
+    """GB/s of writing `nbytes` to a new file in `work` with O_DIRECT, then fsync (bench_merge's
+    floor): the store's bytes cannot reach the disk faster than this."""
+    from bench_merge import CHUNK, write_direct
+
+    buf = memoryview(mmap.mmap(-1, CHUNK))  # page-aligned, as O_DIRECT needs
+    t0 = time.perf_counter()
+    write_direct(work / "floor.bin", nbytes, buf)
+    return nbytes / (time.perf_counter() - t0) / 1e9
+
+
+def store_bytes(store: Path) -> int:
+    return sum(p.stat().st_size for p in (store / "tensors").rglob("*") if p.is_file())
+
+
+def cuda_start() -> float:
+    """Wall time of the GPU path's fixed cost alone: an interpreter that imports torch and creates
+    a CUDA context, nothing else. No GPU command can take less."""
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, "-c", "import torch; torch.empty(1, device='cuda'); torch.cuda.synchronize()"],
+                       capture_output=True)
+    return time.perf_counter() - t0 if p.returncode == 0 else float("nan")  # no GPU here: no such floor
 
 
 def stats(values: list[float]) -> dict:
@@ -166,14 +197,19 @@ def main() -> None:
             write_recipe(recipe, method, data)
             runs: dict = {p: [] for p in paths}
             cache: dict = {"1 thread": [], f"{cores} threads": []}
+            start: list[float] = []
+            write: list[float] = []
             # Round by round, every path once (and the page-cache floor), so that drift on a
             # shared machine spreads over all of them instead of favouring whichever ran first.
             for rnd in range(args.rounds):
                 cache["1 thread"].append(read_rate(files, 1))
                 cache[f"{cores} threads"].append(read_rate(files, cores))
+                start.append(cuda_start())
                 for device, workers in paths:
                     r = run_build(recipe, work / f"{device}-{workers}.zarr", device, workers)
                     runs[(device, workers)].append(r)
+                    if len(write) == rnd:  # once a round, once a store exists to size it
+                        write.append(write_rate(work, store_bytes(work / f"{device}-{workers}.zarr")))
                     print(f"{spec} {method} round {rnd} {device} -j{workers}: {r['wall_s']:.1f}s wall, merge {r['merge_s']:.1f}s\n  "
                           f"{r['output']}", file=sys.stderr, flush=True)
             digests = {p: store_digest(work / f"{p[0]}-{p[1]}.zarr") for p in paths}
@@ -181,6 +217,7 @@ def main() -> None:
             for (device, workers), rs in runs.items():
                 wall, merge = stats([r["wall_s"] for r in rs]), stats([r["merge_s"] for r in rs])
                 per_path[f"{device}-j{workers}"] = {"device": device, "workers": workers, "wall_s": wall, "merge_s": merge,
+                                                    "device_wait_s": stats([r["device_wait_s"] for r in rs]),
                                                     "gb_s": stats([size / r["wall_s"] / 1e9 for r in rs]),
                                                     "merge_gb_s": stats([size / r["merge_s"] / 1e9 for r in rs])}
             best = {d: min((v for v in per_path.values() if v["device"] == d), key=lambda v: v["wall_s"]["median"])
@@ -191,6 +228,8 @@ def main() -> None:
             ratio_merge = stats([runs[paths[ci]][i]["merge_s"] / runs[paths[gi]][i]["merge_s"] for i in range(args.rounds)])
             rows.append({"set": spec, "method": method, "input_gb": size / 1e9,
                          "page_cache_gb_s": {k: stats(v) for k, v in cache.items()}, "paths": per_path,
+                         "cuda_start_s": stats(start), "direct_write_gb_s": stats(write),
+                         "store_gb": store_bytes(work / f"{paths[0][0]}-{paths[0][1]}.zarr") / 1e9,
                          "best": {d: f"{v['device']}-j{v['workers']}" for d, v in best.items()},
                          "gpu_over_cpu_whole": ratio_whole, "gpu_over_cpu_merge": ratio_merge,
                          "identical": len(set(digests.values())) == 1})
@@ -209,6 +248,19 @@ def main() -> None:
               f"{fmt(cuda['gb_s'])} / {fmt(cuda['merge_gb_s'])} (-j{cuda['workers']}) | "
               f"{fmt(r['gpu_over_cpu_whole'], '{:.1f}x')} / {fmt(r['gpu_over_cpu_merge'], '{:.1f}x')} | {share:.0%} | "
               f"{'yes' if r['identical'] else 'NO'} |")
+    print("\nThe GPU command's time outside its merge, seconds, median (min-max): the whole command, what the build")
+    print("waited for the device to finish starting (it starts beside the planning), and the floor: a bare")
+    print("`python -c 'import torch; torch.empty(1, device=\"cuda\")'`. Merge rates above leave the wait out. The last")
+    print("column is the merge's own floor: the store's bytes written with O_DIRECT at this disk's rate.\n")
+    print("| set | method | GPU whole s | GPU merge s | waited for the device s | torch + CUDA start alone s | "
+          "store GB at the O_DIRECT write rate s |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        cuda = r["paths"][r["best"]["cuda"]]
+        write_s = stats([r["store_gb"] / w for w in r["direct_write_gb_s"]["runs"]])
+        print(f"| {r['set']} | {r['method']} | {fmt(cuda['wall_s'], '{:.1f}')} | {fmt(cuda['merge_s'], '{:.1f}')} | "
+              f"{fmt(cuda['device_wait_s'], '{:.1f}')} | {fmt(r['cuda_start_s'], '{:.1f}')} | "
+              f"{r['store_gb']:.2f} GB / {fmt(r['direct_write_gb_s'], '{:.1f}')} GB/s = {fmt(write_s, '{:.1f}')} |")
     print("\nCPU path scaling (input GB/s of the whole command, median (min-max)):\n")
     counts = [w for d, w in paths if d == "cpu"]
     print("| set | method | " + " | ".join(f"-j{w}" for w in counts) + " |")

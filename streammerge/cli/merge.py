@@ -179,10 +179,14 @@ def _build(recipe, store_path, export_dir, workers, memory_limit, seed, block_el
         device = device.result().device if hasattr(device, "result") else device
         click.echo(f"note: no {device} kernel for {', '.join(r.on_cpu)}: computed on the CPU", err=True)
     verb = "resumed" if result.resumed else "built"
-    rate = r.input_bytes / result.seconds if result.seconds > 0 else 0
+    # The device starts beside the planning (engine/device.py); the rest of its start-up is said
+    # apart, so that the rate is the build's own.
+    wait = result.device_wait if result.device_wait >= 0.05 else 0.0
+    rate = r.input_bytes / (result.seconds - wait) if result.seconds > wait else 0
+    waited = f", {wait:.1f}s of it waiting for the device to start" if wait else ""
     click.echo(
         f"{verb} {Path(store_path).absolute()}: {r.blocks_run} block(s) computed, {r.blocks_skipped} already done, "
-        f"{human(r.input_bytes)} read in {result.seconds:.1f}s ({human(rate)}/s)"
+        f"{human(r.input_bytes)} read in {result.seconds:.1f}s{waited} ({human(rate)}/s)"
     )
     _print_storage(result.store)
     if result.export is not None:

@@ -38,6 +38,7 @@ class JobResult:
     litter_removed: int
     warnings: list[str] = field(default_factory=list)
     export: dict | None = None  # with `export=`: files, total_size, path, seconds
+    device_wait: float = 0.0  # of `seconds`: waiting for a device started beside the planning (torch, CUDA)
 
 
 def manifest_for(plan: Plan, recipe_text: str) -> dict:
@@ -216,8 +217,11 @@ def build(
         for i, b in enumerate(plan.buffers):
             if not store.has_buffer(i):
                 copy_buffer(b, store.buffer_path(i))
+        device_wait = 0.0
         if isinstance(device, Future):  # started beside the planning: needed from here on
+            waited = time.perf_counter()
             device = device.result().device
+            device_wait = time.perf_counter() - waited
         run = dict(workers=workers, progress=progress, scheduler=scheduler, cluster=cluster, device=device)
         exported = None
         if resumed and export is not None and _exported_already(store, export):
@@ -242,7 +246,7 @@ def build(
             exported = exporting.finish(workers=workers, progress=progress, scheduler=scheduler, cluster=cluster)
             record_export(store, exporting.out_dir, dtype=export.get("dtype"), shard_size=export.get("shard_size", 5 * 10**9))
             exported["seconds"] = time.perf_counter() - t1
-    return JobResult(store, report, seconds, resumed, litter, plan.warnings, exported)
+    return JobResult(store, report, seconds, resumed, litter, plan.warnings, exported, device_wait)
 
 
 def _exported_already(store: Store, export: dict) -> bool:
