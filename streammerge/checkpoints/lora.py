@@ -13,8 +13,10 @@ The delta is computed as peft's `get_delta_weight` does, (B @ A) * scale in floa
 (transposed for embeddings and `fan_in_fan_out`), added to the base in float32 and rounded to
 the base's dtype: `merge_and_unload()` adds in place into the base-dtype weight (for embeddings
 it rounds the delta to that dtype first), and mergekit's `model+lora` saves that merged model
-(transformers 5 loads it in its own dtype), so these roundings are what make the inputs the
-same bits as theirs. Without them a bf16 base would differ by up to one bf16 step per element.
+(transformers 5 loads it in its own dtype), so these roundings are what make the inputs theirs.
+Without them a bf16 base would differ by up to one bf16 step per element. B @ A itself is the
+exact sum's float32 rounding (`_product`), where peft's float32 gemm sums in its BLAS's order:
+the same bits on any machine and for any rows read, and peft's within its own rounding.
 
 Refused with a one-line error naming the file: PEFT types other than LORA, DoRA and the other
 LoRA variants whose merge is not W + scale * B @ A, pickled adapters (unless --allow-pickle),
@@ -36,6 +38,7 @@ import numpy as np
 
 from ..dtypes import float_type, is_float_st
 from ..errors import CheckpointError
+from ..jit import available, jit
 from ..limits import DOCUMENT
 from .blocks import read_rows, read_rows_at, row_elems
 from .model import ModelCheckpoint, TensorHandle, _open_shard, _read_json_file, open_model, resolve_model_dir
@@ -145,17 +148,67 @@ class LoraHandle(TensorSize):
 
 
 def _product(tall: np.ndarray, wide: np.ndarray) -> np.ndarray:
-    """tall (m, r) @ wide (r, width) in float32, each row summed in the same order whatever m.
+    """tall (m, r) @ wide (r, width) in float32, each entry the same bits whatever the rows
+    computed with it, the BLAS or the machine: the float32 rounding of the float64 rounding of
+    the exact sum of its r products.
 
-    BLAS's order of the r products depends on the shapes: a single row goes through gemv,
-    which sums differently from gemm (measured: 48 of 64 elements differ at r = 64), while gemm
-    over the full width gives every row the bits of the whole product (and of torch's, as peft
-    computes it; tests/test_lora_inputs.py). So a row's delta does not depend on which rows are
-    read with it, and a lone row is computed with a copy of itself.
+    A float32 gemm sums in an order that depends on the shapes and on the CPU's kernels (on an
+    AVX2 EPYC, numpy's OpenBLAS gave other bits for a block's rows than for the whole product,
+    and other bits than torch's MKL, in thousands of entries of a rank-16 product). Instead:
+    the products of float32 numbers are exact in float64; BLAS sums them in float64 (`x`,
+    within (r + 2) * 2^-53 * |tall_i| |wide_j| of the exact sum, whatever its order); and where
+    x minus and x plus twice that bound round to the same float32, so does everything between,
+    the exact sum included (rounding is monotonic): that float32 is the entry. The few entries
+    where they differ (a handful in 10^7) are summed exactly (math.fsum) and rounded.
     """
-    if tall.shape[0] == 1:
-        return (np.concatenate([tall, tall]) @ wide)[:1]
-    return tall @ wide
+    t64, w64 = tall.astype(np.float64), wide.astype(np.float64)
+    x = t64 @ w64
+    # twice the bound, per entry, as c * |tall row i|_2 * |wide column j|_2 (Cauchy-Schwarz)
+    c = 2 * (tall.shape[1] + 2) * 2.0**-53
+    t_norm = np.sqrt(np.einsum("ik,ik->i", t64, t64)) * c
+    w_norm = np.sqrt(np.einsum("kj,kj->j", w64, w64))
+    out = np.empty(x.shape, np.float32)
+    if available():
+        found = np.empty(_NEAR_KEPT, np.int64)
+        n = _round_checked(x, t_norm, w_norm, out, found)
+        near = np.unravel_index(found[:n], x.shape) if n <= _NEAR_KEPT else np.nonzero(_straddles(x, t_norm, w_norm))
+    else:
+        out[...] = x
+        near = np.nonzero(_straddles(x, t_norm, w_norm))
+    for i, j in zip(*near):
+        try:
+            out[i, j] = np.float32(math.fsum(t64[i] * w64[:, j]))
+        except (ValueError, OverflowError):  # inf - inf, or beyond float64: x's own value stands
+            pass
+    return out
+
+
+_NEAR_KEPT = 256  # entries `_round_checked` lists; more (NaN or inf factors) are found again by numpy
+
+
+def _straddles(x: np.ndarray, t_norm: np.ndarray, w_norm: np.ndarray) -> np.ndarray:
+    """Where x - b and x + b (b = t_norm_i * w_norm_j) round to different float32 numbers (or
+    are NaN): the entries whose rounding the bound leaves open."""
+    b = np.multiply.outer(t_norm, w_norm)
+    with np.errstate(invalid="ignore", over="ignore"):
+        return (x - b).astype(np.float32) != (x + b).astype(np.float32)
+
+
+@jit
+def _round_checked(x, t_norm, w_norm, out, found):
+    """out = x rounded to float32, in one pass; returns how many entries `_straddles` flags,
+    the first len(found) of them listed in `found` (flat indices)."""
+    near = 0
+    for i in range(x.shape[0]):
+        for j in range(x.shape[1]):
+            v = x[i, j]
+            b = t_norm[i] * w_norm[j]
+            out[i, j] = np.float32(v)
+            if np.float32(v - b) != np.float32(v + b):
+                if near < found.shape[0]:
+                    found[near] = i * x.shape[1] + j
+                near += 1
+    return near
 
 
 def _whole(h: TensorHandle) -> np.ndarray:

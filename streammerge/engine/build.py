@@ -183,8 +183,7 @@ def _merge_bf16_groups(method: MergeMethod, job: TensorJob, i: int, group_elems:
     L = max(1, job.row_elems)
     out = dest.reshape(-1).view(np.uint16)
     with ExitStack() as files:
-        streams = workers * len(job.inputs)  # the build's descriptors reading in pieces at once (read_ahead)
-        sources = [files.enter_context(RawRows(h, r0, r1, pieces=True, streams=streams)) for h in job.inputs]
+        sources = [files.enter_context(_pieces(job, h, r0, r1, workers)) for h in job.inputs]
         for a, b in group_bounds(r0, r1, max(1, group_elems // L)):
             n = (b - a) * L
             bits = [src.read(a, b, buffer(("raw", slot), 2 * n, np.uint8)).view(np.uint16) for slot, src in enumerate(sources)]
@@ -196,6 +195,12 @@ def _merge_bf16_groups(method: MergeMethod, job: TensorJob, i: int, group_elems:
                     for slot, (h, raw) in enumerate(zip(job.inputs, raws))
                 ]
                 _check_inputs(job, _as_block(job, arrays, a))
+
+
+def _pieces(job: TensorJob, h, r0: int, r1: int, workers: int) -> RawRows:
+    """Input `h`'s stored rows [r0, r1), read in pieces; every worker reads every input of its
+    job at once, so `workers` x inputs descriptors stream together (read_ahead's `streams`)."""
+    return RawRows(h, r0, r1, pieces=True, streams=workers * len(job.inputs))
 
 
 def _check_inputs(job: TensorJob, block: Block) -> None:
@@ -220,7 +225,7 @@ def _row_groups(job: TensorJob, i: int, group_elems: int, merging: bool = False,
         sources = []  # per input: its RawRows, or its float32 rows
         for slot, h in enumerate(job.inputs):
             if h.has_raw:
-                sources.append(files.enter_context(RawRows(h, r0, r1, pieces=True, streams=workers * len(job.inputs))))
+                sources.append(files.enter_context(_pieces(job, h, r0, r1, workers)))
             else:
                 sources.append(read_rows(h, r0, r1, buffer(("rows", slot), (r1 - r0) * L)).reshape(-1))
         spans = [(s0 // max(1, L), -(-s1 // max(1, L))) for s0, s1 in unsplit]  # in rows
